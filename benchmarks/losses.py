@@ -1,0 +1,154 @@
+"""Micro-benchmark of the stage-1 relationship loss (forward + backward) on the CPU.
+
+Times ``relationship_loss`` (tuple and triplet) at batch 64..1024 with 128-d embeddings
+and 100 classes, against two slow references: the explicit per-tuple loops of the tests
+(small batches only) and a dense ``B x B x B`` mask (vectorized, cubic memory). Prints a
+table and writes ``benchmarks/results/losses.json`` and ``losses.md``.
+
+    python benchmarks/losses.py [--threads 2] [--batches 64 128 256 512 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from refilled_hf.losses import DEFAULT_RELATIONSHIP_WEIGHTS, relationship_loss_with_stats
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "tests"))
+from reference_losses import relationship_reference  # noqa: E402
+
+
+def median_ms(fn, *, min_runs: int = 5, budget_s: float = 2.0, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in milliseconds (at least ``min_runs`` runs, then more
+    until ``budget_s`` is spent)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def dense_reference(s, t, labels, variant, tau=4.0, margin=0.2):
+    """The obvious vectorized version: a [B, B, B] semi-hard mask (cubic memory)."""
+    zs, zt = F.normalize(s, dim=1), F.normalize(t, dim=1)
+    ds, dt = torch.cdist(zs, zs), torch.cdist(zt, zt)
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(len(labels), dtype=torch.bool)
+    dsd = ds.detach()
+    mask = (
+        pos[:, :, None]
+        & ~same[:, None, :]
+        & (dsd[:, None, :] > dsd[:, :, None])
+        & (dsd[:, None, :] < dsd[:, :, None] + margin)
+    )
+    weight = DEFAULT_RELATIONSHIP_WEIGHTS[variant]
+    if variant == "triplet":
+        xs = (ds[:, None, :] - ds[:, :, None]) / tau
+        xt = (dt[:, None, :] - dt[:, :, None]) / tau
+        kl = F.logsigmoid(xt) - F.logsigmoid(xs) + torch.sigmoid(-xt) * (xs - xt)
+        return weight * kl[mask].mean()
+    tuples = mask.any(2)
+    big = -1e9
+    ls = torch.cat([-ds[:, :, None], (-ds[:, None, :]).expand_as(mask).masked_fill(~mask, big)], 2) / tau
+    lt = torch.cat([-dt[:, :, None], (-dt[:, None, :]).expand_as(mask).masked_fill(~mask, big)], 2) / tau
+    lps, lpt = F.log_softmax(ls, 2), F.log_softmax(lt, 2)
+    kl = (lpt.exp() * (lpt - lps)).sum(2)
+    return weight * kl[tuples].mean()
+
+
+def measure(s, t, y, variant: str, args) -> dict:
+    """Time one (batch, variant) cell: ours, and the references where affordable."""
+    batch = s.shape[0]
+
+    def ours():
+        loss, _ = relationship_loss_with_stats(s, t, y, variant=variant)
+        loss.backward()
+
+    _, stats = relationship_loss_with_stats(s, t, y, variant=variant)
+    row = {"batch": batch, "variant": variant, **stats, "ms": median_ms(ours)}
+    if batch <= args.dense_max_batch:
+        row["dense_ms"] = median_ms(lambda: dense_reference(s, t, y, variant).backward(), budget_s=1)
+    if batch <= args.loop_max_batch:
+        weight, labels = DEFAULT_RELATIONSHIP_WEIGHTS[variant], y.tolist()
+        row["loop_ms"] = median_ms(
+            lambda: relationship_reference(s, t, labels, variant, 4.0, 0.2, weight).backward(),
+            min_runs=1,
+            warmup=0,
+            budget_s=0,
+        )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--loop-max-batch", type=int, default=128, help="largest batch for the loop reference")
+    parser.add_argument("--dense-max-batch", type=int, default=256, help="largest batch for the dense mask")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    for batch in args.batches:
+        s = torch.randn(batch, args.dim, requires_grad=True)
+        t = torch.randn(batch, args.dim)
+        y = torch.randint(0, args.classes, (batch,))
+        for variant in ("tuple", "triplet"):
+            row = measure(s, t, y, variant, args)
+            rows.append(row)
+            print(
+                f"B={batch:5d} {variant:8s} {row['ms']:9.2f} ms  tuples={row['tuples']:7d} "
+                f"triplets={row['triplets']:9d}  dense={row.get('dense_ms', float('nan')):9.2f} ms  "
+                f"loop={row.get('loop_ms', float('nan')):10.1f} ms",
+                flush=True,
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "classes": args.classes,
+        "dim": args.dim,
+        "timing": "median wall time of forward+backward",
+    }
+    (args.out / "losses.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        "# relationship_loss: forward + backward on the CPU",
+        "",
+        f"{args.threads} threads, {args.dim}-d random embeddings, {args.classes} classes, torch "
+        f"{torch.__version__}; median wall time. `dense`: a [B, B, B] mask; `loop`: the tests' "
+        "explicit per-tuple reference (float64).",
+        "",
+        "| batch | variant | tuples | triplets | refilled-hf (ms) | dense mask (ms) | loops (ms) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        dense = f"{r['dense_ms']:.2f}" if "dense_ms" in r else "-"
+        loop = f"{r['loop_ms']:.0f}" if "loop_ms" in r else "-"
+        lines.append(
+            f"| {r['batch']} | {r['variant']} | {r['tuples']} | {r['triplets']} | {r['ms']:.2f} | {dense} | {loop} |"
+        )
+    (args.out / "losses.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'losses.json'} and {args.out / 'losses.md'}")
+
+
+if __name__ == "__main__":
+    main()
