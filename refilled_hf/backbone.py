@@ -1,11 +1,34 @@
-"""Any timm model as an embedder: the pooled pre-logits embedding REFILLED works on."""
+"""Any timm model as an embedder, how models are loaded, and the frozen teacher.
+
+REFILLED works on the pooled pre-logits embedding of a timm model:
+``model.forward_head(model.forward_features(x), pre_logits=True)``.
+"""
 
 from __future__ import annotations
 
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["embed", "embed_and_logits"]
+__all__ = [
+    "FrozenTeacher",
+    "ModelLoadError",
+    "StudentModel",
+    "embed",
+    "embed_and_logits",
+    "load_timm_model",
+    "read_state_dict",
+]
+
+
+class ModelLoadError(ValueError):
+    """A model spec or checkpoint that cannot be turned into a model (the message says why)."""
 
 
 def _check_timm_interface(model: nn.Module) -> None:
@@ -30,8 +53,205 @@ def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def embed_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Embedding and logits from one pass through the trunk (the head runs twice; it is
-    cheap and running it twice is correct for every timm head, including those with a
+    cheap, and running it twice is correct for every timm head, including those with a
     norm or dropout before the classifier)."""
     _check_timm_interface(model)
     features = model.forward_features(images)
     return _flatten(model.forward_head(features, pre_logits=True)), model.forward_head(features)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights from ``.safetensors`` or, for legacy files, ``.pt/.pth/.bin`` with
+    ``torch.load(weights_only=True)`` (never unpickles arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"Checkpoint file {str(path)!r} does not exist: check the path.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure means an unreadable file
+        raise ModelLoadError(
+            f"Checkpoint {str(path)!r} could not be read ({type(err).__name__}: {err}). Pass a "
+            ".safetensors file, or a .pt/.pth state dict loadable with torch.load(weights_only=True)."
+        ) from err
+    for key in ("state_dict", "model", "model_state_dict"):  # common wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"Checkpoint {str(path)!r} does not hold a state dict of tensors.")
+    return state
+
+
+def _classifier_outputs(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:
+    """Number of classes of a checkpoint, read from the weight of the model's classifier."""
+    name = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    weight = state.get(f"{name}.weight") if isinstance(name, str) else None
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def _unknown_model_error(name: str) -> ModelLoadError:
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ModelLoadError(
+        f"Unknown timm model {name!r}.{hint} Use a name from timm.list_models(), a 'local-dir:<folder>' "
+        "or an 'hf-hub:<repo id>'; refilled-hf's own models (cifar_wrn_*) need `import refilled_hf`."
+    )
+
+
+def load_timm_model(
+    spec: str,
+    *,
+    num_classes: int | None = None,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a timm model from a spec.
+
+    Args:
+        spec: a registered timm name, ``local-dir:<folder>`` (a timm Hub-format folder with
+            ``config.json`` and ``model.safetensors``, e.g. one written by refilled-hf) or
+            ``hf-hub:<repo id>``.
+        num_classes: classifier size; ``None`` keeps the one of the checkpoint or folder.
+        checkpoint: weights for a registered name (``.safetensors``, or a legacy ``.pt``
+            read with ``weights_only=True``). Its classifier size is used when
+            ``num_classes`` is ``None``.
+        pretrained: for a registered name without checkpoint, load timm's pretrained
+            weights (needs the Hub).
+        kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``).
+    """
+    if spec.startswith("local-dir:"):
+        folder = Path(spec[len("local-dir:") :])
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(
+                f"{spec!r}: no config.json in {str(folder)!r}. A local-dir: model is a folder in timm's "
+                "Hub format (config.json + model.safetensors), e.g. one written by `refilled-hf train-teacher`."
+            )
+        architecture = json.loads((folder / "config.json").read_text()).get("architecture", "")
+        if architecture and not timm.is_model(architecture):
+            raise _unknown_model_error(architecture)
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        return timm.create_model(spec, pretrained=True, **extra, **kwargs)
+    if spec.startswith("hf-hub:"):
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        try:
+            return timm.create_model(spec, pretrained=True, **extra, **kwargs)
+        except Exception as err:  # noqa: BLE001 - network, auth and format errors alike
+            raise ModelLoadError(
+                f"Could not load {spec!r} from the Hugging Face Hub ({type(err).__name__}: {err}). Check the "
+                "repo id and your network, or download it and use 'local-dir:<folder>'."
+            ) from err
+    if not timm.is_model(spec):
+        raise _unknown_model_error(spec)
+    if checkpoint is None:
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        return timm.create_model(spec, pretrained=pretrained, **extra, **kwargs)
+    state = read_state_dict(checkpoint)
+    probe = timm.create_model(spec, pretrained=False, **kwargs)
+    if num_classes is None:
+        num_classes = _classifier_outputs(state, probe)
+    model = probe if num_classes in (None, probe.num_classes) else timm.create_model(spec, num_classes=num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[:4]
+        raise ModelLoadError(
+            f"Checkpoint {str(checkpoint)!r} does not match the architecture {spec!r}: "
+            + " ".join(line.strip() for line in first)
+            + " Check the model name (and its variant) the checkpoint was trained with."
+        ) from err
+    return model
+
+
+# --------------------------------------------------------------------------- models
+
+
+class StudentModel(nn.Module):
+    """The student as the Trainer sees it: a timm model whose forward returns its pooled
+    embedding and logits, so that DDP and autocast wrap one call.
+
+    ``embeddings_only=True`` (stage 1) skips the classifier, whose parameters are then
+    frozen so that the optimizer, weight decay and DDP leave them untouched.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        _check_timm_interface(model)
+        self.model = model
+        self.embeddings_only = False
+
+    def set_embeddings_only(self, value: bool) -> None:
+        self.embeddings_only = value
+        classifier = self.model.get_classifier()
+        if isinstance(classifier, nn.Module):
+            for p in classifier.parameters():
+                p.requires_grad_(not value)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.embeddings_only:
+            return {"embeddings": embed(self.model, pixel_values)}
+        emb, logits = embed_and_logits(self.model, pixel_values)
+        return {"embeddings": emb, "logits": logits}
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen timm teacher: eval mode whatever ``train()`` asks, no gradients, and its
+    input adapted from the student's preprocessing.
+
+    When the two models' ``pretrained_cfg`` differ in mean/std or input size (say an
+    ImageNet model at 224 px teaching a CIFAR student at 32 px), each batch, normalized
+    for the student, is re-normalized for the teacher and resized to its input size.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        student_cfg: dict[str, Any] | None = None,
+        input_size: int | None = None,
+    ):
+        super().__init__()
+        _check_timm_interface(model)
+        self.model = model.eval().requires_grad_(False)
+        teacher_cfg = getattr(model, "pretrained_cfg", {}) or {}
+        student_cfg = student_cfg or teacher_cfg
+        s_mean, s_std = _stats(student_cfg)
+        t_mean, t_std = _stats(teacher_cfg)
+        self.renormalize = not (torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std))
+        # x_teacher = (x_student * s_std + s_mean - t_mean) / t_std = x * scale + shift
+        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
+        size = input_size or teacher_cfg.get("input_size", (3, None, None))[-1]
+        student_size = student_cfg.get("input_size", (3, None, None))[-1]
+        self.input_size = int(size) if size and size != student_size else None
+        self.interpolation = "bicubic" if teacher_cfg.get("interpolation") == "bicubic" else "bilinear"
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)
+
+    def adapt(self, images: torch.Tensor) -> torch.Tensor:
+        """Student-normalized images -> the teacher's normalization and input size."""
+        if self.renormalize:
+            images = images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
+        if self.input_size is not None:
+            images = F.interpolate(
+                images, size=(self.input_size, self.input_size), mode=self.interpolation, align_corners=False
+            )
+        return images
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding, logits)`` of the teacher for student-preprocessed ``images``."""
+        return embed_and_logits(self.model, self.adapt(images))
+
+
+def _stats(cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN)
+    std = cfg.get("std", timm.data.IMAGENET_DEFAULT_STD)
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)

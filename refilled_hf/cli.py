@@ -1,66 +1,215 @@
-"""The ``refilled-hf`` command line."""
+"""The ``refilled-hf`` command line.
+
+Every training command takes ``--config recipe.yaml`` plus command-line overrides of any
+:class:`~refilled_hf.config.RefilledConfig` field, and works the same under
+``accelerate launch --config_file recipes/accelerate/... -m refilled_hf.cli distill ...``.
+"""
 
 from __future__ import annotations
 
-import argparse
+import difflib
+import json
+import logging
 import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
 
-from .losses import kd_loss, local_classifier_loss, relationship_loss_with_stats, rkd_loss
+from .config import ConfigError, RefilledConfig
+
+COMMANDS = {
+    "train-teacher": "train a teacher (any timm model) with cross-entropy on a class selection",
+    "distill": "distill a teacher into a student (refilled, or the ce/kd/rkd baselines)",
+    "evaluate": "top-1/top-5 accuracy of a trained model on a split and class selection",
+    "quickstart": "offline miniature: digits teacher on 0-4, ce vs refilled students on 5-9",
+    "losses-demo": "run every loss once on random tensors",
+}
 
 
-def losses_demo(args: argparse.Namespace) -> int:
-    """Run every loss once on random tensors and print what it returns."""
-    torch.manual_seed(args.seed)
-    batch, classes = args.batch_size, args.num_classes
-    student_emb = torch.randn(batch, 64, requires_grad=True)
-    teacher_emb = torch.randn(batch, 128)
-    labels = torch.randint(0, classes, (batch,))
-    rows = []
-    for variant in ("tuple", "triplet"):
-        loss, stats = relationship_loss_with_stats(student_emb, teacher_emb, labels, variant=variant)
-        loss.backward()
-        rows.append(
-            (
-                f"stage 1 relationship ({variant})",
-                loss.item(),
-                f"{stats['tuples']} tuples, {stats['triplets']} triplets",
-            )
+@dataclass
+class EvaluateArguments:
+    """Arguments of ``refilled-hf evaluate`` besides the data fields of RefilledConfig."""
+
+    model: str = field(metadata={"help": "Model to evaluate: local-dir:<folder>, hf-hub:<repo> or a timm name."})
+    checkpoint: str | None = field(default=None, metadata={"help": "Weights for a model given by timm name."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate: test or validation."})
+
+
+@dataclass
+class QuickstartArguments:
+    """Arguments of ``refilled-hf quickstart``."""
+
+    output_dir: str = field(default="quickstart_outputs", metadata={"help": "Where everything is written."})
+    shots_per_class: int = field(default=10, metadata={"help": "Student training images per class."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data splits and training."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier quickstart's outputs."})
+
+
+class CliError(ValueError):
+    """A command line or recipe that cannot be parsed (the message says how to fix it)."""
+
+
+def read_recipe(path: str | Path, dataclass_types: tuple[type, ...]) -> dict[str, Any]:
+    """Read a YAML recipe; every key must be a field of one of ``dataclass_types``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"Recipe {str(path)!r} not found.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise CliError(f"Recipe {str(path)!r} must be a mapping of field: value.")
+    known = {f.name for cls in dataclass_types for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise CliError(
+            f"Recipe {str(path)!r} has keys that are not configuration fields: {', '.join(hints)}. "
+            "See `refilled-hf <command> --help` for the fields."
         )
-    centers = torch.nn.functional.normalize(torch.randn(classes, 128), dim=1)
-    logits = torch.randn(batch, classes, requires_grad=True)
-    rows.append(
-        (
-            "stage 2 local classifier",
-            local_classifier_loss(logits, teacher_emb, centers, labels).item(),
-            f"{labels.unique().numel()} local classes",
-        )
-    )
-    rows.append(("KD (same label space)", kd_loss(logits, torch.randn(batch, classes)).item(), ""))
-    rows.append(("RKD", rkd_loss(student_emb, teacher_emb).item(), ""))
-    for name, value, note in rows:
-        print(f"{name:32s} {value:12.4f}  {note}")
+    return data
+
+
+def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) -> tuple[Any, ...]:
+    """Parse ``--config recipe.yaml`` (defaults) and command-line overrides."""
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+    parser.add_argument("--config", type=str, default=None, help="YAML recipe; command-line flags override it.")
+    config_path = _flag_value(argv, "--config")
+    if config_path is not None:
+        parser.set_defaults(**read_recipe(config_path, dataclass_types))
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        raise CliError(f"Unknown arguments: {rest}. See `{prog} --help`.")
+    return tuple(p for p in parsed if isinstance(p, dataclass_types))  # drop the --config namespace
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def resolved_config(config: RefilledConfig) -> dict[str, Any]:
+    """refilled-hf's fields, plus the TrainingArguments that differ from their defaults
+    (tokens are never included)."""
+    ours = {f.name for f in fields(RefilledConfig)} - {f.name for f in fields(TrainingArguments)}
+    overridden = {f.name for f in fields(RefilledConfig) if f.name in {g.name for g in fields(TrainingArguments)}}
+    defaults = TrainingArguments.__dataclass_fields__
+    shown = {}
+    for f in fields(RefilledConfig):
+        if "token" in f.name or not f.init:
+            continue
+        value = getattr(config, f.name)
+        base = defaults.get(f.name)
+        if f.name in ours or f.name in overridden or (base is not None and value != base.default):
+            shown[f.name] = value.value if hasattr(value, "value") else value
+    return shown
+
+
+def _print_config(config: RefilledConfig) -> None:
+    if config.process_index == 0:
+        print("Resolved configuration:")
+        print(yaml.safe_dump(json.loads(json.dumps(resolved_config(config), default=str)), sort_keys=True))
+
+
+def _print_results(results: dict[str, Any]) -> None:
+    final = results.get("final", {})
+    stage1 = results.get("stage1", {})
+    rows = [("method", results["method"]), ("test top-1 (%)", final.get("test_top1"))]
+    rows.append(("validation top-1 (%)", final.get("validation_top1")))
+    if stage1:
+        rows.append(("stage-1 NCM test top-1 (%)", stage1.get("test_ncm_top1")))
+    for name, value in rows:
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        print(f"{name:28s} {text}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train(argv: list[str], command: str) -> int:
+    from .pipeline import run_distillation, run_teacher_training
+
+    (config,) = parse_config((RefilledConfig,), argv, f"refilled-hf {command}")
+    _print_config(config)
+    results = (run_teacher_training if command == "train-teacher" else run_distillation)(config)
+    if config.process_index == 0:
+        _print_results(results)
+        print(f"Exported model: {Path(config.output_dir) / 'model'}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="refilled-hf",
-        description="REFILLED knowledge distillation for timm models with the Hugging Face Trainer.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("losses-demo", help="run every loss once on random tensors")
-    demo.add_argument("--batch-size", type=int, default=128)
-    demo.add_argument("--num-classes", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=losses_demo)
-    return parser
+def cmd_evaluate(argv: list[str]) -> int:
+    from .pipeline import evaluate_model
+
+    eval_args, config = parse_config((EvaluateArguments, RefilledConfig), argv, "refilled-hf evaluate")
+    metrics = evaluate_model(eval_args.model, config, checkpoint=eval_args.checkpoint, split=eval_args.split)
+    if config.process_index == 0:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_quickstart(argv: list[str]) -> int:
+    from .quickstart import run_quickstart
+
+    (args,) = parse_config((QuickstartArguments,), argv, "refilled-hf quickstart")
+    run_quickstart(args.output_dir, shots_per_class=args.shots_per_class, seed=args.seed, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_losses_demo(argv: list[str]) -> int:
+    from .losses import kd_loss, local_classifier_loss, relationship_loss_with_stats, rkd_loss
+
+    torch.manual_seed(0)
+    batch, classes = 128, 10
+    student_emb = torch.randn(batch, 64, requires_grad=True)
+    teacher_emb = torch.randn(batch, 128)
+    labels = torch.randint(0, classes, (batch,))
+    for variant in ("tuple", "triplet"):
+        loss, stats = relationship_loss_with_stats(student_emb, teacher_emb, labels, variant=variant)
+        loss.backward()
+        print(f"stage 1 ({variant:7s})    {loss.item():10.4f}  {stats['tuples']} tuples, {stats['triplets']} triplets")
+    centers = torch.nn.functional.normalize(torch.randn(classes, 128), dim=1)
+    logits = torch.randn(batch, classes)
+    print(f"stage 2 local KL     {local_classifier_loss(logits, teacher_emb, centers, labels).item():10.4f}")
+    print(f"KD                   {kd_loss(logits, torch.randn(batch, classes)).item():10.4f}")
+    print(f"RKD                  {rkd_loss(student_emb, teacher_emb).item():10.4f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: refilled-hf {" + ",".join(COMMANDS) + "} [--config recipe.yaml] [--field value ...]\n")
+        for name, text in COMMANDS.items():
+            print(f"  {name:14s} {text}")
+        print("\n`refilled-hf <command> --help` lists every field.")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from .backbone import ModelLoadError
+    from .data import DataError
+    from .pipeline import RunError
+
+    try:
+        if command in ("train-teacher", "distill"):
+            return cmd_train(rest, command)
+        if command == "evaluate":
+            return cmd_evaluate(rest)
+        if command == "quickstart":
+            return cmd_quickstart(rest)
+        return cmd_losses_demo(rest)
+    except (CliError, ConfigError, DataError, ModelLoadError, RunError) as err:
+        print(f"refilled-hf {command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

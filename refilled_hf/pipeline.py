@@ -1,0 +1,404 @@
+"""A whole run: data and models from a config, REFILLED's two stages (or a baseline, or
+teacher training), resume, the final test evaluation and the export. The CLI and the
+Python API both call :func:`run_distillation` / :func:`run_teacher_training`.
+
+Output layout of ``output_dir``::
+
+    stage1/            (refilled) checkpoints, trainer logs, final/ (the stage-1 student)
+    stage2/ or <method>/   checkpoints and logs of the head-training stage
+    model/             the exported model: config.json, model.safetensors, README.md
+    results.json       every metric of the run; written last, it marks the run finished
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
+from .config import ConfigError, RefilledConfig
+from .data import ClassificationData, build_transform, load_classification_data
+from .hub import export_model, replace_dir_atomically, write_json_atomically
+from .trainer import RefilledTrainer
+
+__all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+EXPORT_DIR = "model"
+FINAL_DIR = "final"
+
+
+class RunError(ValueError):
+    """A run that cannot start or continue (the message says why and what to do)."""
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def load_data(config: RefilledConfig, classes: str | None, pretrained_cfg: dict[str, Any]) -> ClassificationData:
+    """The task's splits, with the model's transforms (and ``image_size`` override)."""
+    data = load_classification_data(
+        config.dataset,
+        dataset_config=config.dataset_config,
+        classes=classes,
+        train_split=config.train_split,
+        test_split=config.test_split,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        shots_per_class=config.shots_per_class,
+        validation_fraction=config.validation_fraction,
+        seed=config.data_seed if config.data_seed is not None else config.seed,
+    )
+    cfg = data_pretrained_cfg(pretrained_cfg, config.image_size)
+    train_tf = build_transform(cfg, train=True)
+    if not config.horizontal_flip:
+        train_tf.transforms = [t for t in train_tf.transforms if type(t).__name__ != "RandomHorizontalFlip"]
+    return data.with_transforms(train_tf, build_transform(cfg, train=False))
+
+
+def data_pretrained_cfg(pretrained_cfg: dict[str, Any], image_size: int | None) -> dict[str, Any]:
+    """The model's ``pretrained_cfg`` with the input size the run trains at."""
+    cfg = dict(pretrained_cfg)
+    if image_size:
+        cfg["input_size"] = (cfg.get("input_size", (3, 0, 0))[0], image_size, image_size)
+    return cfg
+
+
+def _eval_copy(dataset, transform):
+    """The same images with another transform (decoded images are shared)."""
+    dataset.preload()
+    other = copy.copy(dataset)
+    other.transform = transform
+    return other
+
+
+def _stage_args(config: RefilledConfig, stage_dir: Path, epochs: float, lr: float) -> RefilledConfig:
+    return dataclasses.replace(
+        config,
+        output_dir=str(stage_dir),
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        resume_from_checkpoint=None,
+        push_to_hub=False,
+        load_best_model_at_end=config.load_best_model_at_end and config.validation_fraction > 0,
+    )
+
+
+def _is_valid_checkpoint(path: Path) -> bool:
+    """A checkpoint whose save completed: the Trainer writes trainer_state.json after the
+    weights, optimizer and scheduler, so a parseable one marks a finished save."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / "model.safetensors").is_file()
+
+
+def _last_valid_checkpoint(stage_dir: Path) -> str | None:
+    if not stage_dir.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in stage_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for path in candidates:
+        if _is_valid_checkpoint(path):
+            return str(path)
+        logger.warning("Skipping incomplete checkpoint %s (interrupted while saving).", path)
+    return None
+
+
+def _check_output_dir(config: RefilledConfig, out: Path, stage_dirs: list[Path]) -> bool:
+    """Protect earlier outputs. Returns whether to resume."""
+    resume = bool(config.resume_from_checkpoint) and str(config.resume_from_checkpoint).lower() != "false"
+    finished = (out / RESULTS_FILE).is_file()
+    started = any(d.is_dir() and any(d.iterdir()) for d in stage_dirs)
+    if config.overwrite_output:
+        return False
+    if finished:
+        raise RunError(
+            f"{out} holds a finished run ({RESULTS_FILE} exists). Choose another --output_dir, or pass "
+            "--overwrite_output true to replace it."
+        )
+    if started and not resume:
+        raise RunError(
+            f"{out} holds an unfinished run. Pass --resume_from_checkpoint true to continue it, or "
+            "--overwrite_output true to start over."
+        )
+    return resume
+
+
+def _load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenTeacher:
+    try:
+        model = load_timm_model(
+            config.teacher,
+            checkpoint=config.teacher_checkpoint,
+            pretrained=config.teacher_checkpoint is None,
+        )
+    except ModelLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - e.g. timm's pretrained download offline
+        raise ModelLoadError(
+            f"Could not load the teacher {config.teacher!r} ({type(err).__name__}: {str(err)[:300]}). Give weights "
+            "with --teacher_checkpoint, or use a 'local-dir:' folder."
+        ) from err
+    return FrozenTeacher(model, student_cfg, input_size=config.teacher_input_size)
+
+
+def _teacher_label_names(config: RefilledConfig, teacher: FrozenTeacher) -> list[str] | None:
+    names = getattr(teacher.model, "pretrained_cfg", {}).get("label_names")
+    if names is None and config.teacher and config.teacher.startswith("local-dir:"):
+        path = Path(config.teacher[len("local-dir:") :]) / "config.json"
+        names = json.loads(path.read_text()).get("label_names")
+    return list(names) if names else None
+
+
+def _check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: ClassificationData) -> None:
+    """KD needs the teacher's classifier to cover exactly the student's classes."""
+    if config.method != "kd":
+        return
+    teacher_classes = teacher.model.num_classes
+    names = _teacher_label_names(config, teacher)
+    same_names = names is None or list(names) == data.class_names
+    same_selection = config.teacher_classes is None or config.teacher_classes == config.classes
+    if teacher_classes != data.num_classes or not same_names or not same_selection:
+        raise ConfigError(
+            f"method='kd' needs teacher and student on the same label space, but the teacher predicts "
+            f"{teacher_classes} classes {names[:5] if names else ''} and the student {data.num_classes} "
+            f"({data.class_names[:5]}). Use --method refilled (or rkd): they only use the teacher's embedding."
+        )
+
+
+def _check_mining(config: RefilledConfig, data: ClassificationData) -> None:
+    if config.method != "refilled":
+        return
+    if data.num_classes < 2:
+        raise ConfigError("REFILLED needs at least 2 student classes: a semi-hard negative has another class.")
+    if config.per_device_train_batch_size < 3:
+        raise ConfigError(
+            f"per_device_train_batch_size={config.per_device_train_batch_size} can never hold a semi-hard "
+            "triplet (anchor, positive of its class, negative of another): use at least 3, ideally >= 64."
+        )
+    counts = torch.bincount(torch.as_tensor(data.train.labels), minlength=data.num_classes)
+    if int(counts.max()) < 2:
+        raise ConfigError(
+            "Every class has fewer than 2 training images, so no batch can hold an (anchor, positive) pair: "
+            "raise --shots_per_class to at least 2."
+        )
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _make_trainer(
+    config: RefilledConfig, stage: str, stage_dir: Path, student: StudentModel, data: ClassificationData, **kwargs
+) -> RefilledTrainer:
+    epochs = config.stage1_epochs if stage == "stage1" else config.stage2_epochs
+    lr = config.stage1_learning_rate if stage == "stage1" else config.stage2_learning_rate
+    args = _stage_args(config, stage_dir, epochs, lr)
+    if args.load_best_model_at_end:
+        args.metric_for_best_model = "eval_ncm_top1" if stage == "stage1" else "eval_top1"
+        args.greater_is_better = True
+    if stage != "stage1" and epochs <= max(args.milestones(), default=0):
+        logger.warning("stage2_milestones %s lie beyond the %s epochs of %s.", args.stage2_milestones, epochs, stage)
+    if data.validation is None:
+        args.eval_strategy = "no"
+    return RefilledTrainer(
+        model=student,
+        args=args,
+        stage=stage,
+        num_classes=data.num_classes,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        **kwargs,
+    )
+
+
+def _fit(trainer: RefilledTrainer, stage_dir: Path, resume: bool) -> RefilledTrainer:
+    checkpoint = _last_valid_checkpoint(stage_dir) if resume else None
+    start = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train_seconds = time.perf_counter() - start
+    trainer.train_metrics = train_output.metrics
+    return trainer
+
+
+def _save_final(stage_dir: Path, student: StudentModel, metrics: dict[str, Any], is_main: bool) -> None:
+    """The stage's final student weights and metrics, in one atomically renamed folder."""
+    if not is_main:
+        return
+    staging = stage_dir / f".{FINAL_DIR}.staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
+    save_file(state, str(staging / "model.safetensors"))
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    replace_dir_atomically(staging, stage_dir / FINAL_DIR)
+
+
+def _load_final(stage_dir: Path, student: StudentModel) -> dict[str, Any]:
+    student.model.load_state_dict(load_file(str(stage_dir / FINAL_DIR / "model.safetensors")))
+    return json.loads((stage_dir / FINAL_DIR / "metrics.json").read_text())
+
+
+def _split_metrics(trainer: RefilledTrainer, data: ClassificationData, prefix_map: dict[str, str]) -> dict[str, Any]:
+    """Evaluate the trainer's current model on validation and test."""
+    metrics: dict[str, Any] = {}
+    for split, prefix in prefix_map.items():
+        dataset = getattr(data, split)
+        if dataset is not None:
+            metrics.update(trainer.evaluate(dataset, metric_key_prefix=prefix))
+    metrics.pop("epoch", None)
+    return metrics
+
+
+def _barrier(trainer: RefilledTrainer) -> None:
+    trainer.accelerator.wait_for_everyone()
+
+
+def run_distillation(config: RefilledConfig) -> dict[str, Any]:
+    """Run ``config.method`` end to end and return the results (also in results.json).
+
+    ``refilled``: stage 1 (relationship matching, NCM-evaluated), teacher class centres
+    over the training split, stage 2 (CE + lambda * local-classifier KL). Baselines:
+    one stage with stage 2's schedule. The test split is evaluated once, at the end of
+    each stage; the final student is exported to ``output_dir/model``.
+    """
+    out = Path(config.output_dir)
+    method = config.method
+    stage_dirs = [out / "stage1", out / "stage2"] if method == "refilled" else [out / method]
+    resume = _check_output_dir(config, out, stage_dirs)
+
+    # Everything that can fail on user input fails here, before any training.
+    backbone = load_timm_model(
+        config.student,
+        checkpoint=config.student_checkpoint,
+        **({} if config.student_drop_rate is None else {"drop_rate": config.student_drop_rate}),
+    )
+    student_cfg = data_pretrained_cfg(backbone.pretrained_cfg, config.image_size)
+    data = load_data(config, config.classes, backbone.pretrained_cfg)
+    if backbone.num_classes != data.num_classes:
+        backbone.reset_classifier(data.num_classes)
+    student = StudentModel(backbone)
+    teacher = _load_teacher(config, student_cfg) if method != "ce" else None
+    if teacher is not None:
+        _check_label_spaces(config, teacher, data)
+    _check_mining(config, data)
+    eval_tf = data.validation.transform if data.validation is not None else data.test.transform
+    centers_data = _eval_copy(data.train, eval_tf)
+
+    results: dict[str, Any] = {
+        "method": method,
+        "student": config.student,
+        "teacher": config.teacher,
+        "dataset": config.dataset,
+        "classes": config.classes,
+        "teacher_classes": config.teacher_classes,
+        "class_names": data.class_names,
+        "data": data.info,
+        "world_size": config.world_size,
+    }
+    if method == "refilled":
+        stage1_dir, stage2_dir = stage_dirs
+        if (stage1_dir / FINAL_DIR / "metrics.json").is_file() and resume:
+            results["stage1"] = _load_final(stage1_dir, student)
+            logger.info("Stage 1 already finished: continuing with stage 2.")
+        else:
+            trainer = _make_trainer(
+                config, "stage1", stage1_dir, student, data, teacher=teacher, centers_dataset=centers_data
+            )
+            _fit(trainer, stage1_dir, resume)
+            stage1 = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
+            stage1.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
+            _save_final(stage1_dir, student, stage1, trainer.is_world_process_zero())
+            _barrier(trainer)
+            results["stage1"] = stage1
+        student.set_embeddings_only(False)
+        trainer = _make_trainer(config, "stage2", stage2_dir, student, data, teacher=teacher)
+        if config.centers == "global":
+            start = time.perf_counter()
+            _teacher_centers(trainer, stage2_dir, centers_data)
+            results["teacher_centers_seconds"] = time.perf_counter() - start
+        _fit(trainer, stage2_dir, resume)
+    else:
+        trainer = _make_trainer(
+            config, method, stage_dirs[0], student, data, **({"teacher": teacher} if teacher else {})
+        )
+        _fit(trainer, stage_dirs[0], resume)
+    final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
+    final.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
+    results["final"] = final
+    return _finish(config, trainer, student, data, results, out)
+
+
+def _teacher_centers(trainer: RefilledTrainer, stage_dir: Path, centers_data) -> torch.Tensor:
+    """Teacher centres of the student's classes, computed once over the training split
+    (summed over every process) and kept with the stage so a resumed stage 2 reuses them."""
+    cache = stage_dir / "teacher_centers.safetensors"
+    if cache.is_file():
+        trainer.class_centers = load_file(str(cache))["centers"].to(trainer.args.device)
+        return trainer.class_centers
+    centers = trainer.compute_teacher_centers(centers_data)
+    if trainer.is_world_process_zero():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stage_dir / ".teacher_centers.tmp"
+        save_file({"centers": centers.detach().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, cache)
+    return centers
+
+
+def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, results: dict, out: Path) -> dict:
+    if trainer.is_world_process_zero():
+        cfg = data_pretrained_cfg(student.model.pretrained_cfg, config.image_size)
+        data_config = {"input_size": cfg["input_size"], "mean": cfg.get("mean"), "std": cfg.get("std")}
+        export_model(student.model, out / EXPORT_DIR, label_names=data.class_names, data_config=data_config)
+        write_json_atomically(out / RESULTS_FILE, results)
+    _barrier(trainer)
+    return results
+
+
+def run_teacher_training(config: RefilledConfig) -> dict[str, Any]:
+    """Train ``config.teacher`` (a registered timm name) with cross-entropy on
+    ``config.classes``, with stage 2's schedule; export it to ``output_dir/model``."""
+    if not config.teacher:
+        raise ConfigError("train-teacher needs --teacher: the timm model to train (e.g. cifar_wrn_40_2).")
+    teacher_config = dataclasses.replace(
+        config, method="ce", student=config.teacher, student_checkpoint=config.teacher_checkpoint
+    )
+    results = run_distillation(teacher_config)
+    return results
+
+
+def evaluate_model(
+    model_spec: str, config: RefilledConfig, *, checkpoint: str | None = None, split: str = "test"
+) -> dict[str, Any]:
+    """Top-1/top-5 accuracy of a trained model on ``split`` (``test`` or ``validation``)
+    of ``config``'s data set and class selection, counting each image once."""
+    if split not in ("test", "validation"):
+        raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
+    model = load_timm_model(model_spec, checkpoint=checkpoint)
+    data = load_data(config, config.classes, model.pretrained_cfg)
+    dataset = getattr(data, split)
+    if dataset is None:
+        raise ConfigError(f"No {split} split: set --test_split or --validation_fraction.")
+    if model.num_classes != data.num_classes:
+        raise ConfigError(
+            f"The model predicts {model.num_classes} classes but the selection has {data.num_classes}: "
+            "pass the --classes the model was trained on."
+        )
+    args = dataclasses.replace(config, method="ce", output_dir=str(Path(config.output_dir) / "evaluate"))
+    trainer = RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=data.num_classes)
+    metrics = trainer.evaluate(dataset, metric_key_prefix=split)
+    metrics.pop("epoch", None)
+    return metrics

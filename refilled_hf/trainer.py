@@ -1,0 +1,303 @@
+"""`RefilledTrainer`: one `transformers.Trainer` for REFILLED's stages and the baselines.
+
+The stage decides the loss:
+
+* ``stage1``: relationship matching on embeddings only (the head is frozen);
+* ``stage2``: cross-entropy + lambda * local-classifier KL with the teacher's class centres;
+* ``ce``, ``kd``, ``rkd``: the baselines (``ce`` also trains teachers).
+
+Evaluation reports nearest-class-mean accuracy (stage 1; centres from the training
+split) or top-1/top-5 accuracy of the head, counting every image exactly once across
+processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from .backbone import FrozenTeacher, StudentModel, embed
+from .config import RefilledConfig
+from .losses import (
+    batch_class_centers,
+    centers_from_sums,
+    class_sums,
+    kd_loss,
+    local_classifier_loss,
+    ncm_predict,
+    relationship_loss_with_stats,
+    rkd_loss,
+    teacher_confidence_weights,
+)
+
+__all__ = ["STAGES", "RefilledTrainer", "compute_class_centers"]
+
+STAGES = ("stage1", "stage2", "ce", "kd", "rkd")
+
+
+@torch.no_grad()
+def compute_class_centers(
+    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    dataloader,
+    num_classes: int,
+    accelerator,
+) -> torch.Tensor:
+    """L2-normalized per-class sums of ``embed_fn`` over a (prepared) dataloader.
+
+    Each batch is gathered across processes (``gather_for_metrics`` drops the samples
+    that distributed sampling repeats to even out the last batch), so every image counts
+    once and every rank sums the same rows: all ranks hold identical centres.
+    """
+    sums, counts = None, None
+    for batch in dataloader:
+        emb = embed_fn(batch["pixel_values"]).float()
+        emb, labels = accelerator.gather_for_metrics((emb, batch["labels"]))
+        part = class_sums(emb, labels, num_classes)
+        sums = part if sums is None else sums + part
+        batch_counts = torch.bincount(labels, minlength=num_classes)
+        counts = batch_counts if counts is None else counts + batch_counts
+    if sums is None:
+        raise ValueError("Cannot compute class centres from an empty data set.")
+    return centers_from_sums(sums, counts)
+
+
+class RefilledTrainer(Trainer):
+    """Trainer for one stage of REFILLED or one baseline.
+
+    Args:
+        model: the student, wrapped in :class:`~refilled_hf.backbone.StudentModel`.
+        args: the run's :class:`~refilled_hf.config.RefilledConfig`, with this stage's
+            epochs and learning rate set.
+        stage: one of ``stage1``, ``stage2``, ``ce``, ``kd``, ``rkd``.
+        teacher: the frozen teacher (needed by every stage but ``ce``). It is prepared by
+            Accelerate in evaluation mode: placed on the device, never wrapped in DDP.
+        class_centers: stage 2 with ``centers="global"``: the teacher's centres of the
+            student's classes, ``[num_classes, D_T]`` (or set them with
+            :meth:`compute_teacher_centers` before training).
+        centers_dataset: stage 1: the training split with evaluation transforms, for the
+            nearest-class-mean centres.
+        num_classes: the student's number of classes.
+        kwargs: passed to :class:`transformers.Trainer` (datasets, callbacks, ...).
+    """
+
+    def __init__(
+        self,
+        model: StudentModel,
+        args: RefilledConfig,
+        *,
+        stage: str,
+        num_classes: int,
+        teacher: FrozenTeacher | None = None,
+        class_centers: torch.Tensor | None = None,
+        centers_dataset=None,
+        **kwargs: Any,
+    ):
+        if stage not in STAGES:
+            raise ValueError(f"Unknown stage {stage!r}: choose one of {STAGES}.")
+        if stage != "ce" and teacher is None:
+            raise ValueError(f"Stage {stage!r} needs a teacher.")
+        if stage == "stage1" and centers_dataset is None:
+            raise ValueError("Stage 1 needs `centers_dataset` (the training split) for its NCM evaluation.")
+        model.set_embeddings_only(stage == "stage1")  # before the optimizer and DDP see the parameters
+        super().__init__(model=model, args=args, **kwargs)
+        self.stage = stage
+        self.num_classes = num_classes
+        self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
+        self.class_centers = class_centers.to(self.args.device) if class_centers is not None else None
+        self.centers_dataset = centers_dataset
+        self._components: dict[str, float | torch.Tensor] = defaultdict(float)
+        self._component_batches = 0
+
+    # ------------------------------------------------------------------ training
+
+    def compute_teacher_centers(self, dataset) -> torch.Tensor:
+        """Set (and return) the teacher's class centres of the student's classes: the
+        normalized sums of its raw embeddings over ``dataset`` (the training split with
+        evaluation transforms), summed over every process."""
+        self.class_centers = compute_class_centers(
+            lambda x: self.teacher(x)[0], self.get_test_dataloader(dataset), self.num_classes, self.accelerator
+        )
+        return self.class_centers
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """The stage's loss; each component is kept for logging (``relationship``,
+        ``ce``, ``distill``, ``tuples``, ``triplets``, ``local_classes``)."""
+        images, labels = inputs["pixel_values"], inputs["labels"]
+        outputs = model(pixel_values=images)
+        teacher_emb = teacher_logits = None
+        if self.teacher is not None:
+            teacher_emb, teacher_logits = self.teacher(images)
+        args: RefilledConfig = self.args
+        parts: dict[str, float | torch.Tensor] = {}
+        if self.stage == "stage1":
+            loss, stats = relationship_loss_with_stats(
+                outputs["embeddings"],
+                teacher_emb,
+                labels,
+                variant=args.stage1_variant,
+                tau=args.tau1,
+                margin=args.margin,
+                weight=args.stage1_weight,
+            )
+            parts = {"relationship": loss, "tuples": stats["tuples"], "triplets": stats["triplets"]}
+        else:
+            logits = outputs["logits"]
+            ce = F.cross_entropy(logits.float(), labels)
+            loss = args.ce_weight * ce
+            parts["ce"] = ce
+            if self.stage == "stage2":
+                if args.centers == "global":
+                    if self.class_centers is None:
+                        raise RuntimeError("Stage 2 with global centres: call compute_teacher_centers() first.")
+                    centers = self.class_centers
+                else:
+                    centers = batch_class_centers(teacher_emb, labels, self.num_classes)
+                weights = teacher_confidence_weights(teacher_logits) if args.confidence_weights else None
+                distill = local_classifier_loss(
+                    logits, teacher_emb, centers, labels, tau=args.tau2, weight=args.distill_weight,
+                    instance_weights=weights,
+                )  # fmt: skip
+                parts["local_classes"] = int(torch.unique(labels).numel())
+            elif self.stage == "kd":
+                distill = args.kd_weight * kd_loss(logits, teacher_logits, tau=args.kd_tau)
+            elif self.stage == "rkd":
+                distill = rkd_loss(
+                    outputs["embeddings"],
+                    teacher_emb,
+                    distance_weight=args.rkd_distance_weight,
+                    angle_weight=args.rkd_angle_weight,
+                )
+            else:
+                distill = None
+            if distill is not None:
+                loss = loss + distill
+                parts["distill"] = distill
+        if model.training:
+            for key, value in parts.items():
+                self._components[key] += value.detach() if isinstance(value, torch.Tensor) else value
+            self._component_batches += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each loss component since the last training log."""
+        if "loss" in logs and self._component_batches:
+            for key, total in self._components.items():
+                value = total.item() if isinstance(total, torch.Tensor) else total
+                logs[key] = round(value / self._component_batches, 6)
+            self._components.clear()
+            self._component_batches = 0
+        super().log(logs, start_time)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """SGD with Nesterov momentum and coupled weight decay on every trainable
+        parameter (the paper's CIFAR protocol)."""
+        if self.optimizer is None:
+            model = model if model is not None else self.model
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.SGD(
+                params,
+                lr=self.args.learning_rate,
+                momentum=self.args.sgd_momentum,
+                nesterov=self.args.sgd_momentum > 0,
+                weight_decay=self.args.weight_decay,
+            )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """Stage 1: cosine from the peak to ``stage1_min_lr_ratio`` of it. Other stages:
+        multi-step decay by ``stage2_gamma`` at ``stage2_milestones`` (epochs)."""
+        if self.lr_scheduler is None:
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            total = max(1, num_training_steps)
+            if self.stage == "stage1":
+                floor = self.args.stage1_min_lr_ratio
+
+                def factor(step: int) -> float:
+                    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+            else:
+                steps_per_epoch = total / max(self.args.num_train_epochs, 1e-9)
+                bounds = [round(m * steps_per_epoch) for m in self.args.milestones()]
+                gamma = self.args.stage2_gamma
+
+                def factor(step: int) -> float:
+                    return gamma ** sum(step >= b for b in bounds)
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _student(self) -> StudentModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def evaluate(
+        self,
+        eval_dataset=None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Top-1/top-5 accuracy and cross-entropy of the head, or, in stage 1,
+        nearest-class-mean accuracy of the embedding (``{prefix}_ncm_top1``). Every image
+        of the split counts exactly once (``{prefix}_samples``)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        dataloader = self.get_eval_dataloader(dataset)
+        student = self._student()
+        was_training = student.training
+        student.eval()
+        centers = None
+        if self.stage == "stage1":
+            centers = compute_class_centers(
+                lambda x: embed(student.model, x),
+                self.get_test_dataloader(self.centers_dataset),
+                self.num_classes,
+                self.accelerator,
+            )
+        totals = defaultdict(float)
+        with torch.no_grad(), self.autocast_smart_context_manager():
+            for batch in dataloader:
+                images, labels = batch["pixel_values"], batch["labels"]
+                if centers is not None:
+                    scores = ncm_predict(embed(student.model, images), centers)
+                    loss = None
+                else:
+                    scores = student.model(images).float()
+                    loss = F.cross_entropy(scores, labels, reduction="none")
+                top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+                hit1 = (top[:, 0] == labels).float()
+                hit5 = (top == labels[:, None]).any(1).float()
+                per_sample = torch.stack([hit1, hit5] + ([loss] if loss is not None else []), dim=1)
+                per_sample = self.accelerator.gather_for_metrics(per_sample)
+                totals["samples"] += per_sample.shape[0]
+                sums = per_sample.sum(0).tolist()
+                totals["top1"] += sums[0]
+                totals["top5"] += sums[1]
+                if loss is not None:
+                    totals["loss"] += sums[2]
+        student.train(was_training)
+        count = max(totals["samples"], 1)
+        name = "ncm_" if centers is not None else ""
+        metrics = {
+            f"{metric_key_prefix}_{name}top1": 100.0 * totals["top1"] / count,
+            f"{metric_key_prefix}_{name}top5": 100.0 * totals["top5"] / count,
+            f"{metric_key_prefix}_samples": int(totals["samples"]),
+        }
+        if centers is None:
+            metrics[f"{metric_key_prefix}_loss"] = totals["loss"] / count
+        metrics["epoch"] = self.state.epoch if self.state.epoch is not None else 0.0
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
