@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import set_seed
 
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
 from .config import ConfigError, RefilledConfig
@@ -203,7 +204,13 @@ def _check_mining(config: RefilledConfig, data: ClassificationData) -> None:
 
 
 def _make_trainer(
-    config: RefilledConfig, stage: str, stage_dir: Path, student: StudentModel, data: ClassificationData, **kwargs
+    config: RefilledConfig,
+    stage: str,
+    stage_dir: Path,
+    student: StudentModel,
+    data: ClassificationData,
+    callbacks: list | None = None,
+    **kwargs,
 ) -> RefilledTrainer:
     epochs = config.stage1_epochs if stage == "stage1" else config.stage2_epochs
     lr = config.stage1_learning_rate if stage == "stage1" else config.stage2_learning_rate
@@ -222,6 +229,7 @@ def _make_trainer(
         num_classes=data.num_classes,
         train_dataset=data.train,
         eval_dataset=data.validation,
+        callbacks=callbacks,
         **kwargs,
     )
 
@@ -267,13 +275,14 @@ def _barrier(trainer: RefilledTrainer) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def run_distillation(config: RefilledConfig) -> dict[str, Any]:
+def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run ``config.method`` end to end and return the results (also in results.json).
 
     ``refilled``: stage 1 (relationship matching, NCM-evaluated), teacher class centres
     over the training split, stage 2 (CE + lambda * local-classifier KL). Baselines:
     one stage with stage 2's schedule. The test split is evaluated once, at the end of
-    each stage; the final student is exported to ``output_dir/model``.
+    each stage; the final student is exported to ``output_dir/model``. ``callbacks``
+    (`transformers.TrainerCallback`) are given to every stage's Trainer.
     """
     out = Path(config.output_dir)
     method = config.method
@@ -281,6 +290,7 @@ def run_distillation(config: RefilledConfig) -> dict[str, Any]:
     resume = _check_output_dir(config, out, stage_dirs)
 
     # Everything that can fail on user input fails here, before any training.
+    set_seed(config.seed)  # the student's initialization must not depend on what ran before
     backbone = load_timm_model(
         config.student,
         checkpoint=config.student_checkpoint,
@@ -316,7 +326,7 @@ def run_distillation(config: RefilledConfig) -> dict[str, Any]:
             logger.info("Stage 1 already finished: continuing with stage 2.")
         else:
             trainer = _make_trainer(
-                config, "stage1", stage1_dir, student, data, teacher=teacher, centers_dataset=centers_data
+                config, "stage1", stage1_dir, student, data, callbacks, teacher=teacher, centers_dataset=centers_data
             )
             _fit(trainer, stage1_dir, resume)
             stage1 = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
@@ -325,7 +335,7 @@ def run_distillation(config: RefilledConfig) -> dict[str, Any]:
             _barrier(trainer)
             results["stage1"] = stage1
         student.set_embeddings_only(False)
-        trainer = _make_trainer(config, "stage2", stage2_dir, student, data, teacher=teacher)
+        trainer = _make_trainer(config, "stage2", stage2_dir, student, data, callbacks, teacher=teacher)
         if config.centers == "global":
             start = time.perf_counter()
             _teacher_centers(trainer, stage2_dir, centers_data)
@@ -333,7 +343,7 @@ def run_distillation(config: RefilledConfig) -> dict[str, Any]:
         _fit(trainer, stage2_dir, resume)
     else:
         trainer = _make_trainer(
-            config, method, stage_dirs[0], student, data, **({"teacher": teacher} if teacher else {})
+            config, method, stage_dirs[0], student, data, callbacks, **({"teacher": teacher} if teacher else {})
         )
         _fit(trainer, stage_dirs[0], resume)
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
@@ -364,11 +374,12 @@ def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, resul
         data_config = {"input_size": cfg["input_size"], "mean": cfg.get("mean"), "std": cfg.get("std")}
         export_model(student.model, out / EXPORT_DIR, label_names=data.class_names, data_config=data_config)
         write_json_atomically(out / RESULTS_FILE, results)
+        logger.info("Exported the model to %s (process %d)", out / EXPORT_DIR, trainer.args.process_index)
     _barrier(trainer)
     return results
 
 
-def run_teacher_training(config: RefilledConfig) -> dict[str, Any]:
+def run_teacher_training(config: RefilledConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Train ``config.teacher`` (a registered timm name) with cross-entropy on
     ``config.classes``, with stage 2's schedule; export it to ``output_dir/model``."""
     if not config.teacher:
@@ -376,8 +387,7 @@ def run_teacher_training(config: RefilledConfig) -> dict[str, Any]:
     teacher_config = dataclasses.replace(
         config, method="ce", student=config.teacher, student_checkpoint=config.teacher_checkpoint
     )
-    results = run_distillation(teacher_config)
-    return results
+    return run_distillation(teacher_config, callbacks)
 
 
 def evaluate_model(

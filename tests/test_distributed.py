@@ -1,0 +1,65 @@
+"""Two CPU processes (gloo) against one: same teacher centres, every test image counted
+once, a single writer of the export."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import tiny_recipe, write_image_dataset, write_random_teacher
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distill(recipe: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cli = ["-m", "refilled_hf.cli", "distill", "--config", str(recipe), "--output_dir", str(out)]
+    if processes == 1:
+        cmd = [sys.executable, *cli]
+    else:
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+        cmd = [sys.executable, *launcher, *cli]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_two_processes_match_one(tmp_path):
+    data = write_image_dataset(tmp_path / "data")
+    teacher = write_random_teacher(tmp_path / "teacher", name="cifar_wrn_16_2")
+    recipe = tiny_recipe(data, tmp_path / "unused", method="refilled", teacher=f"local-dir:{teacher}",
+                         per_device_train_batch_size=6, per_device_eval_batch_size=4)  # fmt: skip
+    recipe.pop("output_dir")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    distill(path, tmp_path / "one", 1)
+    two = distill(path, tmp_path / "two", 2)
+
+    centers = [
+        load_file(str(tmp_path / run / "stage2" / "teacher_centers.safetensors"))["centers"] for run in ("one", "two")
+    ]
+    torch.testing.assert_close(centers[1], centers[0], rtol=0, atol=1e-6)
+    results = {run: json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")}
+    assert results["two"]["world_size"] == 2
+    for run in ("one", "two"):
+        # 18 test images; with 2 ranks and batch 4, the last batch is padded: still 18.
+        assert results[run]["final"]["test_samples"] == 18
+        assert results[run]["stage1"]["test_samples"] == 18
+        assert results[run]["final"]["validation_samples"] == 9
+    log = two.stdout + two.stderr
+    assert log.count("Exported the model to") == 1 and "(process 0)" in log

@@ -1,0 +1,235 @@
+"""End-to-end runs of every method on small generated images (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_teacher
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from refilled_hf.backbone import FrozenTeacher
+from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.pipeline import RunError, run_distillation, run_teacher_training
+
+pytestmark = pytest.mark.slow
+
+STUDENT_CLASSES = CLASS_NAMES[3:]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return write_random_teacher(tmp_path_factory.mktemp("teacher") / "model", name="cifar_wrn_16_2")
+
+
+def run(recipe: dict, callbacks=None) -> dict:
+    return run_distillation(RefilledConfig(**recipe), callbacks=callbacks)
+
+
+def log_history(stage_dir: Path) -> list[dict]:
+    last = max(stage_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return json.loads((last / "trainer_state.json").read_text())["log_history"]
+
+
+def logged_keys(stage_dir: Path) -> set[str]:
+    return {k for entry in log_history(stage_dir) if "loss" in entry for k in entry}
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "rkd", "refilled"])
+def test_every_method_end_to_end(method, data_dir, teacher_dir, tmp_path):
+    extra = {"teacher": f"local-dir:{teacher_dir}"}
+    if method == "kd":  # KD needs a teacher over the student's own classes
+        kd_teacher = write_random_teacher(tmp_path / "kd-teacher", label_names=STUDENT_CLASSES)
+        extra = {"teacher": f"local-dir:{kd_teacher}", "teacher_classes": "3-5"}
+    out = tmp_path / method
+    results = run(tiny_recipe(data_dir, out, method=method, **extra))
+
+    # 3 classes x 6 test images; 25% of 12 training images per class held out.
+    assert results["final"]["test_samples"] == 18
+    assert results["final"]["validation_samples"] == 9
+    assert results["data"]["train_images"] == 27
+    assert 0 <= results["final"]["test_top1"] <= 100
+    assert results["class_names"] == STUDENT_CLASSES
+    assert json.loads((out / "results.json").read_text())["final"] == results["final"]
+
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["label_names"] == STUDENT_CLASSES and config["num_classes"] == 3
+    exported = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True)
+    assert exported.num_classes == 3
+
+    head_stage = out / ("stage2" if method == "refilled" else method)
+    keys = logged_keys(head_stage)
+    assert "ce" in keys
+    assert ("distill" in keys) == (method != "ce")
+    if method == "refilled":
+        assert {"local_classes"} <= keys
+        assert {"relationship", "tuples", "triplets"} <= logged_keys(out / "stage1")
+        stage1 = results["stage1"]
+        assert stage1["test_samples"] == 18 and 0 <= stage1["test_ncm_top1"] <= 100
+        assert (out / "stage1" / "final" / "model.safetensors").is_file()
+        centers = load_file(str(out / "stage2" / "teacher_centers.safetensors"))["centers"]
+        assert centers.shape == (3, 128)  # WRN-16-2 teacher embedding, one centre per student class
+        torch.testing.assert_close(centers.norm(dim=1), torch.ones(3))
+        evals = [e for e in log_history(out / "stage1") if "eval_ncm_top1" in e]
+        assert len(evals) == 2  # NCM evaluation every epoch
+
+
+def test_refilled_variants(data_dir, teacher_dir, tmp_path):
+    recipe = tiny_recipe(
+        data_dir,
+        tmp_path / "variants",
+        method="refilled",
+        teacher=f"local-dir:{teacher_dir}",
+        stage1_variant="triplet",
+        centers="batch",
+        confidence_weights=True,
+        validation_fraction=0.0,
+    )
+    results = run(recipe)
+    assert results["final"]["test_samples"] == 18
+    assert "validation_top1" not in results["final"]
+    assert not (tmp_path / "variants" / "stage2" / "teacher_centers.safetensors").exists()
+    assert "distill" in logged_keys(tmp_path / "variants" / "stage2")
+
+
+def test_kd_across_label_spaces_is_rejected_before_training(data_dir, teacher_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "kd", method="kd", teacher=f"local-dir:{teacher_dir}")
+    with pytest.raises(ConfigError, match="refilled"):
+        run(recipe)
+    assert not (tmp_path / "kd" / "kd").exists()
+
+
+def test_finished_run_is_not_overwritten(data_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "ce", method="ce", stage2_epochs=1)
+    first = run(recipe)
+    before = (tmp_path / "ce" / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(RunError, match="finished run"):
+        run(recipe)
+    assert (tmp_path / "ce" / "model" / "model.safetensors").read_bytes() == before
+    again = run({**recipe, "overwrite_output": True})
+    assert again["final"]["test_samples"] == first["final"]["test_samples"]
+
+
+class Interrupt(TrainerCallback):
+    """Raise at a given global step of a given stage, as a crash would."""
+
+    def __init__(self, stage: str, step: int):
+        self.stage, self.step = stage, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if Path(args.output_dir).name == self.stage and state.global_step == self.step:
+            raise KeyboardInterrupt(f"interrupted at {self.stage} step {self.step}")
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_resume_after_interruption(stage, data_dir, teacher_dir, tmp_path):
+    # 27 training images, batch 12: 3 steps per epoch, a checkpoint after each epoch.
+    base = dict(method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=3, stage2_epochs=3)
+    reference = run(tiny_recipe(data_dir, tmp_path / "reference", **base))
+    recipe = tiny_recipe(data_dir, tmp_path / "run", **base)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, callbacks=[Interrupt(stage, 5)])
+    assert not (tmp_path / "run" / "results.json").exists()
+    with pytest.raises(RunError, match="unfinished run"):
+        run(recipe)
+    stage1_final = tmp_path / "run" / "stage1" / "final" / "model.safetensors"
+    mtime = stage1_final.stat().st_mtime_ns if stage == "stage2" else None
+    resumed = run({**recipe, "resume_from_checkpoint": "true"})
+    if stage == "stage2":  # stage 1 was finished: it is not trained again
+        assert stage1_final.stat().st_mtime_ns == mtime
+    assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert resumed["stage1"]["test_ncm_top1"] == reference["stage1"]["test_ncm_top1"]
+    ours = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    ref = load_file(str(tmp_path / "reference" / "model" / "model.safetensors"))
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_with_other_input_size_and_normalization(data_dir, tmp_path):
+    imagenet = {"input_size": (3, 32, 32), "mean": timm.data.IMAGENET_DEFAULT_MEAN,
+                "std": timm.data.IMAGENET_DEFAULT_STD, "interpolation": "bilinear"}  # fmt: skip
+    model = timm.create_model("cifar_wrn_16_1", num_classes=4, pretrained_cfg_overlay=imagenet)
+    student_cfg = timm.create_model("cifar_wrn_16_1").pretrained_cfg | {"input_size": (3, 16, 16)}
+    teacher = FrozenTeacher(model, student_cfg)
+    assert teacher.renormalize and teacher.input_size == 32
+    raw = torch.rand(2, 3, 16, 16)
+    s_mean, s_std = (torch.tensor(student_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    t_mean, t_std = (torch.tensor(imagenet[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    expected = (torch.nn.functional.interpolate(raw, size=(32, 32), mode="bilinear") - t_mean) / t_std
+    torch.testing.assert_close(teacher.adapt((raw - s_mean) / s_std), expected, rtol=1e-5, atol=1e-5)
+    teacher.train()
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.parameters())
+
+    from refilled_hf.hub import export_model
+
+    teacher_dir = export_model(model, tmp_path / "imagenet-teacher", label_names=["a", "b", "c", "d"])
+    assert json.loads((teacher_dir / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    results = run(tiny_recipe(data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}"))
+    assert results["final"]["test_samples"] == 18
+
+
+def test_train_teacher_exports_a_local_dir_model(data_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "teacher", teacher="cifar_wrn_16_1", classes="0-2")
+    results = run_teacher_training(RefilledConfig(**recipe))
+    assert results["method"] == "ce" and results["class_names"] == CLASS_NAMES[:3]
+    model = timm.create_model(f"local-dir:{tmp_path / 'teacher' / 'model'}", pretrained=True)
+    assert model.num_classes == 3
+    # it can teach straight away
+    student = run(tiny_recipe(data_dir, tmp_path / "student", method="refilled",
+                              teacher=f"local-dir:{tmp_path / 'teacher' / 'model'}"))  # fmt: skip
+    assert student["teacher"].startswith("local-dir:")
+
+
+CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+
+
+@pytest.mark.skipif(not (CIFAR10 / "train.parquet").is_file(), reason="needs ../shared/data/cifar10")
+def test_real_cifar10_slice_through_the_hub_code_path(monkeypatch, teacher_dir, tmp_path):
+    """A Hub id goes through datasets.load_dataset exactly as uoft-cs/cifar100 would;
+    here the call is answered with the local CIFAR-10 copy (no network)."""
+    import datasets
+
+    real_load = datasets.load_dataset
+    calls = []
+
+    def offline_hub(path, *args, **kwargs):
+        if path == "uoft-cs/cifar10":
+            calls.append(path)
+            files = {"train": str(CIFAR10 / "train.parquet"), "test": str(CIFAR10 / "test.parquet")}
+            return real_load("parquet", data_files=files)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_hub)
+    recipe = tiny_recipe(
+        CIFAR10,
+        tmp_path / "cifar",
+        dataset="uoft-cs/cifar10",
+        method="refilled",
+        teacher=f"local-dir:{teacher_dir}",
+        image_size=None,  # the WRN's own 32x32
+        classes="cat,dog",
+        teacher_classes="airplane,automobile",
+        shots_per_class=12,
+        validation_fraction=0.005,
+        stage1_epochs=1,
+        stage2_epochs=1,
+        per_device_eval_batch_size=500,
+    )
+    results = run(recipe)
+    assert calls == ["uoft-cs/cifar10"]
+    assert results["class_names"] == ["cat", "dog"]
+    assert results["data"]["train_images"] == 24
+    assert results["data"]["validation_images"] == 50  # 0.5% of 5,000 per class
+    assert results["final"]["test_samples"] == 2000  # every test image of the two classes, once
+    assert results["stage1"]["test_samples"] == 2000
+    config = json.loads((tmp_path / "cifar" / "model" / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
