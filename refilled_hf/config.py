@@ -191,8 +191,6 @@ class RefilledConfig(TrainingArguments):
                 raise ConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not self.stage2_epochs > 0:
             raise ConfigError(f"`stage2_epochs` must be > 0, got {self.stage2_epochs}.")
-        if self.method in ("refilled", "kd", "rkd") and not self.teacher:
-            raise ConfigError(f"method={self.method!r} needs a teacher: set `--teacher` (see --help).")
         if self.shots_per_class is not None and self.shots_per_class < 1:
             raise ConfigError(f"`shots_per_class` must be >= 1, got {self.shots_per_class}.")
         if not 0 <= self.validation_fraction < 1:

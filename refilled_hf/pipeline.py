@@ -286,6 +286,8 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     """
     out = Path(config.output_dir)
     method = config.method
+    if method != "ce" and not config.teacher:
+        raise ConfigError(f"method={method!r} needs a teacher: set `--teacher` (see --help).")
     stage_dirs = [out / "stage1", out / "stage2"] if method == "refilled" else [out / method]
     resume = _check_output_dir(config, out, stage_dirs)
 
@@ -407,7 +409,13 @@ def evaluate_model(
             f"The model predicts {model.num_classes} classes but the selection has {data.num_classes}: "
             "pass the --classes the model was trained on."
         )
-    args = dataclasses.replace(config, method="ce", output_dir=str(Path(config.output_dir) / "evaluate"))
+    args = dataclasses.replace(
+        config,
+        method="ce",
+        output_dir=str(Path(config.output_dir) / "evaluate"),
+        eval_strategy="no",
+        save_strategy="no",
+    )
     trainer = RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=data.num_classes)
     metrics = trainer.evaluate(dataset, metric_key_prefix=split)
     metrics.pop("epoch", None)

@@ -1,0 +1,87 @@
+"""The command line: recipes plus overrides, help, errors, evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import tiny_recipe, write_image_dataset
+
+from refilled_hf.cli import CliError, main, parse_config, resolved_config
+from refilled_hf.config import ConfigError, RefilledConfig
+
+
+def write_recipe(path, **fields):
+    path.write_text(yaml.safe_dump(fields))
+    return str(path)
+
+
+def test_recipe_then_command_line_overrides(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", method="rkd", teacher="resnet18", distill_weight=3.0, tau1=2.0)
+    (config,) = parse_config((RefilledConfig,), ["--config", recipe, "--distill_weight", "7"], "t")
+    assert config.method == "rkd" and config.tau1 == 2.0
+    assert config.distill_weight == 7.0  # the command line wins
+    assert config.weight_decay == 5e-4 and config.per_device_train_batch_size == 128  # task defaults
+
+
+def test_unknown_recipe_key_is_rejected_with_a_suggestion(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", teacher="resnet18", distil_weight=3.0)
+    with pytest.raises(CliError, match="distil_weight.*did you mean 'distill_weight'"):
+        parse_config((RefilledConfig,), ["--config", recipe], "t")
+
+
+def test_unknown_flag_and_bad_values(tmp_path):
+    with pytest.raises(CliError, match="Unknown arguments"):
+        parse_config((RefilledConfig,), ["--teacher", "x", "--no_such_flag", "1"], "t")
+    with pytest.raises(ConfigError, match="Unknown method 'fitnet'"):
+        parse_config((RefilledConfig,), ["--teacher", "x", "--method", "fitnet"], "t")
+
+
+def test_resolved_config_hides_tokens():
+    config = RefilledConfig(teacher="x", hub_token="hf_secret_value", output_dir="o")
+    shown = resolved_config(config)
+    assert "hub_token" not in shown and "hf_secret_value" not in json.dumps(shown, default=str)
+    assert shown["method"] == "refilled" and shown["output_dir"] == "o"
+
+
+def test_help_lists_commands_and_fields(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("train-teacher", "distill", "evaluate", "quickstart"):
+        assert command in out
+    proc = subprocess.run(
+        [sys.executable, "-m", "refilled_hf.cli", "distill", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    for flag in ("--config", "--distill_weight", "--stage1_variant", "--shots_per_class", "--teacher"):
+        assert flag in proc.stdout
+    assert "lambda: weight of the stage-2 local-classifier KL" in " ".join(proc.stdout.split())
+
+
+def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
+    code = main(["distill", "--teacher", "resnet18", "--method", "kd", "--tau2", "0"])
+    assert code == 2
+    assert "`tau2` must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_distill_then_evaluate_from_the_command_line(tmp_path):
+    data = write_image_dataset(tmp_path / "data")
+    recipe = tiny_recipe(data, tmp_path / "run", method="ce", stage2_epochs=1)
+    path = write_recipe(tmp_path / "ce.yaml", **recipe)
+    proc = subprocess.run([sys.executable, "-m", "refilled_hf.cli", "distill", "--config", path],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Resolved configuration:" in proc.stdout and "test top-1 (%)" in proc.stdout
+    model = f"local-dir:{tmp_path / 'run' / 'model'}"
+    args = ["evaluate", "--model", model, "--dataset", str(data), "--classes", "3-5", "--use_cpu", "true",
+            "--validation_fraction", "0.25", "--output_dir", str(tmp_path / "eval"), "--image_size", "16"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "refilled_hf.cli", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout[proc.stdout.index("{") :])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert metrics["test_samples"] == 18
+    assert metrics["test_top1"] == pytest.approx(results["final"]["test_top1"])

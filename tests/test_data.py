@@ -1,0 +1,123 @@
+"""Data loading, column detection, class selection, shots and validation splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from helpers import CLASS_NAMES, write_image_dataset
+
+from refilled_hf.data import (
+    CLASS_PRESETS,
+    DataError,
+    build_transform,
+    load_classification_data,
+    load_raw_dataset,
+    parse_class_selection,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_image_dataset(tmp_path_factory.mktemp("d") / "colors", per_class_train=20, per_class_test=5)
+
+
+def test_parse_class_selection():
+    names = [f"c{i}" for i in range(100)]
+    assert parse_class_selection(None, names[:3]) == [0, 1, 2]
+    assert parse_class_selection("50-52", names) == [50, 51, 52]
+    assert parse_class_selection("3,1, 7-8", names) == [3, 1, 7, 8]
+    assert parse_class_selection("c5,c2", names) == [5, 2]
+    assert parse_class_selection([4, "c9"], names) == [4, 9]
+    assert parse_class_selection("cifar100-second-half", names) == list(range(50, 100))
+    assert parse_class_selection("cifar100-shift-10", names) == list(range(10, 60))
+    assert set(CLASS_PRESETS) >= {f"cifar100-shift-{k}" for k in (10, 20, 30, 40)}
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("", "empty"),
+        ("5-2", "empty"),
+        ("0-100", r"out of range.*0\.\.99"),
+        ("c1,cat", "Unknown class 'cat'"),
+        ("c1,c1", "twice"),
+        ("c11x", "Did you mean"),
+    ],
+)
+def test_parse_class_selection_errors(spec, message):
+    with pytest.raises(DataError, match=message):
+        parse_class_selection(spec, [f"c{i}" for i in range(100)])
+
+
+def test_selection_remaps_labels_and_keeps_names(data_dir):
+    data = load_classification_data(str(data_dir), classes="blue,red", validation_fraction=0.0)
+    assert data.class_names == ["blue", "red"] and data.source_class_ids == [2, 0]
+    assert sorted(set(data.train.labels.tolist())) == [0, 1]
+    item = data.train[0]
+    assert set(item) == {"pixel_values", "labels"}
+    # The remapped label of every training image agrees with its colour.
+    colours = {0: 2, 1: 0}  # new label -> dominant channel (blue, red)
+    for i in range(len(data.train)):
+        pixels = data.train[i]["pixel_values"].float().mean((1, 2))
+        assert int(pixels.argmax()) == colours[int(data.train.labels[i])]
+    assert len(data.test) == 10 and len(data.train) == 40
+
+
+def test_shots_and_validation_are_stratified_and_seeded(data_dir):
+    kwargs = dict(classes="0-3", shots_per_class=5, validation_fraction=0.25)
+    a = load_classification_data(str(data_dir), seed=1, **kwargs)
+    b = load_classification_data(str(data_dir), seed=1, **kwargs)
+    c = load_classification_data(str(data_dir), seed=2, **kwargs)
+    assert np.bincount(a.train.labels).tolist() == [5, 5, 5, 5]
+    assert np.bincount(a.validation.labels).tolist() == [5, 5, 5, 5]
+    rows = lambda d: [d.hf_dataset[i]["image"].tobytes() for i in range(len(d))]  # noqa: E731
+    assert rows(a.train) == rows(b.train) and rows(a.train) != rows(c.train)
+    assert not set(rows(a.train)) & set(rows(a.validation)), "validation must not overlap training"
+    assert a.info == {"train_images": 20, "validation_images": 20, "test_images": 20, "shots_per_class": 5,
+                      "validation_fraction": 0.25, "seed": 1}  # fmt: skip
+
+
+def test_errors_name_the_problem(data_dir, tmp_path):
+    with pytest.raises(DataError, match="shots_per_class=19.*lower it"):
+        load_classification_data(str(data_dir), shots_per_class=19, validation_fraction=0.1)
+    with pytest.raises(DataError, match="no training image"):
+        load_classification_data(str(data_dir), validation_fraction=0.99)
+    with pytest.raises(DataError, match="not found"):
+        load_raw_dataset(str(tmp_path / "missing.parquet"))
+    with pytest.raises(DataError, match="could not be loaded"):
+        load_raw_dataset("no-such-user/no-such-dataset-refilled")
+    with pytest.raises(DataError, match="Split 'valid'"):
+        load_classification_data(str(data_dir), test_split="valid")
+
+
+def test_column_detection(tmp_path):
+    odd = write_image_dataset(tmp_path / "odd", per_class_train=2, per_class_test=1, image_column="pic",
+                              label_column="target")  # fmt: skip
+    with pytest.raises(DataError, match="No image column.*--image_column"):
+        load_classification_data(str(odd))
+    data = load_classification_data(str(odd), image_column="pic", label_column="target", validation_fraction=0)
+    assert data.class_names == CLASS_NAMES
+    with pytest.raises(DataError, match="Label column 'label' is not in the data set"):
+        load_classification_data(str(odd), image_column="pic", label_column="label")
+    raw = load_raw_dataset(str(odd))
+    both = raw.map(lambda r: {"img": r["pic"], "image": r["pic"]})
+    with pytest.raises(DataError, match="Ambiguous image column"):
+        load_classification_data("in-memory", raw=both, label_column="target")
+
+
+def test_cifar_transforms():
+    cfg = timm.create_model("cifar_wrn_16_1").pretrained_cfg
+    train = build_transform(cfg, train=True)
+    names = [type(t).__name__ for t in train.transforms]
+    assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert train.transforms[1].padding == 4
+    evaluation = build_transform(cfg, train=False)
+    from PIL import Image
+
+    x = evaluation(Image.new("RGB", (32, 32), (255, 0, 0)))
+    assert x.shape == (3, 32, 32)
+    torch.testing.assert_close(x[0, 0, 0], torch.tensor((1 - cfg["mean"][0]) / cfg["std"][0]))
+    big = build_transform(timm.create_model("resnet18").pretrained_cfg, train=True)
+    assert "RandomResizedCropAndInterpolation" in [type(t).__name__ for t in big.transforms]
