@@ -38,10 +38,13 @@ _COMMON: dict[str, Any] = {
     "use_cpu": True,
 }
 
-#: The quickstart's recipes (dataset and output_dir are filled in at run time).
+#: The quickstart's recipes, with the paths of the default output folder (the
+#: quickstart rewrites them for another ``output_dir``).
 QUICKSTART_RECIPES: dict[str, dict[str, Any]] = {
     "teacher": {
         **_COMMON,
+        "dataset": "quickstart_outputs/digits",
+        "output_dir": "quickstart_outputs/teacher",
         "teacher": "cifar_wrn_16_2",
         "classes": "0-4",
         "validation_fraction": 0.1,
@@ -51,27 +54,34 @@ QUICKSTART_RECIPES: dict[str, dict[str, Any]] = {
     },
     "ce": {
         **_COMMON,
+        "dataset": "quickstart_outputs/digits",
+        "output_dir": "quickstart_outputs/ce",
+        "shots_per_class": 10,
         "method": "ce",
         "student": "cifar_wrn_16_1",
         "classes": "5-9",
         "teacher_classes": "0-4",
         "validation_fraction": 0.2,
-        "stage2_epochs": 40,
+        "stage2_epochs": 100,
         "stage2_learning_rate": 0.05,
-        "stage2_milestones": "30",
+        "stage2_milestones": "70",
     },
     "refilled": {
         **_COMMON,
+        "dataset": "quickstart_outputs/digits",
+        "output_dir": "quickstart_outputs/refilled",
+        "shots_per_class": 10,
+        "teacher": "local-dir:quickstart_outputs/teacher/model",
         "method": "refilled",
         "student": "cifar_wrn_16_1",
         "classes": "5-9",
         "teacher_classes": "0-4",
         "validation_fraction": 0.2,
-        "stage1_epochs": 20,
+        "stage1_epochs": 30,
         "stage1_learning_rate": 0.05,
-        "stage2_epochs": 40,
+        "stage2_epochs": 100,
         "stage2_learning_rate": 0.05,
-        "stage2_milestones": "30",
+        "stage2_milestones": "70",
         "distill_weight": 10.0,
     },
 }
@@ -129,7 +139,9 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
     for name, recipe in QUICKSTART_RECIPES.items():
         recipe = {**recipe, "dataset": str(data_dir), "output_dir": str(out / name), "seed": seed}
         if name != "teacher":
-            recipe.update(shots_per_class=shots_per_class, teacher=f"local-dir:{teacher_dir / 'model'}")
+            recipe["shots_per_class"] = shots_per_class
+        if name == "refilled":
+            recipe["teacher"] = f"local-dir:{teacher_dir / 'model'}"
         (recipes_dir / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         print(f"\n=== quickstart: {name} (recipe {recipes_dir / f'{name}.yaml'}) ===", flush=True)
         start = time.perf_counter()
