@@ -20,8 +20,32 @@ from .losses import (
 
 __version__ = "0.1.0"
 
+# The training API pulls in transformers and datasets: load it on first use, so that
+# `import refilled_hf` (needed to load the CIFAR WRNs in timm) stays light.
+_LAZY = {
+    "RefilledConfig": "config",
+    "RefilledTrainer": "trainer",
+    "run_distillation": "pipeline",
+    "run_teacher_training": "pipeline",
+    "evaluate_model": "pipeline",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "RefilledConfig",
+    "RefilledTrainer",
     "__version__",
+    "evaluate_model",
+    "run_distillation",
+    "run_teacher_training",
     "batch_class_centers",
     "class_centers",
     "embed",
