@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
 from .config import ConfigError, RefilledConfig
 
@@ -25,7 +25,9 @@ COMMANDS = {
     "train-teacher": "train a teacher (any timm model) with cross-entropy on a class selection",
     "distill": "distill a teacher into a student (refilled, or the ce/kd/rkd baselines)",
     "evaluate": "top-1/top-5 accuracy of a trained model on a split and class selection",
+    "probe-teacher": "NCM accuracy of the teacher's embedding on the student's task, before distilling",
     "quickstart": "offline miniature: digits teacher on 0-4, ce vs refilled students on 5-9",
+    "push": "push an exported model folder to the Hugging Face Hub",
     "losses-demo": "run every loss once on random tensors",
 }
 
@@ -37,6 +39,16 @@ class EvaluateArguments:
     model: str = field(metadata={"help": "Model to evaluate: local-dir:<folder>, hf-hub:<repo> or a timm name."})
     checkpoint: str | None = field(default=None, metadata={"help": "Weights for a model given by timm name."})
     split: str = field(default="test", metadata={"help": "Split to evaluate: test or validation."})
+
+
+@dataclass
+class PushArguments:
+    """Arguments of ``refilled-hf push <folder> --repo_id <user/name>``."""
+
+    folder: str = field(metadata={"help": "Exported model folder (output_dir/model)."})
+    repo_id: str = field(metadata={"help": "Hub repo to create (if needed) and upload to."})
+    private: bool = field(default=False, metadata={"help": "Create the repo as private."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: your login / HF_TOKEN)."})
 
 
 @dataclass
@@ -98,20 +110,8 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 
 def resolved_config(config: RefilledConfig) -> dict[str, Any]:
-    """refilled-hf's fields, plus the TrainingArguments that differ from their defaults
-    (tokens are never included)."""
-    ours = {f.name for f in fields(RefilledConfig)} - {f.name for f in fields(TrainingArguments)}
-    overridden = {f.name for f in fields(RefilledConfig) if f.name in {g.name for g in fields(TrainingArguments)}}
-    defaults = TrainingArguments.__dataclass_fields__
-    shown = {}
-    for f in fields(RefilledConfig):
-        if "token" in f.name or not f.init:
-            continue
-        value = getattr(config, f.name)
-        base = defaults.get(f.name)
-        if f.name in ours or f.name in overridden or (base is not None and value != base.default):
-            shown[f.name] = value.value if hasattr(value, "value") else value
-    return shown
+    """See :meth:`RefilledConfig.to_recipe`."""
+    return config.to_recipe()
 
 
 def _print_config(config: RefilledConfig) -> None:
@@ -157,6 +157,34 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_probe(argv: list[str]) -> int:
+    from .pipeline import probe_teacher
+
+    (config,) = parse_config((RefilledConfig,), argv, "refilled-hf probe-teacher")
+    result = probe_teacher(config)
+    if config.process_index == 0:
+        print(
+            f"Teacher {result['teacher']}: nearest-class-mean accuracy {result['probe_ncm_top1']:.1f}% on the "
+            f"student's validation split ({result['validation_images']} images), centres from its "
+            f"{result['train_images']} training images ({result['classes']} classes, "
+            f"{result['shots_per_class'] or 'all'} per class)."
+        )
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_push(argv: list[str]) -> int:
+    from .hub import push_folder
+
+    if argv and not argv[0].startswith("-"):
+        argv = ["--folder", argv[0], *argv[1:]]
+    argv = ["--repo_id" if a == "--repo-id" else a for a in argv]
+    (args,) = parse_config((PushArguments,), argv, "refilled-hf push")
+    url = push_folder(args.folder, args.repo_id, private=args.private, token=args.token)
+    print(f"Pushed {args.folder} to {url}")
+    return 0
+
+
 def cmd_quickstart(argv: list[str]) -> int:
     from .quickstart import run_quickstart
 
@@ -197,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from .backbone import ModelLoadError
     from .data import DataError
+    from .hub import HubPushError
     from .pipeline import RunError
 
     try:
@@ -206,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(rest)
         if command == "quickstart":
             return cmd_quickstart(rest)
+        if command == "probe-teacher":
+            return cmd_probe(rest)
+        if command == "push":
+            return cmd_push(rest)
         return cmd_losses_demo(rest)
-    except (CliError, ConfigError, DataError, ModelLoadError, RunError) as err:
+    except (CliError, ConfigError, DataError, HubPushError, ModelLoadError, RunError) as err:
         print(f"refilled-hf {command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,9 @@ Parsed by `HfArgumentParser` from a YAML recipe plus command-line overrides
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 from transformers import TrainingArguments
@@ -139,8 +141,26 @@ class RefilledConfig(TrainingArguments):
     overwrite_output: bool = field(
         default=False, **_help("Allow a run into an output_dir holding a finished run (it is replaced).")
     )
+    compare_runs: str | None = field(
+        default=None,
+        **_help("Comma-separated output_dirs of baseline runs on the same data, added to the model card's table."),
+    )
+    card_license: str = field(default="apache-2.0", **_help("License written in the exported model card."))
 
     # ---- TrainingArguments defaults for this task
+    _TASK_DEFAULTS: ClassVar[tuple[str, ...]] = (
+        "output_dir",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "weight_decay",
+        "eval_strategy",
+        "save_strategy",
+        "save_total_limit",
+        "logging_steps",
+        "report_to",
+        "remove_unused_columns",
+        "dataloader_num_workers",
+    )
     output_dir: str | None = field(default="outputs/refilled", **_help("Where checkpoints, metrics and the export go."))
     per_device_train_batch_size: int = field(default=128, **_help("Batch size per device for training."))
     per_device_eval_batch_size: int = field(default=256, **_help("Batch size per device for evaluation."))
@@ -196,6 +216,21 @@ class RefilledConfig(TrainingArguments):
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"`validation_fraction` must be in [0, 1), got {self.validation_fraction}.")
         self.milestones()  # parses
+
+    def to_recipe(self) -> dict[str, Any]:
+        """The run as a recipe: refilled-hf's fields, plus the `TrainingArguments` fields
+        that differ from their defaults. Tokens are never included."""
+        parent = {f.name: f for f in fields(TrainingArguments)}
+        recipe = {}
+        for f in fields(self):
+            if "token" in f.name or not f.init:
+                continue
+            value = getattr(self, f.name)
+            base = parent.get(f.name)
+            own = base is None or f.name in RefilledConfig._TASK_DEFAULTS
+            if own or value != base.default:
+                recipe[f.name] = value.value if hasattr(value, "value") else value
+        return json.loads(json.dumps(recipe, default=str))
 
     def milestones(self) -> list[float]:
         """Stage-2 learning-rate milestones in epochs."""

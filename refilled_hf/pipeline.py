@@ -28,7 +28,8 @@ from transformers import set_seed
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import ClassificationData, build_transform, load_classification_data
-from .hub import export_model, replace_dir_atomically, write_json_atomically
+from .hub import export_model, push_folder, render_model_card, replace_dir_atomically, write_json_atomically
+from .losses import ncm_predict
 from .trainer import RefilledTrainer
 
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training"]
@@ -288,6 +289,9 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     method = config.method
     if method != "ce" and not config.teacher:
         raise ConfigError(f"method={method!r} needs a teacher: set `--teacher` (see --help).")
+    if config.push_to_hub and not config.hub_model_id:
+        raise ConfigError("--push_to_hub needs --hub_model_id <user>/<name>: the repo the model is pushed to.")
+    _baseline_results(config)  # fail now, not after training, on a missing comparison run
     stage_dirs = [out / "stage1", out / "stage2"] if method == "refilled" else [out / method]
     resume = _check_output_dir(config, out, stage_dirs)
 
@@ -323,7 +327,9 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     }
     if method == "refilled":
         stage1_dir, stage2_dir = stage_dirs
-        if (stage1_dir / FINAL_DIR / "metrics.json").is_file() and resume:
+        if config.stage1_epochs == 0:
+            logger.info("stage1_epochs=0: stage 2 starts from the student's initial weights (an ablation).")
+        elif (stage1_dir / FINAL_DIR / "metrics.json").is_file() and resume:
             results["stage1"] = _load_final(stage1_dir, student)
             logger.info("Stage 1 already finished: continuing with stage 2.")
         else:
@@ -370,13 +376,56 @@ def _teacher_centers(trainer: RefilledTrainer, stage_dir: Path, centers_data) ->
     return centers
 
 
+def _baseline_results(config: RefilledConfig) -> list[dict[str, Any]]:
+    """results.json of the ``compare_runs`` (baselines on the same data), for the card."""
+    runs = []
+    for folder in filter(None, (d.strip() for d in (config.compare_runs or "").split(","))):
+        path = Path(folder) / RESULTS_FILE
+        if not path.is_file():
+            raise ConfigError(f"compare_runs: {folder} has no {RESULTS_FILE} (is that run finished?).")
+        runs.append(json.loads(path.read_text()))
+    return runs
+
+
+def _check_comparable(results: dict[str, Any], baselines: list[dict[str, Any]]) -> None:
+    for other in baselines:
+        same = all(other.get(k) == results.get(k) for k in ("dataset", "classes", "class_names"))
+        same = same and other.get("data", {}).get("shots_per_class") == results["data"]["shots_per_class"]
+        if not same:
+            raise ConfigError(
+                f"compare_runs: the {other.get('method')} run used other data (dataset, classes or shots) than this "
+                "one; only runs on the same data belong in the same table."
+            )
+
+
 def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, results: dict, out: Path) -> dict:
     if trainer.is_world_process_zero():
         cfg = data_pretrained_cfg(student.model.pretrained_cfg, config.image_size)
         data_config = {"input_size": cfg["input_size"], "mean": cfg.get("mean"), "std": cfg.get("std")}
-        export_model(student.model, out / EXPORT_DIR, label_names=data.class_names, data_config=data_config)
+        baselines = _baseline_results(config)
+        _check_comparable(results, baselines)
+        card = render_model_card(
+            results,
+            config.to_recipe(),
+            architecture=student.model.pretrained_cfg["architecture"],
+            repo_id=config.hub_model_id,
+            baselines=baselines,
+            license=config.card_license,
+        )
+        export_model(
+            student.model,
+            out / EXPORT_DIR,
+            label_names=data.class_names,
+            data_config=data_config,
+            extra_files={"README.md": card},
+        )
         write_json_atomically(out / RESULTS_FILE, results)
         logger.info("Exported the model to %s (process %d)", out / EXPORT_DIR, trainer.args.process_index)
+        if config.push_to_hub:
+            url = push_folder(
+                out / EXPORT_DIR, config.hub_model_id, private=config.hub_private_repo, token=config.hub_token
+            )
+            logger.info("Pushed %s to %s", out / EXPORT_DIR, url)
     _barrier(trainer)
     return results
 
@@ -420,3 +469,44 @@ def evaluate_model(
     metrics = trainer.evaluate(dataset, metric_key_prefix=split)
     metrics.pop("epoch", None)
     return metrics
+
+
+def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
+    """How useful is the teacher's embedding for the student's task, before distilling?
+
+    Nearest-class-mean accuracy of the teacher's (frozen) features on the student's
+    validation split, with class centres from the student's training split: a cheap
+    forecast of what REFILLED can transfer. Reported with the student's data size.
+    """
+    if not config.teacher:
+        raise ConfigError("probe-teacher needs --teacher.")
+    if config.validation_fraction <= 0:
+        raise ConfigError("probe-teacher evaluates on the validation split: set --validation_fraction > 0.")
+    set_seed(config.seed)
+    student_cfg = load_timm_model(config.student).pretrained_cfg
+    data = load_data(config, config.classes, student_cfg)
+    teacher = _load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size))
+    args = dataclasses.replace(
+        config, method="ce", output_dir=str(Path(config.output_dir) / "probe"), eval_strategy="no", save_strategy="no"
+    )
+    trainer = RefilledTrainer(
+        model=StudentModel(teacher.model), args=args, stage="ce", num_classes=data.num_classes, teacher=teacher
+    )
+    start = time.perf_counter()
+    centers = trainer.compute_teacher_centers(_eval_copy(data.train, data.validation.transform))
+    hits = total = 0
+    with torch.no_grad():
+        for batch in trainer.get_test_dataloader(data.validation):
+            scores = ncm_predict(trainer.teacher(batch["pixel_values"])[0], centers)
+            correct = trainer.accelerator.gather_for_metrics((scores.argmax(1) == batch["labels"]).float())
+            hits += float(correct.sum())
+            total += correct.numel()
+    return {
+        "teacher": config.teacher,
+        "probe_ncm_top1": 100.0 * hits / max(total, 1),
+        "validation_images": total,
+        "train_images": len(data.train),
+        "classes": data.num_classes,
+        "shots_per_class": config.shots_per_class,
+        "seconds": time.perf_counter() - start,
+    }

@@ -72,6 +72,7 @@ QUICKSTART_RECIPES: dict[str, dict[str, Any]] = {
         "output_dir": "quickstart_outputs/refilled",
         "shots_per_class": 10,
         "teacher": "local-dir:quickstart_outputs/teacher/model",
+        "compare_runs": "quickstart_outputs/ce",
         "method": "refilled",
         "student": "cifar_wrn_16_1",
         "classes": "5-9",
@@ -142,6 +143,7 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
             recipe["shots_per_class"] = shots_per_class
         if name == "refilled":
             recipe["teacher"] = f"local-dir:{teacher_dir / 'model'}"
+            recipe["compare_runs"] = str(out / "ce")
         (recipes_dir / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         print(f"\n=== quickstart: {name} (recipe {recipes_dir / f'{name}.yaml'}) ===", flush=True)
         start = time.perf_counter()
@@ -156,5 +158,5 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
         ncm = results.get("stage1", {}).get("test_ncm_top1")
         ncm_text = f"{ncm:14.1f}" if ncm is not None else f"{'-':>14s}"
         print(f"{name:10s} {results['final']['test_top1']:13.1f} {ncm_text} {timings[name]:8.0f}")
-    print(f"\nExported REFILLED student: {out / 'refilled' / 'model'}")
+    print(f"\nExported REFILLED student, with its model card: {out / 'refilled' / 'model'}")
     return {name: {**r, "seconds": timings[name]} for name, r in runs.items()}

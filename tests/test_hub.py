@@ -1,0 +1,187 @@
+"""Export (timm + transformers), the model card, and the push path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from helpers import tiny_recipe, write_image_dataset, write_random_teacher
+from huggingface_hub import ModelCard
+
+from refilled_hf.backbone import ModelLoadError, load_timm_model
+from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.hub import HubPushError, export_model, push_folder, render_model_card
+from refilled_hf.pipeline import run_distillation
+
+
+@pytest.mark.parametrize("name,size", [("cifar_wrn_16_1", 32), ("cifar_wrn_40_1", 32), ("resnet18", 64)])
+def test_export_loads_identically_in_timm_and_transformers(name, size, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=4).eval()
+    folder = export_model(model, tmp_path / "m", label_names=["a", "b", "c", "d"],
+                          data_config={"input_size": (3, size, size)})  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_classes"] == 4 and config["label_names"] == ["a", "b", "c", "d"]
+    assert "num_classes" not in config.get("model_args", {}), "breaks transformers' TimmWrapper"
+    assert config["pretrained_cfg"]["input_size"] == [3, size, size]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        via_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x)
+        via_hf = AutoModelForImageClassification.from_pretrained(str(folder)).eval()(pixel_values=x).logits
+    assert torch.equal(via_timm, expected)
+    torch.testing.assert_close(via_hf, expected, rtol=0, atol=1e-6)
+
+
+def test_export_loads_in_a_fresh_process(tmp_path):
+    model = timm.create_model("cifar_wrn_16_1", num_classes=3).eval()
+    folder = export_model(model, tmp_path / "m", label_names=["x", "y", "z"])
+    torch.save(torch.randn(1, 3, 32, 32), tmp_path / "x.pt")
+    code = (
+        "import json, sys, torch, refilled_hf, timm\n"
+        f"m = timm.create_model('local-dir:{folder}', pretrained=True).eval()\n"
+        f"x = torch.load('{tmp_path / 'x.pt'}')\n"
+        "print(json.dumps(m(x).tolist()), m.pretrained_cfg['label_names'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    logits = torch.tensor(json.loads(proc.stdout.split("\n")[0].rsplit(" [", 1)[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(torch.load(tmp_path / "x.pt")), rtol=0, atol=1e-6)
+    assert "['x', 'y', 'z']" in proc.stdout
+
+
+def test_unregistered_architecture_says_to_import_refilled_hf(tmp_path):
+    folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "m", label_names=["a", "b"])
+    config = json.loads((folder / "config.json").read_text())
+    config["architecture"] = "cifar_wrn_99_9"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="import refilled_hf"):
+        load_timm_model(f"local-dir:{folder}")
+
+
+def _fake_results(method="refilled", teacher="hf-hub:someone/teacher-net", dataset="uoft-cs/cifar100"):
+    results = {
+        "method": method,
+        "student": "cifar_wrn_16_1",
+        "teacher": teacher,
+        "dataset": dataset,
+        "classes": "50-99",
+        "teacher_classes": "0-49",
+        "class_names": ["apple", "bee"],
+        "data": {"train_images": 100, "validation_images": 10, "test_images": 200, "shots_per_class": 50},
+        "world_size": 1,
+        "final": {"test_top1": 71.234, "test_top5": 95.5, "validation_top1": 70.0, "test_samples": 200},
+    }
+    if method == "refilled":
+        results["stage1"] = {"test_ncm_top1": 55.557}
+    return results
+
+
+def test_model_card_metadata_and_content():
+    recipe = RefilledConfig(teacher="hf-hub:someone/teacher-net", hub_token="hf_SECRET", output_dir="o").to_recipe()
+    baseline = _fake_results(method="ce", teacher=None)
+    baseline["final"]["test_top1"] = 60.0
+    text = render_model_card(_fake_results(), recipe, architecture="cifar_wrn_16_1", repo_id="me/student",
+                             baselines=[baseline])  # fmt: skip
+    card = ModelCard(text)
+    data = card.data
+    assert data.library_name == "timm" and data.license == "apache-2.0"
+    assert {"image-classification", "knowledge-distillation", "refilled"} <= set(data.tags)
+    assert data.datasets == ["uoft-cs/cifar100"] and data.base_model == "someone/teacher-net"
+    values = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert values == {
+        "Test top-1 accuracy": 71.23,
+        "Test top-5 accuracy": 95.5,
+        "Stage-1 nearest-class-mean top-1 accuracy": 55.56,
+    }
+    assert "import refilled_hf" in text and "AutoModelForImageClassification" in text
+    assert "| refilled (this model) | 71.23 | 95.50 | 55.56 | 70.00 |" in text
+    assert "| ce | 60.00 |" in text
+    assert "distill_weight: 10.0" in text and "ye2020refilled" in text
+    assert "hf_SECRET" not in text and "hub_token" not in text
+
+
+def test_card_for_a_local_teacher_and_data_has_no_hub_links():
+    card = ModelCard(render_model_card(_fake_results(teacher="local-dir:/x/y", dataset="/nonexistent/data"), {},
+                                       architecture="resnet18"))  # fmt: skip
+    assert card.data.base_model is None and card.data.datasets is None
+    assert "import refilled_hf" not in card.text
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        return type("Info", (), {"commit_url": f"https://hub/{kwargs['repo_id']}/commit/1"})()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub
+
+    rec = Recorder()
+    monkeypatch.setattr(huggingface_hub, "create_repo", rec.create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", rec.upload_folder)
+    return rec
+
+
+@pytest.mark.slow
+def test_run_pushes_the_export_from_the_main_process(hub, tmp_path, caplog, capsys):
+    data = write_image_dataset(tmp_path / "data")
+    teacher = write_random_teacher(tmp_path / "t")
+    ce = run_distillation(RefilledConfig(**tiny_recipe(data, tmp_path / "ce", method="ce", stage2_epochs=1)))
+    recipe = tiny_recipe(data, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher}",
+                         push_to_hub=True, hub_model_id="me/student", hub_private_repo=True,
+                         hub_token="hf_SECRET_TOKEN", compare_runs=str(tmp_path / "ce"))  # fmt: skip
+    with caplog.at_level("INFO"):
+        results = run_distillation(RefilledConfig(**recipe))
+    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
+    assert hub.calls[0][1] == "me/student" and hub.calls[0][2]["private"] is True
+    assert hub.calls[0][2]["token"] == "hf_SECRET_TOKEN"
+    assert hub.calls[1][2]["folder_path"] == str(tmp_path / "run" / "model")
+    card = ModelCard.load(str(tmp_path / "run" / "model" / "README.md"))
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values["Test top-1 accuracy"] == round(results["final"]["test_top1"], 2)
+    assert values["Stage-1 nearest-class-mean top-1 accuracy"] == round(results["stage1"]["test_ncm_top1"], 2)
+    assert f"| ce | {ce['final']['test_top1']:.2f} |" in card.text
+    assert "hf-hub:me/student" in card.text
+    written = "".join(p.read_text() for p in (tmp_path / "run").rglob("*") if p.suffix in {".json", ".md"})
+    assert "hf_SECRET_TOKEN" not in written + caplog.text + capsys.readouterr().out
+
+
+def test_push_requires_a_repo_id_before_training(tmp_path):
+    recipe = tiny_recipe(tmp_path / "nodata", tmp_path / "run", method="ce", push_to_hub=True)
+    with pytest.raises(ConfigError, match="hub_model_id"):
+        run_distillation(RefilledConfig(**recipe))
+
+
+def test_push_command_sends_repo_folder_and_private_flag(hub, tmp_path, capsys):
+    from refilled_hf.cli import main
+
+    folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "m", label_names=["a", "b"])
+    assert main(["push", str(folder), "--repo-id", "me/model", "--private", "true", "--token", "hf_XYZ"]) == 0
+    assert hub.calls[0][1] == "me/model" and hub.calls[0][2]["private"] is True
+    assert hub.calls[1][2]["folder_path"] == str(folder)
+    assert "hf_XYZ" not in capsys.readouterr().out
+
+
+def test_offline_push_fails_clearly_and_keeps_the_folder(tmp_path):
+    folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "m", label_names=["a", "b"])
+    before = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+    with pytest.raises(HubPushError, match="local folder is complete") as info:
+        push_folder(folder, "me/model", token="hf_TOKEN_VALUE")
+    assert "hf_TOKEN_VALUE" not in str(info.value)
+    assert sorted((p.name, p.stat().st_size) for p in folder.iterdir()) == before
