@@ -43,13 +43,20 @@ TEACHERS = {"cross": "0-4", "overlap": "3-7", "same": "5-9"}
 SHARED = {"cross": 0, "overlap": 3, "same": 5}
 
 BUDGETS: dict[str, dict[str, Any]] = {
-    # about 90 minutes on 2 cores, teachers included
+    # a minute: checks that the script runs end to end
+    "smoke": {
+        "teacher_shots": 30,
+        "teacher_epochs": 1,
+        "plans": [{"shots": 10, "seeds": [0], "stage1": 1, "stage2": 1, "triplet": True}],
+        "sweep": {"shots": 10, "seeds": [0], "settings": ["cross"]},
+    },
+    # about 75 minutes on 2 cores, teachers included
     "quick": {
-        "teacher_shots": 1000,
+        "teacher_shots": 800,
         "teacher_epochs": 10,
         "plans": [
-            {"shots": 50, "seeds": [0, 1, 2], "stage1": 20, "stage2": 40, "triplet": True},
-            {"shots": 500, "seeds": [0, 1], "stage1": 6, "stage2": 12, "triplet": False},
+            {"shots": 50, "seeds": [0, 1, 2], "stage1": 15, "stage2": 30, "triplet": True},
+            {"shots": 500, "seeds": [0, 1], "stage1": 4, "stage2": 8, "triplet": False},
         ],
         "sweep": {"shots": 50, "seeds": [0], "settings": ["cross", "same"]},
     },

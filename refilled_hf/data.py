@@ -10,6 +10,7 @@ is rewritten or cached to disk; images are decoded once into memory when they ar
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,10 +62,11 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
+@functools.lru_cache(maxsize=4)
 def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datasets.DatasetDict:
     """A `DatasetDict` from a Hub id, a local folder (parquet files named by split, the
     Hub layout, or anything `datasets.load_dataset` reads) or a single parquet file
-    (taken as the ``train`` split)."""
+    (taken as the ``train`` split). Cached per process: selections never modify it."""
     path = Path(name_or_path)
     try:
         if path.is_file() and path.suffix == ".parquet":

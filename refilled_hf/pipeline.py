@@ -92,7 +92,8 @@ def _stage_args(config: RefilledConfig, stage_dir: Path, epochs: float, lr: floa
         num_train_epochs=epochs,
         learning_rate=lr,
         resume_from_checkpoint=None,
-        push_to_hub=False,
+        push_to_hub=False,  # stages never push; the run pushes its export at the end
+        hub_token=None,  # the Trainer pickles its args into every checkpoint: keep the token out
         load_best_model_at_end=config.load_best_model_at_end and config.validation_fraction > 0,
     )
 

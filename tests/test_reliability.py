@@ -1,0 +1,221 @@
+"""Numerical safety, interruption (SIGKILL) and resume, atomic writes, safe loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from helpers import tiny_recipe, write_image_dataset, write_random_teacher
+from safetensors.torch import load_file
+
+from refilled_hf.backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
+from refilled_hf.config import RefilledConfig
+from refilled_hf.hub import export_model
+from refilled_hf.losses import local_classifier_loss, relationship_loss
+from refilled_hf.pipeline import _last_valid_checkpoint, run_distillation
+from refilled_hf.trainer import RefilledTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return write_random_teacher(tmp_path_factory.mktemp("t") / "model")
+
+
+# ----------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_refilled_losses_under_autocast_match_float32(dtype):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(64, 32, generator=g), torch.randn(64, 48, generator=g)
+    y = torch.randint(0, 5, (64,), generator=g)
+    logits, centers = torch.randn(64, 5, generator=g), torch.nn.functional.normalize(torch.randn(5, 48), dim=1)
+    reference = [relationship_loss(s, t, y, variant=v) for v in ("tuple", "triplet")]
+    reference.append(local_classifier_loss(logits, t, centers, y))
+    layer = torch.nn.Linear(32, 32)  # a half-precision producer in front, as in a model
+    with torch.autocast("cpu", dtype=dtype):
+        s_half = layer(s)
+        assert s_half.dtype == dtype
+        ref_half = [relationship_loss(s_half.float(), t, y, variant=v) for v in ("tuple", "triplet")]
+        under = [relationship_loss(s_half, t, y, variant=v) for v in ("tuple", "triplet")]
+        under.append(local_classifier_loss(logits, t, centers, y))
+        ref_half.append(reference[2])
+    for value, expected in zip(under, ref_half):
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        torch.testing.assert_close(value, expected)
+
+
+def test_a_batch_with_nothing_to_mine_changes_nothing(tmp_path):
+    student = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=3, drop_rate=0.0))
+    teacher = FrozenTeacher(timm.create_model("cifar_wrn_16_1", num_classes=2), student.model.pretrained_cfg)
+    args = RefilledConfig(teacher="x", output_dir=str(tmp_path), use_cpu=True, weight_decay=0.0,
+                          eval_strategy="no", save_strategy="no")  # fmt: skip
+    batch = {"pixel_values": torch.randn(8, 3, 32, 32), "labels": torch.zeros(8, dtype=torch.long)}  # one class
+    trainer = RefilledTrainer(model=student, args=args, stage="stage1", num_classes=3, teacher=teacher,
+                              centers_dataset=[batch])  # fmt: skip
+    optimizer = trainer.create_optimizer()
+    before = {k: v.clone() for k, v in student.state_dict().items() if "running" not in k and "num_batches" not in k}
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in student.parameters())
+    optimizer.step()
+    after = student.state_dict()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert trainer._components["tuples"] == 0
+
+
+@pytest.mark.slow
+def test_bf16_training_on_cpu_has_finite_losses(data_dir, teacher_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "bf16", method="refilled", teacher=f"local-dir:{teacher_dir}", bf16=True)
+    results = run_distillation(RefilledConfig(**recipe))
+    assert math.isfinite(results["final"]["test_top1"])
+    for stage in ("stage1", "stage2"):
+        state = max((tmp_path / "bf16" / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        losses = [
+            e["loss"] for e in json.loads((state / "trainer_state.json").read_text())["log_history"] if "loss" in e
+        ]
+        assert losses and all(math.isfinite(v) for v in losses)
+
+
+# ----------------------------------------------------------------- kill and resume
+
+
+def _distill(recipe_path: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "refilled_hf.cli", "distill", "--config", str(recipe_path), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def kill_recipe(data_dir, teacher_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A 6 + 6-epoch recipe and its uninterrupted reference run (shared by both stages)."""
+    folder = tmp_path_factory.mktemp("kill")
+    recipe = tiny_recipe(data_dir, folder / "unused", method="refilled", teacher=f"local-dir:{teacher_dir}",
+                         stage1_epochs=6, stage2_epochs=6, stage2_milestones="4")  # fmt: skip
+    recipe.pop("output_dir")
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    reference = _distill(path, "--output_dir", str(folder / "reference"))
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    return path, folder / "reference"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_sigkill_then_resume_gives_the_same_result(stage, kill_recipe, tmp_path):
+    """Killed (SIGKILL, no clean-up) once the stage has written its second checkpoint; the
+    resumed run ends with exactly the metrics of an uninterrupted run with the same seed."""
+    path, reference_dir = kill_recipe
+    run = tmp_path / "run"
+    proc = _distill(path, "--output_dir", str(run))
+    marker = run / stage / "checkpoint-6" / "trainer_state.json"  # 3 steps per epoch: the end of epoch 2
+    deadline = time.time() + 600
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "results.json").exists()
+
+    resumed = _distill(path, "--output_dir", str(run), "--resume_from_checkpoint", "true")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    ours = json.loads((run / "results.json").read_text())
+    ref = json.loads((reference_dir / "results.json").read_text())
+    assert ours["final"]["test_top1"] == ref["final"]["test_top1"]
+    assert ours["final"]["validation_loss"] == pytest.approx(ref["final"]["validation_loss"], rel=1e-5)
+    assert ours["stage1"]["test_ncm_top1"] == ref["stage1"]["test_ncm_top1"]
+    a, b = (
+        load_file(str(run / "model" / "model.safetensors")),
+        load_file(str(tmp_path / "reference/model/model.safetensors")),
+    )
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
+    stage = tmp_path / "stage1"
+    for step, complete in ((3, True), (6, True), (9, False)):
+        folder = stage / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (stage / "checkpoint-12").mkdir()
+    (stage / "checkpoint-12" / "model.safetensors").write_bytes(b"x")
+    (stage / "checkpoint-12" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
+    assert _last_valid_checkpoint(stage) == str(stage / "checkpoint-6")
+
+
+def test_export_is_atomic(tmp_path, monkeypatch):
+    model = timm.create_model("cifar_wrn_16_1", num_classes=2)
+    folder = export_model(model, tmp_path / "model", label_names=["a", "b"])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    import refilled_hf.hub as hub
+
+    def crash(model, directory, **kwargs):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(hub, "save_for_hf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), folder, label_names=["a", "b"])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the old export is untouched
+    assert timm.create_model(f"local-dir:{folder}", pretrained=True).num_classes == 2
+
+
+# ----------------------------------------------------------------- safe loading
+
+
+def test_legacy_pt_checkpoints_load_with_weights_only(tmp_path):
+    model = timm.create_model("cifar_wrn_16_1", num_classes=3)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "teacher.pth")
+    loaded = load_timm_model("cifar_wrn_16_1", checkpoint=tmp_path / "teacher.pth")
+    assert loaded.num_classes == 3
+    assert torch.equal(loaded.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"state_dict": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ModelLoadError, match="weights_only"):
+        load_timm_model("cifar_wrn_16_1", checkpoint=tmp_path / "evil.pth")
+
+
+def test_no_remote_code_is_ever_trusted():
+    sources = "".join(p.read_text() for p in (REPO / "refilled_hf").rglob("*.py"))
+    assert "trust_remote_code" not in sources
+
+
+@pytest.mark.slow
+def test_hub_token_is_never_written(data_dir, tmp_path, caplog):
+    token = "hf_NEVER_WRITE_THIS_TOKEN"
+    recipe = tiny_recipe(data_dir, tmp_path / "run", method="ce", stage2_epochs=1, hub_token=token)
+    with caplog.at_level("DEBUG"):
+        run_distillation(RefilledConfig(**recipe))
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in files)
+    for path in files:
+        assert token.encode() not in path.read_bytes(), path
+    assert token not in caplog.text

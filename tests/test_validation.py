@@ -1,0 +1,166 @@
+"""Bad input is rejected before any training, with a message naming the problem and the fix.
+One test per case; each also checks that no stage was started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from helpers import tiny_recipe, write_image_dataset, write_random_teacher
+from safetensors.torch import save_file
+
+from refilled_hf.backbone import ModelLoadError
+from refilled_hf.cli import CliError, parse_config
+from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.data import DataError
+from refilled_hf.pipeline import run_distillation
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    return f"local-dir:{write_random_teacher(tmp_path_factory.mktemp('t') / 'model')}"
+
+
+def rejected(recipe: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        run_distillation(RefilledConfig(**recipe))
+    out = Path(recipe["output_dir"])
+    started = [p for p in out.rglob("*") if p.is_dir()] if out.exists() else []
+    assert not started, f"work started before the error: {started}"
+
+
+def test_unknown_student_model(data_dir, tmp_path):
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="ce", student="resnet19"), ModelLoadError,
+             r"Unknown timm model 'resnet19'\. Did you mean .*resnet18")  # fmt: skip
+
+
+def test_unknown_teacher_model(data_dir, tmp_path):
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_3"), ModelLoadError,
+             "Unknown timm model 'cifar_wrn_16_3'")  # fmt: skip
+
+
+def test_teacher_checkpoint_missing(data_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_1",
+                         teacher_checkpoint=str(tmp_path / "missing.safetensors"))  # fmt: skip
+    rejected(recipe, ModelLoadError, "does not exist: check the path")
+
+
+def test_teacher_checkpoint_unreadable(data_dir, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"this is not a checkpoint")
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_1",
+                         teacher_checkpoint=str(bad))  # fmt: skip
+    rejected(recipe, ModelLoadError, "could not be read")
+
+
+def test_teacher_checkpoint_of_another_architecture(data_dir, tmp_path):
+    path = tmp_path / "wrn16_1.safetensors"
+    save_file(timm.create_model("cifar_wrn_16_1", num_classes=3).state_dict(), str(path))
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_2",
+                         teacher_checkpoint=str(path))  # fmt: skip
+    rejected(recipe, ModelLoadError, "does not match the architecture 'cifar_wrn_16_2'")
+
+
+def test_data_set_not_found(tmp_path):
+    rejected(tiny_recipe(tmp_path / "no-such-folder", tmp_path / "o", method="ce"), DataError, "not found")
+
+
+def test_image_column_missing(tmp_path):
+    odd = write_image_dataset(tmp_path / "odd", per_class_train=4, per_class_test=1, image_column="pixels")
+    rejected(tiny_recipe(odd, tmp_path / "o", method="ce"), DataError, "No image column found.*--image_column")
+
+
+def test_label_column_ambiguous(tmp_path):
+    both = write_image_dataset(tmp_path / "both", per_class_train=4, per_class_test=1, label_column="fine_label")
+    import datasets
+
+    for split in ("train", "test"):
+        path = both / f"{split}.parquet"
+        ds = datasets.load_dataset("parquet", data_files=str(path))["train"]
+        ds.add_column("label", ds["fine_label"]).to_parquet(str(path))
+    rejected(tiny_recipe(both, tmp_path / "o", method="ce"), DataError, "Ambiguous label column.*--label_column")
+
+
+@pytest.mark.parametrize(
+    "classes,message",
+    [(" ", "class selection is empty"), ("3-9", r"out of range"), ("red,unicorn", "Unknown class 'unicorn'")],
+    ids=["empty", "out-of-range", "unknown-name"],
+)
+def test_bad_class_selection(classes, message, data_dir, tmp_path):
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="ce", classes=classes), DataError, message)
+
+
+def test_shots_per_class_larger_than_a_class(data_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="ce", shots_per_class=10)  # 9 left after validation
+    rejected(recipe, DataError, "shots_per_class=10.*lower it")
+
+
+def test_validation_fraction_leaving_a_class_empty(data_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="ce", validation_fraction=0.99)
+    rejected(recipe, DataError, "leaves it no training image")
+
+
+def test_kd_across_label_spaces(data_dir, teacher, tmp_path):
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="kd", teacher=teacher), ConfigError,
+             "same label space.*--method refilled")  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ["tau1", "tau2", "kd_tau", "margin", "distill_weight", "stage1_weight"])
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_non_positive_temperature_margin_or_weight(field, value, data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=f"`{field}` must be > 0"):
+        RefilledConfig(**tiny_recipe(data_dir, tmp_path / "o", **{field: value}))
+
+
+def test_batch_too_small_to_mine(data_dir, teacher, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=teacher, per_device_train_batch_size=2)
+    rejected(recipe, ConfigError, "can never hold a semi-hard triplet")
+
+
+def test_fewer_than_two_images_per_class(data_dir, teacher, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=teacher, shots_per_class=1)
+    rejected(recipe, ConfigError, "fewer than 2 training images.*shots_per_class")
+
+
+def test_single_class(data_dir, teacher, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=teacher, classes="4")
+    rejected(recipe, ConfigError, "at least 2 student classes")
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("method", "fitnet", "Unknown method 'fitnet'"),
+        ("stage1_variant", "quadruplet", "Unknown stage1_variant 'quadruplet'"),
+        ("centers", "local", "Unknown centers 'local'"),
+    ],
+)
+def test_unknown_names(field, value, message, data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        RefilledConfig(**tiny_recipe(data_dir, tmp_path / "o", **{field: value}))
+
+
+def test_yaml_key_that_is_not_a_field(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"method": "refilled", "lamda": 10}))
+    with pytest.raises(CliError, match="'lamda'"):
+        parse_config((RefilledConfig,), ["--config", str(path)], "t")
+
+
+def test_missing_teacher(data_dir, tmp_path):
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="rkd"), ConfigError, "needs a teacher")
+
+
+def test_labels_are_checked_against_the_model_head():
+    from refilled_hf.losses import local_classifier_loss
+
+    with pytest.raises(ValueError, match="labels"):
+        local_classifier_loss(torch.randn(2, 3), torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 3]))
