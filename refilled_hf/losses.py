@@ -265,8 +265,9 @@ def relationship_loss(
     * ``variant="tuple"`` (default): each (anchor, positive) pair and all its semi-hard
       negatives ``n_1..n_K`` form a tuple with logits ``[-d(a,p), -d(a,n_1), ...,
       -d(a,n_K)] / tau`` in each space; the loss is ``weight * mean over tuples of
-      KL(softmax(teacher) || softmax(student))``. Tuples of different ``K`` are padded
-      and masked; nothing is truncated.
+      KL(softmax(teacher) || softmax(student))``. Tuples of every size ``K`` count in
+      full: the padding is implicit (window sums over prefix sums) and exactly masked,
+      nothing is truncated.
     * ``variant="triplet"``: ``p = sigmoid((d(a,n) - d(a,p)) / tau)`` in each space and
       ``weight * mean over triplets of KL(Bernoulli(p_T) || Bernoulli(p_S))``.
 
