@@ -218,19 +218,22 @@ class RefilledConfig(TrainingArguments):
         self.milestones()  # parses
 
     def to_recipe(self) -> dict[str, Any]:
-        """The run as a recipe: refilled-hf's fields, plus the `TrainingArguments` fields
-        that differ from their defaults. Tokens are never included."""
-        parent = {f.name: f for f in fields(TrainingArguments)}
-        recipe = {}
+        """The run as a recipe that `--config` reads back: refilled-hf's own fields, then
+        the `TrainingArguments` fields whose value differs from a default configuration
+        (compared after ``__post_init__``, so derived values are not listed). Tokens are
+        never included."""
+        parent = {f.name for f in fields(TrainingArguments)}
+        default = RefilledConfig()
+        ours, theirs = {}, {}
         for f in fields(self):
             if "token" in f.name or not f.init:
                 continue
             value = getattr(self, f.name)
-            base = parent.get(f.name)
-            own = base is None or f.name in RefilledConfig._TASK_DEFAULTS
-            if own or value != base.default:
-                recipe[f.name] = value.value if hasattr(value, "value") else value
-        return json.loads(json.dumps(recipe, default=str))
+            if f.name not in parent:
+                ours[f.name] = value
+            elif f.name in RefilledConfig._TASK_DEFAULTS or value != getattr(default, f.name):
+                theirs[f.name] = value.value if hasattr(value, "value") else value
+        return json.loads(json.dumps({**ours, **theirs}, default=str))
 
     def milestones(self) -> list[float]:
         """Stage-2 learning-rate milestones in epochs."""

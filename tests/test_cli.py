@@ -85,3 +85,13 @@ def test_distill_then_evaluate_from_the_command_line(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert metrics["test_samples"] == 18
     assert metrics["test_top1"] == pytest.approx(results["final"]["test_top1"])
+
+
+def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):
+    config = RefilledConfig(teacher="local-dir:t", classes="5-9", seed=7, use_cpu=True, eval_strategy="no",
+                            distill_weight=3.0, output_dir=str(tmp_path / "o"))  # fmt: skip
+    recipe = config.to_recipe()
+    assert "accelerator_config" not in recipe and "hub_token" not in recipe
+    path = write_recipe(tmp_path / "r.yaml", **recipe)
+    (again,) = parse_config((RefilledConfig,), ["--config", path], "t")
+    assert again.to_recipe() == recipe
