@@ -207,26 +207,37 @@ def run_all(cache: Path, budget_name: str) -> None:
             with records_path.open("a") as f:
                 f.write(json.dumps(r) + "\n")
 
-    for plan in budget["plans"]:
-        for seed in plan["seeds"]:
-            for setting, teacher in teachers.items():
-                record({"setting": setting, "method": "probe", "shots": plan["shots"], "seed": seed, "sweep": None,
-                        "probe_ncm": probe(cache, setting, plan["shots"], seed, teacher)})  # fmt: skip
-                methods = [("ce", "tuple"), ("rkd", "tuple"), ("refilled", "tuple")]
-                if plan["triplet"]:
-                    methods.append(("refilled", "triplet"))
-                if setting == "same":
-                    methods.append(("kd", "tuple"))
-                for method, variant in methods:
-                    record(student_run(cache, setting, method, plan["shots"], seed, plan, teacher, variant))
-            print(f"plan {plan['shots']} seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
-    sweep = budget["sweep"]
-    plan = next(p for p in budget["plans"] if p["shots"] == sweep["shots"])
-    for seed in sweep["seeds"]:
+    def main_runs(plan: dict, seed: int) -> None:
+        for setting, teacher in teachers.items():
+            record({"setting": setting, "method": "probe", "shots": plan["shots"], "seed": seed, "sweep": None,
+                    "probe_ncm": probe(cache, setting, plan["shots"], seed, teacher)})  # fmt: skip
+            methods = [("ce", "tuple"), ("rkd", "tuple"), ("refilled", "tuple")]
+            if plan["triplet"]:
+                methods.append(("refilled", "triplet"))
+            if setting == "same":
+                methods.append(("kd", "tuple"))
+            for method, variant in methods:
+                record(student_run(cache, setting, method, plan["shots"], seed, plan, teacher, variant))
+        print(f"plan {plan['shots']} seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
+
+    def sweep_runs(seed: int) -> None:
+        plan = next(p for p in budget["plans"] if p["shots"] == sweep["shots"])
         for setting in sweep["settings"]:
             for name, overrides in SWEEP.items():
                 record(student_run(cache, setting, "refilled", plan["shots"], seed, plan, teachers[setting],
                                    name=f"-{name}", **dict(overrides)))  # fmt: skip
+        print(f"sweep seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
+
+    # Priority order, so that an interrupted run still answers the main questions: the first
+    # seed of every plan, the sweep, then the remaining seeds.
+    sweep = budget["sweep"]
+    for plan in budget["plans"]:
+        main_runs(plan, plan["seeds"][0])
+    for seed in sweep["seeds"]:
+        sweep_runs(seed)
+    for plan in budget["plans"]:
+        for seed in plan["seeds"][1:]:
+            main_runs(plan, seed)
     print(f"all runs done after {time.perf_counter() - start:.0f} s", flush=True)
 
 
