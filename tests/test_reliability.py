@@ -145,7 +145,7 @@ def test_sigkill_then_resume_gives_the_same_result(stage, kill_recipe, tmp_path)
     assert ours["stage1"]["test_ncm_top1"] == ref["stage1"]["test_ncm_top1"]
     a, b = (
         load_file(str(run / "model" / "model.safetensors")),
-        load_file(str(tmp_path / "reference/model/model.safetensors")),
+        load_file(str(reference_dir / "model" / "model.safetensors")),
     )
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
