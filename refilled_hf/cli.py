@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -70,11 +71,16 @@ def read_recipe(path: str | Path, dataclass_types: tuple[type, ...]) -> dict[str
     path = Path(path)
     if not path.is_file():
         raise CliError(f"Recipe {str(path)!r} not found.")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise CliError(f"Recipe {str(path)!r} is not readable YAML: {str(err).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):
         raise CliError(f"Recipe {str(path)!r} must be a mapping of field: value.")
-    known = {f.name for cls in dataclass_types for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
+    by_name = {f.name: f for cls in dataclass_types for f in fields(cls) if f.init}
+    annotations = {name: _annotation(dataclass_types, name) for name in by_name}
+    known = set(by_name)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         hints = []
         for key in unknown:
@@ -84,7 +90,35 @@ def read_recipe(path: str | Path, dataclass_types: tuple[type, ...]) -> dict[str
             f"Recipe {str(path)!r} has keys that are not configuration fields: {', '.join(hints)}. "
             "See `refilled-hf <command> --help` for the fields."
         )
-    return data
+    return {key: _recipe_value(path, key, by_name[key].default, annotations[key], value) for key, value in data.items()}
+
+
+def _annotation(dataclass_types: tuple[type, ...], name: str) -> str:
+    """The field's declared type as written (HfArgumentParser rewrites ``Field.type``)."""
+    for cls in dataclass_types:
+        for klass in cls.__mro__:
+            if name in getattr(klass, "__annotations__", {}):
+                return str(klass.__annotations__[name]).lower()
+    return ""
+
+
+def _recipe_value(path: Path, name: str, default: Any, type_text: str, value: Any) -> Any:
+    """A recipe value as the command line would give it: scalars become strings, so that
+    argparse converts and checks them with the field's own type (``stage1_epochs: abc``
+    fails as ``--stage1_epochs abc`` would); lists and mappings only where the field takes
+    them; null only where the field may be unset."""
+    if value is None:
+        if default is not None and "none" not in type_text and "optional" not in type_text:
+            raise CliError(f"Recipe {str(path)!r}: `{name}` cannot be null; give a value or remove the key.")
+        return None
+    if isinstance(value, (list, dict)):
+        kind = "list" if isinstance(value, list) else "dict"
+        if kind not in type_text:
+            raise CliError(f"Recipe {str(path)!r}: `{name}` takes a single value, got a {kind} ({str(value)[:60]}).")
+        return value
+    if isinstance(value, (bool, int, float, str)):
+        return str(value)
+    raise CliError(f"Recipe {str(path)!r}: `{name}` has a value of type {type(value).__name__}: {value!r}.")
 
 
 def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) -> tuple[Any, ...]:
@@ -227,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .hub import HubPushError
     from .pipeline import RunError
+    from .rundir import RunDirError
 
     try:
         if command in ("train-teacher", "distill"):
@@ -240,9 +275,39 @@ def main(argv: list[str] | None = None) -> int:
         if command == "push":
             return cmd_push(rest)
         return cmd_losses_demo(rest)
-    except (CliError, ConfigError, DataError, HubPushError, ModelLoadError, RunError) as err:
+    except (CliError, ConfigError, DataError, HubPushError, ModelLoadError, RunError, RunDirError) as err:
         print(f"refilled-hf {command}: error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError) as err:  # e.g. transformers' own checks of TrainingArguments
+        print(f"refilled-hf {command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refilled-hf {command}: interrupted.", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(
+            f"refilled-hf {command}: error: out of memory; lower --per_device_train_batch_size, "
+            "--per_device_eval_batch_size or --image_size.",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as err:
+        print(f"refilled-hf {command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("REFILLED_HF_TRACEBACK"):
+            raise
+        print(
+            f"refilled-hf {command}: internal error: {_one_line(err)} (set REFILLED_HF_TRACEBACK=1 for the "
+            "traceback, and please report it).",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:400]}" if text else type(err).__name__
 
 
 if __name__ == "__main__":

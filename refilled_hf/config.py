@@ -8,8 +8,11 @@ Parsed by `HfArgumentParser` from a YAML recipe plus command-line overrides
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -18,7 +21,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from .losses import RELATIONSHIP_VARIANTS
 
-__all__ = ["METHODS", "RefilledConfig", "ConfigError"]
+__all__ = ["INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError"]
 
 #: Methods in the same harness: REFILLED's two stages and three baselines.
 METHODS = ("refilled", "ce", "kd", "rkd")
@@ -27,6 +30,180 @@ CENTER_MODES = ("global", "batch")
 
 class ConfigError(ValueError):
     """A configuration that cannot run (the message names the field and the fix)."""
+
+
+#: Largest student or teacher input size accepted (a 100,000 px input exhausts any memory).
+MAX_IMAGE_SIZE = 1024
+
+#: Inherited fields whose job refilled-hf's own fields do (any value is refused).
+REPLACED_FIELDS: dict[str, str] = {
+    "learning_rate": "set --stage1_learning_rate and --stage2_learning_rate",
+    "num_train_epochs": "set --stage1_epochs and --stage2_epochs",
+    "lr_scheduler_type": "stage 1 decays by cosine to --stage1_min_lr_ratio, stage 2 by --stage2_gamma at "
+    "--stage2_milestones; --warmup_steps adds a warm-up",
+}
+
+#: Inherited fields refilled-hf does not support, with the reason (refused unless left at
+#: the transformers default).
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "lr_scheduler_kwargs": "the stage schedules are set by --stage1_min_lr_ratio, --stage2_milestones, --stage2_gamma",
+    "optim_target_modules": "it targets language-model modules",
+    "average_tokens_across_devices": "losses here are means over images, not tokens",
+    "bf16_full_eval": "evaluation runs under the training precision",
+    "fp16_full_eval": "evaluation runs under the training precision",
+    "activation_checkpointing": "not implemented for the student; lower --per_device_train_batch_size",
+    "activation_checkpointing_kwargs": "not implemented for the student",
+    "gradient_checkpointing": "not implemented for the student; lower --per_device_train_batch_size",
+    "gradient_checkpointing_kwargs": "not implemented for the student",
+    "torch_compile": "not supported yet",
+    "torch_compile_backend": "--torch_compile is not supported yet",
+    "torch_compile_mode": "--torch_compile is not supported yet",
+    "use_liger_kernel": "a language-model option",
+    "liger_kernel_config": "a language-model option",
+    "use_cache": "a language-model option",
+    "neftune_noise_alpha": "a language-model option",
+    "include_num_input_tokens_seen": "a language-model option",
+    "auto_find_batch_size": "it would change the batch semi-hard mining sees; set --per_device_train_batch_size",
+    "prediction_loss_only": "refilled-hf's evaluation computes its own metrics",
+    "eval_do_concat_batches": "refilled-hf's evaluation computes its own metrics",
+    "eval_use_gather_object": "refilled-hf's evaluation computes its own metrics",
+    "eval_accumulation_steps": "refilled-hf's evaluation computes its own metrics",
+    "include_for_metrics": "refilled-hf's evaluation computes its own metrics",
+    "batch_eval_metrics": "refilled-hf's evaluation computes its own metrics",
+    "metric_for_best_model": "selection uses eval_ncm_top1 in stage 1 and eval_top1 after it",
+    "greater_is_better": "selection uses eval_ncm_top1 in stage 1 and eval_top1 after it",
+    "hub_strategy": "stages never push; the run pushes its exported model once, at the end",
+    "hub_always_push": "stages never push; the run pushes its exported model once, at the end",
+    "hub_revision": "the run pushes its exported model to the main branch",
+    "ignore_data_skip": "a resumed run must continue exactly where it stopped",
+    "enable_jit_checkpoint": "checkpoints are written at --save_strategy; resume with --resume_from_checkpoint",
+    "parallelism_config": "refilled-hf trains with data parallelism (DDP) only",
+    "fsdp": "refilled-hf trains with data parallelism (DDP) only",
+    "fsdp_config": "refilled-hf trains with data parallelism (DDP) only",
+    "deepspeed": "refilled-hf trains with data parallelism (DDP) only",
+    "label_names": "labels come from the data set's label column (--label_column)",
+    "length_column_name": "image data has no lengths",
+    "debug": "not supported",
+}
+
+#: Inherited fields that do what transformers documents (some with refilled-hf's own
+#: meaning, stated in their help: optim, max_steps, warmup_steps, label_smoothing_factor,
+#: resume_from_checkpoint, push_to_hub).
+HONOURED_FIELDS: tuple[str, ...] = (
+    "max_steps", "warmup_steps", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "gradient_accumulation_steps", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16", "tf32",
+    "torch_empty_cache_steps", "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node",
+    "logging_nan_inf_filter", "log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name", "project",
+    "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "eval_strategy", "eval_steps", "eval_delay",
+    "per_device_eval_batch_size", "eval_on_start", "save_only_model", "save_strategy", "save_steps",
+    "save_on_each_node", "save_total_limit", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id",
+    "load_best_model_at_end", "restore_callback_states_from_checkpoint", "full_determinism", "seed", "data_seed",
+    "use_cpu", "accelerator_config", "dataloader_drop_last", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+    "dataloader_in_order", "remove_unused_columns", "train_sampling_strategy", "ddp_find_unused_parameters",
+    "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend", "ddp_timeout",
+    "skip_memory_metrics", "resume_from_checkpoint", "local_rank", "output_dir", "per_device_train_batch_size",
+    "weight_decay",
+    "do_train", "do_eval", "do_predict",  # informational, in transformers too
+)  # fmt: skip
+
+#: Every inherited field and its treatment: "honoured", "replaced" or "unsupported".
+INHERITED_FIELDS: dict[str, str] = {
+    **{name: "honoured" for name in HONOURED_FIELDS},
+    **{name: "replaced" for name in REPLACED_FIELDS},
+    **{name: "unsupported" for name in UNSUPPORTED_FIELDS},
+}
+
+_INF = math.inf
+#: Numeric fields: (low, high, low excluded, high excluded). Every value must also be finite.
+NUMERIC_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "tau1": (0, _INF, True, True),
+    "tau2": (0, _INF, True, True),
+    "kd_tau": (0, _INF, True, True),
+    "margin": (0, _INF, True, True),
+    "stage1_weight": (0, _INF, True, True),
+    "distill_weight": (0, _INF, True, True),
+    "stage1_learning_rate": (0, _INF, True, True),
+    "stage2_learning_rate": (0, _INF, True, True),
+    "stage1_min_lr_ratio": (0, 1, False, False),
+    "stage1_epochs": (0, _INF, False, True),
+    "stage2_epochs": (0, _INF, True, True),
+    "stage2_gamma": (0, 1, True, False),
+    "kd_weight": (0, _INF, False, True),
+    "ce_weight": (0, _INF, False, True),
+    "rkd_distance_weight": (0, _INF, False, True),
+    "rkd_angle_weight": (0, _INF, False, True),
+    "sgd_momentum": (0, 1, False, True),
+    "weight_decay": (0, _INF, False, True),
+    "validation_fraction": (0, 1, False, True),
+    "shots_per_class": (1, _INF, False, True),
+    "image_size": (8, MAX_IMAGE_SIZE, False, False),
+    "teacher_input_size": (8, MAX_IMAGE_SIZE, False, False),
+    "student_drop_rate": (0, 1, False, True),
+    "per_device_train_batch_size": (1, 65536, False, False),
+    "per_device_eval_batch_size": (1, 65536, False, False),
+    "gradient_accumulation_steps": (1, _INF, False, True),
+    "max_grad_norm": (0, _INF, False, True),
+    "warmup_steps": (0, _INF, False, True),
+    "label_smoothing_factor": (0, 1, False, True),
+    "logging_steps": (0, _INF, True, True),
+    "save_total_limit": (1, _INF, False, True),
+    "save_steps": (0, _INF, True, True),
+    "eval_steps": (0, _INF, True, True),
+    "eval_delay": (0, _INF, False, True),
+    "dataloader_num_workers": (0, 256, False, False),
+    "dataloader_prefetch_factor": (1, _INF, False, True),
+    "torch_empty_cache_steps": (1, _INF, False, True),
+    "seed": (0, 2**32 - 1, False, False),
+    "data_seed": (0, 2**32 - 1, False, False),
+    "adam_beta1": (0, 1, False, True),
+    "adam_beta2": (0, 1, False, True),
+    "adam_epsilon": (0, _INF, True, True),
+    "ddp_timeout": (1, _INF, False, True),
+}
+
+
+def _check_range(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"`{name}` must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ConfigError(f"`{name}` must be a finite number, got {value}.")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        if low_open and high == _INF:
+            wanted = f"> {low}"
+        elif high == _INF:
+            wanted = f">= {low}"
+        else:
+            wanted = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"`{name}` must be {wanted}, got {value}.")
+
+
+def _plain(value: Any) -> Any:
+    """Enum members as their values and every empty value (None, False, "", "no", []) as None,
+    for comparisons with defaults (transformers normalizes some of them after init)."""
+    value = getattr(value, "value", value)
+    if isinstance(value, (list, tuple)):
+        value = [getattr(v, "value", v) for v in value]
+    return None if value in (None, False, "", "no", "none", [], {}) else value
+
+
+@functools.lru_cache(maxsize=1)
+def _transformers_defaults() -> dict[str, Any]:
+    out = {}
+    for f in fields(TrainingArguments):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _reporting_integrations() -> list[str]:
+    from transformers.integrations import get_available_reporting_integrations
+
+    return list(get_available_reporting_integrations())
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -147,7 +324,7 @@ class RefilledConfig(TrainingArguments):
     )
     card_license: str = field(default="apache-2.0", **_help("License written in the exported model card."))
 
-    # ---- TrainingArguments defaults for this task
+    # ---- TrainingArguments fields with this task's defaults (see INHERITED_FIELDS for the rest)
     _TASK_DEFAULTS: ClassVar[tuple[str, ...]] = (
         "output_dir",
         "per_device_train_batch_size",
@@ -160,6 +337,8 @@ class RefilledConfig(TrainingArguments):
         "report_to",
         "remove_unused_columns",
         "dataloader_num_workers",
+        "optim",
+        "max_grad_norm",
     )
     output_dir: str | None = field(default="outputs/refilled", **_help("Where checkpoints, metrics and the export go."))
     per_device_train_batch_size: int = field(default=128, **_help("Batch size per device for training."))
@@ -170,17 +349,96 @@ class RefilledConfig(TrainingArguments):
     save_total_limit: int | None = field(default=2, **_help("Checkpoints kept per stage."))
     logging_steps: float = field(default=10, **_help("Log every N steps."))
     report_to: None | str | list[str] = field(
-        default="none", **_help("Trackers to report to: none (default), all, or names like tensorboard.")
+        default="none", **_help("Trackers to report to: none (default), all, or installed ones like tensorboard.")
     )
     remove_unused_columns: bool = field(default=False, **_help("Keep every column (images are not tokens)."))
     dataloader_num_workers: int = field(default=0, **_help("Data-loading worker processes."))
+    optim: str = field(
+        default="sgd",
+        **_help(
+            "Optimizer: 'sgd' (default: SGD with Nesterov momentum `sgd_momentum` and coupled weight decay, the "
+            "paper's) or any transformers optimizer name (e.g. adamw_torch), run at the stage learning rates."
+        ),
+    )
+    max_grad_norm: float = field(
+        default=1.0, **_help("Clip gradients to this norm (0 turns clipping off; the authors' code does not clip).")
+    )
+    max_steps: int = field(
+        default=-1,
+        **_help(
+            "If > 0, stop each stage after this many optimizer steps (smoke tests); the learning-rate schedules keep "
+            "the lengths of stage1_epochs / stage2_epochs."
+        ),
+    )
+    warmup_steps: float = field(
+        default=0,
+        **_help("Linear learning-rate warm-up at the start of each stage: steps (>= 1) or a fraction of it (< 1)."),
+    )
+    label_smoothing_factor: float = field(
+        default=0.0, **_help("Label smoothing of the cross-entropy term (stage 2 and the baselines).")
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        **_help(
+            "'true': continue this output_dir's run from its newest complete checkpoint; or the path of one of its "
+            "checkpoints (under output_dir/stage1, stage2 or <method>). Refused if the run's configuration changed."
+        ),
+    )
+    # Replaced by the per-stage fields: None means "not given"; any value is refused (see validate()).
+    learning_rate: float | None = field(
+        default=None, **_help("Not used: set stage1_learning_rate and stage2_learning_rate.")
+    )
+    num_train_epochs: float | None = field(default=None, **_help("Not used: set stage1_epochs and stage2_epochs."))
+    lr_scheduler_type: str | None = field(
+        default=None,
+        **_help(
+            "Not used: stage 1 decays by cosine to stage1_min_lr_ratio, stage 2 by stage2_gamma at "
+            "stage2_milestones (warm-up: warmup_steps)."
+        ),
+    )
 
     def __post_init__(self):
-        # Mixed precision on a machine without a GPU runs on the CPU rather than failing.
-        if (self.bf16 or self.fp16) and not (torch.cuda.is_available() or self.use_cpu):
+        self._check_replaced_fields()
+        if self.test_split is not None and str(self.test_split).strip().lower() in ("", "none", "null"):
+            self.test_split = None  # `--test_split none`: a data set without a test split
+        if self.fp16 and not torch.cuda.is_available():
+            raise ConfigError("--fp16 needs a CUDA GPU and none is visible: use --bf16 true (works on the CPU too).")
+        # bf16 on a machine without a GPU runs on the CPU rather than failing.
+        if self.bf16 and not (torch.cuda.is_available() or self.use_cpu):
             self.use_cpu = True
+        self._check_before_transformers()
+        self.validate()  # before transformers' own checks, whose failures read as tracebacks
+        self.lr_scheduler_type = "linear"  # transformers needs a value; our create_scheduler never reads it
         super().__post_init__()
-        self.validate()
+        self.lr_scheduler_type = None
+
+    def _check_replaced_fields(self) -> None:
+        for name, use in REPLACED_FIELDS.items():
+            if getattr(self, name) is not None:
+                raise ConfigError(f"`{name}` is not used by refilled-hf: {use}.")
+
+    def _check_before_transformers(self) -> None:
+        """Checks whose failure transformers would report as a traceback."""
+        if self.load_best_model_at_end:
+            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+                raise ConfigError(
+                    "--load_best_model_at_end needs evaluations: set --eval_strategy epoch (or steps) and keep "
+                    "--validation_fraction > 0."
+                )
+            if self.validation_fraction <= 0:
+                raise ConfigError(
+                    "--load_best_model_at_end selects on the validation split: set --validation_fraction > 0."
+                )
+            save = str(getattr(self.save_strategy, "value", self.save_strategy))
+            evals = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+            if save not in (evals, "best"):
+                raise ConfigError(
+                    f"--load_best_model_at_end needs --save_strategy equal to --eval_strategy ({evals}), got {save}."
+                )
+        if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
+            raise ConfigError("--dataloader_prefetch_factor needs --dataloader_num_workers > 0.")
+        if self.dataloader_persistent_workers and self.dataloader_num_workers == 0:
+            raise ConfigError("--dataloader_persistent_workers needs --dataloader_num_workers > 0.")
 
     def validate(self) -> None:
         """Reject settings that cannot work, before any data or model is loaded."""
@@ -192,30 +450,51 @@ class RefilledConfig(TrainingArguments):
             )
         if self.centers not in CENTER_MODES:
             raise ConfigError(f"Unknown centers {self.centers!r}: choose one of {', '.join(CENTER_MODES)}.")
-        positive = {
-            "tau1": self.tau1,
-            "tau2": self.tau2,
-            "kd_tau": self.kd_tau,
-            "margin": self.margin,
-            "distill_weight": self.distill_weight,
-            "stage1_learning_rate": self.stage1_learning_rate,
-            "stage2_learning_rate": self.stage2_learning_rate,
-        }
-        if self.stage1_weight is not None:
-            positive["stage1_weight"] = self.stage1_weight
-        for name, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"`{name}` must be > 0, got {value}.")
-        for name in ("kd_weight", "ce_weight", "rkd_distance_weight", "rkd_angle_weight", "stage1_epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        if not self.stage2_epochs > 0:
-            raise ConfigError(f"`stage2_epochs` must be > 0, got {self.stage2_epochs}.")
-        if self.shots_per_class is not None and self.shots_per_class < 1:
-            raise ConfigError(f"`shots_per_class` must be >= 1, got {self.shots_per_class}.")
-        if not 0 <= self.validation_fraction < 1:
-            raise ConfigError(f"`validation_fraction` must be in [0, 1), got {self.validation_fraction}.")
+        for name, (low, high, low_open, high_open) in NUMERIC_RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_range(name, value, low, high, low_open, high_open)
+        self._check_inherited()
         self.milestones()  # parses
+
+    def _check_inherited(self) -> None:
+        """Every inherited TrainingArguments field is honoured, replaced or refused: see
+        :data:`INHERITED_FIELDS`; a refused field set to anything but its default is an error."""
+        defaults = _transformers_defaults()
+        for name, reason in UNSUPPORTED_FIELDS.items():
+            value = getattr(self, name)
+            if _plain(value) != _plain(defaults[name]):
+                raise ConfigError(f"`{name}` is not supported by refilled-hf ({reason}); remove it.")
+        optim = str(getattr(self.optim, "value", self.optim))
+        if optim == "sgd":
+            for name in ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_args"):
+                if _plain(getattr(self, name)) != _plain(defaults[name]):
+                    raise ConfigError(f"`{name}` only applies to --optim adam*/other optimizers, not the default sgd.")
+        available = _reporting_integrations()
+        report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        for name in report_to:
+            if name in ("none", "all"):
+                continue
+            if name not in available:
+                raise ConfigError(
+                    f"--report_to {name}: that integration is not installed here (installed: {available or 'none'}); "
+                    f"install it (e.g. pip install {name}) or pass --report_to none."
+                )
+        if str(getattr(self.save_strategy, "value", self.save_strategy)) == "best" and self.validation_fraction <= 0:
+            raise ConfigError("--save_strategy best selects on the validation split: set --validation_fraction > 0.")
+        sampling = str(self.train_sampling_strategy)
+        if sampling not in ("random", "sequential"):
+            raise ConfigError(f"--train_sampling_strategy {sampling}: refilled-hf supports random or sequential.")
+
+    def stage_view(self, **changes: Any) -> RefilledConfig:
+        """A copy for one stage's Trainer with ``changes`` applied (its output folder,
+        epochs, learning rate). Not re-validated: ``num_train_epochs`` and
+        ``learning_rate`` are set here, from the stage fields, and only here."""
+        view = copy.copy(self)
+        for name, value in changes.items():
+            setattr(view, name, value)
+        return view
 
     def to_recipe(self) -> dict[str, Any]:
         """The run as a recipe that `--config` reads back: refilled-hf's own fields, then
@@ -239,9 +518,11 @@ class RefilledConfig(TrainingArguments):
         """Stage-2 learning-rate milestones in epochs."""
         try:
             values = [float(m) for m in str(self.stage2_milestones).split(",") if m.strip()]
-        except ValueError as err:
+        except ValueError:
+            values = [math.nan]
+        if not all(math.isfinite(v) and v >= 0 for v in values):
             raise ConfigError(
-                "`stage2_milestones` must be comma-separated epochs like '100,140,180', "
-                f"got {self.stage2_milestones!r}."
-            ) from err
+                "`stage2_milestones` must be comma-separated epochs >= 0 like '100,140,180' (or '' for none), "
+                f"got {str(self.stage2_milestones)[:80]!r}."
+            )
         return sorted(values)

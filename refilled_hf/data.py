@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import io
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import timm
 import torch
 from PIL import Image
@@ -115,11 +119,87 @@ def detect_columns(
     )
 
 
-def _class_names(features: datasets.Features, label_column: str, labels: np.ndarray) -> list[str]:
-    feature = features[label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    return [str(i) for i in range(int(labels.max()) + 1)] if labels.size else []
+def data_fingerprint(parts: dict[str, Any]) -> str:
+    """SHA-256 of the arrays and values that describe a task's data (rows, labels, names)."""
+    digest = hashlib.sha256()
+    for key in sorted(parts):
+        value = parts[key]
+        digest.update(key.encode())
+        if isinstance(value, np.ndarray):
+            digest.update(np.ascontiguousarray(value).tobytes())
+        else:
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def short_list(items: Sequence[Any], limit: int = 8) -> str:
+    """``items`` for an error message: at most ``limit`` of them, then how many more."""
+    items = list(items)
+    shown = ", ".join(repr(i) if isinstance(i, str) else str(i) for i in items[:limit])
+    return f"[{shown}{f', ... ({len(items) - limit} more)' if len(items) > limit else ''}]"
+
+
+def _label_values(split: datasets.Dataset, label_column: str) -> pa.ChunkedArray:
+    values = split.with_format("arrow")[:][label_column]
+    return values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
+
+
+def _bad_rows(mask: np.ndarray) -> str:
+    rows = np.flatnonzero(mask)
+    return f"{rows.size} rows (e.g. rows {short_list(rows.tolist(), 5)})"
+
+
+def read_labels(
+    split: datasets.Dataset, label_column: str, split_name: str, names: list[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Class ids of every row of ``split`` and the class names.
+
+    A ``ClassLabel`` column gives its names; plain parquet (no Hugging Face metadata)
+    may hold integer ids (names "0".."max"), whole-number floats, or strings (names in
+    sorted order). ``names`` (those of the training split) are kept for other splits.
+    Nulls, negative or fractional ids, ids beyond the names and strings that are not
+    names are refused with the number of such rows.
+    """
+    feature = split.features[label_column]
+    values = _label_values(split, label_column)
+    fix = f"fix or drop them, or choose another column with --label_column (split {split_name!r})"
+    if values.null_count:
+        mask = np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        raise DataError(f"{_bad_rows(mask)} of split {split_name!r} have no label in {label_column!r}: {fix}.")
+    kind = values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        strings = np.asarray(values.to_numpy(zero_copy_only=False), dtype=object)
+        names = names if names is not None else sorted(set(strings.tolist()))
+        index = {name: i for i, name in enumerate(names)}
+        ids = np.array([index.get(v, -1) for v in strings], dtype=np.int64)
+        if (ids < 0).any():
+            raise DataError(
+                f"{_bad_rows(ids < 0)} of split {split_name!r} have labels that are not classes of the training split "
+                f"(e.g. {short_list(sorted(set(strings[ids < 0].tolist())), 3)}): {fix}."
+            )
+        return ids, names
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        raise DataError(f"Label column {label_column!r} holds {kind}, not class ids or names: choose --label_column.")
+    raw = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
+    bad = ~np.isfinite(raw) | (raw != np.round(raw)) | (raw < 0)
+    if bad.any():
+        raise DataError(
+            f"{_bad_rows(bad)} of split {split_name!r} have labels that are not class ids (negative, fractional or "
+            f"NaN, e.g. {short_list(sorted(set(raw[bad].tolist())), 3)}): {fix}."
+        )
+    ids = raw.astype(np.int64)
+    if names is None:
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+        else:
+            names = [str(i) for i in range(int(ids.max()) + 1)] if ids.size else []
+    beyond = ids >= len(names)
+    if beyond.any():
+        raise DataError(
+            f"{_bad_rows(beyond)} of split {split_name!r} have label ids beyond the {len(names)} classes "
+            f"(e.g. {short_list(sorted(set(ids[beyond].tolist())), 3)}): {fix}."
+        )
+    return ids, names
 
 
 # --------------------------------------------------------------------------- selection
@@ -163,9 +243,10 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
         raise DataError("The class selection is empty: name at least two classes (e.g. `--classes 0-4`).")
     bad = [i for i in ids if not 0 <= i < num]
     if bad:
-        raise DataError(f"Classes {bad} are out of range: the data set has classes 0..{num - 1}.")
+        raise DataError(f"Classes {short_list(bad)} are out of range: the data set has classes 0..{num - 1}.")
     if len(set(ids)) != len(ids):
-        raise DataError(f"The class selection lists a class twice: {ids}.")
+        twice = sorted({i for i in ids if ids.count(i) > 1}) if len(ids) < 10000 else []
+        raise DataError(f"The class selection lists classes more than once: {short_list(twice)}.")
     return ids
 
 
@@ -199,6 +280,8 @@ class ClassificationData:
     image_column: str
     label_column: str
     info: dict[str, Any] = field(default_factory=dict)
+    #: identifies the exact rows, labels and classes (see refilled_hf.rundir)
+    fingerprint: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -238,11 +321,15 @@ def load_classification_data(
     if train_split not in raw:
         raise DataError(f"Split {train_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--train_split`.")
     if test_split is not None and test_split not in raw:
-        raise DataError(f"Split {test_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--test_split`.")
+        raise DataError(
+            f"Split {test_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--test_split`, or pass "
+            "`--test_split none` to run without a test split."
+        )
     train_raw = raw[train_split]
     image_col, label_col = detect_columns(train_raw.features, image_column, label_column)
-    train_labels = np.asarray(train_raw.with_format("numpy")[label_col], dtype=np.int64)
-    names = _class_names(train_raw.features, label_col, train_labels)
+    train_labels, names = read_labels(train_raw, label_col, train_split)
+    if classes is None and not isinstance(train_raw.features[label_col], datasets.ClassLabel):
+        classes = [int(c) for c in np.unique(train_labels)]  # plain labels: the classes present
     selected = parse_class_selection(classes, names)
     remap = np.full(len(names), -1, dtype=np.int64)
     remap[selected] = np.arange(len(selected))
@@ -251,7 +338,9 @@ def load_classification_data(
     counts = np.bincount(remap[train_labels[positions]], minlength=len(selected))
     if (counts == 0).any():
         missing = [names[selected[i]] for i in np.flatnonzero(counts == 0)]
-        raise DataError(f"Classes {missing} have no image in split {train_split!r}; remove them from `--classes`.")
+        raise DataError(
+            f"Classes {short_list(missing)} have no image in split {train_split!r}; remove them from `--classes`."
+        )
     rng = np.random.default_rng(seed)
     local = remap[train_labels[positions]]
     val_positions = None
@@ -267,22 +356,30 @@ def load_classification_data(
         if short:
             raise DataError(
                 f"`shots_per_class={shots_per_class}` is more than some classes have left for training "
-                f"(after the validation split): {short[:5]}; lower it."
+                f"(after the validation split): {short_list(short, 5)}; lower it."
             )
         chosen = [rng.permutation(np.flatnonzero(local == c))[:shots_per_class] for c in range(len(selected))]
         positions = positions[np.sort(np.concatenate(chosen))]
 
-    def subset(split: datasets.Dataset, pos: np.ndarray, labels: np.ndarray) -> ImageClassificationDataset:
-        return ImageClassificationDataset(split.select(pos), image_col, remap[labels[pos]])
+    def subset(split: datasets.Dataset, pos: np.ndarray, labels: np.ndarray, name: str) -> ImageClassificationDataset:
+        return ImageClassificationDataset(split.select(pos), image_col, remap[labels[pos]], split_name=name,
+                                          source_rows=pos)  # fmt: skip
 
-    test = None
+    test = test_positions = None
     if test_split is not None:
         test_raw = raw[test_split]
-        test_labels = np.asarray(test_raw.with_format("numpy")[label_col], dtype=np.int64)
-        test = subset(test_raw, np.flatnonzero(remap[test_labels] >= 0), test_labels)
+        if image_col not in test_raw.features or label_col not in test_raw.features:
+            raise DataError(f"Split {test_split!r} lacks the columns {image_col!r}/{label_col!r} of {train_split!r}.")
+        test_labels, _ = read_labels(test_raw, label_col, test_split, names)
+        test_positions = np.flatnonzero(remap[test_labels] >= 0)
+        test = subset(test_raw, test_positions, test_labels, test_split)
     data = ClassificationData(
-        train=subset(train_raw, positions, train_labels),
-        validation=subset(train_raw, val_positions, train_labels) if val_positions is not None else None,
+        train=subset(train_raw, positions, train_labels, train_split),
+        validation=(
+            subset(train_raw, val_positions, train_labels, f"{train_split} (validation part)")
+            if val_positions is not None
+            else None
+        ),
         test=test,
         class_names=[names[i] for i in selected],
         source_class_ids=selected,
@@ -298,6 +395,23 @@ def load_classification_data(
         "validation_fraction": validation_fraction,
         "seed": seed,
     }
+    data.fingerprint = data_fingerprint(
+        {
+            "dataset": dataset,
+            "config": dataset_config,
+            "splits": [train_split, test_split],
+            "source": [getattr(raw[s], "_fingerprint", None) for s in (train_split, test_split) if s is not None],
+            "columns": [image_col, label_col],
+            "class_names": data.class_names,
+            "train_rows": positions,
+            "validation_rows": val_positions if val_positions is not None else np.zeros(0, np.int64),
+            "test_rows": test_positions if test_positions is not None else np.zeros(0, np.int64),
+            "train_labels": train_labels,
+        }
+    )
+    for split in (data.train, data.validation, data.test):
+        if split is not None:
+            split.preload()  # decode-checks every image the run will use, now
     return data
 
 
@@ -307,39 +421,79 @@ def load_classification_data(
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """Items ``{"pixel_values": Tensor, "labels": int}`` from a `datasets.Dataset`.
 
-    Small images are decoded once, on first use, into memory (``uint8`` arrays); larger
-    data sets are decoded per item.
+    :meth:`preload` decodes every image once, refusing the data set if any cannot be
+    decoded (missing, truncated, corrupt), and keeps the decoded ``uint8`` arrays in
+    memory when they fit :data:`_PRELOAD_BYTES`; larger data sets are decoded per item.
+    The image column may be an ``Image`` feature or, in plain parquet, encoded bytes.
     """
 
-    def __init__(self, hf_dataset: datasets.Dataset, image_column: str, labels: np.ndarray, transform=None):
+    def __init__(self, hf_dataset: datasets.Dataset, image_column: str, labels: np.ndarray, transform=None, *,
+                 split_name: str = "train", source_rows: np.ndarray | None = None):  # fmt: skip
         self.hf_dataset = hf_dataset
         self.image_column = image_column
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
+        self.split_name = split_name
+        self.source_rows = np.arange(len(self.labels)) if source_rows is None else np.asarray(source_rows)
         self._decoded: list[np.ndarray] | None = None
+        self._checked = False
+        self._encoded: datasets.Dataset | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _decode_all(self) -> list[np.ndarray] | None:
-        first = self._image(0)
-        if first.nbytes * len(self) > _PRELOAD_BYTES:
-            return None
-        column = self.hf_dataset[self.image_column]  # decodes every image once
-        return [np.asarray(img.convert("RGB")) for img in column]
+    def _encoded_images(self) -> datasets.Dataset:
+        if self._encoded is None:
+            try:
+                self._encoded = self.hf_dataset.cast_column(self.image_column, datasets.Image(decode=False))
+            except Exception as err:  # noqa: BLE001 - a column that holds no images
+                raise DataError(
+                    f"Column {self.image_column!r} of split {self.split_name!r} does not hold images "
+                    f"({type(err).__name__}); choose the image column with --image_column."
+                ) from None
+        return self._encoded
+
+    @staticmethod
+    def _decode(item: dict[str, Any] | None) -> np.ndarray:
+        if item is None or not (item.get("bytes") or item.get("path")):
+            raise ValueError("no image")
+        source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+        with Image.open(source) as image:
+            return np.asarray(image.convert("RGB"))
 
     def _image(self, index: int) -> np.ndarray:
-        return np.asarray(self.hf_dataset[index][self.image_column].convert("RGB"))
+        return self._decode(self._encoded_images()[int(index)][self.image_column])
 
     def preload(self) -> ImageClassificationDataset:
-        """Decode every image now (no-op when too large to keep in memory)."""
-        if self._decoded is None and len(self):
-            self._decoded = self._decode_all()
+        """Decode-check every image now; keep them decoded when they fit in memory."""
+        if self._checked or not len(self):
+            return self
+        column = self._encoded_images()[self.image_column]
+        decoded: list[np.ndarray] | None = []
+        bad: list[tuple[int, str]] = []
+        total = 0
+        for i, item in enumerate(column):
+            try:
+                array = self._decode(item)
+            except Exception as err:  # noqa: BLE001 - PIL raises many kinds on bad data
+                bad.append((int(self.source_rows[i]), type(err).__name__))
+                continue
+            if decoded is not None:
+                total += array.nbytes
+                decoded.append(array)
+                if total > _PRELOAD_BYTES:
+                    decoded = None  # too large to keep: decode per item
+        if bad:
+            rows = short_list([f"row {r} ({kind})" for r, kind in bad], 5)
+            raise DataError(
+                f"{len(bad)} images of split {self.split_name!r} cannot be decoded (missing, truncated or corrupt): "
+                f"{rows}. Fix or drop those rows."
+            )
+        self._decoded = decoded
+        self._checked = True
         return self
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if self._decoded is None:
-            self.preload()
         array = self._decoded[index] if self._decoded is not None else self._image(index)
         image = Image.fromarray(array)
         pixels = self.transform(image) if self.transform is not None else T.functional.pil_to_tensor(image)

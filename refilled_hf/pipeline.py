@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -27,9 +28,16 @@ from transformers import set_seed
 
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
 from .config import ConfigError, RefilledConfig
-from .data import ClassificationData, build_transform, load_classification_data
+from .data import ClassificationData, build_transform, load_classification_data, short_list
 from .hub import export_model, push_folder, render_model_card, replace_dir_atomically, write_json_atomically
 from .losses import ncm_predict
+from .rundir import (
+    NON_IDENTITY_FIELDS,
+    RunDirectory,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    tensor_fingerprint,
+)
 from .trainer import RefilledTrainer
 
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training"]
@@ -86,8 +94,7 @@ def _eval_copy(dataset, transform):
 
 
 def _stage_args(config: RefilledConfig, stage_dir: Path, epochs: float, lr: float) -> RefilledConfig:
-    return dataclasses.replace(
-        config,
+    return config.stage_view(
         output_dir=str(stage_dir),
         num_train_epochs=epochs,
         learning_rate=lr,
@@ -98,49 +105,70 @@ def _stage_args(config: RefilledConfig, stage_dir: Path, epochs: float, lr: floa
     )
 
 
-def _is_valid_checkpoint(path: Path) -> bool:
-    """A checkpoint whose save completed: the Trainer writes trainer_state.json after the
-    weights, optimizer and scheduler, so a parseable one marks a finished save."""
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (path / "model.safetensors").is_file()
-
-
-def _last_valid_checkpoint(stage_dir: Path) -> str | None:
-    if not stage_dir.is_dir():
+def _resume_mode(config: RefilledConfig) -> str | None:
+    """None (start), "latest", or the path given to ``--resume_from_checkpoint``."""
+    value = config.resume_from_checkpoint
+    if value is None or str(value).strip().lower() in ("", "false", "no", "none", "0"):
         return None
-    candidates = sorted(
-        (p for p in stage_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-        reverse=True,
-    )
-    for path in candidates:
-        if _is_valid_checkpoint(path):
-            return str(path)
-        logger.warning("Skipping incomplete checkpoint %s (interrupted while saving).", path)
-    return None
+    if str(value).strip().lower() in ("true", "yes", "1", "latest"):
+        return "latest"
+    return str(value)
 
 
-def _check_output_dir(config: RefilledConfig, out: Path, stage_dirs: list[Path]) -> bool:
-    """Protect earlier outputs. Returns whether to resume."""
-    resume = bool(config.resume_from_checkpoint) and str(config.resume_from_checkpoint).lower() != "false"
-    finished = (out / RESULTS_FILE).is_file()
-    started = any(d.is_dir() and any(d.iterdir()) for d in stage_dirs)
+def _resume_points(mode: str | None, out: Path, stage_dirs: list[Path], world_size: int) -> dict[Path, str | None]:
+    """The checkpoint each stage resumes from, every one checked to resume exactly."""
+    points: dict[Path, str | None] = {d: None for d in stage_dirs}
+    if mode is None:
+        return points
+    if mode == "latest":
+        for stage_dir in stage_dirs:
+            found = last_complete_checkpoint(stage_dir)
+            points[stage_dir] = str(found) if found else None
+    else:
+        path = Path(mode)
+        owner = next((d for d in stage_dirs if path.resolve().parent == d.resolve()), None)
+        if owner is None or not path.is_dir() or not path.name.startswith("checkpoint-"):
+            raise RunError(
+                f"--resume_from_checkpoint {mode}: not a checkpoint of the run in {out} (one of "
+                f"{', '.join(str(d / 'checkpoint-<step>') for d in stage_dirs)}). To start from other weights, "
+                "use --student_checkpoint."
+            )
+        if owner.name == "stage1" and (owner / FINAL_DIR).exists():
+            raise RunError(
+                f"--resume_from_checkpoint {mode}: stage 1 of this run has finished; resuming inside it would discard "
+                "stage 2's work. Pass --resume_from_checkpoint true to continue, or start over in another --output_dir."
+            )
+        points[owner] = str(path)
+    for point in points.values():
+        problem = checkpoint_problem(Path(point), world_size) if point else None
+        if problem:
+            raise RunError(
+                f"Cannot resume exactly from {point}: {problem}. Pass an earlier checkpoint with "
+                "--resume_from_checkpoint <path>, or start over with --overwrite_output true."
+            )
+    return points
+
+
+def _prepare_output_dir(config: RefilledConfig, rundir: RunDirectory) -> dict[str, Any] | None:
+    """Refuse what would mix runs or lose files; returns the earlier run's manifest."""
+    out, resume = rundir.out, _resume_mode(config)
+    rundir.check_usable()
+    if resume and config.overwrite_output:
+        raise RunError("--resume_from_checkpoint and --overwrite_output contradict each other: pass one of them.")
+    manifest = rundir.check_ownership(config.overwrite_output)
     if config.overwrite_output:
-        return False
-    if finished:
+        return manifest
+    if (out / RESULTS_FILE).is_file():
         raise RunError(
             f"{out} holds a finished run ({RESULTS_FILE} exists). Choose another --output_dir, or pass "
             "--overwrite_output true to replace it."
         )
-    if started and not resume:
+    if rundir.present() and not resume:
         raise RunError(
             f"{out} holds an unfinished run. Pass --resume_from_checkpoint true to continue it, or "
             "--overwrite_output true to start over."
         )
-    return resume
+    return manifest
 
 
 def _load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenTeacher:
@@ -202,6 +230,23 @@ def _check_mining(config: RefilledConfig, data: ClassificationData) -> None:
         )
 
 
+def _check_memory(config: RefilledConfig, sizes: list[int]) -> None:
+    """Refuse a batch whose input tensors alone would take half the device's memory
+    (activations take many times more): a clear error instead of the kernel's OOM kill."""
+    if torch.cuda.is_available() and not config.use_cpu:
+        total, where = torch.cuda.get_device_properties(0).total_memory, "GPU"
+    else:
+        total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine"
+    batch = max(config.per_device_train_batch_size, config.per_device_eval_batch_size)
+    needed = batch * 3 * max(sizes) ** 2 * 4 * 2  # float32 inputs, student and teacher views
+    if needed > total / 2:
+        raise ConfigError(
+            f"A batch of {batch} images at {max(sizes)} px needs {needed / 2**30:.1f} GiB for its inputs alone, more "
+            f"than this {where}'s {total / 2**30:.0f} GiB allow: lower --per_device_train_batch_size, "
+            "--per_device_eval_batch_size or --image_size / --teacher_input_size."
+        )
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -236,13 +281,40 @@ def _make_trainer(
     )
 
 
-def _fit(trainer: RefilledTrainer, stage_dir: Path, resume: bool) -> RefilledTrainer:
-    checkpoint = _last_valid_checkpoint(stage_dir) if resume else None
+def _fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
+    if checkpoint is None:
+        # A stage starts from the seed alone, whatever ran before it in this process: the
+        # teacher centres, computed or read from a resumed run's cache, draw from the
+        # global RNG (every DataLoader iteration does), which would make a stage 2 resumed
+        # before its first checkpoint differ from an uninterrupted one. From a checkpoint,
+        # the Trainer restores the RNG states saved there.
+        set_seed(trainer.args.seed)
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.train_seconds = time.perf_counter() - start
     trainer.train_metrics = train_output.metrics
+    _check_finite(trainer)
     return trainer
+
+
+def _check_finite(trainer: RefilledTrainer) -> None:
+    """The last line of defence: a stage whose loss or weights went non-finite stops the
+    run before anything is exported or any accuracy is claimed."""
+    bad_steps = int(trainer.nonfinite_losses)
+    bad_weights = [
+        n for n, t in trainer._student().state_dict().items() if t.is_floating_point() and not t.isfinite().all()
+    ]
+    loss = trainer.train_metrics.get("train_loss")
+    if bad_steps or bad_weights or (isinstance(loss, float) and not math.isfinite(loss)):
+        what = f"{bad_steps} training steps had a non-finite loss" if bad_steps else "the training loss is not finite"
+        if bad_weights:
+            what += f"; {len(bad_weights)} weight tensors hold NaN/inf (e.g. {bad_weights[0]})"
+        raise RunError(
+            f"Training diverged in {trainer.stage} ({what}). Nothing was exported. Lower the learning rate "
+            "(--stage1_learning_rate / --stage2_learning_rate) or the loss weights (--distill_weight, "
+            "--stage1_weight), "
+            "or turn on gradient clipping (--max_grad_norm 1), and start over with --overwrite_output true."
+        )
 
 
 def _save_final(stage_dir: Path, student: StudentModel, metrics: dict[str, Any], is_main: bool) -> None:
@@ -277,6 +349,18 @@ def _barrier(trainer: RefilledTrainer) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def _run_identity(config: RefilledConfig, data: ClassificationData, student: StudentModel, teacher) -> dict[str, Any]:
+    """What makes two runs the same run (see :mod:`refilled_hf.rundir`)."""
+    recipe = {k: v for k, v in config.to_recipe().items() if k not in NON_IDENTITY_FIELDS}
+    return {
+        **recipe,
+        "world_size": config.world_size,
+        "student_init": tensor_fingerprint(student.model.state_dict()),
+        "teacher_weights": tensor_fingerprint(teacher.model.state_dict()) if teacher is not None else None,
+        "data": data.fingerprint,
+    }
+
+
 def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run ``config.method`` end to end and return the results (also in results.json).
 
@@ -292,9 +376,12 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
         raise ConfigError(f"method={method!r} needs a teacher: set `--teacher` (see --help).")
     if config.push_to_hub and not config.hub_model_id:
         raise ConfigError("--push_to_hub needs --hub_model_id <user>/<name>: the repo the model is pushed to.")
-    _baseline_results(config)  # fail now, not after training, on a missing comparison run
+    baselines = _baseline_results(config)  # fail now, not after training, on a missing comparison run
     stage_dirs = [out / "stage1", out / "stage2"] if method == "refilled" else [out / method]
-    resume = _check_output_dir(config, out, stage_dirs)
+    rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)
+    _prepare_output_dir(config, rundir)
+    mode = _resume_mode(config)
+    points = _resume_points(mode, out, stage_dirs, config.world_size)
 
     # Everything that can fail on user input fails here, before any training.
     set_seed(config.seed)  # the student's initialization must not depend on what ran before
@@ -312,9 +399,9 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     if teacher is not None:
         _check_label_spaces(config, teacher, data)
     _check_mining(config, data)
-    eval_tf = data.validation.transform if data.validation is not None else data.test.transform
-    centers_data = _eval_copy(data.train, eval_tf)
-
+    _check_memory(
+        config, [student_cfg["input_size"][-1]] + ([teacher.input_size] if teacher and teacher.input_size else [])
+    )
     results: dict[str, Any] = {
         "method": method,
         "student": config.student,
@@ -326,18 +413,48 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
         "data": data.info,
         "world_size": config.world_size,
     }
+    _check_comparable(results, baselines)
+    identity = _run_identity(config, data, student, teacher)
+    eval_tf = data.validation.transform if data.validation is not None else data.test.transform
+    centers_data = _eval_copy(data.train, eval_tf)
+
+    # The folder: locked by the main process, re-checked under the lock, identity recorded.
+    _wait_for_everyone()  # every process has checked the folder before the main one writes to it
+    rundir.acquire()
+    try:
+        if rundir.is_main:
+            earlier = _prepare_output_dir(config, rundir)
+            if mode is not None and rundir.present():
+                rundir.check_resume(identity)
+            if config.overwrite_output:
+                rundir.remove_earlier_run(earlier)
+            rundir.write_manifest(identity)
+        _wait_for_everyone()
+        return _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks,
+                           results, out)  # fmt: skip
+    finally:
+        rundir.release()
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks, results, out):
     if method == "refilled":
         stage1_dir, stage2_dir = stage_dirs
         if config.stage1_epochs == 0:
             logger.info("stage1_epochs=0: stage 2 starts from the student's initial weights (an ablation).")
-        elif (stage1_dir / FINAL_DIR / "metrics.json").is_file() and resume:
+        elif (stage1_dir / FINAL_DIR / "metrics.json").is_file() and _resume_mode(config):
             results["stage1"] = _load_final(stage1_dir, student)
             logger.info("Stage 1 already finished: continuing with stage 2.")
         else:
             trainer = _make_trainer(
                 config, "stage1", stage1_dir, student, data, callbacks, teacher=teacher, centers_dataset=centers_data
             )
-            _fit(trainer, stage1_dir, resume)
+            _fit(trainer, points[stage1_dir])
             stage1 = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
             stage1.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
             _save_final(stage1_dir, student, stage1, trainer.is_world_process_zero())
@@ -349,12 +466,12 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
             start = time.perf_counter()
             _teacher_centers(trainer, stage2_dir, centers_data)
             results["teacher_centers_seconds"] = time.perf_counter() - start
-        _fit(trainer, stage2_dir, resume)
+        _fit(trainer, points[stage2_dir])
     else:
         trainer = _make_trainer(
             config, method, stage_dirs[0], student, data, callbacks, **({"teacher": teacher} if teacher else {})
         )
-        _fit(trainer, stage_dirs[0], resume)
+        _fit(trainer, points[stage_dirs[0]])
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
     results["final"] = final
@@ -384,7 +501,13 @@ def _baseline_results(config: RefilledConfig) -> list[dict[str, Any]]:
         path = Path(folder) / RESULTS_FILE
         if not path.is_file():
             raise ConfigError(f"compare_runs: {folder} has no {RESULTS_FILE} (is that run finished?).")
-        runs.append(json.loads(path.read_text()))
+        try:
+            run = json.loads(path.read_text())
+            if not isinstance(run, dict) or "method" not in run or "final" not in run:
+                raise ValueError("not a refilled-hf results file")
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"compare_runs: {path} is damaged ({err}); pass finished runs only.") from None
+        runs.append(run)
     return runs
 
 
@@ -459,6 +582,14 @@ def evaluate_model(
             f"The model predicts {model.num_classes} classes but the selection has {data.num_classes}: "
             "pass the --classes the model was trained on."
         )
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if names and list(names) != data.class_names:
+        raise ConfigError(
+            f"The model was trained on the classes {short_list(names)}, in this order, but the selection is "
+            f"{short_list(data.class_names)}: pass the --classes it was trained on, in the same order."
+        )
+    if not names:
+        logger.warning("The model records no label names: only the number of classes could be checked.")
     args = dataclasses.replace(
         config,
         method="ce",
@@ -497,7 +628,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     centers = trainer.compute_teacher_centers(_eval_copy(data.train, data.validation.transform))
     hits = total = 0
     with torch.no_grad():
-        for batch in trainer.get_test_dataloader(data.validation):
+        for batch in trainer.evaluation_dataloader(data.validation):
             scores = ncm_predict(trainer.teacher(batch["pixel_values"])[0], centers)
             correct = trainer.accelerator.gather_for_metrics((scores.argmax(1) == batch["labels"]).float())
             hits += float(correct.sum())

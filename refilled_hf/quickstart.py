@@ -15,7 +15,6 @@ The recipes it runs are written next to the outputs, so every step can be re-run
 from __future__ import annotations
 
 import io
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import RefilledConfig
+from .config import ConfigError, RefilledConfig
 
 __all__ = ["QUICKSTART_RECIPES", "run_quickstart", "write_digits_dataset"]
 
@@ -35,7 +34,6 @@ _COMMON: dict[str, Any] = {
     "logging_steps": 5,
     "save_total_limit": 1,
     "disable_tqdm": True,
-    "use_cpu": True,
 }
 
 #: The quickstart's recipes, with the paths of the default output folder (the
@@ -129,8 +127,12 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
     from .pipeline import run_distillation, run_teacher_training
 
     out = Path(output_dir)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    earlier = [out / name for name in ("digits", "recipes", *QUICKSTART_RECIPES) if (out / name).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(
+            f"{out} holds an earlier quickstart ({', '.join(p.name for p in earlier)}): pass --overwrite true to "
+            "replace its outputs, or --output_dir <another folder>."
+        )
     data_dir = write_digits_dataset(out / "digits", seed=seed)
     recipes_dir = out / "recipes"
     recipes_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +146,8 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
         if name == "refilled":
             recipe["teacher"] = f"local-dir:{teacher_dir / 'model'}"
             recipe["compare_runs"] = str(out / "ce")
+        if overwrite:
+            recipe["overwrite_output"] = True  # each run replaces only what its earlier run wrote
         (recipes_dir / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         print(f"\n=== quickstart: {name} (recipe {recipes_dir / f'{name}.yaml'}) ===", flush=True)
         start = time.perf_counter()

@@ -105,6 +105,17 @@ class RefilledTrainer(Trainer):
         if stage == "stage1" and centers_dataset is None:
             raise ValueError("Stage 1 needs `centers_dataset` (the training split) for its NCM evaluation.")
         model.set_embeddings_only(stage == "stage1")  # before the optimizer and DDP see the parameters
+        if args.learning_rate is None or args.num_train_epochs is None:  # a config used directly: its stage's
+            first = stage == "stage1"
+            args = args.stage_view(
+                learning_rate=args.stage1_learning_rate if first else args.stage2_learning_rate,
+                num_train_epochs=args.stage1_epochs if first else args.stage2_epochs,
+            )
+        #: label smoothing of the cross-entropy term; applied here, since transformers' own
+        #: label smoother expects a language-model config and replaces the whole loss
+        self.label_smoothing = args.label_smoothing_factor
+        if self.label_smoothing:
+            args = args.stage_view(label_smoothing_factor=0.0)
         super().__init__(model=model, args=args, **kwargs)
         self.stage = stage
         self.num_classes = num_classes
@@ -113,6 +124,9 @@ class RefilledTrainer(Trainer):
         self.centers_dataset = centers_dataset
         self._components: dict[str, float | torch.Tensor] = defaultdict(float)
         self._component_batches = 0
+        self._train_batches: int | None = None
+        #: training steps whose loss was not finite (a device tensor; read once, at the end)
+        self.nonfinite_losses: torch.Tensor | int = 0
 
     # ------------------------------------------------------------------ training
 
@@ -121,9 +135,35 @@ class RefilledTrainer(Trainer):
         normalized sums of its raw embeddings over ``dataset`` (the training split with
         evaluation transforms), summed over every process."""
         self.class_centers = compute_class_centers(
-            lambda x: self.teacher(x)[0], self.get_test_dataloader(dataset), self.num_classes, self.accelerator
+            lambda x: self.teacher(x)[0], self.evaluation_dataloader(dataset), self.num_classes, self.accelerator
         )
         return self.class_centers
+
+    def evaluation_dataloader(self, dataset) -> torch.utils.data.DataLoader:
+        """A dataloader over exactly ``dataset``: in order, nothing dropped, sharded over
+        the processes (``gather_for_metrics`` removes the padding). Built for each call:
+        transformers' ``get_eval_dataloader`` caches one loader under a single key when
+        workers persist, so evaluating another split would silently reuse the first, and
+        its loaders drop the last batch under ``--dataloader_drop_last``."""
+        args = self.args
+        workers = args.dataloader_num_workers
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=args.eval_batch_size,
+            shuffle=False,
+            drop_last=False,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=args.dataloader_pin_memory,
+            prefetch_factor=args.dataloader_prefetch_factor if workers else None,
+            multiprocessing_context=args.dataloader_multiprocessing_context if workers else None,
+        )
+        return self.accelerator.prepare(loader)
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        loader = super().get_train_dataloader()
+        self._train_batches = len(loader)  # the scheduler lays out its epochs with it
+        return loader
 
     def compute_loss(
         self,
@@ -154,7 +194,7 @@ class RefilledTrainer(Trainer):
             parts = {"relationship": loss, "tuples": stats["tuples"], "triplets": stats["triplets"]}
         else:
             logits = outputs["logits"]
-            ce = F.cross_entropy(logits.float(), labels)
+            ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
             loss = args.ce_weight * ce
             parts["ce"] = ce
             if self.stage == "stage2":
@@ -169,7 +209,9 @@ class RefilledTrainer(Trainer):
                     logits, teacher_emb, centers, labels, tau=args.tau2, weight=args.distill_weight,
                     instance_weights=weights,
                 )  # fmt: skip
-                parts["local_classes"] = int(torch.unique(labels).numel())
+                # classes present in the batch, counted on the device (no host sync per step)
+                present = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device)
+                parts["local_classes"] = present.index_fill_(0, labels, True).sum()
             elif self.stage == "kd":
                 distill = args.kd_weight * kd_loss(logits, teacher_logits, tau=args.kd_tau)
             elif self.stage == "rkd":
@@ -188,6 +230,7 @@ class RefilledTrainer(Trainer):
             for key, value in parts.items():
                 self._components[key] += value.detach() if isinstance(value, torch.Tensor) else value
             self._component_batches += 1
+            self.nonfinite_losses += (~torch.isfinite(loss.detach())).sum()
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -201,8 +244,11 @@ class RefilledTrainer(Trainer):
         super().log(logs, start_time)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        """SGD with Nesterov momentum and coupled weight decay on every trainable
-        parameter (the paper's CIFAR protocol)."""
+        """``--optim sgd`` (default): SGD with Nesterov momentum and coupled weight decay
+        on every trainable parameter (the paper's CIFAR protocol). Any other ``--optim``:
+        transformers' optimizer of that name, at the stage's learning rate."""
+        if self.optimizer is None and str(getattr(self.args.optim, "value", self.args.optim)) != "sgd":
+            return super().create_optimizer(model)
         if self.optimizer is None:
             model = model if model is not None else self.model
             params = [p for p in model.parameters() if p.requires_grad]
@@ -215,25 +261,39 @@ class RefilledTrainer(Trainer):
             )
         return self.optimizer
 
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of this process's training dataloader."""
+        batches = self._train_batches if self._train_batches is not None else len(self.get_train_dataloader())
+        return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
+
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        """Stage 1: cosine from the peak to ``stage1_min_lr_ratio`` of it. Other stages:
-        multi-step decay by ``stage2_gamma`` at ``stage2_milestones`` (epochs)."""
+        """Stage 1: cosine from the peak to ``stage1_min_lr_ratio`` of it over
+        ``stage1_epochs``. Other stages: multi-step decay by ``stage2_gamma`` at
+        ``stage2_milestones`` (epochs). Both are laid out in epochs of the training data,
+        so ``--max_steps`` (which stops a stage early) never stretches or shifts them;
+        ``--warmup_steps`` ramps the factor linearly from 0 over the first steps."""
         if self.lr_scheduler is None:
             optimizer = optimizer if optimizer is not None else self.optimizer
-            total = max(1, num_training_steps)
+            per_epoch = self.steps_per_epoch()
+            total = max(1, math.ceil(self.args.num_train_epochs * per_epoch))
+            warmup = self.args.warmup_steps
+            warmup = int(warmup) if warmup >= 1 else math.ceil(warmup * total)
             if self.stage == "stage1":
                 floor = self.args.stage1_min_lr_ratio
 
-                def factor(step: int) -> float:
+                def decay(step: int) -> float:
                     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
             else:
-                steps_per_epoch = total / max(self.args.num_train_epochs, 1e-9)
-                bounds = [round(m * steps_per_epoch) for m in self.args.milestones()]
+                bounds = [round(m * per_epoch) for m in self.args.milestones()]
                 gamma = self.args.stage2_gamma
 
-                def factor(step: int) -> float:
+                def decay(step: int) -> float:
                     return gamma ** sum(step >= b for b in bounds)
+
+            def factor(step: int) -> float:
+                ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+                return ramp * decay(step)
 
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             self._created_lr_scheduler = True
@@ -254,7 +314,9 @@ class RefilledTrainer(Trainer):
         nearest-class-mean accuracy of the embedding (``{prefix}_ncm_top1``). Every image
         of the split counts exactly once (``{prefix}_samples``)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        dataloader = self.get_eval_dataloader(dataset)
+        if dataset is None:
+            raise ValueError("evaluate() needs a data set: none given and the Trainer has no eval_dataset.")
+        dataloader = self.evaluation_dataloader(dataset)
         student = self._student()
         was_training = student.training
         student.eval()
@@ -262,7 +324,7 @@ class RefilledTrainer(Trainer):
         if self.stage == "stage1":
             centers = compute_class_centers(
                 lambda x: embed(student.model, x),
-                self.get_test_dataloader(self.centers_dataset),
+                self.evaluation_dataloader(self.centers_dataset),
                 self.num_classes,
                 self.accelerator,
             )

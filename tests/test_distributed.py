@@ -26,7 +26,8 @@ def free_port() -> int:
 
 
 def distill(recipe: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # These runs mean the CPU: hide any GPU, or a second rank asks for a device ordinal that is not there.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cli = ["-m", "refilled_hf.cli", "distill", "--config", str(recipe), "--output_dir", str(out)]
     if processes == 1:
         cmd = [sys.executable, *cli]

@@ -22,7 +22,8 @@ from refilled_hf.backbone import FrozenTeacher, ModelLoadError, StudentModel, lo
 from refilled_hf.config import RefilledConfig
 from refilled_hf.hub import export_model
 from refilled_hf.losses import local_classifier_loss, relationship_loss
-from refilled_hf.pipeline import _last_valid_checkpoint, run_distillation
+from refilled_hf.pipeline import run_distillation
+from refilled_hf.rundir import last_complete_checkpoint
 from refilled_hf.trainer import RefilledTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
     (stage / "checkpoint-12").mkdir()
     (stage / "checkpoint-12" / "model.safetensors").write_bytes(b"x")
     (stage / "checkpoint-12" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
-    assert _last_valid_checkpoint(stage) == str(stage / "checkpoint-6")
+    assert last_complete_checkpoint(stage) == stage / "checkpoint-6"
 
 
 def test_export_is_atomic(tmp_path, monkeypatch):

@@ -1,0 +1,259 @@
+"""What a run owns in its output folder, and how it keeps other runs out.
+
+One place for the safety of ``output_dir``, which the pipeline calls before any training:
+
+* **an exclusive lock** (``.refilled-hf.lock``, ``flock``) held by the main process for
+  the whole run: a second run into the same folder is refused at once, and the lock dies
+  with its process (a SIGKILL leaves nothing stale);
+* **the run's identity** (``run.json``): its resolved configuration minus what cannot
+  change a result (logging, saving cadence, the Hub), the world size, and fingerprints of
+  the teacher's weights, the student's initial weights and the exact data (selected rows
+  and labels of each split). A resume, and every cached artefact it reuses (stage-1
+  results, the teacher's class centres), is allowed only for the same identity;
+* **ownership**: ``run.json`` lists what the run writes. ``--overwrite_output`` deletes
+  exactly those entries of the earlier run, never anything else; an entry the run would
+  write that exists without being listed (a user's ``model/`` folder, say) is refused;
+* **checkpoints**: a resume point must be complete (weights, optimizer, scheduler, RNG
+  state and ``trainer_state.json``, which transformers writes last) and readable, or the
+  resume is refused; a checkpoint cut short by a kill (no parseable trainer state) is
+  skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .hub import write_json_atomically
+
+__all__ = [
+    "MANIFEST",
+    "RunDirError",
+    "RunDirectory",
+    "tensor_fingerprint",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "run.json"
+LOCK = ".refilled-hf.lock"
+
+#: Configuration fields that cannot change what a run computes: they may differ on resume.
+NON_IDENTITY_FIELDS = frozenset(
+    {
+        "output_dir", "resume_from_checkpoint", "overwrite_output", "logging_steps", "logging_strategy",
+        "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node",
+        "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id", "trackio_bucket_id",
+        "trackio_static_space_id", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token", "compare_runs",
+        "card_license", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node", "skip_memory_metrics",
+        "per_device_eval_batch_size", "dataloader_persistent_workers", "dataloader_pin_memory",
+        "dataloader_prefetch_factor", "ddp_timeout", "local_rank",
+    }
+)  # fmt: skip
+
+
+class RunDirError(ValueError):
+    """The output folder cannot be used as asked (the message says why and what to do)."""
+
+
+def tensor_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def checkpoint_problem(path: Path, world_size: int = 1) -> str | None:
+    """Why ``path`` cannot be resumed from exactly, or None when it can."""
+    needed = ["model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"]
+    needed += ["rng_state.pth"] if world_size == 1 else [f"rng_state_{i}.pth" for i in range(world_size)]
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"trainer_state.json is unreadable ({type(err).__name__})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        try:
+            torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means a damaged file
+            return f"{name} is damaged ({type(err).__name__})"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            list(f.keys())
+    except Exception as err:  # noqa: BLE001
+        return f"model.safetensors is damaged ({type(err).__name__})"
+    return None
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
+
+
+def last_complete_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest checkpoint whose save finished (its trainer_state.json, written last,
+    parses); checkpoints cut short by a kill are skipped."""
+    if not stage_dir.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in stage_dir.iterdir() if p.is_dir() and _checkpoint_step(p) is not None),
+        key=_checkpoint_step,
+        reverse=True,
+    )
+    for path in candidates:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return path
+        except (OSError, ValueError):
+            logger.warning("Skipping checkpoint %s: its save did not finish (interrupted).", path)
+    return None
+
+
+class RunDirectory:
+    """The output folder of one run.
+
+    Args:
+        out: the output folder.
+        outputs: the entries (names directly under ``out``) this run writes.
+        is_main: whether this process writes (takes the lock, writes run.json).
+    """
+
+    def __init__(self, out: str | Path, outputs: list[str], is_main: bool = True):
+        self.out = Path(out)
+        self.outputs = list(outputs) + [MANIFEST]
+        self.is_main = is_main
+        self._lock_file = None
+
+    # ------------------------------------------------------------ checks that write nothing
+
+    def check_usable(self) -> None:
+        """The folder is a folder (or can be created) and is writable."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise RunDirError(f"--output_dir {out} is a file, not a folder: choose another --output_dir.")
+        probe = out
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise RunDirError(f"--output_dir {out}: {probe} is not writable; choose a folder you can write to.")
+
+    def manifest(self) -> dict[str, Any] | None:
+        path = self.out / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("identity"), dict):
+                raise ValueError("not a run manifest")
+            return data
+        except (OSError, ValueError) as err:
+            raise RunDirError(
+                f"{path} is damaged ({type(err).__name__}): the run in {self.out} cannot be identified. Choose "
+                "another --output_dir (or delete that folder yourself)."
+            ) from None
+
+    def present(self) -> list[str]:
+        """This run's output names that exist in the folder now."""
+        return [name for name in self.outputs if (self.out / name).exists()]
+
+    def check_ownership(self, overwrite: bool) -> dict[str, Any] | None:
+        """Refuse to touch entries that no earlier run of this folder recorded as its own.
+        Returns the earlier run's manifest, if any."""
+        manifest = self.manifest()
+        owned = set(manifest.get("outputs", [])) if manifest else set()
+        foreign = [name for name in self.present() if name not in owned and name != MANIFEST]
+        if foreign:
+            raise RunDirError(
+                f"{self.out} already holds {', '.join(foreign)}, which no refilled-hf run recorded writing there "
+                f"(no {MANIFEST} lists {'it' if len(foreign) == 1 else 'them'}). refilled-hf never replaces files it "
+                "did not write: move them away or choose another --output_dir."
+            )
+        return manifest
+
+    @staticmethod
+    def identity_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+        keys = sorted(set(old) | set(new))
+        return [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+
+    def check_resume(self, identity: dict[str, Any]) -> None:
+        """A resume must continue the same run: same configuration, teacher and data."""
+        manifest = self.manifest()
+        if manifest is None:
+            raise RunDirError(
+                f"Cannot resume in {self.out}: it has no {MANIFEST}, so nothing shows which run it holds. Start over "
+                "in another --output_dir."
+            )
+        changed = self.identity_difference(manifest["identity"], identity)
+        if changed:
+            shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise RunDirError(
+                f"Cannot resume: the run in {self.out} was started with another configuration, teacher or data "
+                f"({shown}). Resume with the original settings, or start over with --overwrite_output true."
+            )
+
+    # ------------------------------------------------------------ writing
+
+    def acquire(self) -> None:
+        """Create the folder and take its lock (main process; other processes return)."""
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out / LOCK, "a+")  # noqa: SIM115 - held open until release()
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise RunDirError(
+                f"Another refilled-hf run (pid {holder}) is writing to {self.out}: wait for it to finish, or choose "
+                "another --output_dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file = handle
+
+    def release(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def remove_earlier_run(self, manifest: dict[str, Any] | None) -> None:
+        """``--overwrite_output``: delete what the earlier run recorded writing, only that."""
+        if not self.is_main or manifest is None:
+            return
+        for name in manifest.get("outputs", []):
+            path = self.out / name
+            if Path(name).name != name or name in ("", ".", ".."):
+                continue  # a manifest entry is a plain name directly under out
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+    def write_manifest(self, identity: dict[str, Any]) -> None:
+        if self.is_main:
+            write_json_atomically(self.out / MANIFEST, {"identity": identity, "outputs": self.outputs})

@@ -1,0 +1,158 @@
+"""Bad input through the command line: exit code 2, one line naming the problem and the
+fix, no traceback, nothing written, before any training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from helpers import tiny_recipe, write_image_dataset, write_random_teacher
+
+from refilled_hf.cli import main
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
+
+
+def refused(capsys, argv: list[str], message: str, out: Path | None = None) -> str:
+    """Run the CLI in-process: it must exit 2 with exactly one error line matching ``message``."""
+    existed = out.exists() if out is not None else False
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own type errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error:" in line]
+    assert len(errors) == 1, err[-2000:]
+    assert len(errors[0]) < 700, errors[0]
+    assert __import__("re").search(message, errors[0]), errors[0]
+    if out is not None and not existed:
+        assert not out.exists(), f"{out} was written by a refused run"
+    return errors[0]
+
+
+def recipe_file(tmp_path: Path, data_dir: Path, **fields) -> str:
+    recipe = tiny_recipe(data_dir, tmp_path / "out", method="ce", stage2_epochs=1)
+    recipe.update(fields)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_corrupt_training_image(capsys, data_dir, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(data_dir, folder)
+    table = pq.read_table(folder / "train.parquet")
+    images = table.column("image").to_pylist()
+    row = table.column("label").to_pylist().index(4)  # a row of a selected class (3-5)
+    images[row] = {"bytes": images[row]["bytes"][:30], "path": None}
+    column = pa.array(images, type=table.schema.field("image").type)
+    table = table.set_column(table.schema.get_field_index("image"), table.schema.field("image"), column)
+    pq.write_table(table, folder / "train.parquet")
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, folder)], rf"cannot be decoded.*row {row}",
+            tmp_path / "out")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [([1, 2], "takes a single value, got a list"), ({"a": 1}, "takes a single value, got a dict"),
+     ("abc", "invalid float value"), (None, "cannot be null")],
+    ids=["list", "dict", "string", "null"],
+)  # fmt: skip
+def test_yaml_values_of_the_wrong_type(value, message, capsys, data_dir, tmp_path):
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir, stage2_epochs=value)], message,
+            tmp_path / "out")  # fmt: skip
+
+
+def test_unreadable_yaml(capsys, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("method: [unclosed\n  - x: :")
+    refused(capsys, ["distill", "--config", str(path)], "not readable YAML")
+
+
+def test_output_dir_that_is_a_file(capsys, data_dir, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("mine")
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--output_dir", str(target)],
+            "is a file, not a folder")  # fmt: skip
+    assert target.read_text() == "mine"
+
+
+def test_damaged_run_manifest_on_resume(capsys, data_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "ce").mkdir(parents=True)
+    (out / "run.json").write_text("{not json")
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--resume_from_checkpoint", "true"],
+            "run.json is damaged")  # fmt: skip
+
+
+def test_huge_class_selection_gives_a_short_message(capsys, data_dir, tmp_path):
+    line = refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--classes", "0-999999"],
+                   "out of range", tmp_path / "out")  # fmt: skip
+    assert "more)" in line
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--image_size", "100000"], r"image_size.*\[8, 1024\]"),
+        (["--per_device_train_batch_size", "65536", "--image_size", "1024"], "GiB for its inputs alone"),
+        (["--load_best_model_at_end", "true", "--eval_strategy", "no"], "needs evaluations"),
+        (["--report_to", "tensorboard"], "not installed"),
+        (["--stage2_milestones", "a,b"], "stage2_milestones"),
+        (["--distill_weight", "inf"], "finite"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+        (["--learning_rate", "0.1"], "stage1_learning_rate"),
+        (["--deepspeed", "ds.json"], "DDP"),
+        (["--resume_from_checkpoint", "true", "--overwrite_output", "true"], "contradict"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(v)[:40],
+)
+def test_bad_flags(flags, message, capsys, data_dir, tmp_path):
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), *flags], message, tmp_path / "out")
+
+
+def test_compare_runs_on_other_data_fails_before_training(capsys, data_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({
+        "method": "ce", "final": {"test_top1": 50.0}, "dataset": str(data_dir), "classes": "0-2",
+        "class_names": ["red", "green", "blue"], "data": {"shots_per_class": None},
+    }))  # fmt: skip
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--compare_runs", str(other)],
+            "used other data", tmp_path / "out")  # fmt: skip
+
+
+def test_evaluate_on_other_classes(capsys, data_dir, tmp_path):
+    model = write_random_teacher(tmp_path / "m", label_names=["yellow", "cyan", "magenta"])
+    argv = ["evaluate", "--model", f"local-dir:{model}", "--dataset", str(data_dir), "--classes", "0-2",
+            "--use_cpu", "true", "--image_size", "16", "--output_dir", str(tmp_path / "e")]  # fmt: skip
+    refused(capsys, argv, "trained on the classes")
+
+
+@pytest.mark.slow
+def test_a_single_parquet_file_runs_without_a_test_split(data_dir, tmp_path):
+    path = recipe_file(tmp_path, data_dir, dataset=str(data_dir / "train.parquet"), test_split="none")
+    proc = subprocess.run([sys.executable, "-m", "refilled_hf.cli", "distill", "--config", path],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "test_top1" not in results["final"] and results["final"]["validation_samples"] == 18
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "Test top-1" not in card  # no test accuracy is claimed without a test split
+
+
+def test_without_a_test_split_the_error_says_how_to_unset_it(capsys, data_dir, tmp_path):
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir, dataset=str(data_dir / "train.parquet"))],
+            "--test_split none", tmp_path / "out")  # fmt: skip

@@ -1,0 +1,483 @@
+"""Never a wrong number, never a lost file: each evaluation sees exactly its split, every
+inherited option is honoured or refused, non-finite settings and diverged models stop
+the run, labels that are not classes are refused, runs never mix, evaluation checks the
+label space, and a user's files are never deleted."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_teacher
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainingArguments
+
+from refilled_hf.backbone import StudentModel
+from refilled_hf.config import (
+    INHERITED_FIELDS,
+    REPLACED_FIELDS,
+    UNSUPPORTED_FIELDS,
+    ConfigError,
+    RefilledConfig,
+)
+from refilled_hf.data import DataError, load_classification_data
+from refilled_hf.hub import export_model
+from refilled_hf.pipeline import RunError, evaluate_model, run_distillation
+from refilled_hf.rundir import RunDirectory, RunDirError
+from refilled_hf.trainer import RefilledTrainer
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return write_random_teacher(tmp_path_factory.mktemp("t") / "model")
+
+
+def run(recipe: dict, callbacks=None) -> dict:
+    return run_distillation(RefilledConfig(**recipe), callbacks=callbacks)
+
+
+def unfinish(out: Path) -> None:
+    """Make a finished run look interrupted after its last checkpoint."""
+    (out / "results.json").unlink()
+    shutil.rmtree(out / "model")
+
+
+def checkpoints(stage_dir: Path) -> list[Path]:
+    return sorted(stage_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+# ----------------------------------------------------------------- 1. each split is evaluated
+
+
+@pytest.mark.slow
+def test_persistent_workers_never_swap_the_test_split_for_validation(data_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "run", method="ce", stage2_epochs=1, dataloader_num_workers=1,
+                         dataloader_persistent_workers=True)  # fmt: skip
+    results = run(recipe)
+    # 18 test images and 9 validation images: with the cached loader, test reported 9.
+    assert results["final"]["test_samples"] == 18
+    assert results["final"]["validation_samples"] == 9
+    again = evaluate_model(
+        f"local-dir:{tmp_path / 'run' / 'model'}", RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "e")})
+    )
+    assert again["test_top1"] == pytest.approx(results["final"]["test_top1"])
+
+
+@pytest.mark.slow
+def test_drop_last_never_drops_evaluation_images(data_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "run", method="ce", stage2_epochs=1, dataloader_drop_last=True,
+                         per_device_eval_batch_size=4)  # fmt: skip
+    results = run(recipe)
+    assert results["final"]["test_samples"] == 18 and results["final"]["validation_samples"] == 9
+
+
+# ----------------------------------------------------------------- 2. inherited TrainingArguments
+
+
+def test_every_inherited_field_has_a_decision():
+    inherited = {f.name for f in TrainingArguments.__dataclass_fields__.values() if f.init}
+    assert inherited == set(INHERITED_FIELDS), sorted(inherited ^ set(INHERITED_FIELDS))
+
+
+@pytest.mark.parametrize("name", sorted(REPLACED_FIELDS))
+def test_replaced_fields_are_refused_naming_the_field_to_use(name, tmp_path):
+    value = {"learning_rate": 5e-5, "num_train_epochs": 3.0, "lr_scheduler_type": "linear"}[name]
+    with pytest.raises(ConfigError, match=f"`{name}` is not used.*--stage"):
+        RefilledConfig(output_dir=str(tmp_path), **{name: value})
+
+
+#: A non-default value for every unsupported field.
+UNSUPPORTED_VALUES = {
+    "lr_scheduler_kwargs": {"power": 2}, "optim_target_modules": ["attn"], "average_tokens_across_devices": False,
+    "bf16_full_eval": True, "fp16_full_eval": True, "activation_checkpointing": True,
+    "activation_checkpointing_kwargs": {"use_reentrant": False}, "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False}, "torch_compile": True,
+    "torch_compile_backend": "inductor", "torch_compile_mode": "max-autotune", "use_liger_kernel": True,
+    "liger_kernel_config": {"rope": True}, "use_cache": True, "neftune_noise_alpha": 5.0,
+    "include_num_input_tokens_seen": "all", "auto_find_batch_size": True, "prediction_loss_only": True,
+    "eval_do_concat_batches": False, "eval_use_gather_object": True, "eval_accumulation_steps": 2,
+    "include_for_metrics": ["inputs"], "batch_eval_metrics": True, "metric_for_best_model": "loss",
+    "greater_is_better": True, "hub_strategy": "end", "hub_always_push": True, "hub_revision": "dev",
+    "ignore_data_skip": True, "enable_jit_checkpoint": True, "fsdp": "full_shard",
+    "fsdp_config": {"min_num_params": 1}, "deepspeed": "ds.json", "label_names": ["labels"],
+    "length_column_name": "n", "debug": "underflow_overflow", "parallelism_config": None,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED_FIELDS))
+def test_unsupported_fields_are_refused(name, tmp_path):
+    assert name in UNSUPPORTED_VALUES
+    if UNSUPPORTED_VALUES[name] is None:
+        pytest.skip(f"{name} takes an object, not a value a recipe can hold")
+    with pytest.raises((ConfigError, ValueError), match=name if name != "fsdp" else "fsdp|DDP"):
+        RefilledConfig(output_dir=str(tmp_path), use_cpu=True, **{name: UNSUPPORTED_VALUES[name]})
+
+
+def test_options_that_cannot_work_here_are_refused_up_front(tmp_path):
+    with pytest.raises(ConfigError, match="--report_to tensorboard.*not installed.*--report_to none"):
+        RefilledConfig(output_dir=str(tmp_path), report_to="tensorboard")
+    with pytest.raises(ConfigError, match="load_best_model_at_end needs evaluations"):
+        RefilledConfig(output_dir=str(tmp_path), load_best_model_at_end=True, eval_strategy="no")
+    with pytest.raises(ConfigError, match="adam_beta1.*only applies"):
+        RefilledConfig(output_dir=str(tmp_path), adam_beta1=0.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--fp16 needs a CUDA GPU"):
+            RefilledConfig(output_dir=str(tmp_path), fp16=True)
+
+
+def _optimizer_state_keys(stage_dir: Path) -> set[str]:
+    state = torch.load(checkpoints(stage_dir)[-1] / "optimizer.pt", weights_only=True)
+    return {key for per_param in state["state"].values() for key in per_param}
+
+
+@pytest.mark.slow
+def test_optim_chooses_the_optimizer_and_sgd_stays_the_default(data_dir, tmp_path):
+    run(tiny_recipe(data_dir, tmp_path / "sgd", method="ce", stage2_epochs=1))
+    run(tiny_recipe(data_dir, tmp_path / "adam", method="ce", stage2_epochs=1, optim="adamw_torch"))
+    assert "momentum_buffer" in _optimizer_state_keys(tmp_path / "sgd" / "ce")
+    assert "exp_avg" in _optimizer_state_keys(tmp_path / "adam" / "ce")
+
+
+def _learning_rates(stage_dir: Path) -> list[float]:
+    state = json.loads((checkpoints(stage_dir)[-1] / "trainer_state.json").read_text())
+    return [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+
+
+@pytest.mark.slow
+def test_warmup_and_max_steps_act_on_every_stage_without_moving_the_schedule(data_dir, teacher_dir, tmp_path):
+    teacher = f"local-dir:{teacher_dir}"
+    full = tiny_recipe(data_dir, tmp_path / "full", method="refilled", teacher=teacher, stage1_epochs=2,
+                       stage2_epochs=2, warmup_steps=2)  # fmt: skip
+    run(full)
+    capped = {**full, "output_dir": str(tmp_path / "capped"), "max_steps": 2}
+    run(capped)
+    for stage in ("stage1", "stage2"):
+        lrs = _learning_rates(tmp_path / "full" / stage)
+        peak = 0.05
+        assert lrs[0] == pytest.approx(peak / 2)  # warm-up: step 1 of 2
+        assert lrs[0] < lrs[1] <= peak
+        assert max(lrs) <= peak + 1e-12
+        # max_steps stops the stage after 2 steps, on the full run's schedule (not compressed into 2 steps)
+        state = json.loads((checkpoints(tmp_path / "capped" / stage)[-1] / "trainer_state.json").read_text())
+        assert state["global_step"] == 2
+        assert _learning_rates(tmp_path / "capped" / stage) == pytest.approx(lrs[:2])
+    # 3 steps per epoch: stage 2's milestone at epoch 1 falls after step 3, as in the full run
+    assert _learning_rates(tmp_path / "full" / "stage2")[3] == pytest.approx(0.05 * 0.2)
+
+
+def test_label_smoothing_applies_to_the_cross_entropy(tmp_path):
+    student = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=3))
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, label_smoothing_factor=0.2, eval_strategy="no",
+                          save_strategy="no")  # fmt: skip
+    trainer = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 0])}
+    student.eval()
+    loss = trainer.compute_loss(student, batch)
+    logits = student(batch["pixel_values"])["logits"]
+    smoothed = F.cross_entropy(logits, batch["labels"], label_smoothing=0.2)
+    assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
+    assert abs(loss.item() - F.cross_entropy(logits, batch["labels"]).item()) > 1e-4
+
+
+# ----------------------------------------------------------------- 3. numbers in range, finite results
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("distill_weight", math.inf, "finite"),
+        ("ce_weight", math.nan, "finite"),
+        ("tau2", math.inf, "finite"),
+        ("stage1_learning_rate", -0.1, "> 0"),
+        ("stage1_min_lr_ratio", -0.5, r"in \[0, 1\]"),
+        ("stage2_gamma", -0.2, r"in \(0, 1\]"),
+        ("stage2_milestones", "100,-5", ">= 0"),
+        ("stage2_milestones", "nan", ">= 0"),
+        ("image_size", 0, r"in \[8, 1024\]"),
+        ("image_size", 100000, r"in \[8, 1024\]"),
+        ("per_device_train_batch_size", -5, "per_device_train_batch_size"),
+        ("dataloader_num_workers", -1, "dataloader_num_workers"),
+        ("seed", -1, "seed"),
+        ("save_total_limit", 0, "save_total_limit"),
+        ("label_smoothing_factor", 1.5, "label_smoothing_factor"),
+        ("warmup_steps", -1, "warmup_steps"),
+        ("validation_fraction", math.nan, "finite"),
+        ("stage2_epochs", math.inf, "finite"),
+    ],
+)
+def test_out_of_range_or_non_finite_numbers_are_refused(field, value, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        RefilledConfig(output_dir=str(tmp_path), **{field: value})
+
+
+@pytest.mark.slow
+def test_a_diverged_run_exports_nothing_and_claims_nothing(data_dir, tmp_path):
+    out = tmp_path / "run"
+    recipe = tiny_recipe(data_dir, out, method="ce", stage2_epochs=2, stage2_learning_rate=1e30, max_grad_norm=0)
+    with pytest.raises(RunError, match="diverged.*Nothing was exported"):
+        run(recipe)
+    assert not (out / "model").exists() and not (out / "results.json").exists()
+
+
+# ----------------------------------------------------------------- 4. labels that are not classes
+
+
+def _rewrite_labels(src: Path, dst: Path, labels: list) -> Path:
+    """Copy a generated data set, replacing the training labels (keeping HF metadata)."""
+    shutil.copytree(src, dst)
+    table = pq.read_table(dst / "train.parquet")
+    import pyarrow as pa
+
+    column = pa.array(labels)
+    index = table.schema.get_field_index("label")
+    table = table.set_column(index, pa.field("label", column.type), column)
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(src / "train.parquet").metadata), dst / "train.parquet")
+    return dst
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (-1, r"1 rows .* not class ids \(negative"),
+        (2.5, r"1 rows .* not class ids"),
+        (None, r"1 rows .* have no label"),
+        (6, r"1 rows .* beyond the 6 classes"),
+    ],
+    ids=["negative", "fractional", "null", "beyond-names"],
+)
+def test_labels_that_are_not_classes_are_refused(bad, message, data_dir, tmp_path):
+    labels = pq.read_table(data_dir / "train.parquet").column("label").to_pylist()
+    labels[5] = bad
+    if isinstance(bad, float):
+        labels = [float(v) for v in labels]
+    folder = _rewrite_labels(data_dir, tmp_path / "bad", labels)
+    with pytest.raises(DataError, match=message):
+        load_classification_data(str(folder), classes="3-5")
+
+
+def _plain_parquet(src: Path, dst: Path, as_strings: bool) -> Path:
+    """The generated images as plain pandas parquet: no Hugging Face metadata at all."""
+    dst.mkdir(parents=True)
+    for split in ("train", "test"):
+        table = pq.read_table(src / f"{split}.parquet")
+        frame = pd.DataFrame({"image": [row["bytes"] for row in table.column("image").to_pylist()]})
+        labels = table.column("label").to_pylist()
+        frame["label"] = [CLASS_NAMES[v] for v in labels] if as_strings else labels
+        frame.to_parquet(dst / f"{split}.parquet")
+        assert b"huggingface" not in (pq.read_schema(dst / f"{split}.parquet").metadata or {})
+    return dst
+
+
+@pytest.mark.parametrize("as_strings", [False, True], ids=["int-labels", "string-labels"])
+def test_plain_pandas_parquet_is_accepted(as_strings, data_dir, tmp_path):
+    folder = _plain_parquet(data_dir, tmp_path / "plain", as_strings)
+    data = load_classification_data(str(folder), classes=None)
+    expected = sorted(CLASS_NAMES) if as_strings else [str(i) for i in range(6)]
+    assert data.class_names == expected
+    assert len(data.test) == 36 and data.num_classes == 6
+    image = data.train[0]["pixel_values"]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+
+
+def test_string_labels_unknown_to_training_are_refused_in_test(data_dir, tmp_path):
+    folder = _plain_parquet(data_dir, tmp_path / "plain", True)
+    frame = pd.read_parquet(folder / "test.parquet")
+    frame.loc[0, "label"] = "purple"
+    frame.to_parquet(folder / "test.parquet")
+    with pytest.raises(
+        DataError, match=r"1 rows \(e.g. rows \[0\]\) of split 'test' have labels that are not classes.*'purple'"
+    ):
+        load_classification_data(str(folder))
+
+
+def test_undecodable_images_are_refused_before_training_with_their_rows(data_dir, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(data_dir, folder)
+    table = pq.read_table(folder / "test.parquet")
+    images = table.column("image").to_pylist()
+    images[2] = {"bytes": images[2]["bytes"][:40], "path": None}  # truncated PNG
+    images[7] = {"bytes": b"not an image at all", "path": None}
+    import pyarrow as pa
+
+    column = pa.array(images, type=table.schema.field("image").type)
+    table = table.set_column(table.schema.get_field_index("image"), table.schema.field("image"), column)
+    pq.write_table(table, folder / "test.parquet")
+    with pytest.raises(DataError, match=r"2 images of split 'test' cannot be decoded.*row 2.*row 7"):
+        load_classification_data(str(folder))
+
+
+# ----------------------------------------------------------------- 5. runs never mix
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_earlier_runs_outputs_and_caches(data_dir, tmp_path):
+    torch.manual_seed(1)
+    first = write_random_teacher(tmp_path / "t1")
+    torch.manual_seed(2)
+    second = write_random_teacher(tmp_path / "t2")
+    out = tmp_path / "run"
+    base = tiny_recipe(data_dir, out, method="refilled", stage1_epochs=2, stage2_epochs=1)
+    run({**base, "teacher": f"local-dir:{first}", "save_total_limit": 5})
+    (out / "stage1" / "checkpoint-999").mkdir()  # an old checkpoint the new run would never write
+    (out / "notes.txt").write_text("mine")
+    run({**base, "teacher": f"local-dir:{second}", "overwrite_output": True})
+    run({**base, "teacher": f"local-dir:{second}", "output_dir": str(tmp_path / "fresh")})
+    centres = [
+        load_file(str(d / "stage2" / "teacher_centers.safetensors"))["centers"] for d in (out, tmp_path / "fresh")
+    ]
+    torch.testing.assert_close(centres[0], centres[1])  # recomputed with the new teacher, not reused
+    assert not (out / "stage1" / "checkpoint-999").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # not the run's: untouched
+
+
+@pytest.fixture(scope="module")
+def unfinished_ce_run(data_dir, tmp_path_factory) -> tuple[dict, Path]:
+    """A finished 3-epoch ce run (checkpoints at steps 3, 6, 9) kept as a template."""
+    folder = tmp_path_factory.mktemp("ce")
+    recipe = tiny_recipe(data_dir, folder / "reference", method="ce", stage2_epochs=3, stage2_milestones="2")
+    reference = run(recipe)
+    return recipe, reference
+
+
+def _copy_unfinished(recipe: dict, tmp_path: Path) -> tuple[dict, Path]:
+    out = tmp_path / "run"
+    shutil.copytree(recipe["output_dir"], out)
+    unfinish(out)
+    return {**recipe, "output_dir": str(out)}, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change,value",
+    [("classes", "2-4"), ("shots_per_class", 5), ("stage2_learning_rate", 0.01), ("seed", 1)],
+)
+def test_resume_with_another_configuration_or_data_is_refused(change, value, unfinished_ce_run, tmp_path):
+    recipe, _ = unfinished_ce_run
+    recipe, out = _copy_unfinished(recipe, tmp_path)
+    with pytest.raises(RunDirError, match=f"another configuration, teacher or data.*{change}"):
+        run({**recipe, change: value, "resume_from_checkpoint": "true"})
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_another_teacher_at_the_same_path_is_refused(data_dir, tmp_path):
+    teacher = write_random_teacher(tmp_path / "teacher")
+    out = tmp_path / "run"
+    recipe = tiny_recipe(data_dir, out, method="rkd", teacher=f"local-dir:{teacher}", stage2_epochs=1)
+    run(recipe)
+    unfinish(out)
+    torch.manual_seed(7)
+    write_random_teacher(teacher)  # retrained in place
+    with pytest.raises(RunDirError, match="teacher_weights"):
+        run({**recipe, "resume_from_checkpoint": "true"})
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_optimizer_state_is_not_resumed_silently(unfinished_ce_run, tmp_path):
+    recipe, _ = unfinished_ce_run
+    recipe, out = _copy_unfinished(recipe, tmp_path)
+    (checkpoints(out / "ce")[-1] / "optimizer.pt").unlink()
+    with pytest.raises(RunError, match="Cannot resume exactly.*optimizer.pt"):
+        run({**recipe, "resume_from_checkpoint": "true"})
+    (checkpoints(out / "ce")[-1] / "scheduler.pt").write_bytes(b"garbage")
+    (checkpoints(out / "ce")[-2] / "scheduler.pt").write_bytes(b"garbage")
+    with pytest.raises(RunError, match="scheduler.pt is damaged"):
+        run({**recipe, "resume_from_checkpoint": str(checkpoints(out / "ce")[-2])})
+
+
+@pytest.mark.slow
+def test_an_explicit_checkpoint_path_is_honoured_and_exact(unfinished_ce_run, tmp_path):
+    recipe, reference = unfinished_ce_run
+    recipe, out = _copy_unfinished(recipe, tmp_path)
+    first = checkpoints(out / "ce")[0]  # step 3 of 9
+    (checkpoints(out / "ce")[-1] / "optimizer.pt").unlink()  # the newest cannot resume: "true" would refuse
+    results = run({**recipe, "resume_from_checkpoint": str(first)})
+    assert results["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert results["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
+    with pytest.raises(RunError, match="not a checkpoint of the run"):
+        run({**recipe, "output_dir": str(tmp_path / "other"), "resume_from_checkpoint": str(first)})
+
+
+class CrashAt(TrainerCallback):
+    """Raises once a stage reaches a step: an interruption before any checkpoint of it."""
+
+    def __init__(self, stage_dir_name: str, step: int):
+        self.stage_dir_name, self.step = stage_dir_name, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if Path(args.output_dir).name == self.stage_dir_name and state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+@pytest.mark.slow
+def test_an_interruption_in_stage2_before_its_first_checkpoint_resumes_exactly(data_dir, teacher_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / "reference", method="refilled", teacher=f"local-dir:{teacher_dir}",
+                         stage1_epochs=2, stage2_epochs=2)  # fmt: skip
+    reference = run(recipe)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run({**recipe, "output_dir": str(out)}, callbacks=[CrashAt("stage2", 1)])
+    assert not checkpoints(out / "stage2")
+    resumed = run({**recipe, "output_dir": str(out), "resume_from_checkpoint": "true"})
+    assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert resumed["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
+    a, b = (
+        load_file(str(out / "model" / "model.safetensors")),
+        load_file(str(tmp_path / "reference" / "model" / "model.safetensors")),
+    )
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_two_runs_into_one_folder_at_once_are_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    holder = RunDirectory(out, ["ce"])
+    holder.acquire()  # another run holds the folder
+    try:
+        with pytest.raises(RunDirError, match="Another refilled-hf run .* is writing to"):
+            run(tiny_recipe(data_dir, out, method="ce", stage2_epochs=1))
+    finally:
+        holder.release()
+    assert not (out / "ce").exists()
+
+
+# ----------------------------------------------------------------- 6. evaluate checks the label space
+
+
+def test_evaluate_refuses_other_classes_or_another_order(data_dir, tmp_path):
+    model = export_model(timm.create_model("cifar_wrn_16_1", num_classes=3), tmp_path / "m",
+                         label_names=CLASS_NAMES[3:6])  # fmt: skip
+    config = dict(dataset=str(data_dir), output_dir=str(tmp_path / "e"), use_cpu=True, image_size=16,
+                  validation_fraction=0.25)  # fmt: skip
+    for classes in ("0-2", "5,4,3"):
+        with pytest.raises(ConfigError, match="trained on the classes .*'yellow', 'cyan', 'magenta'.*same order"):
+            evaluate_model(f"local-dir:{model}", RefilledConfig(**config, classes=classes))
+    metrics = evaluate_model(f"local-dir:{model}", RefilledConfig(**config, classes="3-5"))
+    assert metrics["test_samples"] == 18
+
+
+# ----------------------------------------------------------------- 7. nothing of a user's is deleted
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_model_folder_the_run_did_not_write_is_never_replaced(overwrite, data_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "keep.txt").write_text("precious")
+    with pytest.raises(RunDirError, match="model, which no refilled-hf run recorded"):
+        run(tiny_recipe(data_dir, out, method="ce", stage2_epochs=1, overwrite_output=overwrite))
+    assert (out / "model" / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == ["model"]
