@@ -246,7 +246,7 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
         raise DataError(f"Classes {short_list(bad)} are out of range: the data set has classes 0..{num - 1}.")
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1}) if len(ids) < 10000 else []
-        raise DataError(f"The class selection lists classes more than once: {short_list(twice)}.")
+        raise DataError(f"The class selection lists classes twice: {short_list(twice)}.")
     return ids
 
 

@@ -330,8 +330,14 @@ def _save_final(stage_dir: Path, student: StudentModel, metrics: dict[str, Any],
 
 
 def _load_final(stage_dir: Path, student: StudentModel) -> dict[str, Any]:
-    student.model.load_state_dict(load_file(str(stage_dir / FINAL_DIR / "model.safetensors")))
-    return json.loads((stage_dir / FINAL_DIR / "metrics.json").read_text())
+    try:
+        student.model.load_state_dict(load_file(str(stage_dir / FINAL_DIR / "model.safetensors")))
+        return json.loads((stage_dir / FINAL_DIR / "metrics.json").read_text())
+    except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
+        raise RunError(
+            f"{stage_dir / FINAL_DIR} is damaged ({type(err).__name__}): this run cannot continue from it. Start over "
+            "with --overwrite_output true."
+        ) from None
 
 
 def _split_metrics(trainer: RefilledTrainer, data: ClassificationData, prefix_map: dict[str, str]) -> dict[str, Any]:
@@ -483,7 +489,15 @@ def _teacher_centers(trainer: RefilledTrainer, stage_dir: Path, centers_data) ->
     (summed over every process) and kept with the stage so a resumed stage 2 reuses them."""
     cache = stage_dir / "teacher_centers.safetensors"
     if cache.is_file():
-        trainer.class_centers = load_file(str(cache))["centers"].to(trainer.args.device)
+        try:
+            centers = load_file(str(cache))["centers"]
+        except Exception as err:  # noqa: BLE001 - a damaged cache
+            raise RunError(
+                f"{cache} is damaged ({type(err).__name__}). Delete it (it is recomputed) and resume again."
+            ) from None
+        if centers.shape[0] != trainer.num_classes or not centers.isfinite().all():
+            raise RunError(f"{cache} does not hold this run's class centres. Delete it (it is recomputed) and resume.")
+        trainer.class_centers = centers.to(trainer.args.device)
         return trainer.class_centers
     centers = trainer.compute_teacher_centers(centers_data)
     if trainer.is_world_process_zero():

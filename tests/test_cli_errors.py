@@ -148,7 +148,7 @@ def test_a_single_parquet_file_runs_without_a_test_split(data_dir, tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert "test_top1" not in results["final"] and results["final"]["validation_samples"] == 18
+    assert "test_top1" not in results["final"] and results["final"]["validation_samples"] == 9
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "Test top-1" not in card  # no test accuracy is claimed without a test split
 

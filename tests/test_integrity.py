@@ -481,3 +481,20 @@ def test_a_model_folder_the_run_did_not_write_is_never_replaced(overwrite, data_
         run(tiny_recipe(data_dir, out, method="ce", stage2_epochs=1, overwrite_output=overwrite))
     assert (out / "model" / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in out.iterdir()) == ["model"]
+
+
+@pytest.mark.slow
+def test_damaged_stage_outputs_stop_a_resume_with_one_clear_error(data_dir, teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    recipe = tiny_recipe(data_dir, out, method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=1,
+                         stage2_epochs=1)  # fmt: skip
+    run(recipe)
+    unfinish(out)
+    shutil.rmtree(out / "stage2")
+    (out / "stage2").mkdir()
+    (out / "stage2" / "teacher_centers.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RunError, match="teacher_centers.safetensors is damaged"):
+        run({**recipe, "resume_from_checkpoint": "true"})
+    (out / "stage1" / "final" / "metrics.json").write_text("{")
+    with pytest.raises(RunError, match="final is damaged"):
+        run({**recipe, "resume_from_checkpoint": "true"})
