@@ -154,7 +154,7 @@ class RefilledTrainer(Trainer):
             drop_last=False,
             collate_fn=self.data_collator,
             num_workers=workers,
-            pin_memory=args.dataloader_pin_memory,
+            pin_memory=args.dataloader_pin_memory and self.args.device.type == "cuda",
             prefetch_factor=args.dataloader_prefetch_factor if workers else None,
             multiprocessing_context=args.dataloader_multiprocessing_context if workers else None,
         )
