@@ -122,6 +122,8 @@ def _resume_points(mode: str | None, out: Path, stage_dirs: list[Path], world_si
         return points
     if mode == "latest":
         for stage_dir in stage_dirs:
+            if (stage_dir / FINAL_DIR).exists():
+                continue  # a finished stage is not resumed
             found = last_complete_checkpoint(stage_dir)
             points[stage_dir] = str(found) if found else None
     else:
@@ -155,7 +157,7 @@ def _prepare_output_dir(config: RefilledConfig, rundir: RunDirectory) -> dict[st
     rundir.check_usable()
     if resume and config.overwrite_output:
         raise RunError("--resume_from_checkpoint and --overwrite_output contradict each other: pass one of them.")
-    manifest = rundir.check_ownership(config.overwrite_output)
+    manifest = rundir.check_ownership()
     if config.overwrite_output:
         return manifest
     if (out / RESULTS_FILE).is_file():

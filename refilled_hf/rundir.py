@@ -176,7 +176,7 @@ class RunDirectory:
         """This run's output names that exist in the folder now."""
         return [name for name in self.outputs if (self.out / name).exists()]
 
-    def check_ownership(self, overwrite: bool) -> dict[str, Any] | None:
+    def check_ownership(self) -> dict[str, Any] | None:
         """Refuse to touch entries that no earlier run of this folder recorded as its own.
         Returns the earlier run's manifest, if any."""
         manifest = self.manifest()

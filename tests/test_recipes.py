@@ -43,3 +43,10 @@ def test_accelerate_configs_load(path):
 
     config = load_config_from_file(str(path))
     assert config.num_processes >= 1
+
+
+def test_the_quickstart_uses_a_gpu_when_there_is_one():
+    """The README's main job must not pin the CPU: no quickstart recipe sets use_cpu."""
+    for name, recipe in QUICKSTART_RECIPES.items():
+        assert "use_cpu" not in recipe, name
+        assert "use_cpu" not in yaml.safe_load((RECIPES / "quickstart" / f"{name}.yaml").read_text()), name
