@@ -127,6 +127,11 @@ def load_timm_model(
             weights (needs the Hub).
         kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``).
     """
+    if checkpoint is not None and spec.startswith(("local-dir:", "hf-hub:")):
+        raise ModelLoadError(
+            f"A checkpoint ({checkpoint}) was given for {spec!r}, which brings its own weights: give a registered "
+            "model name with the checkpoint, or the folder alone."
+        )
     if spec.startswith("local-dir:"):
         folder = Path(spec[len("local-dir:") :])
         if not (folder / "config.json").is_file():

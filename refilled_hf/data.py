@@ -72,6 +72,8 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
     Hub layout, or anything `datasets.load_dataset` reads) or a single parquet file
     (taken as the ``train`` split). Cached per process: selections never modify it."""
     path = Path(name_or_path)
+    if path.is_file() and path.suffix != ".parquet":
+        raise DataError(f"Data set {name_or_path!r} is a file but not a .parquet file: pass a parquet file or folder.")
     try:
         if path.is_file() and path.suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files={"train": str(path)})
@@ -320,6 +322,11 @@ def load_classification_data(
     raw = raw if raw is not None else load_raw_dataset(dataset, dataset_config)
     if train_split not in raw:
         raise DataError(f"Split {train_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--train_split`.")
+    if test_split == train_split:
+        raise DataError(
+            f"--test_split {test_split!r} is the training split: the test accuracy would be measured on training "
+            "images. Name another split, or pass `--test_split none`."
+        )
     if test_split is not None and test_split not in raw:
         raise DataError(
             f"Split {test_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--test_split`, or pass "

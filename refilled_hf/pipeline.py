@@ -249,6 +249,28 @@ def _check_memory(config: RefilledConfig, sizes: list[int]) -> None:
         )
 
 
+def _check_forward(student: StudentModel, teacher: FrozenTeacher | None, data: ClassificationData) -> None:
+    """Two training images through student and teacher, before any training: a model that
+    cannot run at this input size fails here, in one line, not after the data pass."""
+    batch = torch.stack([data.train[i]["pixel_values"] for i in range(min(2, len(data.train)))])
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()
+                model(batch)
+        except Exception as err:  # noqa: BLE001 - shape and size errors of any model
+            raise ConfigError(
+                f"The {name} cannot run on {tuple(batch.shape[1:])} inputs ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:200]}): choose another --image_size"
+                f"{' or --teacher_input_size' if name == 'teacher' else ''}, or another model."
+            ) from None
+        finally:
+            model.train(was_training)
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -410,6 +432,7 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     _check_memory(
         config, [student_cfg["input_size"][-1]] + ([teacher.input_size] if teacher and teacher.input_size else [])
     )
+    _check_forward(student, teacher, data)
     results: dict[str, Any] = {
         "method": method,
         "student": config.student,

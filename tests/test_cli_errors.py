@@ -116,6 +116,8 @@ def test_huge_class_selection_gives_a_short_message(capsys, data_dir, tmp_path):
         (["--learning_rate", "0.1"], "stage1_learning_rate"),
         (["--deepspeed", "ds.json"], "DDP"),
         (["--resume_from_checkpoint", "true", "--overwrite_output", "true"], "contradict"),
+        (["--test_split", "train"], "is the training split"),
+        (["--student", "vit_tiny_patch16_224"], r"student cannot run on \(3, 16, 16\) inputs"),
     ],
     ids=lambda v: v if isinstance(v, str) else "-".join(v)[:40],
 )
@@ -156,3 +158,16 @@ def test_a_single_parquet_file_runs_without_a_test_split(data_dir, tmp_path):
 def test_without_a_test_split_the_error_says_how_to_unset_it(capsys, data_dir, tmp_path):
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir, dataset=str(data_dir / "train.parquet"))],
             "--test_split none", tmp_path / "out")  # fmt: skip
+
+
+def test_a_checkpoint_beside_a_model_that_brings_its_own_weights(capsys, data_dir, tmp_path):
+    teacher = write_random_teacher(tmp_path / "t")
+    flags = ["--method", "rkd", "--teacher", f"local-dir:{teacher}", "--teacher_checkpoint", str(tmp_path / "w.pt")]
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), *flags], "brings its own weights",
+            tmp_path / "out")  # fmt: skip
+
+
+def test_a_data_file_that_is_not_parquet(capsys, data_dir, tmp_path):
+    (tmp_path / "data.csv").write_text("image,label\n")
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--dataset", str(tmp_path / "data.csv")],
+            "not a .parquet file", tmp_path / "out")  # fmt: skip
