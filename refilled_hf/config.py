@@ -26,6 +26,7 @@ __all__ = ["INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError"]
 #: Methods in the same harness: REFILLED's two stages and three baselines.
 METHODS = ("refilled", "ce", "kd", "rkd")
 CENTER_MODES = ("global", "batch")
+DATA_PATHS = ("auto", "device", "workers")
 
 
 class ConfigError(ValueError):
@@ -160,6 +161,8 @@ NUMERIC_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "adam_beta2": (0, 1, False, True),
     "adam_epsilon": (0, _INF, True, True),
     "ddp_timeout": (1, _INF, False, True),
+    "device_data_budget_gb": (0, _INF, True, True),
+    "evaluations_per_stage": (0, _INF, False, True),
 }
 
 
@@ -274,6 +277,18 @@ class RefilledConfig(TrainingArguments):
     )
     image_size: int | None = field(default=None, **_help("Student input size (default: its pretrained_cfg's)."))
     horizontal_flip: bool = field(default=True, **_help("Random horizontal flips in training augmentation."))
+    data_path: str = field(
+        default="auto",
+        **_help(
+            "Where images are augmented: 'device' (decoded once into a uint8 tensor on the training device and "
+            "augmented there in batches; CIFAR-style transforms, inputs <= 64 px), 'workers' (DataLoader with PIL "
+            "transforms and --dataloader_num_workers), or 'auto' (device whenever it applies and the splits fit "
+            "--device_data_budget_gb). The log says which runs and why."
+        ),
+    )
+    device_data_budget_gb: float = field(
+        default=4.0, **_help("Most memory (GiB) the device data path may use for the decoded splits.")
+    )
 
     # ---- stage 1: relationship matching
     stage1_variant: str = field(default="tuple", **_help("Stage-1 loss: tuple (default) or triplet."))
@@ -312,6 +327,16 @@ class RefilledConfig(TrainingArguments):
     ce_weight: float = field(default=1.0, **_help("Weight of the cross-entropy in stage 2, kd and rkd."))
     rkd_distance_weight: float = field(default=25.0, **_help("RKD distance-term weight."))
     rkd_angle_weight: float = field(default=50.0, **_help("RKD angle-term weight."))
+
+    # ---- cadence
+    evaluations_per_stage: int = field(
+        default=20,
+        **_help(
+            "With --eval_strategy / --save_strategy epoch: evaluate and checkpoint every ceil(epochs / N) epochs, "
+            "about N times per stage (a 200-epoch stage: every 10 epochs); the final evaluation always runs. "
+            "0: every epoch."
+        ),
+    )
 
     # ---- optimizer
     sgd_momentum: float = field(default=0.9, **_help("SGD momentum (Nesterov)."))
@@ -450,6 +475,8 @@ class RefilledConfig(TrainingArguments):
             )
         if self.centers not in CENTER_MODES:
             raise ConfigError(f"Unknown centers {self.centers!r}: choose one of {', '.join(CENTER_MODES)}.")
+        if self.data_path not in DATA_PATHS:
+            raise ConfigError(f"Unknown data_path {self.data_path!r}: choose one of {', '.join(DATA_PATHS)}.")
         for name, (low, high, low_open, high_open) in NUMERIC_RANGES.items():
             value = getattr(self, name)
             if value is None:

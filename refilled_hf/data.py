@@ -55,6 +55,9 @@ CLASS_PRESETS: dict[str, str] = {
     "cifar100-shift-40": "40-89",
 }
 
+#: Inputs up to this size train with the CIFAR recipe (random crop with padding, flip).
+CIFAR_STYLE_MAX_SIZE = 64
+
 # Below this many decoded bytes, images are decoded once and kept in memory.
 _PRELOAD_BYTES = 2 << 30
 
@@ -513,7 +516,7 @@ def build_transform(pretrained_cfg: dict[str, Any], train: bool) -> T.Compose:
     of timm's ImageNet random-resized-crop."""
     data_cfg = timm.data.resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
     size = data_cfg["input_size"][-1]
-    if train and size <= 64:
+    if train and size <= CIFAR_STYLE_MAX_SIZE:
         return T.Compose(
             [
                 T.Resize((size, size)),
@@ -523,6 +526,6 @@ def build_transform(pretrained_cfg: dict[str, Any], train: bool) -> T.Compose:
                 T.Normalize(data_cfg["mean"], data_cfg["std"]),
             ]
         )
-    if size <= 64:  # small images: resize straight to the input size, no center crop
+    if size <= CIFAR_STYLE_MAX_SIZE:  # small images: resize straight to the input size, no center crop
         return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(data_cfg["mean"], data_cfg["std"])])
     return timm.data.create_transform(**data_cfg, is_training=train)

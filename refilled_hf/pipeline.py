@@ -29,6 +29,7 @@ from transformers import set_seed
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import ClassificationData, build_transform, load_classification_data, short_list
+from .data_device import IndexedImages, choose_and_place
 from .hub import export_model, push_folder, render_model_card, replace_dir_atomically, write_json_atomically
 from .losses import ncm_predict
 from .rundir import (
@@ -74,7 +75,17 @@ def load_data(config: RefilledConfig, classes: str | None, pretrained_cfg: dict[
     train_tf = build_transform(cfg, train=True)
     if not config.horizontal_flip:
         train_tf.transforms = [t for t in train_tf.transforms if type(t).__name__ != "RandomHorizontalFlip"]
-    return data.with_transforms(train_tf, build_transform(cfg, train=False))
+    data = data.with_transforms(train_tf, build_transform(cfg, train=False))
+    try:
+        budget = config.device_data_budget_gb * 2**30
+        path, reason = choose_and_place(
+            data, cfg, mode=config.data_path, flip=config.horizontal_flip, device=config.device, budget_bytes=budget
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    data.info["data_path"] = path
+    logger.info("Data path: %s (%s).", path, reason)
+    return data
 
 
 def data_pretrained_cfg(pretrained_cfg: dict[str, Any], image_size: int | None) -> dict[str, Any]:
@@ -87,10 +98,17 @@ def data_pretrained_cfg(pretrained_cfg: dict[str, Any], image_size: int | None) 
 
 def _eval_copy(dataset, transform):
     """The same images with another transform (decoded images are shared)."""
+    if isinstance(dataset, IndexedImages):
+        return IndexedImages(dataset.images, dataset.labels, augment=False)
     dataset.preload()
     other = copy.copy(dataset)
     other.transform = transform
     return other
+
+
+def _eval_transform(data: ClassificationData):
+    split = data.validation if data.validation is not None else data.test
+    return getattr(split, "transform", None)
 
 
 def _stage_args(config: RefilledConfig, stage_dir: Path, epochs: float, lr: float) -> RefilledConfig:
@@ -252,7 +270,10 @@ def _check_memory(config: RefilledConfig, sizes: list[int]) -> None:
 def _check_forward(student: StudentModel, teacher: FrozenTeacher | None, data: ClassificationData) -> None:
     """Two training images through student and teacher, before any training: a model that
     cannot run at this input size fails here, in one line, not after the data pass."""
-    batch = torch.stack([data.train[i]["pixel_values"] for i in range(min(2, len(data.train)))])
+    if isinstance(data.train, IndexedImages):
+        batch = data.train.pixels(torch.arange(min(2, len(data.train)))).cpu()
+    else:
+        batch = torch.stack([data.train[i]["pixel_values"] for i in range(min(2, len(data.train)))])
     for name, model in (("student", student), ("teacher", teacher)):
         if model is None:
             continue
@@ -293,6 +314,10 @@ def _make_trainer(
         logger.warning("stage2_milestones %s lie beyond the %s epochs of %s.", args.stage2_milestones, epochs, stage)
     if data.validation is None:
         args.eval_strategy = "no"
+    _set_cadence(args, epochs, len(data.train))
+    if isinstance(data.train, IndexedImages):  # the loaders only yield indices: no worker processes
+        args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
+        args.dataloader_prefetch_factor, args.dataloader_pin_memory = None, False
     return RefilledTrainer(
         model=student,
         args=args,
@@ -303,6 +328,27 @@ def _make_trainer(
         callbacks=callbacks,
         **kwargs,
     )
+
+
+def _steps_per_epoch(config: RefilledConfig, images: int) -> int:
+    """Optimizer steps per epoch of each process (as the Trainer's sharded loader has it)."""
+    batch = config.per_device_train_batch_size
+    batches = images // batch if config.dataloader_drop_last else math.ceil(images / batch)
+    return max(1, math.ceil(math.ceil(batches / config.world_size) / config.gradient_accumulation_steps))
+
+
+def _set_cadence(args: RefilledConfig, epochs: float, images: int) -> None:
+    """``--evaluations_per_stage``: per-epoch evaluation and checkpoints become every
+    ``ceil(epochs / N)`` epochs (in steps), so long schedules do not evaluate, re-embed
+    the training split for NCM centres and save hundreds of times."""
+    every = math.ceil(epochs / args.evaluations_per_stage) if args.evaluations_per_stage else 1
+    if every <= 1:
+        return
+    steps = every * _steps_per_epoch(args, images)
+    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "epoch":
+        args.eval_strategy, args.eval_steps = "steps", steps
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "epoch":
+        args.save_strategy, args.save_steps = "steps", steps
 
 
 def _fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
@@ -388,6 +434,7 @@ def _run_identity(config: RefilledConfig, data: ClassificationData, student: Stu
         "student_init": tensor_fingerprint(student.model.state_dict()),
         "teacher_weights": tensor_fingerprint(teacher.model.state_dict()) if teacher is not None else None,
         "data": data.fingerprint,
+        "data_path": data.info.get("data_path"),
     }
 
 
@@ -446,8 +493,7 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     }
     _check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
-    eval_tf = data.validation.transform if data.validation is not None else data.test.transform
-    centers_data = _eval_copy(data.train, eval_tf)
+    centers_data = _eval_copy(data.train, _eval_transform(data))
 
     # The folder: locked by the main process, re-checked under the lock, identity recorded.
     _wait_for_everyone()  # every process has checked the folder before the main one writes to it
@@ -664,11 +710,11 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
         model=StudentModel(teacher.model), args=args, stage="ce", num_classes=data.num_classes, teacher=teacher
     )
     start = time.perf_counter()
-    centers = trainer.compute_teacher_centers(_eval_copy(data.train, data.validation.transform))
+    centers = trainer.compute_teacher_centers(_eval_copy(data.train, _eval_transform(data)))
     hits = total = 0
     with torch.no_grad():
         for batch in trainer.evaluation_dataloader(data.validation):
-            scores = ncm_predict(trainer.teacher(batch["pixel_values"])[0], centers)
+            scores = ncm_predict(trainer.teacher(trainer.batch_pixels(batch, data.validation))[0], centers)
             correct = trainer.accelerator.gather_for_metrics((scores.argmax(1) == batch["labels"]).float())
             hits += float(correct.sum())
             total += correct.numel()

@@ -36,9 +36,17 @@ from .losses import (
     teacher_confidence_weights,
 )
 
-__all__ = ["STAGES", "RefilledTrainer", "compute_class_centers"]
+__all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers"]
 
 STAGES = ("stage1", "stage2", "ce", "kd", "rkd")
+
+
+def batch_pixels(batch: dict[str, torch.Tensor], dataset) -> torch.Tensor:
+    """A batch's pixels: ``pixel_values`` (worker path), or the images at ``index`` made
+    on the device by ``dataset`` (an :class:`~refilled_hf.data_device.IndexedImages`)."""
+    if "pixel_values" in batch:
+        return batch["pixel_values"]
+    return dataset.pixels(batch["index"])
 
 
 @torch.no_grad()
@@ -47,6 +55,7 @@ def compute_class_centers(
     dataloader,
     num_classes: int,
     accelerator,
+    dataset=None,
 ) -> torch.Tensor:
     """L2-normalized per-class sums of ``embed_fn`` over a (prepared) dataloader.
 
@@ -56,7 +65,7 @@ def compute_class_centers(
     """
     sums, counts = None, None
     for batch in dataloader:
-        emb = embed_fn(batch["pixel_values"]).float()
+        emb = embed_fn(batch_pixels(batch, dataset)).float()
         emb, labels = accelerator.gather_for_metrics((emb, batch["labels"]))
         part = class_sums(emb, labels, num_classes)
         sums = part if sums is None else sums + part
@@ -135,9 +144,17 @@ class RefilledTrainer(Trainer):
         normalized sums of its raw embeddings over ``dataset`` (the training split with
         evaluation transforms), summed over every process."""
         self.class_centers = compute_class_centers(
-            lambda x: self.teacher(x)[0], self.evaluation_dataloader(dataset), self.num_classes, self.accelerator
+            lambda x: self.teacher(x)[0],
+            self.evaluation_dataloader(dataset),
+            self.num_classes,
+            self.accelerator,
+            dataset,
         )
         return self.class_centers
+
+    def batch_pixels(self, batch: dict[str, torch.Tensor], dataset) -> torch.Tensor:
+        """See :func:`batch_pixels`."""
+        return batch_pixels(batch, dataset)
 
     def evaluation_dataloader(self, dataset) -> torch.utils.data.DataLoader:
         """A dataloader over exactly ``dataset``: in order, nothing dropped, sharded over
@@ -174,7 +191,7 @@ class RefilledTrainer(Trainer):
     ):
         """The stage's loss; each component is kept for logging (``relationship``,
         ``ce``, ``distill``, ``tuples``, ``triplets``, ``local_classes``)."""
-        images, labels = inputs["pixel_values"], inputs["labels"]
+        images, labels = batch_pixels(inputs, self.train_dataset), inputs["labels"]
         outputs = model(pixel_values=images)
         teacher_emb = teacher_logits = None
         if self.teacher is not None:
@@ -327,11 +344,12 @@ class RefilledTrainer(Trainer):
                 self.evaluation_dataloader(self.centers_dataset),
                 self.num_classes,
                 self.accelerator,
+                self.centers_dataset,
             )
         totals = defaultdict(float)
         with torch.no_grad(), self.autocast_smart_context_manager():
             for batch in dataloader:
-                images, labels = batch["pixel_values"], batch["labels"]
+                images, labels = batch_pixels(batch, dataset), batch["labels"]
                 if centers is not None:
                     scores = ncm_predict(embed(student.model, images), centers)
                     loss = None

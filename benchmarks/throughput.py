@@ -1,0 +1,307 @@
+"""Throughput of the full pipeline against a bare loop whose batches already sit on the
+device, per method, on whatever device is present (CPU here; a GPU when one is lent).
+
+For each method (ce, kd, rkd, REFILLED stage 1, stage 2) and data path (device,
+workers), in one process:
+
+* **pipeline**: ``run_distillation`` on real CIFAR-10 images (``--classes``, ``--shots``
+  per class), timed by a callback from step ``--warmup`` to the last of ``--steps``
+  optimizer steps (``--max_steps`` stops the stage; evaluation and checkpoints off);
+* **bare loop**: the same student, teacher, loss and optimizer on one real batch that
+  already sits on the device, no Trainer, no data loading;
+* the ratio of the two, and the device's peak memory (CUDA) or the process's peak
+  resident memory (CPU).
+
+With ``--small_run``, also the wall time of the issue's small middle-shot run: REFILLED,
+100 images per class x 4 classes, 60 + 60 epochs, library defaults.
+
+    python benchmarks/throughput.py [--device cpu|cuda] [--steps 20] [--batch 128] [--small_run]
+
+Writes ``benchmarks/results/throughput_<device>.json`` and ``.md`` (device named inside).
+On a GPU machine, pass ``--dataset`` (``../shared`` does not travel; see
+``../shared/docs/gpu.md``) and ``--bf16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+CIFAR10 = ROOT.parent.parent / "shared" / "data" / "cifar10"
+METHODS = ["ce", "kd", "rkd", "stage1", "stage2"]
+
+
+class StepClock:
+    """A TrainerCallback recording the wall time of every optimizer step's end."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Clock(TrainerCallback):
+            def __init__(self):
+                self.times: list[float] = []
+
+            def on_step_end(self, args, state, control, **kwargs):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.times.append(time.perf_counter())
+
+        return _Clock()
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _write_teacher(folder: Path, name: str, label_names: list[str]) -> str:
+    """An untrained teacher over the student's classes (so kd is legal): speed only."""
+    import timm
+
+    from refilled_hf.hub import export_model
+
+    export_model(timm.create_model(name, num_classes=len(label_names)), folder, label_names=label_names)
+    return f"local-dir:{folder}"
+
+
+def pipeline_rate(method: str, path: str, args, teacher: str, work: Path) -> float:
+    """Images per second of the pipeline's steady-state training steps."""
+    from refilled_hf.config import RefilledConfig
+    from refilled_hf.pipeline import run_distillation
+
+    clock = StepClock()
+    stage1 = method == "stage1"
+    recipe = dict(
+        method="refilled" if method.startswith("stage") else method,
+        teacher=None if method == "ce" else teacher,
+        student=args.student,
+        dataset=str(args.dataset),
+        classes=args.classes,
+        teacher_classes=args.classes if method == "kd" else None,
+        shots_per_class=args.shots,
+        validation_fraction=0.0,
+        test_split="none",
+        per_device_train_batch_size=args.batch,
+        stage1_epochs=100 if stage1 else 0,
+        stage2_epochs=100,
+        max_steps=args.steps,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        data_path=path,
+        dataloader_num_workers=args.workers if path == "workers" else 0,
+        dataloader_persistent_workers=path == "workers" and args.workers > 0,
+        bf16=args.bf16,
+        use_cpu=args.device == "cpu",
+        output_dir=str(work / f"{method}-{path}"),
+    )
+    callbacks = [clock]
+    if stage1:  # time stage 1 only: stop the run once stage 1 has its steps
+        from transformers import TrainerCallback
+
+        class StopAfterStage1(TrainerCallback):
+            def on_train_end(self, args_, state, control, **kwargs):
+                if Path(args_.output_dir).name == "stage1":
+                    raise _Done
+
+        callbacks.append(StopAfterStage1())
+    with contextlib.suppress(_Done):  # stage 1 timed: the rest of the run is not needed
+        run_distillation(RefilledConfig(**recipe), callbacks=callbacks)
+    times = clock.times[: args.steps]
+    measured = times[args.warmup :]
+    return args.batch * (len(measured) - 1) / (measured[-1] - measured[0])
+
+
+class _Done(Exception):
+    pass
+
+
+def bare_rate(method: str, args, device: str) -> float:
+    """Images per second of the same steps with the batch already on the device."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    import refilled_hf  # noqa: F401
+    from refilled_hf.backbone import FrozenTeacher, StudentModel
+    from refilled_hf.data import load_classification_data
+    from refilled_hf.losses import kd_loss, local_classifier_loss, relationship_loss, rkd_loss
+
+    data = load_classification_data(str(args.dataset), classes=args.classes, shots_per_class=args.shots,
+                                    validation_fraction=0.0, test_split=None)  # fmt: skip
+    classes = data.num_classes
+    torch.manual_seed(0)
+    student = StudentModel(timm.create_model(args.student, num_classes=classes)).to(device).train()
+    teacher = FrozenTeacher(timm.create_model(args.teacher, num_classes=classes), student.model.pretrained_cfg)
+    teacher = teacher.to(device)
+    student.set_embeddings_only(method == "stage1")
+    order = torch.randperm(len(data.train))[: args.batch]
+    mean = torch.tensor(student.model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(student.model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    images = torch.stack([torch.from_numpy(data.train._decoded[i]).permute(2, 0, 1) for i in order.tolist()])
+    x = ((images.float() / 255 - mean) / std).to(device)
+    y = torch.as_tensor(data.train.labels[order.numpy()]).to(device)
+    centers = F.normalize(torch.randn(classes, teacher.model.num_features, device=device), dim=1)
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                nesterov=True, weight_decay=5e-4)  # fmt: skip
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def step():
+        with autocast:
+            out = student(x)
+            t_emb, t_logits = teacher(x)
+            if method == "stage1":
+                loss = relationship_loss(out["embeddings"], t_emb, y)
+            else:
+                loss = F.cross_entropy(out["logits"].float(), y)
+                if method == "kd":
+                    loss = loss + 0.9 * kd_loss(out["logits"], t_logits)
+                elif method == "rkd":
+                    loss = loss + rkd_loss(out["embeddings"], t_emb)
+                elif method == "stage2":
+                    loss = loss + local_classifier_loss(out["logits"], t_emb, centers, y, weight=10.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(args.steps - args.warmup):
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return args.batch / statistics.median(times)
+
+
+def small_run_seconds(args, teacher: str, work: Path) -> dict:
+    """The issue's small middle-shot run: REFILLED, 100 images x 4 classes, 60 + 60 epochs."""
+    from refilled_hf.config import RefilledConfig
+    from refilled_hf.pipeline import run_distillation
+
+    config = RefilledConfig(
+        teacher=teacher, student=args.student, dataset=str(args.dataset), classes="0-3", shots_per_class=100,
+        stage1_epochs=60, stage2_epochs=60, stage2_milestones="30,42,54", disable_tqdm=True, bf16=args.bf16,
+        use_cpu=args.device == "cpu", output_dir=str(work / "small"), logging_steps=50,
+    )  # fmt: skip
+    start = time.perf_counter()
+    results = run_distillation(config)
+    train = results["stage1"]["train_seconds"] + results["final"]["train_seconds"]
+    return {
+        "wall_seconds": time.perf_counter() - start,
+        "train_seconds": train,
+        "test_top1": results["final"]["test_top1"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--dataset", default=str(CIFAR10))
+    parser.add_argument("--classes", default="0-9")
+    parser.add_argument("--shots", type=int, default=500)
+    parser.add_argument("--student", default="cifar_wrn_16_2")
+    parser.add_argument("--teacher", default="cifar_wrn_40_2")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2, help="loader workers of the workers path")
+    parser.add_argument("--paths", nargs="+", default=["device", "workers"])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--small_run", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    args = parser.parse_args()
+
+    import torch
+
+    import refilled_hf  # noqa: F401
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = device
+    work = Path(tempfile.mkdtemp(prefix="throughput-"))
+    from refilled_hf.data import load_classification_data
+
+    names = load_classification_data(
+        args.dataset, classes=args.classes, shots_per_class=args.shots, validation_fraction=0.0, test_split=None
+    )
+    teacher = _write_teacher(work / "teacher", args.teacher, names.class_names)
+    rows = []
+    for method in args.methods:
+        bare = bare_rate(method, args, device)
+        row = {"method": method, "bare_images_per_s": bare}
+        for path in args.paths:
+            rate = pipeline_rate(method, path, args, teacher, work)
+            row[f"{path}_images_per_s"] = rate
+            row[f"{path}_ratio"] = rate / bare
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {
+        "device": _device_name(device),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "rows": rows,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "torch": torch.__version__,
+    }
+    if args.small_run:
+        result["small_run"] = small_run_seconds(args, teacher, work)
+        print(json.dumps(result["small_run"]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"throughput_{device}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# Throughput on {result['device']}",
+        "",
+        f"{args.student} student, {args.teacher} teacher, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}, "
+        f"CIFAR-10 {args.classes} x {args.shots} images; steps {args.warmup}-{args.steps} timed.",
+        "",
+        "| method | bare loop (img/s) | " + " | ".join(f"{p} path (img/s) | {p} / bare" for p in args.paths) + " |",
+        "|---|---:|" + "---:|---:|" * len(args.paths),
+    ]
+    for row in rows:
+        cells = " | ".join(f"{row[f'{p}_images_per_s']:.0f} | {row[f'{p}_ratio']:.2f}" for p in args.paths)
+        lines.append(f"| {row['method']} | {row['bare_images_per_s']:.0f} | {cells} |")
+    lines.append("")
+    lines.append(
+        f"Peak memory: {result['peak_memory_mb']:.0f} MiB ({'CUDA allocated' if device == 'cuda' else 'RSS'})."
+    )
+    if "small_run" in result:
+        s = result["small_run"]
+        lines.append(
+            f"Small run (REFILLED, 100 images x 4 classes, 60 + 60 epochs): {s['wall_seconds']:.0f} s wall, "
+            f"{s['train_seconds']:.0f} s training, test top-1 {s['test_top1']:.1f} %."
+        )
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The device-resident data path: a split decoded once into a ``uint8`` tensor on the
+training device, and its CIFAR-style augmentation run there, in batches.
+
+The worker path (`torch.utils.data.DataLoader` + torchvision PIL transforms) costs a
+Python call chain per image; on a GPU it leaves the accelerator waiting. Here the
+DataLoader only yields image *indices* (so sampling, sharding across processes,
+``set_epoch`` and resuming mid-epoch stay exactly the Trainer's), and
+:meth:`DeviceImages.batch` turns them into normalized pixels on the device.
+
+The augmentation draws from the same distribution as the worker path's
+``Resize -> RandomCrop(size, padding) -> RandomHorizontalFlip -> ToTensor -> Normalize``
+(`refilled_hf.data.build_transform` for inputs of 64 px or less): images are resized
+once, with the same PIL resize, when the store is built; each image then gets its own
+crop offsets, uniform over ``[0, 2 * padding]`` on each axis of the zero-padded image,
+and its own flip with probability 1/2. torchvision has batched crops and flips, but
+they draw one set of parameters per call (one crop for the whole batch); per-image
+parameters need the gather below, which is why it is written here.
+
+Random draws use the device's default generator, which the Trainer saves in every
+checkpoint and restores on resume, so a resumed run stays exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+__all__ = ["DeviceImages", "IndexedImages", "crop_and_flip"]
+
+
+def crop_and_flip(
+    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, padding: int
+) -> torch.Tensor:
+    """Per-image crops of the zero-padded ``images`` ``[B, C, S, S]`` at offsets
+    ``(top, left)`` (each in ``[0, 2 * padding]``), mirrored where ``flip``."""
+    size = images.shape[-1]
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    steps = torch.arange(size, device=images.device)
+    rows = top[:, None] + steps  # [B, S]
+    columns = torch.where(flip[:, None], left[:, None] + (size - 1 - steps), left[:, None] + steps)
+    batch = torch.arange(images.shape[0], device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch, channels, rows[:, None, :, None], columns[:, None, None, :]]
+
+
+class DeviceImages:
+    """A split's images as ``uint8 [N, 3, S, S]`` on ``device``, with the normalization
+    (and, for training, the crop padding and flip) of the worker path.
+
+    Args:
+        images: ``uint8 [N, 3, S, S]`` already at the input size.
+        mean, std: per-channel normalization (of pixel values in ``[0, 1]``).
+        padding: random-crop padding (0: no crop); flip: random horizontal flips.
+    """
+
+    def __init__(self, images: torch.Tensor, mean, std, *, padding: int, flip: bool, device: torch.device | str):
+        self.images = images.to(device)
+        self.device = self.images.device
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.padding = int(padding)
+        self.flip = bool(flip)
+
+    @classmethod
+    def from_arrays(cls, arrays: list[np.ndarray], size: int, mean, std, *, padding: int, flip: bool, device):
+        """Build the store from decoded ``HxWx3`` arrays, resized to ``size`` with the
+        worker path's own ``T.Resize`` (so the stored pixels are the same)."""
+        resize = T.Resize((size, size))
+        stacked = np.stack([np.asarray(resize(Image.fromarray(a))) for a in arrays])
+        return cls(torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), mean, std, padding=padding,
+                   flip=flip, device=device)  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def draw(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random crop offsets and flips for ``count`` images (the device's RNG)."""
+        span = 2 * self.padding + 1
+        top = torch.randint(0, span, (count,), device=self.device)
+        left = torch.randint(0, span, (count,), device=self.device)
+        if self.flip:
+            flip = torch.rand(count, device=self.device) < 0.5
+        else:
+            flip = torch.zeros(count, dtype=torch.bool, device=self.device)
+        return top, left, flip
+
+    def batch(self, index: torch.Tensor, augment: bool) -> torch.Tensor:
+        """Normalized ``float32 [B, 3, S, S]`` pixels of the images at ``index``."""
+        images = self.images[index.to(self.device)]
+        if augment and (self.padding or self.flip):
+            top, left, flip = self.draw(images.shape[0])
+            images = crop_and_flip(images, top, left, flip, self.padding)
+        return (images.float() / 255.0 - self.mean) / self.std
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """What the DataLoader sees on the device path: ``{"index": i, "labels": y}`` items;
+    the trainer turns index batches into pixels with ``images.batch(index, augment)``."""
+
+    def __init__(self, images: DeviceImages, labels: np.ndarray, augment: bool):
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"index": index, "labels": int(self.labels[index])}
+
+    def pixels(self, index: torch.Tensor) -> torch.Tensor:
+        return self.images.batch(index, self.augment)
+
+
+def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: bool, device, budget_bytes: float):
+    """Decide the data path for ``data`` (a :class:`~refilled_hf.data.ClassificationData`
+    with its images preloaded) and, for the device path, replace its splits by
+    :class:`IndexedImages` on ``device``. Returns ``(path, reason)``.
+
+    ``mode`` is ``auto``, ``device`` or ``workers``; ``device`` raises ``ValueError``
+    (with the reason) where the device path does not apply.
+    """
+    import timm
+
+    from .data import CIFAR_STYLE_MAX_SIZE
+
+    if mode == "workers":
+        return "workers", "--data_path workers"
+    data_cfg = timm.data.resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
+    size = int(data_cfg["input_size"][-1])
+    splits = {name: getattr(data, name) for name in ("train", "validation", "test") if getattr(data, name) is not None}
+    need = sum(len(split) for split in splits.values()) * 3 * size * size
+    reason = None
+    if size > CIFAR_STYLE_MAX_SIZE:
+        reason = f"inputs of {size} px use timm's ImageNet transforms, which the device path does not implement"
+    elif any(getattr(split, "_decoded", None) is None for split in splits.values()):
+        reason = "the decoded images are too large to keep in memory"
+    elif need > budget_bytes:
+        reason = f"the splits need {need / 2**30:.2f} GiB, over --device_data_budget_gb {budget_bytes / 2**30:g}"
+    if reason is not None:
+        if mode == "device":
+            raise ValueError(f"--data_path device cannot be used: {reason}. Use --data_path workers (or auto).")
+        return "workers", reason
+    padding = max(1, size // 8)
+    for name, split in splits.items():
+        train = name == "train"
+        store = DeviceImages.from_arrays(
+            split._decoded, size, data_cfg["mean"], data_cfg["std"],
+            padding=padding if train else 0, flip=flip and train, device=device,
+        )  # fmt: skip
+        setattr(data, name, IndexedImages(store, split.labels, augment=train))
+    return "device", f"{need / 2**20:.0f} MiB of uint8 images on {torch.device(device)}, augmented there"

@@ -1,0 +1,42 @@
+"""Evaluation and checkpoint cadence: long stages evaluate about --evaluations_per_stage
+times, not every epoch; the final evaluation always runs; 0 restores every epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import tiny_recipe, write_image_dataset
+
+from refilled_hf.config import RefilledConfig
+from refilled_hf.pipeline import _set_cadence, run_distillation
+
+
+def test_cadence_in_steps():
+    args = RefilledConfig(output_dir="o", per_device_train_batch_size=10, evaluations_per_stage=20)
+    _set_cadence(args, 200, images=95)  # 10 steps per epoch, every 10 epochs
+    assert (args.eval_strategy, args.eval_steps, args.save_strategy, args.save_steps) == ("steps", 100, "steps", 100)
+    short = RefilledConfig(output_dir="o", evaluations_per_stage=20)
+    _set_cadence(short, 15, images=95)
+    assert str(short.eval_strategy.value) == "epoch"  # short stages still evaluate every epoch
+    every = RefilledConfig(output_dir="o", evaluations_per_stage=0)
+    _set_cadence(every, 400, images=95)
+    assert str(every.eval_strategy.value) == "epoch"
+    steps = RefilledConfig(output_dir="o", eval_strategy="steps", eval_steps=7, save_strategy="steps", save_steps=7)
+    _set_cadence(steps, 400, images=95)
+    assert steps.eval_steps == 7 and steps.save_steps == 7  # an explicit step cadence is the user's
+
+
+@pytest.mark.slow
+def test_a_stage_evaluates_and_saves_on_the_cadence_and_at_its_end(tmp_path):
+    data = write_image_dataset(tmp_path / "data")
+    recipe = tiny_recipe(data, tmp_path / "run", method="ce", stage2_epochs=4, evaluations_per_stage=2,
+                         save_total_limit=5)  # fmt: skip
+    results = run_distillation(RefilledConfig(**recipe))
+    stage = Path(tmp_path / "run" / "ce")
+    assert sorted(p.name for p in stage.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]  # 3 steps/epoch
+    state = json.loads((stage / "checkpoint-12" / "trainer_state.json").read_text())
+    evaluated = [e["epoch"] for e in state["log_history"] if "eval_top1" in e]
+    assert evaluated == [2.0, 4.0]
+    assert results["final"]["test_samples"] == 18

@@ -1,0 +1,128 @@
+"""The device data path draws from the worker path's augmentation distribution: the same
+162 crops x flips of each image (padding 4 at 32 px), each equally likely, and the same
+normalized pixels for each of them; the pipeline chooses a path and says which."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_recipe, write_image_dataset
+from PIL import Image
+from scipy.stats import chisquare
+from torchvision import transforms as T
+
+from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.data import build_transform
+from refilled_hf.data_device import DeviceImages, IndexedImages, crop_and_flip
+from refilled_hf.pipeline import load_data, run_distillation
+
+MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+
+
+def _image(size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _all_variants(store: DeviceImages) -> torch.Tensor:
+    """Every crop x flip of image 0 of ``store``, normalized: ``[(2p+1)^2 * 2, 3, S, S]``."""
+    span = 2 * store.padding + 1
+    top, left, flip = torch.meshgrid(torch.arange(span), torch.arange(span), torch.arange(2), indexing="ij")
+    n = top.numel()
+    images = store.images[torch.zeros(n, dtype=torch.long)]
+    crops = crop_and_flip(images, top.reshape(-1), left.reshape(-1), flip.reshape(-1).bool(), store.padding)
+    return (crops.float() / 255.0 - store.mean) / store.std
+
+
+def test_each_crop_and_flip_equals_the_worker_path_ops():
+    array, padding = _image(16), 2
+    store = DeviceImages.from_arrays([array], 16, MEAN, STD, padding=padding, flip=True, device="cpu")
+    variants = _all_variants(store)
+    pil = Image.fromarray(array)
+    to_tensor = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    k = 0
+    for top in range(2 * padding + 1):
+        for left in range(2 * padding + 1):
+            for flip in (False, True):
+                expected = T.functional.crop(T.functional.pad(pil, padding), top, left, 16, 16)
+                if flip:
+                    expected = T.functional.hflip(expected)
+                torch.testing.assert_close(variants[k], to_tensor(expected), rtol=0, atol=1e-6)
+                k += 1
+
+
+def test_offsets_and_flips_are_uniform():
+    store = DeviceImages.from_arrays([_image()], 32, MEAN, STD, padding=4, flip=True, device="cpu")
+    torch.manual_seed(0)
+    top, left, flip = store.draw(162_000)
+    cells = (top * 9 + left) * 2 + flip.long()
+    counts = torch.bincount(cells, minlength=162).numpy()
+    assert counts.size == 162 and counts.min() > 0
+    assert chisquare(counts).pvalue > 1e-4
+
+
+def test_the_worker_transform_draws_exactly_the_same_162_variants():
+    array = _image()
+    store = DeviceImages.from_arrays([array], 32, MEAN, STD, padding=4, flip=True, device="cpu")
+    variants = _all_variants(store).reshape(162, -1)
+    transform = build_transform({"input_size": (3, 32, 32), "mean": MEAN, "std": STD}, train=True)
+    torch.manual_seed(0)
+    seen = set()
+    pil = Image.fromarray(array)
+    for _ in range(3000):
+        out = transform(pil).reshape(1, -1)
+        match = torch.nonzero((variants - out).abs().amax(1) < 1e-6).flatten()
+        assert match.numel() == 1, "the worker path produced an image the device path cannot"
+        seen.add(int(match))
+    assert len(seen) == 162
+
+
+def test_evaluation_batches_are_the_worker_paths_eval_transform():
+    arrays = [_image(24, seed) for seed in range(3)]  # resized to 32 like the worker path
+    store = DeviceImages.from_arrays(arrays, 32, MEAN, STD, padding=0, flip=False, device="cpu")
+    evaluation = build_transform({"input_size": (3, 32, 32), "mean": MEAN, "std": STD}, train=False)
+    expected = torch.stack([evaluation(Image.fromarray(a)) for a in arrays])
+    dataset = IndexedImages(store, np.arange(3), augment=False)
+    torch.testing.assert_close(dataset.pixels(torch.arange(3)), expected, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
+
+
+def test_the_path_is_chosen_and_can_be_forced(data_dir, tmp_path):
+    import timm
+
+    cfg = timm.create_model("cifar_wrn_16_1").pretrained_cfg
+    base = tiny_recipe(data_dir, tmp_path / "o", method="ce")
+    auto = load_data(RefilledConfig(**base), "3-5", cfg)
+    assert auto.info["data_path"] == "device" and isinstance(auto.train, IndexedImages)
+    workers = load_data(RefilledConfig(**{**base, "data_path": "workers"}), "3-5", cfg)
+    assert workers.info["data_path"] == "workers" and not isinstance(workers.train, IndexedImages)
+    small = load_data(RefilledConfig(**{**base, "device_data_budget_gb": 1e-6}), "3-5", cfg)
+    assert small.info["data_path"] == "workers"
+    with pytest.raises(ConfigError, match="--data_path device cannot be used: inputs of 96 px"):
+        load_data(RefilledConfig(**{**base, "data_path": "device", "image_size": 96}), "3-5", cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["device", "workers"])
+def test_both_paths_train_and_count_every_image(path, data_dir, tmp_path):
+    recipe = tiny_recipe(data_dir, tmp_path / path, method="refilled", data_path=path,
+                         teacher=f"local-dir:{_teacher(tmp_path)}")  # fmt: skip
+    results = run_distillation(RefilledConfig(**recipe))
+    assert results["data"]["data_path"] == path
+    assert results["final"]["test_samples"] == 18 and results["stage1"]["test_samples"] == 18
+    assert 0 <= results["final"]["test_top1"] <= 100
+    run = json.loads((tmp_path / path / "run.json").read_text())
+    assert run["identity"]["data_path"] == path
+
+
+def _teacher(tmp_path: Path) -> Path:
+    from helpers import write_random_teacher
+
+    return write_random_teacher(tmp_path / "teacher")
