@@ -172,7 +172,7 @@ def bare_rate(method: str, args, device: str) -> float:
     def step():
         with autocast:
             out = student(x)
-            t_emb, t_logits = teacher(x)
+            t_emb, t_logits = teacher(x) if method != "ce" else (None, None)
             if method == "stage1":
                 loss = relationship_loss(out["embeddings"], t_emb, y)
             else:

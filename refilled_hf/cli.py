@@ -238,7 +238,10 @@ def cmd_losses_demo(argv: list[str]) -> int:
     for variant in ("tuple", "triplet"):
         loss, stats = relationship_loss_with_stats(student_emb, teacher_emb, labels, variant=variant)
         loss.backward()
-        print(f"stage 1 ({variant:7s})    {loss.item():10.4f}  {stats['tuples']} tuples, {stats['triplets']} triplets")
+        print(
+            f"stage 1 ({variant:7s})    {loss.item():10.4f}  {stats['tuples']} tuples, "
+            f"{int(stats['triplets'])} triplets"
+        )
     centers = torch.nn.functional.normalize(torch.randn(classes, 128), dim=1)
     logits = torch.randn(batch, classes)
     print(f"stage 2 local KL     {local_classifier_loss(logits, teacher_emb, centers, labels).item():10.4f}")

@@ -287,12 +287,15 @@ class ClassificationData:
     info: dict[str, Any] = field(default_factory=dict)
     #: identifies the exact rows, labels and classes (see refilled_hf.rundir)
     fingerprint: str = ""
+    #: the evaluation transform (also for the training images, e.g. for class centres)
+    eval_transform: Any = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def with_transforms(self, train_transform, eval_transform) -> ClassificationData:
+        self.eval_transform = eval_transform
         self.train.transform = train_transform
         for split in (self.validation, self.test):
             if split is not None:

@@ -300,9 +300,10 @@ def relationship_loss_with_stats(
     tau: float = 4.0,
     margin: float = 0.2,
     weight: float | None = None,
-) -> tuple[torch.Tensor, dict[str, int]]:
+) -> tuple[torch.Tensor, dict[str, int | torch.Tensor]]:
     """:func:`relationship_loss` plus what was mined: ``{"tuples": P, "triplets": T}``
-    (P (anchor, positive) pairs with at least one semi-hard negative, T triplets)."""
+    (P (anchor, positive) pairs with at least one semi-hard negative, an int; T triplets,
+    a 0-d tensor on the embeddings' device, so that counting never waits for the device)."""
     if variant not in DEFAULT_RELATIONSHIP_WEIGHTS:
         raise ValueError(f"`variant` must be one of {list(RELATIONSHIP_VARIANTS)}, got {variant!r}.")
     _check_matrix("student_embeddings", student_embeddings)
@@ -314,7 +315,7 @@ def relationship_loss_with_stats(
     if weight is None:
         weight = DEFAULT_RELATIONSHIP_WEIGHTS[variant]
     _check_positive("weight", weight)
-    stats: dict[str, int] = {}
+    stats: dict[str, int | torch.Tensor] = {}
     loss = _relationship_loss_impl(
         student_embeddings,
         teacher_embeddings,
@@ -360,7 +361,7 @@ class _RelationshipMatching(torch.autograd.Function):
         mined = _mine(d_s, labels, margin)
         count = mined.hi - mined.lo
         stats["tuples"] = int(count.numel())
-        stats["triplets"] = int(count.sum())
+        stats["triplets"] = count.sum()  # a device tensor: read when logged, not every step
         ctx.empty = count.numel() == 0
         if ctx.empty:
             ctx.save_for_backward(z_s)

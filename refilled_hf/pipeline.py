@@ -106,11 +106,6 @@ def _eval_copy(dataset, transform):
     return other
 
 
-def _eval_transform(data: ClassificationData):
-    split = data.validation if data.validation is not None else data.test
-    return getattr(split, "transform", None)
-
-
 def _stage_args(config: RefilledConfig, stage_dir: Path, epochs: float, lr: float) -> RefilledConfig:
     return config.stage_view(
         output_dir=str(stage_dir),
@@ -493,7 +488,7 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     }
     _check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
-    centers_data = _eval_copy(data.train, _eval_transform(data))
+    centers_data = _eval_copy(data.train, data.eval_transform)
 
     # The folder: locked by the main process, re-checked under the lock, identity recorded.
     _wait_for_everyone()  # every process has checked the folder before the main one writes to it
@@ -710,7 +705,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
         model=StudentModel(teacher.model), args=args, stage="ce", num_classes=data.num_classes, teacher=teacher
     )
     start = time.perf_counter()
-    centers = trainer.compute_teacher_centers(_eval_copy(data.train, _eval_transform(data)))
+    centers = trainer.compute_teacher_centers(_eval_copy(data.train, data.eval_transform))
     hits = total = 0
     with torch.no_grad():
         for batch in trainer.evaluation_dataloader(data.validation):

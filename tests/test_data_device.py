@@ -126,3 +126,19 @@ def _teacher(tmp_path: Path) -> Path:
     from helpers import write_random_teacher
 
     return write_random_teacher(tmp_path / "teacher")
+
+
+@pytest.mark.slow
+def test_teacher_centres_without_validation_or_test_split_agree_across_paths(data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    teacher = _teacher(tmp_path)
+    centres = {}
+    for path in ("device", "workers"):
+        recipe = tiny_recipe(data_dir, tmp_path / path, method="refilled", teacher=f"local-dir:{teacher}",
+                             data_path=path, validation_fraction=0.0, test_split="none", stage1_epochs=1,
+                             stage2_epochs=1)  # fmt: skip
+        run_distillation(RefilledConfig(**recipe))
+        centres[path] = load_file(str(tmp_path / path / "stage2" / "teacher_centers.safetensors"))["centers"]
+    # the training images under the evaluation transform, on either path
+    torch.testing.assert_close(centres["device"], centres["workers"], rtol=0, atol=1e-5)
