@@ -27,6 +27,7 @@ __all__ = ["INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError"]
 METHODS = ("refilled", "ce", "kd", "rkd")
 CENTER_MODES = ("global", "batch")
 DATA_PATHS = ("auto", "device", "workers")
+MINING_SCOPES = ("auto", "global", "local")
 
 
 class ConfigError(ValueError):
@@ -297,6 +298,14 @@ class RefilledConfig(TrainingArguments):
     stage1_weight: float | None = field(
         default=None, **_help("Stage-1 loss weight C (default 1000 for tuples, 500 for triplets).")
     )
+    mining_scope: str = field(
+        default="auto",
+        **_help(
+            "Where stage 1 mines semi-hard tuples when several processes train: 'global' (over the whole batch "
+            "of all processes, gathered with exact gradients: the same method as one process with the global "
+            "batch), 'local' (each process in its own per-device batch), or 'auto' (global)."
+        ),
+    )
     stage1_epochs: float = field(default=200.0, **_help("Stage-1 epochs."))
     stage1_learning_rate: float = field(default=0.1, **_help("Stage-1 peak learning rate (cosine to 0.1x)."))
     stage1_min_lr_ratio: float = field(default=0.1, **_help("Stage-1 final learning rate as a fraction of the peak."))
@@ -475,6 +484,8 @@ class RefilledConfig(TrainingArguments):
             )
         if self.centers not in CENTER_MODES:
             raise ConfigError(f"Unknown centers {self.centers!r}: choose one of {', '.join(CENTER_MODES)}.")
+        if self.mining_scope not in MINING_SCOPES:
+            raise ConfigError(f"Unknown mining_scope {self.mining_scope!r}: choose one of {', '.join(MINING_SCOPES)}.")
         if self.data_path not in DATA_PATHS:
             raise ConfigError(f"Unknown data_path {self.data_path!r}: choose one of {', '.join(DATA_PATHS)}.")
         for name, (low, high, low_open, high_open) in NUMERIC_RANGES.items():

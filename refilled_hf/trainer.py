@@ -24,6 +24,7 @@ from transformers import Trainer
 
 from .backbone import FrozenTeacher, StudentModel, embed
 from .config import RefilledConfig
+from .distributed import gather_for_mining
 from .losses import (
     batch_class_centers,
     centers_from_sums,
@@ -199,10 +200,13 @@ class RefilledTrainer(Trainer):
         args: RefilledConfig = self.args
         parts: dict[str, float | torch.Tensor] = {}
         if self.stage == "stage1":
+            student_emb, mined_teacher, mined_labels = outputs["embeddings"], teacher_emb, labels
+            if args.mining_scope != "local":  # the global batch of all processes (a no-op in one process)
+                student_emb, mined_teacher, mined_labels = gather_for_mining(student_emb, teacher_emb, labels)
             loss, stats = relationship_loss_with_stats(
-                outputs["embeddings"],
-                teacher_emb,
-                labels,
+                student_emb,
+                mined_teacher,
+                mined_labels,
                 variant=args.stage1_variant,
                 tau=args.tau1,
                 margin=args.margin,

@@ -64,3 +64,50 @@ def test_two_processes_match_one(tmp_path):
         assert results[run]["final"]["validation_samples"] == 9
     log = two.stdout + two.stderr
     assert log.count("Exported the model to") == 1 and "(process 0)" in log
+
+
+MINING_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from refilled_hf.distributed import gather_for_mining
+from refilled_hf.losses import relationship_loss_with_stats
+
+out = sys.argv[1]
+world = int(os.environ.get("WORLD_SIZE", "1"))
+rank = int(os.environ.get("RANK", "0"))
+if world > 1:
+    dist.init_process_group("gloo")
+g = torch.Generator().manual_seed(0)
+x, teacher = torch.randn(32, 16, generator=g), torch.randn(32, 24, generator=g)
+labels = torch.arange(32) % 4
+model = torch.nn.Linear(16, 8)
+model.load_state_dict({"weight": torch.randn(8, 16, generator=g), "bias": torch.randn(8, generator=g)})
+net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+share = slice(rank * 32 // world, (rank + 1) * 32 // world)
+student, mined_teacher, mined_labels = gather_for_mining(net(x[share]), teacher[share], labels[share])
+loss, stats = relationship_loss_with_stats(student, mined_teacher, mined_labels)
+optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+loss.backward()
+optimizer.step()
+if rank == 0:
+    torch.save({"loss": loss.detach(), "tuples": stats["tuples"], "triplets": int(stats["triplets"]),
+                "rows": student.shape[0], **{k: v.detach().clone() for k, v in model.state_dict().items()}}, out)
+"""
+
+
+def test_global_mining_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    script = tmp_path / "mine.py"
+    script.write_text(MINING_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    two = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / "two.pt")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a["rows"] == b["rows"] == 32  # the two processes mined the whole batch
+    assert a["tuples"] == b["tuples"] > 0 and a["triplets"] == b["triplets"]
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)

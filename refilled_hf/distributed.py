@@ -1,0 +1,42 @@
+"""Stage-1 mining over the global batch when several processes train.
+
+Each process embeds its own share of the batch. :func:`gather_for_mining` concatenates
+the shares of every process in rank order, the student's with an autograd-aware
+all-gather (``torch.distributed.nn.functional.all_gather``, whose backward sums each
+share's gradient from every process back to its owner), the teacher's embeddings and
+the labels with a plain one. Every process then mines and computes the same loss on the
+same global batch. Backward gives each process ``world_size`` times its share of the
+gradient (every process back-propagates the same loss), and DDP divides the summed
+parameter gradients by ``world_size``: the update equals that of one process on the
+whole batch (``tests/test_distributed.py`` checks it to 1e-5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["gather_for_mining", "is_distributed"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather(tensor: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, 0)
+
+
+def gather_for_mining(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch ``(student, teacher, labels)``, rank by rank; gradients flow back
+    to this process's rows of ``student``. Every process must pass the same batch size
+    (Accelerate's even batches). Outside a multi-process run, the inputs unchanged."""
+    if not is_distributed():
+        return student, teacher, labels
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(student.contiguous()), 0), _gather(teacher.detach()), _gather(labels)
