@@ -270,29 +270,40 @@ def main() -> None:
         "peak_memory_mb": _peak_memory_mb(device),
         "torch": torch.__version__,
     }
+    write_results(result, Path(args.out))  # the rows are kept even if the small run is interrupted
     if args.small_run:
         result["small_run"] = small_run_seconds(args, teacher, work)
         print(json.dumps(result["small_run"]), flush=True)
-    out = Path(args.out)
+        write_results(result, Path(args.out))
+
+
+def write_results(result: dict, out: Path) -> None:
+    """``throughput_<device>.json`` and ``.md`` under ``out``."""
+    settings, rows = result["settings"], result["rows"]
+    paths = settings["paths"]
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"throughput_{device}"
+    stem = f"throughput_{settings['device']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# Throughput on {result['device']}",
         "",
-        f"{args.student} student, {args.teacher} teacher, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}, "
-        f"CIFAR-10 {args.classes} x {args.shots} images; steps {args.warmup}-{args.steps} timed.",
+        f"{settings['student']} student, {settings['teacher']} teacher, batch {settings['batch']}, "
+        f"{'bf16' if settings['bf16'] else 'fp32'}, CIFAR-10 classes {settings['classes']} x {settings['shots']} "
+        f"images; steps {settings['warmup']}-{settings['steps']} timed; {settings['workers']} loader workers on the "
+        "workers path.",
         "",
-        "| method | bare loop (img/s) | " + " | ".join(f"{p} path (img/s) | {p} / bare" for p in args.paths) + " |",
-        "|---|---:|" + "---:|---:|" * len(args.paths),
+        "| method | bare loop (img/s) | " + " | ".join(f"{p} path (img/s) | {p} / bare" for p in paths) + " |",
+        "|---|---:|" + "---:|---:|" * len(paths),
     ]
     for row in rows:
-        cells = " | ".join(f"{row[f'{p}_images_per_s']:.0f} | {row[f'{p}_ratio']:.2f}" for p in args.paths)
+        cells = " | ".join(f"{row[f'{p}_images_per_s']:.0f} | {row[f'{p}_ratio']:.2f}" for p in paths)
         lines.append(f"| {row['method']} | {row['bare_images_per_s']:.0f} | {cells} |")
     lines.append("")
-    lines.append(
-        f"Peak memory: {result['peak_memory_mb']:.0f} MiB ({'CUDA allocated' if device == 'cuda' else 'RSS'})."
-    )
+    where = "CUDA allocated" if settings["device"] == "cuda" else "resident, whole process"
+    if result["peak_memory_mb"] == result["peak_memory_mb"]:  # not NaN
+        lines.append(f"Peak memory: {result['peak_memory_mb']:.0f} MiB ({where}).")
+    if result.get("note"):
+        lines.append(f"Note: {result['note']}.")
     if "small_run" in result:
         s = result["small_run"]
         lines.append(

@@ -58,7 +58,10 @@ class QuickstartArguments:
 
     output_dir: str = field(default="quickstart_outputs", metadata={"help": "Where everything is written."})
     shots_per_class: int = field(default=10, metadata={"help": "Student training images per class."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data splits and training."})
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2],
+        metadata={"help": "Seeds: one ce and one refilled student each (their training images and training)."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier quickstart's outputs."})
 
 
@@ -223,7 +226,8 @@ def cmd_quickstart(argv: list[str]) -> int:
     from .quickstart import run_quickstart
 
     (args,) = parse_config((QuickstartArguments,), argv, "refilled-hf quickstart")
-    run_quickstart(args.output_dir, shots_per_class=args.shots_per_class, seed=args.seed, overwrite=args.overwrite)
+    run_quickstart(args.output_dir, shots_per_class=args.shots_per_class, seeds=tuple(args.seeds),
+                   overwrite=args.overwrite)  # fmt: skip
     return 0
 
 

@@ -3,10 +3,11 @@ scikit-learn (the 1,797 handwritten digits, 8x8, upscaled to 16x16).
 
 1. write the digits as a parquet data set (the Hub layout `datasets` reads);
 2. ``train-teacher``: a WRN-16-2 on digits 0-4;
-3. ``distill``: a WRN-16-1 student on digits 5-9 with a few images per class, once with
-   ``ce`` (student alone) and once with ``refilled`` (cross-task: the teacher never saw
-   5-9);
-4. print a comparison and leave the exported REFILLED student in ``<output_dir>/refilled/model``.
+3. ``distill``, for each seed: a WRN-16-1 student on digits 5-9 with a few images per
+   class, once with ``ce`` (student alone) and once with ``refilled`` (cross-task: the
+   teacher never saw 5-9);
+4. print every run with the mean and spread over seeds, and leave the first seed's
+   exported REFILLED student in ``<output_dir>/refilled/model``.
 
 The recipes it runs are written next to the outputs, so every step can be re-run with
 ``refilled-hf <command> --config <recipe>``.
@@ -121,46 +122,70 @@ def _config(recipe: dict[str, Any], **overrides: Any) -> RefilledConfig:
     return RefilledConfig(**{**recipe, **overrides})
 
 
-def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: int = 10, seed: int = 0,
-                   overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Run the miniature workflow; returns ``{method: results}`` and prints a table."""
+def _run_name(name: str, seed: int, first: int) -> str:
+    return name if name == "teacher" or seed == first else f"{name}-seed{seed}"
+
+
+def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: int = 10,
+                   seeds: tuple[int, ...] = (0, 1, 2), overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run the miniature workflow: one teacher, then a ``ce`` and a ``refilled`` student
+    per seed (the seed draws the students' few training images and their training);
+    returns ``{run: results}`` and prints every run and the mean and spread over seeds."""
+    import statistics
+
     from .pipeline import run_distillation, run_teacher_training
 
+    seeds = tuple(dict.fromkeys(seeds))
+    if not seeds:
+        raise ConfigError("quickstart needs at least one seed (--seeds 0 1 2).")
     out = Path(output_dir)
-    earlier = [out / name for name in ("digits", "recipes", *QUICKSTART_RECIPES) if (out / name).exists()]
+    names = ["teacher"] + [_run_name(n, s, seeds[0]) for s in seeds for n in ("ce", "refilled")]
+    earlier = [out / name for name in ("digits", "recipes", *names) if (out / name).exists()]
     if earlier and not overwrite:
         raise ConfigError(
             f"{out} holds an earlier quickstart ({', '.join(p.name for p in earlier)}): pass --overwrite true to "
             "replace its outputs, or --output_dir <another folder>."
         )
-    data_dir = write_digits_dataset(out / "digits", seed=seed)
+    data_dir = write_digits_dataset(out / "digits", seed=seeds[0])
     recipes_dir = out / "recipes"
     recipes_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     teacher_dir = out / "teacher"
-    for name, recipe in QUICKSTART_RECIPES.items():
-        recipe = {**recipe, "dataset": str(data_dir), "output_dir": str(out / name), "seed": seed}
+    plan = [("teacher", seeds[0])] + [(n, s) for s in seeds for n in ("ce", "refilled")]
+    for name, seed in plan:
+        run = _run_name(name, seed, seeds[0])
+        recipe = {**QUICKSTART_RECIPES[name], "dataset": str(data_dir), "output_dir": str(out / run), "seed": seed}
         if name != "teacher":
             recipe["shots_per_class"] = shots_per_class
         if name == "refilled":
             recipe["teacher"] = f"local-dir:{teacher_dir / 'model'}"
-            recipe["compare_runs"] = str(out / "ce")
+            recipe["compare_runs"] = str(out / _run_name("ce", seed, seeds[0]))
         if overwrite:
             recipe["overwrite_output"] = True  # each run replaces only what its earlier run wrote
-        (recipes_dir / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        print(f"\n=== quickstart: {name} (recipe {recipes_dir / f'{name}.yaml'}) ===", flush=True)
+        (recipes_dir / f"{run}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        print(f"\n=== quickstart: {run} (recipe {recipes_dir / f'{run}.yaml'}) ===", flush=True)
         start = time.perf_counter()
         runner = run_teacher_training if name == "teacher" else run_distillation
-        runs[name] = runner(_config(recipe))
-        timings[name] = time.perf_counter() - start
+        runs[run] = runner(_config(recipe))
+        timings[run] = time.perf_counter() - start
 
     print("\nDigits, teacher WRN-16-2 trained on 0-4; students WRN-16-1 on 5-9 "
-          f"({shots_per_class} training images per class):")  # fmt: skip
-    print(f"{'run':10s} {'test top-1 %':>13s} {'stage-1 NCM %':>14s} {'seconds':>8s}")
-    for name, results in runs.items():
+          f"({shots_per_class} training images per class, seeds {list(seeds)}):")  # fmt: skip
+    print(f"{'run':18s} {'test top-1 %':>13s} {'stage-1 NCM %':>14s} {'seconds':>8s}")
+    for run, results in runs.items():
         ncm = results.get("stage1", {}).get("test_ncm_top1")
         ncm_text = f"{ncm:14.1f}" if ncm is not None else f"{'-':>14s}"
-        print(f"{name:10s} {results['final']['test_top1']:13.1f} {ncm_text} {timings[name]:8.0f}")
-    print(f"\nExported REFILLED student, with its model card: {out / 'refilled' / 'model'}")
-    return {name: {**r, "seconds": timings[name]} for name, r in runs.items()}
+        print(f"{run:18s} {results['final']['test_top1']:13.1f} {ncm_text} {timings[run]:8.0f}")
+    summary = {}
+    for name in ("ce", "refilled"):
+        accs = [runs[_run_name(name, s, seeds[0])]["final"]["test_top1"] for s in seeds]
+        summary[name] = (statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0)
+    gains = [runs[_run_name("refilled", s, seeds[0])]["final"]["test_top1"]
+             - runs[_run_name("ce", s, seeds[0])]["final"]["test_top1"] for s in seeds]  # fmt: skip
+    (ce_mean, ce_std), (rf_mean, rf_std) = summary["ce"], summary["refilled"]
+    print(f"\nOver {len(seeds)} seeds (mean ± std of test top-1 %): ce {ce_mean:.1f} ± {ce_std:.1f}, "
+          f"refilled {rf_mean:.1f} ± {rf_std:.1f}; refilled - ce per seed: "
+          f"{', '.join(f'{g:+.1f}' for g in gains)}.")  # fmt: skip
+    print(f"Exported REFILLED student (seed {seeds[0]}), with its model card: {out / 'refilled' / 'model'}")
+    return {run: {**r, "seconds": timings[run]} for run, r in runs.items()}

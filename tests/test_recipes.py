@@ -50,3 +50,48 @@ def test_the_quickstart_uses_a_gpu_when_there_is_one():
     for name, recipe in QUICKSTART_RECIPES.items():
         assert "use_cpu" not in recipe, name
         assert "use_cpu" not in yaml.safe_load((RECIPES / "quickstart" / f"{name}.yaml").read_text()), name
+
+
+CIFAR100 = RECIPES.parents[1] / "shared" / "data" / "cifar100"
+CIFAR100_RECIPES = sorted((RECIPES / "cifar100").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def stand_in_teachers(tmp_path_factory) -> dict[str, str]:
+    """Untrained teachers with the label names the recipes' real teachers would have."""
+    import json
+
+    from helpers import write_random_teacher
+
+    names = json.loads((CIFAR100 / "meta.json").read_text())
+    names = names["fine_label_names"]
+    folder = tmp_path_factory.mktemp("teachers")
+    return {
+        "all": f"local-dir:{write_random_teacher(folder / 'all', label_names=list(names))}",
+        "first-half": f"local-dir:{write_random_teacher(folder / 'half', label_names=list(names[:50]))}",
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR100.is_dir(), reason="needs the local CIFAR-100 copy at ../shared/data/cifar100")
+@pytest.mark.parametrize("path", CIFAR100_RECIPES, ids=lambda p: p.stem)
+def test_recipe_smoke_run(path, stand_in_teachers, tmp_path):
+    """Each CIFAR-100 recipe runs one optimizer step per stage on the local copy (a few
+    images per class, a stand-in teacher) and exports a model."""
+    from refilled_hf.pipeline import run_distillation, run_teacher_training
+
+    recipe = yaml.safe_load(path.read_text())
+    trains_teacher = "method" not in recipe and "teacher" in path.stem
+    argv = ["--config", str(path), "--dataset", str(CIFAR100), "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "1", "--shots_per_class", "2", "--validation_fraction", "0.01", "--test_split", "none",
+            "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+    if not trains_teacher and recipe.get("method", "refilled") != "ce":
+        which = "first-half" if recipe.get("teacher_classes") == "cifar100-first-half" else "all"
+        argv += ["--teacher", stand_in_teachers[which]]
+    (config,) = parse_config((RefilledConfig,), argv, "test")
+    results = (run_teacher_training if trains_teacher else run_distillation)(config)
+    import math
+
+    assert math.isfinite(results["final"]["train_metrics"]["train_loss"])
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert results["final"]["validation_samples"] == results["data"]["validation_images"] > 0
