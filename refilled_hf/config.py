@@ -21,7 +21,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from .losses import RELATIONSHIP_VARIANTS
 
-__all__ = ["INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError"]
+__all__ = ["INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError", "option_name"]
 
 #: Methods in the same harness: REFILLED's two stages and three baselines.
 METHODS = ("refilled", "ce", "kd", "rkd")
@@ -182,6 +182,12 @@ def _check_range(name: str, value: Any, low: float, high: float, low_open: bool,
         else:
             wanted = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ConfigError(f"`{name}` must be {wanted}, got {value}.")
+
+
+def option_name(value: Any) -> str:
+    """A transformers option as its string: enum members (``IntervalStrategy.EPOCH``,
+    ``OptimizerNames.SGD``) and plain strings (set on a stage view) alike."""
+    return str(getattr(value, "value", value))
 
 
 def _plain(value: Any) -> Any:
@@ -454,7 +460,7 @@ class RefilledConfig(TrainingArguments):
     def _check_before_transformers(self) -> None:
         """Checks whose failure transformers would report as a traceback."""
         if self.load_best_model_at_end:
-            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+            if option_name(self.eval_strategy) == "no":
                 raise ConfigError(
                     "--load_best_model_at_end needs evaluations: set --eval_strategy epoch (or steps) and keep "
                     "--validation_fraction > 0."
@@ -463,8 +469,8 @@ class RefilledConfig(TrainingArguments):
                 raise ConfigError(
                     "--load_best_model_at_end selects on the validation split: set --validation_fraction > 0."
                 )
-            save = str(getattr(self.save_strategy, "value", self.save_strategy))
-            evals = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+            save = option_name(self.save_strategy)
+            evals = option_name(self.eval_strategy)
             if save not in (evals, "best"):
                 raise ConfigError(
                     f"--load_best_model_at_end needs --save_strategy equal to --eval_strategy ({evals}), got {save}."
@@ -504,7 +510,7 @@ class RefilledConfig(TrainingArguments):
             value = getattr(self, name)
             if _plain(value) != _plain(defaults[name]):
                 raise ConfigError(f"`{name}` is not supported by refilled-hf ({reason}); remove it.")
-        optim = str(getattr(self.optim, "value", self.optim))
+        optim = option_name(self.optim)
         if optim == "sgd":
             for name in ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_args"):
                 if _plain(getattr(self, name)) != _plain(defaults[name]):
@@ -519,7 +525,7 @@ class RefilledConfig(TrainingArguments):
                     f"--report_to {name}: that integration is not installed here (installed: {available or 'none'}); "
                     f"install it (e.g. pip install {name}) or pass --report_to none."
                 )
-        if str(getattr(self.save_strategy, "value", self.save_strategy)) == "best" and self.validation_fraction <= 0:
+        if option_name(self.save_strategy) == "best" and self.validation_fraction <= 0:
             raise ConfigError("--save_strategy best selects on the validation split: set --validation_fraction > 0.")
         sampling = str(self.train_sampling_strategy)
         if sampling not in ("random", "sequential"):

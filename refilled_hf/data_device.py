@@ -25,9 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 from torchvision import transforms as T
+
+from .data import CIFAR_STYLE_MAX_SIZE
 
 __all__ = ["DeviceImages", "IndexedImages", "crop_and_flip"]
 
@@ -128,10 +131,6 @@ def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: b
     ``mode`` is ``auto``, ``device`` or ``workers``; ``device`` raises ``ValueError``
     (with the reason) where the device path does not apply.
     """
-    import timm
-
-    from .data import CIFAR_STYLE_MAX_SIZE
-
     if mode == "workers":
         return "workers", "--data_path workers"
     data_cfg = timm.data.resolve_data_config(pretrained_cfg=dict(pretrained_cfg))

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
-from .config import ConfigError, RefilledConfig
+from .config import ConfigError, RefilledConfig, option_name
 from .data import ClassificationData, build_transform, load_classification_data, short_list
 from .data_device import IndexedImages, choose_and_place
 from .hub import export_model, push_folder, render_model_card, replace_dir_atomically, write_json_atomically
@@ -39,7 +39,7 @@ from .rundir import (
     last_complete_checkpoint,
     tensor_fingerprint,
 )
-from .trainer import RefilledTrainer
+from .trainer import RefilledTrainer, batch_pixels
 
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training"]
 
@@ -340,9 +340,9 @@ def _set_cadence(args: RefilledConfig, epochs: float, images: int) -> None:
     if every <= 1:
         return
     steps = every * _steps_per_epoch(args, images)
-    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "epoch":
+    if option_name(args.eval_strategy) == "epoch":
         args.eval_strategy, args.eval_steps = "steps", steps
-    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "epoch":
+    if option_name(args.save_strategy) == "epoch":
         args.save_strategy, args.save_steps = "steps", steps
 
 
@@ -709,7 +709,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     hits = total = 0
     with torch.no_grad():
         for batch in trainer.evaluation_dataloader(data.validation):
-            scores = ncm_predict(trainer.teacher(trainer.batch_pixels(batch, data.validation))[0], centers)
+            scores = ncm_predict(trainer.teacher(batch_pixels(batch, data.validation))[0], centers)
             correct = trainer.accelerator.gather_for_metrics((scores.argmax(1) == batch["labels"]).float())
             hits += float(correct.sum())
             total += correct.numel()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from .backbone import FrozenTeacher, StudentModel, embed
-from .config import RefilledConfig
+from .config import RefilledConfig, option_name
 from .distributed import gather_for_mining
 from .losses import (
     batch_class_centers,
@@ -153,10 +153,6 @@ class RefilledTrainer(Trainer):
         )
         return self.class_centers
 
-    def batch_pixels(self, batch: dict[str, torch.Tensor], dataset) -> torch.Tensor:
-        """See :func:`batch_pixels`."""
-        return batch_pixels(batch, dataset)
-
     def evaluation_dataloader(self, dataset) -> torch.utils.data.DataLoader:
         """A dataloader over exactly ``dataset``: in order, nothing dropped, sharded over
         the processes (``gather_for_metrics`` removes the padding). Built for each call:
@@ -172,7 +168,7 @@ class RefilledTrainer(Trainer):
             drop_last=False,
             collate_fn=self.data_collator,
             num_workers=workers,
-            pin_memory=args.dataloader_pin_memory and self.args.device.type == "cuda",
+            pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
             prefetch_factor=args.dataloader_prefetch_factor if workers else None,
             multiprocessing_context=args.dataloader_multiprocessing_context if workers else None,
         )
@@ -268,7 +264,7 @@ class RefilledTrainer(Trainer):
         """``--optim sgd`` (default): SGD with Nesterov momentum and coupled weight decay
         on every trainable parameter (the paper's CIFAR protocol). Any other ``--optim``:
         transformers' optimizer of that name, at the stage's learning rate."""
-        if self.optimizer is None and str(getattr(self.args.optim, "value", self.args.optim)) != "sgd":
+        if self.optimizer is None and option_name(self.args.optim) != "sgd":
             return super().create_optimizer(model)
         if self.optimizer is None:
             model = model if model is not None else self.model

@@ -10,3 +10,19 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(2)
+
+
+import pytest  # noqa: E402
+from helpers import write_image_dataset, write_random_teacher  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Six colour classes as train/test parquet, one copy per test module."""
+    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """An untrained WRN-16-1 exported as a local-dir: teacher (three classes)."""
+    return write_random_teacher(tmp_path_factory.mktemp("t") / "model")

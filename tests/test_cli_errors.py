@@ -13,14 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import tiny_recipe, write_image_dataset, write_random_teacher
+from helpers import tiny_recipe, write_random_teacher
 
 from refilled_hf.cli import main
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
 
 
 def refused(capsys, argv: list[str], message: str, out: Path | None = None) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_recipe, write_image_dataset
+from helpers import tiny_recipe
 from PIL import Image
 from scipy.stats import chisquare
 from torchvision import transforms as T
@@ -87,11 +87,6 @@ def test_evaluation_batches_are_the_worker_paths_eval_transform():
     expected = torch.stack([evaluation(Image.fromarray(a)) for a in arrays])
     dataset = IndexedImages(store, np.arange(3), augment=False)
     torch.testing.assert_close(dataset.pixels(torch.arange(3)), expected, rtol=0, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
 
 
 def test_the_path_is_chosen_and_can_be_forced(data_dir, tmp_path):

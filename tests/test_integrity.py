@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_teacher
+from helpers import CLASS_NAMES, tiny_recipe, write_random_teacher
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
@@ -33,16 +33,6 @@ from refilled_hf.hub import export_model
 from refilled_hf.pipeline import RunError, evaluate_model, run_distillation
 from refilled_hf.rundir import RunDirectory, RunDirError
 from refilled_hf.trainer import RefilledTrainer
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    return write_random_teacher(tmp_path_factory.mktemp("t") / "model")
 
 
 def run(recipe: dict, callbacks=None) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_teacher
+from helpers import CLASS_NAMES, tiny_recipe, write_random_teacher
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -19,11 +19,6 @@ from refilled_hf.pipeline import RunError, run_distillation, run_teacher_trainin
 pytestmark = pytest.mark.slow
 
 STUDENT_CLASSES = CLASS_NAMES[3:]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
 
 
 @pytest.fixture(scope="module")

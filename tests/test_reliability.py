@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import tiny_recipe, write_image_dataset, write_random_teacher
+from helpers import tiny_recipe
 from safetensors.torch import load_file
 
 from refilled_hf.backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
@@ -27,16 +27,6 @@ from refilled_hf.rundir import last_complete_checkpoint
 from refilled_hf.trainer import RefilledTrainer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    return write_random_teacher(tmp_path_factory.mktemp("t") / "model")
 
 
 # ----------------------------------------------------------------- numerics

@@ -20,11 +20,6 @@ from refilled_hf.pipeline import run_distillation
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_image_dataset(tmp_path_factory.mktemp("data") / "colors")
-
-
-@pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
     return f"local-dir:{write_random_teacher(tmp_path_factory.mktemp('t') / 'model')}"
 
