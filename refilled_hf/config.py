@@ -28,6 +28,7 @@ METHODS = ("refilled", "ce", "kd", "rkd")
 CENTER_MODES = ("global", "batch")
 DATA_PATHS = ("auto", "device", "workers")
 MINING_SCOPES = ("auto", "global", "local")
+DISTILL_WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -322,6 +323,13 @@ class RefilledConfig(TrainingArguments):
         default=10.0,
         **_help("lambda: weight of the stage-2 local-classifier KL (authors: 100; see the README for why 10)."),
     )
+    distill_weight_schedule: str = field(
+        default="constant",
+        **_help(
+            "How lambda moves over stage 2: 'constant' (the paper), 'linear' or 'cosine' (from lambda at the "
+            "first step to 0 at the last step of --stage2_epochs, so stage 2 ends on cross-entropy alone)."
+        ),
+    )
     centers: str = field(
         default="global",
         **_help("Teacher class centres: 'global' (once, over the training split) or 'batch' (per batch)."),
@@ -490,6 +498,11 @@ class RefilledConfig(TrainingArguments):
             )
         if self.centers not in CENTER_MODES:
             raise ConfigError(f"Unknown centers {self.centers!r}: choose one of {', '.join(CENTER_MODES)}.")
+        if self.distill_weight_schedule not in DISTILL_WEIGHT_SCHEDULES:
+            raise ConfigError(
+                f"Unknown distill_weight_schedule {self.distill_weight_schedule!r}: choose one of "
+                f"{', '.join(DISTILL_WEIGHT_SCHEDULES)}."
+            )
         if self.mining_scope not in MINING_SCOPES:
             raise ConfigError(f"Unknown mining_scope {self.mining_scope!r}: choose one of {', '.join(MINING_SCOPES)}.")
         if self.data_path not in DATA_PATHS:

@@ -222,10 +222,11 @@ class RefilledTrainer(Trainer):
                 else:
                     centers = batch_class_centers(teacher_emb, labels, self.num_classes)
                 weights = teacher_confidence_weights(teacher_logits) if args.confidence_weights else None
+                weight = self.distill_weight()
                 distill = local_classifier_loss(
-                    logits, teacher_emb, centers, labels, tau=args.tau2, weight=args.distill_weight,
-                    instance_weights=weights,
-                )  # fmt: skip
+                    logits, teacher_emb, centers, labels, tau=args.tau2, weight=weight, instance_weights=weights
+                )
+                parts["lambda"] = weight
                 # classes present in the batch, counted on the device (no host sync per step)
                 present = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device)
                 parts["local_classes"] = present.index_fill_(0, labels, True).sum()
@@ -249,6 +250,19 @@ class RefilledTrainer(Trainer):
             self._component_batches += 1
             self.nonfinite_losses += (~torch.isfinite(loss.detach())).sum()
         return (loss, outputs) if return_outputs else loss
+
+    def distill_weight(self) -> float:
+        """Stage 2's lambda at the current optimizer step: ``--distill_weight`` scaled by
+        ``--distill_weight_schedule`` over the stage's full length (``--stage2_epochs``,
+        laid out like the learning-rate schedule, so ``--max_steps`` never moves it)."""
+        schedule = self.args.distill_weight_schedule
+        if schedule == "constant":
+            return self.args.distill_weight
+        total = max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
+        progress = min(self.state.global_step, total) / total
+        if schedule == "linear":
+            return self.args.distill_weight * (1.0 - progress)
+        return self.args.distill_weight * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss component since the last training log."""

@@ -1,0 +1,239 @@
+"""REFILLED on real CIFAR-100, reduced to what a 2-core CPU can run: when does it help?
+
+The paper's class splits with one teacher (WRN-16-2 trained here on classes 0-49):
+
+* ``cross``: student on classes 50-99 (disjoint, the paper's cross-task split);
+* ``overlap``: student on classes 20-69 (preset ``cifar100-shift-20``: 30 shared classes).
+
+KD cannot run in either (the label spaces differ). Students: WRN-16-1, middle-shot
+(50 or 100 training images per class), validation = 50 images per class carved from the
+rest of the training split, test = the 5,000 official test images of the student's classes.
+
+Methods, each with the same optimizer and stage-2 schedule: ``ce`` (student alone, as long
+as stage 2: the paper's convention), ``ce-equal`` (student alone on as many images as
+REFILLED's two stages), ``rkd``, ``refilled`` (the library defaults) and
+``refilled-linear`` (``--distill_weight_schedule linear``: lambda decays to 0 over stage 2).
+``refilled-hf probe-teacher`` (the teacher's nearest-class-mean accuracy on the student's
+validation split) for every setting.
+
+    python benchmarks/cifar100.py [--budget cpu|smoke] [--cache ~/.cache/refilled-hf-bench-c100]
+    python benchmarks/cifar100.py --report-only
+
+Runs are cached (never repeated); the first seed of every cell runs first, then the other
+seeds, so an interrupted run still answers the main question. Writes
+``benchmarks/results/cifar100.{json,md}`` and ``cifar100_gain.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from accuracy import _mean_std, _read_jsonl, _run
+
+ROOT = Path(__file__).resolve().parent
+CIFAR100 = ROOT.parent.parent / "shared" / "data" / "cifar100"
+TEACHER_CLASSES = "cifar100-first-half"
+SETTINGS = {"cross": "cifar100-second-half", "overlap": "cifar100-shift-20"}
+METHODS = ("ce", "ce-equal", "rkd", "refilled", "refilled-linear")
+
+BUDGETS: dict[str, dict[str, Any]] = {
+    "smoke": {"teacher_shots": 20, "teacher_epochs": 1, "stage1": 1, "stage2": 1, "runs": [("cross", 10, 0)]},
+    # (setting, images per class, seed) in priority order, so that an interrupted run still
+    # answers the main question: about 15 minutes per 50-image run of all methods on 2 cores
+    "cpu": {
+        "teacher_shots": 200,
+        "teacher_epochs": 15,
+        "stage1": 10,
+        "stage2": 10,
+        "runs": [("cross", 50, 0), ("cross", 50, 1), ("cross", 50, 2), ("overlap", 50, 0), ("cross", 100, 0),
+                 ("overlap", 50, 1), ("overlap", 50, 2), ("cross", 100, 1), ("cross", 100, 2)],  # fmt: skip
+    },
+}
+
+COMMON = {
+    "dataset": str(CIFAR100),
+    "validation_fraction": 0.1,  # 50 of each class's 500 training images
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 500,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "logging_steps": 50,
+    "disable_tqdm": True,
+    "use_cpu": True,
+    "dataloader_drop_last": False,
+}
+
+
+def teacher(cache: Path, budget: dict) -> Path:
+    from refilled_hf.pipeline import run_teacher_training
+
+    epochs = budget["teacher_epochs"]
+    out = cache / f"teacher-s{budget['teacher_shots']}-e{epochs}"
+    fields = {"teacher": "cifar_wrn_16_2", "classes": TEACHER_CLASSES, "shots_per_class": budget["teacher_shots"],
+              "stage2_epochs": epochs, "stage2_learning_rate": 0.1,
+              "stage2_milestones": f"{int(epochs * 0.5)},{int(epochs * 0.75)}", "per_device_train_batch_size": 128,
+              "output_dir": str(out), "seed": 0}  # fmt: skip
+    results = _run({**COMMON, **fields}, run_teacher_training)
+    print(f"teacher: test top-1 {results['final']['test_top1']:.1f}% on classes 0-49", flush=True)
+    return out / "model"
+
+
+def student(cache: Path, setting: str, method: str, shots: int, seed: int, budget: dict, teacher_model: Path) -> dict:
+    from refilled_hf.pipeline import run_distillation
+
+    s1, s2 = budget["stage1"], budget["stage2"]
+    epochs = s1 + s2 if method == "ce-equal" else s2
+    fields: dict[str, Any] = {
+        "method": method.split("-")[0],
+        "student": "cifar_wrn_16_1",
+        "teacher": f"local-dir:{teacher_model}",
+        "classes": SETTINGS[setting],
+        "teacher_classes": TEACHER_CLASSES,
+        "shots_per_class": shots,
+        "stage1_epochs": s1,
+        "stage2_epochs": epochs,
+        "stage1_learning_rate": 0.05,
+        "stage2_learning_rate": 0.05,
+        "stage2_milestones": f"{int(epochs * 0.5)},{int(epochs * 0.75)}",
+        "output_dir": str(cache / "runs" / f"{setting}-{method}-n{shots}-s{seed}-e{s1}x{s2}"),
+        "seed": seed,
+    }
+    if method == "ce-equal":
+        fields["method"] = "ce"
+    if method == "refilled-linear":
+        fields["distill_weight_schedule"] = "linear"
+    results = _run({**COMMON, **fields}, run_distillation)
+    seen = s1 + s2 if method.startswith("refilled") or method == "ce-equal" else s2
+    record = {
+        "setting": setting,
+        "method": method,
+        "shots": shots,
+        "seed": seed,
+        "test_top1": results["final"]["test_top1"],
+        "validation_top1": results["final"].get("validation_top1"),
+        "stage1_test_ncm": results.get("stage1", {}).get("test_ncm_top1"),
+        "images_seen": results["data"]["train_images"] * seen,
+        "train_seconds": results["final"]["train_seconds"] + results.get("stage1", {}).get("train_seconds", 0.0),
+    }
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def probe(cache: Path, setting: str, shots: int, seed: int, teacher_model: Path) -> float:
+    from refilled_hf.config import RefilledConfig
+    from refilled_hf.pipeline import probe_teacher
+
+    path = cache / "probes" / f"{setting}-n{shots}-s{seed}.json"
+    if not path.is_file():
+        config = RefilledConfig(**{**COMMON, "teacher": f"local-dir:{teacher_model}", "student": "cifar_wrn_16_1",
+                                   "classes": SETTINGS[setting], "shots_per_class": shots, "seed": seed,
+                                   "output_dir": str(cache / "probes")})  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(probe_teacher(config)))
+    return json.loads(path.read_text())["probe_ncm_top1"]
+
+
+def run_all(cache: Path, budget_name: str) -> None:
+    budget = BUDGETS[budget_name]
+    cache.mkdir(parents=True, exist_ok=True)
+    records_path = cache / f"records-{budget_name}.jsonl"
+    keys = ("setting", "method", "shots", "seed")
+    done = {tuple(r[k] for k in keys) for r in _read_jsonl(records_path)}
+    start = time.perf_counter()
+    teacher_model = teacher(cache, budget)
+
+    def record(r: dict) -> None:
+        if tuple(r[k] for k in keys) not in done:
+            done.add(tuple(r[k] for k in keys))
+            with records_path.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+
+    def cell(setting: str, shots: int, seed: int) -> None:
+        if (setting, "probe", shots, seed) not in done:
+            record({"setting": setting, "method": "probe", "shots": shots, "seed": seed,
+                    "probe_ncm": probe(cache, setting, shots, seed, teacher_model)})  # fmt: skip
+        for method in METHODS:
+            if (setting, method, shots, seed) not in done:
+                record(student(cache, setting, method, shots, seed, budget, teacher_model))
+        print(f"{setting} n{shots} seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
+
+    for setting, shots, seed in budget["runs"]:
+        cell(setting, shots, seed)
+
+
+def report(cache: Path, budget_name: str, out: Path) -> None:
+    records = _read_jsonl(cache / f"records-{budget_name}.jsonl")
+    runs = [r for r in records if r["method"] != "probe"]
+    rows, gains = [], []
+    for setting, shots in sorted({(r["setting"], r["shots"]) for r in runs}):
+        by_method = {m: [r for r in runs if (r["setting"], r["shots"], r["method"]) == (setting, shots, m)]
+                     for m in METHODS}  # fmt: skip
+        probes = [r["probe_ncm"] for r in records
+                  if r["method"] == "probe" and (r["setting"], r["shots"]) == (setting, shots)]  # fmt: skip
+        for method, rs in by_method.items():
+            if rs:
+                mean, std = _mean_std([r["test_top1"] for r in rs])
+                rows.append({"setting": setting, "shots": shots, "method": method, "test_mean": mean, "test_std": std,
+                             "seeds": len(rs), "images_seen": rs[0]["images_seen"],
+                             "seconds_mean": statistics.mean(r["train_seconds"] for r in rs)})  # fmt: skip
+        for method in ("refilled", "refilled-linear"):
+            for base in ("ce", "ce-equal"):
+                base_runs = {r["seed"]: r["test_top1"] for r in by_method[base]}
+                diffs = [r["test_top1"] - base_runs[r["seed"]] for r in by_method[method] if r["seed"] in base_runs]
+                if diffs:
+                    mean, std = _mean_std(diffs)
+                    gains.append({"setting": setting, "shots": shots, "method": method, "baseline": base,
+                                  "gain_mean": mean, "gain_std": std, "seeds": len(diffs),
+                                  "probe_mean": statistics.mean(probes) if probes else None})  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"budget": budget_name, "budget_spec": BUDGETS[budget_name], "summary": rows, "gains": gains,
+            "records": records}  # fmt: skip
+    (out / "cifar100.json").write_text(json.dumps(data, indent=2))
+    b = BUDGETS[budget_name]
+    lines = [f"# REFILLED on CIFAR-100 (budget `{budget_name}`)", "",
+             f"Teacher WRN-16-2 on classes 0-49 ({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "
+             f"Student WRN-16-1 on classes 50-99 (`cross`) or 20-69 (`overlap`, 30 shared); stage 1 {b['stage1']} + "
+             f"stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: {b['stage1'] + b['stage2']}). "
+             "Test top-1 % on the 5,000 test images of the student's classes, mean ± std over seeds.", "",
+             "| setting | images/class | method | test top-1 % | seeds | images seen | train s |",
+             "|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['shots']} | {r['method']} | {r['test_mean']:.1f} ± {r['test_std']:.1f} | "
+                     f"{r['seeds']} | {r['images_seen']} | {r['seconds_mean']:.0f} |")  # fmt: skip
+    lines += ["", "## REFILLED minus the student alone (paired by seed)", "",
+              "| setting | images/class | probe NCM % | method | baseline | difference (points) | seeds |",
+              "|---|---:|---:|---|---|---:|---:|"]  # fmt: skip
+    for g in gains:
+        probe_text = f"{g['probe_mean']:.1f}" if g["probe_mean"] is not None else "-"
+        lines.append(f"| {g['setting']} | {g['shots']} | {probe_text} | {g['method']} | {g['baseline']} | "
+                     f"{g['gain_mean']:+.1f} ± {g['gain_std']:.1f} | {g['seeds']} |")  # fmt: skip
+    (out / "cifar100.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/refilled-hf-bench-c100")))
+    parser.add_argument("--report-only", action="store_true", help="only build the tables from the cache")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if not args.report_only:
+        if not (CIFAR100 / "train.parquet").is_file():
+            raise SystemExit(f"needs the CIFAR-100 copy at {CIFAR100}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+        run_all(args.cache, args.budget)
+    report(args.cache, args.budget, args.out)
+
+
+if __name__ == "__main__":
+    main()

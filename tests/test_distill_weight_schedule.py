@@ -1,0 +1,75 @@
+"""`--distill_weight_schedule`: lambda over stage 2, checked against the formula and a
+loss written out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from reference_losses import local_classifier_reference
+
+import refilled_hf  # noqa: F401  (registers cifar_wrn_*)
+from refilled_hf.backbone import FrozenTeacher, StudentModel
+from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.trainer import RefilledTrainer
+
+LAMBDA = 8.0
+
+
+def _stage2_trainer(tmp_path, schedule: str) -> RefilledTrainer:
+    torch.manual_seed(0)
+    student = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=3, drop_rate=0.0))
+    teacher = FrozenTeacher(timm.create_model("cifar_wrn_16_1", num_classes=2), student.model.pretrained_cfg)
+    args = RefilledConfig(teacher="x", output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
+                          distill_weight=LAMBDA, distill_weight_schedule=schedule, stage2_epochs=2.0)  # fmt: skip
+    centers = F.normalize(torch.randn(3, 64), dim=1)
+    trainer = RefilledTrainer(model=student, args=args, stage="stage2", num_classes=3, teacher=teacher,
+                              class_centers=centers)  # fmt: skip
+    trainer._train_batches = 5  # 5 steps per epoch: 10 steps in the stage
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        ("constant", lambda t: LAMBDA),
+        ("linear", lambda t: LAMBDA * (1 - t)),
+        ("cosine", lambda t: LAMBDA * 0.5 * (1 + math.cos(math.pi * t))),
+    ],
+)
+def test_lambda_follows_the_schedule_over_the_whole_stage(tmp_path, schedule, expected):
+    trainer = _stage2_trainer(tmp_path, schedule)
+    seen = []
+    for step in (0, 3, 5, 10, 12):  # 12: past the end (max_steps beyond the stage) stays at the end value
+        trainer.state.global_step = step
+        seen.append(trainer.distill_weight())
+    assert seen == pytest.approx([expected(min(s, 10) / 10) for s in (0, 3, 5, 10, 12)])
+    if schedule != "constant":
+        assert seen[0] == LAMBDA and seen[2] == pytest.approx(LAMBDA / 2) and seen[3] == pytest.approx(0.0)
+
+
+def test_stage2_loss_uses_the_scheduled_lambda(tmp_path):
+    trainer = _stage2_trainer(tmp_path, "linear")
+    trainer.state.global_step = 7  # lambda = 8 * 0.3
+    student = trainer.model
+    student.eval()
+    g = torch.Generator().manual_seed(1)
+    batch = {"pixel_values": torch.randn(6, 3, 32, 32, generator=g), "labels": torch.tensor([0, 1, 2, 0, 1, 1])}
+    loss = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        logits = student(pixel_values=batch["pixel_values"])["logits"]
+        teacher_emb = trainer.teacher(batch["pixel_values"])[0]
+    labels = batch["labels"].tolist()
+    expected = F.cross_entropy(logits, batch["labels"]) + local_classifier_reference(
+        logits, teacher_emb, trainer.class_centers, labels, tau=2.0, weight=LAMBDA * 0.3
+    )
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    assert trainer._components == {}  # eval mode: nothing logged
+
+
+def test_unknown_schedule_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="distill_weight_schedule.*constant, linear, cosine"):
+        RefilledConfig(teacher="x", output_dir=str(tmp_path), distill_weight_schedule="exp")
