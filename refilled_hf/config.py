@@ -29,6 +29,7 @@ CENTER_MODES = ("global", "batch")
 DATA_PATHS = ("auto", "device", "workers")
 MINING_SCOPES = ("auto", "global", "local")
 DISTILL_WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
+TEACHER_CACHE_DTYPES = ("float16", "float32")
 
 
 class ConfigError(ValueError):
@@ -164,6 +165,7 @@ NUMERIC_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "adam_epsilon": (0, _INF, True, True),
     "ddp_timeout": (1, _INF, False, True),
     "device_data_budget_gb": (0, _INF, True, True),
+    "teacher_cache_budget_gb": (0, _INF, True, True),
     "evaluations_per_stage": (0, _INF, False, True),
 }
 
@@ -296,6 +298,23 @@ class RefilledConfig(TrainingArguments):
     )
     device_data_budget_gb: float = field(
         default=4.0, **_help("Most memory (GiB) the device data path may use for the decoded splits.")
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        **_help(
+            "Folder of a teacher-output cache shared by runs (seeds, baselines, sweeps): the teacher's outputs for "
+            "every training image under every crop/flip the device data path can draw (162 per 32-px image), "
+            "built once (that costs 162 teacher passes over the training split), then read instead of running "
+            "the teacher each step. Exact: the same augmentations and draws as without it. Needs the device data "
+            "path; ignored by --method ce (no teacher). Default none."
+        ),
+    )
+    teacher_cache_dtype: str = field(
+        default="float16",
+        **_help("Storage precision of the teacher cache: float16 (half the memory) or float32 (bit-exact)."),
+    )
+    teacher_cache_budget_gb: float = field(
+        default=8.0, **_help("Most memory (GiB) the teacher cache may take on the training device.")
     )
 
     # ---- stage 1: relationship matching
@@ -449,6 +468,8 @@ class RefilledConfig(TrainingArguments):
         self._check_replaced_fields()
         if self.test_split is not None and str(self.test_split).strip().lower() in ("", "none", "null"):
             self.test_split = None  # `--test_split none`: a data set without a test split
+        if self.teacher_cache is not None and str(self.teacher_cache).strip().lower() in ("", "none", "null"):
+            self.teacher_cache = None
         if self.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is visible: use --bf16 true (works on the CPU too).")
         # bf16 on a machine without a GPU runs on the CPU rather than failing.
@@ -505,6 +526,16 @@ class RefilledConfig(TrainingArguments):
             )
         if self.mining_scope not in MINING_SCOPES:
             raise ConfigError(f"Unknown mining_scope {self.mining_scope!r}: choose one of {', '.join(MINING_SCOPES)}.")
+        if self.teacher_cache_dtype not in TEACHER_CACHE_DTYPES:
+            raise ConfigError(
+                f"Unknown teacher_cache_dtype {self.teacher_cache_dtype!r}: choose one of "
+                f"{', '.join(TEACHER_CACHE_DTYPES)}."
+            )
+        if self.teacher_cache and self.data_path == "workers":
+            raise ConfigError(
+                "--teacher_cache needs the device data path (its exact cache indexes the crops and flips drawn "
+                "there); --data_path workers was asked. Drop one of the two."
+            )
         if self.data_path not in DATA_PATHS:
             raise ConfigError(f"Unknown data_path {self.data_path!r}: choose one of {', '.join(DATA_PATHS)}.")
         for name, (low, high, low_open, high_open) in NUMERIC_RANGES.items():

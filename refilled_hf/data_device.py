@@ -97,10 +97,19 @@ class DeviceImages:
 
     def batch(self, index: torch.Tensor, augment: bool) -> torch.Tensor:
         """Normalized ``float32 [B, 3, S, S]`` pixels of the images at ``index``."""
-        images = self.images[index.to(self.device)]
         if augment and (self.padding or self.flip):
-            top, left, flip = self.draw(images.shape[0])
-            images = crop_and_flip(images, top, left, flip, self.padding)
+            return self.augmented(index)[0]
+        return self.normalize(self.images[index.to(self.device)])
+
+    def augmented(self, index: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Augmented, normalized pixels of the images at ``index`` and the draws that made
+        them: ``(pixels, (top, left, flip))``."""
+        images = self.images[index.to(self.device)]
+        draws = self.draw(images.shape[0])
+        return self.normalize(crop_and_flip(images, *draws, self.padding)), draws
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``uint8`` images -> normalized ``float32`` pixels."""
         return (images.float() / 255.0 - self.mean) / self.std
 
 

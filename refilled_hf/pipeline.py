@@ -12,6 +12,7 @@ Output layout of ``output_dir``::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,6 +40,7 @@ from .rundir import (
     last_complete_checkpoint,
     tensor_fingerprint,
 )
+from .teacher_cache import TeacherCache, TeacherCacheError, cache_bytes, load_or_build
 from .trainer import RefilledTrainer, batch_pixels
 
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training"]
@@ -262,6 +264,67 @@ def _check_memory(config: RefilledConfig, sizes: list[int]) -> None:
         )
 
 
+def _uses_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None) -> bool:
+    return bool(config.teacher_cache) and teacher is not None
+
+
+def _cache_needs_logits(config: RefilledConfig) -> bool:
+    return config.method == "kd" or (config.method == "refilled" and config.confidence_weights)
+
+
+def _check_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None, data: ClassificationData) -> None:
+    """Refuse a teacher cache that cannot be used, before any long work."""
+    if not _uses_teacher_cache(config, teacher):
+        if config.teacher_cache:
+            logger.info("--teacher_cache is not used by --method ce (no teacher).")
+        return
+    if not isinstance(data.train, IndexedImages):
+        raise ConfigError(
+            "--teacher_cache needs the device data path, and this run uses the worker path (the log line 'Data "
+            "path:' says why). Turn the cache off (--teacher_cache none) or make the device path apply (inputs of "
+            "64 px or less, a larger --device_data_budget_gb)."
+        )
+    with torch.no_grad():
+        emb, logits = teacher(data.train.pixels(torch.arange(1)).cpu())
+    logit_dim = logits.shape[1] if _cache_needs_logits(config) else 0
+    need = cache_bytes(data.train.images, emb.shape[1], logit_dim, config.teacher_cache_dtype)
+    if need > config.teacher_cache_budget_gb * 2**30:
+        raise ConfigError(
+            f"The teacher cache would take {need / 2**30:.2f} GiB, over --teacher_cache_budget_gb "
+            f"{config.teacher_cache_budget_gb:g}: raise the budget, use --teacher_cache_dtype float16, or turn the "
+            "cache off (--teacher_cache none)."
+        )
+
+
+def _teacher_cache(config, teacher, data, teacher_weights: str, results: dict[str, Any]) -> TeacherCache | None:
+    """Read the teacher cache, or build it (the main process first; the others then read
+    the file it wrote). The build runs the teacher in the precision training uses."""
+    if not _uses_teacher_cache(config, teacher):
+        return None
+    from accelerate import PartialState
+
+    state = PartialState()
+    teacher.to(data.train.images.device)
+    dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
+    device_type = data.train.images.device.type
+
+    def autocast():
+        return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    try:
+        with state.main_process_first():
+            cache, info = load_or_build(
+                config.teacher_cache, teacher, teacher_weights, data.train.images,
+                precision="bf16" if config.bf16 else "fp16" if config.fp16 else "fp32",
+                dtype=config.teacher_cache_dtype, with_logits=_cache_needs_logits(config),
+                batch_size=config.per_device_eval_batch_size, autocast=autocast, write=state.is_main_process,
+            )  # fmt: skip
+    except TeacherCacheError as err:
+        raise RunError(str(err)) from None
+    results["teacher_cache"] = info
+    return cache
+
+
 def _check_forward(student: StudentModel, teacher: FrozenTeacher | None, data: ClassificationData) -> None:
     """Two training images through student and teacher, before any training: a model that
     cannot run at this input size fails here, in one line, not after the data pass."""
@@ -423,8 +486,11 @@ def _barrier(trainer: RefilledTrainer) -> None:
 def _run_identity(config: RefilledConfig, data: ClassificationData, student: StudentModel, teacher) -> dict[str, Any]:
     """What makes two runs the same run (see :mod:`refilled_hf.rundir`)."""
     recipe = {k: v for k, v in config.to_recipe().items() if k not in NON_IDENTITY_FIELDS}
+    recipe.pop("teacher_cache_dtype", None)
     return {
         **recipe,
+        # a float16 cache rounds the teacher's outputs: runs with and without it differ
+        "teacher_cache": config.teacher_cache_dtype if _uses_teacher_cache(config, teacher) else None,
         "world_size": config.world_size,
         "student_init": tensor_fingerprint(student.model.state_dict()),
         "teacher_weights": tensor_fingerprint(teacher.model.state_dict()) if teacher is not None else None,
@@ -475,6 +541,7 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
         config, [student_cfg["input_size"][-1]] + ([teacher.input_size] if teacher and teacher.input_size else [])
     )
     _check_forward(student, teacher, data)
+    _check_teacher_cache(config, teacher, data)
     results: dict[str, Any] = {
         "method": method,
         "student": config.student,
@@ -502,8 +569,9 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
                 rundir.remove_earlier_run(earlier)
             rundir.write_manifest(identity)
         _wait_for_everyone()
+        cache = _teacher_cache(config, teacher, data, identity["teacher_weights"], results)
         return _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks,
-                           results, out)  # fmt: skip
+                           results, out, cache)  # fmt: skip
     finally:
         rundir.release()
 
@@ -514,7 +582,8 @@ def _wait_for_everyone() -> None:
     PartialState().wait_for_everyone()
 
 
-def _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks, results, out):
+def _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks, results, out,
+                cache=None):  # fmt: skip
     if method == "refilled":
         stage1_dir, stage2_dir = stage_dirs
         if config.stage1_epochs == 0:
@@ -524,8 +593,9 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
             logger.info("Stage 1 already finished: continuing with stage 2.")
         else:
             trainer = _make_trainer(
-                config, "stage1", stage1_dir, student, data, callbacks, teacher=teacher, centers_dataset=centers_data
-            )
+                config, "stage1", stage1_dir, student, data, callbacks, teacher=teacher,
+                centers_dataset=centers_data, teacher_cache=cache,
+            )  # fmt: skip
             _fit(trainer, points[stage1_dir])
             stage1 = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
             stage1.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
@@ -533,7 +603,9 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
             _barrier(trainer)
             results["stage1"] = stage1
         student.set_embeddings_only(False)
-        trainer = _make_trainer(config, "stage2", stage2_dir, student, data, callbacks, teacher=teacher)
+        trainer = _make_trainer(
+            config, "stage2", stage2_dir, student, data, callbacks, teacher=teacher, teacher_cache=cache
+        )
         if config.centers == "global":
             start = time.perf_counter()
             _teacher_centers(trainer, stage2_dir, centers_data)
@@ -541,8 +613,9 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
         _fit(trainer, points[stage2_dir])
     else:
         trainer = _make_trainer(
-            config, method, stage_dirs[0], student, data, callbacks, **({"teacher": teacher} if teacher else {})
-        )
+            config, method, stage_dirs[0], student, data, callbacks,
+            **({"teacher": teacher, "teacher_cache": cache} if teacher else {}),
+        )  # fmt: skip
         _fit(trainer, points[stage_dirs[0]])
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)

@@ -56,6 +56,7 @@ NON_IDENTITY_FIELDS = frozenset(
         "card_license", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node", "skip_memory_metrics",
         "per_device_eval_batch_size", "dataloader_persistent_workers", "dataloader_pin_memory",
         "dataloader_prefetch_factor", "ddp_timeout", "local_rank",
+        "teacher_cache", "teacher_cache_budget_gb",
     }
 )  # fmt: skip
 

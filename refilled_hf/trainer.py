@@ -36,6 +36,7 @@ from .losses import (
     rkd_loss,
     teacher_confidence_weights,
 )
+from .teacher_cache import TeacherCache
 
 __all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers"]
 
@@ -92,6 +93,9 @@ class RefilledTrainer(Trainer):
             :meth:`compute_teacher_centers` before training).
         centers_dataset: stage 1: the training split with evaluation transforms, for the
             nearest-class-mean centres.
+        teacher_cache: the teacher's outputs for every training image and augmentation
+            (:mod:`refilled_hf.teacher_cache`), read instead of running the teacher on
+            training batches; built over ``train_dataset``'s images.
         num_classes: the student's number of classes.
         kwargs: passed to :class:`transformers.Trainer` (datasets, callbacks, ...).
     """
@@ -106,6 +110,7 @@ class RefilledTrainer(Trainer):
         teacher: FrozenTeacher | None = None,
         class_centers: torch.Tensor | None = None,
         centers_dataset=None,
+        teacher_cache: TeacherCache | None = None,
         **kwargs: Any,
     ):
         if stage not in STAGES:
@@ -132,6 +137,9 @@ class RefilledTrainer(Trainer):
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
         self.class_centers = class_centers.to(self.args.device) if class_centers is not None else None
         self.centers_dataset = centers_dataset
+        if teacher_cache is not None and getattr(self.train_dataset, "images", None) is not teacher_cache.images:
+            raise ValueError("The teacher cache was built over other images than this trainer's training split.")
+        self.teacher_cache = teacher_cache
         self._components: dict[str, float | torch.Tensor] = defaultdict(float)
         self._component_batches = 0
         self._train_batches: int | None = None
@@ -188,11 +196,16 @@ class RefilledTrainer(Trainer):
     ):
         """The stage's loss; each component is kept for logging (``relationship``,
         ``ce``, ``distill``, ``tuples``, ``triplets``, ``local_classes``)."""
-        images, labels = batch_pixels(inputs, self.train_dataset), inputs["labels"]
-        outputs = model(pixel_values=images)
+        labels = inputs["labels"]
         teacher_emb = teacher_logits = None
-        if self.teacher is not None:
-            teacher_emb, teacher_logits = self.teacher(images)
+        if self.teacher_cache is not None:  # the same draws as below, the teacher's outputs read back
+            images, draws = self.train_dataset.images.augmented(inputs["index"])
+            teacher_emb, teacher_logits = self.teacher_cache.lookup(inputs["index"], *draws)
+        else:
+            images = batch_pixels(inputs, self.train_dataset)
+            if self.teacher is not None:
+                teacher_emb, teacher_logits = self.teacher(images)
+        outputs = model(pixel_values=images)
         args: RefilledConfig = self.args
         parts: dict[str, float | torch.Tensor] = {}
         if self.stage == "stage1":
