@@ -19,8 +19,11 @@ validation split) for every setting.
     python benchmarks/cifar100.py [--budget cpu|smoke] [--cache ~/.cache/refilled-hf-bench-c100]
     python benchmarks/cifar100.py --report-only
 
-Runs are cached (never repeated); the first seed of every cell runs first, then the other
-seeds, so an interrupted run still answers the main question. Writes
+Also REFILLED at batch 128 and 512 (``refilled-b128``, ``refilled-b512``: learning rate
+scaled linearly, 5 % warm-up at 512) on the cross split: does a large batch keep accuracy?
+
+Runs are cached (never repeated) and go in priority order (``BUDGETS["cpu"]["runs"]``),
+so an interrupted run still answers the main questions. Writes
 ``benchmarks/results/cifar100.{json,md}`` and ``cifar100_gain.png``.
 """
 
@@ -41,9 +44,18 @@ CIFAR100 = ROOT.parent.parent / "shared" / "data" / "cifar100"
 TEACHER_CLASSES = "cifar100-first-half"
 SETTINGS = {"cross": "cifar100-second-half", "overlap": "cifar100-shift-20"}
 METHODS = ("ce", "ce-equal", "rkd", "refilled", "refilled-linear")
+#: REFILLED at batch 128 and 512 (learning rate scaled linearly from 0.05 at 64, 5 % warm-up at 512)
+LARGE_BATCH = ("refilled-b128", "refilled-b512")
+BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05)}
 
 BUDGETS: dict[str, dict[str, Any]] = {
-    "smoke": {"teacher_shots": 20, "teacher_epochs": 1, "stage1": 1, "stage2": 1, "runs": [("cross", 10, 0)]},
+    "smoke": {
+        "teacher_shots": 20,
+        "teacher_epochs": 1,
+        "stage1": 1,
+        "stage2": 1,
+        "runs": [("cross", 10, 0, METHODS + LARGE_BATCH)],
+    },  # fmt: skip
     # (setting, images per class, seed) in priority order, so that an interrupted run still
     # answers the main question: about 15 minutes per 50-image run of all methods on 2 cores
     "cpu": {
@@ -51,9 +63,12 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "teacher_epochs": 15,
         "stage1": 10,
         "stage2": 10,
-        "runs": [("cross", 50, s) for s in (0, 1, 2)]
-        + [("overlap", 50, 0), ("cross", 100, 0), ("overlap", 50, 1), ("overlap", 50, 2)]
-        + [("cross", 100, s) for s in (1, 2)],
+        "runs": [("cross", 50, 0, METHODS)]
+        + [("cross", 50, s, LARGE_BATCH) for s in (0, 1, 2)]
+        + [("cross", 50, s, METHODS) for s in (1, 2)]
+        + [("overlap", 50, 0, METHODS), ("cross", 100, 0, METHODS), ("overlap", 50, 1, METHODS)]
+        + [("overlap", 50, 2, METHODS)]
+        + [("cross", 100, s, METHODS) for s in (1, 2)],
     },
 }
 
@@ -109,6 +124,10 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         fields["method"] = "ce"
     if method == "refilled-linear":
         fields["distill_weight_schedule"] = "linear"
+    if method in BATCHES:
+        batch, lr, warmup = BATCHES[method]
+        fields.update(per_device_train_batch_size=batch, stage1_learning_rate=lr, stage2_learning_rate=lr,
+                      warmup_steps=warmup)  # fmt: skip
     results = _run({**COMMON, **fields}, run_distillation)
     seen = s1 + s2 if method.startswith("refilled") or method == "ce-equal" else s2
     record = {
@@ -155,17 +174,17 @@ def run_all(cache: Path, budget_name: str) -> None:
             with records_path.open("a") as f:
                 f.write(json.dumps(r) + "\n")
 
-    def cell(setting: str, shots: int, seed: int) -> None:
+    def cell(setting: str, shots: int, seed: int, methods: tuple[str, ...]) -> None:
         if (setting, "probe", shots, seed) not in done:
             record({"setting": setting, "method": "probe", "shots": shots, "seed": seed,
                     "probe_ncm": probe(cache, setting, shots, seed, teacher_model)})  # fmt: skip
-        for method in METHODS:
+        for method in methods:
             if (setting, method, shots, seed) not in done:
                 record(student(cache, setting, method, shots, seed, budget, teacher_model))
         print(f"{setting} n{shots} seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
 
-    for setting, shots, seed in budget["runs"]:
-        cell(setting, shots, seed)
+    for setting, shots, seed, methods in budget["runs"]:
+        cell(setting, shots, seed, methods)
 
 
 def report(cache: Path, budget_name: str, out: Path) -> None:
@@ -174,7 +193,7 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     rows, gains = [], []
     for setting, shots in sorted({(r["setting"], r["shots"]) for r in runs}):
         by_method = {m: [r for r in runs if (r["setting"], r["shots"], r["method"]) == (setting, shots, m)]
-                     for m in METHODS}  # fmt: skip
+                     for m in METHODS + LARGE_BATCH}  # fmt: skip
         probes = [r["probe_ncm"] for r in records
                   if r["method"] == "probe" and (r["setting"], r["shots"]) == (setting, shots)]  # fmt: skip
         for method, rs in by_method.items():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import platform
 import resource
 import statistics
@@ -86,8 +87,9 @@ def _write_teacher(folder: Path, name: str, label_names: list[str]) -> str:
     return f"local-dir:{folder}"
 
 
-def pipeline_rate(method: str, path: str, args, teacher: str, work: Path) -> float:
-    """Images per second of the pipeline's steady-state training steps."""
+def pipeline_rate(method: str, path: str, args, teacher: str, work: Path, **extra) -> float:
+    """Images per second of the pipeline's steady-state training steps (``extra``: more
+    recipe fields)."""
     from refilled_hf.config import RefilledConfig
     from refilled_hf.pipeline import run_distillation
 
@@ -116,7 +118,8 @@ def pipeline_rate(method: str, path: str, args, teacher: str, work: Path) -> flo
         dataloader_persistent_workers=path == "workers" and args.workers > 0,
         bf16=args.bf16,
         use_cpu=args.device == "cpu",
-        output_dir=str(work / f"{method}-{path}"),
+        output_dir=str(work / f"{method}-{path}{'-' + '-'.join(extra) if extra else ''}"),
+        **extra,
     )
     callbacks = [clock]
     if stage1:  # time stage 1 only: stop the run once stage 1 has its steps
@@ -201,6 +204,47 @@ def bare_rate(method: str, args, device: str) -> float:
     return args.batch / statistics.median(times)
 
 
+class _BuildTime(logging.Handler):
+    """Catches the library's 'Teacher cache built in X s.' log record."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: float | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Teacher cache built in"):
+            self.seconds = float(record.args[0])
+
+
+def teacher_cache_row(args, teacher: str, work: Path) -> dict:
+    """REFILLED stage 1 on the device path with and without the teacher cache, in this
+    process, and what building the cache cost (``--cache_shots`` images per class)."""
+    import copy
+
+    small = copy.copy(args)
+    small.shots = args.cache_shots
+    without = pipeline_rate("stage1", "device", small, teacher, work)
+    catcher = _BuildTime()
+    cache_logger = logging.getLogger("refilled_hf.teacher_cache")
+    cache_logger.addHandler(catcher)
+    cache_logger.setLevel(logging.INFO)
+    try:
+        cached = pipeline_rate("stage1", "device", small, teacher, work, teacher_cache=str(work / "cache"))
+    finally:
+        cache_logger.removeHandler(catcher)
+    images = len(args.classes_list) * args.cache_shots
+    return {
+        "images": images,
+        "variants": 162,
+        "build_seconds": catcher.seconds,
+        "stage1_images_per_s": without,
+        "stage1_cached_images_per_s": cached,
+        "speedup": cached / without,
+        # teacher passes a run must save before the cache pays: build time / per-image saving
+        "breakeven_epochs": (catcher.seconds or float("nan")) / (images * (1 / without - 1 / cached)),
+    }
+
+
 def small_run_seconds(args, teacher: str, work: Path) -> dict:
     """The issue's small middle-shot run: REFILLED, 100 images x 4 classes, 60 + 60 epochs."""
     from refilled_hf.config import RefilledConfig
@@ -237,6 +281,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--small_run", action="store_true")
+    parser.add_argument("--teacher_cache", action="store_true",
+                        help="also time stage 1 with and without the teacher cache, and its build")  # fmt: skip
+    parser.add_argument("--cache_shots", type=int, default=20, help="images per class of the teacher-cache rows")
+    parser.add_argument("--only_teacher_cache", action="store_true", help="only the teacher-cache rows")
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
 
@@ -253,6 +301,13 @@ def main() -> None:
         args.dataset, classes=args.classes, shots_per_class=args.shots, validation_fraction=0.0, test_split=None
     )
     teacher = _write_teacher(work / "teacher", args.teacher, names.class_names)
+    args.classes_list = names.class_names
+    if args.teacher_cache or args.only_teacher_cache:
+        row = teacher_cache_row(args, teacher, work)
+        print(json.dumps(row), flush=True)
+        write_cache_results(row, args, _device_name(device), Path(args.out))
+        if args.only_teacher_cache:
+            return
     rows = []
     for method in args.methods:
         bare = bare_rate(method, args, device)
@@ -265,7 +320,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     result = {
         "device": _device_name(device),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")},
         "rows": rows,
         "peak_memory_mb": _peak_memory_mb(device),
         "torch": torch.__version__,
@@ -275,6 +330,31 @@ def main() -> None:
         result["small_run"] = small_run_seconds(args, teacher, work)
         print(json.dumps(result["small_run"]), flush=True)
         write_results(result, Path(args.out))
+
+
+def write_cache_results(row: dict, args, device_name: str, out: Path) -> None:
+    """``teacher_cache_<device>.json`` and ``.md`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"teacher_cache_{args.device}"
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")}
+    (out / f"{stem}.json").write_text(json.dumps({"device": device_name, "settings": settings, **row}, indent=2))
+    lines = [
+        f"# Teacher cache on {device_name}",
+        "",
+        f"REFILLED stage 1, {args.student} student, {args.teacher} teacher, batch {args.batch}, "
+        f"{'bf16' if args.bf16 else 'fp32'}, device data path, {row['images']} training images "
+        f"({args.cache_shots} per class); steps {args.warmup}-{args.steps} timed, both rows in one process.",
+        "",
+        "| stage 1 without cache (img/s) | with cache (img/s) | speed-up | cache build (s) | epochs to pay back |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {row['stage1_images_per_s']:.0f} | {row['stage1_cached_images_per_s']:.0f} | {row['speedup']:.2f}x | "
+        f"{row['build_seconds']:.0f} | {row['breakeven_epochs']:.0f} |",
+        "",
+        f"The build runs the teacher on each image under all {row['variants']} crops x flips once; a run (or the "
+        "sum of runs that share the cache: seeds, baselines, sweeps) recovers it after the epochs in the last column.",
+    ]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_results(result: dict, out: Path) -> None:
