@@ -305,8 +305,9 @@ class RefilledConfig(TrainingArguments):
             "Folder of a teacher-output cache shared by runs (seeds, baselines, sweeps): the teacher's outputs for "
             "every training image under every crop/flip the device data path can draw (162 per 32-px image), "
             "built once (that costs 162 teacher passes over the training split), then read instead of running "
-            "the teacher each step. Exact: the same augmentations and draws as without it. Needs the device data "
-            "path; ignored by --method ce (no teacher). Default none."
+            "the teacher each step. The same augmentations and random draws as without it (float32 storage "
+            "reproduces the uncached run; float16 rounds the teacher's outputs). Needs the device data path; "
+            "ignored where no teacher runs (--method ce, train-teacher). Default none."
         ),
     )
     teacher_cache_dtype: str = field(

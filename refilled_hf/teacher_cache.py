@@ -15,8 +15,8 @@ refused where the device path does not run.
 
 The file (``<folder>/<key>.safetensors``) is keyed by everything its content depends
 on: the teacher's weights and input adaptation, the training images' pixels, the
-augmentation (size, padding, flip, normalization), the precision the teacher ran in,
-the storage dtype and what is stored. It is written once, atomically (a temporary file
+augmentation (size, padding, flip, normalization), the precision and device type the
+teacher ran on, the storage dtype and what is stored. It is written once, atomically (a temporary file
 renamed into place), and only read afterwards; concurrent builders of the same key
 each write a complete file, and the last rename wins.
 
@@ -100,6 +100,7 @@ def cache_key(
         "mean": images.mean.flatten().tolist(),
         "std": images.std.flatten().tolist(),
         "precision": precision,
+        "device": images.device.type,  # kernels differ between CPU and GPU: exact means same device type
         "dtype": dtype,
         "with_logits": with_logits,
     }
