@@ -30,6 +30,8 @@ def test_authors_settings_are_kept_in_the_paper_recipes():
         recipe = yaml.safe_load((RECIPES / "cifar100" / f"refilled_wrn_{student}.yaml").read_text())
         assert recipe["distill_weight"] == 100.0 and recipe["tau1"] == 4.0 and recipe["tau2"] == 2.0
         assert recipe["stage1_epochs"] == recipe["stage2_epochs"] == 200
+    for path in (RECIPES / "cifar100").glob("*.yaml"):  # neither the REFILLED nor the CRD protocol clips
+        assert yaml.safe_load(path.read_text())["max_grad_norm"] == 0.0, path.name
 
 
 @pytest.mark.parametrize("name", sorted(QUICKSTART_RECIPES))
