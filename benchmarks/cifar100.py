@@ -53,6 +53,8 @@ NO_CLIP = ("ce-noclip", "ce-equal-noclip", "refilled-noclip", "refilled-linear-n
 LARGE_BATCH = ("refilled-b128", "refilled-b512")
 BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05)}
 ALL_METHODS = METHODS + NO_CLIP + LARGE_BATCH
+#: the runs that decide the clipping default, first for the later seeds
+CLIP_QUESTION = ("ce", "ce-noclip", "refilled", "refilled-noclip", "ce-equal-noclip")
 
 BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -69,8 +71,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "teacher_epochs": 15,
         "stage1": 10,
         "stage2": 10,
-        "runs": [("cross", 50, 0, METHODS + NO_CLIP)]
-        + [("cross", 50, s, LARGE_BATCH) for s in (0, 1, 2)]
+        "runs": [("cross", 50, 0, METHODS + NO_CLIP), ("cross", 50, 1, CLIP_QUESTION)]
+        + [("cross", 50, 0, LARGE_BATCH), ("cross", 50, 1, LARGE_BATCH)]
+        + [("cross", 50, 2, CLIP_QUESTION), ("cross", 50, 2, LARGE_BATCH)]
         + [("cross", 50, s, METHODS + NO_CLIP) for s in (1, 2)]
         + [("overlap", 50, 0, METHODS), ("cross", 100, 0, METHODS), ("overlap", 50, 1, METHODS)]
         + [("overlap", 50, 2, METHODS)]
