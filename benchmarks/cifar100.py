@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from accuracy import COMMON as ACCURACY_COMMON
 from accuracy import _mean_std, _read_jsonl, _run
 
 ROOT = Path(__file__).resolve().parent
@@ -81,18 +82,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
     },
 }
 
-COMMON = {
-    "dataset": str(CIFAR100),
-    "validation_fraction": 0.1,  # 50 of each class's 500 training images
-    "per_device_train_batch_size": 64,
-    "per_device_eval_batch_size": 500,
-    "eval_strategy": "no",
-    "save_strategy": "no",
-    "logging_steps": 50,
-    "disable_tqdm": True,
-    "use_cpu": True,
-    "dataloader_drop_last": False,
-}
+# the CIFAR-10 benchmark's run settings, on CIFAR-100
+COMMON = {**ACCURACY_COMMON, "dataset": str(CIFAR100), "validation_fraction": 0.1}  # 50 of 500 per class
 
 
 def teacher(cache: Path, budget: dict) -> Path:

@@ -30,6 +30,16 @@ DATA_PATHS = ("auto", "device", "workers")
 MINING_SCOPES = ("auto", "global", "local")
 DISTILL_WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
 TEACHER_CACHE_DTYPES = ("float16", "float32")
+#: fields that take one of a fixed set of values, checked by ``validate``
+CHOICES = {
+    "method": METHODS,
+    "stage1_variant": RELATIONSHIP_VARIANTS,
+    "centers": CENTER_MODES,
+    "distill_weight_schedule": DISTILL_WEIGHT_SCHEDULES,
+    "mining_scope": MINING_SCOPES,
+    "teacher_cache_dtype": TEACHER_CACHE_DTYPES,
+    "data_path": DATA_PATHS,
+}
 
 
 class ConfigError(ValueError):
@@ -512,33 +522,15 @@ class RefilledConfig(TrainingArguments):
 
     def validate(self) -> None:
         """Reject settings that cannot work, before any data or model is loaded."""
-        if self.method not in METHODS:
-            raise ConfigError(f"Unknown method {self.method!r}: choose one of {', '.join(METHODS)}.")
-        if self.stage1_variant not in RELATIONSHIP_VARIANTS:
-            raise ConfigError(
-                f"Unknown stage1_variant {self.stage1_variant!r}: choose one of {', '.join(RELATIONSHIP_VARIANTS)}."
-            )
-        if self.centers not in CENTER_MODES:
-            raise ConfigError(f"Unknown centers {self.centers!r}: choose one of {', '.join(CENTER_MODES)}.")
-        if self.distill_weight_schedule not in DISTILL_WEIGHT_SCHEDULES:
-            raise ConfigError(
-                f"Unknown distill_weight_schedule {self.distill_weight_schedule!r}: choose one of "
-                f"{', '.join(DISTILL_WEIGHT_SCHEDULES)}."
-            )
-        if self.mining_scope not in MINING_SCOPES:
-            raise ConfigError(f"Unknown mining_scope {self.mining_scope!r}: choose one of {', '.join(MINING_SCOPES)}.")
-        if self.teacher_cache_dtype not in TEACHER_CACHE_DTYPES:
-            raise ConfigError(
-                f"Unknown teacher_cache_dtype {self.teacher_cache_dtype!r}: choose one of "
-                f"{', '.join(TEACHER_CACHE_DTYPES)}."
-            )
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"Unknown {name} {value!r}: choose one of {', '.join(allowed)}.")
         if self.teacher_cache and self.data_path == "workers":
             raise ConfigError(
                 "--teacher_cache needs the device data path (its exact cache indexes the crops and flips drawn "
                 "there); --data_path workers was asked. Drop one of the two."
             )
-        if self.data_path not in DATA_PATHS:
-            raise ConfigError(f"Unknown data_path {self.data_path!r}: choose one of {', '.join(DATA_PATHS)}.")
         for name, (low, high, low_open, high_open) in NUMERIC_RANGES.items():
             value = getattr(self, name)
             if value is None:
