@@ -16,6 +16,7 @@ With ``--small_run``, also the wall time of the issue's small middle-shot run: R
 100 images per class x 4 classes, 60 + 60 epochs, library defaults.
 
     python benchmarks/throughput.py [--device cpu|cuda] [--steps 20] [--batch 128] [--small_run]
+    python benchmarks/throughput.py --compile_modes default max-autotune-no-cudagraphs  # torch.compile rows
 
 Writes ``benchmarks/results/throughput_<device>.json`` and ``.md`` (device named inside).
 On a GPU machine, pass ``--dataset`` (``../shared`` does not travel; see
@@ -50,6 +51,10 @@ class StepClock:
         class _Clock(TrainerCallback):
             def __init__(self):
                 self.times: list[float] = []
+                self.begin: float | None = None
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.begin = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
                 import torch
@@ -90,6 +95,12 @@ def _write_teacher(folder: Path, name: str, label_names: list[str]) -> str:
 def pipeline_rate(method: str, path: str, args, teacher: str, work: Path, **extra) -> float:
     """Images per second of the pipeline's steady-state training steps (``extra``: more
     recipe fields)."""
+    return pipeline_timing(method, path, args, teacher, work, **extra)["images_per_s"]
+
+
+def pipeline_timing(method: str, path: str, args, teacher: str, work: Path, **extra) -> dict[str, float]:
+    """``images_per_s`` of the steady-state steps and ``first_step_extra_s``: how much longer
+    the first step took than a steady one (a compile, the first allocations)."""
     from refilled_hf.config import RefilledConfig
     from refilled_hf.pipeline import run_distillation
 
@@ -135,7 +146,8 @@ def pipeline_rate(method: str, path: str, args, teacher: str, work: Path, **extr
         run_distillation(RefilledConfig(**recipe), callbacks=callbacks)
     times = clock.times[: args.steps]
     measured = times[args.warmup :]
-    return args.batch * (len(measured) - 1) / (measured[-1] - measured[0])
+    step = (measured[-1] - measured[0]) / (len(measured) - 1)
+    return {"images_per_s": args.batch / step, "first_step_extra_s": times[0] - clock.begin - step}
 
 
 class _Done(Exception):
@@ -285,6 +297,9 @@ def main() -> None:
                         help="also time stage 1 with and without the teacher cache, and its build")  # fmt: skip
     parser.add_argument("--cache_shots", type=int, default=20, help="images per class of the teacher-cache rows")
     parser.add_argument("--only_teacher_cache", action="store_true", help="only the teacher-cache rows")
+    parser.add_argument("--compile_modes", nargs="+", default=None,
+                        help="only the torch.compile rows: stage 1 and 2 eager and under each inductor mode given "
+                        "(default, reduce-overhead, max-autotune-no-cudagraphs, ...)")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
 
@@ -308,6 +323,10 @@ def main() -> None:
         write_cache_results(row, args, _device_name(device), Path(args.out))
         if args.only_teacher_cache:
             return
+    if args.compile_modes:
+        rows = compile_rows(args, teacher, work)
+        write_compile_results(rows, args, _device_name(device), Path(args.out))
+        return
     rows = []
     for method in args.methods:
         bare = bare_rate(method, args, device)
@@ -330,6 +349,55 @@ def main() -> None:
         result["small_run"] = small_run_seconds(args, teacher, work)
         print(json.dumps(result["small_run"]), flush=True)
         write_results(result, Path(args.out))
+
+
+def compile_rows(args, teacher: str, work: Path) -> list[dict]:
+    """REFILLED stage 1 and stage 2 on the device path, eager and under each
+    ``--compile_modes`` mode, in this process: steady-state images/s and the first step's
+    extra time (the compile)."""
+    import torch._dynamo
+
+    rows = []
+    for method in ("stage1", "stage2"):
+        eager = pipeline_timing(method, "device", args, teacher, work)
+        for mode in args.compile_modes:
+            torch._dynamo.reset()  # every row pays its own compile: nothing reused from the rows before
+            timing = pipeline_timing(method, "device", args, teacher, work, torch_compile_mode=mode)
+            row = {"method": method, "mode": mode, "eager_images_per_s": eager["images_per_s"],
+                   "compiled_images_per_s": timing["images_per_s"],
+                   "speedup": timing["images_per_s"] / eager["images_per_s"],
+                   "compile_seconds": timing["first_step_extra_s"] - eager["first_step_extra_s"]}  # fmt: skip
+            # steps of this stage before the compile has paid for itself (never, when it does not speed up)
+            saving = 1 / eager["images_per_s"] - 1 / timing["images_per_s"]
+            row["breakeven_steps"] = row["compile_seconds"] / (args.batch * saving) if saving > 0 else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def write_compile_results(rows: list[dict], args, device_name: str, out: Path) -> None:
+    """``compile_<device>.json`` and ``.md`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"compile_{args.device}"
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")}
+    (out / f"{stem}.json").write_text(json.dumps({"device": device_name, "settings": settings, "rows": rows}, indent=2))
+    lines = [
+        f"# torch.compile on {device_name}",
+        "",
+        f"REFILLED, {args.student} student, {args.teacher} teacher, batch {args.batch}, "
+        f"{'bf16' if args.bf16 else 'fp32'}, device data path, `--torch_compile_mode` as given (inductor); steps "
+        f"{args.warmup}-{args.steps} timed, all rows in one process. Compile = the first step's extra time over the "
+        "eager run's.",
+        "",
+        "| stage | mode | eager (img/s) | compiled (img/s) | speed-up | compile (s) | steps to pay back |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        pay = f"{r['breakeven_steps']:.0f}" if r["breakeven_steps"] is not None else "never"
+        rates = f"{r['eager_images_per_s']:.0f} | {r['compiled_images_per_s']:.0f} | {r['speedup']:.2f}x"
+        lines.append(f"| {r['method']} | {r['mode']} | {rates} | {r['compile_seconds']:.0f} | {pay} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_cache_results(row: dict, args, device_name: str, out: Path) -> None:

@@ -46,6 +46,9 @@ class ConfigError(ValueError):
     """A configuration that cannot run (the message names the field and the fix)."""
 
 
+#: torch.compile modes (of the inductor backend)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 #: Largest student or teacher input size accepted (a 100,000 px input exhausts any memory).
 MAX_IMAGE_SIZE = 1024
 
@@ -69,9 +72,6 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "activation_checkpointing_kwargs": "not implemented for the student",
     "gradient_checkpointing": "not implemented for the student; lower --per_device_train_batch_size",
     "gradient_checkpointing_kwargs": "not implemented for the student",
-    "torch_compile": "not supported yet",
-    "torch_compile_backend": "--torch_compile is not supported yet",
-    "torch_compile_mode": "--torch_compile is not supported yet",
     "use_liger_kernel": "a language-model option",
     "liger_kernel_config": "a language-model option",
     "use_cache": "a language-model option",
@@ -116,7 +116,8 @@ HONOURED_FIELDS: tuple[str, ...] = (
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
     "dataloader_in_order", "remove_unused_columns", "train_sampling_strategy", "ddp_find_unused_parameters",
     "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend", "ddp_timeout",
-    "skip_memory_metrics", "resume_from_checkpoint", "local_rank", "output_dir", "per_device_train_batch_size",
+    "skip_memory_metrics", "resume_from_checkpoint", "torch_compile", "torch_compile_backend", "torch_compile_mode",
+    "local_rank", "output_dir", "per_device_train_batch_size",
     "weight_decay",
     "do_train", "do_eval", "do_predict",  # informational, in transformers too
 )  # fmt: skip
@@ -455,6 +456,24 @@ class RefilledConfig(TrainingArguments):
     label_smoothing_factor: float = field(
         default=0.0, **_help("Label smoothing of the cross-entropy term (stage 2 and the baselines).")
     )
+    torch_compile: bool = field(
+        default=False,
+        **_help(
+            "Compile the student and the teacher with torch.compile (in place, for both stages); semi-hard mining "
+            "and the losses stay eager (their shapes depend on the batch). Each stage starts with a compile: it "
+            "pays on a GPU over long schedules, not on the CPU (see the README's measurements)."
+        ),
+    )
+    torch_compile_backend: str | None = field(
+        default=None, **_help("torch.compile backend (default: inductor). Setting it turns --torch_compile on.")
+    )
+    torch_compile_mode: str | None = field(
+        default=None,
+        **_help(
+            "torch.compile mode of the inductor backend: default, reduce-overhead (CUDA graphs), max-autotune or "
+            "max-autotune-no-cudagraphs. Setting it turns --torch_compile on."
+        ),
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         **_help(
@@ -526,6 +545,7 @@ class RefilledConfig(TrainingArguments):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"Unknown {name} {value!r}: choose one of {', '.join(allowed)}.")
+        self._check_compile()
         if self.teacher_cache and self.data_path == "workers":
             raise ConfigError(
                 "--teacher_cache needs the device data path (its exact cache indexes the crops and flips drawn "
@@ -538,6 +558,24 @@ class RefilledConfig(TrainingArguments):
             _check_range(name, value, low, high, low_open, high_open)
         self._check_inherited()
         self.milestones()  # parses
+
+    def _check_compile(self) -> None:
+        """--torch_compile_backend must be one torch knows; a mode only exists for inductor."""
+        backend, mode = self.torch_compile_backend, self.torch_compile_mode
+        if backend is not None:
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if backend not in known:
+                raise ConfigError(f"Unknown --torch_compile_backend {backend!r}: choose one of {', '.join(known)}.")
+        if mode is not None:
+            if mode not in COMPILE_MODES:
+                raise ConfigError(f"Unknown --torch_compile_mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}.")
+            if backend not in (None, "inductor"):
+                raise ConfigError(
+                    f"--torch_compile_mode {mode} only applies to the inductor backend, not {backend!r} (which would "
+                    "ignore it): drop one of the two."
+                )
 
     def _check_inherited(self) -> None:
         """Every inherited TrainingArguments field is honoured, replaced or refused: see

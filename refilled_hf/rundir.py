@@ -57,6 +57,8 @@ NON_IDENTITY_FIELDS = frozenset(
         "per_device_eval_batch_size", "dataloader_persistent_workers", "dataloader_pin_memory",
         "dataloader_prefetch_factor", "ddp_timeout", "local_rank",
         "teacher_cache", "teacher_cache_budget_gb",
+        # compiling changes how the same computation runs, not what it computes
+        "torch_compile", "torch_compile_backend", "torch_compile_mode",
     }
 )  # fmt: skip
 

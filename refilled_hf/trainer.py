@@ -131,10 +131,26 @@ class RefilledTrainer(Trainer):
         self.label_smoothing = args.label_smoothing_factor
         if self.label_smoothing:
             args = args.stage_view(label_smoothing_factor=0.0)
+        #: torch.compile options, applied here in place to the student and the teacher (not by
+        #: accelerate, whose whole-model wrapper is skipped for a model prepared in an earlier
+        #: stage, and which would leave the teacher's forward and the stage-2 student eager)
+        self.compile_options = (
+            {"backend": args.torch_compile_backend or "inductor", "mode": args.torch_compile_mode}
+            if args.torch_compile
+            else None
+        )
+        if args.torch_compile:
+            args = args.stage_view(torch_compile=False, torch_compile_backend=None, torch_compile_mode=None)
         super().__init__(model=model, args=args, **kwargs)
         self.stage = stage
         self.num_classes = num_classes
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
+        if self.compile_options is not None:
+            # in place: the state dict keeps its keys, DDP and autocast wrap the compiled call;
+            # mining and the losses (data-dependent shapes) run eager in compute_loss
+            model.compile(**self.compile_options)
+            if self.teacher is not None:
+                self.teacher.compile(**self.compile_options)
         self.class_centers = class_centers.to(self.args.device) if class_centers is not None else None
         self.centers_dataset = centers_dataset
         if teacher_cache is not None and getattr(self.train_dataset, "images", None) is not teacher_cache.images:
