@@ -92,6 +92,9 @@ COMMON = {
     "disable_tqdm": True,
     "use_cpu": True,
     "dataloader_drop_last": False,
+    # every result here was measured clipping at 1 (the library's default until the CIFAR-100
+    # benchmark showed it costs REFILLED points); kept so that cached and new runs agree
+    "max_grad_norm": 1.0,
 }
 
 

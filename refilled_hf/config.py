@@ -440,7 +440,11 @@ class RefilledConfig(TrainingArguments):
         ),
     )
     max_grad_norm: float = field(
-        default=1.0, **_help("Clip gradients to this norm (0 turns clipping off; the authors' code does not clip).")
+        default=0.0,
+        **_help(
+            "Clip gradients to this norm; 0 (the default) does not clip, as the authors' code and timm's training "
+            "script do not (transformers' default is 1, which cost REFILLED 1.3-2.5 points on CIFAR-100)."
+        ),
     )
     max_steps: int = field(
         default=-1,
