@@ -246,6 +246,33 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
                      f"{g['gain_mean']:+.1f} ± {g['gain_std']:.1f} | {g['seeds']} |")  # fmt: skip
     (out / "cifar100.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    try:
+        _plot(out, rows)
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+
+
+def _plot(out: Path, rows: list[dict]) -> None:
+    """``cifar100_gain.png``: test top-1 per method (mean, seed std as error bar), one panel
+    per setting; the seed count under each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["setting"], r["shots"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, (setting, shots) in zip(axes[0], panels):
+        cell = [r for r in rows if (r["setting"], r["shots"]) == (setting, shots)]
+        colors = ["tab:orange" if r["method"].startswith("refilled") else "tab:blue" for r in cell]
+        ax.bar([f"{r['method']} ({r['seeds']})" for r in cell], [r["test_mean"] for r in cell],
+               yerr=[r["test_std"] for r in cell], capsize=3, color=colors)  # fmt: skip
+        ax.set_title(f"{setting}, {shots} images/class", fontsize=9)
+        ax.tick_params(axis="x", rotation=70, labelsize=7)
+    axes[0][0].set_ylabel("test top-1 % (seeds in brackets)")
+    fig.tight_layout()
+    fig.savefig(out / "cifar100_gain.png", dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
