@@ -30,6 +30,8 @@ DATA_PATHS = ("auto", "device", "workers")
 MINING_SCOPES = ("auto", "global", "local")
 DISTILL_WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
 TEACHER_CACHE_DTYPES = ("float16", "float32")
+#: torch.compile modes (of the inductor backend; None: torch's default)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: fields that take one of a fixed set of values, checked by ``validate``
 CHOICES = {
     "method": METHODS,
@@ -45,9 +47,6 @@ CHOICES = {
 class ConfigError(ValueError):
     """A configuration that cannot run (the message names the field and the fix)."""
 
-
-#: torch.compile modes (of the inductor backend)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 #: Largest student or teacher input size accepted (a 100,000 px input exhausts any memory).
 MAX_IMAGE_SIZE = 1024
