@@ -3,7 +3,9 @@
 The paper's class splits with one teacher (WRN-16-2 trained here on classes 0-49):
 
 * ``cross``: student on classes 50-99 (disjoint, the paper's cross-task split);
-* ``overlap``: student on classes 20-69 (preset ``cifar100-shift-20``: 30 shared classes).
+* ``overlap``: student on classes 20-69 (preset ``cifar100-shift-20``: 30 shared classes);
+* ``cross10``: student on classes 50-59 with all their training images (450 per class):
+  the full-data cross-task regime, at a size this CPU can run.
 
 KD cannot run in either (the label spaces differ). Students: WRN-16-1, middle-shot
 (50 or 100 training images per class), validation = 50 images per class carved from the
@@ -47,10 +49,13 @@ from accuracy import _mean_std, _read_jsonl, _run
 ROOT = Path(__file__).resolve().parent
 CIFAR100 = ROOT.parent.parent / "shared" / "data" / "cifar100"
 TEACHER_CLASSES = "cifar100-first-half"
-SETTINGS = {"cross": "cifar100-second-half", "overlap": "cifar100-shift-20"}
+#: ``cross10``: the cross-task split's first 10 classes with all their training images (450
+#: per class after the validation carve): the data-rich regime, where the student alone
+#: may beat what the teacher knows about its classes
+SETTINGS = {"cross": "cifar100-second-half", "overlap": "cifar100-shift-20", "cross10": "50-59"}
 METHODS = ("ce", "ce-equal", "rkd", "refilled", "refilled-linear")
 #: the same without gradient clipping (--max_grad_norm 0: the authors' protocol, the library's default)
-NO_CLIP = ("ce-noclip", "ce-equal-noclip", "refilled-noclip", "refilled-linear-noclip")
+NO_CLIP = ("ce-noclip", "ce-equal-noclip", "refilled-noclip", "refilled-linear-noclip", "rkd-noclip")
 #: REFILLED at batch 128 and 512 (learning rate scaled linearly from 0.05 at 64, 5 % warm-up at
 #: 512), without clipping, as the large-batch recipes
 LARGE_BATCH = ("refilled-b128", "refilled-b512", "refilled-b512-sqrt")
@@ -60,6 +65,8 @@ BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05), 
 ALL_METHODS = METHODS + NO_CLIP + LARGE_BATCH
 #: the runs that decide the clipping default, first for the later seeds
 CLIP_QUESTION = ("ce", "ce-noclip", "refilled", "refilled-noclip", "ce-equal-noclip")
+#: the library's defaults against both CE baselines (after the clipping question was settled)
+DEFAULTS = ("ce-noclip", "ce-equal-noclip", "refilled-noclip")
 
 BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -78,8 +85,17 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "stage2": 10,
         "runs": [("cross", 50, 0, METHODS + NO_CLIP), ("cross", 50, 1, CLIP_QUESTION)]
         + [("cross", 50, 2, CLIP_QUESTION), ("cross", 50, 0, LARGE_BATCH)]
-        + [("overlap", 50, 0, CLIP_QUESTION), ("cross", 50, 1, LARGE_BATCH), ("cross", 100, 0, CLIP_QUESTION)]
-        + [("overlap", 50, 1, CLIP_QUESTION)]
+        + [("overlap", 50, 0, CLIP_QUESTION), ("cross", 50, 1, LARGE_BATCH)]
+        # from here on the defaults only (no clipping), then the lambda schedule where the
+        # student has more images of its own, and RKD
+        + [("cross10", 450, 0, DEFAULTS + ("refilled-linear-noclip",))]
+        + [("cross", 100, 0, DEFAULTS + ("refilled-linear-noclip",))]
+        + [("cross10", 450, 1, DEFAULTS + ("refilled-linear-noclip",)), ("cross", 100, 1, DEFAULTS)]
+        + [("cross10", 450, 2, DEFAULTS + ("refilled-linear-noclip",)), ("cross", 100, 2, DEFAULTS)]
+        + [("overlap", 50, s, DEFAULTS) for s in (1, 2)]
+        + [("cross", 50, s, ("rkd-noclip",)) for s in (0, 1, 2)]
+        + [("cross", 100, s, ("refilled-linear-noclip",)) for s in (1, 2)]
+        + [("cross", 100, 0, CLIP_QUESTION), ("overlap", 50, 1, CLIP_QUESTION)]
         + [("cross", 50, s, ("ce-equal",)) for s in (1, 2)]
         + [("overlap", 50, 2, CLIP_QUESTION), ("cross", 50, 2, LARGE_BATCH)]
         + [("cross", 100, s, CLIP_QUESTION) for s in (1, 2)]
@@ -229,7 +245,8 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     b = BUDGETS[budget_name]
     lines = [f"# REFILLED on CIFAR-100 (budget `{budget_name}`)", "",
              f"Teacher WRN-16-2 on classes 0-49 ({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "
-             f"Student WRN-16-1 on classes 50-99 (`cross`) or 20-69 (`overlap`, 30 shared); stage 1 {b['stage1']} + "
+             f"Student WRN-16-1 on classes 50-99 (`cross`), 20-69 (`overlap`, 30 shared) or 50-59 with all "
+             f"their images (`cross10`, 450/class); stage 1 {b['stage1']} + "
              f"stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: {b['stage1'] + b['stage2']}). "
              "Test top-1 % on the 5,000 test images of the student's classes, mean ± std over seeds.", "",
              "| setting | images/class | method | test top-1 % | seeds | images seen | train s |",

@@ -17,6 +17,7 @@ With ``--small_run``, also the wall time of the issue's small middle-shot run: R
 
     python benchmarks/throughput.py [--device cpu|cuda] [--steps 20] [--batch 128] [--small_run]
     python benchmarks/throughput.py --compile_modes default max-autotune-no-cudagraphs  # torch.compile rows
+    python benchmarks/throughput.py --channels_last_rows  # memory-format rows
 
 Writes ``benchmarks/results/throughput_<device>.json`` and ``.md`` (device named inside).
 On a GPU machine, pass ``--dataset`` (``../shared`` does not travel; see
@@ -154,8 +155,9 @@ class _Done(Exception):
     pass
 
 
-def bare_rate(method: str, args, device: str) -> float:
-    """Images per second of the same steps with the batch already on the device."""
+def bare_rate(method: str, args, device: str, channels_last: bool = False) -> float:
+    """Images per second of the same steps with the batch already on the device (student and
+    teacher in channels-last memory format with ``channels_last``)."""
     import timm
     import torch
     import torch.nn.functional as F
@@ -172,6 +174,11 @@ def bare_rate(method: str, args, device: str) -> float:
     student = StudentModel(timm.create_model(args.student, num_classes=classes)).to(device).train()
     teacher = FrozenTeacher(timm.create_model(args.teacher, num_classes=classes), student.model.pretrained_cfg)
     teacher = teacher.to(device)
+    if channels_last:
+        from refilled_hf.backbone import use_channels_last
+
+        use_channels_last(student)
+        use_channels_last(teacher)
     student.set_embeddings_only(method == "stage1")
     order = torch.randperm(len(data.train))[: args.batch]
     mean = torch.tensor(student.model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
@@ -300,6 +307,9 @@ def main() -> None:
     parser.add_argument("--compile_modes", nargs="+", default=None,
                         help="only the torch.compile rows: stage 1 and 2 eager and under each inductor mode given "
                         "(default, reduce-overhead, max-autotune-no-cudagraphs, ...)")  # fmt: skip
+    parser.add_argument("--channels_last_rows", action="store_true",
+                        help="only the memory-format rows: each method, pipeline and bare loop, in the default "
+                        "layout and with --channels_last")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
 
@@ -326,6 +336,10 @@ def main() -> None:
     if args.compile_modes:
         rows = compile_rows(args, teacher, work)
         write_compile_results(rows, args, _device_name(device), Path(args.out))
+        return
+    if args.channels_last_rows:
+        rows = channels_last_rows(args, teacher, work)
+        write_channels_last_results(rows, args, _device_name(device), Path(args.out))
         return
     rows = []
     for method in args.methods:
@@ -373,6 +387,50 @@ def compile_rows(args, teacher: str, work: Path) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def channels_last_rows(args, teacher: str, work: Path) -> list[dict]:
+    """Each ``--methods`` method on the device path and in the bare loop, in the default memory
+    format and in channels-last, in this process: steady-state images/s and the speed-ups."""
+    rows = []
+    for method in args.methods:
+        row: dict = {"method": method}
+        for layout, extra in (("default", {}), ("channels_last", {"channels_last": True})):
+            row[f"{layout}_images_per_s"] = pipeline_rate(method, "device", args, teacher, work, **extra)
+            row[f"bare_{layout}_images_per_s"] = bare_rate(method, args, args.device, channels_last=bool(extra))
+        row["speedup"] = row["channels_last_images_per_s"] / row["default_images_per_s"]
+        row["bare_speedup"] = row["bare_channels_last_images_per_s"] / row["bare_default_images_per_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write_channels_last_results(rows: list[dict], args, device_name: str, out: Path) -> None:
+    """``channels_last_<device>.json`` and ``.md`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"channels_last_{args.device}"
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")}
+    (out / f"{stem}.json").write_text(json.dumps({"device": device_name, "settings": settings, "rows": rows}, indent=2))
+    lines = [
+        f"# Channels-last memory format on {device_name}",
+        "",
+        f"{args.student} student, {args.teacher} teacher, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}, "
+        f"device data path; steps {args.warmup}-{args.steps} timed, all rows in one process. Pipeline = "
+        "`refilled-hf distill` without and with `--channels_last`; bare loop = the same steps on one batch already "
+        "on the device.",
+        "",
+        "| method | pipeline default (img/s) | pipeline channels-last | speed-up | bare default | bare channels-last "
+        "| speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['default_images_per_s']:.0f} | {r['channels_last_images_per_s']:.0f} | "
+            f"{r['speedup']:.2f}x | {r['bare_default_images_per_s']:.0f} | {r['bare_channels_last_images_per_s']:.0f} "
+            f"| {r['bare_speedup']:.2f}x |"
+        )
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_compile_results(rows: list[dict], args, device_name: str, out: Path) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "embed_and_logits",
     "load_timm_model",
     "read_state_dict",
+    "use_channels_last",
 ]
 
 
@@ -61,6 +62,30 @@ def embed_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tens
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _contiguous_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: this module's own parameters and buffers in the default layout."""
+    for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        key = prefix + name
+        if key in state_dict:
+            state_dict[key] = state_dict[key].contiguous()
+
+
+def use_channels_last(model: nn.Module) -> nn.Module:
+    """Put ``model``'s 4-d weights in channels-last (NHWC) memory format, in place: convolutions
+    then also produce channels-last activations (the layout GPU tensor cores prefer).
+
+    Every ``state_dict()`` of the model or of any of its submodules still holds tensors in
+    the default layout (safetensors refuses strided tensors), so checkpoints, stage hand-offs
+    and the export are unchanged. Idempotent."""
+    model.to(memory_format=torch.channels_last)
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(t.dim() == 4 for t in own) and not getattr(module, "_refilled_contiguous_state", False):
+            module.register_state_dict_post_hook(_contiguous_state)
+            module._refilled_contiguous_state = True
+    return model
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -58,7 +58,7 @@ NON_IDENTITY_FIELDS = frozenset(
         "dataloader_prefetch_factor", "ddp_timeout", "local_rank",
         "teacher_cache", "teacher_cache_budget_gb",
         # compiling changes how the same computation runs, not what it computes
-        "torch_compile", "torch_compile_backend", "torch_compile_mode",
+        "torch_compile", "torch_compile_backend", "torch_compile_mode", "channels_last",
     }
 )  # fmt: skip
 

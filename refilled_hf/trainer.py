@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .backbone import FrozenTeacher, StudentModel, embed
+from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
 from .config import RefilledConfig, option_name
 from .distributed import gather_for_mining
 from .losses import (
@@ -141,6 +141,10 @@ class RefilledTrainer(Trainer):
         )
         if args.torch_compile:
             args = args.stage_view(torch_compile=False, torch_compile_backend=None, torch_compile_mode=None)
+        if args.channels_last:  # before any device move or DDP wrap (both keep the layout)
+            use_channels_last(model)
+            if teacher is not None:
+                use_channels_last(teacher)
         super().__init__(model=model, args=args, **kwargs)
         self.stage = stage
         self.num_classes = num_classes
