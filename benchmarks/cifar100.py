@@ -14,7 +14,11 @@ rest of the training split, test = the 5,000 official test images of the student
 Methods, each with the same optimizer and stage-2 schedule: ``ce`` (student alone, as long
 as stage 2: the paper's convention), ``ce-equal`` (student alone on as many images as
 REFILLED's two stages), ``rkd``, ``refilled`` (the library defaults) and
-``refilled-linear`` (``--distill_weight_schedule linear``: lambda decays to 0 over stage 2).
+``refilled-linear`` (``--distill_weight_schedule linear``: lambda decays to 0 over stage 2);
+``refilled-short1-noclip`` splits the same two-stage budget 1:3 (5 + 15 epochs) instead of 1:1,
+``refilled-nostage1-noclip`` spends all of it on stage 2 (0 + 20: cross-entropy plus the
+distillation term, against ``ce-equal``'s cross-entropy alone), ``refilled-lambda1-noclip``
+uses lambda 1 instead of 10.
 ``refilled-hf probe-teacher`` (the teacher's nearest-class-mean accuracy on the student's
 validation split) for every setting.
 
@@ -59,10 +63,19 @@ NO_CLIP = ("ce-noclip", "ce-equal-noclip", "refilled-noclip", "refilled-linear-n
 #: REFILLED at batch 128 and 512 (learning rate scaled linearly from 0.05 at 64, 5 % warm-up at
 #: 512), without clipping, as the large-batch recipes
 LARGE_BATCH = ("refilled-b128", "refilled-b512", "refilled-b512-sqrt")
+#: REFILLED with the same two-stage budget split 1:3 instead of 1:1 (stage 1 a quarter of
+#: it): does a shorter relationship stage help where the student has many images?
+SHORT_STAGE1 = ("refilled-short1-noclip",)
+#: REFILLED's stage 2 alone for the whole budget (CE + lambda x KL, no stage 1): what the
+#: distillation term alone does against ce-equal
+NO_STAGE1 = ("refilled-nostage1-noclip",)
+#: REFILLED with lambda 1 instead of the default 10 (a weaker pull towards the teacher's
+#: local classifier in stage 2)
+LAMBDA1 = ("refilled-lambda1-noclip",)
 #: method -> (batch, learning rate of both stages, warm-up fraction per stage); ``-sqrt`` scales the
 #: learning rate with the square root of the batch (0.1 at 128 -> 0.2 at 512) and warms up longer
 BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05), "refilled-b512-sqrt": (512, 0.2, 0.1)}
-ALL_METHODS = METHODS + NO_CLIP + LARGE_BATCH
+ALL_METHODS = METHODS + NO_CLIP + LARGE_BATCH + SHORT_STAGE1 + NO_STAGE1 + LAMBDA1
 #: the runs that decide the clipping default, first for the later seeds
 CLIP_QUESTION = ("ce", "ce-noclip", "refilled", "refilled-noclip", "ce-equal-noclip")
 #: the library's defaults against both CE baselines (after the clipping question was settled)
@@ -86,15 +99,19 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "runs": [("cross", 50, 0, METHODS + NO_CLIP), ("cross", 50, 1, CLIP_QUESTION)]
         + [("cross", 50, 2, CLIP_QUESTION), ("cross", 50, 0, LARGE_BATCH)]
         + [("overlap", 50, 0, CLIP_QUESTION), ("cross", 50, 1, LARGE_BATCH)]
-        # from here on the defaults only (no clipping), then the lambda schedule where the
-        # student has more images of its own, and RKD
+        # from here on without clipping: the data-rich cross10 setting and what moves its gap
+        # (lambda schedule, stage split, no stage 1, lambda 1), 100 images per class, more seeds
         + [("cross10", 450, 0, DEFAULTS + ("refilled-linear-noclip",))]
-        + [("cross", 100, 0, DEFAULTS + ("refilled-linear-noclip",))]
+        + [("cross", 100, 0, DEFAULTS), ("cross10", 450, 0, SHORT_STAGE1 + NO_STAGE1)]
+        + [("cross10", 450, 0, LAMBDA1), ("cross", 50, 0, LAMBDA1), ("cross", 100, 0, LAMBDA1)]
+        + [("cross", 50, s, LAMBDA1) for s in (1, 2)]
+        + [("cross10", 450, 1, ("ce-equal-noclip",) + LAMBDA1 + ("refilled-noclip", "ce-noclip"))]
+        + [("cross", 50, 0, SHORT_STAGE1)]
         + [("cross10", 450, 1, DEFAULTS + ("refilled-linear-noclip",)), ("cross", 100, 1, DEFAULTS)]
         + [("cross10", 450, 2, DEFAULTS + ("refilled-linear-noclip",)), ("cross", 100, 2, DEFAULTS)]
         + [("overlap", 50, s, DEFAULTS) for s in (1, 2)]
         + [("cross", 50, s, ("rkd-noclip",)) for s in (0, 1, 2)]
-        + [("cross", 100, s, ("refilled-linear-noclip",)) for s in (1, 2)]
+        + [("cross", 100, s, ("refilled-linear-noclip",)) for s in (0, 1, 2)]
         + [("cross", 100, 0, CLIP_QUESTION), ("overlap", 50, 1, CLIP_QUESTION)]
         + [("cross", 50, s, ("ce-equal",)) for s in (1, 2)]
         + [("overlap", 50, 2, CLIP_QUESTION), ("cross", 50, 2, LARGE_BATCH)]
@@ -126,6 +143,10 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
     from refilled_hf.pipeline import run_distillation
 
     s1, s2 = budget["stage1"], budget["stage2"]
+    if method in SHORT_STAGE1:
+        s1, s2 = (s1 + s2) // 4, s1 + s2 - (s1 + s2) // 4
+    if method in NO_STAGE1:
+        s1, s2 = 0, s1 + s2
     base = method.removesuffix("-noclip")
     epochs = s1 + s2 if base == "ce-equal" else s2
     fields: dict[str, Any] = {
@@ -145,6 +166,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
     }
     if base == "ce-equal":
         fields["method"] = "ce"
+    if method in LAMBDA1:
+        fields["distill_weight"] = 1.0
     if base == "refilled-linear":
         fields["distill_weight_schedule"] = "linear"
     if method.endswith("-noclip"):
@@ -229,7 +252,10 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
                              "seconds_mean": statistics.mean(r["train_seconds"] for r in rs)})  # fmt: skip
         for method, bases in (("refilled", ("ce", "ce-equal")), ("refilled-linear", ("ce", "ce-equal")),
                               ("refilled-noclip", ("ce-noclip", "ce-equal-noclip")),
-                              ("refilled-linear-noclip", ("ce-noclip", "ce-equal-noclip"))):  # fmt: skip
+                              ("refilled-linear-noclip", ("ce-noclip", "ce-equal-noclip")),
+                              ("refilled-short1-noclip", ("ce-noclip", "ce-equal-noclip")),
+                              ("refilled-nostage1-noclip", ("ce-noclip", "ce-equal-noclip")),
+                              ("refilled-lambda1-noclip", ("ce-noclip", "ce-equal-noclip"))):  # fmt: skip
             for base in bases:
                 base_runs = {r["seed"]: r["test_top1"] for r in by_method[base]}
                 diffs = [r["test_top1"] - base_runs[r["seed"]] for r in by_method[method] if r["seed"] in base_runs]
@@ -265,6 +291,7 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     print("\n".join(lines))
     try:
         _plot(out, rows)
+        _plot_margin(out, rows, gains)
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')")
 
@@ -289,6 +316,33 @@ def _plot(out: Path, rows: list[dict]) -> None:
     axes[0][0].set_ylabel("test top-1 % (seeds in brackets)")
     fig.tight_layout()
     fig.savefig(out / "cifar100_gain.png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_margin(out: Path, rows: list[dict], gains: list[dict]) -> None:
+    """``cifar100_gain_vs_margin.png``: REFILLED (defaults) minus CE on as many images, against
+    the teacher probe minus that CE's accuracy, one point per setting (seed std as error bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ce_equal = {(r["setting"], r["shots"]): r["test_mean"] for r in rows if r["method"] == "ce-equal-noclip"}
+    defaults = [g for g in gains if (g["method"], g["baseline"]) == ("refilled-noclip", "ce-equal-noclip")]
+    points = [(g["probe_mean"] - ce_equal[(g["setting"], g["shots"])], g) for g in defaults if g["probe_mean"]]
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for margin, g in points:
+        ax.errorbar(margin, g["gain_mean"], yerr=g["gain_std"], fmt="o", capsize=3, color="tab:orange")
+        ax.annotate(f"{g['setting']} {g['shots']}/class ({g['seeds']})", (margin, g["gain_mean"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("teacher probe - CE on as many images (points)")
+    ax.set_ylabel("REFILLED - CE on as many images (points)")
+    fig.tight_layout()
+    fig.savefig(out / "cifar100_gain_vs_margin.png", dpi=110)
     plt.close(fig)
 
 

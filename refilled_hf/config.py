@@ -351,7 +351,10 @@ class RefilledConfig(TrainingArguments):
     tau2: float = field(default=2.0, **_help("Stage-2 temperature."))
     distill_weight: float = field(
         default=10.0,
-        **_help("lambda: weight of the stage-2 local-classifier KL (authors: 100; see the README for why 10)."),
+        **_help(
+            "lambda: weight of the stage-2 local-classifier KL (authors: 100; see the README for why 10). Lower it "
+            "(e.g. 1) when the student trained alone beats the teacher's probe: there lambda 10 cost accuracy."
+        ),
     )
     distill_weight_schedule: str = field(
         default="constant",
