@@ -95,3 +95,51 @@ def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", **recipe)
     (again,) = parse_config((RefilledConfig,), ["--config", path], "t")
     assert again.to_recipe() == recipe
+
+
+@pytest.mark.slow
+def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(teacher_dir, tmp_path, capsys):
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+
+    from refilled_hf.backbone import load_timm_model
+    from refilled_hf.pipeline import _eval_copy, _load_teacher, data_pretrained_cfg, load_data
+
+    # shuffled labels: a hard task, so a probe computed on the wrong images is caught (on the
+    # colour classes themselves every probe is 100 %)
+    data_dir = write_image_dataset(tmp_path / "data", per_class_train=24)
+    table = pq.read_table(data_dir / "train.parquet")
+    labels = np.random.default_rng(0).permutation(table.column("label").to_numpy())
+    table = table.set_column(table.schema.get_field_index("label"), table.schema.field("label"), [labels])
+    pq.write_table(table, data_dir / "train.parquet")
+    argv = ["--dataset", str(data_dir), "--teacher", f"local-dir:{teacher_dir}", "--student", "cifar_wrn_16_1",
+            "--classes", "3-5", "--image_size", "16", "--validation_fraction", "0.25", "--use_cpu", "true",
+            "--data_path", "workers", "--output_dir", str(tmp_path / "probe")]  # fmt: skip
+    assert main(["probe-teacher", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "Compare it with the student trained alone" in out
+    result = json.loads(out[out.index("{") :])
+    # the reference: one image at a time, centres = normalized sums of the teacher's embeddings
+    # of each class's training images, prediction = the centre of highest cosine similarity
+    (config,) = parse_config((RefilledConfig,), argv, "probe")
+    student_cfg = load_timm_model(config.student).pretrained_cfg
+    data = load_data(config, config.classes, student_cfg)
+    teacher = _load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size)).eval()
+    with torch.no_grad():
+        train = _eval_copy(data.train, data.eval_transform)
+        sums = {}
+        for i in range(len(train)):
+            item = train[i]
+            emb = teacher(item["pixel_values"][None])[0][0]
+            sums[int(item["labels"])] = sums.get(int(item["labels"]), 0) + emb
+        centers = F.normalize(torch.stack([sums[c] for c in sorted(sums)]), dim=1)
+        hits = 0
+        for i in range(len(data.validation)):
+            item = data.validation[i]
+            emb = F.normalize(teacher(item["pixel_values"][None])[0][0], dim=0)
+            hits += int(int((centers @ emb).argmax()) == int(item["labels"]))
+    assert result["validation_images"] == len(data.validation) > 0
+    assert result["train_images"] == len(data.train)
+    assert result["probe_ncm_top1"] == pytest.approx(100.0 * hits / len(data.validation))
