@@ -274,7 +274,8 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
              f"Student WRN-16-1 on classes 50-99 (`cross`), 20-69 (`overlap`, 30 shared) or 50-59 with all "
              f"their images (`cross10`, 450/class); stage 1 {b['stage1']} + "
              f"stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: {b['stage1'] + b['stage2']}). "
-             "Test top-1 % on the 5,000 test images of the student's classes, mean ± std over seeds.", "",
+             "Test top-1 % on the official test images of the student's classes (5,000; 1,000 for `cross10`), "
+             "mean ± std over seeds.", "",
              "| setting | images/class | method | test top-1 % | seeds | images seen | train s |",
              "|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
