@@ -292,7 +292,7 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     print("\n".join(lines))
     try:
         _plot(out, rows)
-        _plot_margin(out, rows, gains)
+        _plot_margin(out, records)
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')")
 
@@ -320,24 +320,31 @@ def _plot(out: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def _plot_margin(out: Path, rows: list[dict], gains: list[dict]) -> None:
+def _plot_margin(out: Path, records: list[dict]) -> None:
     """``cifar100_gain_vs_margin.png``: REFILLED (defaults) minus CE on as many images, against
-    the teacher probe minus that CE's accuracy, one point per setting (seed std as error bar)."""
+    the teacher probe minus that CE's accuracy, one point per setting; both paired by seed
+    (the seeds that have both runs), the seed std as error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ce_equal = {(r["setting"], r["shots"]): r["test_mean"] for r in rows if r["method"] == "ce-equal-noclip"}
-    defaults = [g for g in gains if (g["method"], g["baseline"]) == ("refilled-noclip", "ce-equal-noclip")]
-    points = [(g["probe_mean"] - ce_equal[(g["setting"], g["shots"])], g) for g in defaults if g["probe_mean"]]
+    by_key = {(r["setting"], r["shots"], r["seed"], r["method"]): r for r in records}
+    points = []
+    for setting, shots in sorted({(r["setting"], r["shots"]) for r in records}):
+        seeds = [s for (st, sh, s, m) in by_key if (st, sh, m) == (setting, shots, "refilled-noclip")]
+        seeds = [s for s in seeds if all((setting, shots, s, m) in by_key for m in ("ce-equal-noclip", "probe"))]
+        if seeds:
+            ce = [by_key[(setting, shots, s, "ce-equal-noclip")]["test_top1"] for s in seeds]
+            gains = [by_key[(setting, shots, s, "refilled-noclip")]["test_top1"] - c for s, c in zip(seeds, ce)]
+            margins = [by_key[(setting, shots, s, "probe")]["probe_ncm"] - c for s, c in zip(seeds, ce)]
+            points.append((statistics.mean(margins), *_mean_std(gains), f"{setting} {shots}/class ({len(seeds)})"))
     if not points:
         return
     fig, ax = plt.subplots(figsize=(5, 3.8))
-    for margin, g in points:
-        ax.errorbar(margin, g["gain_mean"], yerr=g["gain_std"], fmt="o", capsize=3, color="tab:orange")
-        ax.annotate(f"{g['setting']} {g['shots']}/class ({g['seeds']})", (margin, g["gain_mean"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    for margin, gain, std, label in points:
+        ax.errorbar(margin, gain, yerr=std, fmt="o", capsize=3, color="tab:orange")
+        ax.annotate(label, (margin, gain), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("teacher probe - CE on as many images (points)")
