@@ -353,7 +353,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     result = {
         "device": _device_name(device),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")},
+        "settings": _settings(args),
         "rows": rows,
         "peak_memory_mb": _peak_memory_mb(device),
         "torch": torch.__version__,
@@ -405,12 +405,20 @@ def channels_last_rows(args, teacher: str, work: Path) -> list[dict]:
     return rows
 
 
+def _write_files(out: Path, stem: str, payload: dict, lines: list[str]) -> None:
+    """``<stem>.json`` (``payload``) and ``<stem>.md`` (``lines``) under ``out``; the table printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _settings(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")}
+
+
 def write_channels_last_results(rows: list[dict], args, device_name: str, out: Path) -> None:
     """``channels_last_<device>.json`` and ``.md`` under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"channels_last_{args.device}"
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")}
-    (out / f"{stem}.json").write_text(json.dumps({"device": device_name, "settings": settings, "rows": rows}, indent=2))
     lines = [
         f"# Channels-last memory format on {device_name}",
         "",
@@ -429,16 +437,13 @@ def write_channels_last_results(rows: list[dict], args, device_name: str, out: P
             f"{r['speedup']:.2f}x | {r['bare_default_images_per_s']:.0f} | {r['bare_channels_last_images_per_s']:.0f} "
             f"| {r['bare_speedup']:.2f}x |"
         )
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write_files(
+        out, f"channels_last_{args.device}", {"device": device_name, "settings": _settings(args), "rows": rows}, lines
+    )
 
 
 def write_compile_results(rows: list[dict], args, device_name: str, out: Path) -> None:
     """``compile_<device>.json`` and ``.md`` under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"compile_{args.device}"
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")}
-    (out / f"{stem}.json").write_text(json.dumps({"device": device_name, "settings": settings, "rows": rows}, indent=2))
     lines = [
         f"# torch.compile on {device_name}",
         "",
@@ -454,16 +459,13 @@ def write_compile_results(rows: list[dict], args, device_name: str, out: Path) -
         pay = f"{r['breakeven_steps']:.0f}" if r["breakeven_steps"] is not None else "never"
         rates = f"{r['eager_images_per_s']:.0f} | {r['compiled_images_per_s']:.0f} | {r['speedup']:.2f}x"
         lines.append(f"| {r['method']} | {r['mode']} | {rates} | {r['compile_seconds']:.0f} | {pay} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write_files(
+        out, f"compile_{args.device}", {"device": device_name, "settings": _settings(args), "rows": rows}, lines
+    )
 
 
 def write_cache_results(row: dict, args, device_name: str, out: Path) -> None:
     """``teacher_cache_<device>.json`` and ``.md`` under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"teacher_cache_{args.device}"
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")}
-    (out / f"{stem}.json").write_text(json.dumps({"device": device_name, "settings": settings, **row}, indent=2))
     lines = [
         f"# Teacher cache on {device_name}",
         "",
@@ -479,8 +481,9 @@ def write_cache_results(row: dict, args, device_name: str, out: Path) -> None:
         f"The build runs the teacher on each image under all {row['variants']} crops x flips once; a run (or the "
         "sum of runs that share the cache: seeds, baselines, sweeps) recovers it after the epochs in the last column.",
     ]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write_files(
+        out, f"teacher_cache_{args.device}", {"device": device_name, "settings": _settings(args), **row}, lines
+    )
 
 
 def write_results(result: dict, out: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import datasets
@@ -72,3 +73,9 @@ def tiny_recipe(data_dir: Path, out: Path, **overrides) -> dict:
     }
     recipe.update(overrides)
     return recipe
+
+
+def logged_losses(run_dir: Path, stage: str) -> list[float]:
+    """The training losses a stage logged, from its newest checkpoint's trainer state."""
+    state = json.loads(max((run_dir / stage).glob("checkpoint-*/trainer_state.json")).read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]

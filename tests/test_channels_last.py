@@ -4,12 +4,10 @@ stage hand-off, export) is written in the default layout that safetensors needs.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import timm
 import torch
-from helpers import tiny_recipe
+from helpers import logged_losses, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 import refilled_hf  # noqa: F401  (registers the CIFAR wide ResNets)
@@ -67,11 +65,6 @@ def test_channels_last_weights_save_in_the_default_layout_and_compute_the_same(t
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _conv_weights(model))
 
 
-def _losses(run_dir, stage: str) -> list[float]:
-    state = json.loads(max((run_dir / stage).glob("checkpoint-*/trainer_state.json")).read_text())
-    return [e["loss"] for e in state["log_history"] if "loss" in e]
-
-
 @pytest.mark.slow
 def test_a_channels_last_run_uses_it_in_both_stages_and_equals_the_default_run(
     data_dir, teacher_dir, tmp_path, monkeypatch
@@ -95,10 +88,10 @@ def test_a_channels_last_run_uses_it_in_both_stages_and_equals_the_default_run(
     assert seen == {"stage1": (True, True), "stage2": (True, True)}
     # the first step, from the same initial weights: the same numbers up to rounding; later
     # steps drift by rounding (other conv kernels), which training amplifies a little
-    first = _losses(tmp_path / "nhwc", "stage1")[0]
-    assert first == pytest.approx(_losses(tmp_path / "default", "stage1")[0], rel=1e-5)
+    first = logged_losses(tmp_path / "nhwc", "stage1")[0]
+    assert first == pytest.approx(logged_losses(tmp_path / "default", "stage1")[0], rel=1e-5)
     for stage in ("stage1", "stage2"):
-        losses, expected = _losses(tmp_path / "nhwc", stage), _losses(tmp_path / "default", stage)
+        losses, expected = logged_losses(tmp_path / "nhwc", stage), logged_losses(tmp_path / "default", stage)
         assert losses == pytest.approx(expected, rel=2e-2, abs=1e-4)
     one_image = 100 / default["final"]["test_samples"] + 1e-6
     assert nhwc["stage1"]["test_ncm_top1"] == pytest.approx(default["stage1"]["test_ncm_top1"], abs=one_image)

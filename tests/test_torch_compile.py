@@ -4,21 +4,14 @@ are refused before any work."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from helpers import tiny_recipe
+from helpers import logged_losses, tiny_recipe
 from safetensors.torch import load_file
 
 from refilled_hf import trainer as trainer_module
 from refilled_hf.backbone import load_timm_model
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.pipeline import run_distillation
-
-
-def _losses(run_dir, stage: str) -> list[float]:
-    state = json.loads(max((run_dir / stage).glob("checkpoint-*/trainer_state.json")).read_text())
-    return [e["loss"] for e in state["log_history"] if "loss" in e]
 
 
 @pytest.mark.slow
@@ -50,7 +43,8 @@ def test_a_compiled_run_compiles_both_models_in_both_stages_and_equals_the_eager
     assert counters["frames"]["ok"] >= 4  # teacher and student graphs (training and evaluation)
     assert not counters["graph_break"], dict(counters["graph_break"])  # mining stays outside the graphs
     for stage in ("stage1", "stage2"):
-        assert _losses(tmp_path / "compiled", stage) == pytest.approx(_losses(tmp_path / "eager", stage), rel=1e-4)
+        expected = logged_losses(tmp_path / "eager", stage)
+        assert logged_losses(tmp_path / "compiled", stage) == pytest.approx(expected, rel=1e-4)
     assert compiled["stage1"]["test_ncm_top1"] == eager["stage1"]["test_ncm_top1"]
     for key in ("test_top1", "validation_top1"):
         assert compiled["final"][key] == eager["final"][key]
