@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU measurement issues 11 and 12 ask for, in one command on a lent GPU machine
+# (see ../shared/docs/gpu.md: the project, the wheels and CIFAR-10 travel under .device/).
+# The steps run in priority order, each bounded by `timeout`, so that a step that hangs or
+# fails costs only its own slot; after each, every results file so far is packed into
+# $OUT/results.tar and the log into $OUT/log.txt. `nvidia-smi dmon` records SM use.
+#
+#   bash benchmarks/gpu_session.sh                       # on the GPU machine
+#   SMALL=0 DATA=../shared/data/cifar10 bash benchmarks/gpu_session.sh --device cpu --steps 3 --warmup 1 \
+#       --classes 0-1 --shots 64                          # a dry run of every step here (CPU)
+#
+# Extra arguments go to every throughput.py call. Environment: OUT (default /tmp/gpu-out),
+# DATA (default .device/data/cifar10), SMALL=0 skips the 60 + 60-epoch small run, and
+# T_MAIN T_512 T_CL T_CACHE T_COMPILE set each step's time limit in seconds.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+DATA=${DATA:-.device/data/cifar10}
+RES=$(mktemp -d /tmp/gpu-res.XXXX)
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+
+step() {  # step LIMIT_S NAME ARGS...: one throughput.py call, its results under $RES/NAME
+    local limit=$1 name=$2
+    shift 2
+    echo "== $(date +%T) $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout "$limit" python3 benchmarks/throughput.py --dataset "$DATA" --out "$RES/$name" "$@" 2>&1 | tee -a "$LOG"
+    echo "== $(date +%T) $name exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+    tar cf "$OUT/results.tar" -C "$RES" .
+}
+
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+    nvidia-smi dmon -s u -o T -d 1 > "$OUT/dmon.txt" 2>&1 &
+fi
+python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
+
+BF16=--bf16
+SMALL_RUN=--small_run
+[ "${SMALL:-1}" = 0 ] && SMALL_RUN=
+# 1. issue 12's table: every method, both data paths against the bare loop, batch 128; the small run
+step "${T_MAIN:-200}" b128 $BF16 --workers 8 --steps 60 --warmup 10 $SMALL_RUN "$@"
+# 2. issue 11: batch 512 against the bare loop at 512 (the throughput gain of large batches)
+step "${T_512:-70}" b512 $BF16 --batch 512 --paths device --methods ce kd stage1 stage2 --steps 30 --warmup 8 "$@"
+# 3. issue 12 item 2: channels-last, pipeline and bare loop
+step "${T_CL:-90}" channels_last $BF16 --channels_last_rows --methods ce stage1 stage2 --steps 60 --warmup 10 "$@"
+# 4. issue 11 item 3: the teacher cache's build and its stage-1 saving
+step "${T_CACHE:-50}" teacher_cache $BF16 --only_teacher_cache --cache_shots 20 --steps 60 --warmup 10 "$@"
+# 5. issue 12 item 4: torch.compile modes (each row pays its own compile)
+step "${T_COMPILE:-150}" compile $BF16 --compile_modes default reduce-overhead --steps 60 --warmup 10 "$@"
+echo "== $(date +%T) done" | tee -a "$LOG"
