@@ -18,6 +18,7 @@ With ``--small_run``, also the wall time of the issue's small middle-shot run: R
     python benchmarks/throughput.py [--device cpu|cuda] [--steps 20] [--batch 128] [--small_run]
     python benchmarks/throughput.py --compile_modes default max-autotune-no-cudagraphs  # torch.compile rows
     python benchmarks/throughput.py --channels_last_rows  # memory-format rows
+    python benchmarks/throughput.py --sync_rows  # host-device syncs per step (CUDA)
 
 Writes ``benchmarks/results/throughput_<device>.json`` and ``.md`` (device named inside).
 On a GPU machine, pass ``--dataset`` (``../shared`` does not travel; see
@@ -32,7 +33,6 @@ import json
 import logging
 import platform
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -44,9 +44,12 @@ METHODS = ["ce", "kd", "rkd", "stage1", "stage2"]
 
 
 class StepClock:
-    """A TrainerCallback recording the wall time of every optimizer step's end."""
+    """A TrainerCallback recording the wall time of every optimizer step's end. The GPU is
+    synchronized only at the ends of the steps in ``sync_steps`` (the timed window's
+    bounds): a sync every step would keep the host from queueing work ahead, which is
+    exactly what the pipeline must be free to do."""
 
-    def __new__(cls):
+    def __new__(cls, sync_steps: set[int]):
         from transformers import TrainerCallback
 
         class _Clock(TrainerCallback):
@@ -60,11 +63,51 @@ class StepClock:
             def on_step_end(self, args, state, control, **kwargs):
                 import torch
 
-                if torch.cuda.is_available():
+                if state.global_step in sync_steps and torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.times.append(time.perf_counter())
 
         return _Clock()
+
+
+class SyncCounter:
+    """A TrainerCallback counting the host-device synchronizations of the timed steps
+    (``torch.cuda.set_sync_debug_mode('warn')`` from step ``first`` to step ``last``), by
+    the Python line that caused them."""
+
+    def __new__(cls, first: int, last: int):
+        import warnings
+
+        from transformers import TrainerCallback
+
+        class _Counter(TrainerCallback):
+            def __init__(self):
+                self.sites: dict[str, int] = {}
+                self._catcher = None
+                self._caught: list = []
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                import torch
+
+                if state.global_step + 1 == first and torch.cuda.is_available():
+                    self._catcher = warnings.catch_warnings(record=True)
+                    self._caught = self._catcher.__enter__()
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+
+            def on_step_end(self, args, state, control, **kwargs):
+                import torch
+
+                if state.global_step == last and self._catcher is not None:
+                    torch.cuda.set_sync_debug_mode("default")
+                    self._catcher.__exit__(None, None, None)
+                    for w in self._caught:
+                        if "synchronizing" in str(w.message):
+                            site = f"{Path(w.filename).name}:{w.lineno}"
+                            self.sites[site] = self.sites.get(site, 0) + 1
+                    self._catcher = None
+
+        return _Counter()
 
 
 def _device_name(device: str) -> str:
@@ -99,13 +142,16 @@ def pipeline_rate(method: str, path: str, args, teacher: str, work: Path, **extr
     return pipeline_timing(method, path, args, teacher, work, **extra)["images_per_s"]
 
 
-def pipeline_timing(method: str, path: str, args, teacher: str, work: Path, **extra) -> dict[str, float]:
+def pipeline_timing(
+    method: str, path: str, args, teacher: str, work: Path, counters: tuple = (), **extra
+) -> dict[str, float]:
     """``images_per_s`` of the steady-state steps and ``first_step_extra_s``: how much longer
-    the first step took than a steady one (a compile, the first allocations)."""
+    the first step took than a steady one (a compile, the first allocations). ``counters``:
+    more callbacks (e.g. a :class:`SyncCounter`)."""
     from refilled_hf.config import RefilledConfig
     from refilled_hf.pipeline import run_distillation
 
-    clock = StepClock()
+    clock = StepClock({1, args.warmup + 1, args.steps})
     stage1 = method == "stage1"
     recipe = dict(
         method="refilled" if method.startswith("stage") else method,
@@ -130,10 +176,10 @@ def pipeline_timing(method: str, path: str, args, teacher: str, work: Path, **ex
         dataloader_persistent_workers=path == "workers" and args.workers > 0,
         bf16=args.bf16,
         use_cpu=args.device == "cpu",
-        output_dir=str(work / f"{method}-{path}{'-' + '-'.join(extra) if extra else ''}"),
-        **extra,
+        output_dir=str(work / "-".join([method, path, *(f"{k}={v}" for k, v in extra.items())])),
     )
-    callbacks = [clock]
+    recipe.update(extra)
+    callbacks = [clock, *counters]
     if stage1:  # time stage 1 only: stop the run once stage 1 has its steps
         from transformers import TrainerCallback
 
@@ -213,14 +259,12 @@ def bare_rate(method: str, args, device: str, channels_last: bool = False) -> fl
         step()
     if device == "cuda":
         torch.cuda.synchronize()
-    times = []
-    for _ in range(args.steps - args.warmup):
-        start = time.perf_counter()
+    start = time.perf_counter()
+    for _ in range(args.steps - args.warmup):  # queued back to back, as a training loop runs them
         step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return args.batch / statistics.median(times)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return args.batch * (args.steps - args.warmup) / (time.perf_counter() - start)
 
 
 class _BuildTime(logging.Handler):
@@ -310,6 +354,9 @@ def main() -> None:
     parser.add_argument("--channels_last_rows", action="store_true",
                         help="only the memory-format rows: each method, pipeline and bare loop, in the default "
                         "layout and with --channels_last")  # fmt: skip
+    parser.add_argument("--sync_rows", action="store_true",
+                        help="only the synchronization rows: host-device syncs per training step of each method and "
+                        "the lines that cause them (CUDA)")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
 
@@ -336,6 +383,10 @@ def main() -> None:
     if args.compile_modes:
         rows = compile_rows(args, teacher, work)
         write_compile_results(rows, args, _device_name(device), Path(args.out))
+        return
+    if args.sync_rows:
+        rows = sync_rows(args, teacher, work)
+        write_sync_results(rows, args, _device_name(device), Path(args.out))
         return
     if args.channels_last_rows:
         rows = channels_last_rows(args, teacher, work)
@@ -372,11 +423,14 @@ def compile_rows(args, teacher: str, work: Path) -> list[dict]:
     import torch._dynamo
 
     rows = []
+    # full batches only: an epoch's last, smaller batch would recompile inside the timed window (once per
+    # run, a one-off cost that a 60-step measurement would spread over every step)
+    full = {"dataloader_drop_last": True}
     for method in ("stage1", "stage2"):
-        eager = pipeline_timing(method, "device", args, teacher, work)
+        eager = pipeline_timing(method, "device", args, teacher, work, **full)
         for mode in args.compile_modes:
             torch._dynamo.reset()  # every row pays its own compile: nothing reused from the rows before
-            timing = pipeline_timing(method, "device", args, teacher, work, torch_compile_mode=mode)
+            timing = pipeline_timing(method, "device", args, teacher, work, torch_compile_mode=mode, **full)
             row = {"method": method, "mode": mode, "eager_images_per_s": eager["images_per_s"],
                    "compiled_images_per_s": timing["images_per_s"],
                    "speedup": timing["images_per_s"] / eager["images_per_s"],
@@ -387,6 +441,38 @@ def compile_rows(args, teacher: str, work: Path) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def sync_rows(args, teacher: str, work: Path) -> list[dict]:
+    """Each ``--methods`` method on the device path: the host-device synchronizations per
+    timed step, by the line that caused them (CUDA only; none are counted on a CPU)."""
+    rows = []
+    for method in args.methods:
+        counter = SyncCounter(args.warmup + 1, args.steps)
+        pipeline_timing(method, "device", args, teacher, work, counters=(counter,), logging_steps=10**6)
+        steps = args.steps - args.warmup
+        row = {"method": method, "steps": steps, "syncs_per_step": sum(counter.sites.values()) / steps,
+               "sites": dict(sorted(counter.sites.items(), key=lambda kv: -kv[1]))}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write_sync_results(rows: list[dict], args, device_name: str, out: Path) -> None:
+    """``syncs_<device>.json`` and ``.md`` under ``out``."""
+    lines = [
+        f"# Host-device synchronizations per training step on {device_name}",
+        "",
+        f"`torch.cuda.set_sync_debug_mode('warn')` over steps {args.warmup + 1}-{args.steps} of the pipeline "
+        f"(device data path, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}, no logging inside the window).",
+        "",
+        "| method | syncs per step | where (file:line: count) |",
+        "|---|---:|---|",
+    ]
+    for r in rows:
+        sites = ", ".join(f"{k}: {v}" for k, v in list(r["sites"].items())[:6]) or "none"
+        lines.append(f"| {r['method']} | {r['syncs_per_step']:.2f} | {sites} |")
+    _write_files(out, f"syncs_{args.device}", {"device": device_name, "settings": _settings(args), "rows": rows}, lines)
 
 
 def channels_last_rows(args, teacher: str, work: Path) -> list[dict]:
@@ -450,7 +536,8 @@ def write_compile_results(rows: list[dict], args, device_name: str, out: Path) -
         f"REFILLED, {args.student} student, {args.teacher} teacher, batch {args.batch}, "
         f"{'bf16' if args.bf16 else 'fp32'}, device data path, `--torch_compile_mode` as given (inductor); steps "
         f"{args.warmup}-{args.steps} timed, all rows in one process. Compile = the first step's extra time over the "
-        "eager run's.",
+        "eager run's. Full batches only (`--dataloader_drop_last`): an epoch's last, smaller batch compiles once more, "
+        "a one-off cost a short window would spread over every step.",
         "",
         "| stage | mode | eager (img/s) | compiled (img/s) | speed-up | compile (s) | steps to pay back |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -448,6 +448,14 @@ class RefilledConfig(TrainingArguments):
             "script do not (transformers' default is 1, which cost REFILLED 1.3-2.5 points on CIFAR-100)."
         ),
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        **_help(
+            "transformers' filter that leaves non-finite losses out of the logged mean. Off by default: it reads "
+            "every step's loss back to the host, stalling a GPU each step; the library counts non-finite losses on "
+            "the device instead and fails the run if there were any."
+        ),
+    )
     max_steps: int = field(
         default=-1,
         **_help(
@@ -522,6 +530,10 @@ class RefilledConfig(TrainingArguments):
         # bf16 on a machine without a GPU runs on the CPU rather than failing.
         if self.bf16 and not (torch.cuda.is_available() or self.use_cpu):
             self.use_cpu = True
+        if self.accelerator_config is None and self.dataloader_pin_memory and torch.cuda.is_available():
+            # pinned batches copied to the GPU without blocking: a blocking copy makes the host wait for the
+            # GPU to finish the previous step before it may queue the next one
+            self.accelerator_config = {"non_blocking": True}
         self._check_before_transformers()
         self.validate()  # before transformers' own checks, whose failures read as tracebacks
         self.lr_scheduler_type = "linear"  # transformers needs a value; our create_scheduler never reads it

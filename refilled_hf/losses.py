@@ -127,6 +127,11 @@ def _check_same_batch(**tensors: torch.Tensor) -> int:
 
 
 def _check_label_range(labels: torch.Tensor, num_classes: int, table: str) -> None:
+    # Checked on the host only: on an accelerator, reading min/max back would stall every
+    # training step; out-of-range labels there fail as a device-side assert at the
+    # indexing, as in F.cross_entropy (the pipeline checks its labels when it loads them).
+    if labels.device.type != "cpu":
+        return
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"`labels` must lie in [0, {num_classes}) to index {table}, "
@@ -607,11 +612,15 @@ def local_classifier_loss(
 
 @_in_float32
 def _local_classifier_impl(student_logits, teacher_embeddings, centers, labels, tau, weight, inst_weights):
-    local = torch.unique(labels)  # sorted ascending
+    # The local classes as a mask over all classes, not `torch.unique(labels)`: a set of
+    # data-dependent size would read the labels back to the host every step. Masked
+    # classes get -inf logits, so each softmax runs over the local classes alone, and the
+    # KL sums over them alone.
+    local = torch.zeros(centers.shape[0], dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
     with torch.no_grad():
-        log_p_t = F.log_softmax(teacher_embeddings @ centers[local].T / tau, dim=1)
-    log_p_s = F.log_softmax(student_logits[:, local] / tau, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+        log_p_t = F.log_softmax((teacher_embeddings @ centers.T / tau).masked_fill(~local, float("-inf")), dim=1)
+    log_p_s = F.log_softmax((student_logits / tau).masked_fill(~local, float("-inf")), dim=1)
+    kl = torch.where(local, log_p_t.exp() * (log_p_t - log_p_s), 0.0).sum(dim=1)
     if inst_weights is not None:
         kl = kl * inst_weights.detach()
     return weight * kl.mean()
@@ -674,7 +683,8 @@ def _normalized_distances(e: torch.Tensor) -> torch.Tensor:
     d = _pairwise_distances(e)
     off_diagonal = ~torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
     d = d * off_diagonal  # exact zeros on the diagonal
-    return d / d[off_diagonal].mean().clamp_min(1e-12)
+    pairs = e.shape[0] * (e.shape[0] - 1)  # the mean over distinct pairs, without a host-syncing boolean index
+    return d / (d.sum() / pairs).clamp_min(1e-12)
 
 
 def _angles(e: torch.Tensor) -> torch.Tensor:

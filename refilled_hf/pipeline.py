@@ -375,7 +375,9 @@ def _make_trainer(
     _set_cadence(args, epochs, len(data.train))
     if isinstance(data.train, IndexedImages):  # the loaders only yield indices: no worker processes
         args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
-        args.dataloader_prefetch_factor, args.dataloader_pin_memory = None, False
+        args.dataloader_prefetch_factor = None
+        # pinned (on a GPU) so that the indices reach it without a stall (see RefilledConfig.__post_init__)
+        args.dataloader_pin_memory = args.dataloader_pin_memory and args.device.type == "cuda"
     return RefilledTrainer(
         model=student,
         args=args,
