@@ -45,7 +45,7 @@ step "${T_MAIN:-150}" b128 $BF16 --workers 8 --steps 60 --warmup 10 $SMALL_RUN "
 # 3. issue 11: batch 512 against the bare loop at 512 (the throughput gain of large batches)
 step "${T_512:-45}" b512 $BF16 --batch 512 --paths device --methods ce kd stage1 stage2 --steps 30 --warmup 8 "$@"
 # 4. issue 12 item 4: torch.compile modes (each row pays its own compile)
-step "${T_COMPILE:-150}" compile $BF16 --compile_modes default reduce-overhead --steps 60 --warmup 10 "$@"
+step "${T_COMPILE:-200}" compile $BF16 --compile_modes default reduce-overhead --methods ce stage1 stage2 --steps 100 --warmup 20 "$@"
 # 5. issue 12 item 2: channels-last, pipeline and bare loop
 step "${T_CL:-50}" channels_last $BF16 --channels_last_rows --methods ce stage1 stage2 --steps 60 --warmup 10 "$@"
 # 6. issue 11 item 3: the teacher cache's build and its stage-1 saving

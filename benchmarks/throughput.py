@@ -349,8 +349,8 @@ def main() -> None:
     parser.add_argument("--cache_shots", type=int, default=20, help="images per class of the teacher-cache rows")
     parser.add_argument("--only_teacher_cache", action="store_true", help="only the teacher-cache rows")
     parser.add_argument("--compile_modes", nargs="+", default=None,
-                        help="only the torch.compile rows: stage 1 and 2 eager and under each inductor mode given "
-                        "(default, reduce-overhead, max-autotune-no-cudagraphs, ...)")  # fmt: skip
+                        help="only the torch.compile rows: ce, stage 1 and 2 (of --methods) eager and under each "
+                        "inductor mode given (default, reduce-overhead, max-autotune-no-cudagraphs, ...)")  # fmt: skip
     parser.add_argument("--channels_last_rows", action="store_true",
                         help="only the memory-format rows: each method, pipeline and bare loop, in the default "
                         "layout and with --channels_last")  # fmt: skip
@@ -417,7 +417,7 @@ def main() -> None:
 
 
 def compile_rows(args, teacher: str, work: Path) -> list[dict]:
-    """REFILLED stage 1 and stage 2 on the device path, eager and under each
+    """``ce``, REFILLED stage 1 and stage 2 (those of ``--methods``) on the device path, eager and under each
     ``--compile_modes`` mode, in this process: steady-state images/s and the first step's
     extra time (the compile)."""
     import torch._dynamo
@@ -426,7 +426,7 @@ def compile_rows(args, teacher: str, work: Path) -> list[dict]:
     # full batches only: an epoch's last, smaller batch would recompile inside the timed window (once per
     # run, a one-off cost that a 60-step measurement would spread over every step)
     full = {"dataloader_drop_last": True}
-    for method in ("stage1", "stage2"):
+    for method in [m for m in args.methods if m in ("ce", "stage1", "stage2")]:
         eager = pipeline_timing(method, "device", args, teacher, work, **full)
         for mode in args.compile_modes:
             torch._dynamo.reset()  # every row pays its own compile: nothing reused from the rows before

@@ -139,6 +139,10 @@ class RefilledTrainer(Trainer):
             if args.torch_compile
             else None
         )
+        #: CUDA graphs (inductor's reduce-overhead and max-autotune modes) replay into static
+        #: buffers: each training step is marked, and the teacher's outputs, read after the
+        #: student's graph has run, are copied out of them
+        self.cuda_graphs = args.torch_compile and args.torch_compile_mode in ("reduce-overhead", "max-autotune")
         if args.torch_compile:
             args = args.stage_view(torch_compile=False, torch_compile_backend=None, torch_compile_mode=None)
         if args.channels_last:  # before any device move or DDP wrap (both keep the layout)
@@ -218,6 +222,8 @@ class RefilledTrainer(Trainer):
         ``ce``, ``distill``, ``tuples``, ``triplets``, ``local_classes``)."""
         labels = inputs["labels"]
         teacher_emb = teacher_logits = None
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if self.teacher_cache is not None:  # the same draws as below, the teacher's outputs read back
             images, draws = self.train_dataset.images.augmented(inputs["index"])
             teacher_emb, teacher_logits = self.teacher_cache.lookup(inputs["index"], *draws)
@@ -225,6 +231,8 @@ class RefilledTrainer(Trainer):
             images = batch_pixels(inputs, self.train_dataset)
             if self.teacher is not None:
                 teacher_emb, teacher_logits = self.teacher(images)
+                if self.cuda_graphs:
+                    teacher_emb, teacher_logits = teacher_emb.clone(), teacher_logits.clone()
         outputs = model(pixel_values=images)
         args: RefilledConfig = self.args
         parts: dict[str, float | torch.Tensor] = {}
