@@ -31,7 +31,13 @@ def test_a_compiled_run_compiles_both_models_in_both_stages_and_equals_the_eager
         return compute_loss(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module.RefilledTrainer, "compute_loss", spy)
-    base = tiny_recipe(data_dir, tmp_path / "eager", method="refilled", teacher=f"local-dir:{teacher_dir}")
+    # Semi-hard mining is a discrete choice: the traced graphs' other rounding flips a mined
+    # tuple now and then (distances of an untrained model are nearly tied), after which the
+    # runs part by chance (seen: weights 0.7 % apart after 2 + 2 steps, 3 % after 2 x 2
+    # epochs). So stage 1 learns at a negligible rate here and stage 2 (no discrete choice)
+    # starts from the same weights in both runs; two steps per stage.
+    base = tiny_recipe(data_dir, tmp_path / "eager", method="refilled", teacher=f"local-dir:{teacher_dir}",
+                       max_steps=2, stage1_learning_rate=1e-7)  # fmt: skip
     eager = run_distillation(RefilledConfig(**base))
     assert seen == {"stage1": (False, False), "stage2": (False, False)}
     torch._dynamo.reset()
@@ -42,12 +48,15 @@ def test_a_compiled_run_compiles_both_models_in_both_stages_and_equals_the_eager
     assert seen == {"stage1": (True, True), "stage2": (True, True)}
     assert counters["frames"]["ok"] >= 4  # teacher and student graphs (training and evaluation)
     assert not counters["graph_break"], dict(counters["graph_break"])  # mining stays outside the graphs
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage2"):  # the same numbers up to rounding
         expected = logged_losses(tmp_path / "eager", stage)
-        assert logged_losses(tmp_path / "compiled", stage) == pytest.approx(expected, rel=1e-4)
-    assert compiled["stage1"]["test_ncm_top1"] == eager["stage1"]["test_ncm_top1"]
-    for key in ("test_top1", "validation_top1"):
-        assert compiled["final"][key] == eager["final"][key]
+        assert len(expected) == 2 and logged_losses(tmp_path / "compiled", stage) == pytest.approx(expected, rel=1e-4)
+    # rounding may still move one borderline image of these few across a decision boundary
+    one_image = 100 / eager["final"]["test_samples"] + 1e-6
+    assert compiled["stage1"]["test_ncm_top1"] == pytest.approx(eager["stage1"]["test_ncm_top1"], abs=one_image)
+    for split in ("test", "validation"):
+        one_image = 100 / eager["final"][f"{split}_samples"] + 1e-6
+        assert compiled["final"][f"{split}_top1"] == pytest.approx(eager["final"][f"{split}_top1"], abs=one_image)
     assert compiled["final"]["test_loss"] == pytest.approx(eager["final"]["test_loss"], rel=1e-4)
     # compiled in place: checkpoints and the export hold the model's own keys
     checkpoint = max((tmp_path / "compiled" / "stage2").glob("checkpoint-*"))
@@ -58,7 +67,7 @@ def test_a_compiled_run_compiles_both_models_in_both_stages_and_equals_the_eager
     # the same training up to floating-point rounding (which the traced graphs order differently)
     for (name, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items()):
         difference = torch.linalg.vector_norm((a - b).float())
-        assert difference <= 1e-2 * torch.linalg.vector_norm(b.float()) + 1e-6, name
+        assert difference <= 1e-4 * torch.linalg.vector_norm(b.float()) + 1e-7, name
 
 
 def test_compile_options_are_checked_before_any_work(tmp_path):
@@ -71,3 +80,39 @@ def test_compile_options_are_checked_before_any_work(tmp_path):
                        torch_compile_mode="max-autotune")  # fmt: skip
     config = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, torch_compile_mode="reduce-overhead")
     assert config.torch_compile and config.torch_compile_backend == "inductor"  # the mode turns compile on
+
+
+def test_cuda_graph_modes_mark_each_step_and_copy_the_teacher_outputs(data_dir, teacher_dir, tmp_path, monkeypatch):
+    """reduce-overhead replays CUDA graphs into static buffers (a GPU-only failure: 'accessing
+    tensor output of CUDAGraphs that has been overwritten'). Checked here without compiling:
+    every training step is marked, and the losses never see the teacher's own output
+    tensors, which the student's graph may overwrite."""
+    import torch
+
+    from refilled_hf.backbone import FrozenTeacher
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)  # no compile on a CPU
+    marks, teacher_outputs, loss_inputs = [], [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    forward = FrozenTeacher.forward
+
+    def teacher_spy(self, images):
+        out = forward(self, images)
+        teacher_outputs.extend(out)  # held, so that no later tensor can reuse their memory
+        return out
+
+    monkeypatch.setattr(FrozenTeacher, "forward", teacher_spy)
+    for name in ("relationship_loss_with_stats", "local_classifier_loss"):
+        original = getattr(trainer_module, name)
+
+        def loss_spy(*args, _original=original, **kwargs):
+            loss_inputs.extend(a for a in args if isinstance(a, torch.Tensor))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(trainer_module, name, loss_spy)
+    recipe = tiny_recipe(data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}",
+                         max_steps=2, torch_compile_mode="reduce-overhead")  # fmt: skip
+    run_distillation(RefilledConfig(**recipe))
+    assert len(marks) >= 4  # two training steps in each stage (evaluation losses may add more)
+    assert loss_inputs and teacher_outputs
+    assert not {t.data_ptr() for t in loss_inputs} & {t.data_ptr() for t in teacher_outputs}
