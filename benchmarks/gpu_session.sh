@@ -11,7 +11,7 @@
 #
 # Extra arguments go to every throughput.py call. Environment: OUT (default /tmp/gpu-out),
 # DATA (default .device/data/cifar10), SMALL=0 skips the 60 + 60-epoch small run, and
-# T_SYNC T_MAIN T_512 T_COMPILE T_CL T_CACHE set each step's time limit in seconds.
+# T_SYNC T_MAIN T_512 T_COMPILE T_CL T_CACHE T_RUN set each step's time limit in seconds.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 DATA=${DATA:-.device/data/cifar10}
@@ -50,4 +50,6 @@ step "${T_COMPILE:-200}" compile $BF16 --compile_modes default reduce-overhead -
 step "${T_CL:-50}" channels_last $BF16 --channels_last_rows --methods ce stage1 stage2 --steps 60 --warmup 10 "$@"
 # 6. issue 11 item 3: the teacher cache's build and its stage-1 saving
 step "${T_CACHE:-40}" teacher_cache $BF16 --only_teacher_cache --cache_shots 20 --steps 60 --warmup 10 "$@"
+# 7. issue 12 item 4: a whole run (evaluations, last batches, export) eager and with CUDA graphs
+step "${T_RUN:-240}" compile_run $BF16 --compile_run reduce-overhead "$@"
 echo "== $(date +%T) done" | tee -a "$LOG"

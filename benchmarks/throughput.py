@@ -19,6 +19,7 @@ With ``--small_run``, also the wall time of the issue's small middle-shot run: R
     python benchmarks/throughput.py --compile_modes default max-autotune-no-cudagraphs  # torch.compile rows
     python benchmarks/throughput.py --channels_last_rows  # memory-format rows
     python benchmarks/throughput.py --sync_rows  # host-device syncs per step (CUDA)
+    python benchmarks/throughput.py --compile_run reduce-overhead  # a whole run, eager and compiled
 
 Writes ``benchmarks/results/throughput_<device>.json`` and ``.md`` (device named inside).
 On a GPU machine, pass ``--dataset`` (``../shared`` does not travel; see
@@ -328,6 +329,60 @@ def small_run_seconds(args, teacher: str, work: Path) -> dict:
     }
 
 
+def compile_run_rows(args, teacher: str, work: Path) -> list[dict]:
+    """A whole REFILLED run (``--classes`` x ``--shots``, validation carved, 15 + 15 epochs,
+    library defaults: evaluations, checkpoints, the final test) eager and under each
+    ``--compile_run`` mode, the same seed: wall time, training time and the accuracies, so
+    that a mode is checked end to end (evaluation, the epoch's last batch, the export)."""
+    from refilled_hf.config import RefilledConfig
+    from refilled_hf.pipeline import run_distillation
+
+    rows = []
+    for mode in ["eager", *args.compile_run]:
+        extra = {} if mode == "eager" else {"torch_compile_mode": mode}
+        config = RefilledConfig(
+            teacher=teacher, student=args.student, dataset=str(args.dataset), classes=args.classes,
+            shots_per_class=args.shots, stage1_epochs=15, stage2_epochs=15, stage2_milestones="8,11,14",
+            per_device_train_batch_size=args.batch, disable_tqdm=True, bf16=args.bf16, use_cpu=args.device == "cpu",
+            output_dir=str(work / f"run-{mode}"), logging_steps=50, **extra,
+        )  # fmt: skip
+        start = time.perf_counter()
+        results = run_distillation(config)
+        row = {
+            "mode": mode,
+            "wall_seconds": time.perf_counter() - start,
+            "train_seconds": results["stage1"]["train_seconds"] + results["final"]["train_seconds"],
+            "stage1_test_ncm_top1": results["stage1"]["test_ncm_top1"],
+            "test_top1": results["final"]["test_top1"],
+            "validation_top1": results["final"]["validation_top1"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write_compile_run_results(rows: list[dict], args, device_name: str, out: Path) -> None:
+    """``compile_run_<device>.json`` and ``.md`` under ``out``."""
+    lines = [
+        f"# A whole REFILLED run, eager and compiled, on {device_name}",
+        "",
+        f"{args.student} student, {args.teacher} teacher (untrained: a speed and equivalence check, not an accuracy "
+        f"claim), CIFAR-10 classes {args.classes} x {args.shots} images, 15 + 15 epochs, batch {args.batch}, "
+        f"{'bf16' if args.bf16 else 'fp32'}, library defaults otherwise, seed 0, one process.",
+        "",
+        "| mode | wall (s) | training (s) | stage-1 NCM test top-1 | test top-1 | validation top-1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['wall_seconds']:.0f} | {r['train_seconds']:.0f} | {r['stage1_test_ncm_top1']:.2f} | "
+            f"{r['test_top1']:.2f} | {r['validation_top1']:.2f} |"
+        )
+    _write_files(
+        out, f"compile_run_{args.device}", {"device": device_name, "settings": _settings(args), "rows": rows}, lines
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -354,6 +409,9 @@ def main() -> None:
     parser.add_argument("--channels_last_rows", action="store_true",
                         help="only the memory-format rows: each method, pipeline and bare loop, in the default "
                         "layout and with --channels_last")  # fmt: skip
+    parser.add_argument("--compile_run", nargs="+", default=None,
+                        help="only a whole REFILLED run (15 + 15 epochs), eager and under each inductor mode given: "
+                        "time and accuracies")  # fmt: skip
     parser.add_argument("--sync_rows", action="store_true",
                         help="only the synchronization rows: host-device syncs per training step of each method and "
                         "the lines that cause them (CUDA)")  # fmt: skip
@@ -383,6 +441,10 @@ def main() -> None:
     if args.compile_modes:
         rows = compile_rows(args, teacher, work)
         write_compile_results(rows, args, _device_name(device), Path(args.out))
+        return
+    if args.compile_run:
+        rows = compile_run_rows(args, teacher, work)
+        write_compile_run_results(rows, args, _device_name(device), Path(args.out))
         return
     if args.sync_rows:
         rows = sync_rows(args, teacher, work)

@@ -475,7 +475,9 @@ class RefilledConfig(TrainingArguments):
         **_help(
             "Compile the student and the teacher with torch.compile (in place, for both stages); semi-hard mining "
             "and the losses stay eager (their shapes depend on the batch). Each stage starts with a compile "
-            "(30-107 s on a 2-core CPU, where steps were no faster; not yet measured on a GPU: see the README)."
+            "(4-15 s on an H200, 30-107 s on a 2-core CPU). On a GPU use --torch_compile_mode reduce-overhead for "
+            "long runs (CUDA graphs: 2.0-2.6x the eager images/s at batch 128 on an H200); the default mode did "
+            "not help there, nor on a CPU. See the README."
         ),
     )
     torch_compile_backend: str | None = field(
@@ -493,7 +495,8 @@ class RefilledConfig(TrainingArguments):
         **_help(
             "Keep the student's and the teacher's convolution weights, and so their activations, in channels-last "
             "(NHWC) memory format, the layout GPU tensor cores prefer under --bf16/--fp16 (on a 2-core CPU: "
-            "1.12-1.19x images/s for the CIFAR wide ResNets; not yet measured on a GPU). Checkpoints and the "
+            "1.12-1.19x images/s for the CIFAR wide ResNets; on an H200 at batch 128 no consistent change). "
+            "Checkpoints and the "
             "export keep the usual layout. The same computation up to rounding, except that dropout draws its "
             "masks in memory order (a seeded run draws other masks than in the default layout). Off by default: "
             "some timm models crash in this layout in torch's CPU kernels (fastvit_t8, repvgg_a0)."
