@@ -579,7 +579,9 @@ def local_classifier_loss(
         student_logits: ``[B, C]`` the student's head over all its classes.
         teacher_embeddings: ``[B, D_T]`` raw teacher embeddings.
         class_centers: ``[C, D_T]`` teacher class centres of the student's classes.
-        labels: ``[B]`` class ids in ``[0, C)``.
+        labels: ``[B]`` class ids in ``[0, C)`` (checked with a clear error for CPU tensors;
+            on an accelerator, out-of-range ids fail as a device-side assert, since reading
+            them back would stall every step).
         tau: temperature ``tau2`` (> 0).
         weight: ``lambda`` (> 0).
         instance_weights: optional ``[B]`` weights ``w_i`` (default 1), e.g. from
