@@ -368,7 +368,7 @@ def write_compile_run_results(rows: list[dict], args, device_name: str, out: Pat
         "",
         f"{args.student} student, {args.teacher} teacher (untrained: a speed and equivalence check, not an accuracy "
         f"claim), CIFAR-10 classes {args.classes} x {args.shots} images, 15 + 15 epochs, batch {args.batch}, "
-        f"{'bf16' if args.bf16 else 'fp32'}, library defaults otherwise, seed 0, one process.",
+        f"{_precision(args)}, library defaults otherwise, seed 0, one process.",
         "",
         "| mode | wall (s) | training (s) | stage-1 NCM test top-1 | test top-1 | validation top-1 |",
         "|---|---:|---:|---:|---:|---:|",
@@ -378,9 +378,7 @@ def write_compile_run_results(rows: list[dict], args, device_name: str, out: Pat
             f"| {r['mode']} | {r['wall_seconds']:.0f} | {r['train_seconds']:.0f} | {r['stage1_test_ncm_top1']:.2f} | "
             f"{r['test_top1']:.2f} | {r['validation_top1']:.2f} |"
         )
-    _write_files(
-        out, f"compile_run_{args.device}", {"device": device_name, "settings": _settings(args), "rows": rows}, lines
-    )
+    _write_rows(out, "compile_run", rows, args, device_name, lines)
 
 
 def main() -> None:
@@ -526,7 +524,7 @@ def write_sync_results(rows: list[dict], args, device_name: str, out: Path) -> N
         f"# Host-device synchronizations per training step on {device_name}",
         "",
         f"`torch.cuda.set_sync_debug_mode('warn')` over steps {args.warmup + 1}-{args.steps} of the pipeline "
-        f"(device data path, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}, no logging inside the window).",
+        f"(device data path, batch {args.batch}, {_precision(args)}, no logging inside the window).",
         "",
         "| method | syncs per step | where (file:line: count) |",
         "|---|---:|---|",
@@ -534,7 +532,7 @@ def write_sync_results(rows: list[dict], args, device_name: str, out: Path) -> N
     for r in rows:
         sites = ", ".join(f"{k}: {v}" for k, v in list(r["sites"].items())[:6]) or "none"
         lines.append(f"| {r['method']} | {r['syncs_per_step']:.2f} | {sites} |")
-    _write_files(out, f"syncs_{args.device}", {"device": device_name, "settings": _settings(args), "rows": rows}, lines)
+    _write_rows(out, "syncs", rows, args, device_name, lines)
 
 
 def channels_last_rows(args, teacher: str, work: Path) -> list[dict]:
@@ -565,12 +563,22 @@ def _settings(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("out", "classes_list")}
 
 
+def _precision(args) -> str:
+    return "bf16" if args.bf16 else "fp32"
+
+
+def _write_rows(out: Path, kind: str, rows: list[dict], args, device_name: str, lines: list[str]) -> None:
+    """``<kind>_<device>.json`` (the device, the settings and ``rows``) and ``.md`` (``lines``)."""
+    payload = {"device": device_name, "settings": _settings(args), "rows": rows}
+    _write_files(out, f"{kind}_{args.device}", payload, lines)
+
+
 def write_channels_last_results(rows: list[dict], args, device_name: str, out: Path) -> None:
     """``channels_last_<device>.json`` and ``.md`` under ``out``."""
     lines = [
         f"# Channels-last memory format on {device_name}",
         "",
-        f"{args.student} student, {args.teacher} teacher, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}, "
+        f"{args.student} student, {args.teacher} teacher, batch {args.batch}, {_precision(args)}, "
         f"device data path; steps {args.warmup}-{args.steps} timed, all rows in one process. Pipeline = "
         "`refilled-hf distill` without and with `--channels_last`; bare loop = the same steps on one batch already "
         "on the device.",
@@ -585,9 +593,7 @@ def write_channels_last_results(rows: list[dict], args, device_name: str, out: P
             f"{r['speedup']:.2f}x | {r['bare_default_images_per_s']:.0f} | {r['bare_channels_last_images_per_s']:.0f} "
             f"| {r['bare_speedup']:.2f}x |"
         )
-    _write_files(
-        out, f"channels_last_{args.device}", {"device": device_name, "settings": _settings(args), "rows": rows}, lines
-    )
+    _write_rows(out, "channels_last", rows, args, device_name, lines)
 
 
 def write_compile_results(rows: list[dict], args, device_name: str, out: Path) -> None:
@@ -596,7 +602,7 @@ def write_compile_results(rows: list[dict], args, device_name: str, out: Path) -
         f"# torch.compile on {device_name}",
         "",
         f"REFILLED, {args.student} student, {args.teacher} teacher, batch {args.batch}, "
-        f"{'bf16' if args.bf16 else 'fp32'}, device data path, `--torch_compile_mode` as given (inductor); steps "
+        f"{_precision(args)}, device data path, `--torch_compile_mode` as given (inductor); steps "
         f"{args.warmup}-{args.steps} timed, all rows in one process. Compile = the first step's extra time over the "
         "eager run's. Full batches only (`--dataloader_drop_last`): an epoch's last, smaller batch compiles once more, "
         "a one-off cost a short window would spread over every step.",
@@ -608,9 +614,7 @@ def write_compile_results(rows: list[dict], args, device_name: str, out: Path) -
         pay = f"{r['breakeven_steps']:.0f}" if r["breakeven_steps"] is not None else "never"
         rates = f"{r['eager_images_per_s']:.0f} | {r['compiled_images_per_s']:.0f} | {r['speedup']:.2f}x"
         lines.append(f"| {r['method']} | {r['mode']} | {rates} | {r['compile_seconds']:.0f} | {pay} |")
-    _write_files(
-        out, f"compile_{args.device}", {"device": device_name, "settings": _settings(args), "rows": rows}, lines
-    )
+    _write_rows(out, "compile", rows, args, device_name, lines)
 
 
 def write_cache_results(row: dict, args, device_name: str, out: Path) -> None:
@@ -619,7 +623,7 @@ def write_cache_results(row: dict, args, device_name: str, out: Path) -> None:
         f"# Teacher cache on {device_name}",
         "",
         f"REFILLED stage 1, {args.student} student, {args.teacher} teacher, batch {args.batch}, "
-        f"{'bf16' if args.bf16 else 'fp32'}, device data path, {row['images']} training images "
+        f"{_precision(args)}, device data path, {row['images']} training images "
         f"({args.cache_shots} per class); steps {args.warmup}-{args.steps} timed, both rows in one process.",
         "",
         "| stage 1 without cache (img/s) | with cache (img/s) | speed-up | cache build (s) | epochs to pay back |",
