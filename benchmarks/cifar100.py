@@ -18,7 +18,8 @@ REFILLED's two stages), ``rkd``, ``refilled`` (the library defaults) and
 ``refilled-short1-noclip`` splits the same two-stage budget 1:3 (5 + 15 epochs) instead of 1:1,
 ``refilled-nostage1-noclip`` spends all of it on stage 2 (0 + 20: cross-entropy plus the
 distillation term, against ``ce-equal``'s cross-entropy alone), ``refilled-lambda1-noclip``
-uses lambda 1 instead of 10.
+uses lambda 1 instead of 10, ``refilled-correct-noclip`` distils only the images whose
+teacher local classifier picks the true label (``--distill_images teacher_correct``).
 ``refilled-hf probe-teacher`` (the teacher's nearest-class-mean accuracy on the student's
 validation split) for every setting.
 
@@ -72,10 +73,13 @@ NO_STAGE1 = ("refilled-nostage1-noclip",)
 #: REFILLED with lambda 1 instead of the default 10 (a weaker pull towards the teacher's
 #: local classifier in stage 2)
 LAMBDA1 = ("refilled-lambda1-noclip",)
+#: REFILLED distilling only the images whose teacher local classifier picks the true label
+#: (``--distill_images teacher_correct``): the others train on cross-entropy alone
+CORRECT_ONLY = ("refilled-correct-noclip",)
 #: method -> (batch, learning rate of both stages, warm-up fraction per stage); ``-sqrt`` scales the
 #: learning rate with the square root of the batch (0.1 at 128 -> 0.2 at 512) and warms up longer
 BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05), "refilled-b512-sqrt": (512, 0.2, 0.1)}
-ALL_METHODS = METHODS + NO_CLIP + LARGE_BATCH + SHORT_STAGE1 + NO_STAGE1 + LAMBDA1
+ALL_METHODS = METHODS + NO_CLIP + LARGE_BATCH + SHORT_STAGE1 + NO_STAGE1 + LAMBDA1 + CORRECT_ONLY
 #: the runs that decide the clipping default, first for the later seeds
 CLIP_QUESTION = ("ce", "ce-noclip", "refilled", "refilled-noclip", "ce-equal-noclip")
 #: the library's defaults against both CE baselines (after the clipping question was settled)
@@ -108,6 +112,10 @@ BUDGETS: dict[str, dict[str, Any]] = {
         + [("cross10", 450, 1, ("ce-equal-noclip",) + LAMBDA1 + ("refilled-noclip", "ce-noclip"))]
         + [("cross", 50, 0, SHORT_STAGE1)]
         + [("cross10", 450, 1, DEFAULTS + ("refilled-linear-noclip",)), ("cross", 100, 1, DEFAULTS)]
+        # does distilling only where the teacher's local classifier is right close the data-rich gap?
+        + [("cross10", 450, 0, CORRECT_ONLY), ("cross", 50, 0, CORRECT_ONLY), ("cross10", 450, 1, CORRECT_ONLY)]
+        + [("cross", 100, 0, CORRECT_ONLY), ("cross", 50, 1, CORRECT_ONLY), ("cross", 50, 2, CORRECT_ONLY)]
+        + [("cross", 100, 1, CORRECT_ONLY), ("overlap", 50, 0, CORRECT_ONLY)]
         + [("cross10", 450, 2, DEFAULTS + ("refilled-linear-noclip",)), ("cross", 100, 2, DEFAULTS)]
         + [("overlap", 50, s, DEFAULTS) for s in (1, 2)]
         + [("cross", 50, s, ("rkd-noclip",)) for s in (0, 1, 2)]
@@ -168,6 +176,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         fields["method"] = "ce"
     if method in LAMBDA1:
         fields["distill_weight"] = 1.0
+    if method in CORRECT_ONLY:
+        fields["distill_images"] = "teacher_correct"
     if base == "refilled-linear":
         fields["distill_weight_schedule"] = "linear"
     if method.endswith("-noclip"):
@@ -255,7 +265,8 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
                               ("refilled-linear-noclip", ("ce-noclip", "ce-equal-noclip")),
                               ("refilled-short1-noclip", ("ce-noclip", "ce-equal-noclip")),
                               ("refilled-nostage1-noclip", ("ce-noclip", "ce-equal-noclip")),
-                              ("refilled-lambda1-noclip", ("ce-noclip", "ce-equal-noclip"))):  # fmt: skip
+                              ("refilled-lambda1-noclip", ("ce-noclip", "ce-equal-noclip")),
+                              ("refilled-correct-noclip", ("ce-noclip", "ce-equal-noclip"))):  # fmt: skip
             for base in bases:
                 base_runs = {r["seed"]: r["test_top1"] for r in by_method[base]}
                 diffs = [r["test_top1"] - base_runs[r["seed"]] for r in by_method[method] if r["seed"] in base_runs]

@@ -29,6 +29,8 @@ CENTER_MODES = ("global", "batch")
 DATA_PATHS = ("auto", "device", "workers")
 MINING_SCOPES = ("auto", "global", "local")
 DISTILL_WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
+#: which images stage 2 distils: all (the paper) or those the teacher's local classifier gets right
+DISTILL_IMAGES = ("all", "teacher_correct")
 TEACHER_CACHE_DTYPES = ("float16", "float32")
 #: torch.compile modes (of the inductor backend; None: torch's default)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -38,6 +40,7 @@ CHOICES = {
     "stage1_variant": RELATIONSHIP_VARIANTS,
     "centers": CENTER_MODES,
     "distill_weight_schedule": DISTILL_WEIGHT_SCHEDULES,
+    "distill_images": DISTILL_IMAGES,
     "mining_scope": MINING_SCOPES,
     "teacher_cache_dtype": TEACHER_CACHE_DTYPES,
     "data_path": DATA_PATHS,
@@ -361,6 +364,14 @@ class RefilledConfig(TrainingArguments):
         **_help(
             "How lambda moves over stage 2: 'constant' (the paper), 'linear' or 'cosine' (from lambda at the "
             "first step to 0 at the last step of --stage2_epochs, so stage 2 ends on cross-entropy alone)."
+        ),
+    )
+    distill_images: str = field(
+        default="all",
+        **_help(
+            "Which images stage 2 distils: 'all' (the paper) or 'teacher_correct' (only those whose teacher local "
+            "classifier, the nearest class centre among the batch's classes, picks the true label; the others "
+            "train on cross-entropy alone)."
         ),
     )
     centers: str = field(

@@ -36,6 +36,7 @@ __all__ = [
     "centers_from_sums",
     "kd_loss",
     "local_classifier_loss",
+    "local_teacher_correct",
     "ncm_predict",
     "relationship_loss",
     "relationship_loss_with_stats",
@@ -558,6 +559,19 @@ def _confidence_impl(teacher_logits):
     return 2.0 * torch.sigmoid(-h)
 
 
+def local_teacher_correct(
+    teacher_embeddings: torch.Tensor, class_centers: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """``[B]`` bool: where the teacher's local classifier of :func:`local_classifier_loss`
+    (the largest ``teacher_embeddings[i] @ class_centers[k]`` over the classes ``k``
+    present in ``labels``) picks ``labels[i]``. Its mean is the teacher's running top-1 on
+    the batch, within the batch's classes."""
+    local = torch.zeros(class_centers.shape[0], dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
+    with torch.no_grad():
+        scores = (teacher_embeddings.float() @ class_centers.float().T).masked_fill(~local, float("-inf"))
+    return scores.argmax(dim=1) == labels
+
+
 def local_classifier_loss(
     student_logits: torch.Tensor,
     teacher_embeddings: torch.Tensor,
@@ -567,6 +581,7 @@ def local_classifier_loss(
     tau: float = 2.0,
     weight: float = 100.0,
     instance_weights: torch.Tensor | None = None,
+    teacher_correct_only: bool = False,
 ) -> torch.Tensor:
     """REFILLED stage 2's distillation term (the cross-entropy is added by the caller).
 
@@ -586,6 +601,10 @@ def local_classifier_loss(
         weight: ``lambda`` (> 0).
         instance_weights: optional ``[B]`` weights ``w_i`` (default 1), e.g. from
             :func:`teacher_confidence_weights`.
+        teacher_correct_only: multiply ``w_i`` by 1 where the teacher's local classifier
+            (the largest of ``t_i`` over ``C_B``) picks ``labels[i]`` and by 0 elsewhere, so
+            images it gets wrong train on the caller's cross-entropy alone (the mean still
+            runs over all ``B`` images).
     """
     _check_matrix("student_logits", student_logits)
     _check_matrix("teacher_embeddings", teacher_embeddings)
@@ -608,23 +627,26 @@ def local_classifier_loss(
     if instance_weights is not None and (instance_weights.dim() != 1 or instance_weights.shape[0] != batch):
         raise ValueError(f"`instance_weights` must be a 1-D tensor of {batch} weights.")
     return _local_classifier_impl(
-        student_logits, teacher_embeddings, class_centers, labels, tau, weight, instance_weights
+        student_logits, teacher_embeddings, class_centers, labels, tau, weight, instance_weights, teacher_correct_only
     )
 
 
 @_in_float32
-def _local_classifier_impl(student_logits, teacher_embeddings, centers, labels, tau, weight, inst_weights):
+def _local_classifier_impl(student_logits, teacher_embeddings, centers, labels, tau, weight, inst_weights, correct):
     # The local classes as a mask over all classes, not `torch.unique(labels)`: a set of
     # data-dependent size would read the labels back to the host every step. Masked
     # classes get -inf logits, so each softmax runs over the local classes alone, and the
     # KL sums over them alone.
     local = torch.zeros(centers.shape[0], dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
     with torch.no_grad():
-        log_p_t = F.log_softmax((teacher_embeddings @ centers.T / tau).masked_fill(~local, float("-inf")), dim=1)
+        teacher_local = (teacher_embeddings @ centers.T / tau).masked_fill(~local, float("-inf"))
+        log_p_t = F.log_softmax(teacher_local, dim=1)
     log_p_s = F.log_softmax((student_logits / tau).masked_fill(~local, float("-inf")), dim=1)
     kl = torch.where(local, log_p_t.exp() * (log_p_t - log_p_s), 0.0).sum(dim=1)
     if inst_weights is not None:
         kl = kl * inst_weights.detach()
+    if correct:
+        kl = kl * (teacher_local.argmax(dim=1) == labels)
     return weight * kl.mean()
 
 

@@ -31,6 +31,7 @@ from .losses import (
     class_sums,
     kd_loss,
     local_classifier_loss,
+    local_teacher_correct,
     ncm_predict,
     relationship_loss_with_stats,
     rkd_loss,
@@ -263,11 +264,15 @@ class RefilledTrainer(Trainer):
                 else:
                     centers = batch_class_centers(teacher_emb, labels, self.num_classes)
                 weights = teacher_confidence_weights(teacher_logits) if args.confidence_weights else None
+                teacher_correct = local_teacher_correct(teacher_emb, centers, labels)
+                if args.distill_images == "teacher_correct":  # the others train on cross-entropy alone
+                    weights = teacher_correct.float() if weights is None else weights * teacher_correct
                 weight = self.distill_weight()
                 distill = local_classifier_loss(
                     logits, teacher_emb, centers, labels, tau=args.tau2, weight=weight, instance_weights=weights
                 )
                 parts["lambda"] = weight
+                parts["teacher_local_top1"] = teacher_correct.float().mean() * 100
                 # classes present in the batch, counted on the device (no host sync per step)
                 present = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device)
                 parts["local_classes"] = present.index_fill_(0, labels, True).sum()

@@ -68,7 +68,7 @@ def relationship_reference(s, t, labels, variant: str, tau: float, margin: float
     return weight * torch.stack(terms).mean()
 
 
-def local_classifier_reference(student_logits, teacher_emb, centers, labels, tau, weight, inst=None):
+def local_classifier_reference(student_logits, teacher_emb, centers, labels, tau, weight, inst=None, correct=False):
     local = sorted(set(int(y) for y in labels))
     terms = []
     for i in range(len(labels)):
@@ -76,6 +76,8 @@ def local_classifier_reference(student_logits, teacher_emb, centers, labels, tau
         s = torch.stack([student_logits[i, k].double() for k in local]) / tau
         pt, ps = torch.softmax(t, 0), torch.softmax(s, 0)
         kl = (pt * (pt.log() - ps.log())).sum()
+        if correct and local[int(t.argmax())] != int(labels[i]):  # the teacher's local classifier is wrong
+            kl = kl * 0.0
         terms.append(kl * (1.0 if inst is None else float(inst[i])))
     return weight * torch.stack(terms).mean()
 

@@ -1,5 +1,5 @@
-"""`--distill_weight_schedule`: lambda over stage 2, checked against the formula and a
-loss written out by hand."""
+"""Stage 2's distillation options: `--distill_weight_schedule` (lambda over stage 2) and
+`--distill_images`, checked against the formula and a loss written out by hand."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ from refilled_hf.trainer import RefilledTrainer
 LAMBDA = 8.0
 
 
-def _stage2_trainer(tmp_path, schedule: str) -> RefilledTrainer:
+def _stage2_trainer(tmp_path, schedule: str, **overrides) -> RefilledTrainer:
     torch.manual_seed(0)
     student = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=3, drop_rate=0.0))
     teacher = FrozenTeacher(timm.create_model("cifar_wrn_16_1", num_classes=2), student.model.pretrained_cfg)
     args = RefilledConfig(teacher="x", output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
-                          distill_weight=LAMBDA, distill_weight_schedule=schedule, stage2_epochs=2.0)  # fmt: skip
+                          distill_weight=LAMBDA, distill_weight_schedule=schedule, stage2_epochs=2.0,
+                          **overrides)  # fmt: skip
     centers = F.normalize(torch.randn(3, 64), dim=1)
     trainer = RefilledTrainer(model=student, args=args, stage="stage2", num_classes=3, teacher=teacher,
                               class_centers=centers)  # fmt: skip
@@ -73,3 +74,33 @@ def test_stage2_loss_uses_the_scheduled_lambda(tmp_path):
 def test_unknown_schedule_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="distill_weight_schedule.*constant, linear, cosine"):
         RefilledConfig(teacher="x", output_dir=str(tmp_path), distill_weight_schedule="exp")
+
+
+def test_distill_images_teacher_correct_distils_only_where_the_teacher_is_right(tmp_path):
+    trainer = _stage2_trainer(tmp_path, "constant", distill_images="teacher_correct")
+    student = trainer.model
+    student.eval()
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(12, 3, 32, 32, generator=g)
+    labels = torch.tensor([0, 1, 2] * 4)
+    with torch.no_grad():
+        logits = student(pixel_values=images)["logits"]
+        teacher_emb = trainer.teacher(images)[0]
+    right = (teacher_emb @ trainer.class_centers.T).argmax(1) == labels
+    assert 0 < int(right.sum()) < 12  # the test needs both kinds of image
+    loss = trainer.compute_loss(student, {"pixel_values": images, "labels": labels})
+    kept = local_classifier_reference(logits, teacher_emb, trainer.class_centers, labels.tolist(), tau=2.0,
+                                      weight=LAMBDA, inst=right.double())  # fmt: skip
+    everything = local_classifier_reference(logits, teacher_emb, trainer.class_centers, labels.tolist(), tau=2.0,
+                                            weight=LAMBDA)  # fmt: skip
+    ce = F.cross_entropy(logits, labels)
+    assert loss.item() == pytest.approx(float(ce + kept), rel=1e-5)
+    assert abs(float(everything - kept)) > 1e-3  # the option changed the loss
+    student.train()  # in training, the teacher's running local top-1 is logged
+    trainer.compute_loss(student, {"pixel_values": images, "labels": labels})
+    assert float(trainer._components["teacher_local_top1"]) == pytest.approx(100 * float(right.double().mean()))
+
+
+def test_unknown_distill_images_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="distill_images.*all, teacher_correct"):
+        RefilledConfig(teacher="x", output_dir=str(tmp_path), distill_images="wrong")

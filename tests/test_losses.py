@@ -20,6 +20,7 @@ from refilled_hf.losses import (
     class_centers,
     kd_loss,
     local_classifier_loss,
+    local_teacher_correct,
     ncm_predict,
     relationship_loss,
     relationship_loss_with_stats,
@@ -256,25 +257,47 @@ def test_ncm_predict_is_cosine_to_centres():
 
 
 @pytest.mark.parametrize("seed,batch,classes,dim,tau,weight", [(0, 16, 6, 8, 2.0, 100.0), (1, 9, 10, 5, 0.7, 3.0)])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_local_classifier_loss_matches_reference(seed, batch, classes, dim, tau, weight, weighted):
+@pytest.mark.parametrize("weighted,correct_only", [(False, False), (True, False), (False, True), (True, True)])
+def test_local_classifier_loss_matches_reference(seed, batch, classes, dim, tau, weight, weighted, correct_only):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, classes, generator=g, requires_grad=True)
     teacher = torch.randn(batch, dim, generator=g, requires_grad=True)
     centers = torch.nn.functional.normalize(torch.randn(classes, dim, generator=g), dim=1)
     labels = torch.randint(0, classes // 2 + 1, (batch,), generator=g)  # only some classes are local
     inst = torch.rand(batch, generator=g) if weighted else None
-    loss = local_classifier_loss(logits, teacher, centers, labels, tau=tau, weight=weight, instance_weights=inst)
+    loss = local_classifier_loss(
+        logits, teacher, centers, labels, tau=tau, weight=weight, instance_weights=inst,
+        teacher_correct_only=correct_only,
+    )  # fmt: skip
     loss.backward()
     grad = logits.grad.clone()
     logits.grad = None
-    ref = local_classifier_reference(logits, teacher.detach(), centers, labels.tolist(), tau, weight, inst)
+    ref = local_classifier_reference(
+        logits, teacher.detach(), centers, labels.tolist(), tau, weight, inst, correct_only
+    )
     ref.backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), logits.grad.double(), rtol=1e-4, atol=1e-6)
     assert teacher.grad is None
     absent = sorted(set(range(classes)) - set(labels.tolist()))
     assert torch.all(grad[:, absent] == 0), "non-local classes must not be distilled"
+    if correct_only:  # the generated teachers are right on some images and wrong on others
+        local_logits = (teacher.detach() @ centers.T).masked_fill(~torch.isin(torch.arange(classes), labels), -1e9)
+        wrong = local_logits.argmax(1) != labels
+        assert 0 < int(wrong.sum()) < batch
+        assert torch.all(grad[wrong] == 0), "images the teacher gets wrong must not be distilled"
+
+
+def test_local_teacher_correct_matches_a_loop():
+    g = torch.Generator().manual_seed(4)
+    teacher = torch.randn(20, 6, generator=g)
+    centers = torch.nn.functional.normalize(torch.randn(7, 6, generator=g), dim=1)
+    labels = torch.randint(0, 4, (20,), generator=g)  # classes 4-6 are not local
+    local = sorted(set(labels.tolist()))
+    expected = [local[int(torch.stack([teacher[i] @ centers[k] for k in local]).argmax())] == int(labels[i])
+                for i in range(20)]  # fmt: skip
+    assert local_teacher_correct(teacher, centers, labels).tolist() == expected
+    assert 0 < sum(expected) < 20
 
 
 def test_local_classifier_loss_rejects_bad_input():
