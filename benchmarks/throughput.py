@@ -20,6 +20,7 @@ With ``--small_run``, also the wall time of the issue's small middle-shot run: R
     python benchmarks/throughput.py --channels_last_rows  # memory-format rows
     python benchmarks/throughput.py --sync_rows  # host-device syncs per step (CUDA)
     python benchmarks/throughput.py --compile_run reduce-overhead  # a whole run, eager and compiled
+    python benchmarks/throughput.py --host_overhead --batch 16 --steps 300 --warmup 50  # host work per step
 
 Writes ``benchmarks/results/throughput_<device>.json`` and ``.md`` (device named inside).
 On a GPU machine, pass ``--dataset`` (``../shared`` does not travel; see
@@ -413,6 +414,13 @@ def main() -> None:
     parser.add_argument("--sync_rows", action="store_true",
                         help="only the synchronization rows: host-device syncs per training step of each method and "
                         "the lines that cause them (CUDA)")  # fmt: skip
+    parser.add_argument(
+        "--host_overhead",
+        action="store_true",
+        help="per method, the host's work per step: pipeline minus bare loop, both on `host_probe`, "
+        "a model with almost no compute (student and teacher; --repeats runs each, fastest kept)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell of --host_overhead")
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
 
@@ -425,6 +433,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     from refilled_hf.data import load_classification_data
 
+    if args.host_overhead:
+        import host_probe  # noqa: F401  (registers the model)
+
+        args.student = args.teacher = "host_probe"
+
     names = load_classification_data(
         args.dataset, classes=args.classes, shots_per_class=args.shots, validation_fraction=0.0, test_split=None
     )
@@ -436,6 +449,10 @@ def main() -> None:
         write_cache_results(row, args, _device_name(device), Path(args.out))
         if args.only_teacher_cache:
             return
+    if args.host_overhead:
+        rows = host_overhead_rows(args, teacher, work)
+        write_host_overhead_results(rows, args, _device_name(device), Path(args.out))
+        return
     if args.compile_modes:
         rows = compile_rows(args, teacher, work)
         write_compile_results(rows, args, _device_name(device), Path(args.out))
@@ -501,6 +518,43 @@ def compile_rows(args, teacher: str, work: Path) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def host_overhead_rows(args, teacher: str, work: Path) -> list[dict]:
+    """Each ``--methods`` method with ``host_probe`` as student and teacher, in this process:
+    ms per step of the pipeline (device data path) and of the bare loop, the fastest of
+    ``--repeats`` runs each, and their difference: the host's work the pipeline adds per
+    step (augmentation, the Trainer's loop and callbacks, accelerate's wrappers, the loss
+    bookkeeping)."""
+    rows = []
+    for method in args.methods:
+        pipeline = [args.batch * 1e3 / pipeline_rate(method, "device", args, teacher, work / f"repeat{i}")
+                    for i in range(args.repeats)]  # fmt: skip
+        bare = [args.batch * 1e3 / bare_rate(method, args, args.device) for _ in range(args.repeats)]
+        row = {"method": method, "pipeline_ms": min(pipeline), "bare_ms": min(bare),
+               "host_overhead_ms": min(pipeline) - min(bare),
+               "pipeline_ms_all": pipeline, "bare_ms_all": bare}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write_host_overhead_results(rows: list[dict], args, device_name: str, out: Path) -> None:
+    """``host_overhead_<device>.json`` and ``.md`` under ``out``."""
+    lines = [
+        f"# Host work per training step on {device_name}",
+        "",
+        f"`host_probe` (a model with almost no compute) as student and teacher, batch {args.batch}, "
+        f"{_precision(args)}, device data path, steps {args.warmup}-{args.steps} timed, fastest of {args.repeats} "
+        "runs per cell, all in one process. Pipeline minus bare loop = the host's work the pipeline adds to "
+        "each step, which a launch-bound GPU step pays in full.",
+        "",
+        "| method | pipeline (ms/step) | bare loop (ms/step) | added by the pipeline (ms/step) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['pipeline_ms']:.2f} | {r['bare_ms']:.2f} | {r['host_overhead_ms']:.2f} |")
+    _write_rows(out, "host_overhead", rows, args, device_name, lines)
 
 
 def sync_rows(args, teacher: str, work: Path) -> list[dict]:

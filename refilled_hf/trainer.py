@@ -320,6 +320,30 @@ class RefilledTrainer(Trainer):
             self._component_batches = 0
         super().log(logs, start_time)
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The gradient norm for transformers' training log, only at the steps that log.
+
+        transformers (5.x) computes it at every optimizer step, even without clipping,
+        where nothing but the log reads it: a norm over every gradient, on a GPU a
+        handful of kernel launches and some host work per step, which a launch-bound
+        step pays in full (``benchmarks/throughput.py --host_overhead``). With clipping
+        (``--max_grad_norm`` > 0) the norm comes from the clip itself and is passed on.
+        Older transformers, which only compute it when clipping, never call this."""
+        if grad_norm is not None or self._logs_after_this_step():
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
+        return None
+
+    def _logs_after_this_step(self) -> bool:
+        """Whether the optimizer step under way ends in a training log, by the rule of
+        transformers' ``DefaultFlowCallback`` (and the run's last step, to be safe)."""
+        args, step = self.args, self.state.global_step + 1
+        if args.logging_strategy == "no":
+            return False
+        if args.logging_strategy == "steps":
+            every = self.state.logging_steps or 1
+            return step % every == 0 or (step == 1 and args.logging_first_step) or step >= self.state.max_steps
+        return True  # 'epoch': the epoch's last step is not known here; keep transformers' behaviour
+
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """``--optim sgd`` (default): SGD with Nesterov momentum and coupled weight decay
         on every trainable parameter (the paper's CIFAR protocol). Any other ``--optim``:

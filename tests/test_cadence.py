@@ -40,3 +40,35 @@ def test_a_stage_evaluates_and_saves_on_the_cadence_and_at_its_end(tmp_path):
     evaluated = [e["epoch"] for e in state["log_history"] if "eval_top1" in e]
     assert evaluated == [2.0, 4.0]
     assert results["final"]["test_samples"] == 18
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_grad_norm,expected_norms", [(0.0, 3), (1.0, 12)])
+def test_the_gradient_norm_is_computed_only_for_the_steps_that_log(tmp_path, monkeypatch, max_grad_norm, expected_norms):
+    from accelerate import Accelerator
+    from transformers import TrainerCallback
+
+    calls = []
+    original = Accelerator.clip_grad_norm_
+
+    def counting(self, parameters, max_norm, norm_type=2):
+        calls.append(max_norm)
+        return original(self, parameters, max_norm, norm_type)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", counting)
+    data = write_image_dataset(tmp_path / "data")
+    recipe = tiny_recipe(data, tmp_path / "run", method="ce", stage2_epochs=4, logging_steps=5,
+                         max_grad_norm=max_grad_norm, save_strategy="no", eval_strategy="no")  # fmt: skip
+    logged = []
+
+    class Logs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                logged.append((state.global_step, logs.get("grad_norm")))
+
+    run_distillation(RefilledConfig(**recipe), callbacks=[Logs()])
+    # 12 steps (3 per epoch): without clipping, the norm is computed for the logs at steps 5
+    # and 10 and at the last step; with clipping, the clip computes it at every step
+    assert len(calls) == expected_norms
+    assert [step for step, _ in logged] == [5, 10]
+    assert all(norm is not None and norm > 0 for _, norm in logged)
