@@ -44,7 +44,9 @@ def test_a_stage_evaluates_and_saves_on_the_cadence_and_at_its_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_grad_norm,expected_norms", [(0.0, 3), (1.0, 12)])
-def test_the_gradient_norm_is_computed_only_for_the_steps_that_log(tmp_path, monkeypatch, max_grad_norm, expected_norms):
+def test_the_gradient_norm_is_computed_only_for_the_steps_that_log(
+    tmp_path, monkeypatch, max_grad_norm, expected_norms
+):
     from accelerate import Accelerator
     from transformers import TrainerCallback
 
