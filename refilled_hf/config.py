@@ -353,10 +353,12 @@ class RefilledConfig(TrainingArguments):
     # ---- stage 2 (and the baselines): local classifier distillation
     tau2: float = field(default=2.0, **_help("Stage-2 temperature."))
     distill_weight: float = field(
-        default=10.0,
+        default=1.0,
         **_help(
-            "lambda: weight of the stage-2 local-classifier KL (authors: 100; see the README for why 10). Lower it "
-            "(e.g. 1) when the student trained alone beats the teacher's probe: there lambda 10 cost accuracy."
+            "lambda: weight of the stage-2 local-classifier KL (authors: 100; see the README for why 1). Raise it "
+            "(e.g. 10) when the student has few images per class (<= 100) and the teacher's probe is well above "
+            "what the student reaches alone: there 10 gained 1.3-2.7 more points on CIFAR-100, but with 450 "
+            "images per class it cost 3 points against cross-entropy alone."
         ),
     )
     distill_weight_schedule: str = field(
