@@ -82,6 +82,7 @@ QUICKSTART_RECIPES: dict[str, dict[str, Any]] = {
         "stage2_epochs": 100,
         "stage2_learning_rate": 0.05,
         "stage2_milestones": "70",
+        # 10 images per class: the README's case for lambda 10 over the library's default 1
         "distill_weight": 10.0,
     },
 }
