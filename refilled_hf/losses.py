@@ -566,10 +566,17 @@ def local_teacher_correct(
     (the largest ``teacher_embeddings[i] @ class_centers[k]`` over the classes ``k``
     present in ``labels``) picks ``labels[i]``. Its mean is the teacher's running top-1 on
     the batch, within the batch's classes."""
-    local = torch.zeros(class_centers.shape[0], dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
+    local = _local_mask(labels, class_centers.shape[0])
     with torch.no_grad():
         scores = (teacher_embeddings.float() @ class_centers.float().T).masked_fill(~local, float("-inf"))
     return scores.argmax(dim=1) == labels
+
+
+def _local_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[num_classes]`` bool: the classes present in ``labels``. A mask, not
+    `torch.unique(labels)`: a set of data-dependent size would read the labels back to
+    the host every step."""
+    return torch.zeros(num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
 
 
 def local_classifier_loss(
@@ -581,7 +588,6 @@ def local_classifier_loss(
     tau: float = 2.0,
     weight: float = 100.0,
     instance_weights: torch.Tensor | None = None,
-    teacher_correct_only: bool = False,
 ) -> torch.Tensor:
     """REFILLED stage 2's distillation term (the cross-entropy is added by the caller).
 
@@ -600,11 +606,9 @@ def local_classifier_loss(
         tau: temperature ``tau2`` (> 0).
         weight: ``lambda`` (> 0).
         instance_weights: optional ``[B]`` weights ``w_i`` (default 1), e.g. from
-            :func:`teacher_confidence_weights`.
-        teacher_correct_only: multiply ``w_i`` by 1 where the teacher's local classifier
-            (the largest of ``t_i`` over ``C_B``) picks ``labels[i]`` and by 0 elsewhere, so
-            images it gets wrong train on the caller's cross-entropy alone (the mean still
-            runs over all ``B`` images).
+            :func:`teacher_confidence_weights`, or :func:`local_teacher_correct` as 0/1
+            weights to distil only the images the teacher's local classifier gets right
+            (the mean still runs over all ``B`` images).
     """
     _check_matrix("student_logits", student_logits)
     _check_matrix("teacher_embeddings", teacher_embeddings)
@@ -627,26 +631,21 @@ def local_classifier_loss(
     if instance_weights is not None and (instance_weights.dim() != 1 or instance_weights.shape[0] != batch):
         raise ValueError(f"`instance_weights` must be a 1-D tensor of {batch} weights.")
     return _local_classifier_impl(
-        student_logits, teacher_embeddings, class_centers, labels, tau, weight, instance_weights, teacher_correct_only
+        student_logits, teacher_embeddings, class_centers, labels, tau, weight, instance_weights
     )
 
 
 @_in_float32
-def _local_classifier_impl(student_logits, teacher_embeddings, centers, labels, tau, weight, inst_weights, correct):
-    # The local classes as a mask over all classes, not `torch.unique(labels)`: a set of
-    # data-dependent size would read the labels back to the host every step. Masked
-    # classes get -inf logits, so each softmax runs over the local classes alone, and the
-    # KL sums over them alone.
-    local = torch.zeros(centers.shape[0], dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
+def _local_classifier_impl(student_logits, teacher_embeddings, centers, labels, tau, weight, inst_weights):
+    # Masked (non-local) classes get -inf logits, so each softmax runs over the local
+    # classes alone, and the KL sums over them alone.
+    local = _local_mask(labels, centers.shape[0])
     with torch.no_grad():
-        teacher_local = (teacher_embeddings @ centers.T / tau).masked_fill(~local, float("-inf"))
-        log_p_t = F.log_softmax(teacher_local, dim=1)
+        log_p_t = F.log_softmax((teacher_embeddings @ centers.T / tau).masked_fill(~local, float("-inf")), dim=1)
     log_p_s = F.log_softmax((student_logits / tau).masked_fill(~local, float("-inf")), dim=1)
     kl = torch.where(local, log_p_t.exp() * (log_p_t - log_p_s), 0.0).sum(dim=1)
     if inst_weights is not None:
         kl = kl * inst_weights.detach()
-    if correct:
-        kl = kl * (teacher_local.argmax(dim=1) == labels)
     return weight * kl.mean()
 
 

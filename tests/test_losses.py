@@ -265,10 +265,11 @@ def test_local_classifier_loss_matches_reference(seed, batch, classes, dim, tau,
     centers = torch.nn.functional.normalize(torch.randn(classes, dim, generator=g), dim=1)
     labels = torch.randint(0, classes // 2 + 1, (batch,), generator=g)  # only some classes are local
     inst = torch.rand(batch, generator=g) if weighted else None
-    loss = local_classifier_loss(
-        logits, teacher, centers, labels, tau=tau, weight=weight, instance_weights=inst,
-        teacher_correct_only=correct_only,
-    )  # fmt: skip
+    weights = inst  # distilling only where the teacher is right: its 0/1 correctness as weights
+    if correct_only:
+        right = local_teacher_correct(teacher.detach(), centers, labels).float()
+        weights = right if inst is None else inst * right
+    loss = local_classifier_loss(logits, teacher, centers, labels, tau=tau, weight=weight, instance_weights=weights)
     loss.backward()
     grad = logits.grad.clone()
     logits.grad = None
