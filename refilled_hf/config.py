@@ -361,6 +361,16 @@ class RefilledConfig(TrainingArguments):
             "images per class it cost 3 points against cross-entropy alone."
         ),
     )
+    distill_weight_search: str | None = field(
+        default=None,
+        **_help(
+            "Comma-separated lambdas (e.g. '1,10'): run stage 2 once per value, each from the same stage-1 student "
+            "and seed, and keep the one with the best validation top-1 (ties: the first listed). Replaces "
+            "--distill_weight; needs --validation_fraction > 0 and --method refilled; costs one stage 2 per value. "
+            "results.json and the model card list every candidate's validation top-1 and name the pick; the test "
+            "split is evaluated for the pick only."
+        ),
+    )
     distill_weight_schedule: str = field(
         default="constant",
         **_help(
@@ -541,6 +551,10 @@ class RefilledConfig(TrainingArguments):
             self.test_split = None  # `--test_split none`: a data set without a test split
         if self.teacher_cache is not None and str(self.teacher_cache).strip().lower() in ("", "none", "null"):
             self.teacher_cache = None
+        if self.distill_weight_search is not None and str(self.distill_weight_search).strip().lower() in (
+            "", "none", "null",
+        ):  # fmt: skip
+            self.distill_weight_search = None
         if self.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is visible: use --bf16 true (works on the CPU too).")
         # bf16 on a machine without a GPU runs on the CPU rather than failing.
@@ -603,6 +617,38 @@ class RefilledConfig(TrainingArguments):
             _check_range(name, value, low, high, low_open, high_open)
         self._check_inherited()
         self.milestones()  # parses
+        self._check_distill_weight_search()
+
+    def _check_distill_weight_search(self) -> None:
+        if self.distill_weight_search is None:
+            return
+        self.distill_weights()  # parses
+        if self.method != "refilled":
+            raise ConfigError(
+                f"--distill_weight_search chooses REFILLED's stage-2 lambda; --method {self.method} has no stage 2. "
+                "Drop the search, or use --method refilled."
+            )
+        if self.validation_fraction <= 0:
+            raise ConfigError(
+                "--distill_weight_search picks lambda on the validation split: set --validation_fraction > 0 (the "
+                "test split never chooses)."
+            )
+
+    def distill_weights(self) -> list[float]:
+        """Stage 2's lambdas: the ``--distill_weight_search`` candidates in the order given,
+        or ``[distill_weight]`` without a search."""
+        if self.distill_weight_search is None:
+            return [self.distill_weight]
+        text = str(self.distill_weight_search)
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values) or len(set(values)) != len(values):
+            raise ConfigError(
+                f"`distill_weight_search` must be distinct comma-separated lambdas >= 0 like '1,10', got {text[:80]!r}."
+            )
+        return values
 
     def _check_compile(self) -> None:
         """--torch_compile_backend must be one torch knows; a mode only exists for inductor."""

@@ -191,6 +191,16 @@ def render_model_card(
         "ce": f"A `{architecture}` image classifier trained with cross-entropy by refilled-hf.",
     }.get(method, f"A `{architecture}` image classifier distilled with {method.upper()} by refilled-hf.")
     rows = [_result_row(results, True)] + [_result_row(b, False) for b in baselines or []]
+    search = results.get("distill_weight_search")
+    if search:
+        search = {
+            "selected": search["selected"],
+            "candidates": [
+                {"label": f"lambda {c['distill_weight']:g}: " + ("diverged" if "diverged" in c else
+                                                                  _fmt(c.get("validation_top1")))}
+                for c in search["candidates"]
+            ],
+        }  # fmt: skip
     data = results.get("data", {})
     card = ModelCard.from_template(
         card_data,
@@ -209,6 +219,8 @@ def render_model_card(
         teacher=f"`{teacher}`" if teacher else None,
         teacher_classes=results.get("teacher_classes"),
         config=recipe,
+        distill_weight=f"{search['selected']:g}" if search else recipe.get("distill_weight"),
+        lambda_search=search,
         train_images=data.get("train_images"),
         validation_images=data.get("validation_images"),
         shots_per_class=data.get("shots_per_class"),

@@ -56,6 +56,10 @@ class RunError(ValueError):
     """A run that cannot start or continue (the message says why and what to do)."""
 
 
+class DivergedError(RunError):
+    """A stage whose loss or weights went non-finite."""
+
+
 # --------------------------------------------------------------------------- setup
 
 
@@ -439,7 +443,7 @@ def _check_finite(trainer: RefilledTrainer) -> None:
         what = f"{bad_steps} training steps had a non-finite loss" if bad_steps else "the training loss is not finite"
         if bad_weights:
             what += f"; {len(bad_weights)} weight tensors hold NaN/inf (e.g. {bad_weights[0]})"
-        raise RunError(
+        raise DivergedError(
             f"Training diverged in {trainer.stage} ({what}). Nothing was exported. Lower the learning rate "
             "(--stage1_learning_rate / --stage2_learning_rate) or the loss weights (--distill_weight, "
             "--stage1_weight), "
@@ -462,12 +466,12 @@ def _save_final(stage_dir: Path, student: StudentModel, metrics: dict[str, Any],
 def _load_final(stage_dir: Path, student: StudentModel) -> dict[str, Any]:
     try:
         student.model.load_state_dict(load_file(str(stage_dir / FINAL_DIR / "model.safetensors")))
-        return json.loads((stage_dir / FINAL_DIR / "metrics.json").read_text())
     except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
         raise RunError(
             f"{stage_dir / FINAL_DIR} is damaged ({type(err).__name__}): this run cannot continue from it. Start over "
             "with --overwrite_output true."
         ) from None
+    return _read_final_metrics(stage_dir)
 
 
 def _split_metrics(trainer: RefilledTrainer, data: ClassificationData, prefix_map: dict[str, str]) -> dict[str, Any]:
@@ -517,7 +521,7 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     if config.push_to_hub and not config.hub_model_id:
         raise ConfigError("--push_to_hub needs --hub_model_id <user>/<name>: the repo the model is pushed to.")
     baselines = _baseline_results(config)  # fail now, not after training, on a missing comparison run
-    stage_dirs = [out / "stage1", out / "stage2"] if method == "refilled" else [out / method]
+    stage_dirs = [out / "stage1", *_stage2_dirs(config, out)] if method == "refilled" else [out / method]
     rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)
     _prepare_output_dir(config, rundir)
     mode = _resume_mode(config)
@@ -578,6 +582,13 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
         rundir.release()
 
 
+def _stage2_dirs(config: RefilledConfig, out: Path) -> list[Path]:
+    """``stage2/``, or one ``stage2-lambda<value>/`` per ``--distill_weight_search`` candidate."""
+    if config.distill_weight_search is None:
+        return [out / "stage2"]
+    return [out / f"stage2-lambda{value:g}" for value in config.distill_weights()]
+
+
 def _wait_for_everyone() -> None:
     from accelerate import PartialState
 
@@ -587,7 +598,7 @@ def _wait_for_everyone() -> None:
 def _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks, results, out,
                 cache=None):  # fmt: skip
     if method == "refilled":
-        stage1_dir, stage2_dir = stage_dirs
+        stage1_dir, *stage2_dirs = stage_dirs
         if config.stage1_epochs == 0:
             logger.info("stage1_epochs=0: stage 2 starts from the student's initial weights (an ablation).")
         elif (stage1_dir / FINAL_DIR / "metrics.json").is_file() and _resume_mode(config):
@@ -605,14 +616,19 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
             _barrier(trainer)
             results["stage1"] = stage1
         student.set_embeddings_only(False)
+        if config.distill_weight_search is not None:
+            trainer = _search_distill_weight(
+                config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results, cache
+            )
+            return _finish(config, trainer, student, data, results, out)
         trainer = _make_trainer(
-            config, "stage2", stage2_dir, student, data, callbacks, teacher=teacher, teacher_cache=cache
+            config, "stage2", stage2_dirs[0], student, data, callbacks, teacher=teacher, teacher_cache=cache
         )
         if config.centers == "global":
             start = time.perf_counter()
-            _teacher_centers(trainer, stage2_dir, centers_data)
+            _teacher_centers(trainer, stage2_dirs[0], centers_data)
             results["teacher_centers_seconds"] = time.perf_counter() - start
-        _fit(trainer, points[stage2_dir])
+        _fit(trainer, points[stage2_dirs[0]])
     else:
         trainer = _make_trainer(
             config, method, stage_dirs[0], student, data, callbacks,
@@ -625,10 +641,90 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
     return _finish(config, trainer, student, data, results, out)
 
 
-def _teacher_centers(trainer: RefilledTrainer, stage_dir: Path, centers_data) -> torch.Tensor:
+def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results,
+                           cache) -> RefilledTrainer:  # fmt: skip
+    """``--distill_weight_search``: stage 2 once per lambda, each from the same starting
+    weights and seed in its own folder (finished candidates are kept on resume), then the
+    candidate with the best validation top-1 (ties: the first listed) is loaded into
+    ``student``. Each candidate is evaluated on validation only; the returned trainer
+    evaluates the pick, whose test metrics become ``results["final"]``."""
+    start_state = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
+    candidates, centers, trainer = [], None, None
+    for value, stage_dir in zip(config.distill_weights(), stage2_dirs):
+        final = stage_dir / FINAL_DIR / "metrics.json"
+        if final.is_file() and _resume_mode(config):
+            metrics = _read_final_metrics(stage_dir)
+            logger.info("Stage 2 with lambda %g already finished: kept.", value)
+        else:
+            student.model.load_state_dict(start_state)
+            view = config.stage_view(distill_weight=value)
+            trainer = _make_trainer(
+                view, "stage2", stage_dir, student, data, callbacks, teacher=teacher, teacher_cache=cache
+            )
+            if config.centers == "global":
+                start = time.perf_counter()
+                centers = _teacher_centers(trainer, stage_dir, centers_data, known=centers)
+                results.setdefault("teacher_centers_seconds", time.perf_counter() - start)
+            try:
+                _fit(trainer, points[stage_dir])
+                metrics = _split_metrics(trainer, data, {"validation": "validation"})
+                metrics.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
+            except DivergedError as err:
+                logger.warning("Stage 2 with lambda %g diverged; it cannot be chosen. %s", value, err)
+                metrics = {"diverged": str(err)}
+            _save_final(stage_dir, student, metrics, trainer.is_world_process_zero())
+            _barrier(trainer)
+        candidates.append({"distill_weight": value, "stage_dir": stage_dir.name, **metrics})
+    usable = [i for i, c in enumerate(candidates) if "diverged" not in c]
+    if not usable:
+        raise RunError(
+            "Every --distill_weight_search candidate diverged (see the warnings). Nothing was exported. Lower the "
+            "learning rate (--stage2_learning_rate) or the lambdas, or clip gradients (--max_grad_norm 1)."
+        )
+    pick = max(usable, key=lambda i: (candidates[i]["validation_top1"], -i))
+    chosen = candidates[pick]
+    _load_final(stage2_dirs[pick], student)
+    logger.info(
+        "Chose lambda %g (validation top-1 %.2f) among %s.",
+        chosen["distill_weight"], chosen["validation_top1"],
+        ", ".join(f"{c['distill_weight']:g}: {c.get('validation_top1', float('nan')):.2f}" for c in candidates),
+    )  # fmt: skip
+    results["distill_weight_search"] = {
+        "selected": chosen["distill_weight"],
+        "selected_by": "validation_top1 (ties: the first listed)",
+        "candidates": candidates,
+    }
+    if trainer is None:  # every candidate was finished before this resume: a trainer for the evaluation
+        trainer = _make_trainer(
+            config.stage_view(distill_weight=chosen["distill_weight"]), "stage2", stage2_dirs[pick], student, data,
+            callbacks, teacher=teacher, teacher_cache=cache,
+        )  # fmt: skip
+    final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
+    final.update(train_seconds=chosen["train_seconds"], train_metrics=chosen["train_metrics"])
+    results["final"] = final
+    return trainer
+
+
+def _read_final_metrics(stage_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((stage_dir / FINAL_DIR / "metrics.json").read_text())
+    except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
+        raise RunError(
+            f"{stage_dir / FINAL_DIR} is damaged ({type(err).__name__}): this run cannot continue from it. Start over "
+            "with --overwrite_output true."
+        ) from None
+
+
+def _teacher_centers(
+    trainer: RefilledTrainer, stage_dir: Path, centers_data, known: torch.Tensor | None = None
+) -> torch.Tensor:
     """Teacher centres of the student's classes, computed once over the training split
-    (summed over every process) and kept with the stage so a resumed stage 2 reuses them."""
+    (summed over every process) and kept with the stage so a resumed stage 2 reuses them.
+    ``known``: centres this run already computed (another lambda candidate's)."""
     cache = stage_dir / "teacher_centers.safetensors"
+    if known is not None:
+        trainer.class_centers = known.to(trainer.args.device)
+        return trainer.class_centers
     if cache.is_file():
         try:
             centers = load_file(str(cache))["centers"]

@@ -1,0 +1,125 @@
+"""`--distill_weight_search`: stage 2 once per lambda, the pick made on validation.
+
+Each candidate must be exactly the run a user would get with that `--distill_weight`
+alone, the export must be the pick, the test split must not be seen by the unpicked
+candidates, and an interrupted search must resume to the same result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import tiny_recipe, write_random_teacher
+from safetensors.torch import load_file
+from test_pipeline import Interrupt
+
+from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.pipeline import RunError, run_distillation
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return write_random_teacher(tmp_path_factory.mktemp("teacher") / "model", name="cifar_wrn_16_2")
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert wa[key].equal(wb[key]), key
+
+
+def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, teacher_dir, tmp_path):
+    base = dict(method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=2, stage2_epochs=3)
+    lambdas = (20.0, 0.5)  # the better one (on this data) second: the pick is not just the first
+    separate = {}
+    for value in lambdas:
+        out = tmp_path / f"alone-{value:g}"
+        separate[value] = run_distillation(RefilledConfig(**tiny_recipe(data_dir, out, distill_weight=value, **base)))
+
+    recipe = tiny_recipe(data_dir, tmp_path / "search", distill_weight_search="20, 0.5", **base)
+    with pytest.raises(KeyboardInterrupt):  # in the second candidate, after its first checkpoint
+        run_distillation(RefilledConfig(**recipe), callbacks=[Interrupt("stage2-lambda0.5", 4)])
+    first_final = tmp_path / "search" / "stage2-lambda20" / "final" / "model.safetensors"
+    mtime = first_final.stat().st_mtime_ns
+    results = run_distillation(RefilledConfig(**recipe, resume_from_checkpoint="true"))
+    assert first_final.stat().st_mtime_ns == mtime  # the finished candidate is kept, not trained again
+
+    search = results["distill_weight_search"]
+    assert [c["distill_weight"] for c in search["candidates"]] == list(lambdas)
+    for candidate, value in zip(search["candidates"], lambdas):
+        alone = separate[value]
+        # each candidate is the run with that lambda alone: same weights, same validation accuracy
+        _assert_same_weights(
+            tmp_path / "search" / candidate["stage_dir"] / "final" / "model.safetensors",
+            tmp_path / f"alone-{value:g}" / "model" / "model.safetensors",
+        )
+        assert candidate["validation_top1"] == alone["final"]["validation_top1"]
+        assert not any(k.startswith("test_") for k in candidate)  # the test split chose nothing
+    val = [separate[v]["final"]["validation_top1"] for v in lambdas]
+    expected = lambdas[val.index(max(val))]  # ties: the first listed
+    assert search["selected"] == expected
+    assert results["final"]["test_top1"] == separate[expected]["final"]["test_top1"]
+    assert results["final"]["validation_top1"] == max(val)
+    _assert_same_weights(
+        tmp_path / "search" / "model" / "model.safetensors",
+        tmp_path / f"alone-{expected:g}" / "model" / "model.safetensors",
+    )
+    assert results["stage1"]["test_ncm_top1"] == separate[lambdas[0]]["stage1"]["test_ncm_top1"]
+    assert json.loads((tmp_path / "search" / "results.json").read_text())["distill_weight_search"] == search
+
+    card = (tmp_path / "search" / "model" / "README.md").read_text()
+    assert f"lambda {expected:g} x the" in card and "chosen on the validation split" in card
+    for candidate in search["candidates"]:
+        assert f"lambda {candidate['distill_weight']:g}: {candidate['validation_top1']:.2f}" in card
+    assert "distill_weight_search: 20, 0.5" in card  # the recipe reproduces the search
+
+
+def test_a_diverging_candidate_is_skipped_and_named(data_dir, teacher_dir, tmp_path):
+    recipe = tiny_recipe(
+        data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=1,
+        stage2_epochs=2, distill_weight_search="1e30,1",
+    )  # fmt: skip
+    results = run_distillation(RefilledConfig(**recipe))
+    first, second = results["distill_weight_search"]["candidates"]
+    assert "diverged" in first and "validation_top1" not in first
+    assert results["distill_weight_search"]["selected"] == 1.0
+    assert results["final"]["validation_top1"] == second["validation_top1"]
+    assert "lambda 1e+30: diverged" in (tmp_path / "run" / "model" / "README.md").read_text()
+
+    everything = tiny_recipe(
+        data_dir, tmp_path / "all", method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=1,
+        stage2_epochs=2, distill_weight_search="1e30",
+    )  # fmt: skip
+    with pytest.raises(RunError, match="Every --distill_weight_search candidate diverged"):
+        run_distillation(RefilledConfig(**everything))
+    assert not (tmp_path / "all" / "model").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"distill_weight_search": "1,x"}, "distinct comma-separated lambdas"),
+        ({"distill_weight_search": "1,1"}, "distinct comma-separated lambdas"),
+        ({"distill_weight_search": "-1,2"}, "distinct comma-separated lambdas"),
+        ({"distill_weight_search": "1,10", "method": "kd"}, "no stage 2"),
+        ({"distill_weight_search": "1,10", "validation_fraction": 0.0}, "validation_fraction > 0"),
+    ],
+)
+def test_bad_searches_are_refused(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        RefilledConfig(teacher="x", output_dir=str(tmp_path), **overrides)
+
+
+def test_search_values_parse_in_order(tmp_path):
+    config = RefilledConfig(teacher="x", output_dir=str(tmp_path), distill_weight_search=" 10, 1 ,0.5")
+    assert config.distill_weights() == [10.0, 1.0, 0.5]
+    off = RefilledConfig(teacher="x", output_dir=str(tmp_path), distill_weight_search="none", distill_weight=3)
+    assert off.distill_weight_search is None and off.distill_weights() == [3.0]
