@@ -29,6 +29,10 @@ CENTER_MODES = ("global", "batch")
 DATA_PATHS = ("auto", "device", "workers")
 MINING_SCOPES = ("auto", "global", "local")
 DISTILL_WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
+#: lambda of a single stage 2 when --distill_weight is unset and no validation split can choose
+DEFAULT_DISTILL_WEIGHT = 1.0
+#: the lambdas chosen among on validation when --distill_weight is unset (see the README's CIFAR-100 numbers)
+DEFAULT_DISTILL_WEIGHT_SEARCH = (1.0, 10.0)
 #: which images stage 2 distils: all (the paper) or those the teacher's local classifier gets right
 DISTILL_IMAGES = ("all", "teacher_correct")
 TEACHER_CACHE_DTYPES = ("float16", "float32")
@@ -352,23 +356,25 @@ class RefilledConfig(TrainingArguments):
 
     # ---- stage 2 (and the baselines): local classifier distillation
     tau2: float = field(default=2.0, **_help("Stage-2 temperature."))
-    distill_weight: float = field(
-        default=1.0,
+    distill_weight: float | None = field(
+        default=None,
         **_help(
-            "lambda: weight of the stage-2 local-classifier KL (authors: 100; see the README for why 1). Raise it "
-            "(e.g. 10) when the student has few images per class (<= 100) and the teacher's probe is well above "
-            "what the student reaches alone: there 10 gained 1.3-2.7 more points on CIFAR-100, but with 450 "
-            "images per class it cost 3 points against cross-entropy alone."
+            "lambda: weight of the stage-2 local-classifier KL (authors: 100). Unset (the default): chosen on the "
+            "validation split among 1 and 10 (see --distill_weight_search), or 1 without a validation split. Set "
+            "it to run stage 2 once with that value: 10 when the student has few images per class (<= 100) and "
+            "the teacher's probe is well above what the student reaches alone (1.3-2.7 more points than 1 on "
+            "CIFAR-100), 1 with many (with 450 images per class 10 cost 3 points against cross-entropy alone)."
         ),
     )
     distill_weight_search: str | None = field(
         default=None,
         **_help(
-            "Comma-separated lambdas (e.g. '1,10'): run stage 2 once per value, each from the same stage-1 student "
-            "and seed, and keep the one with the best validation top-1 (ties: the first listed). Replaces "
-            "--distill_weight; needs --validation_fraction > 0 and --method refilled; costs one stage 2 per value. "
-            "results.json and the model card list every candidate's validation top-1 and name the pick; the test "
-            "split is evaluated for the pick only."
+            "Comma-separated lambdas: run stage 2 once per value, each from the same stage-1 student and seed, and "
+            "keep the one with the best validation top-1 (ties: the first listed). Default, when --distill_weight "
+            "is unset and a validation split exists: '1,10' (stage 2 runs twice). Needs --validation_fraction > 0 "
+            "and --method refilled; cannot be combined with --distill_weight. results.json and the model card "
+            "list every candidate's validation top-1 and name the pick; the test split is evaluated for the pick "
+            "only."
         ),
     )
     distill_weight_schedule: str = field(
@@ -622,7 +628,12 @@ class RefilledConfig(TrainingArguments):
     def _check_distill_weight_search(self) -> None:
         if self.distill_weight_search is None:
             return
-        self.distill_weights()  # parses
+        self.distill_weight_candidates()  # parses
+        if self.distill_weight is not None:
+            raise ConfigError(
+                f"--distill_weight {self.distill_weight:g} and --distill_weight_search {self.distill_weight_search} "
+                "contradict each other: pass one lambda, or the candidates to choose from."
+            )
         if self.method != "refilled":
             raise ConfigError(
                 f"--distill_weight_search chooses REFILLED's stage-2 lambda; --method {self.method} has no stage 2. "
@@ -634,11 +645,15 @@ class RefilledConfig(TrainingArguments):
                 "test split never chooses)."
             )
 
-    def distill_weights(self) -> list[float]:
-        """Stage 2's lambdas: the ``--distill_weight_search`` candidates in the order given,
-        or ``[distill_weight]`` without a search."""
+    def distill_weight_candidates(self) -> list[float] | None:
+        """The lambdas stage 2 chooses among on validation, in order: ``--distill_weight_search``,
+        else :data:`DEFAULT_DISTILL_WEIGHT_SEARCH` when ``--distill_weight`` is unset and a
+        validation split exists for REFILLED; None when stage 2 runs once, at
+        :meth:`resolved_distill_weight`."""
         if self.distill_weight_search is None:
-            return [self.distill_weight]
+            if self.distill_weight is None and self.method == "refilled" and self.validation_fraction > 0:
+                return list(DEFAULT_DISTILL_WEIGHT_SEARCH)
+            return None
         text = str(self.distill_weight_search)
         try:
             values = [float(v) for v in text.split(",") if v.strip()]
@@ -649,6 +664,10 @@ class RefilledConfig(TrainingArguments):
                 f"`distill_weight_search` must be distinct comma-separated lambdas >= 0 like '1,10', got {text[:80]!r}."
             )
         return values
+
+    def resolved_distill_weight(self) -> float:
+        """The lambda of a single stage 2: ``--distill_weight``, or :data:`DEFAULT_DISTILL_WEIGHT`."""
+        return DEFAULT_DISTILL_WEIGHT if self.distill_weight is None else self.distill_weight
 
     def _check_compile(self) -> None:
         """--torch_compile_backend must be one torch knows; a mode only exists for inductor."""

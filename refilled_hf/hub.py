@@ -194,7 +194,7 @@ def render_model_card(
     search = results.get("distill_weight_search")
     if search:
         search = {
-            "selected": search["selected"],
+            "lambdas": ", ".join(f"{c['distill_weight']:g}" for c in search["candidates"]),
             "candidates": [
                 {"label": f"lambda {c['distill_weight']:g}: " + ("diverged" if "diverged" in c else
                                                                   _fmt(c.get("validation_top1")))}
@@ -219,7 +219,7 @@ def render_model_card(
         teacher=f"`{teacher}`" if teacher else None,
         teacher_classes=results.get("teacher_classes"),
         config=recipe,
-        distill_weight=f"{search['selected']:g}" if search else recipe.get("distill_weight"),
+        distill_weight=f"{results['distill_weight']:g}" if "distill_weight" in results else None,
         lambda_search=search,
         train_images=data.get("train_images"),
         validation_images=data.get("validation_images"),

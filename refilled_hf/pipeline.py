@@ -584,9 +584,10 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
 
 def _stage2_dirs(config: RefilledConfig, out: Path) -> list[Path]:
     """``stage2/``, or one ``stage2-lambda<value>/`` per ``--distill_weight_search`` candidate."""
-    if config.distill_weight_search is None:
+    candidates = config.distill_weight_candidates()
+    if candidates is None:
         return [out / "stage2"]
-    return [out / f"stage2-lambda{value:g}" for value in config.distill_weights()]
+    return [out / f"stage2-lambda{value:g}" for value in candidates]
 
 
 def _wait_for_everyone() -> None:
@@ -616,7 +617,8 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
             _barrier(trainer)
             results["stage1"] = stage1
         student.set_embeddings_only(False)
-        if config.distill_weight_search is not None:
+        results["distill_weight"] = config.resolved_distill_weight()
+        if config.distill_weight_candidates() is not None:
             trainer = _search_distill_weight(
                 config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results, cache
             )
@@ -650,7 +652,13 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
     evaluates the pick, whose test metrics become ``results["final"]``."""
     start_state = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
     candidates, centers, trainer = [], None, None
-    for value, stage_dir in zip(config.distill_weights(), stage2_dirs):
+    values = config.distill_weight_candidates()
+    if config.distill_weight_search is None:
+        logger.info(
+            "--distill_weight is unset: stage 2 runs once per lambda in %s and keeps the best on validation (pass "
+            "--distill_weight to run it once).", ", ".join(f"{v:g}" for v in values),
+        )  # fmt: skip
+    for value, stage_dir in zip(values, stage2_dirs):
         final = stage_dir / FINAL_DIR / "metrics.json"
         if final.is_file() and _resume_mode(config):
             metrics = _read_final_metrics(stage_dir)
@@ -675,13 +683,7 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
             _save_final(stage_dir, student, metrics, trainer.is_world_process_zero())
             _barrier(trainer)
         candidates.append({"distill_weight": value, "stage_dir": stage_dir.name, **metrics})
-    usable = [i for i, c in enumerate(candidates) if "diverged" not in c]
-    if not usable:
-        raise RunError(
-            "Every --distill_weight_search candidate diverged (see the warnings). Nothing was exported. Lower the "
-            "learning rate (--stage2_learning_rate) or the lambdas, or clip gradients (--max_grad_norm 1)."
-        )
-    pick = max(usable, key=lambda i: (candidates[i]["validation_top1"], -i))
+    pick = pick_candidate(candidates)
     chosen = candidates[pick]
     _load_final(stage2_dirs[pick], student)
     logger.info(
@@ -689,6 +691,7 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
         chosen["distill_weight"], chosen["validation_top1"],
         ", ".join(f"{c['distill_weight']:g}: {c.get('validation_top1', float('nan')):.2f}" for c in candidates),
     )  # fmt: skip
+    results["distill_weight"] = chosen["distill_weight"]
     results["distill_weight_search"] = {
         "selected": chosen["distill_weight"],
         "selected_by": "validation_top1 (ties: the first listed)",
@@ -703,6 +706,18 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
     final.update(train_seconds=chosen["train_seconds"], train_metrics=chosen["train_metrics"])
     results["final"] = final
     return trainer
+
+
+def pick_candidate(candidates: list[dict[str, Any]]) -> int:
+    """Index of the candidate with the best ``validation_top1``; ties go to the first
+    listed; diverged candidates (a ``diverged`` entry) cannot be chosen."""
+    usable = [i for i, c in enumerate(candidates) if "diverged" not in c]
+    if not usable:
+        raise RunError(
+            "Every --distill_weight_search candidate diverged (see the warnings). Nothing was exported. Lower the "
+            "learning rate (--stage2_learning_rate) or the lambdas, or clip gradients (--max_grad_norm 1)."
+        )
+    return max(usable, key=lambda i: (candidates[i]["validation_top1"], -i))
 
 
 def _read_final_metrics(stage_dir: Path) -> dict[str, Any]:

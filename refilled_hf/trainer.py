@@ -301,14 +301,14 @@ class RefilledTrainer(Trainer):
         """Stage 2's lambda at the current optimizer step: ``--distill_weight`` scaled by
         ``--distill_weight_schedule`` over the stage's full length (``--stage2_epochs``,
         laid out like the learning-rate schedule, so ``--max_steps`` never moves it)."""
-        schedule = self.args.distill_weight_schedule
+        schedule, weight = self.args.distill_weight_schedule, self.args.resolved_distill_weight()
         if schedule == "constant":
-            return self.args.distill_weight
+            return weight
         total = max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
         progress = min(self.state.global_step, total) / total
         if schedule == "linear":
-            return self.args.distill_weight * (1.0 - progress)
-        return self.args.distill_weight * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return weight * (1.0 - progress)
+        return weight * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss component since the last training log."""

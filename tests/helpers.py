@@ -62,6 +62,7 @@ def tiny_recipe(data_dir: Path, out: Path, **overrides) -> dict:
         "validation_fraction": 0.25,
         "stage1_epochs": 2,
         "stage2_epochs": 2,
+        "distill_weight": 1.0,  # one stage 2 (unset, REFILLED searches lambda: tests/test_distill_weight_search.py)
         "stage2_milestones": "1",
         "stage1_learning_rate": 0.05,
         "stage2_learning_rate": 0.05,

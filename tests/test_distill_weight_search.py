@@ -10,18 +10,20 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny_recipe, write_random_teacher
 from safetensors.torch import load_file
 from test_pipeline import Interrupt
 
 from refilled_hf.config import ConfigError, RefilledConfig
-from refilled_hf.pipeline import RunError, run_distillation
+from refilled_hf.pipeline import RunError, pick_candidate, run_distillation
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)  # the same teacher every time: the candidates' accuracies are reproducible
     return write_random_teacher(tmp_path_factory.mktemp("teacher") / "model", name="cifar_wrn_16_2")
 
 
@@ -44,7 +46,7 @@ def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, 
         out = tmp_path / f"alone-{value:g}"
         separate[value] = run_distillation(RefilledConfig(**tiny_recipe(data_dir, out, distill_weight=value, **base)))
 
-    recipe = tiny_recipe(data_dir, tmp_path / "search", distill_weight_search="20, 0.5", **base)
+    recipe = tiny_recipe(data_dir, tmp_path / "search", distill_weight=None, distill_weight_search="20, 0.5", **base)
     with pytest.raises(KeyboardInterrupt):  # in the second candidate, after its first checkpoint
         run_distillation(RefilledConfig(**recipe), callbacks=[Interrupt("stage2-lambda0.5", 4)])
     first_final = tmp_path / "search" / "stage2-lambda20" / "final" / "model.safetensors"
@@ -79,13 +81,14 @@ def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, 
     assert f"lambda {expected:g} x the" in card and "chosen on the validation split" in card
     for candidate in search["candidates"]:
         assert f"lambda {candidate['distill_weight']:g}: {candidate['validation_top1']:.2f}" in card
+    assert "chosen on the validation split among 20, 0.5" in card
     assert "distill_weight_search: 20, 0.5" in card  # the recipe reproduces the search
 
 
 def test_a_diverging_candidate_is_skipped_and_named(data_dir, teacher_dir, tmp_path):
     recipe = tiny_recipe(
         data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=1,
-        stage2_epochs=2, distill_weight_search="1e30,1",
+        stage2_epochs=2, distill_weight=None, distill_weight_search="1e30,1",
     )  # fmt: skip
     results = run_distillation(RefilledConfig(**recipe))
     first, second = results["distill_weight_search"]["candidates"]
@@ -96,11 +99,49 @@ def test_a_diverging_candidate_is_skipped_and_named(data_dir, teacher_dir, tmp_p
 
     everything = tiny_recipe(
         data_dir, tmp_path / "all", method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=1,
-        stage2_epochs=2, distill_weight_search="1e30",
+        stage2_epochs=2, distill_weight=None, distill_weight_search="1e30",
     )  # fmt: skip
     with pytest.raises(RunError, match="Every --distill_weight_search candidate diverged"):
         run_distillation(RefilledConfig(**everything))
     assert not (tmp_path / "all" / "model").exists()
+
+
+def test_unset_lambda_searches_1_and_10_by_default(data_dir, teacher_dir, tmp_path, caplog):
+    recipe = tiny_recipe(
+        data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=1,
+        stage2_epochs=1, distill_weight=None,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="refilled_hf.pipeline"):
+        results = run_distillation(RefilledConfig(**recipe))
+    search = results["distill_weight_search"]
+    assert [c["distill_weight"] for c in search["candidates"]] == [1.0, 10.0]
+    assert results["distill_weight"] == search["selected"] in (1.0, 10.0)
+    assert sorted(p.name for p in (tmp_path / "run").glob("stage2*")) == ["stage2-lambda1", "stage2-lambda10"]
+    assert "--distill_weight is unset: stage 2 runs once per lambda in 1, 10" in caplog.text
+
+
+def test_which_lambdas_run(tmp_path):
+    def config(**overrides) -> RefilledConfig:
+        return RefilledConfig(teacher="x", output_dir=str(tmp_path), **overrides)
+
+    assert config().distill_weight_candidates() == [1.0, 10.0]  # the default: chosen on validation
+    for one in (config(distill_weight=5.0), config(validation_fraction=0.0), config(method="rkd")):
+        assert one.distill_weight_candidates() is None
+    assert config(distill_weight=5.0).resolved_distill_weight() == 5.0
+    assert config(validation_fraction=0.0).resolved_distill_weight() == 1.0  # nothing to choose on
+    with pytest.raises(ConfigError, match="contradict"):
+        config(distill_weight=5.0, distill_weight_search="1,10")
+
+
+def test_pick_is_the_best_validation_top1_first_on_ties_never_a_diverged_one():
+    def c(top1=None):
+        return {"diverged": "x"} if top1 is None else {"validation_top1": top1}
+
+    assert pick_candidate([c(50.0), c(60.0), c(55.0)]) == 1
+    assert pick_candidate([c(60.0), c(50.0), c(60.0)]) == 0
+    assert pick_candidate([c(), c(40.0), c(40.0)]) == 1
+    with pytest.raises(RunError, match="Every --distill_weight_search candidate diverged"):
+        pick_candidate([c(), c()])
 
 
 @pytest.mark.parametrize(
@@ -120,6 +161,6 @@ def test_bad_searches_are_refused(overrides, message, tmp_path):
 
 def test_search_values_parse_in_order(tmp_path):
     config = RefilledConfig(teacher="x", output_dir=str(tmp_path), distill_weight_search=" 10, 1 ,0.5")
-    assert config.distill_weights() == [10.0, 1.0, 0.5]
+    assert config.distill_weight_candidates() == [10.0, 1.0, 0.5]
     off = RefilledConfig(teacher="x", output_dir=str(tmp_path), distill_weight_search="none", distill_weight=3)
-    assert off.distill_weight_search is None and off.distill_weights() == [3.0]
+    assert off.distill_weight_search is None and off.distill_weight_candidates() is None

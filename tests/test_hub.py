@@ -105,7 +105,8 @@ def test_model_card_metadata_and_content():
     assert "import refilled_hf" in text and "AutoModelForImageClassification" in text
     assert "| refilled (this model) | 71.23 | 95.50 | 55.56 | 70.00 |" in text
     assert "| ce | 60.00 |" in text
-    assert "distill_weight: 1.0" in text and "ye2020refilled" in text  # the recipe, defaults included
+    assert "tau2: 2.0" in text and "distill_weight: null" in text  # the recipe, defaults included
+    assert "ye2020refilled" in text
     assert "hf_SECRET" not in text and "hub_token" not in text
 
 
