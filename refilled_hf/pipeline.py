@@ -6,6 +6,8 @@ Output layout of ``output_dir``::
 
     stage1/            (refilled) checkpoints, trainer logs, final/ (the stage-1 student)
     stage2/ or <method>/   checkpoints and logs of the head-training stage
+    stage2-lambda<v>/  (refilled choosing lambda on validation) one stage 2 per candidate, each
+                       with final/ (its student and validation metrics)
     model/             the exported model: config.json, model.safetensors, README.md
     results.json       every metric of the run; written last, it marks the run finished
 """
