@@ -35,6 +35,7 @@ __all__ = [
     "class_sums",
     "centers_from_sums",
     "kd_loss",
+    "local_class_mask",
     "local_classifier_loss",
     "local_teacher_correct",
     "ncm_predict",
@@ -566,13 +567,13 @@ def local_teacher_correct(
     (the largest ``teacher_embeddings[i] @ class_centers[k]`` over the classes ``k``
     present in ``labels``) picks ``labels[i]``. Its mean is the teacher's running top-1 on
     the batch, within the batch's classes."""
-    local = _local_mask(labels, class_centers.shape[0])
+    local = local_class_mask(labels, class_centers.shape[0])
     with torch.no_grad():
         scores = (teacher_embeddings.float() @ class_centers.float().T).masked_fill(~local, float("-inf"))
     return scores.argmax(dim=1) == labels
 
 
-def _local_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def local_class_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[num_classes]`` bool: the classes present in ``labels``. A mask, not
     `torch.unique(labels)`: a set of data-dependent size would read the labels back to
     the host every step."""
@@ -639,7 +640,7 @@ def local_classifier_loss(
 def _local_classifier_impl(student_logits, teacher_embeddings, centers, labels, tau, weight, inst_weights):
     # Masked (non-local) classes get -inf logits, so each softmax runs over the local
     # classes alone, and the KL sums over them alone.
-    local = _local_mask(labels, centers.shape[0])
+    local = local_class_mask(labels, centers.shape[0])
     with torch.no_grad():
         log_p_t = F.log_softmax((teacher_embeddings @ centers.T / tau).masked_fill(~local, float("-inf")), dim=1)
     log_p_s = F.log_softmax((student_logits / tau).masked_fill(~local, float("-inf")), dim=1)

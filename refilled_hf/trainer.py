@@ -30,6 +30,7 @@ from .losses import (
     centers_from_sums,
     class_sums,
     kd_loss,
+    local_class_mask,
     local_classifier_loss,
     local_teacher_correct,
     ncm_predict,
@@ -274,8 +275,7 @@ class RefilledTrainer(Trainer):
                 parts["lambda"] = weight
                 parts["teacher_local_top1"] = teacher_correct.float().mean() * 100
                 # classes present in the batch, counted on the device (no host sync per step)
-                present = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device)
-                parts["local_classes"] = present.index_fill_(0, labels, True).sum()
+                parts["local_classes"] = local_class_mask(labels, self.num_classes).sum()
             elif self.stage == "kd":
                 distill = args.kd_weight * kd_loss(logits, teacher_logits, tau=args.kd_tau)
             elif self.stage == "rkd":
