@@ -156,10 +156,18 @@ def _resume_points(mode: str | None, out: Path, stage_dirs: list[Path], world_si
                 f"{', '.join(str(d / 'checkpoint-<step>') for d in stage_dirs)}). To start from other weights, "
                 "use --student_checkpoint."
             )
-        if owner.name == "stage1" and (owner / FINAL_DIR).exists():
+        if (owner / FINAL_DIR).exists():
             raise RunError(
-                f"--resume_from_checkpoint {mode}: stage 1 of this run has finished; resuming inside it would discard "
-                "stage 2's work. Pass --resume_from_checkpoint true to continue, or start over in another --output_dir."
+                f"--resume_from_checkpoint {mode}: {owner.name} of this run has finished; resuming inside it would "
+                "discard the work after it. Pass --resume_from_checkpoint true to continue, or start over in another "
+                "--output_dir."
+            )
+        earlier = stage_dirs[: stage_dirs.index(owner)]
+        unfinished = [d.name for d in earlier if d.exists() and not (d / FINAL_DIR).exists()]
+        if unfinished:  # stages and lambda candidates run in order: the earlier ones must be finished
+            raise RunError(
+                f"--resume_from_checkpoint {mode}: {', '.join(unfinished)} before it has not finished. Pass "
+                "--resume_from_checkpoint true to continue where the run stopped."
             )
         points[owner] = str(path)
     for point in points.values():

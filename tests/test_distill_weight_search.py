@@ -51,6 +51,9 @@ def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, 
         run_distillation(RefilledConfig(**recipe), callbacks=[Interrupt("stage2-lambda0.5", 4)])
     first_final = tmp_path / "search" / "stage2-lambda20" / "final" / "model.safetensors"
     mtime = first_final.stat().st_mtime_ns
+    finished_checkpoint = min((tmp_path / "search" / "stage2-lambda20").glob("checkpoint-*"))
+    with pytest.raises(RunError, match="stage2-lambda20 of this run has finished"):
+        run_distillation(RefilledConfig(**recipe, resume_from_checkpoint=str(finished_checkpoint)))
     results = run_distillation(RefilledConfig(**recipe, resume_from_checkpoint="true"))
     assert first_final.stat().st_mtime_ns == mtime  # the finished candidate is kept, not trained again
 
