@@ -42,8 +42,15 @@ def distill(recipe: Path, out: Path, processes: int) -> subprocess.CompletedProc
 def test_two_processes_match_one(tmp_path):
     data = write_image_dataset(tmp_path / "data")
     teacher = write_random_teacher(tmp_path / "teacher", name="cifar_wrn_16_2")
-    recipe = tiny_recipe(data, tmp_path / "unused", method="refilled", teacher=f"local-dir:{teacher}",
-                         per_device_train_batch_size=6, per_device_eval_batch_size=4)  # fmt: skip
+    recipe = tiny_recipe(
+        data,
+        tmp_path / "unused",
+        method="refilled",
+        teacher=f"local-dir:{teacher}",
+        per_device_train_batch_size=6,
+        per_device_eval_batch_size=4,
+        distill_weight=None,
+    )  # fmt: skip  (the default: lambda chosen on validation, 1 or 10)
     recipe.pop("output_dir")
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -52,7 +59,8 @@ def test_two_processes_match_one(tmp_path):
     two = distill(path, tmp_path / "two", 2)
 
     centers = [
-        load_file(str(tmp_path / run / "stage2" / "teacher_centers.safetensors"))["centers"] for run in ("one", "two")
+        load_file(str(tmp_path / run / "stage2-lambda1" / "teacher_centers.safetensors"))["centers"]
+        for run in ("one", "two")
     ]
     torch.testing.assert_close(centers[1], centers[0], rtol=0, atol=1e-6)
     results = {run: json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")}
@@ -62,6 +70,14 @@ def test_two_processes_match_one(tmp_path):
         assert results[run]["final"]["test_samples"] == 18
         assert results[run]["stage1"]["test_samples"] == 18
         assert results[run]["final"]["validation_samples"] == 9
+        search = results[run]["distill_weight_search"]
+        assert [c["validation_samples"] for c in search["candidates"]] == [9, 9]  # every process's share counted
+        pick = max(search["candidates"], key=lambda c: c["validation_top1"])  # ties: the first, as listed
+        assert search["selected"] == pick["distill_weight"]
+        assert results[run]["final"]["validation_top1"] == pick["validation_top1"]
+        exported = load_file(str(tmp_path / run / "model" / "model.safetensors"))
+        chosen = load_file(str(tmp_path / run / pick["stage_dir"] / "final" / "model.safetensors"))
+        assert all(exported[k].equal(chosen[k]) for k in chosen)
     log = two.stdout + two.stderr
     assert log.count("Exported the model to") == 1 and "(process 0)" in log
 
