@@ -58,7 +58,13 @@ TEACHER_CLASSES = "cifar100-first-half"
 #: ``cross10``: the cross-task split's first 10 classes with all their training images (450
 #: per class after the validation carve): the data-rich regime, where the student alone
 #: may beat what the teacher knows about its classes
-SETTINGS = {"cross": "cifar100-second-half", "overlap": "cifar100-shift-20", "cross10": "50-59"}
+#: ``overlap40``: a split no default was tuned on (classes 40-89, 10 shared with the teacher)
+SETTINGS = {
+    "cross": "cifar100-second-half",
+    "overlap": "cifar100-shift-20",
+    "cross10": "50-59",
+    "overlap40": "cifar100-shift-40",
+}
 METHODS = ("ce", "ce-equal", "rkd", "refilled", "refilled-linear")
 #: the same without gradient clipping (--max_grad_norm 0: the authors' protocol, the library's default)
 NO_CLIP = ("ce-noclip", "ce-equal-noclip", "refilled-noclip", "refilled-linear-noclip", "rkd-noclip")
@@ -83,10 +89,14 @@ CORRECT_ONLY = ("refilled-correct-noclip",)
 #: that a candidate's weights equal the run with that lambda alone)
 SEARCH = "refilled-search-noclip"
 DEFAULT_REFILLED = SEARCH
+#: the library's defaults run for real (nothing pinned: lambda chosen on validation by the run itself)
+LIBRARY_DEFAULT = ("refilled-default",)
 #: method -> (batch, learning rate of both stages, warm-up fraction per stage); ``-sqrt`` scales the
 #: learning rate with the square root of the batch (0.1 at 128 -> 0.2 at 512) and warms up longer
 BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05), "refilled-b512-sqrt": (512, 0.2, 0.1)}
-ALL_METHODS = METHODS + NO_CLIP + LARGE_BATCH + SHORT_STAGE1 + NO_STAGE1 + LAMBDA1 + CORRECT_ONLY + (SEARCH,)
+ALL_METHODS = (
+    METHODS + NO_CLIP + LARGE_BATCH + SHORT_STAGE1 + NO_STAGE1 + LAMBDA1 + CORRECT_ONLY + (SEARCH,) + LIBRARY_DEFAULT
+)
 #: the runs that decide the clipping default, first for the later seeds
 CLIP_QUESTION = ("ce", "ce-noclip", "refilled", "refilled-noclip", "ce-equal-noclip")
 #: both CE baselines and REFILLED at lambda 10 (the library's defaults after the clipping question was
@@ -129,6 +139,10 @@ BUDGETS: dict[str, dict[str, Any]] = {
             for setting, n in (("cross10", 450), ("cross", 100))
         ]  # fmt: skip
         + [("overlap", 50, s, LAMBDA10_AND_CE + LAMBDA1) for s in (1, 2)]
+        # the default run for real where its candidates already ran (the same test top-1 as the run of the
+        # lambda it picks), then on a split no default was tuned on
+        + [("cross", 50, 0, LIBRARY_DEFAULT)]
+        + [("overlap40", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (0, 1, 2)]
         + [("cross10", 450, 1, CORRECT_ONLY), ("cross", 50, 1, CORRECT_ONLY), ("cross", 50, 2, CORRECT_ONLY)]
         + [("cross", 100, 0, CORRECT_ONLY), ("cross", 100, 1, CORRECT_ONLY), ("overlap", 50, 0, CORRECT_ONLY)]
         + [("cross10", 450, 2, ("refilled-linear-noclip",))]
@@ -188,7 +202,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
     }
     if base == "ce-equal":
         fields["method"] = "ce"
-    fields["distill_weight"] = 1.0 if method in LAMBDA1 else 10.0  # pinned: cached runs keep their meaning
+    if method not in LIBRARY_DEFAULT:
+        fields["distill_weight"] = 1.0 if method in LAMBDA1 else 10.0  # pinned: cached runs keep their meaning
     if method in CORRECT_ONLY:
         fields["distill_images"] = "teacher_correct"
     if base == "refilled-linear":
@@ -201,6 +216,11 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
                       warmup_steps=warmup, max_grad_norm=0.0)  # fmt: skip
     results = _run({**COMMON, **fields}, run_distillation)
     seen = s1 + s2 if method.startswith("refilled") or base == "ce-equal" else s2
+    search = results.get("distill_weight_search")
+    stage2_seconds = results["final"]["train_seconds"]
+    if search:  # every candidate's stage 2 trained
+        seen += s2 * (len(search["candidates"]) - 1)
+        stage2_seconds = sum(c.get("train_seconds", 0.0) for c in search["candidates"])
     record = {
         "setting": setting,
         "method": method,
@@ -210,7 +230,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         "validation_top1": results["final"].get("validation_top1"),
         "stage1_test_ncm": results.get("stage1", {}).get("test_ncm_top1"),
         "images_seen": results["data"]["train_images"] * seen,
-        "train_seconds": results["final"]["train_seconds"] + results.get("stage1", {}).get("train_seconds", 0.0),
+        "train_seconds": stage2_seconds + results.get("stage1", {}).get("train_seconds", 0.0),
+        "picked_lambda": search["selected"] if search else None,
     }
     print(json.dumps(record), flush=True)
     return record
@@ -301,7 +322,8 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
                               ("refilled-nostage1-noclip", ("ce-noclip", "ce-equal-noclip")),
                               ("refilled-lambda1-noclip", ("ce-noclip", "ce-equal-noclip")),
                               ("refilled-correct-noclip", ("ce-noclip", "ce-equal-noclip")),
-                              (SEARCH, ("ce-noclip", "ce-equal-noclip"))):  # fmt: skip
+                              (SEARCH, ("ce-noclip", "ce-equal-noclip")),
+                              ("refilled-default", ("ce-noclip", "ce-equal-noclip"))):  # fmt: skip
             for base in bases:
                 base_runs = {r["seed"]: r["test_top1"] for r in by_method[base]}
                 diffs = [r["test_top1"] - base_runs[r["seed"]] for r in by_method[method] if r["seed"] in base_runs]
@@ -317,7 +339,8 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     b = BUDGETS[budget_name]
     lines = [f"# REFILLED on CIFAR-100 (budget `{budget_name}`)", "",
              f"Teacher WRN-16-2 on classes 0-49 ({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "
-             f"Student WRN-16-1 on classes 50-99 (`cross`), 20-69 (`overlap`, 30 shared) or 50-59 with all "
+             f"Student WRN-16-1 on classes 50-99 (`cross`), 20-69 (`overlap`, 30 shared), 40-89 (`overlap40`, 10 "
+             "shared; `refilled-default` only: the library defaults, nothing pinned) or 50-59 with all "
              f"their images (`cross10`, 450/class); stage 1 {b['stage1']} + "
              f"stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: {b['stage1'] + b['stage2']}). "
              "Test top-1 % on the official test images of the student's classes (5,000; 1,000 for `cross10`), "
@@ -382,11 +405,14 @@ def _plot_margin(out: Path, records: list[dict]) -> None:
     by_key = {(r["setting"], r["shots"], r["seed"], r["method"]): r for r in records}
     points = []
     for setting, shots in sorted({(r["setting"], r["shots"]) for r in records}):
-        seeds = [s for (st, sh, s, m) in by_key if (st, sh, m) == (setting, shots, DEFAULT_REFILLED)]
-        seeds = [s for s in seeds if all((setting, shots, s, m) in by_key for m in ("ce-equal-noclip", "probe"))]
+        for method in (DEFAULT_REFILLED, *LIBRARY_DEFAULT):
+            seeds = [s for (st, sh, s, m) in by_key if (st, sh, m) == (setting, shots, method)]
+            seeds = [s for s in seeds if all((setting, shots, s, m) in by_key for m in ("ce-equal-noclip", "probe"))]
+            if seeds:
+                break
         if seeds:
             ce = [by_key[(setting, shots, s, "ce-equal-noclip")]["test_top1"] for s in seeds]
-            gains = [by_key[(setting, shots, s, DEFAULT_REFILLED)]["test_top1"] - c for s, c in zip(seeds, ce)]
+            gains = [by_key[(setting, shots, s, method)]["test_top1"] - c for s, c in zip(seeds, ce)]
             margins = [by_key[(setting, shots, s, "probe")]["probe_ncm"] - c for s, c in zip(seeds, ce)]
             points.append((statistics.mean(margins), *_mean_std(gains), f"{setting} {shots}/class ({len(seeds)})"))
     if not points:
