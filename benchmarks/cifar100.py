@@ -142,7 +142,11 @@ BUDGETS: dict[str, dict[str, Any]] = {
         # the default run for real where its candidates already ran (the same test top-1 as the run of the
         # lambda it picks), then on a split no default was tuned on
         + [("cross", 50, 0, LIBRARY_DEFAULT)]
+        # RKD, within 2 points of CE on as many images, with 3 seeds on both 50-image splits, then 100 per class
+        + [("cross", 50, s, ("rkd-noclip",)) for s in (1, 2)]
+        + [("overlap", 50, s, ("rkd-noclip",)) for s in (0, 1, 2)]
         + [("overlap40", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (0, 1, 2)]
+        + [("cross", 100, s, ("rkd-noclip",)) for s in (0, 1, 2)]
         + [("cross10", 450, 1, CORRECT_ONLY), ("cross", 50, 1, CORRECT_ONLY), ("cross", 50, 2, CORRECT_ONLY)]
         + [("cross", 100, 0, CORRECT_ONLY), ("cross", 100, 1, CORRECT_ONLY), ("overlap", 50, 0, CORRECT_ONLY)]
         + [("cross10", 450, 2, ("refilled-linear-noclip",))]
