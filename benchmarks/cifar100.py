@@ -91,11 +91,22 @@ SEARCH = "refilled-search-noclip"
 DEFAULT_REFILLED = SEARCH
 #: the library's defaults run for real (nothing pinned: lambda chosen on validation by the run itself)
 LIBRARY_DEFAULT = ("refilled-default",)
+#: CE trained as long as stage 1 plus two stage 2s: the compute of the default's lambda search
+CE_SEARCH_EQUAL = ("ce-searchequal-noclip",)
 #: method -> (batch, learning rate of both stages, warm-up fraction per stage); ``-sqrt`` scales the
 #: learning rate with the square root of the batch (0.1 at 128 -> 0.2 at 512) and warms up longer
 BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05), "refilled-b512-sqrt": (512, 0.2, 0.1)}
 ALL_METHODS = (
-    METHODS + NO_CLIP + LARGE_BATCH + SHORT_STAGE1 + NO_STAGE1 + LAMBDA1 + CORRECT_ONLY + (SEARCH,) + LIBRARY_DEFAULT
+    METHODS
+    + NO_CLIP
+    + LARGE_BATCH
+    + SHORT_STAGE1
+    + NO_STAGE1
+    + LAMBDA1
+    + CORRECT_ONLY
+    + (SEARCH,)
+    + LIBRARY_DEFAULT
+    + CE_SEARCH_EQUAL
 )
 #: the runs that decide the clipping default, first for the later seeds
 CLIP_QUESTION = ("ce", "ce-noclip", "refilled", "refilled-noclip", "ce-equal-noclip")
@@ -146,6 +157,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         + [("cross", 50, s, ("rkd-noclip",)) for s in (1, 2)]
         + [("overlap", 50, s, ("rkd-noclip",)) for s in (0, 1, 2)]
         + [("overlap40", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (0, 1, 2)]
+        + [("cross", 50, s, CE_SEARCH_EQUAL) for s in (0, 1, 2)]
         + [("cross", 100, s, ("rkd-noclip",)) for s in (0, 1, 2)]
         + [("cross10", 450, 1, CORRECT_ONLY), ("cross", 50, 1, CORRECT_ONLY), ("cross", 50, 2, CORRECT_ONLY)]
         + [("cross", 100, 0, CORRECT_ONLY), ("cross", 100, 1, CORRECT_ONLY), ("overlap", 50, 0, CORRECT_ONLY)]
@@ -188,7 +200,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
     if method in NO_STAGE1:
         s1, s2 = 0, s1 + s2
     base = method.removesuffix("-noclip")
-    epochs = s1 + s2 if base == "ce-equal" else s2
+    epochs = s1 + s2 if base == "ce-equal" else s1 + 2 * s2 if base == "ce-searchequal" else s2
     fields: dict[str, Any] = {
         "method": method.split("-")[0],
         "student": "cifar_wrn_16_1",
@@ -204,7 +216,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         "output_dir": str(cache / "runs" / f"{setting}-{method}-n{shots}-s{seed}-e{s1}x{s2}"),
         "seed": seed,
     }
-    if base == "ce-equal":
+    if base in ("ce-equal", "ce-searchequal"):
         fields["method"] = "ce"
     if method not in LIBRARY_DEFAULT:
         fields["distill_weight"] = 1.0 if method in LAMBDA1 else 10.0  # pinned: cached runs keep their meaning
@@ -219,7 +231,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         fields.update(per_device_train_batch_size=batch, stage1_learning_rate=lr, stage2_learning_rate=lr,
                       warmup_steps=warmup, max_grad_norm=0.0)  # fmt: skip
     results = _run({**COMMON, **fields}, run_distillation)
-    seen = s1 + s2 if method.startswith("refilled") or base == "ce-equal" else s2
+    seen = s1 + s2 if method.startswith("refilled") or base == "ce-equal" else epochs
     search = results.get("distill_weight_search")
     stage2_seconds = results["final"]["train_seconds"]
     if search:  # every candidate's stage 2 trained
@@ -326,8 +338,9 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
                               ("refilled-nostage1-noclip", ("ce-noclip", "ce-equal-noclip")),
                               ("refilled-lambda1-noclip", ("ce-noclip", "ce-equal-noclip")),
                               ("refilled-correct-noclip", ("ce-noclip", "ce-equal-noclip")),
-                              (SEARCH, ("ce-noclip", "ce-equal-noclip")),
-                              ("refilled-default", ("ce-noclip", "ce-equal-noclip"))):  # fmt: skip
+                              (SEARCH, ("ce-noclip", "ce-equal-noclip", "ce-searchequal-noclip")),
+                              ("refilled-default", ("ce-noclip", "ce-equal-noclip",
+                                                    "ce-searchequal-noclip"))):  # fmt: skip
             for base in bases:
                 base_runs = {r["seed"]: r["test_top1"] for r in by_method[base]}
                 diffs = [r["test_top1"] - base_runs[r["seed"]] for r in by_method[method] if r["seed"] in base_runs]
