@@ -164,6 +164,14 @@ def _print_results(results: dict[str, Any]) -> None:
     rows.append(("validation top-1 (%)", final.get("validation_top1")))
     if stage1:
         rows.append(("stage-1 NCM test top-1 (%)", stage1.get("test_ncm_top1")))
+    search = results.get("distill_weight_search")
+    if search:
+        for c in search["candidates"]:
+            value = "diverged" if "diverged" in c else c["validation_top1"]
+            rows.append((f"  lambda {c['distill_weight']:g} validation (%)", value))
+        rows.append(("lambda (chosen on validation)", f"{search['selected']:g}"))
+    elif "distill_weight" in results:
+        rows.append(("lambda", f"{results['distill_weight']:g}"))
     for name, value in rows:
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{name:28s} {text}")

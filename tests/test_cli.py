@@ -87,6 +87,21 @@ def test_distill_then_evaluate_from_the_command_line(tmp_path):
     assert metrics["test_top1"] == pytest.approx(results["final"]["test_top1"])
 
 
+def test_results_summary_names_the_lambda_and_every_candidate(capsys):
+    from refilled_hf.cli import _print_results
+
+    search = {"selected": 10.0, "candidates": [{"distill_weight": 1.0, "validation_top1": 40.0},
+                                               {"distill_weight": 10.0, "validation_top1": 42.5},
+                                               {"distill_weight": 100.0, "diverged": "loss NaN"}]}  # fmt: skip
+    _print_results({"method": "refilled", "final": {"test_top1": 41.0}, "distill_weight": 10.0,
+                    "distill_weight_search": search})  # fmt: skip
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert "lambda 1 validation (%) 40.00" in lines and "lambda 10 validation (%) 42.50" in lines
+    assert "lambda 100 validation (%) diverged" in lines and "lambda (chosen on validation) 10" in lines
+    _print_results({"method": "refilled", "final": {"test_top1": 41.0}, "distill_weight": 3.0})
+    assert "lambda 3" in [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+
+
 def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):
     config = RefilledConfig(teacher="local-dir:t", classes="5-9", seed=7, use_cpu=True, eval_strategy="no",
                             distill_weight=3.0, output_dir=str(tmp_path / "o"))  # fmt: skip
