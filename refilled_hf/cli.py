@@ -174,7 +174,7 @@ def _print_results(results: dict[str, Any]) -> None:
         rows.append(("lambda", f"{results['distill_weight']:g}"))
     for name, value in rows:
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
-        print(f"{name:28s} {text}")
+        print(f"{name:30s} {text}")
 
 
 # --------------------------------------------------------------------------- commands
