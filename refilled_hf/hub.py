@@ -219,6 +219,11 @@ def render_model_card(
         teacher=f"`{teacher}`" if teacher else None,
         teacher_classes=results.get("teacher_classes"),
         config=recipe,
+        lr_steps=(
+            f"x{recipe.get('stage2_gamma')} at epochs {recipe['stage2_milestones']}"
+            if recipe.get("stage2_milestones")
+            else "constant"
+        ),
         distill_weight=f"{results['distill_weight']:g}" if "distill_weight" in results else None,
         lambda_search=search,
         train_images=data.get("train_images"),
