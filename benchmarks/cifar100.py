@@ -89,7 +89,8 @@ CORRECT_ONLY = ("refilled-correct-noclip",)
 #: that a candidate's weights equal the run with that lambda alone)
 SEARCH = "refilled-search-noclip"
 DEFAULT_REFILLED = SEARCH
-#: the library's defaults run for real (nothing pinned: lambda chosen on validation by the run itself)
+#: the library's lambda and clipping defaults run for real (neither pinned: lambda chosen on validation by the
+#: run itself, no clipping), under this benchmark's protocol (batch 64, lr 0.05, its epochs)
 LIBRARY_DEFAULT = ("refilled-default",)
 #: CE trained as long as stage 1 plus two stage 2s: the compute of the default's lambda search
 CE_SEARCH_EQUAL = ("ce-searchequal-noclip",)
@@ -230,6 +231,11 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         batch, lr, warmup = BATCHES[method]
         fields.update(per_device_train_batch_size=batch, stage1_learning_rate=lr, stage2_learning_rate=lr,
                       warmup_steps=warmup, max_grad_norm=0.0)  # fmt: skip
+    if method in LIBRARY_DEFAULT:  # the library's own lambda and clipping defaults, not COMMON's pins
+        from refilled_hf.config import RefilledConfig
+
+        library = RefilledConfig(output_dir="unused")
+        fields.update(distill_weight=library.distill_weight, max_grad_norm=library.max_grad_norm)
     results = _run({**COMMON, **fields}, run_distillation)
     seen = s1 + s2 if method.startswith("refilled") or base == "ce-equal" else epochs
     search = results.get("distill_weight_search")
