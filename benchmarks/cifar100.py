@@ -363,7 +363,8 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     lines = [f"# REFILLED on CIFAR-100 (budget `{budget_name}`)", "",
              f"Teacher WRN-16-2 on classes 0-49 ({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "
              f"Student WRN-16-1 on classes 50-99 (`cross`), 20-69 (`overlap`, 30 shared), 40-89 (`overlap40`, 10 "
-             "shared; `refilled-default` only: the library defaults, nothing pinned) or 50-59 with all "
+             "shared; REFILLED there only as `refilled-default`, the library's lambda and clipping defaults, "
+             "neither pinned) or 50-59 with all "
              f"their images (`cross10`, 450/class); stage 1 {b['stage1']} + "
              f"stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: {b['stage1'] + b['stage2']}). "
              "Test top-1 % on the official test images of the student's classes (5,000; 1,000 for `cross10`), "
