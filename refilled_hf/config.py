@@ -554,14 +554,12 @@ class RefilledConfig(TrainingArguments):
 
     def __post_init__(self):
         self._check_replaced_fields()
-        if self.test_split is not None and str(self.test_split).strip().lower() in ("", "none", "null"):
-            self.test_split = None  # `--test_split none`: a data set without a test split
-        if self.teacher_cache is not None and str(self.teacher_cache).strip().lower() in ("", "none", "null"):
-            self.teacher_cache = None
-        if self.distill_weight_search is not None and str(self.distill_weight_search).strip().lower() in (
-            "", "none", "null",
-        ):  # fmt: skip
-            self.distill_weight_search = None
+        # `--test_split none`: a data set without a test split; `--teacher_cache none`, `--distill_weight_search
+        # none`: off (YAML and the command line can only spell None as text)
+        for name in ("test_split", "teacher_cache", "distill_weight_search"):
+            value = getattr(self, name)
+            if value is not None and str(value).strip().lower() in ("", "none", "null"):
+                setattr(self, name, None)
         if self.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is visible: use --bf16 true (works on the CPU too).")
         # bf16 on a machine without a GPU runs on the CPU rather than failing.

@@ -477,11 +477,15 @@ def _load_final(stage_dir: Path, student: StudentModel) -> dict[str, Any]:
     try:
         student.model.load_state_dict(load_file(str(stage_dir / FINAL_DIR / "model.safetensors")))
     except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
-        raise RunError(
-            f"{stage_dir / FINAL_DIR} is damaged ({type(err).__name__}): this run cannot continue from it. Start over "
-            "with --overwrite_output true."
-        ) from None
+        raise _damaged_final(stage_dir, err) from None
     return _read_final_metrics(stage_dir)
+
+
+def _damaged_final(stage_dir: Path, err: Exception) -> RunError:
+    return RunError(
+        f"{stage_dir / FINAL_DIR} is damaged ({type(err).__name__}): this run cannot continue from it. Start over "
+        "with --overwrite_output true."
+    )
 
 
 def _split_metrics(trainer: RefilledTrainer, data: ClassificationData, prefix_map: dict[str, str]) -> dict[str, Any]:
@@ -627,19 +631,14 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
             _barrier(trainer)
             results["stage1"] = stage1
         student.set_embeddings_only(False)
-        results["distill_weight"] = config.resolved_distill_weight()
         if config.distill_weight_candidates() is not None:
             trainer = _search_distill_weight(
                 config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results, cache
             )
             return _finish(config, trainer, student, data, results, out)
-        trainer = _make_trainer(
-            config, "stage2", stage2_dirs[0], student, data, callbacks, teacher=teacher, teacher_cache=cache
-        )
-        if config.centers == "global":
-            start = time.perf_counter()
-            _teacher_centers(trainer, stage2_dirs[0], centers_data)
-            results["teacher_centers_seconds"] = time.perf_counter() - start
+        results["distill_weight"] = config.resolved_distill_weight()
+        trainer = _stage2_trainer(config, stage2_dirs[0], student, data, callbacks, teacher, cache, centers_data,
+                                  results)  # fmt: skip
         _fit(trainer, points[stage2_dirs[0]])
     else:
         trainer = _make_trainer(
@@ -675,14 +674,9 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
             logger.info("Stage 2 with lambda %g already finished: kept.", value)
         else:
             student.model.load_state_dict(start_state)
-            view = config.stage_view(distill_weight=value)
-            trainer = _make_trainer(
-                view, "stage2", stage_dir, student, data, callbacks, teacher=teacher, teacher_cache=cache
-            )
-            if config.centers == "global":
-                start = time.perf_counter()
-                centers = _teacher_centers(trainer, stage_dir, centers_data, known=centers)
-                results.setdefault("teacher_centers_seconds", time.perf_counter() - start)
+            trainer = _stage2_trainer(config.stage_view(distill_weight=value), stage_dir, student, data, callbacks,
+                                      teacher, cache, centers_data, results, known_centers=centers)  # fmt: skip
+            centers = trainer.class_centers
             try:
                 _fit(trainer, points[stage_dir])
                 metrics = _split_metrics(trainer, data, {"validation": "validation"})
@@ -718,6 +712,18 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
     return trainer
 
 
+def _stage2_trainer(config, stage_dir, student, data, callbacks, teacher, cache, centers_data, results,
+                    known_centers: torch.Tensor | None = None) -> RefilledTrainer:  # fmt: skip
+    """Stage 2's trainer with its teacher centres in place (``--centers global``): read from
+    the stage's cache, computed (timed in ``results``), or ``known_centers`` of this run."""
+    trainer = _make_trainer(config, "stage2", stage_dir, student, data, callbacks, teacher=teacher, teacher_cache=cache)
+    if config.centers == "global":
+        start = time.perf_counter()
+        _teacher_centers(trainer, stage_dir, centers_data, known=known_centers)
+        results.setdefault("teacher_centers_seconds", time.perf_counter() - start)
+    return trainer
+
+
 def pick_candidate(candidates: list[dict[str, Any]]) -> int:
     """Index of the candidate with the best ``validation_top1``; ties go to the first
     listed; diverged candidates (a ``diverged`` entry) cannot be chosen."""
@@ -734,10 +740,7 @@ def _read_final_metrics(stage_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((stage_dir / FINAL_DIR / "metrics.json").read_text())
     except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
-        raise RunError(
-            f"{stage_dir / FINAL_DIR} is damaged ({type(err).__name__}): this run cannot continue from it. Start over "
-            "with --overwrite_output true."
-        ) from None
+        raise _damaged_final(stage_dir, err) from None
 
 
 def _teacher_centers(
