@@ -24,7 +24,7 @@ teacher local classifier picks the true label (``--distill_images teacher_correc
 ``refilled-hf probe-teacher`` (the teacher's nearest-class-mean accuracy on the student's
 validation split) for every setting.
 
-    python benchmarks/cifar100.py [--budget cpu|smoke] [--cache ~/.cache/refilled-hf-bench-c100]
+    python benchmarks/cifar100.py [--budget cpu|smoke|gpu] [--cache ~/.cache/refilled-hf-bench-c100]
     python benchmarks/cifar100.py --report-only
 
 The ``-noclip`` variants run without gradient clipping (``--max_grad_norm 0``, the authors'
@@ -36,7 +36,9 @@ on the cross split: does a large batch keep accuracy?
 
 Runs are cached (never repeated) and go in priority order (``BUDGETS["cpu"]["runs"]``),
 so an interrupted run still answers the main questions. Writes
-``benchmarks/results/cifar100.{json,md}`` and ``cifar100_gain.png``.
+``benchmarks/results/cifar100.{json,md}`` and ``cifar100_gain.png`` (other budgets than ``cpu``:
+``cifar100_<budget>.*``). ``--budget gpu`` is the converging 60 + 60-epoch run of the cross split for
+a lent GPU (see ``BUDGETS``).
 """
 
 from __future__ import annotations
@@ -97,10 +99,14 @@ CE_SEARCH_EQUAL = ("ce-searchequal-noclip",)
 #: method -> (batch, learning rate of both stages, warm-up fraction per stage); ``-sqrt`` scales the
 #: learning rate with the square root of the batch (0.1 at 128 -> 0.2 at 512) and warms up longer
 BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05), "refilled-b512-sqrt": (512, 0.2, 0.1)}
+#: the same batch-128 / batch-512 pair with both stages 4x as long (40 + 40 epochs: 200 optimizer steps per
+#: stage at batch 512 instead of 50): is the large-batch loss a matter of too few steps?
+LARGE_BATCH_LONG = ("refilled-b128-x4", "refilled-b512-x4")
 ALL_METHODS = (
     METHODS
     + NO_CLIP
     + LARGE_BATCH
+    + LARGE_BATCH_LONG
     + SHORT_STAGE1
     + NO_STAGE1
     + LAMBDA1
@@ -158,6 +164,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
         + [("cross", 50, s, ("rkd-noclip",)) for s in (1, 2)]
         + [("overlap", 50, s, ("rkd-noclip",)) for s in (0, 1, 2)]
         + [("overlap40", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (0, 1, 2)]
+        # batch 512 against 128 with 4x the epochs, before the remaining baselines
+        + [("cross", 50, s, LARGE_BATCH_LONG) for s in (0, 1, 2)]
         + [("cross", 50, s, CE_SEARCH_EQUAL) for s in (0, 1, 2)]
         + [("cross", 100, s, ("rkd-noclip",)) for s in (0, 1, 2)]
         + [("cross10", 450, 1, CORRECT_ONLY), ("cross", 50, 1, CORRECT_ONLY), ("cross", 50, 2, CORRECT_ONLY)]
@@ -171,6 +179,23 @@ BUDGETS: dict[str, dict[str, Any]] = {
         + [("cross", 100, s, CLIP_QUESTION) for s in (1, 2)]
         + [(setting, 50, s, METHODS + NO_CLIP) for setting in SETTINGS for s in (0, 1, 2)]
         + [("cross", 100, s, METHODS + NO_CLIP) for s in (0, 1, 2)],
+    },
+    # for a lent GPU (issue 10's open question): the cross split at a schedule that converges, 60 + 60
+    # epochs, the library's default against CE as long as stage 2, on as many images, and as long as the
+    # default's whole run (stage 1 plus both stage 2s); the same teacher protocol as "cpu", batch 128 with the
+    # learning rate scaled linearly (0.1), bf16. About 1.4 M images per seed: a few minutes on an H100.
+    #   python benchmarks/cifar100.py --budget gpu --dataset .device/data/cifar100 --cache /tmp/c100 --out $OUT
+    "gpu": {
+        "teacher_shots": 200,
+        "teacher_epochs": 15,
+        "stage1": 60,
+        "stage2": 60,
+        "learning_rate": 0.1,
+        "common": {"use_cpu": False, "bf16": True, "per_device_train_batch_size": 128, "logging_steps": 200},
+        "runs": [
+            ("cross", 50, s, ("ce-noclip",) + LIBRARY_DEFAULT + ("ce-equal-noclip",) + CE_SEARCH_EQUAL)
+            for s in (0, 1, 2)
+        ],
     },
 }
 
@@ -200,6 +225,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         s1, s2 = (s1 + s2) // 4, s1 + s2 - (s1 + s2) // 4
     if method in NO_STAGE1:
         s1, s2 = 0, s1 + s2
+    if method in LARGE_BATCH_LONG:
+        s1, s2 = 4 * s1, 4 * s2
     base = method.removesuffix("-noclip")
     epochs = s1 + s2 if base == "ce-equal" else s1 + 2 * s2 if base == "ce-searchequal" else s2
     fields: dict[str, Any] = {
@@ -211,8 +238,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         "shots_per_class": shots,
         "stage1_epochs": s1,
         "stage2_epochs": epochs,
-        "stage1_learning_rate": 0.05,
-        "stage2_learning_rate": 0.05,
+        "stage1_learning_rate": budget.get("learning_rate", 0.05),
+        "stage2_learning_rate": budget.get("learning_rate", 0.05),
         "stage2_milestones": f"{int(epochs * 0.5)},{int(epochs * 0.75)}",
         "output_dir": str(cache / "runs" / f"{setting}-{method}-n{shots}-s{seed}-e{s1}x{s2}"),
         "seed": seed,
@@ -227,8 +254,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         fields["distill_weight_schedule"] = "linear"
     if method.endswith("-noclip"):
         fields["max_grad_norm"] = 0.0
-    if method in BATCHES:
-        batch, lr, warmup = BATCHES[method]
+    if method.removesuffix("-x4") in BATCHES:
+        batch, lr, warmup = BATCHES[method.removesuffix("-x4")]
         fields.update(per_device_train_batch_size=batch, stage1_learning_rate=lr, stage2_learning_rate=lr,
                       warmup_steps=warmup, max_grad_norm=0.0)  # fmt: skip
     if method in LIBRARY_DEFAULT:  # the library's own lambda and clipping defaults, not COMMON's pins
@@ -360,7 +387,8 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = {"budget": budget_name, "budget_spec": BUDGETS[budget_name], "summary": rows, "gains": gains,
             "records": records, "derived": derived}  # fmt: skip
-    (out / "cifar100.json").write_text(json.dumps(data, indent=2))
+    stem = "cifar100" if budget_name == "cpu" else f"cifar100_{budget_name}"  # the CPU results keep their names
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
     b = BUDGETS[budget_name]
     lines = [f"# REFILLED on CIFAR-100 (budget `{budget_name}`)", "",
              f"Teacher WRN-16-2 on classes 0-49 ({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "
@@ -388,17 +416,17 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
         probe_text = f"{g['probe_mean']:.1f}" if g["probe_mean"] is not None else "-"
         lines.append(f"| {g['setting']} | {g['shots']} | {probe_text} | {g['method']} | {g['baseline']} | "
                      f"{g['gain_mean']:+.1f} ± {g['gain_std']:.1f} | {g['seeds']} |")  # fmt: skip
-    (out / "cifar100.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
-        _plot(out, rows)
-        _plot_margin(out, records + derived)
+        _plot(out / f"{stem}_gain.png", rows)
+        _plot_margin(out / f"{stem}_gain_vs_margin.png", records + derived)
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')")
 
 
-def _plot(out: Path, rows: list[dict]) -> None:
-    """``cifar100_gain.png``: test top-1 per method (mean, seed std as error bar), one panel
+def _plot(path: Path, rows: list[dict]) -> None:
+    """``cifar100_gain.png`` (``path``): test top-1 per method (mean, seed std as error bar), one panel
     per setting; the seed count under each bar."""
     import matplotlib
 
@@ -416,12 +444,12 @@ def _plot(out: Path, rows: list[dict]) -> None:
         ax.tick_params(axis="x", rotation=70, labelsize=7)
     axes[0][0].set_ylabel("test top-1 % (seeds in brackets)")
     fig.tight_layout()
-    fig.savefig(out / "cifar100_gain.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_margin(out: Path, records: list[dict]) -> None:
-    """``cifar100_gain_vs_margin.png``: REFILLED (library defaults) minus CE on as many images, against
+def _plot_margin(path: Path, records: list[dict]) -> None:
+    """``cifar100_gain_vs_margin.png`` (``path``): REFILLED (library defaults) minus CE on as many images, against
     the teacher probe minus that CE's accuracy, one point per setting; both paired by seed
     (the seeds that have both runs), the seed std as error bar."""
     import matplotlib
@@ -453,7 +481,7 @@ def _plot_margin(out: Path, records: list[dict]) -> None:
     ax.set_xlabel("teacher probe - CE on as many images (points)")
     ax.set_ylabel("REFILLED - CE on as many images (points)")
     fig.tight_layout()
-    fig.savefig(out / "cifar100_gain_vs_margin.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -463,11 +491,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/refilled-hf-bench-c100")))
     parser.add_argument("--report-only", action="store_true", help="only build the tables from the cache")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--dataset", type=Path, default=CIFAR100, help="the CIFAR-100 copy (Hub parquet layout)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    COMMON.update(BUDGETS[args.budget].get("common", {}), dataset=str(args.dataset))
     if not args.report_only:
-        if not (CIFAR100 / "train.parquet").is_file():
-            raise SystemExit(f"needs the CIFAR-100 copy at {CIFAR100}")
+        if not (args.dataset / "train.parquet").is_file():
+            raise SystemExit(f"needs the CIFAR-100 copy at {args.dataset} (--dataset)")
         import torch
 
         torch.set_num_threads(args.threads)

@@ -13,6 +13,9 @@
 # DATA (default .device/data/cifar10), SMALL=0 skips the 60 + 60-epoch small run, and
 # T_RUN T_HOST T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE set each step's time limit in seconds
 # (together more than one 600 s command: the last steps run only when the first finish early).
+# T_C100 > 0 first runs issue 10's converging CIFAR-100 comparison (`cifar100.py --budget gpu`, needs
+# .device/data/cifar100; about 3 minutes per seed) for that many seconds; its records and tables come back
+# in $OUT/c100.tar. It is off by default: with the other steps it does not fit one session's 15 minutes.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 DATA=${DATA:-.device/data/cifar10}
@@ -35,6 +38,15 @@ if command -v nvidia-smi > /dev/null; then
 fi
 python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
+
+if [ "${T_C100:-0}" -gt 0 ]; then
+    echo "== $(date +%T) cifar100 gpu budget (limit ${T_C100}s)" | tee -a "$LOG"
+    timeout "$T_C100" python3 benchmarks/cifar100.py --budget gpu --dataset .device/data/cifar100 --cache /tmp/c100 \
+        --out "$RES/c100" --threads 8 2>&1 | grep -v "^{'" | tee -a "$LOG"
+    # the report of whatever finished, even when the time limit stopped the runs
+    python3 benchmarks/cifar100.py --budget gpu --cache /tmp/c100 --out "$RES/c100" --report-only > /dev/null 2>&1
+    tar cf "$OUT/c100.tar" -C /tmp/c100 records-gpu.jsonl -C "$RES" c100
+fi
 
 BF16=--bf16
 SMALL_RUN=--small_run
