@@ -100,13 +100,19 @@ CE_SEARCH_EQUAL = ("ce-searchequal-noclip",)
 #: learning rate with the square root of the batch (0.1 at 128 -> 0.2 at 512) and warms up longer
 BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05), "refilled-b512-sqrt": (512, 0.2, 0.1)}
 #: the same batch-128 / batch-512 pair with both stages 4x as long (40 + 40 epochs: 200 optimizer steps per
-#: stage at batch 512 instead of 50): is the large-batch loss a matter of too few steps?
+#: stage at batch 512 instead of 50): is the large-batch loss a matter of too few steps? And CE on that
+#: batch-128 protocol, as long as its stage 2 (40 epochs) and as its two stages (80): does REFILLED's lead
+#: over the student alone hold when both train longer? Each maps to the BATCHES entry it trains with.
+LONG = {"refilled-b128-x4": "refilled-b128", "refilled-b512-x4": "refilled-b512", "ce-b128-x4": "refilled-b128",
+        "ce-equal-b128-x4": "refilled-b128"}  # fmt: skip
 LARGE_BATCH_LONG = ("refilled-b128-x4", "refilled-b512-x4")
+CE_LONG = ("ce-b128-x4", "ce-equal-b128-x4")
 ALL_METHODS = (
     METHODS
     + NO_CLIP
     + LARGE_BATCH
     + LARGE_BATCH_LONG
+    + CE_LONG
     + SHORT_STAGE1
     + NO_STAGE1
     + LAMBDA1
@@ -164,8 +170,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
         + [("cross", 50, s, ("rkd-noclip",)) for s in (1, 2)]
         + [("overlap", 50, s, ("rkd-noclip",)) for s in (0, 1, 2)]
         + [("overlap40", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (0, 1, 2)]
-        # batch 512 against 128 with 4x the epochs, before the remaining baselines
-        + [("cross", 50, s, LARGE_BATCH_LONG) for s in (0, 1, 2)]
+        # batch 512 against 128 with 4x the epochs, and CE on that protocol, before the remaining baselines
+        + [("cross", 50, s, LARGE_BATCH_LONG + CE_LONG[::-1]) for s in (0, 1, 2)]
         + [("cross", 50, s, CE_SEARCH_EQUAL) for s in (0, 1, 2)]
         + [("cross", 100, s, ("rkd-noclip",)) for s in (0, 1, 2)]
         + [("cross10", 450, 1, CORRECT_ONLY), ("cross", 50, 1, CORRECT_ONLY), ("cross", 50, 2, CORRECT_ONLY)]
@@ -225,9 +231,9 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         s1, s2 = (s1 + s2) // 4, s1 + s2 - (s1 + s2) // 4
     if method in NO_STAGE1:
         s1, s2 = 0, s1 + s2
-    if method in LARGE_BATCH_LONG:
+    if method in LONG:
         s1, s2 = 4 * s1, 4 * s2
-    base = method.removesuffix("-noclip")
+    base = method.removesuffix("-noclip").removesuffix("-b128-x4")
     epochs = s1 + s2 if base == "ce-equal" else s1 + 2 * s2 if base == "ce-searchequal" else s2
     fields: dict[str, Any] = {
         "method": method.split("-")[0],
@@ -254,8 +260,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         fields["distill_weight_schedule"] = "linear"
     if method.endswith("-noclip"):
         fields["max_grad_norm"] = 0.0
-    if method.removesuffix("-x4") in BATCHES:
-        batch, lr, warmup = BATCHES[method.removesuffix("-x4")]
+    if LONG.get(method, method) in BATCHES:
+        batch, lr, warmup = BATCHES[LONG.get(method, method)]
         fields.update(per_device_train_batch_size=batch, stage1_learning_rate=lr, stage2_learning_rate=lr,
                       warmup_steps=warmup, max_grad_norm=0.0)  # fmt: skip
     if method in LIBRARY_DEFAULT:  # the library's own lambda and clipping defaults, not COMMON's pins
@@ -375,7 +381,11 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
                               ("refilled-correct-noclip", ("ce-noclip", "ce-equal-noclip")),
                               (SEARCH, ("ce-noclip", "ce-equal-noclip", "ce-searchequal-noclip")),
                               ("refilled-default", ("ce-noclip", "ce-equal-noclip",
-                                                    "ce-searchequal-noclip"))):  # fmt: skip
+                                                    "ce-searchequal-noclip")),
+                              ("refilled-b128-x4", CE_LONG),
+                              # not a student-alone baseline: batch 512 minus batch 128, paired
+                              ("refilled-b512", ("refilled-b128",)),
+                              ("refilled-b512-x4", ("refilled-b128-x4",))):  # fmt: skip
             for base in bases:
                 base_runs = {r["seed"]: r["test_top1"] for r in by_method[base]}
                 diffs = [r["test_top1"] - base_runs[r["seed"]] for r in by_method[method] if r["seed"] in base_runs]
