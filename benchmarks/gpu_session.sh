@@ -14,8 +14,10 @@
 # T_RUN T_HOST T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE set each step's time limit in seconds
 # (together more than one 600 s command: the last steps run only when the first finish early).
 # T_C100 > 0 first runs issue 10's converging CIFAR-100 comparison (`cifar100.py --budget gpu`, needs
-# .device/data/cifar100; about 3 minutes per seed) for that many seconds; its records and tables come back
-# in $OUT/c100.tar. It is off by default: with the other steps it does not fit one session's 15 minutes.
+# .device/data/cifar100; about 3 minutes per seed) for that many seconds, and T_B512ACC > 0 issue 11's
+# batch 512 against 128 on all 450 images per class (`--budget gpu_batch`, about 8 minutes); their records
+# and tables come back in $OUT/c100-<budget>.tar. Both are off by default: with the other steps they do not
+# fit one session's 15 minutes (set the T_ of the other steps to 1 to skip them).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 DATA=${DATA:-.device/data/cifar10}
@@ -39,14 +41,16 @@ fi
 python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 
-if [ "${T_C100:-0}" -gt 0 ]; then
-    echo "== $(date +%T) cifar100 gpu budget (limit ${T_C100}s)" | tee -a "$LOG"
-    timeout "$T_C100" python3 benchmarks/cifar100.py --budget gpu --dataset .device/data/cifar100 --cache /tmp/c100 \
-        --out "$RES/c100" --threads 8 2>&1 | grep -v "^{'" | tee -a "$LOG"
-    # the report of whatever finished, even when the time limit stopped the runs
-    python3 benchmarks/cifar100.py --budget gpu --cache /tmp/c100 --out "$RES/c100" --report-only > /dev/null 2>&1
-    tar cf "$OUT/c100.tar" -C /tmp/c100 records-gpu.jsonl -C "$RES" c100
-fi
+c100() {  # c100 LIMIT_S BUDGET: cifar100.py's budget for that long, then the report of whatever finished
+    [ "$1" -gt 0 ] || return 0
+    echo "== $(date +%T) cifar100 $2 (limit $1s)" | tee -a "$LOG"
+    timeout "$1" python3 benchmarks/cifar100.py --budget "$2" --dataset .device/data/cifar100 --cache /tmp/c100 \
+        --out "$RES/c100-$2" --threads 8 2>&1 | grep -v "^{'" | tee -a "$LOG"
+    python3 benchmarks/cifar100.py --budget "$2" --cache /tmp/c100 --out "$RES/c100-$2" --report-only > /dev/null 2>&1
+    tar cf "$OUT/c100-$2.tar" -C /tmp/c100 "records-$2.jsonl" -C "$RES" "c100-$2"
+}
+c100 "${T_C100:-0}" gpu
+c100 "${T_B512ACC:-0}" gpu_batch
 
 BF16=--bf16
 SMALL_RUN=--small_run
