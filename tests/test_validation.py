@@ -159,3 +159,20 @@ def test_labels_are_checked_against_the_model_head():
 
     with pytest.raises(ValueError, match="labels"):
         local_classifier_loss(torch.randn(2, 3), torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize(
+    ("batch", "accumulation", "warned"), [(512, 1, "give 5 optimizer step(s)"), (128, 4, "give 5"), (128, 1, None)]
+)
+def test_few_optimizer_steps_per_epoch_are_warned(batch, accumulation, warned, tmp_path, caplog):
+    from refilled_hf.pipeline import _warn_few_steps
+
+    sizes = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation}
+    config = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, **sizes)
+    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
+        _warn_few_steps(config, 2500)
+    if warned:
+        assert f"2500 training images at a global batch of 512 {warned}" in caplog.text
+        assert "--per_device_train_batch_size" in caplog.text
+    else:
+        assert caplog.text == ""
