@@ -268,14 +268,14 @@ FEW_STEPS_PER_EPOCH = 10
 def _warn_few_steps(config: RefilledConfig, images: int) -> None:
     """Warn when the global batch leaves few optimizer steps per epoch: measured on CIFAR-100
     (benchmarks/README.md, "Large batches"), 2,500 training images at batch 512 (5 steps per
-    epoch, linear learning-rate scaling) lost 5-6 points of test top-1 against batch 128, at
+    epoch, linear learning-rate scaling) lost about 5 points of test top-1 against batch 128, at
     10 + 10 and at 40 + 40 epochs. A warning, not an error: the numbers come from one setting."""
     steps = _steps_per_epoch(config, images)
     if steps < FEW_STEPS_PER_EPOCH:
         batch = config.per_device_train_batch_size * config.world_size * config.gradient_accumulation_steps
         logger.warning(
             "%d training images at a global batch of %d give %d optimizer step(s) per epoch. On CIFAR-100 with "
-            "2,500 images, batch 512 (5 steps per epoch) lost 5-6 points of test top-1 against batch 128 "
+            "2,500 images, batch 512 (5 steps per epoch) lost about 5 points of test top-1 against batch 128 "
             "(benchmarks/README.md, 'Large batches'): a smaller --per_device_train_batch_size is likely better "
             "for a training set this small.",
             images,
