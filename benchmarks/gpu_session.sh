@@ -17,7 +17,8 @@
 # .device/data/cifar100; about 3 minutes per seed) for that many seconds, and T_B512ACC > 0 issue 11's
 # batch 512 against 128 on all 450 images per class (`--budget gpu_batch`, about 8 minutes); their records
 # and tables come back in $OUT/c100-<budget>.tar. Both are off by default: with the other steps they do not
-# fit one session's 15 minutes (set the T_ of the other steps to 1 to skip them).
+# fit one session's 15 minutes: T_C100=480 packs its results before the 600 s command limit stops the
+# steps after it (or set their T_ to 1).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 DATA=${DATA:-.device/data/cifar10}
