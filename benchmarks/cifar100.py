@@ -273,8 +273,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         fields["distill_weight_schedule"] = "linear"
     if method.endswith("-noclip"):
         fields["max_grad_norm"] = 0.0
-    if LONG.get(method, method) in BATCHES:
-        batch, lr, warmup = BATCHES[LONG.get(method, method)]
+    if (batch_method := LONG.get(method, method)) in BATCHES:
+        batch, lr, warmup = BATCHES[batch_method]
         fields.update(per_device_train_batch_size=batch, stage1_learning_rate=lr, stage2_learning_rate=lr,
                       warmup_steps=warmup, max_grad_norm=0.0)  # fmt: skip
     if method in LIBRARY_DEFAULT:  # the library's own lambda and clipping defaults, not COMMON's pins
