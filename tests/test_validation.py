@@ -162,17 +162,24 @@ def test_labels_are_checked_against_the_model_head():
 
 
 @pytest.mark.parametrize(
-    ("batch", "accumulation", "warned"), [(512, 1, "give 5 optimizer step(s)"), (128, 4, "give 5"), (128, 1, None)]
+    ("batch", "accumulation", "images", "warned"),
+    [
+        (512, 1, 2500, "give 5 optimizer step(s)"),
+        (128, 4, 2500, "give 5"),
+        (128, 1, 2500, None),
+        (64, 1, 50, None),  # the quickstart: one step per epoch, at a batch the measurements support
+        (256, 1, 500, "give 2 optimizer step(s)"),
+    ],
 )
-def test_few_optimizer_steps_per_epoch_are_warned(batch, accumulation, warned, tmp_path, caplog):
+def test_few_optimizer_steps_per_epoch_are_warned(batch, accumulation, images, warned, tmp_path, caplog):
     from refilled_hf.pipeline import _warn_few_steps
 
     sizes = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation}
     config = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, **sizes)
     with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
-        _warn_few_steps(config, 2500)
+        _warn_few_steps(config, images)
     if warned:
-        assert f"2500 training images at a global batch of 512 {warned}" in caplog.text
+        assert f"{images} training images at a global batch of {batch * accumulation} {warned}" in caplog.text
         assert "--per_device_train_batch_size" in caplog.text
     else:
         assert caplog.text == ""
