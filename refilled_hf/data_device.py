@@ -39,15 +39,22 @@ def crop_and_flip(
     images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, padding: int
 ) -> torch.Tensor:
     """Per-image crops of the zero-padded ``images`` ``[B, C, S, S]`` at offsets
-    ``(top, left)`` (each in ``[0, 2 * padding]``), mirrored where ``flip``."""
-    size = images.shape[-1]
+    ``(top, left)`` (each in ``[0, 2 * padding]``), mirrored where ``flip``.
+
+    One ``gather`` over each padded image's flattened pixels, at the linear position of
+    every output pixel: 4-5x faster on a CPU than indexing with four broadcast index
+    tensors (``benchmarks/augmentation.py``), with the same pixels."""
+    count, channels, size = images.shape[0], images.shape[1], images.shape[-1]
+    padded_size = size + 2 * padding
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     steps = torch.arange(size, device=images.device)
     rows = top[:, None] + steps  # [B, S]
-    columns = torch.where(flip[:, None], left[:, None] + (size - 1 - steps), left[:, None] + steps)
-    batch = torch.arange(images.shape[0], device=images.device)[:, None, None, None]
-    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-    return padded[batch, channels, rows[:, None, :, None], columns[:, None, None, :]]
+    columns = left[:, None] + torch.where(flip[:, None], size - 1 - steps, steps)  # [B, S]
+    position = (rows[:, :, None] * padded_size + columns[:, None, :]).view(count, 1, size * size)
+    crops = padded.view(count, channels, padded_size * padded_size).gather(
+        2, position.expand(count, channels, size * size)
+    )
+    return crops.view(count, channels, size, size)
 
 
 class DeviceImages:
@@ -99,18 +106,24 @@ class DeviceImages:
         """Normalized ``float32 [B, 3, S, S]`` pixels of the images at ``index``."""
         if augment and (self.padding or self.flip):
             return self.augmented(index)[0]
-        return self.normalize(self.images[index.to(self.device)])
+        return self.normalize(self.select(index))
 
     def augmented(self, index: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Augmented, normalized pixels of the images at ``index`` and the draws that made
         them: ``(pixels, (top, left, flip))``."""
-        images = self.images[index.to(self.device)]
+        images = self.select(index)
         draws = self.draw(images.shape[0])
         return self.normalize(crop_and_flip(images, *draws, self.padding)), draws
 
+    def select(self, index: torch.Tensor) -> torch.Tensor:
+        """The stored ``uint8`` images at ``index`` (``index_select``: on a CPU about 10x
+        faster than indexing the 4-d store with a tensor, same pixels)."""
+        return self.images.index_select(0, index.to(self.device))
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``uint8`` images -> normalized ``float32`` pixels."""
-        return (images.float() / 255.0 - self.mean) / self.std
+        """``uint8`` images -> normalized ``float32`` pixels: ``(x / 255 - mean) / std``,
+        the worker path's ``ToTensor`` + ``Normalize``, in place on a new ``float32`` copy."""
+        return images.to(torch.float32, copy=True).div_(255.0).sub_(self.mean).div_(self.std)
 
 
 class IndexedImages(torch.utils.data.Dataset):

@@ -158,7 +158,7 @@ def build(
                 torch.full((n,), f, dtype=torch.bool, device=device),
                 images.padding,
             )
-            pixels = (pixels.float() / 255.0 - images.mean) / images.std
+            pixels = images.normalize(pixels)  # the training batches' own normalization
             with autocast():
                 emb, out = teacher(pixels)
             if embeddings is None:

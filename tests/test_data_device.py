@@ -54,6 +54,25 @@ def test_each_crop_and_flip_equals_the_worker_path_ops():
                 k += 1
 
 
+def test_each_image_of_a_batch_gets_its_own_crop_and_flip():
+    """Distinct images with their own offsets and flips, against a per-image slicing loop
+    (the test above sees one image only, so it cannot catch pixels taken from another)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 10, 10), dtype=torch.uint8, generator=generator)
+    padding = 3
+    top = torch.randint(0, 2 * padding + 1, (12,), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (12,), generator=generator)
+    flip = torch.rand(12, generator=generator) < 0.5
+    crops = crop_and_flip(images, top, left, flip, padding)
+    for i in range(12):
+        padded = torch.zeros(3, 16, 16, dtype=torch.uint8)
+        padded[:, padding : padding + 10, padding : padding + 10] = images[i]
+        expected = padded[:, int(top[i]) : int(top[i]) + 10, int(left[i]) : int(left[i]) + 10]
+        if flip[i]:
+            expected = expected.flip(-1)
+        assert torch.equal(crops[i], expected), f"image {i}"
+
+
 def test_offsets_and_flips_are_uniform():
     store = DeviceImages.from_arrays([_image()], 32, MEAN, STD, padding=4, flip=True, device="cpu")
     torch.manual_seed(0)
