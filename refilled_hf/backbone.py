@@ -275,9 +275,13 @@ class FrozenTeacher(nn.Module):
             )
         return images
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embedding, logits)`` of the teacher for student-preprocessed ``images``."""
+        """``(embedding, logits)`` of the teacher for student-preprocessed ``images``.
+
+        Runs in inference mode: unlike ``no_grad``, no version counters or view tracking
+        for any of the teacher's ops. The outputs are inference tensors, which the losses
+        only read (they cannot be modified in place, nor saved for a backward pass)."""
         return embed_and_logits(self.model, self.adapt(images))
 
 

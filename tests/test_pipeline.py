@@ -163,6 +163,8 @@ def test_teacher_with_other_input_size_and_normalization(data_dir, tmp_path):
     torch.testing.assert_close(teacher.adapt((raw - s_mean) / s_std), expected, rtol=1e-5, atol=1e-5)
     teacher.train()
     assert not teacher.model.training and not any(p.requires_grad for p in teacher.parameters())
+    emb, logits = teacher(torch.rand(2, 3, 16, 16))
+    assert emb.is_inference() and logits.is_inference()  # the teacher runs in inference mode
 
     from refilled_hf.hub import export_model
 
