@@ -11,7 +11,7 @@
 #
 # Extra arguments go to every throughput.py call. Environment: OUT (default /tmp/gpu-out),
 # DATA (default .device/data/cifar10), SMALL=0 skips the 60 + 60-epoch small run, and
-# T_RUN T_HOST T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE set each step's time limit in seconds
+# T_RUN T_HOST T_MICRO T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE set each step's time limit in seconds
 # (together more than one 600 s command: the last steps run only when the first finish early).
 # T_C100 > 0 first runs issue 10's converging CIFAR-100 comparison (`cifar100.py --budget gpu`, needs
 # .device/data/cifar100; about 3 minutes per seed) for that many seconds, and T_B512ACC > 0 issue 11's
@@ -31,6 +31,15 @@ step() {  # step LIMIT_S NAME ARGS...: one throughput.py call, its results under
     shift 2
     echo "== $(date +%T) $name (limit ${limit}s): $*" | tee -a "$LOG"
     timeout "$limit" python3 benchmarks/throughput.py --dataset "$DATA" --out "$RES/$name" "$@" 2>&1 | tee -a "$LOG"
+    echo "== $(date +%T) $name exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+    tar cf "$OUT/results.tar" -C "$RES" .
+}
+
+micro() {  # micro LIMIT_S NAME SCRIPT ARGS...: a small benchmark script, its results under $RES/NAME
+    local limit=$1 name=$2 script=$3
+    shift 3
+    echo "== $(date +%T) $name (limit ${limit}s): $script $*" | tee -a "$LOG"
+    timeout "$limit" python3 "benchmarks/$script" --out "$RES/$name" "$@" 2>&1 | tee -a "$LOG"
     echo "== $(date +%T) $name exit ${PIPESTATUS[0]}" | tee -a "$LOG"
     tar cf "$OUT/results.tar" -C "$RES" .
 }
@@ -62,6 +71,10 @@ SMALL_RUN=--small_run
 step "${T_RUN:-240}" compile_run $BF16 --compile_run reduce-overhead "$@"
 # 2. issue 12: the host's work per step that the pipeline adds (a model with almost no compute)
 step "${T_HOST:-90}" host_overhead $BF16 --host_overhead --batch 128 --steps 200 --warmup 30 --repeats 2 "$@"
+# 2b. issue 12 item 2: the teacher's forward under no_grad against inference_mode (host-bound at batch 128
+#     on a GPU), and the device path's augmentation per batch (previous indexing against the gather)
+micro "${T_MICRO:-30}" teacher_forward teacher_forward.py --batches 16 128 --calls 50
+micro "${T_MICRO:-30}" augmentation augmentation.py --repeats 100
 # 3. issue 12's table: every method, both data paths against the bare loop, batch 128; the small run
 step "${T_MAIN:-150}" b128 $BF16 --workers 8 --steps 60 --warmup 10 $SMALL_RUN "$@"
 # 4. issue 12 item 2: host-device syncs per training step, and where
