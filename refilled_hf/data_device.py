@@ -51,7 +51,7 @@ def crop_and_flip(
     rows = top[:, None] + steps  # [B, S]
     columns = left[:, None] + torch.where(flip[:, None], size - 1 - steps, steps)  # [B, S]
     position = (rows[:, :, None] * padded_size + columns[:, None, :]).view(count, 1, size * size)
-    crops = padded.view(count, channels, padded_size * padded_size).gather(
+    crops = padded.reshape(count, channels, padded_size * padded_size).gather(
         2, position.expand(count, channels, size * size)
     )
     return crops.view(count, channels, size, size)
