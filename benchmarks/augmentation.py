@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
+
+from throughput import _device_name, _write_files
 
 ROOT = Path(__file__).resolve().parent
 
@@ -112,8 +113,7 @@ def main() -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = (torch.cuda.get_device_name(0) if device == "cuda"
-            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")  # fmt: skip
+    name = _device_name(device)
     from refilled_hf.data_device import DeviceImages
 
     generator = torch.Generator().manual_seed(0)
@@ -124,12 +124,9 @@ def main() -> None:
     for batch in args.batches:
         rows.append(batch_row(batch, store, args, device))
         print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"augmentation_{device}"
     settings = {"store": args.store, "size": args.size, "padding": args.padding, "repeats": args.repeats}
     result = {"device": name, "settings": settings, "rows": rows, "torch": torch.__version__}
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Device-path augmentation per batch on {name}",
         "",
@@ -149,7 +146,7 @@ def main() -> None:
                  f"{r['previous_batch_us']:.0f} / {r['training_batch_us']:.0f}",
                  f"{r['batch_speedup']:.2f}x"]  # fmt: skip
         lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    _write_files(Path(args.out), stem, result, lines)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
+
+from throughput import _device_name, _write_files
 
 ROOT = Path(__file__).resolve().parent
 
@@ -56,8 +57,7 @@ def main() -> None:
     from refilled_hf.backbone import FrozenTeacher
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = (torch.cuda.get_device_name(0) if device == "cuda"
-            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")  # fmt: skip
+    name = _device_name(device)
     teacher = FrozenTeacher(timm.create_model(args.teacher, num_classes=100)).to(device)
     rows = []
     for batch in args.batches:
@@ -71,12 +71,9 @@ def main() -> None:
         row["speedup"] = row["no_grad_ms"] / row["inference_mode_ms"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "all_ms"}), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"teacher_forward_{device}"
     settings = {"teacher": args.teacher, "calls": args.calls, "rounds": args.rounds}
     result = {"device": name, "settings": settings, "rows": rows, "torch": torch.__version__}
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Teacher forward: no_grad against inference_mode on {name}",
         "",
@@ -88,7 +85,7 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['no_grad_ms']:.2f} | {r['inference_mode_ms']:.2f} | {r['speedup']:.3f}x |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    _write_files(Path(args.out), stem, result, lines)
 
 
 if __name__ == "__main__":
