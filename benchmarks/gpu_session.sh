@@ -11,7 +11,7 @@
 #
 # Extra arguments go to every throughput.py call. Environment: OUT (default /tmp/gpu-out),
 # DATA (default .device/data/cifar10), SMALL=0 skips the 60 + 60-epoch small run, and
-# T_RUN T_HOST T_MICRO T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE set each step's time limit in seconds
+# T_RUN T_HOST T_MICRO T_224 T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE set each step's time limit in seconds
 # (together more than one 600 s command: the last steps run only when the first finish early).
 # T_C100 > 0 first runs issue 10's converging CIFAR-100 comparison (`cifar100.py --budget gpu`, needs
 # .device/data/cifar100; about 3 minutes per seed) for that many seconds, and T_B512ACC > 0 issue 11's
@@ -75,6 +75,10 @@ step "${T_HOST:-90}" host_overhead $BF16 --host_overhead --batch 128 --steps 200
 #     on a GPU), and the device path's augmentation per batch (previous indexing against the gather)
 micro "${T_MICRO:-30}" teacher_forward teacher_forward.py --batches 16 128 --calls 50
 micro "${T_MICRO:-30}" augmentation augmentation.py --repeats 100
+micro "${T_MICRO:-30}" imagenet_transforms imagenet_transforms.py --batches 16 128 256 --repeats 10
+# 2c. issue 12 item 1: inputs over 64 px (timm's random-resized crop and colour jitter): device path, 8 workers
+#     and the bare loop at 224 px
+step "${T_224:-90}" imagenet224 $BF16 --image_size 224 --methods ce stage1 --workers 8 --steps 30 --warmup 8 "$@"
 # 3. issue 12's table: every method, both data paths against the bare loop, batch 128; the small run
 step "${T_MAIN:-150}" b128 $BF16 --workers 8 --steps 60 --warmup 10 $SMALL_RUN "$@"
 # 4. issue 12 item 2: host-device syncs per training step, and where

@@ -174,6 +174,7 @@ def pipeline_timing(
         logging_steps=10,
         disable_tqdm=True,
         data_path=path,
+        image_size=args.image_size,
         dataloader_num_workers=args.workers if path == "workers" else 0,
         dataloader_persistent_workers=path == "workers" and args.workers > 0,
         bf16=args.bf16,
@@ -233,6 +234,8 @@ def bare_rate(method: str, args, device: str, channels_last: bool = False) -> fl
     std = torch.tensor(student.model.pretrained_cfg["std"]).view(1, 3, 1, 1)
     images = torch.stack([torch.from_numpy(data.train._decoded[i]).permute(2, 0, 1) for i in order.tolist()])
     x = ((images.float() / 255 - mean) / std).to(device)
+    if args.image_size:  # the batch at the training size, already on the device
+        x = F.interpolate(x, size=(args.image_size, args.image_size), mode="bilinear", antialias=False)
     y = torch.as_tensor(data.train.labels[order.numpy()]).to(device)
     centers = F.normalize(torch.randn(classes, teacher.model.num_features, device=device), dim=1)
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
@@ -391,6 +394,8 @@ def main() -> None:
     parser.add_argument("--student", default="cifar_wrn_16_2")
     parser.add_argument("--teacher", default="cifar_wrn_40_2")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="train at this input size (over 64 px: timm's ImageNet transforms)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="loader workers of the workers path")
@@ -700,12 +705,14 @@ def write_results(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"throughput_{settings['device']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    size = f"{settings['image_size']} px" if settings.get("image_size") else "the student's input size"
     lines = [
         f"# Throughput on {result['device']}",
         "",
         f"{settings['student']} student, {settings['teacher']} teacher, batch {settings['batch']}, "
         f"{'bf16' if settings['bf16'] else 'fp32'}, CIFAR-10 classes {settings['classes']} x {settings['shots']} "
-        f"images; steps {settings['warmup']}-{settings['steps']} timed; {settings['workers']} loader workers on the "
+        f"images at {size}; steps {settings['warmup']}-{settings['steps']} timed; {settings['workers']} loader "
+        "workers on the "
         "workers path.",
         "",
         "| method | bare loop (img/s) | " + " | ".join(f"{p} path (img/s) | {p} / bare" for p in paths) + " |",

@@ -309,9 +309,12 @@ class RefilledConfig(TrainingArguments):
         default="auto",
         **_help(
             "Where images are augmented: 'device' (decoded once into a uint8 tensor on the training device and "
-            "augmented there in batches; CIFAR-style transforms, inputs <= 64 px), 'workers' (DataLoader with PIL "
-            "transforms and --dataloader_num_workers), or 'auto' (device whenever it applies and the splits fit "
-            "--device_data_budget_gb). The log says which runs and why."
+            "augmented there in batches, the same pixels as the worker path for the same random draws: the CIFAR "
+            "crop and flip for inputs <= 64 px; above, timm's random-resized crop, flip, colour jitter and "
+            "evaluation resize, computed with Pillow's arithmetic), 'workers' (DataLoader with PIL transforms and "
+            "--dataloader_num_workers), or 'auto' (device whenever it applies and the splits fit "
+            "--device_data_budget_gb; for inputs over 64 px only on an accelerator, since on a CPU Pillow in the "
+            "workers is faster). The log says which runs and why."
         ),
     )
     device_data_budget_gb: float = field(
@@ -324,7 +327,8 @@ class RefilledConfig(TrainingArguments):
             "every training image under every crop/flip the device data path can draw (162 per 32-px image), "
             "built once (that costs 162 teacher passes over the training split), then read instead of running "
             "the teacher each step. The same augmentations and random draws as without it (float32 storage "
-            "reproduces the uncached run; float16 rounds the teacher's outputs). Needs the device data path; "
+            "reproduces the uncached run; float16 rounds the teacher's outputs). Needs the device data path at "
+            "64 px or less; "
             "ignored where no teacher runs (--method ce, train-teacher). Default none."
         ),
     )

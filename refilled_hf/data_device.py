@@ -145,37 +145,65 @@ class IndexedImages(torch.utils.data.Dataset):
         return self.images.batch(index, self.augment)
 
 
-def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: bool, device, budget_bytes: float):
+def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: bool, device, budget_bytes: float,
+                     train_transform=None, eval_transform=None):  # fmt: skip
     """Decide the data path for ``data`` (a :class:`~refilled_hf.data.ClassificationData`
     with its images preloaded) and, for the device path, replace its splits by
     :class:`IndexedImages` on ``device``. Returns ``(path, reason)``.
 
-    ``mode`` is ``auto``, ``device`` or ``workers``; ``device`` raises ``ValueError``
-    (with the reason) where the device path does not apply.
+    Inputs of 64 px or less get the CIFAR-style store (:class:`DeviceImages`); larger
+    inputs the store of timm's ImageNet transforms
+    (:class:`~refilled_hf.data_device_timm.DeviceResizedCrops`), read from
+    ``train_transform`` / ``eval_transform`` (the worker path's). ``mode`` is ``auto``,
+    ``device`` or ``workers``; ``device`` raises ``ValueError`` (with the reason) where the
+    device path does not apply.
     """
     if mode == "workers":
         return "workers", "--data_path workers"
     data_cfg = timm.data.resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
     size = int(data_cfg["input_size"][-1])
     splits = {name: getattr(data, name) for name in ("train", "validation", "test") if getattr(data, name) is not None}
-    need = sum(len(split) for split in splits.values()) * 3 * size * size
-    reason = None
+    plan, reason, what = None, None, "random crop and flip"
     if size > CIFAR_STYLE_MAX_SIZE:
-        reason = f"inputs of {size} px use timm's ImageNet transforms, which the device path does not implement"
-    elif any(getattr(split, "_decoded", None) is None for split in splits.values()):
+        from .data_device_timm import plan_from_transforms
+
+        plan, what = plan_from_transforms(train_transform, eval_transform) if train_transform else (None, "")
+        if plan is None:
+            reason = f"for inputs of {size} px, {what or 'no transform was given'}, which the device path does not do"
+        elif mode == "auto" and torch.device(device).type == "cpu":
+            # measured (benchmarks/imagenet_transforms.py): on a CPU, Pillow's SIMD code in the
+            # workers beats the batched float64 resampling; on an accelerator the device path wins
+            reason = (f"on a CPU, timm's PIL transforms for {size}-px inputs run faster in DataLoader workers "
+                      "(--data_path device forces the device path)")  # fmt: skip
+    if reason is None and any(getattr(split, "_decoded", None) is None for split in splits.values()):
         reason = "the decoded images are too large to keep in memory"
-    elif need > budget_bytes:
-        reason = f"the splits need {need / 2**30:.2f} GiB, over --device_data_budget_gb {budget_bytes / 2**30:g}"
+    if reason is None:
+        need = sum(_store_bytes(split._decoded, size, plan) for split in splits.values())
+        if need > budget_bytes:
+            reason = f"the splits need {need / 2**30:.2f} GiB, over --device_data_budget_gb {budget_bytes / 2**30:g}"
     if reason is not None:
         if mode == "device":
             raise ValueError(f"--data_path device cannot be used: {reason}. Use --data_path workers (or auto).")
         return "workers", reason
-    padding = max(1, size // 8)
     for name, split in splits.items():
-        train = name == "train"
-        store = DeviceImages.from_arrays(
-            split._decoded, size, data_cfg["mean"], data_cfg["std"],
-            padding=padding if train else 0, flip=flip and train, device=device,
-        )  # fmt: skip
-        setattr(data, name, IndexedImages(store, split.labels, augment=train))
-    return "device", f"{need / 2**20:.0f} MiB of uint8 images on {torch.device(device)}, augmented there"
+        setattr(data, name, IndexedImages(_store(split._decoded, size, plan, data_cfg, flip, name, device),
+                                          split.labels, augment=name == "train"))  # fmt: skip
+    return "device", f"{need / 2**20:.0f} MiB of uint8 images on {torch.device(device)}, augmented there ({what})"
+
+
+def _store_bytes(arrays: list[np.ndarray], size: int, plan) -> int:
+    if plan is None:
+        return len(arrays) * 3 * size * size
+    from .data_device_timm import DeviceResizedCrops
+
+    return DeviceResizedCrops.store_bytes(arrays)
+
+
+def _store(arrays, size: int, plan, data_cfg, flip: bool, split: str, device):
+    if plan is not None:
+        from .data_device_timm import DeviceResizedCrops
+
+        return DeviceResizedCrops.from_arrays(arrays, plan, device)
+    train = split == "train"
+    return DeviceImages.from_arrays(arrays, size, data_cfg["mean"], data_cfg["std"], padding=max(1, size // 8) if train
+                                    else 0, flip=flip and train, device=device)  # fmt: skip

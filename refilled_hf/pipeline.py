@@ -32,7 +32,7 @@ from transformers import set_seed
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
 from .config import ConfigError, RefilledConfig, option_name
 from .data import ClassificationData, build_transform, load_classification_data, short_list
-from .data_device import IndexedImages, choose_and_place
+from .data_device import DeviceImages, IndexedImages, choose_and_place
 from .hub import export_model, push_folder, render_model_card, replace_dir_atomically, write_json_atomically
 from .losses import ncm_predict
 from .rundir import (
@@ -83,12 +83,14 @@ def load_data(config: RefilledConfig, classes: str | None, pretrained_cfg: dict[
     train_tf = build_transform(cfg, train=True)
     if not config.horizontal_flip:
         train_tf.transforms = [t for t in train_tf.transforms if type(t).__name__ != "RandomHorizontalFlip"]
-    data = data.with_transforms(train_tf, build_transform(cfg, train=False))
+    eval_tf = build_transform(cfg, train=False)
+    data = data.with_transforms(train_tf, eval_tf)
     try:
         budget = config.device_data_budget_gb * 2**30
         path, reason = choose_and_place(
-            data, cfg, mode=config.data_path, flip=config.horizontal_flip, device=config.device, budget_bytes=budget
-        )
+            data, cfg, mode=config.data_path, flip=config.horizontal_flip, device=config.device, budget_bytes=budget,
+            train_transform=train_tf, eval_transform=eval_tf,
+        )  # fmt: skip
     except ValueError as err:
         raise ConfigError(str(err)) from None
     data.info["data_path"] = path
@@ -324,6 +326,13 @@ def _check_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None, 
             "--teacher_cache needs the device data path, and this run uses the worker path (the log line 'Data "
             "path:' says why). Turn the cache off (--teacher_cache none) or make the device path apply (inputs of "
             "64 px or less, a larger --device_data_budget_gb)."
+        )
+    if not isinstance(data.train.images, DeviceImages):
+        raise ConfigError(
+            "--teacher_cache covers the CIFAR-style crops and flips of inputs of 64 px or less (162 per 32-px "
+            "image); this run trains at a larger size with timm's random-resized crop and colour jitter, whose "
+            "augmentations are too many to cache exactly. Turn the cache off (--teacher_cache none) or train at "
+            "64 px or less (--image_size)."
         )
     with torch.no_grad():
         emb, logits = teacher(data.train.pixels(torch.arange(1)).cpu())

@@ -18,6 +18,7 @@ from torchvision import transforms as T
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.data import build_transform
 from refilled_hf.data_device import DeviceImages, IndexedImages, crop_and_flip
+from refilled_hf.data_device_timm import DeviceResizedCrops
 from refilled_hf.pipeline import load_data, run_distillation
 
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -119,8 +120,15 @@ def test_the_path_is_chosen_and_can_be_forced(data_dir, tmp_path):
     assert workers.info["data_path"] == "workers" and not isinstance(workers.train, IndexedImages)
     small = load_data(RefilledConfig(**{**base, "device_data_budget_gb": 1e-6}), "3-5", cfg)
     assert small.info["data_path"] == "workers"
-    with pytest.raises(ConfigError, match="--data_path device cannot be used: inputs of 96 px"):
-        load_data(RefilledConfig(**{**base, "data_path": "device", "image_size": 96}), "3-5", cfg)
+    large = load_data(RefilledConfig(**{**base, "image_size": 96}), "3-5", cfg)
+    assert large.info["data_path"] == "workers"  # on a CPU, timm's PIL transforms are faster in workers
+    large = load_data(RefilledConfig(**{**base, "image_size": 96, "data_path": "device"}), "3-5", cfg)
+    assert large.info["data_path"] == "device" and isinstance(large.train.images, DeviceResizedCrops)
+    assert large.train.pixels(torch.arange(2)).shape == (2, 3, 96, 96)
+    nearest = {**cfg, "interpolation": "nearest"}  # Pillow's nearest is not reproduced on the device
+    with pytest.raises(ConfigError, match="--data_path device cannot be used: for inputs of 96 px, the random-res"):
+        load_data(RefilledConfig(**{**base, "data_path": "device", "image_size": 96}), "3-5", nearest)
+    assert load_data(RefilledConfig(**{**base, "image_size": 96}), "3-5", nearest).info["data_path"] == "workers"
 
 
 @pytest.mark.slow
