@@ -247,3 +247,14 @@ def test_large_batches_are_made_in_chunks_with_the_same_pixels(monkeypatch):
     monkeypatch.setattr(DeviceResizedCrops, "chunk", property(lambda self: 3))
     torch.testing.assert_close(store.batch(index, augment=False), whole, rtol=0, atol=0)
     assert store.batch(index, augment=True).shape == whole.shape
+
+
+def test_without_the_flip_no_image_is_flipped():
+    """``--horizontal_flip false`` removes the flip from the worker transform; the plan
+    read from it then draws no flips."""
+    train = build_transform(_cfg(), train=True)
+    train.transforms = [t for t in train.transforms if type(t).__name__ != "RandomHorizontalFlip"]
+    plan, why = plan_from_transforms(train, build_transform(_cfg(), train=False))
+    assert plan is not None and not plan.flip and "flip" not in why
+    store = DeviceResizedCrops.from_arrays(_arrays(8, [(32, 32)] * 3), plan, "cpu")
+    assert not store.draw(torch.full((500, 2), 32))["flip"].any()
