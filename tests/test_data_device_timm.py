@@ -258,3 +258,17 @@ def test_without_the_flip_no_image_is_flipped():
     assert plan is not None and not plan.flip and "flip" not in why
     store = DeviceResizedCrops.from_arrays(_arrays(8, [(32, 32)] * 3), plan, "cpu")
     assert not store.draw(torch.full((500, 2), 32))["flip"].any()
+
+
+def test_mixed_precision_leaves_the_pixels_unchanged():
+    """Batches are made inside the Trainer's autocast region: float64 is not autocast-eligible,
+    so the exact resampling keeps its precision (bf16 here, on the CPU)."""
+    store, _, _ = _store(_cfg(), _arrays(9))
+    index = torch.arange(len(SHAPES))
+    for augment in (True, False):
+        torch.manual_seed(0)
+        plain = store.batch(index, augment)
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = store.batch(index, augment)
+        assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
