@@ -32,7 +32,7 @@ from torchvision import transforms as T
 
 from .data import CIFAR_STYLE_MAX_SIZE
 
-__all__ = ["DeviceImages", "IndexedImages", "crop_and_flip"]
+__all__ = ["DeviceImages", "IndexedImages", "UInt8Store", "crop_and_flip"]
 
 
 def crop_and_flip(
@@ -57,7 +57,44 @@ def crop_and_flip(
     return crops.view(count, channels, size, size)
 
 
-class DeviceImages:
+class UInt8Store:
+    """``uint8`` images kept on ``device``, with the worker path's ``ToTensor`` +
+    ``Normalize``: what both device-path stores (:class:`DeviceImages`, and
+    :class:`~refilled_hf.data_device_timm.DeviceResizedCrops` for inputs over 64 px) share.
+
+    Args:
+        images: ``uint8 [N, 3, H, W]``.
+        mean, std: per-channel normalization (of pixel values in ``[0, 1]``).
+    """
+
+    def __init__(self, images: torch.Tensor, mean, std, device: torch.device | str):
+        self.images = images.to(device)
+        self.device = self.images.device
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def draw_flips(self, count: int, enabled: bool) -> torch.Tensor:
+        """``bool [count]``: a horizontal flip with probability 1/2 each where ``enabled``,
+        none otherwise (the device's RNG)."""
+        if enabled:
+            return torch.rand(count, device=self.device) < 0.5
+        return torch.zeros(count, dtype=torch.bool, device=self.device)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``uint8`` images (or float32 whole levels) -> normalized ``float32`` pixels:
+        ``(x / 255 - mean) / std``, the worker path's ``ToTensor`` + ``Normalize``, in place
+        on a new ``float32`` copy."""
+        return images.to(torch.float32, copy=True).div_(255.0).sub_(self.mean).div_(self.std)
+
+
+class DeviceImages(UInt8Store):
     """A split's images as ``uint8 [N, 3, S, S]`` on ``device``, with the normalization
     (and, for training, the crop padding and flip) of the worker path.
 
@@ -68,10 +105,7 @@ class DeviceImages:
     """
 
     def __init__(self, images: torch.Tensor, mean, std, *, padding: int, flip: bool, device: torch.device | str):
-        self.images = images.to(device)
-        self.device = self.images.device
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        super().__init__(images, mean, std, device)
         self.padding = int(padding)
         self.flip = bool(flip)
 
@@ -84,23 +118,12 @@ class DeviceImages:
         return cls(torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), mean, std, padding=padding,
                    flip=flip, device=device)  # fmt: skip
 
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel()
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
     def draw(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Random crop offsets and flips for ``count`` images (the device's RNG)."""
         span = 2 * self.padding + 1
         top = torch.randint(0, span, (count,), device=self.device)
         left = torch.randint(0, span, (count,), device=self.device)
-        if self.flip:
-            flip = torch.rand(count, device=self.device) < 0.5
-        else:
-            flip = torch.zeros(count, dtype=torch.bool, device=self.device)
-        return top, left, flip
+        return top, left, self.draw_flips(count, self.flip)
 
     def batch(self, index: torch.Tensor, augment: bool) -> torch.Tensor:
         """Normalized ``float32 [B, 3, S, S]`` pixels of the images at ``index``."""
@@ -119,11 +142,6 @@ class DeviceImages:
         """The stored ``uint8`` images at ``index`` (``index_select``: on a CPU about 10x
         faster than indexing the 4-d store with a tensor, same pixels)."""
         return self.images.index_select(0, index.to(self.device))
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``uint8`` images -> normalized ``float32`` pixels: ``(x / 255 - mean) / std``,
-        the worker path's ``ToTensor`` + ``Normalize``, in place on a new ``float32`` copy."""
-        return images.to(torch.float32, copy=True).div_(255.0).sub_(self.mean).div_(self.std)
 
 
 class IndexedImages(torch.utils.data.Dataset):
@@ -146,7 +164,7 @@ class IndexedImages(torch.utils.data.Dataset):
 
 
 def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: bool, device, budget_bytes: float,
-                     train_transform=None, eval_transform=None):  # fmt: skip
+                     train_transform, eval_transform):  # fmt: skip
     """Decide the data path for ``data`` (a :class:`~refilled_hf.data.ClassificationData`
     with its images preloaded) and, for the device path, replace its splits by
     :class:`IndexedImages` on ``device``. Returns ``(path, reason)``.
@@ -167,9 +185,9 @@ def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: b
     if size > CIFAR_STYLE_MAX_SIZE:
         from .data_device_timm import plan_from_transforms
 
-        plan, what = plan_from_transforms(train_transform, eval_transform) if train_transform else (None, "")
+        plan, what = plan_from_transforms(train_transform, eval_transform)
         if plan is None:
-            reason = f"for inputs of {size} px, {what or 'no transform was given'}, which the device path does not do"
+            reason = f"for inputs of {size} px, {what}, which the device path does not do"
         elif mode == "auto" and torch.device(device).type == "cpu":
             # measured (benchmarks/imagenet_transforms.py): on a CPU, Pillow's SIMD code in the
             # workers beats the batched float64 resampling; on an accelerator the device path wins

@@ -32,7 +32,8 @@ import PIL
 import torch
 from torchvision import transforms as T
 
-from .pil_ops import FILTERS, blend, luma, mean_luma, resample, resize_weights
+from .data_device import UInt8Store
+from .pil_ops import FILTERS, blend, luma, resample, resize_weights, rounded_mean
 
 __all__ = ["DeviceResizedCrops", "TimmTransformPlan", "plan_from_transforms", "sample_resized_crops"]
 
@@ -67,9 +68,9 @@ def _interpolation_name(mode: Any) -> str | None:
 
 
 def _normalize_steps(steps: list, where: str) -> tuple[tuple[float, ...], tuple[float, ...]] | str:
-    if len(steps) != 2 or type(steps[0]).__name__ not in ("ToTensor", "MaybeToTensor"):
-        return f"the {where} transform does not end in ToTensor + Normalize"
-    if not isinstance(steps[1], T.Normalize):
+    if len(steps) != 2 or type(steps[0]).__name__ not in ("ToTensor", "MaybeToTensor") or not isinstance(
+        steps[1], T.Normalize
+    ):
         return f"the {where} transform does not end in ToTensor + Normalize"
     return tuple(float(v) for v in steps[1].mean), tuple(float(v) for v in steps[1].std)
 
@@ -186,7 +187,7 @@ def _eval_geometry(height: int, width: int, plan: TimmTransformPlan) -> tuple[in
     return new_h, new_w, offset(new_h), offset(new_w)
 
 
-class DeviceResizedCrops:
+class DeviceResizedCrops(UInt8Store):
     """A split's images as ``uint8`` on ``device`` at their own sizes (zero-padded to the
     largest), made into batches by timm's ImageNet transforms (:class:`TimmTransformPlan`).
 
@@ -197,12 +198,9 @@ class DeviceResizedCrops:
     """
 
     def __init__(self, images: torch.Tensor, sizes: torch.Tensor, plan: TimmTransformPlan, device):
-        self.images = images.to(device)
-        self.device = self.images.device
+        super().__init__(images, plan.mean, plan.std, device)
         self.sizes = sizes.to(self.device)
         self.plan = plan
-        self.mean = torch.tensor(plan.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(plan.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         geometry = [_eval_geometry(int(h), int(w), plan) for h, w in sizes.tolist()]
         self.eval_geometry = torch.tensor(geometry, dtype=torch.int64, device=self.device).view(-1, 4)
         tallest = int(sizes[:, 0].max()) if len(sizes) else 0
@@ -229,13 +227,6 @@ class DeviceResizedCrops:
         if not arrays:
             return 0
         return len(arrays) * 3 * max(a.shape[0] for a in arrays) * max(a.shape[1] for a in arrays)
-
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel()
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
 
     def select(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         index = index.to(self.device)
@@ -271,11 +262,7 @@ class DeviceResizedCrops:
         count = sizes.shape[0]
         top, left, height, width = sample_resized_crops(sizes[:, 0], sizes[:, 1], self.plan.scale, self.plan.ratio)
         draws = {"top": top, "left": left, "height": height, "width": width}
-        draws["flip"] = (
-            (torch.rand(count, device=self.device) < 0.5)
-            if self.plan.flip
-            else torch.zeros(count, dtype=torch.bool, device=self.device)
-        )
+        draws["flip"] = self.draw_flips(count, self.plan.flip)
         if self.plan.jitter is not None:
             low = torch.tensor([r[0] for r in self.plan.jitter], device=self.device)
             high = torch.tensor([r[1] for r in self.plan.jitter], device=self.device)
@@ -311,11 +298,6 @@ class DeviceResizedCrops:
         shrink_h, shrink_w = sizes[:, 0] - out_h, sizes[:, 1] - out_w
         return (shrink_h > 0) & (shrink_h > 2 * shrink_w)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``uint8`` (or float32 whole levels) -> ``(x / 255 - mean) / std`` in ``float32``
-        (``ToTensor`` + ``Normalize``)."""
-        return images.to(torch.float32, copy=True).div_(255.0).sub_(self.mean).div_(self.std)
-
 
 def jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """torchvision's ``ColorJitter`` (brightness, contrast, saturation; no hue) on PIL
@@ -327,6 +309,6 @@ def jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> 
     for step in range(order.shape[1]):
         op = order[:, step].view(-1, 1, 1, 1)
         grey = luma(levels)
-        degenerate = torch.where(op == 0, 0.0, torch.where(op == 1, mean_luma(levels), grey))
+        degenerate = torch.where(op == 0, 0.0, torch.where(op == 1, rounded_mean(grey), grey))
         levels = blend(degenerate, levels, factors.gather(1, order[:, step : step + 1])[:, 0])
     return levels

@@ -34,9 +34,9 @@ __all__ = [
     "adjust_saturation",
     "blend",
     "luma",
-    "mean_luma",
     "resample",
     "resize_weights",
+    "rounded_mean",
 ]
 
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
@@ -168,9 +168,10 @@ def luma(levels: torch.Tensor) -> torch.Tensor:
     return total.div_(65536.0).floor_()
 
 
-def mean_luma(levels: torch.Tensor) -> torch.Tensor:
-    """``int(ImageStat.Stat(image.convert("L")).mean[0] + 0.5)`` per image: ``[B, 1, 1, 1]``."""
-    mean = luma(levels).mean(dim=(1, 2, 3), keepdim=True, dtype=torch.float64)
+def rounded_mean(grey: torch.Tensor) -> torch.Tensor:
+    """``int(ImageStat.Stat(grey).mean[0] + 0.5)`` per image of ``[B, 1, H, W]`` luma levels
+    (from :func:`luma`): ``[B, 1, 1, 1]``."""
+    mean = grey.mean(dim=(1, 2, 3), keepdim=True, dtype=torch.float64)
     return torch.floor(mean + 0.5).to(torch.float32)
 
 
@@ -190,7 +191,7 @@ def adjust_brightness(levels: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
 def adjust_contrast(levels: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``ImageEnhance.Contrast(image).enhance(factor)`` per image: blended with the
     image's mean luma, rounded to an integer."""
-    return blend(mean_luma(levels), levels, factor)
+    return blend(rounded_mean(luma(levels)), levels, factor)
 
 
 def adjust_saturation(levels: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
