@@ -28,7 +28,7 @@ _LAZY = {
     "RefilledTrainer": "trainer",
     "run_distillation": "pipeline",
     "run_teacher_training": "pipeline",
-    "evaluate_model": "pipeline",
+    "evaluate_model": "evaluation",
 }
 
 

@@ -39,7 +39,13 @@ class EvaluateArguments:
 
     model: str = field(metadata={"help": "Model to evaluate: local-dir:<folder>, hf-hub:<repo> or a timm name."})
     checkpoint: str | None = field(default=None, metadata={"help": "Weights for a model given by timm name."})
-    split: str = field(default="test", metadata={"help": "Split to evaluate: test or validation."})
+    split: str = field(
+        default="test",
+        metadata={
+            "help": "Split to evaluate: test, or validation (carved from the training split by "
+            "--validation_fraction and the data seed; refused unless it is the one the model was selected on)."
+        },
+    )
 
 
 @dataclass
@@ -193,7 +199,7 @@ def cmd_train(argv: list[str], command: str) -> int:
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    from .pipeline import evaluate_model
+    from .evaluation import evaluate_model
 
     eval_args, config = parse_config((EvaluateArguments, RefilledConfig), argv, "refilled-hf evaluate")
     metrics = evaluate_model(eval_args.model, config, checkpoint=eval_args.checkpoint, split=eval_args.split)

@@ -290,7 +290,8 @@ class RefilledConfig(TrainingArguments):
         default=None,
         **_help(
             "The student's classes: ids, ranges (50-99), names, comma-separated, or a preset "
-            "(cifar100-second-half, cifar100-shift-10, ...). Default: all classes."
+            "(cifar100-second-half, cifar100-shift-10, ...). Default: all classes (for evaluate: the "
+            "model's own classes, by its label names)."
         ),
     )
     teacher_classes: str | None = field(

@@ -55,6 +55,9 @@ CLASS_PRESETS: dict[str, str] = {
     "cifar100-shift-40": "40-89",
 }
 
+#: The splits of a task, in the order ``ClassificationData`` holds them.
+SPLITS = ("train", "validation", "test")
+
 #: Inputs up to this size train with the CIFAR recipe (random crop with padding, flip).
 CIFAR_STYLE_MAX_SIZE = 64
 
@@ -135,6 +138,12 @@ def data_fingerprint(parts: dict[str, Any]) -> str:
         else:
             digest.update(json.dumps(value, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def row_digest(split_name: str, rows: np.ndarray, labels: np.ndarray) -> str:
+    """Digest of which rows of split ``split_name`` a task uses and their source labels."""
+    return data_fingerprint({"split": split_name, "rows": np.asarray(rows, np.int64),
+                             "labels": np.asarray(labels, np.int64)})  # fmt: skip
 
 
 def short_list(items: Sequence[Any], limit: int = 8) -> str:
@@ -276,7 +285,8 @@ class ClassificationData:
     """A student's (or teacher's) task: splits restricted to the selected classes, with
     labels remapped to ``0..K-1`` in selection order."""
 
-    train: ImageClassificationDataset
+    #: None only where the caller asked for other splits (``load_classification_data(splits=...)``)
+    train: ImageClassificationDataset | None
     validation: ImageClassificationDataset | None
     test: ImageClassificationDataset | None
     class_names: list[str]
@@ -289,14 +299,38 @@ class ClassificationData:
     fingerprint: str = ""
     #: the evaluation transform (also for the training images, e.g. for class centres)
     eval_transform: Any = None
+    #: per split ("train", "validation"), a digest of its rows and their labels (None: no
+    #: such split); an exported model records them, so that ``evaluate`` can tell whether
+    #: a validation split is the one the model was selected on (see :func:`row_digest`)
+    row_digests: dict[str, str | None] = field(default_factory=dict)
+    dataset_config: str | None = None
+    train_split: str = "train"
+    test_split: str | None = "test"
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def selection_record(self) -> dict[str, Any]:
+        """What a model trained on this task records of its data (in its ``config.json``):
+        where the images came from, the class selection, how validation and training
+        images were drawn, and the digests of those rows."""
+        return {
+            "dataset": self.dataset_name,
+            "dataset_config": self.dataset_config,
+            "train_split": self.train_split,
+            "test_split": self.test_split,
+            "class_names": list(self.class_names),
+            "source_class_ids": [int(i) for i in self.source_class_ids],
+            **{key: self.info.get(key) for key in ("validation_fraction", "shots_per_class", "seed")},
+            **{f"{key}_images": self.info.get(f"{key}_images") for key in ("train", "validation")},
+            "row_digests": dict(self.row_digests),
+        }
+
     def with_transforms(self, train_transform, eval_transform) -> ClassificationData:
         self.eval_transform = eval_transform
-        self.train.transform = train_transform
+        if self.train is not None:
+            self.train.transform = train_transform
         for split in (self.validation, self.test):
             if split is not None:
                 split.transform = eval_transform
@@ -316,13 +350,19 @@ def load_classification_data(
     validation_fraction: float = 0.1,
     seed: int = 0,
     raw: datasets.DatasetDict | None = None,
+    splits: Sequence[str] = SPLITS,
 ) -> ClassificationData:
     """Load a data set and restrict it to a task.
 
     The validation split is carved first (stratified, seeded) from the selected classes'
     training images; ``shots_per_class`` images per class are then drawn (stratified,
     seeded) from the rest. The test split is restricted to the same classes.
+    Only the ``splits`` named are built and decoded (the others are None); the
+    selection, its counts and its fingerprint are the same either way.
     """
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"splits must be among {SPLITS}, got {sorted(unknown)}.")
     if not 0 <= validation_fraction < 1:
         raise DataError(f"`validation_fraction` must be in [0, 1), got {validation_fraction}.")
     raw = raw if raw is not None else load_raw_dataset(dataset, dataset_config)
@@ -379,31 +419,34 @@ def load_classification_data(
                                           source_rows=pos)  # fmt: skip
 
     test = test_positions = None
+    validation = None
+    if val_positions is not None and "validation" in splits:
+        validation = subset(train_raw, val_positions, train_labels, f"{train_split} (validation part)")
     if test_split is not None:
         test_raw = raw[test_split]
         if image_col not in test_raw.features or label_col not in test_raw.features:
             raise DataError(f"Split {test_split!r} lacks the columns {image_col!r}/{label_col!r} of {train_split!r}.")
         test_labels, _ = read_labels(test_raw, label_col, test_split, names)
         test_positions = np.flatnonzero(remap[test_labels] >= 0)
-        test = subset(test_raw, test_positions, test_labels, test_split)
+        if "test" in splits:
+            test = subset(test_raw, test_positions, test_labels, test_split)
     data = ClassificationData(
-        train=subset(train_raw, positions, train_labels, train_split),
-        validation=(
-            subset(train_raw, val_positions, train_labels, f"{train_split} (validation part)")
-            if val_positions is not None
-            else None
-        ),
+        train=subset(train_raw, positions, train_labels, train_split) if "train" in splits else None,
+        validation=validation,
         test=test,
         class_names=[names[i] for i in selected],
         source_class_ids=selected,
         dataset_name=dataset,
         image_column=image_col,
         label_column=label_col,
+        dataset_config=dataset_config,
+        train_split=train_split,
+        test_split=test_split,
     )
     data.info = {
-        "train_images": len(data.train),
-        "validation_images": len(data.validation) if data.validation is not None else 0,
-        "test_images": len(data.test) if data.test is not None else 0,
+        "train_images": len(positions),
+        "validation_images": len(val_positions) if val_positions is not None else 0,
+        "test_images": len(test_positions) if test_positions is not None else 0,
         "shots_per_class": shots_per_class,
         "validation_fraction": validation_fraction,
         "seed": seed,
@@ -422,6 +465,12 @@ def load_classification_data(
             "train_labels": train_labels,
         }
     )
+    data.row_digests = {
+        "train": row_digest(train_split, positions, train_labels[positions]),
+        "validation": (
+            row_digest(train_split, val_positions, train_labels[val_positions]) if val_positions is not None else None
+        ),
+    }
     for split in (data.train, data.validation, data.test):
         if split is not None:
             split.preload()  # decode-checks every image the run will use, now

@@ -206,7 +206,8 @@ def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: b
     for name, split in splits.items():
         setattr(data, name, IndexedImages(_store(split._decoded, size, plan, data_cfg, flip, name, device),
                                           split.labels, augment=name == "train"))  # fmt: skip
-    return "device", f"{need / 2**20:.0f} MiB of uint8 images on {torch.device(device)}, augmented there ({what})"
+    done = f"augmented there ({what})" if "train" in splits else "transformed there (evaluation only)"
+    return "device", f"{need / 2**20:.0f} MiB of uint8 images on {torch.device(device)}, {done}"
 
 
 def _store_bytes(arrays: list[np.ndarray], size: int, plan) -> int:

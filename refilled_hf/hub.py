@@ -13,7 +13,10 @@ from typing import Any
 import torch.nn as nn
 from timm.models import save_for_hf
 
-__all__ = ["export_model", "replace_dir_atomically", "write_json_atomically"]
+__all__ = ["TRAINING_DATA_KEY", "export_model", "replace_dir_atomically", "write_json_atomically"]
+
+#: ``config.json`` key of the record of the data a model was trained on
+TRAINING_DATA_KEY = "refilled_hf_training_data"
 
 
 def write_json_atomically(path: str | Path, data: Any) -> None:
@@ -47,8 +50,14 @@ def export_model(
     label_names: list[str],
     data_config: dict[str, Any] | None = None,
     extra_files: dict[str, str] | None = None,
+    training_data: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` in timm's Hub layout (``config.json`` + ``model.safetensors``).
+
+    ``training_data`` (``ClassificationData.selection_record()``) is written as the
+    ``config.json`` key :data:`TRAINING_DATA_KEY`, which timm and transformers ignore;
+    ``refilled-hf evaluate`` reads it to default the classes and to check that a
+    validation split is the model's own.
 
     The folder is written to a staging folder beside ``folder`` and renamed into place,
     so a crash never leaves a folder that loads but is incomplete.
@@ -74,6 +83,8 @@ def export_model(
         model_args.pop("num_classes", None)
         if not model_args:
             config.pop("model_args")
+    if training_data is not None:
+        config[TRAINING_DATA_KEY] = training_data
     config_path.write_text(json.dumps(config, indent=2))
     for name, text in (extra_files or {}).items():
         (staging / name).write_text(text)

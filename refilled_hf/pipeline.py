@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from transformers import set_seed
 
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
 from .config import ConfigError, RefilledConfig, option_name
-from .data import ClassificationData, build_transform, load_classification_data, short_list
+from .data import SPLITS, ClassificationData, build_transform, load_classification_data
 from .data_device import DeviceImages, IndexedImages, choose_and_place
 from .hub import export_model, push_folder, render_model_card, replace_dir_atomically, write_json_atomically
 from .losses import ncm_predict
@@ -65,8 +66,12 @@ class DivergedError(RunError):
 # --------------------------------------------------------------------------- setup
 
 
-def load_data(config: RefilledConfig, classes: str | None, pretrained_cfg: dict[str, Any]) -> ClassificationData:
-    """The task's splits, with the model's transforms (and ``image_size`` override)."""
+def load_data(
+    config: RefilledConfig, classes: str | Sequence[str] | None, pretrained_cfg: dict[str, Any],
+    splits: Sequence[str] = SPLITS,
+) -> ClassificationData:  # fmt: skip
+    """The task's splits (those in ``splits``; the others None), with the model's
+    transforms (and ``image_size`` override)."""
     data = load_classification_data(
         config.dataset,
         dataset_config=config.dataset_config,
@@ -78,6 +83,7 @@ def load_data(config: RefilledConfig, classes: str | None, pretrained_cfg: dict[
         shots_per_class=config.shots_per_class,
         validation_fraction=config.validation_fraction,
         seed=config.data_seed if config.data_seed is not None else config.seed,
+        splits=splits,
     )
     cfg = data_pretrained_cfg(pretrained_cfg, config.image_size)
     train_tf = build_transform(cfg, train=True)
@@ -858,6 +864,7 @@ def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, resul
             label_names=data.class_names,
             data_config=data_config,
             extra_files={"README.md": card},
+            training_data=data.selection_record(),
         )
         write_json_atomically(out / RESULTS_FILE, results)
         logger.info("Exported the model to %s (process %d)", out / EXPORT_DIR, trainer.args.process_index)
@@ -879,44 +886,6 @@ def run_teacher_training(config: RefilledConfig, callbacks: list | None = None) 
         config, method="ce", student=config.teacher, student_checkpoint=config.teacher_checkpoint
     )
     return run_distillation(teacher_config, callbacks)
-
-
-def evaluate_model(
-    model_spec: str, config: RefilledConfig, *, checkpoint: str | None = None, split: str = "test"
-) -> dict[str, Any]:
-    """Top-1/top-5 accuracy of a trained model on ``split`` (``test`` or ``validation``)
-    of ``config``'s data set and class selection, counting each image once."""
-    if split not in ("test", "validation"):
-        raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
-    model = load_timm_model(model_spec, checkpoint=checkpoint)
-    data = load_data(config, config.classes, model.pretrained_cfg)
-    dataset = getattr(data, split)
-    if dataset is None:
-        raise ConfigError(f"No {split} split: set --test_split or --validation_fraction.")
-    if model.num_classes != data.num_classes:
-        raise ConfigError(
-            f"The model predicts {model.num_classes} classes but the selection has {data.num_classes}: "
-            "pass the --classes the model was trained on."
-        )
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
-    if names and list(names) != data.class_names:
-        raise ConfigError(
-            f"The model was trained on the classes {short_list(names)}, in this order, but the selection is "
-            f"{short_list(data.class_names)}: pass the --classes it was trained on, in the same order."
-        )
-    if not names:
-        logger.warning("The model records no label names: only the number of classes could be checked.")
-    args = dataclasses.replace(
-        config,
-        method="ce",
-        output_dir=str(Path(config.output_dir) / "evaluate"),
-        eval_strategy="no",
-        save_strategy="no",
-    )
-    trainer = RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=data.num_classes)
-    metrics = trainer.evaluate(dataset, metric_key_prefix=split)
-    metrics.pop("epoch", None)
-    return metrics
 
 
 def probe_teacher(config: RefilledConfig) -> dict[str, Any]:

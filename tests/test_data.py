@@ -77,6 +77,29 @@ def test_shots_and_validation_are_stratified_and_seeded(data_dir):
     assert not set(rows(a.train)) & set(rows(a.validation)), "validation must not overlap training"
     assert a.info == {"train_images": 20, "validation_images": 20, "test_images": 20, "shots_per_class": 5,
                       "validation_fraction": 0.25, "seed": 1}  # fmt: skip
+    # the row digests tell the seeds' validation splits apart, and not the shots drawn after them
+    assert a.row_digests == b.row_digests and a.row_digests["validation"] != c.row_digests["validation"]
+    d = load_classification_data(str(data_dir), seed=1, **{**kwargs, "shots_per_class": 7})
+    assert d.row_digests["validation"] == a.row_digests["validation"]
+    assert d.row_digests["train"] != a.row_digests["train"]
+
+
+def test_only_the_splits_asked_for_are_built_and_decoded(data_dir):
+    kwargs = dict(classes="0-3", shots_per_class=5, validation_fraction=0.25, seed=1)
+    full = load_classification_data(str(data_dir), **kwargs)
+    for splits in (("test",), ("validation",)):
+        part = load_classification_data(str(data_dir), splits=splits, **kwargs)
+        for name in ("train", "validation", "test"):
+            assert (getattr(part, name) is None) == (name not in splits), (splits, name)
+        kept = getattr(part, splits[0])
+        assert kept.labels.tolist() == getattr(full, splits[0]).labels.tolist()
+        assert kept._decoded is not None, "the split asked for is decoded up front"
+        assert (part.info, part.row_digests, part.fingerprint) == (full.info, full.row_digests, full.fingerprint)
+    record = full.selection_record()
+    assert record["class_names"] == CLASS_NAMES[:4] and record["source_class_ids"] == [0, 1, 2, 3]
+    assert (record["seed"], record["validation_fraction"], record["train_images"]) == (1, 0.25, 20)
+    with pytest.raises(ValueError, match="splits must be among"):
+        load_classification_data(str(data_dir), splits=("val",), **kwargs)
 
 
 def test_errors_name_the_problem(data_dir, tmp_path):

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 
 from refilled_hf.backbone import ModelLoadError, load_timm_model
 from refilled_hf.config import ConfigError, RefilledConfig
-from refilled_hf.hub import HubPushError, export_model, push_folder, render_model_card
+from refilled_hf.hub import TRAINING_DATA_KEY, HubPushError, export_model, push_folder, render_model_card
 from refilled_hf.pipeline import run_distillation
 
 
@@ -24,10 +24,12 @@ def test_export_loads_identically_in_timm_and_transformers(name, size, tmp_path)
 
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=4).eval()
+    record = {"dataset": "uoft-cs/cifar100", "class_names": ["a", "b", "c", "d"], "row_digests": {"train": "0" * 64}}
     folder = export_model(model, tmp_path / "m", label_names=["a", "b", "c", "d"],
-                          data_config={"input_size": (3, size, size)})  # fmt: skip
+                          data_config={"input_size": (3, size, size)}, training_data=record)  # fmt: skip
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
+    assert config[TRAINING_DATA_KEY] == record  # refilled-hf's own key, ignored by timm and transformers
     assert config["num_classes"] == 4 and config["label_names"] == ["a", "b", "c", "d"]
     assert "num_classes" not in config.get("model_args", {}), "breaks transformers' TimmWrapper"
     assert config["pretrained_cfg"]["input_size"] == [3, size, size]

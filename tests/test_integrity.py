@@ -29,8 +29,9 @@ from refilled_hf.config import (
     RefilledConfig,
 )
 from refilled_hf.data import DataError, load_classification_data
+from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import export_model
-from refilled_hf.pipeline import RunError, evaluate_model, run_distillation
+from refilled_hf.pipeline import RunError, run_distillation
 from refilled_hf.rundir import RunDirectory, RunDirError
 from refilled_hf.trainer import RefilledTrainer
 
@@ -454,6 +455,50 @@ def test_evaluate_refuses_other_classes_or_another_order(data_dir, tmp_path):
             evaluate_model(f"local-dir:{model}", RefilledConfig(**config, classes=classes))
     metrics = evaluate_model(f"local-dir:{model}", RefilledConfig(**config, classes="3-5"))
     assert metrics["test_samples"] == 18
+
+
+def _model_with_record(data_dir, folder, **selection):
+    """A model exported with the training-data record of the given selection."""
+    data = load_classification_data(str(data_dir), classes="3-5", splits=(), **selection)
+    return export_model(timm.create_model("cifar_wrn_16_1", num_classes=3), folder, label_names=CLASS_NAMES[3:6],
+                        training_data=data.selection_record())  # fmt: skip
+
+
+def test_evaluate_defaults_to_the_models_own_classes(data_dir, tmp_path):
+    model = _model_with_record(data_dir, tmp_path / "m", validation_fraction=0.25, seed=0)
+    config = dict(dataset=str(data_dir), output_dir=str(tmp_path / "e"), use_cpu=True, image_size=16)
+    metrics = evaluate_model(f"local-dir:{model}", RefilledConfig(**config))  # no --classes
+    assert metrics["test_samples"] == 18
+    strangers = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "s",
+                             label_names=["cat", "dog"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"label names \['cat', 'dog'\].*pass --classes"):
+        evaluate_model(f"local-dir:{strangers}", RefilledConfig(**config))
+
+
+def test_evaluate_refuses_a_validation_split_that_can_hold_training_images(data_dir, tmp_path, caplog):
+    model = f"local-dir:{_model_with_record(data_dir, tmp_path / 'm', validation_fraction=0.25, seed=0)}"
+    config = dict(dataset=str(data_dir), output_dir=str(tmp_path / "e"), use_cpu=True, image_size=16, seed=0,
+                  validation_fraction=0.25)  # fmt: skip
+    own = evaluate_model(model, RefilledConfig(**config), split="validation")
+    assert own["validation_samples"] == 9
+    for change in ({"seed": 1}, {"data_seed": 1}, {"validation_fraction": 0.5}):
+        with pytest.raises(ConfigError, match=r"not the one .* --validation_fraction 0.25 --data_seed 0"):
+            evaluate_model(model, RefilledConfig(**{**config, **change}), split="validation")
+    # the test split does not depend on the seed; the model's training split is no test split
+    assert evaluate_model(model, RefilledConfig(**{**config, "seed": 1}))["test_samples"] == 18
+    with pytest.raises(ConfigError, match="is the split .* was trained on"):
+        evaluate_model(model, RefilledConfig(**config, train_split="test", test_split="train"))
+    # trained on every training image: no validation split of that data is clean
+    everything = f"local-dir:{_model_with_record(data_dir, tmp_path / 'all', validation_fraction=0.0, seed=0)}"
+    with pytest.raises(ConfigError, match="trained without a validation split.*--split test"):
+        evaluate_model(everything, RefilledConfig(**config), split="validation")
+    # a model without a record (not exported by refilled-hf) is evaluated, with a warning
+    bare = export_model(timm.create_model("cifar_wrn_16_1", num_classes=3), tmp_path / "b",
+                        label_names=CLASS_NAMES[3:6])  # fmt: skip
+    with caplog.at_level("WARNING", logger="refilled_hf.evaluation"):
+        unchecked = evaluate_model(f"local-dir:{bare}", RefilledConfig(**config), split="validation")
+    assert unchecked["validation_samples"] == 9
+    assert "cannot check that this validation split holds none of its training images" in caplog.text
 
 
 # ----------------------------------------------------------------- 7. nothing of a user's is deleted

@@ -14,6 +14,8 @@ from transformers import TrainerCallback
 
 from refilled_hf.backbone import FrozenTeacher
 from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.evaluation import evaluate_model
+from refilled_hf.hub import TRAINING_DATA_KEY
 from refilled_hf.pipeline import RunError, run_distillation, run_teacher_training
 
 pytestmark = pytest.mark.slow
@@ -58,6 +60,13 @@ def test_every_method_end_to_end(method, data_dir, teacher_dir, tmp_path):
 
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["label_names"] == STUDENT_CLASSES and config["num_classes"] == 3
+    record = config[TRAINING_DATA_KEY]
+    assert (record["class_names"], record["train_images"], record["validation_images"]) == (STUDENT_CLASSES, 27, 9)
+    # evaluating the export on its own validation split (found from its record) reproduces the run's number
+    eval_config = RefilledConfig(**{**tiny_recipe(data_dir, tmp_path / "e"), "classes": None})
+    again = evaluate_model(f"local-dir:{out / 'model'}", eval_config, split="validation")
+    assert again["validation_samples"] == 9
+    assert again["validation_top1"] == pytest.approx(results["final"]["validation_top1"])
     exported = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True)
     assert exported.num_classes == 3
 

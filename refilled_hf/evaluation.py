@@ -1,0 +1,158 @@
+"""``refilled-hf evaluate``: a trained model's accuracy on exactly the split it names.
+
+An exported model records the data it was trained on (``config.json`` key
+:data:`~refilled_hf.hub.TRAINING_DATA_KEY`, written from
+``ClassificationData.selection_record``). Evaluation uses that record twice:
+
+- without ``--classes``, it evaluates on the model's own classes (its label names);
+- a validation split is carved from training images with a seed: under another seed,
+  fraction or class selection it would hold images the model trained on, and report an
+  inflated accuracy. Such a split is refused unless its rows are exactly the ones the
+  model was selected on (same digest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .backbone import StudentModel, load_timm_model
+from .config import ConfigError, RefilledConfig
+from .data import DataError, short_list
+from .hub import TRAINING_DATA_KEY
+from .pipeline import load_data
+from .trainer import RefilledTrainer
+
+__all__ = ["check_evaluation_split", "evaluate_model", "training_data_record"]
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_SPLITS = ("test", "validation")
+
+
+def training_data_record(model_spec: str) -> dict[str, Any] | None:
+    """The training-data record in the ``config.json`` of a ``local-dir:`` or ``hf-hub:``
+    model (None for a registered timm name, or a model exported without one)."""
+    config = None
+    if model_spec.startswith("local-dir:"):
+        path = Path(model_spec[len("local-dir:") :]) / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else None
+    elif model_spec.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        repo, _, revision = model_spec[len("hf-hub:") :].partition("@")
+        try:  # timm has just fetched this file to build the model: it is in the local cache
+            config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision or None)).read_text())
+        except Exception as err:  # noqa: BLE001 - any failure means: no record to check against
+            logger.warning("Could not read config.json of %s (%s): its training data is unknown.", model_spec, err)
+    record = (config or {}).get(TRAINING_DATA_KEY)
+    return record if isinstance(record, dict) else None
+
+
+def _same_dataset(a: str | None, b: str | None) -> bool:
+    """Whether two ``--dataset`` values name the same data set (a local path may be
+    written relative or absolute)."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig, data, split: str,
+                           model_spec: str) -> None:  # fmt: skip
+    """Refuse a split that can hold images ``model_spec`` was trained on.
+
+    ``validation`` must be the model's own validation split (same row digest);
+    ``test`` must not be the split the model trained on, in the same data set.
+    """
+    if record is None:
+        if split == "validation":
+            logger.warning(
+                "%s records no training data: refilled-hf cannot check that this validation split holds none of "
+                "its training images (--split test can be trusted).", model_spec,
+            )  # fmt: skip
+        return
+    recorded = (record.get("row_digests") or {}).get("validation")
+    if split == "validation" and data.row_digests.get("validation") != recorded:
+        if recorded is None:
+            why = (f"{model_spec} was trained without a validation split, on every image of its classes in split "
+                   f"{record.get('train_split')!r} of {record.get('dataset')!r}")  # fmt: skip
+            fix = "evaluate it with --split test"
+        else:
+            why = (f"this validation split is not the one {model_spec} was selected on (that one: data set "
+                   f"{record.get('dataset')!r}, split {record.get('train_split')!r}, classes "
+                   f"{short_list(record.get('class_names') or [])}, --validation_fraction "
+                   f"{record.get('validation_fraction')}, data seed {record.get('seed')})")  # fmt: skip
+            fix = (f"pass --validation_fraction {record.get('validation_fraction')} --data_seed {record.get('seed')} "
+                   "with the data set and classes it was trained on, or use --split test")  # fmt: skip
+        raise ConfigError(
+            f"--split validation: {why}, so it can hold images the model trained on and its accuracy would be "
+            f"inflated; {fix}."
+        )
+    if (
+        split == "test"
+        and config.test_split == record.get("train_split")
+        and _same_dataset(config.dataset, record.get("dataset"))
+    ):
+        raise ConfigError(
+            f"--test_split {config.test_split!r} is the split {model_spec} was trained on: its accuracy there "
+            "is not a test accuracy. Name the data set's test split."
+        )
+
+
+def evaluate_model(
+    model_spec: str, config: RefilledConfig, *, checkpoint: str | None = None, split: str = "test"
+) -> dict[str, Any]:
+    """Top-1/top-5 accuracy of a trained model on ``split`` (``test`` or ``validation``)
+    of ``config``'s data set and class selection (by default the model's own classes),
+    counting each image once. Only that split is decoded."""
+    if split not in EVALUATION_SPLITS:
+        raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
+    model = load_timm_model(model_spec, checkpoint=checkpoint)
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    record = training_data_record(model_spec) if checkpoint is None else None
+    classes = config.classes
+    if classes is None and names:
+        classes = list(names)
+        logger.info("--classes is unset: evaluating on the model's own classes %s.", short_list(names))
+    try:
+        data = load_data(config, classes, model.pretrained_cfg, splits=(split,))
+    except DataError as err:
+        if config.classes is not None or not names:
+            raise
+        raise ConfigError(
+            f"The model's classes (its label names {short_list(names)}) are not all classes of {config.dataset!r} "
+            f"({err}); pass --classes to name them in this data set."
+        ) from None
+    dataset = getattr(data, split)
+    if dataset is None:
+        raise ConfigError(f"No {split} split: set --test_split or --validation_fraction.")
+    if model.num_classes != data.num_classes:
+        raise ConfigError(
+            f"The model predicts {model.num_classes} classes but the selection has {data.num_classes}: "
+            "pass the --classes the model was trained on."
+        )
+    if names and list(names) != data.class_names:
+        raise ConfigError(
+            f"The model was trained on the classes {short_list(names)}, in this order, but the selection is "
+            f"{short_list(data.class_names)}: pass the --classes it was trained on, in the same order."
+        )
+    if not names:
+        logger.warning("The model records no label names: only the number of classes could be checked.")
+    check_evaluation_split(record, config, data, split, model_spec)
+    args = dataclasses.replace(
+        config,
+        method="ce",
+        output_dir=str(Path(config.output_dir) / "evaluate"),
+        eval_strategy="no",
+        save_strategy="no",
+    )
+    trainer = RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=data.num_classes)
+    metrics = trainer.evaluate(dataset, metric_key_prefix=split)
+    metrics.pop("epoch", None)
+    return metrics
