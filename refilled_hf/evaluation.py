@@ -1,8 +1,7 @@
 """``refilled-hf evaluate``: a trained model's accuracy on exactly the split it names.
 
-An exported model records the data it was trained on (``config.json`` key
-:data:`~refilled_hf.hub.TRAINING_DATA_KEY`, written from
-``ClassificationData.selection_record``). Evaluation uses that record twice:
+An exported model records the data it was trained on (see :mod:`refilled_hf.provenance`).
+Evaluation uses that record twice:
 
 - without ``--classes``, it evaluates on the model's own classes (its label names);
 - a validation split is carved from training images with a seed: under another seed,
@@ -14,7 +13,6 @@ An exported model records the data it was trained on (``config.json`` key
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,45 +20,15 @@ from typing import Any
 from .backbone import StudentModel, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import DataError, short_list
-from .hub import TRAINING_DATA_KEY
 from .pipeline import load_data
+from .provenance import same_dataset, training_data_record
 from .trainer import RefilledTrainer
 
-__all__ = ["check_evaluation_split", "evaluate_model", "training_data_record"]
+__all__ = ["check_evaluation_split", "evaluate_model"]
 
 logger = logging.getLogger(__name__)
 
 EVALUATION_SPLITS = ("test", "validation")
-
-
-def training_data_record(model_spec: str) -> dict[str, Any] | None:
-    """The training-data record in the ``config.json`` of a ``local-dir:`` or ``hf-hub:``
-    model (None for a registered timm name, or a model exported without one)."""
-    config = None
-    if model_spec.startswith("local-dir:"):
-        path = Path(model_spec[len("local-dir:") :]) / "config.json"
-        config = json.loads(path.read_text()) if path.is_file() else None
-    elif model_spec.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
-
-        repo, _, revision = model_spec[len("hf-hub:") :].partition("@")
-        try:  # timm has just fetched this file to build the model: it is in the local cache
-            config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision or None)).read_text())
-        except Exception as err:  # noqa: BLE001 - any failure means: no record to check against
-            logger.warning("Could not read config.json of %s (%s): its training data is unknown.", model_spec, err)
-    record = (config or {}).get(TRAINING_DATA_KEY)
-    return record if isinstance(record, dict) else None
-
-
-def _same_dataset(a: str | None, b: str | None) -> bool:
-    """Whether two ``--dataset`` values name the same data set (a local path may be
-    written relative or absolute)."""
-    if a == b:
-        return True
-    if a is None or b is None:
-        return False
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig, data, split: str,
@@ -97,7 +65,7 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
     if (
         split == "test"
         and config.test_split == record.get("train_split")
-        and _same_dataset(config.dataset, record.get("dataset"))
+        and same_dataset(config.dataset, record.get("dataset"))
     ):
         raise ConfigError(
             f"--test_split {config.test_split!r} is the split {model_spec} was trained on: its accuracy there "

@@ -36,6 +36,7 @@ from .data import SPLITS, ClassificationData, build_transform, load_classificati
 from .data_device import DeviceImages, IndexedImages, choose_and_place
 from .hub import export_model, push_folder, render_model_card, replace_dir_atomically, write_json_atomically
 from .losses import ncm_predict
+from .provenance import warn_teacher_validation_overlap
 from .rundir import (
     NON_IDENTITY_FIELDS,
     RunDirectory,
@@ -233,6 +234,11 @@ def _teacher_label_names(config: RefilledConfig, teacher: FrozenTeacher) -> list
         path = Path(config.teacher[len("local-dir:") :]) / "config.json"
         names = json.loads(path.read_text()).get("label_names")
     return list(names) if names else None
+
+
+def _teacher_overlap(config: RefilledConfig, data: ClassificationData) -> list[str]:
+    """The student's classes whose validation images the teacher may have trained on (a warning)."""
+    return [] if config.teacher_checkpoint else warn_teacher_validation_overlap(config.teacher, data)
 
 
 def _check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: ClassificationData) -> None:
@@ -598,6 +604,7 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     teacher = _load_teacher(config, student_cfg) if method != "ce" else None
     if teacher is not None:
         _check_label_spaces(config, teacher, data)
+    overlap = _teacher_overlap(config, data) if teacher is not None else []
     _check_mining(config, data)
     _warn_few_steps(config, len(data.train))
     _check_memory(
@@ -616,6 +623,8 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
         "data": data.info,
         "world_size": config.world_size,
     }
+    if overlap:
+        results["teacher_trained_on_validation_classes"] = overlap
     _check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
     centers_data = _eval_copy(data.train, data.eval_transform)
@@ -901,8 +910,9 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
         raise ConfigError("probe-teacher evaluates on the validation split: set --validation_fraction > 0.")
     set_seed(config.seed)
     student_cfg = load_timm_model(config.student).pretrained_cfg
-    data = load_data(config, config.classes, student_cfg)
+    data = load_data(config, config.classes, student_cfg, splits=("train", "validation"))
     teacher = _load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size))
+    overlap = _teacher_overlap(config, data)
     args = dataclasses.replace(
         config, method="ce", output_dir=str(Path(config.output_dir) / "probe"), eval_strategy="no", save_strategy="no"
     )
@@ -925,5 +935,6 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
         "train_images": len(data.train),
         "classes": data.num_classes,
         "shots_per_class": config.shots_per_class,
+        "teacher_trained_on_validation_classes": overlap,
         "seconds": time.perf_counter() - start,
     }

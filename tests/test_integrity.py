@@ -31,7 +31,8 @@ from refilled_hf.config import (
 from refilled_hf.data import DataError, load_classification_data
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import export_model
-from refilled_hf.pipeline import RunError, run_distillation
+from refilled_hf.pipeline import RunError, probe_teacher, run_distillation
+from refilled_hf.provenance import teacher_validation_overlap, training_data_record
 from refilled_hf.rundir import RunDirectory, RunDirError
 from refilled_hf.trainer import RefilledTrainer
 
@@ -499,6 +500,31 @@ def test_evaluate_refuses_a_validation_split_that_can_hold_training_images(data_
         unchecked = evaluate_model(f"local-dir:{bare}", RefilledConfig(**config), split="validation")
     assert unchecked["validation_samples"] == 9
     assert "cannot check that this validation split holds none of its training images" in caplog.text
+
+
+def test_a_teacher_trained_on_the_students_validation_images_is_flagged(data_dir, tmp_path, caplog):
+    def teacher(classes, **selection):
+        data = load_classification_data(str(data_dir), classes=classes, splits=(), **selection)
+        model = timm.create_model("cifar_wrn_16_1", num_classes=data.num_classes)
+        return export_model(model, tmp_path / classes, label_names=data.class_names,
+                            training_data=data.selection_record())  # fmt: skip
+
+    student = load_classification_data(str(data_dir), classes="3-5", validation_fraction=0.25, seed=0, splits=())
+    shared = teacher("2-4", validation_fraction=0.25, seed=0)  # yellow, cyan: other carve, so trained on
+    assert teacher_validation_overlap(training_data_record(f"local-dir:{shared}"), student) == ["yellow", "cyan"]
+    disjoint = teacher("0-2", validation_fraction=0.25, seed=0)
+    assert teacher_validation_overlap(training_data_record(f"local-dir:{disjoint}"), student) == []
+    held_out = teacher("3-5", validation_fraction=0.25, seed=0)  # held out exactly the student's validation rows
+    assert teacher_validation_overlap(training_data_record(f"local-dir:{held_out}"), student) == []
+    other_seed = teacher("5,4,3", validation_fraction=0.25, seed=1)
+    assert teacher_validation_overlap(training_data_record(f"local-dir:{other_seed}"), student) == CLASS_NAMES[3:6]
+
+    config = RefilledConfig(dataset=str(data_dir), classes="3-5", teacher=f"local-dir:{shared}", use_cpu=True,
+                            image_size=16, validation_fraction=0.25, seed=0, output_dir=str(tmp_path / "p"))
+    with caplog.at_level("WARNING", logger="refilled_hf.provenance"):
+        probe = probe_teacher(config)
+    assert probe["teacher_trained_on_validation_classes"] == ["yellow", "cyan"]
+    assert "validation numbers (the teacher probe" in caplog.text
 
 
 # ----------------------------------------------------------------- 7. nothing of a user's is deleted
