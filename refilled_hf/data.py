@@ -303,6 +303,9 @@ class ClassificationData:
     #: such split); an exported model records them, so that ``evaluate`` can tell whether
     #: a validation split is the one the model was selected on (see :func:`row_digest`)
     row_digests: dict[str, str | None] = field(default_factory=dict)
+    #: per split, the rows of the source split it uses (train and validation: of ``train_split``;
+    #: test: of ``test_split``; None: no such split), built whichever splits were asked for
+    source_rows: dict[str, np.ndarray | None] = field(default_factory=dict)
     dataset_config: str | None = None
     train_split: str = "train"
     test_split: str | None = "test"
@@ -318,6 +321,8 @@ class ClassificationData:
         return {
             "dataset": self.dataset_name,
             "dataset_config": self.dataset_config,
+            "image_column": self.image_column,
+            "label_column": self.label_column,
             "train_split": self.train_split,
             "test_split": self.test_split,
             "class_names": list(self.class_names),
@@ -465,6 +470,7 @@ def load_classification_data(
             "train_labels": train_labels,
         }
     )
+    data.source_rows = {"train": positions, "validation": val_positions, "test": test_positions}
     data.row_digests = {
         "train": row_digest(train_split, positions, train_labels[positions]),
         "validation": (

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import set_seed
@@ -36,7 +37,7 @@ from .data import SPLITS, ClassificationData, build_transform, load_classificati
 from .data_device import DeviceImages, IndexedImages, choose_and_place
 from .hub import export_model, push_folder, render_model_card, replace_dir_atomically, write_json_atomically
 from .losses import ncm_predict
-from .provenance import warn_teacher_validation_overlap
+from .provenance import teacher_training_rows, training_data_record
 from .rundir import (
     NON_IDENTITY_FIELDS,
     RunDirectory,
@@ -234,11 +235,6 @@ def _teacher_label_names(config: RefilledConfig, teacher: FrozenTeacher) -> list
         path = Path(config.teacher[len("local-dir:") :]) / "config.json"
         names = json.loads(path.read_text()).get("label_names")
     return list(names) if names else None
-
-
-def _teacher_overlap(config: RefilledConfig, data: ClassificationData) -> list[str]:
-    """The student's classes whose validation images the teacher may have trained on (a warning)."""
-    return [] if config.teacher_checkpoint else warn_teacher_validation_overlap(config.teacher, data)
 
 
 def _check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: ClassificationData) -> None:
@@ -604,7 +600,6 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     teacher = _load_teacher(config, student_cfg) if method != "ce" else None
     if teacher is not None:
         _check_label_spaces(config, teacher, data)
-    overlap = _teacher_overlap(config, data) if teacher is not None else []
     _check_mining(config, data)
     _warn_few_steps(config, len(data.train))
     _check_memory(
@@ -623,8 +618,6 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
         "data": data.info,
         "world_size": config.world_size,
     }
-    if overlap:
-        results["teacher_trained_on_validation_classes"] = overlap
     _check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
     centers_data = _eval_copy(data.train, data.eval_transform)
@@ -903,6 +896,9 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     Nearest-class-mean accuracy of the teacher's (frozen) features on the student's
     validation split, with class centres from the student's training split: a cheap
     forecast of what REFILLED can transfer. Reported with the student's data size.
+    Validation images the teacher trained on (known from the record of a teacher
+    exported by refilled-hf: the same split of the same data set) are left out, since
+    the teacher would be measured on its own training images.
     """
     if not config.teacher:
         raise ConfigError("probe-teacher needs --teacher.")
@@ -912,7 +908,19 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     student_cfg = load_timm_model(config.student).pretrained_cfg
     data = load_data(config, config.classes, student_cfg, splits=("train", "validation"))
     teacher = _load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size))
-    overlap = _teacher_overlap(config, data)
+    taught = None if config.teacher_checkpoint else teacher_training_rows(training_data_record(config.teacher), data)
+    clean = torch.ones(len(data.validation), dtype=torch.bool)
+    if taught is not None:
+        clean = torch.from_numpy(~np.isin(data.source_rows["validation"], taught))
+    if not clean.any():
+        raise ConfigError(
+            f"The teacher trained on every image of the student's validation split ({len(clean)}): nothing is left "
+            "to probe it on. Carve the student's validation split as the teacher's was (its --validation_fraction "
+            "and --data_seed), or use a teacher trained on other images."
+        )
+    if not clean.all():
+        logger.info("Left out %d of %d validation images: the teacher trained on them.", int((~clean).sum()),
+                    len(clean))  # fmt: skip
     args = dataclasses.replace(
         config, method="ce", output_dir=str(Path(config.output_dir) / "probe"), eval_strategy="no", save_strategy="no"
     )
@@ -921,20 +929,24 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     )
     start = time.perf_counter()
     centers = trainer.compute_teacher_centers(_eval_copy(data.train, data.eval_transform))
-    hits = total = 0
+    correct = []
     with torch.no_grad():
+        # the evaluation dataloader yields the split in order (gathered over processes, padding removed)
         for batch in trainer.evaluation_dataloader(data.validation):
             scores = ncm_predict(trainer.teacher(batch_pixels(batch, data.validation))[0], centers)
-            correct = trainer.accelerator.gather_for_metrics((scores.argmax(1) == batch["labels"]).float())
-            hits += float(correct.sum())
-            total += correct.numel()
+            hit = (scores.argmax(1) == batch["labels"]).float()
+            correct.append(trainer.accelerator.gather_for_metrics(hit).cpu())
+    correct = torch.cat(correct)
+    if correct.numel() != clean.numel():
+        raise RuntimeError(f"probe: {correct.numel()} predictions for {clean.numel()} validation images")
+    hits, total = float(correct[clean].sum()), int(clean.sum())
     return {
         "teacher": config.teacher,
-        "probe_ncm_top1": 100.0 * hits / max(total, 1),
+        "probe_ncm_top1": 100.0 * hits / total,
         "validation_images": total,
+        "left_out_teacher_training_images": int((~clean).sum()),
         "train_images": len(data.train),
         "classes": data.num_classes,
         "shots_per_class": config.shots_per_class,
-        "teacher_trained_on_validation_classes": overlap,
         "seconds": time.perf_counter() - start,
     }

@@ -4,8 +4,8 @@
 ``config.json`` key :data:`~refilled_hf.hub.TRAINING_DATA_KEY`: data set, splits,
 classes, validation fraction, data seed, shots and digests of the training and
 validation rows. ``evaluate`` uses it to default the classes and to refuse a validation
-split that is not the model's own; ``distill`` and ``probe-teacher`` use a teacher's
-record to say when the student's validation images may be the teacher's training images.
+split that is not the model's own; ``probe-teacher`` uses a teacher's record to leave out
+the student's validation images the teacher trained on.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .data import short_list
+import numpy as np
+
+from .data import DataError, load_classification_data
 from .hub import TRAINING_DATA_KEY
 
-__all__ = ["same_dataset", "teacher_validation_overlap", "training_data_record", "warn_teacher_validation_overlap"]
+__all__ = ["same_dataset", "teacher_training_rows", "training_data_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,28 +55,37 @@ def same_dataset(a: str | None, b: str | None) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def teacher_validation_overlap(record: dict[str, Any] | None, data) -> list[str]:
-    """The student's classes whose validation images (carved from ``data``'s training
-    split) may be among the teacher's training images, by the teacher's ``record``:
-    same data set and split, shared classes, and not the very same validation rows."""
-    if record is None or data.row_digests.get("validation") is None:
-        return []
-    if record.get("train_split") != data.train_split or not same_dataset(record.get("dataset"), data.dataset_name):
-        return []
-    if (record.get("row_digests") or {}).get("validation") == data.row_digests["validation"]:
-        return []  # the teacher held out exactly these images
-    taught = set(record.get("class_names") or [])
-    return [name for name in data.class_names if name in taught]
-
-
-def warn_teacher_validation_overlap(teacher_spec: str | None, data) -> list[str]:
-    """Log (and return) :func:`teacher_validation_overlap` for the teacher ``teacher_spec``."""
-    shared = teacher_validation_overlap(training_data_record(teacher_spec), data)
-    if shared:
+def teacher_training_rows(record: dict[str, Any] | None, data) -> np.ndarray | None:
+    """The rows of ``data``'s training split that a teacher trained on, drawn again from
+    its ``record`` (the selection is seeded, so it reproduces) and checked against the
+    record's digest. None where the teacher did not train on this split of this data set,
+    or (with a warning) where its selection does not reproduce."""
+    if record is None or record.get("train_split") != data.train_split:
+        return None
+    if not same_dataset(record.get("dataset"), data.dataset_name):
+        return None
+    try:
+        taught = load_classification_data(
+            data.dataset_name,
+            dataset_config=record.get("dataset_config"),
+            classes=[int(i) for i in record["source_class_ids"]],
+            train_split=record["train_split"],
+            test_split=None,
+            image_column=record.get("image_column"),
+            label_column=record.get("label_column"),
+            shots_per_class=record.get("shots_per_class"),
+            validation_fraction=record.get("validation_fraction") or 0.0,
+            seed=int(record.get("seed") or 0),
+            splits=(),
+        )
+        reproduced = taught.row_digests["train"] == record["row_digests"]["train"]
+    except (DataError, KeyError, TypeError, ValueError) as err:
+        reproduced, taught = False, err
+    if not reproduced:
         logger.warning(
-            "The teacher was trained on split %r of this data set, on %d of the student's classes %s: the student's "
-            "validation images of those classes can be among the teacher's training images, so validation numbers "
-            "(the teacher probe, the choice of lambda, model selection) are optimistic there; test numbers are not "
-            "affected.", data.train_split, len(shared), short_list(shared),
+            "The teacher was trained on split %r of this data set, but its training images could not be drawn "
+            "again from its record (%s): numbers that evaluate the teacher on this split may include images it "
+            "trained on.", data.train_split, taught if isinstance(taught, Exception) else "other rows",
         )  # fmt: skip
-    return shared
+        return None
+    return taught.source_rows["train"]

@@ -113,13 +113,16 @@ def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):
 
 
 @pytest.mark.slow
-def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(teacher_dir, tmp_path, capsys):
+def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, capsys):
     import numpy as np
     import pyarrow.parquet as pq
+    import timm
     import torch
     import torch.nn.functional as F
 
     from refilled_hf.backbone import load_timm_model
+    from refilled_hf.data import load_classification_data
+    from refilled_hf.hub import export_model
     from refilled_hf.pipeline import _eval_copy, _load_teacher, data_pretrained_cfg, load_data
 
     # shuffled labels: a hard task, so a probe computed on the wrong images is caught (on the
@@ -129,13 +132,19 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(teacher_dir, 
     labels = np.random.default_rng(0).permutation(table.column("label").to_numpy())
     table = table.set_column(table.schema.get_field_index("label"), table.schema.field("label"), [labels])
     pq.write_table(table, data_dir / "train.parquet")
-    argv = ["--dataset", str(data_dir), "--teacher", f"local-dir:{teacher_dir}", "--student", "cifar_wrn_16_1",
+    # a teacher whose record says it trained on classes 4-5 of this split, carved with another
+    # seed: the student's validation images among its training images must be left out
+    taught = load_classification_data(str(data_dir), classes="4-5", validation_fraction=0.25, seed=1)
+    teacher_folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=3), tmp_path / "teacher",
+                                  label_names=["t0", "t1", "t2"], training_data=taught.selection_record())  # fmt: skip
+    argv = ["--dataset", str(data_dir), "--teacher", f"local-dir:{teacher_folder}", "--student", "cifar_wrn_16_1",
             "--classes", "3-5", "--image_size", "16", "--validation_fraction", "0.25", "--use_cpu", "true",
             "--data_path", "workers", "--output_dir", str(tmp_path / "probe")]  # fmt: skip
     assert main(["probe-teacher", *argv]) == 0
     out = capsys.readouterr().out
     assert "Compare it with the student trained alone" in out
     result = json.loads(out[out.index("{") :])
+    assert f"{result['left_out_teacher_training_images']} it trained on left out" in out
     # the reference: one image at a time, centres = normalized sums of the teacher's embeddings
     # of each class's training images, prediction = the centre of highest cosine similarity
     (config,) = parse_config((RefilledConfig,), argv, "probe")
@@ -150,11 +159,16 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(teacher_dir, 
             emb = teacher(item["pixel_values"][None])[0][0]
             sums[int(item["labels"])] = sums.get(int(item["labels"]), 0) + emb
         centers = F.normalize(torch.stack([sums[c] for c in sorted(sums)]), dim=1)
-        hits = 0
+        hits = probed = 0
         for i in range(len(data.validation)):
+            if data.validation.source_rows[i] in set(taught.train.source_rows.tolist()):
+                continue  # an image the teacher trained on
             item = data.validation[i]
             emb = F.normalize(teacher(item["pixel_values"][None])[0][0], dim=0)
             hits += int(int((centers @ emb).argmax()) == int(item["labels"]))
-    assert result["validation_images"] == len(data.validation) > 0
+            probed += 1
+    left_out = len(data.validation) - probed
+    assert 0 < left_out < 12 and result["left_out_teacher_training_images"] == left_out
+    assert result["validation_images"] == probed
     assert result["train_images"] == len(data.train)
-    assert result["probe_ncm_top1"] == pytest.approx(100.0 * hits / len(data.validation))
+    assert result["probe_ncm_top1"] == pytest.approx(100.0 * hits / probed)

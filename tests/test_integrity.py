@@ -32,7 +32,7 @@ from refilled_hf.data import DataError, load_classification_data
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import export_model
 from refilled_hf.pipeline import RunError, probe_teacher, run_distillation
-from refilled_hf.provenance import teacher_validation_overlap, training_data_record
+from refilled_hf.provenance import teacher_training_rows, training_data_record
 from refilled_hf.rundir import RunDirectory, RunDirError
 from refilled_hf.trainer import RefilledTrainer
 
@@ -502,29 +502,31 @@ def test_evaluate_refuses_a_validation_split_that_can_hold_training_images(data_
     assert "cannot check that this validation split holds none of its training images" in caplog.text
 
 
-def test_a_teacher_trained_on_the_students_validation_images_is_flagged(data_dir, tmp_path, caplog):
-    def teacher(classes, **selection):
-        data = load_classification_data(str(data_dir), classes=classes, splits=(), **selection)
-        model = timm.create_model("cifar_wrn_16_1", num_classes=data.num_classes)
-        return export_model(model, tmp_path / classes, label_names=data.class_names,
-                            training_data=data.selection_record())  # fmt: skip
+def test_a_teachers_training_rows_are_drawn_again_from_its_record(data_dir, tmp_path, caplog):
+    def teacher(name, classes, **selection):
+        data = load_classification_data(str(data_dir), classes=classes, splits=("train",), **selection)
+        record = data.selection_record()
+        return data, export_model(timm.create_model("cifar_wrn_16_1", num_classes=data.num_classes), tmp_path / name,
+                                  label_names=data.class_names, training_data=record)  # fmt: skip
 
     student = load_classification_data(str(data_dir), classes="3-5", validation_fraction=0.25, seed=0, splits=())
-    shared = teacher("2-4", validation_fraction=0.25, seed=0)  # yellow, cyan: other carve, so trained on
-    assert teacher_validation_overlap(training_data_record(f"local-dir:{shared}"), student) == ["yellow", "cyan"]
-    disjoint = teacher("0-2", validation_fraction=0.25, seed=0)
-    assert teacher_validation_overlap(training_data_record(f"local-dir:{disjoint}"), student) == []
-    held_out = teacher("3-5", validation_fraction=0.25, seed=0)  # held out exactly the student's validation rows
-    assert teacher_validation_overlap(training_data_record(f"local-dir:{held_out}"), student) == []
-    other_seed = teacher("5,4,3", validation_fraction=0.25, seed=1)
-    assert teacher_validation_overlap(training_data_record(f"local-dir:{other_seed}"), student) == CLASS_NAMES[3:6]
-
-    config = RefilledConfig(dataset=str(data_dir), classes="3-5", teacher=f"local-dir:{shared}", use_cpu=True,
-                            image_size=16, validation_fraction=0.25, seed=0, output_dir=str(tmp_path / "p"))
+    for classes, selection in (("2-4", {"seed": 1, "shots_per_class": 5}), ("0-2", {"seed": 0})):
+        data, folder = teacher(classes, classes, validation_fraction=0.25, **selection)
+        rows = teacher_training_rows(training_data_record(f"local-dir:{folder}"), student)
+        assert rows.tolist() == data.train.source_rows.tolist()
+    # a record that does not reproduce (edited seed) gives no rows, and says so
+    record = training_data_record(f"local-dir:{folder}")
     with caplog.at_level("WARNING", logger="refilled_hf.provenance"):
-        probe = probe_teacher(config)
-    assert probe["teacher_trained_on_validation_classes"] == ["yellow", "cyan"]
-    assert "validation numbers (the teacher probe" in caplog.text
+        assert teacher_training_rows({**record, "seed": 5}, student) is None
+    assert "could not be drawn again" in caplog.text
+    # another data set: nothing to leave out
+    assert teacher_training_rows({**record, "dataset": str(tmp_path / "elsewhere")}, student) is None
+    # a teacher that trained on every validation image of the student leaves nothing to probe
+    _, everything = teacher("all", "3-5", validation_fraction=0.0, seed=0)
+    config = RefilledConfig(dataset=str(data_dir), classes="3-5", teacher=f"local-dir:{everything}", use_cpu=True,
+                            image_size=16, validation_fraction=0.25, seed=0, output_dir=str(tmp_path / "p"))
+    with pytest.raises(ConfigError, match="trained on every image of the student's validation split"):
+        probe_teacher(config)
 
 
 # ----------------------------------------------------------------- 7. nothing of a user's is deleted
