@@ -29,6 +29,7 @@ _LAZY = {
     "run_distillation": "pipeline",
     "run_teacher_training": "pipeline",
     "evaluate_model": "evaluation",
+    "probe_teacher": "pipeline",
 }
 
 
@@ -45,6 +46,7 @@ __all__ = [
     "RefilledTrainer",
     "__version__",
     "evaluate_model",
+    "probe_teacher",
     "run_distillation",
     "run_teacher_training",
     "batch_class_centers",
