@@ -58,18 +58,18 @@ def same_dataset(a: str | None, b: str | None) -> bool:
 def teacher_training_rows(record: dict[str, Any] | None, data) -> np.ndarray | None:
     """The rows of ``data``'s training split that a teacher trained on, drawn again from
     its ``record`` (the selection is seeded, so it reproduces) and checked against the
-    record's digest. None where the teacher did not train on this split of this data set,
-    or (with a warning) where its selection does not reproduce."""
+    record's digest, which covers the rows and their labels: a teacher trained on a copy of
+    this data set under another name (a Hub id and a local folder) is recognised too.
+    None where the teacher trained on other data, or (with a warning, where the record names
+    this data set) where its selection does not reproduce."""
     if record is None or record.get("train_split") != data.train_split:
-        return None
-    if not same_dataset(record.get("dataset"), data.dataset_name):
         return None
     try:
         taught = load_classification_data(
             data.dataset_name,
-            dataset_config=record.get("dataset_config"),
+            dataset_config=data.dataset_config,
             classes=[int(i) for i in record["source_class_ids"]],
-            train_split=record["train_split"],
+            train_split=data.train_split,
             test_split=None,
             image_column=record.get("image_column"),
             label_column=record.get("label_column"),
@@ -78,14 +78,15 @@ def teacher_training_rows(record: dict[str, Any] | None, data) -> np.ndarray | N
             seed=int(record.get("seed") or 0),
             splits=(),
         )
-        reproduced = taught.row_digests["train"] == record["row_digests"]["train"]
+        if taught.row_digests["train"] == record["row_digests"]["train"]:
+            return taught.source_rows["train"]
+        why = "other rows or labels"
     except (DataError, KeyError, TypeError, ValueError) as err:
-        reproduced, taught = False, err
-    if not reproduced:
+        why = str(err)
+    if same_dataset(record.get("dataset"), data.dataset_name):
         logger.warning(
             "The teacher was trained on split %r of this data set, but its training images could not be drawn "
             "again from its record (%s): numbers that evaluate the teacher on this split may include images it "
-            "trained on.", data.train_split, taught if isinstance(taught, Exception) else "other rows",
+            "trained on.", data.train_split, why,
         )  # fmt: skip
-        return None
-    return taught.source_rows["train"]
+    return None

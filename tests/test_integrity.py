@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import CLASS_NAMES, tiny_recipe, write_random_teacher
+from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_teacher
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
@@ -519,8 +519,16 @@ def test_a_teachers_training_rows_are_drawn_again_from_its_record(data_dir, tmp_
     with caplog.at_level("WARNING", logger="refilled_hf.provenance"):
         assert teacher_training_rows({**record, "seed": 5}, student) is None
     assert "could not be drawn again" in caplog.text
-    # another data set: nothing to leave out
-    assert teacher_training_rows({**record, "dataset": str(tmp_path / "elsewhere")}, student) is None
+    # the same data under another name (a Hub id, a copy) is recognised by its rows and labels
+    renamed = teacher_training_rows({**record, "dataset": "someone/colors"}, student)
+    assert renamed.tolist() == data.train.source_rows.tolist()
+    # other data (the same classes and sizes, other images and labels): nothing to leave out, no warning
+    caplog.clear()
+    other = load_classification_data(str(write_image_dataset(tmp_path / "other", seed=1)), classes="3-5",
+                                     validation_fraction=0.25, seed=0, splits=())  # fmt: skip
+    with caplog.at_level("WARNING", logger="refilled_hf.provenance"):
+        assert teacher_training_rows({**record, "dataset": "someone/colors"}, other) is None
+    assert not caplog.text
     # a teacher that trained on every validation image of the student leaves nothing to probe
     _, everything = teacher("all", "3-5", validation_fraction=0.0, seed=0)
     config = RefilledConfig(dataset=str(data_dir), classes="3-5", teacher=f"local-dir:{everything}", use_cpu=True,
