@@ -898,7 +898,10 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     forecast of what REFILLED can transfer. Reported with the student's data size.
     Validation images the teacher trained on (known from the record of a teacher
     exported by refilled-hf: the same split of the same data set) are left out, since
-    the teacher would be measured on its own training images.
+    the teacher would be measured on its own training images; each class then keeps its
+    share of the validation split (its accuracy on the images left is weighted by its
+    size), so the probe estimates the same quantity as without a record. A class with no
+    image left is not measured (``classes_probed`` counts the measured ones).
     """
     if not config.teacher:
         raise ConfigError("probe-teacher needs --teacher.")
@@ -939,12 +942,20 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     correct = torch.cat(correct)
     if correct.numel() != clean.numel():
         raise RuntimeError(f"probe: {correct.numel()} predictions for {clean.numel()} validation images")
-    hits, total = float(correct[clean].sum()), int(clean.sum())
+    # Leaving images out must not change which classes the probe weighs: each class keeps its
+    # share of the validation split, measured on its images the teacher did not train on.
+    labels = torch.as_tensor(data.validation.labels, dtype=torch.long)
+    share = torch.bincount(labels, minlength=data.num_classes).double()
+    kept = torch.bincount(labels[clean], minlength=data.num_classes).double()
+    hits = torch.bincount(labels[clean], weights=correct[clean].double(), minlength=data.num_classes)
+    measured = kept > 0
+    probe = float((share[measured] * hits[measured] / kept[measured]).sum() / share[measured].sum())
     return {
         "teacher": config.teacher,
-        "probe_ncm_top1": 100.0 * hits / total,
-        "validation_images": total,
+        "probe_ncm_top1": 100.0 * probe,
+        "validation_images": int(clean.sum()),
         "left_out_teacher_training_images": int((~clean).sum()),
+        "classes_probed": int(measured.sum()),
         "train_images": len(data.train),
         "classes": data.num_classes,
         "shots_per_class": config.shots_per_class,

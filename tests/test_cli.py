@@ -134,7 +134,8 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, cap
     pq.write_table(table, data_dir / "train.parquet")
     # a teacher whose record says it trained on classes 4-5 of this split, carved with another
     # seed: the student's validation images among its training images must be left out
-    taught = load_classification_data(str(data_dir), classes="4-5", validation_fraction=0.25, seed=1)
+    taught = load_classification_data(str(data_dir), classes="4-5", validation_fraction=0.25, seed=1,
+                                      shots_per_class=6)  # fmt: skip
     teacher_folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=3), tmp_path / "teacher",
                                   label_names=["t0", "t1", "t2"], training_data=taught.selection_record())  # fmt: skip
     argv = ["--dataset", str(data_dir), "--teacher", f"local-dir:{teacher_folder}", "--student", "cifar_wrn_16_1",
@@ -159,16 +160,23 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, cap
             emb = teacher(item["pixel_values"][None])[0][0]
             sums[int(item["labels"])] = sums.get(int(item["labels"]), 0) + emb
         centers = F.normalize(torch.stack([sums[c] for c in sorted(sums)]), dim=1)
-        hits = probed = 0
+        hits, probed, size = {}, {}, {}
         for i in range(len(data.validation)):
+            item = data.validation[i]
+            c = int(item["labels"])
+            size[c] = size.get(c, 0) + 1
             if data.validation.source_rows[i] in set(taught.train.source_rows.tolist()):
                 continue  # an image the teacher trained on
-            item = data.validation[i]
             emb = F.normalize(teacher(item["pixel_values"][None])[0][0], dim=0)
-            hits += int(int((centers @ emb).argmax()) == int(item["labels"]))
-            probed += 1
-    left_out = len(data.validation) - probed
+            hits[c] = hits.get(c, 0) + int(int((centers @ emb).argmax()) == c)
+            probed[c] = probed.get(c, 0) + 1
+    left_out = len(data.validation) - sum(probed.values())
     assert 0 < left_out < 12 and result["left_out_teacher_training_images"] == left_out
-    assert result["validation_images"] == probed
+    assert result["validation_images"] == sum(probed.values())
     assert result["train_images"] == len(data.train)
-    assert result["probe_ncm_top1"] == pytest.approx(100.0 * hits / probed)
+    # each class weighs as its share of the whole validation split, on the images left
+    expected = sum(size[c] * hits[c] / probed[c] for c in probed) / sum(size[c] for c in probed)
+    assert result["classes_probed"] == len(probed)
+    assert result["probe_ncm_top1"] == pytest.approx(100.0 * expected)
+    plain = sum(hits.values()) / sum(probed.values())
+    assert abs(expected - plain) > 0.01, "the data must tell the class-weighted probe from the plain one"
