@@ -30,16 +30,18 @@ import accuracy
 import cifar100
 
 ROOT = Path(__file__).resolve().parent
-SHOTS = 50
-#: (data set, setting, the student's classes, seeds): the benchmarks' shared-class settings with
-#: the seeds they ran, and each data set's disjoint cross-task split as the control
+#: (data set, setting, the student's classes, images per class, seeds): the benchmarks'
+#: shared-class settings with the sizes and seeds they ran, and CIFAR-100's disjoint
+#: cross-task split as the control (nothing to leave out)
 RUNS = (
-    ("cifar100", "overlap", cifar100.SETTINGS["overlap"], (0, 1, 2)),
-    ("cifar100", "overlap30", cifar100.SETTINGS["overlap30"], (3, 4, 5)),
-    ("cifar100", "overlap40", cifar100.SETTINGS["overlap40"], (0, 1, 2)),
-    ("cifar100", "cross", cifar100.SETTINGS["cross"], (0, 1, 2)),
-    ("cifar10", "same", accuracy.STUDENT_CLASSES, (0, 1, 2)),
-    ("cifar10", "overlap", accuracy.STUDENT_CLASSES, (0, 1, 2)),
+    ("cifar100", "overlap", cifar100.SETTINGS["overlap"], 50, (0, 1, 2)),
+    ("cifar100", "overlap30", cifar100.SETTINGS["overlap30"], 50, (3, 4, 5)),
+    ("cifar100", "overlap40", cifar100.SETTINGS["overlap40"], 50, (0, 1, 2)),
+    ("cifar100", "cross", cifar100.SETTINGS["cross"], 50, (0, 1, 2)),
+    ("cifar10", "same", accuracy.STUDENT_CLASSES, 50, (0, 1, 2)),
+    ("cifar10", "overlap", accuracy.STUDENT_CLASSES, 50, (0, 1, 2)),
+    ("cifar10", "same", accuracy.STUDENT_CLASSES, 500, (0,)),
+    ("cifar10", "overlap", accuracy.STUDENT_CLASSES, 500, (0,)),
 )
 
 
@@ -98,15 +100,20 @@ def main() -> None:
     from refilled_hf.pipeline import probe_teacher
 
     rows = []
-    for data, setting, classes, seeds in RUNS:
+    for data, setting, classes, shots, seeds in RUNS:
         with_record, without_record, common = teachers(data, setting, caches)
         for seed in seeds:
-            row = {"data": data, "setting": setting, "classes": classes, "seed": seed}
+            row = {"data": data, "setting": setting, "classes": classes, "shots": shots, "seed": seed}
             for name, model in (("clean", with_record), ("all", without_record)):
-                config = RefilledConfig(**{**common, "teacher": f"local-dir:{model}", "student": "cifar_wrn_16_1",
-                                           "classes": classes, "shots_per_class": SHOTS, "seed": seed,
-                                           "output_dir": str(caches[data] / "probes-overlap")})  # fmt: skip
-                result = probe_teacher(config)
+                done = caches[data] / "probes-overlap" / f"{setting}-n{shots}-s{seed}-{name}.json"
+                if not done.is_file():  # cached: a rerun measures only what is missing
+                    config = RefilledConfig(**{**common, "teacher": f"local-dir:{model}",
+                                               "student": "cifar_wrn_16_1", "classes": classes,
+                                               "shots_per_class": shots, "seed": seed,
+                                               "output_dir": str(done.parent)})  # fmt: skip
+                    done.parent.mkdir(parents=True, exist_ok=True)
+                    done.write_text(json.dumps(probe_teacher(config)))
+                result = json.loads(done.read_text())
                 row[f"{name}_probe"] = result["probe_ncm_top1"]
                 row[f"{name}_images"] = result["validation_images"]
             row["left_out"] = row["all_images"] - row["clean_images"]
@@ -118,7 +125,7 @@ def main() -> None:
 def write(rows: list[dict]) -> None:
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
-    (out / "probe_overlap.json").write_text(json.dumps({"shots_per_class": SHOTS, "rows": rows}, indent=2))
+    (out / "probe_overlap.json").write_text(json.dumps({"rows": rows}, indent=2))
     c100, c10 = cifar100.BUDGETS["cpu"], accuracy.BUDGETS["quick"]
     lines = [
         "# Teacher probe with and without the validation images the teacher trained on",
@@ -127,28 +134,31 @@ def write(rows: list[dict]) -> None:
         f"{c100['teacher_epochs']} epochs; `cifar100.py`), students' classes as there, validation 50 images per "
         f"class. CIFAR-10: teachers WRN-16-2 on classes 3-7 (`overlap`) or 5-9 (`same`; {c10['teacher_shots']} "
         f"images/class, {c10['teacher_epochs']} epochs; `accuracy.py --budget quick`), student classes 5-9, "
-        f"validation 100 images per class. Centres from the student's {SHOTS} training images per class; the "
+        f"validation 100 images per class. Centres from the student's training images; the "
         "validation split is carved from the training split with the student's seed. `all`: NCM top-1 % on every "
         "validation image (the probe before it read the teacher's record); `clean`: without the images the "
         "teacher trained on (what `probe-teacher` reports now).",
         "",
-        "| data | setting | classes | seed | validation images | teacher trained on | probe, all % | "
+        "| data | setting | classes | images/class | seed | validation images | teacher trained on | probe, all % | "
         "probe, clean % | difference |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         gap = r["all_probe"] - r["clean_probe"]
-        lines.append(f"| {r['data']} | {r['setting']} | {r['classes']} | {r['seed']} | {r['all_images']} | "
-                     f"{r['left_out']} | {r['all_probe']:.2f} | {r['clean_probe']:.2f} | {gap:+.2f} |")  # fmt: skip
-    lines += ["", "| data | setting | probe, all % (mean ± std) | probe, clean % | difference |",
-              "|---|---|---:|---:|---:|"]  # fmt: skip
-    for data, setting, _, _ in RUNS:
-        group = [r for r in rows if (r["data"], r["setting"]) == (data, setting)]
+        lines.append(f"| {r['data']} | {r['setting']} | {r['classes']} | {r['shots']} | {r['seed']} | "
+                     f"{r['all_images']} | {r['left_out']} | {r['all_probe']:.2f} | {r['clean_probe']:.2f} | "
+                     f"{gap:+.2f} |")  # fmt: skip
+    lines += ["", "| data | setting | images/class | probe, all % (mean ± std) | probe, clean % | difference |",
+              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for data, setting, _, shots, seeds in RUNS:
+        if len(seeds) < 2:
+            continue
+        group = [r for r in rows if (r["data"], r["setting"], r["shots"]) == (data, setting, shots)]
         cells = []
         for values in ([r["all_probe"] for r in group], [r["clean_probe"] for r in group],
                        [r["all_probe"] - r["clean_probe"] for r in group]):  # fmt: skip
             cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
-        lines.append(f"| {data} | {setting} | " + " | ".join(cells) + " |")
+        lines.append(f"| {data} | {setting} | {shots} | " + " | ".join(cells) + " |")
     (out / "probe_overlap.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
