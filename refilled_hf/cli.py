@@ -42,8 +42,9 @@ class EvaluateArguments:
     split: str = field(
         default="test",
         metadata={
-            "help": "Split to evaluate: test, or validation (carved from the training split by "
-            "--validation_fraction and the data seed; refused unless it is the one the model was selected on)."
+            "help": "Split to evaluate: test, or validation (carved from the training split; for a model "
+            "exported by refilled-hf, the one it was selected on: its --validation_fraction and data seed are read "
+            "from its config.json unless given, and other values that carve another split are refused)."
         },
     )
 

@@ -73,17 +73,46 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
         )
 
 
+def _own_validation_carve(config: RefilledConfig, record: dict[str, Any], model_spec: str) -> RefilledConfig:
+    """``config`` with the validation fraction and data seed the model was selected with,
+    where the user left both at their defaults (any other values are checked, and refused
+    if they carve another split)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RefilledConfig)}
+    untouched = (
+        config.validation_fraction == defaults["validation_fraction"]
+        and config.data_seed is None
+        and config.seed == defaults["seed"]
+    )
+    fraction, seed = record.get("validation_fraction"), record.get("seed")
+    if not untouched or not fraction or seed is None:
+        return config
+    if (fraction, seed) != (config.validation_fraction, config.seed):
+        logger.info("Evaluating the validation split %s was selected on (--validation_fraction %g, data seed %d, "
+                    "from its record).", model_spec, fraction, seed)  # fmt: skip
+    return dataclasses.replace(config, validation_fraction=fraction, data_seed=int(seed))
+
+
 def evaluate_model(
     model_spec: str, config: RefilledConfig, *, checkpoint: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy of a trained model on ``split`` (``test`` or ``validation``)
     of ``config``'s data set and class selection (by default the model's own classes),
-    counting each image once. Only that split is decoded."""
+    counting each image once. Only that split is decoded. For ``validation``, a model that
+    records its training data is evaluated on the validation split it was selected on (its
+    fraction and data seed, unless the config sets others, which must carve the same split)."""
     if split not in EVALUATION_SPLITS:
         raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
     model = load_timm_model(model_spec, checkpoint=checkpoint)
     names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
     record = training_data_record(model_spec) if checkpoint is None else None
+    if split == "validation" and record is not None:
+        config = _own_validation_carve(config, record, model_spec)
+    trained_at = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if config.image_size and trained_at and int(trained_at[-1]) != config.image_size:
+        logger.warning(
+            "--image_size %d: %s was trained at %d px, so this accuracy is for inputs of another size than its own "
+            "(leave --image_size unset to evaluate at its size).", config.image_size, model_spec, int(trained_at[-1]),
+        )  # fmt: skip
     classes = config.classes
     if classes is None and names:
         classes = list(names)

@@ -465,11 +465,17 @@ def _model_with_record(data_dir, folder, **selection):
                         training_data=data.selection_record())  # fmt: skip
 
 
-def test_evaluate_defaults_to_the_models_own_classes(data_dir, tmp_path):
+def test_evaluate_defaults_to_the_models_own_classes_and_validation_split(data_dir, tmp_path, caplog):
     model = _model_with_record(data_dir, tmp_path / "m", validation_fraction=0.25, seed=0)
     config = dict(dataset=str(data_dir), output_dir=str(tmp_path / "e"), use_cpu=True, image_size=16)
-    metrics = evaluate_model(f"local-dir:{model}", RefilledConfig(**config))  # no --classes
+    with caplog.at_level("WARNING", logger="refilled_hf.evaluation"):
+        metrics = evaluate_model(f"local-dir:{model}", RefilledConfig(**config))  # no --classes
     assert metrics["test_samples"] == 18
+    # the model was exported at timm's 32 px: evaluating at 16 is allowed, and said
+    assert "--image_size 16: " in caplog.text and "trained at 32 px" in caplog.text
+    # no --seed / --validation_fraction: the split it was selected on (0.25 of 12 per class)
+    own = evaluate_model(f"local-dir:{model}", RefilledConfig(**config), split="validation")
+    assert own["validation_samples"] == 9
     strangers = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "s",
                              label_names=["cat", "dog"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"label names \['cat', 'dog'\].*pass --classes"):
