@@ -105,6 +105,7 @@ def test_model_card_metadata_and_content():
         "Stage-1 nearest-class-mean top-1 accuracy": 55.56,
     }
     assert "import refilled_hf" in text and "AutoModelForImageClassification" in text
+    assert "refilled-hf evaluate --model hf-hub:me/student --dataset uoft-cs/cifar100" in text
     assert "| refilled (this model) | 71.23 | 95.50 | 55.56 | 70.00 |" in text
     assert "| ce | 60.00 |" in text
     assert "tau2: 2.0" in text and "distill_weight: null" in text  # the recipe, defaults included
