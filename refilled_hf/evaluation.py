@@ -97,7 +97,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy of a trained model on ``split`` (``test`` or ``validation``)
     of ``config``'s data set and class selection (by default the model's own classes),
-    counting each image once. Only that split is decoded. For ``validation``, a model that
+    counting each image once, and ``data``: which images those are. Only that split is
+    decoded. For ``validation``, a model that
     records its training data is evaluated on the validation split it was selected on (its
     fraction and data seed, unless the config sets others, which must carve the same split)."""
     if split not in EVALUATION_SPLITS:
@@ -152,4 +153,12 @@ def evaluate_model(
     trainer = RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=data.num_classes)
     metrics = trainer.evaluate(dataset, metric_key_prefix=split)
     metrics.pop("epoch", None)
+    # what exactly was measured, beside the numbers
+    metrics["data"] = {
+        "dataset": config.dataset,
+        "split": data.test_split if split == "test" else f"{data.train_split} (validation part)",
+        "class_names": data.class_names,
+        **({"validation_fraction": data.info["validation_fraction"], "data_seed": data.info["seed"]}
+           if split == "validation" else {}),
+    }  # fmt: skip
     return metrics

@@ -476,6 +476,9 @@ def test_evaluate_defaults_to_the_models_own_classes_and_validation_split(data_d
     # no --seed / --validation_fraction: the split it was selected on (0.25 of 12 per class)
     own = evaluate_model(f"local-dir:{model}", RefilledConfig(**config), split="validation")
     assert own["validation_samples"] == 9
+    assert own["data"] == {"dataset": str(data_dir), "split": "train (validation part)",
+                           "class_names": CLASS_NAMES[3:6], "validation_fraction": 0.25, "data_seed": 0}  # fmt: skip
+    assert metrics["data"] == {"dataset": str(data_dir), "split": "test", "class_names": CLASS_NAMES[3:6]}
     strangers = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "s",
                              label_names=["cat", "dog"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"label names \['cat', 'dog'\].*pass --classes"):
