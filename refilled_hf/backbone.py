@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,14 @@ __all__ = [
     "StudentModel",
     "embed",
     "embed_and_logits",
+    "exported_config",
     "load_timm_model",
     "read_state_dict",
     "use_channels_last",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -130,6 +135,24 @@ def _unknown_model_error(name: str) -> ModelLoadError:
     )
 
 
+def exported_config(spec: str | None) -> dict[str, Any] | None:
+    """The ``config.json`` of a ``local-dir:`` or ``hf-hub:`` model (an ``hf-hub:`` one from
+    the Hub cache, which loading the model fills). None for a registered timm name, a folder
+    without one, or (with a warning) an ``hf-hub:`` file that cannot be fetched."""
+    if spec and spec.startswith("local-dir:"):
+        path = Path(spec[len("local-dir:") :]) / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    if spec and spec.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        repo, _, revision = spec[len("hf-hub:") :].partition("@")
+        try:
+            return json.loads(Path(hf_hub_download(repo, "config.json", revision=revision or None)).read_text())
+        except Exception as err:  # noqa: BLE001 - network, auth and format errors alike
+            logger.warning("Could not read config.json of %s (%s).", spec, err)
+    return None
+
+
 def load_timm_model(
     spec: str,
     *,
@@ -158,13 +181,13 @@ def load_timm_model(
             "model name with the checkpoint, or the folder alone."
         )
     if spec.startswith("local-dir:"):
-        folder = Path(spec[len("local-dir:") :])
-        if not (folder / "config.json").is_file():
+        config = exported_config(spec)
+        if config is None:
             raise ModelLoadError(
-                f"{spec!r}: no config.json in {str(folder)!r}. A local-dir: model is a folder in timm's "
+                f"{spec!r}: no config.json in {spec[len('local-dir:') :]!r}. A local-dir: model is a folder in timm's "
                 "Hub format (config.json + model.safetensors), e.g. one written by `refilled-hf train-teacher`."
             )
-        architecture = json.loads((folder / "config.json").read_text()).get("architecture", "")
+        architecture = config.get("architecture", "")
         if architecture and not timm.is_model(architecture):
             raise _unknown_model_error(architecture)
         extra = {} if num_classes is None else {"num_classes": num_classes}

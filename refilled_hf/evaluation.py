@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
-from .backbone import StudentModel, load_timm_model
+from .backbone import load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import DataError, short_list
-from .pipeline import load_data
+from .pipeline import inference_trainer, load_data
 from .provenance import same_dataset, training_data_record
-from .trainer import RefilledTrainer
 
 __all__ = ["check_evaluation_split", "evaluate_model"]
 
@@ -98,17 +96,18 @@ def evaluate_model(
     """Top-1/top-5 accuracy of a trained model on ``split`` (``test`` or ``validation``)
     of ``config``'s data set and class selection (by default the model's own classes),
     counting each image once, and ``data``: which images those are. Only that split is
-    decoded. For ``validation``, a model that
-    records its training data is evaluated on the validation split it was selected on (its
-    fraction and data seed, unless the config sets others, which must carve the same split)."""
+    decoded. For ``validation``, a model that records its training data is evaluated on
+    the validation split it was selected on (its fraction and data seed, unless the config
+    sets others, which must carve the same split)."""
     if split not in EVALUATION_SPLITS:
         raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
     model = load_timm_model(model_spec, checkpoint=checkpoint)
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    model_cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = model_cfg.get("label_names")
     record = training_data_record(model_spec) if checkpoint is None else None
     if split == "validation" and record is not None:
         config = _own_validation_carve(config, record, model_spec)
-    trained_at = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    trained_at = model_cfg.get("input_size")
     if config.image_size and trained_at and int(trained_at[-1]) != config.image_size:
         logger.warning(
             "--image_size %d: %s was trained at %d px, so this accuracy is for inputs of another size than its own "
@@ -143,14 +142,7 @@ def evaluate_model(
     if not names:
         logger.warning("The model records no label names: only the number of classes could be checked.")
     check_evaluation_split(record, config, data, split, model_spec)
-    args = dataclasses.replace(
-        config,
-        method="ce",
-        output_dir=str(Path(config.output_dir) / "evaluate"),
-        eval_strategy="no",
-        save_strategy="no",
-    )
-    trainer = RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=data.num_classes)
+    trainer = inference_trainer(model, config, "evaluate", data.num_classes)
     metrics = trainer.evaluate(dataset, metric_key_prefix=split)
     metrics.pop("epoch", None)
     # what exactly was measured, beside the numbers

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
-from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
+from .backbone import FrozenTeacher, ModelLoadError, StudentModel, exported_config, load_timm_model
 from .config import ConfigError, RefilledConfig, option_name
 from .data import SPLITS, ClassificationData, build_transform, load_classification_data
 from .data_device import DeviceImages, IndexedImages, choose_and_place
@@ -232,8 +232,7 @@ def _load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> Frozen
 def _teacher_label_names(config: RefilledConfig, teacher: FrozenTeacher) -> list[str] | None:
     names = getattr(teacher.model, "pretrained_cfg", {}).get("label_names")
     if names is None and config.teacher and config.teacher.startswith("local-dir:"):
-        path = Path(config.teacher[len("local-dir:") :]) / "config.json"
-        names = json.loads(path.read_text()).get("label_names")
+        names = (exported_config(config.teacher) or {}).get("label_names")
     return list(names) if names else None
 
 
@@ -890,6 +889,15 @@ def run_teacher_training(config: RefilledConfig, callbacks: list | None = None) 
     return run_distillation(teacher_config, callbacks)
 
 
+def inference_trainer(model, config: RefilledConfig, subdir: str, num_classes: int,
+                      teacher: FrozenTeacher | None = None) -> RefilledTrainer:  # fmt: skip
+    """A trainer that only runs ``model`` (evaluate, probe-teacher): no training, no
+    evaluation or checkpoint schedule, its files under ``output_dir/<subdir>``."""
+    args = dataclasses.replace(config, method="ce", output_dir=str(Path(config.output_dir) / subdir),
+                               eval_strategy="no", save_strategy="no")  # fmt: skip
+    return RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=num_classes, teacher=teacher)
+
+
 def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     """How useful is the teacher's embedding for the student's task, before distilling?
 
@@ -924,12 +932,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     if not clean.all():
         logger.info("Left out %d of %d validation images: the teacher trained on them.", int((~clean).sum()),
                     len(clean))  # fmt: skip
-    args = dataclasses.replace(
-        config, method="ce", output_dir=str(Path(config.output_dir) / "probe"), eval_strategy="no", save_strategy="no"
-    )
-    trainer = RefilledTrainer(
-        model=StudentModel(teacher.model), args=args, stage="ce", num_classes=data.num_classes, teacher=teacher
-    )
+    trainer = inference_trainer(teacher.model, config, "probe", data.num_classes, teacher=teacher)
     start = time.perf_counter()
     centers = trainer.compute_teacher_centers(_eval_copy(data.train, data.eval_transform))
     correct = []

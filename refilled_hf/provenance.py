@@ -10,13 +10,13 @@ the student's validation images the teacher trained on.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .backbone import exported_config
 from .data import DataError, load_classification_data
 from .hub import TRAINING_DATA_KEY
 
@@ -28,19 +28,7 @@ logger = logging.getLogger(__name__)
 def training_data_record(model_spec: str | None) -> dict[str, Any] | None:
     """The training-data record in the ``config.json`` of a ``local-dir:`` or ``hf-hub:``
     model (None for a registered timm name, or a model exported without one)."""
-    config = None
-    if model_spec and model_spec.startswith("local-dir:"):
-        path = Path(model_spec[len("local-dir:") :]) / "config.json"
-        config = json.loads(path.read_text()) if path.is_file() else None
-    elif model_spec and model_spec.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
-
-        repo, _, revision = model_spec[len("hf-hub:") :].partition("@")
-        try:  # timm has just fetched this file to build the model: it is in the local cache
-            config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision or None)).read_text())
-        except Exception as err:  # noqa: BLE001 - any failure means: no record to check against
-            logger.warning("Could not read config.json of %s (%s): its training data is unknown.", model_spec, err)
-    record = (config or {}).get(TRAINING_DATA_KEY)
+    record = (exported_config(model_spec) or {}).get(TRAINING_DATA_KEY)
     return record if isinstance(record, dict) else None
 
 
