@@ -296,7 +296,10 @@ class RefilledConfig(TrainingArguments):
     )
     teacher_classes: str | None = field(
         default=None,
-        **_help("The teacher's classes in the same data set (recorded in the model card; checked for kd)."),
+        **_help(
+            "The teacher's classes in the same data set (stated in the model card; checked for kd). Unset: read "
+            "from the teacher's own training-data record where it has one, which a value given must agree with."
+        ),
     )
     shots_per_class: int | None = field(
         default=None, **_help("Training images per class (seeded, stratified): the middle-shot setting.")
@@ -436,7 +439,11 @@ class RefilledConfig(TrainingArguments):
     )
     compare_runs: str | None = field(
         default=None,
-        **_help("Comma-separated output_dirs of baseline runs on the same data, added to the model card's table."),
+        **_help(
+            "Comma-separated output_dirs of finished baseline runs, added to the model card's table with their "
+            "epochs and every way their schedule differs; refused unless they used the same images (data set, "
+            "classes, shots, validation carve, seed)."
+        ),
     )
     card_license: str = field(default="apache-2.0", **_help("License written in the exported model card."))
 
@@ -648,6 +655,27 @@ class RefilledConfig(TrainingArguments):
                 "--distill_weight_search picks lambda on the validation split: set --validation_fraction > 0 (the "
                 "test split never chooses)."
             )
+
+    def final_stage_schedule(self) -> dict[str, Any]:
+        """How the run's last stage trains, apart from its length: stage 2 of REFILLED, a
+        baseline's only stage (which follows stage 2's schedule, the paper's convention).
+        Written to results.json; the model card compares a baseline's with this run's."""
+        optim = option_name(self.optim)
+        return {
+            "learning_rate": self.stage2_learning_rate,
+            "milestones": self.stage2_milestones,
+            "gamma": self.stage2_gamma,
+            "optim": optim,
+            "sgd_momentum": self.sgd_momentum if optim == "sgd" else None,
+            "weight_decay": self.weight_decay,
+            "global_batch": self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps,
+            "warmup_steps": self.warmup_steps,
+            "max_grad_norm": self.max_grad_norm,
+            "label_smoothing_factor": self.label_smoothing_factor,
+            "horizontal_flip": self.horizontal_flip,
+            "precision": "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32",
+            "load_best_model_at_end": bool(self.load_best_model_at_end),
+        }
 
     def distill_weight_candidates(self) -> list[float] | None:
         """The lambdas stage 2 chooses among on validation, in order: ``--distill_weight_search``,

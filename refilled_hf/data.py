@@ -264,6 +264,21 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
     return ids
 
 
+def class_ranges(ids: Sequence[int]) -> str:
+    """Class ids as a selection that :func:`parse_class_selection` reads back: ``0-49``,
+    ``3,5-7``."""
+    parts: list[str] = []
+    start = prev = None
+    for i in [*ids, None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ",".join(parts)
+
+
 def _stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator, what: str):
     """Split positions per class: ``round(fraction * n_c)`` (at least 1) go to the second part."""
     first, second = [], []
@@ -309,6 +324,8 @@ class ClassificationData:
     dataset_config: str | None = None
     train_split: str = "train"
     test_split: str | None = "test"
+    #: every class of the data set, in id order (``source_class_ids`` index into it)
+    dataset_class_names: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -447,6 +464,7 @@ def load_classification_data(
         dataset_config=dataset_config,
         train_split=train_split,
         test_split=test_split,
+        dataset_class_names=list(names),
     )
     data.info = {
         "train_images": len(positions),

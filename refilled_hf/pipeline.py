@@ -33,11 +33,21 @@ from transformers import set_seed
 
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, exported_config, load_timm_model
 from .config import ConfigError, RefilledConfig, option_name
-from .data import SPLITS, ClassificationData, build_transform, load_classification_data
+from .data import (
+    SPLITS,
+    ClassificationData,
+    DataError,
+    build_transform,
+    class_ranges,
+    load_classification_data,
+    parse_class_selection,
+    short_list,
+)
 from .data_device import DeviceImages, IndexedImages, choose_and_place
-from .hub import export_model, push_folder, render_model_card, replace_dir_atomically, write_json_atomically
+from .hub import export_model, push_folder, replace_dir_atomically, write_json_atomically
 from .losses import ncm_predict
-from .provenance import teacher_training_rows, training_data_record
+from .model_card import check_comparable, render_model_card
+from .provenance import same_dataset, teacher_training_rows, training_data_record
 from .rundir import (
     NON_IDENTITY_FIELDS,
     RunDirectory,
@@ -243,13 +253,43 @@ def _check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: Cl
     teacher_classes = teacher.model.num_classes
     names = _teacher_label_names(config, teacher)
     same_names = names is None or list(names) == data.class_names
-    same_selection = config.teacher_classes is None or config.teacher_classes == config.classes
+    same_selection = config.teacher_classes is None or (
+        parse_class_selection(config.teacher_classes, data.dataset_class_names) == list(data.source_class_ids)
+    )
     if teacher_classes != data.num_classes or not same_names or not same_selection:
         raise ConfigError(
             f"method='kd' needs teacher and student on the same label space, but the teacher predicts "
             f"{teacher_classes} classes {names[:5] if names else ''} and the student {data.num_classes} "
             f"({data.class_names[:5]}). Use --method refilled (or rkd): they only use the teacher's embedding."
         )
+
+
+def _teacher_classes(config: RefilledConfig, data: ClassificationData) -> str | None:
+    """The teacher's classes as the results and the model card state them: its own
+    training-data record where it has one (``--teacher_classes`` must agree with it),
+    else ``--teacher_classes``, checked to be classes of this data set. None without one."""
+    if config.method == "ce" or not config.teacher:
+        return None
+    given = None
+    if config.teacher_classes is not None:
+        try:
+            given = parse_class_selection(config.teacher_classes, data.dataset_class_names)
+        except DataError as err:
+            raise ConfigError(
+                f"--teacher_classes {config.teacher_classes!r}: {err} It names the teacher's classes in this data set "
+                "(recorded in the model card); leave it unset if the teacher was trained on other data."
+            ) from None
+    record = None if config.teacher_checkpoint else training_data_record(config.teacher)
+    if record is None or not record.get("source_class_ids") or not record.get("class_names"):
+        return None if given is None else class_ranges(given)
+    taught = class_ranges([int(i) for i in record["source_class_ids"]])
+    if given is not None and [data.dataset_class_names[i] for i in given] != list(record["class_names"]):
+        raise ConfigError(
+            f"--teacher_classes {config.teacher_classes!r} is not what the teacher was trained on: its config.json "
+            f"records the classes {short_list(record['class_names'])} ({taught} of {record.get('dataset')!r}). Drop "
+            "--teacher_classes (the model card then states the teacher's record) or correct it."
+        )
+    return taught if same_dataset(record.get("dataset"), config.dataset) else f"{taught} of {record.get('dataset')}"
 
 
 def _check_mining(config: RefilledConfig, data: ClassificationData) -> None:
@@ -597,6 +637,7 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
         backbone.reset_classifier(data.num_classes)
     student = StudentModel(backbone)
     teacher = _load_teacher(config, student_cfg) if method != "ce" else None
+    teacher_classes = _teacher_classes(config, data)
     if teacher is not None:
         _check_label_spaces(config, teacher, data)
     _check_mining(config, data)
@@ -609,15 +650,18 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     results: dict[str, Any] = {
         "method": method,
         "student": config.student,
-        "teacher": config.teacher,
+        "teacher": config.teacher if teacher is not None else None,  # ce (and train-teacher) use none
         "dataset": config.dataset,
         "classes": config.classes,
-        "teacher_classes": config.teacher_classes,
+        "teacher_classes": teacher_classes,
         "class_names": data.class_names,
         "data": data.info,
         "world_size": config.world_size,
+        "image_size": student_cfg["input_size"][-1],
+        "data_fingerprint": data.fingerprint,
+        "schedule": config.final_stage_schedule(),
     }
-    _check_comparable(results, baselines)
+    check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
     centers_data = _eval_copy(data.train, data.eval_transform)
 
@@ -834,23 +878,12 @@ def _baseline_results(config: RefilledConfig) -> list[dict[str, Any]]:
     return runs
 
 
-def _check_comparable(results: dict[str, Any], baselines: list[dict[str, Any]]) -> None:
-    for other in baselines:
-        same = all(other.get(k) == results.get(k) for k in ("dataset", "classes", "class_names"))
-        same = same and other.get("data", {}).get("shots_per_class") == results["data"]["shots_per_class"]
-        if not same:
-            raise ConfigError(
-                f"compare_runs: the {other.get('method')} run used other data (dataset, classes or shots) than this "
-                "one; only runs on the same data belong in the same table."
-            )
-
-
 def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, results: dict, out: Path) -> dict:
     if trainer.is_world_process_zero():
         cfg = data_pretrained_cfg(student.model.pretrained_cfg, config.image_size)
         data_config = {"input_size": cfg["input_size"], "mean": cfg.get("mean"), "std": cfg.get("std")}
         baselines = _baseline_results(config)
-        _check_comparable(results, baselines)
+        check_comparable(results, baselines)
         card = render_model_card(
             results,
             config.to_recipe(),

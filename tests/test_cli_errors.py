@@ -120,15 +120,28 @@ def test_bad_flags(flags, message, capsys, data_dir, tmp_path):
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), *flags], message, tmp_path / "out")
 
 
-def test_compare_runs_on_other_data_fails_before_training(capsys, data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "baseline,message",
+    [
+        ({"classes": "0-2"}, "used other images than this one"),
+        ({"seed": 1}, "used other images than this one"),  # same classes, another validation carve
+        ({"validation_fraction": 0.5}, "used other images than this one"),
+        ("earlier", r"earlier refilled-hf\): rerun it"),
+    ],
+    ids=["classes", "seed", "validation-fraction", "earlier-version"],
+)
+def test_compare_runs_on_other_images_fails_before_training(baseline, message, capsys, data_dir, tmp_path):
     other = tmp_path / "other"
-    other.mkdir()
-    (other / "results.json").write_text(json.dumps({
-        "method": "ce", "final": {"test_top1": 50.0}, "dataset": str(data_dir), "classes": "0-2",
-        "class_names": ["red", "green", "blue"], "data": {"shots_per_class": None},
-    }))  # fmt: skip
+    if baseline == "earlier":  # a results.json from before runs recorded their images
+        other.mkdir()
+        (other / "results.json").write_text(json.dumps({
+            "method": "ce", "final": {"test_top1": 50.0}, "dataset": str(data_dir), "classes": "3-5",
+            "class_names": ["3", "4", "5"], "data": {"shots_per_class": None},
+        }))  # fmt: skip
+    else:
+        assert main(["distill", "--config", recipe_file(tmp_path, data_dir, output_dir=str(other), **baseline)]) == 0
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--compare_runs", str(other)],
-            "used other data", tmp_path / "out")  # fmt: skip
+            message, tmp_path / "out")  # fmt: skip
 
 
 def test_evaluate_on_other_classes(capsys, data_dir, tmp_path):

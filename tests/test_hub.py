@@ -14,7 +14,8 @@ from huggingface_hub import ModelCard
 
 from refilled_hf.backbone import ModelLoadError, load_timm_model
 from refilled_hf.config import ConfigError, RefilledConfig
-from refilled_hf.hub import TRAINING_DATA_KEY, HubPushError, export_model, push_folder, render_model_card
+from refilled_hf.hub import TRAINING_DATA_KEY, HubPushError, export_model, push_folder
+from refilled_hf.model_card import check_comparable, render_model_card
 from refilled_hf.pipeline import run_distillation
 
 
@@ -69,7 +70,7 @@ def test_unregistered_architecture_says_to_import_refilled_hf(tmp_path):
         load_timm_model(f"local-dir:{folder}")
 
 
-def _fake_results(method="refilled", teacher="hf-hub:someone/teacher-net", dataset="uoft-cs/cifar100"):
+def _fake_results(method="refilled", teacher="hf-hub:someone/teacher-net", dataset="uoft-cs/cifar100", **schedule):
     results = {
         "method": method,
         "student": "cifar_wrn_16_1",
@@ -80,10 +81,15 @@ def _fake_results(method="refilled", teacher="hf-hub:someone/teacher-net", datas
         "class_names": ["apple", "bee"],
         "data": {"train_images": 100, "validation_images": 10, "test_images": 200, "shots_per_class": 50},
         "world_size": 1,
-        "final": {"test_top1": 71.234, "test_top5": 95.5, "validation_top1": 70.0, "test_samples": 200},
-    }
+        "image_size": 32,
+        "data_fingerprint": "f" * 64,
+        "schedule": {**RefilledConfig(output_dir="o").final_stage_schedule(), **schedule},
+        "final": {"test_top1": 71.234, "test_top5": 95.5, "validation_top1": 70.0, "test_samples": 200,
+                  "validation_samples": 10, "train_metrics": {"epoch": 200.0}},
+    }  # fmt: skip
     if method == "refilled":
-        results["stage1"] = {"test_ncm_top1": 55.557}
+        results["stage1"] = {"test_ncm_top1": 55.557, "train_metrics": {"epoch": 200.0}}
+        results["distill_weight"] = 10.0
     return results
 
 
@@ -98,6 +104,7 @@ def test_model_card_metadata_and_content():
     assert data.library_name == "timm" and data.license == "apache-2.0"
     assert {"image-classification", "knowledge-distillation", "refilled"} <= set(data.tags)
     assert data.datasets == ["uoft-cs/cifar100"] and data.base_model == "someone/teacher-net"
+    assert {r.dataset_split for r in data.eval_results} == {"test"}
     values = {r.metric_name: r.metric_value for r in data.eval_results}
     assert values == {
         "Test top-1 accuracy": 71.23,
@@ -105,12 +112,81 @@ def test_model_card_metadata_and_content():
         "Stage-1 nearest-class-mean top-1 accuracy": 55.56,
     }
     assert "import refilled_hf" in text and "AutoModelForImageClassification" in text
-    assert "refilled-hf evaluate --model hf-hub:me/student --dataset uoft-cs/cifar100" in text
-    assert "| refilled (this model) | 71.23 | 95.50 | 55.56 | 70.00 |" in text
-    assert "| ce | 60.00 |" in text
+    assert "refilled-hf evaluate --model hf-hub:me/student --dataset uoft-cs/cifar100\n" in text
+    assert "on the `test` split of `uoft-cs/cifar100`" in text and "(200 images)" in text
+    assert "| refilled (this model) | 200 + 200 | 71.23 | 95.50 | 55.56 | 70.00 |" in text
+    assert "| ce | 200 | 60.00 |" in text
+    assert "same training, validation and test images" in text and "trained otherwise" not in text
+    assert "stage 1 matches" in text and "200 epochs" in text and "lambda 10 x the" in text
+    assert "Optimizer: SGD with Nesterov momentum 0.9, coupled weight decay 0.0005; global batch 128" in text
+    assert "Teacher: `hf-hub:someone/teacher-net`, trained on classes `0-49`" in text
     assert "tau2: 2.0" in text and "distill_weight: null" in text  # the recipe, defaults included
     assert "ye2020refilled" in text
     assert "hf_SECRET" not in text and "hub_token" not in text
+
+
+def test_card_states_what_the_run_did_that_the_defaults_do_not():
+    config = RefilledConfig(teacher="hf-hub:someone/teacher-net", output_dir="o", optim="adamw_torch",
+                            warmup_steps=0.05, max_grad_norm=1.0, label_smoothing_factor=0.1, max_steps=3,
+                            gradient_accumulation_steps=2, distill_weight_schedule="linear",
+                            distill_images="teacher_correct", stage1_epochs=10, stage2_epochs=20,
+                            test_split="valid")  # fmt: skip
+    results = _fake_results(**config.final_stage_schedule())
+    results["stage1"]["train_metrics"]["epoch"] = 0.5
+    results["final"]["train_metrics"]["epoch"] = 20.0
+    text = render_model_card(results, config.to_recipe(), architecture="cifar_wrn_16_1")
+    assert "transformers' `adamw_torch`, weight decay 0.0005; global batch 256 (128 per device x 1 process(es) x 2 " \
+           "accumulation steps)" in text  # fmt: skip
+    assert "SGD" not in text.split("## Training")[1].split("The full recipe")[0]
+    assert "warm-up over the first 5% of each stage" in text and "gradients clipped to norm 1.0" in text
+    assert "label smoothing 0.1" in text
+    assert "0.5 of 10 planned epochs (stopped by --max_steps)" in text and ", 20 epochs, lr" in text
+    assert "lambda 10 (decaying to 0 over stage 2, linear)" in text
+    assert "only on the images whose teacher local" in text
+    assert "on the `valid` split" in text and "--test_split valid" in text
+    assert {r.dataset_split for r in ModelCard(text).data.eval_results} == {"valid"}
+
+
+def test_card_lists_how_each_baseline_trained_otherwise():
+    this = _fake_results()
+    this["distill_weight_search"] = {"candidates": [
+        {"distill_weight": 1.0, "validation_top1": 60.0, "train_metrics": {"epoch": 200.0}},
+        {"distill_weight": 10.0, "validation_top1": 70.0, "train_metrics": {"epoch": 200.0}},
+    ]}  # fmt: skip
+    longer = _fake_results(method="ce", teacher=None, learning_rate=0.05)
+    longer["final"]["train_metrics"]["epoch"] = 400.0
+    kd = _fake_results(method="kd", teacher="hf-hub:someone/same-classes")
+    kd["student"], kd["image_size"] = "resnet18", 64
+    text = render_model_card(this, {"stage2_epochs": 200}, architecture="cifar_wrn_16_1", baselines=[longer, kd])
+    assert "| refilled (this model) | 200 + 2 x 200 |" in text
+    assert "| ce | 400 |" in text
+    assert "| kd (student `resnet18`, teacher `hf-hub:someone/same-classes`, 64 px) | 200 |" in text
+    assert "- ce trained otherwise than this model's last stage in: learning_rate 0.05 (this model: 0.1)." in text
+    assert "- kd trained otherwise" not in text
+
+
+def test_card_without_a_test_split_claims_no_test_accuracy():
+    results = _fake_results(dataset="/nonexistent/data")
+    results["final"] = {"validation_top1": 70.0, "validation_samples": 10, "train_metrics": {"epoch": 200.0}}
+    results["stage1"] = {"validation_ncm_top1": 50.0, "train_metrics": {"epoch": 200.0}}
+    results["distill_weight_search"] = {"candidates": [{"distill_weight": 1.0, "validation_top1": 70.0}]}
+    text = render_model_card(results, {}, architecture="cifar_wrn_16_1")
+    assert not ModelCard(text).data.eval_results and "model-index" not in text
+    assert "no test split: the only measurement is the validation top-1, on 10 images" in text
+    assert "so it is optimistic" in text and "test split of" not in text
+    assert "--dataset <your copy of data>" in text
+
+
+def test_a_baseline_on_other_images_or_without_a_record_is_refused():
+    this = _fake_results()
+    other = _fake_results(method="ce", teacher=None)
+    check_comparable(this, [other])
+    other["data_fingerprint"] = "0" * 64
+    with pytest.raises(ConfigError, match="used other images than this one"):
+        check_comparable(this, [other])
+    del other["data_fingerprint"]
+    with pytest.raises(ConfigError, match=r"earlier refilled-hf\): rerun it"):
+        check_comparable(this, [other])
 
 
 def test_card_for_a_local_teacher_and_data_has_no_hub_links():
@@ -160,7 +236,8 @@ def test_run_pushes_the_export_from_the_main_process(hub, tmp_path, caplog, caps
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert values["Test top-1 accuracy"] == round(results["final"]["test_top1"], 2)
     assert values["Stage-1 nearest-class-mean top-1 accuracy"] == round(results["stage1"]["test_ncm_top1"], 2)
-    assert f"| ce | {ce['final']['test_top1']:.2f} |" in card.text
+    assert f"| ce | 1 | {ce['final']['test_top1']:.2f} |" in card.text  # it trained 1 epoch, stated
+    assert "| refilled (this model) | 2 + 2 |" in card.text and "trained otherwise" not in card.text
     assert "hf-hub:me/student" in card.text
     written = "".join(p.read_text() for p in (tmp_path / "run").rglob("*") if p.suffix in {".json", ".md"})
     assert "hf_SECRET_TOKEN" not in written + caplog.text + capsys.readouterr().out
@@ -180,6 +257,16 @@ def test_push_command_sends_repo_folder_and_private_flag(hub, tmp_path, capsys):
     assert hub.calls[0][1] == "me/model" and hub.calls[0][2]["private"] is True
     assert hub.calls[1][2]["folder_path"] == str(folder)
     assert "hf_XYZ" not in capsys.readouterr().out
+
+
+def test_push_refuses_a_folder_that_is_not_a_complete_export(hub, tmp_path):
+    folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "m", label_names=["a", "b"])
+    with pytest.raises(HubPushError, match="no config.json"):
+        push_folder(tmp_path, "me/model")  # the run folder, not its model/
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(HubPushError, match="no weights"):
+        push_folder(folder, "me/model")
+    assert hub.calls == []
 
 
 def test_offline_push_fails_clearly_and_keeps_the_folder(tmp_path):

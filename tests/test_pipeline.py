@@ -46,7 +46,7 @@ def test_every_method_end_to_end(method, data_dir, teacher_dir, tmp_path):
     extra = {"teacher": f"local-dir:{teacher_dir}"}
     if method == "kd":  # KD needs a teacher over the student's own classes
         kd_teacher = write_random_teacher(tmp_path / "kd-teacher", label_names=STUDENT_CLASSES)
-        extra = {"teacher": f"local-dir:{kd_teacher}", "teacher_classes": "3-5"}
+        extra = {"teacher": f"local-dir:{kd_teacher}", "teacher_classes": "3,4,5"}  # the classes, another notation
     out = tmp_path / method
     results = run(tiny_recipe(data_dir, out, method=method, **extra))
 
@@ -57,6 +57,12 @@ def test_every_method_end_to_end(method, data_dir, teacher_dir, tmp_path):
     assert 0 <= results["final"]["test_top1"] <= 100
     assert results["class_names"] == STUDENT_CLASSES
     assert json.loads((out / "results.json").read_text())["final"] == results["final"]
+    card = (out / "model" / "README.md").read_text()
+    if method == "ce":  # no teacher: the card names none, and no teacher classes
+        assert results["teacher"] is None and results["teacher_classes"] is None and "- Teacher: none.\n" in card
+    else:
+        assert results["teacher_classes"] == {"kd": "3-5"}.get(method, "0-2")
+        assert f"trained on classes `{results['teacher_classes']}`" in card
 
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["label_names"] == STUDENT_CLASSES and config["num_classes"] == 3
@@ -193,6 +199,17 @@ def test_train_teacher_exports_a_local_dir_model(data_dir, tmp_path):
     student = run(tiny_recipe(data_dir, tmp_path / "student", method="refilled",
                               teacher=f"local-dir:{tmp_path / 'teacher' / 'model'}"))  # fmt: skip
     assert student["teacher"].startswith("local-dir:")
+    assert "- Teacher: none.\n" in (tmp_path / "teacher" / "model" / "README.md").read_text()  # not itself
+    # the teacher's export records its classes: unset, the student's card states them; a contradiction is refused
+    teacher = f"local-dir:{tmp_path / 'teacher' / 'model'}"
+    unset = run(tiny_recipe(data_dir, tmp_path / "unset", method="rkd", teacher=teacher, teacher_classes=None,
+                            stage2_epochs=1))  # fmt: skip
+    assert unset["teacher_classes"] == "0-2"
+    assert "trained on classes `0-2`" in (tmp_path / "unset" / "model" / "README.md").read_text()
+    for wrong in ("1-3", "0,2,1"):
+        with pytest.raises(ConfigError, match=r"is not what the teacher was trained on.*0-2 of"):
+            run(tiny_recipe(data_dir, tmp_path / "wrong", method="rkd", teacher=teacher, teacher_classes=wrong))
+        assert not (tmp_path / "wrong").exists()
 
 
 CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"

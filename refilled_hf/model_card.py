@@ -1,0 +1,325 @@
+"""The exported model's README.md (its Hub model card), and what may share its results
+table: every sentence of the card is derived from the run's results.json and recipe, so
+that it says how the model was trained and on which images its numbers were measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+__all__ = ["check_comparable", "render_model_card"]
+
+CARD_TEMPLATE = "refilled_student.md"
+
+#: results.json keys that decide whether two runs' numbers are measured on the same images
+DATA_KEY = "data_fingerprint"
+
+
+def _template_path() -> Path:
+    """The card template: ``model_cards/`` of the source tree, or the copy a wheel installs
+    under ``<prefix>/share/refilled-hf/model_cards``."""
+    import sys
+
+    source_tree = Path(__file__).resolve().parents[1] / "model_cards"
+    for base in (source_tree, Path(sys.prefix) / "share" / "refilled-hf" / "model_cards"):
+        if (base / CARD_TEMPLATE).is_file():
+            return base / CARD_TEMPLATE
+    raise FileNotFoundError(f"Model card template {CARD_TEMPLATE} not found (reinstall refilled-hf).")
+
+
+def is_hub_dataset(name: str) -> bool:
+    """Whether ``name`` is a Hub data set id rather than a local path."""
+    return not Path(name).exists() and "/" in name and not name.startswith((".", "/"))
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("refilled-hf", "torch", "timm", "transformers", "accelerate", "datasets", "huggingface_hub"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
+
+
+def _num(value: float) -> str:
+    """An epoch count or hyper-parameter as a person writes it: 100, 0.25, 1e-05."""
+    return f"{round(value, 2):g}" if isinstance(value, float) and abs(value) >= 0.01 else f"{value:g}"
+
+
+# --------------------------------------------------------------------------- comparability
+
+
+def check_comparable(results: dict[str, Any], baselines: list[dict[str, Any]]) -> None:
+    """Refuse a ``--compare_runs`` baseline whose numbers are not measured on this run's
+    images: the card's table promises the same training, validation and test images.
+    Other differences (student, teacher, schedule, epochs) are allowed and stated."""
+    for other in baselines:
+        method = other.get("method")
+        if other.get(DATA_KEY) is None:
+            raise ConfigError(
+                f"compare_runs: the {method} run's results.json does not record which images it trained and was "
+                "evaluated on (it was written by an earlier refilled-hf): rerun it with this version to put it in "
+                "this model's table."
+            )
+        if other[DATA_KEY] != results[DATA_KEY]:
+            raise ConfigError(
+                f"compare_runs: the {method} run used other images than this one (data set, splits, classes, "
+                "shots_per_class, validation_fraction or seed differ); only runs on the same images belong in the "
+                "same table. Rerun it with this run's data fields."
+            )
+
+
+def _trained_epochs(stage: dict[str, Any] | None) -> float | None:
+    return ((stage or {}).get("train_metrics") or {}).get("epoch")
+
+
+def epochs_text(results: dict[str, Any]) -> str:
+    """The epochs a run trained, per stage: ``20`` (a baseline), ``10 + 10`` (REFILLED),
+    ``10 + 2 x 10`` (REFILLED whose stage 2 ran once per lambda candidate)."""
+    final = _trained_epochs(results.get("final"))
+    last = "-" if final is None else _num(final)
+    if results.get("method") != "refilled":
+        return last
+    candidates = (results.get("distill_weight_search") or {}).get("candidates") or []
+    if len(candidates) > 1:
+        lengths = {_trained_epochs(c) for c in candidates} - {None}
+        last = (
+            f"{len(candidates)} x {_num(lengths.pop())}"
+            if len(lengths) == 1
+            else " / ".join("-" if _trained_epochs(c) is None else _num(_trained_epochs(c)) for c in candidates)
+        )
+    first = _trained_epochs(results.get("stage1"))
+    return f"{'0' if first is None else _num(first)} + {last}"
+
+
+def _differences(this: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """How ``other``'s last stage trained differently from ``this`` run's (not counting epochs)."""
+    mine, theirs = this.get("schedule") or {}, other.get("schedule") or {}
+    out = []
+    for key in mine:
+        if theirs.get(key) != mine[key]:
+            out.append(f"{key} {theirs.get(key)} (this model: {mine[key]})")
+    return out
+
+
+def _row(results: dict[str, Any], this: dict[str, Any] | None) -> dict[str, Any]:
+    """A results-table row; ``this``: the model's own results when the row is a baseline."""
+    final, stage1 = results.get("final", {}), results.get("stage1") or {}
+    label = results["method"]
+    if this is not None:
+        notes = [f"student `{results.get('student')}`"] if results.get("student") != this.get("student") else []
+        if results.get("teacher") and results.get("teacher") != this.get("teacher"):
+            notes.append(f"teacher `{results['teacher']}`")
+        if results.get("image_size") != this.get("image_size"):
+            notes.append(f"{results.get('image_size')} px")
+        label += f" ({', '.join(notes)})" if notes else ""
+    return {
+        "method": label,
+        "this": this is None,
+        "epochs": epochs_text(results),
+        "top1": _fmt(final.get("test_top1")),
+        "top5": _fmt(final.get("test_top5")),
+        "ncm": _fmt(stage1.get("test_ncm_top1")),
+        "validation": _fmt(final.get("validation_top1")),
+        "differences": [] if this is None else _differences(this, results),
+    }
+
+
+# --------------------------------------------------------------------------- training summary
+
+
+def _stage_epochs(results: dict[str, Any], stage: str, planned: float | None) -> str:
+    """``100 epochs``, or ``0.5 of 100 planned epochs (--max_steps)`` for a stage cut short."""
+    trained = _trained_epochs(results.get(stage))
+    if planned is None or trained is None or abs(trained - planned) < 1e-6:
+        return f"{_num(planned if trained is None else trained)} epochs"
+    return f"{_num(trained)} of {_num(planned)} planned epochs (stopped by --max_steps)"
+
+
+def _lambda_text(results: dict[str, Any], recipe: dict[str, Any]) -> str | None:
+    if "distill_weight" not in results:
+        return None
+    text = f"{results['distill_weight']:g}"
+    schedule = recipe.get("distill_weight_schedule", "constant")
+    if schedule != "constant":
+        text += f" (decaying to 0 over stage 2, {schedule})"
+    return text
+
+
+def _optimizer_lines(results: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
+    schedule = results.get("schedule") or {}
+    optim = schedule.get("optim", "sgd")
+    momentum = schedule.get("sgd_momentum")
+    if optim == "sgd":
+        text = f"SGD with Nesterov momentum {momentum}" if momentum else "SGD without momentum"
+        text += f", coupled weight decay {schedule.get('weight_decay', recipe.get('weight_decay'))}"
+    else:
+        text = f"transformers' `{optim}`, weight decay {schedule.get('weight_decay', recipe.get('weight_decay'))}"
+    per_device, world = recipe.get("per_device_train_batch_size"), results.get("world_size", 1)
+    accumulation = recipe.get("gradient_accumulation_steps", 1)
+    batch = f"{per_device} per device x {world} process(es)"
+    if accumulation > 1:
+        batch += f" x {accumulation} accumulation steps"
+    lines = [f"Optimizer: {text}; global batch {schedule.get('global_batch', '-')} ({batch})."]
+    extras = []
+    warmup = schedule.get("warmup_steps") or 0
+    if warmup:
+        extras.append(
+            f"linear learning-rate warm-up over the first {_num(warmup)} steps of each stage" if warmup >= 1
+            else f"linear learning-rate warm-up over the first {warmup:.0%} of each stage"
+        )  # fmt: skip
+    if schedule.get("max_grad_norm"):
+        extras.append(f"gradients clipped to norm {schedule['max_grad_norm']}")
+    if schedule.get("label_smoothing_factor"):
+        extras.append(f"label smoothing {schedule['label_smoothing_factor']}")
+    if schedule.get("precision", "fp32") != "fp32":
+        extras.append(f"{schedule['precision']} mixed precision")
+    extras.append("random horizontal flips" if schedule.get("horizontal_flip", True) else "no horizontal flips")
+    lines.append("Also: " + "; ".join(extras) + ".")
+    if schedule.get("load_best_model_at_end"):
+        lines.append(
+            "The exported weights are the checkpoint with the best validation accuracy (--load_best_model_at_end), "
+            "so the validation column is optimistic; the test column is not."
+        )
+    return lines
+
+
+def _results_intro(results: dict[str, Any], recipe: dict[str, Any], dataset_id: str) -> str:
+    final = results.get("final", {})
+    if final.get("test_samples"):
+        split = recipe.get("test_split") or "test"
+        return (f"Measured by refilled-hf on the `{split}` split of `{dataset_id}` restricted to the classes above "
+                f"({final['test_samples']} images), once, at the end of training.")  # fmt: skip
+    return (
+        f"This run had no test split: the only measurement is the validation top-1, on "
+        f"{final.get('validation_samples', 0)} images carved from the training split of `{dataset_id}`"
+        + (" (the split that also chose lambda, so it is optimistic)." if results.get("distill_weight_search") else ".")
+    )
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def render_model_card(
+    results: dict[str, Any],
+    recipe: dict[str, Any],
+    *,
+    architecture: str,
+    repo_id: str | None = None,
+    baselines: list[dict[str, Any]] | None = None,
+    license: str = "apache-2.0",
+) -> str:
+    """The exported model's README.md: YAML metadata (library, tags, data set, teacher as
+    ``base_model`` when it is on the Hub, license, model-index with the measured test
+    accuracy and, for REFILLED, the stage-1 NCM accuracy), usage with timm and
+    transformers, training details with the full recipe, the results table (with the
+    baselines run in the same harness, each with its epochs and how its schedule differs)
+    and framework versions. Every number comes from ``results`` (the run's results.json)
+    and the baselines' results.json."""
+    import yaml
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    method = results["method"]
+    dataset = results["dataset"]
+    final, stage1 = results["final"], results.get("stage1") or {}
+    on_hub = is_hub_dataset(dataset)
+    dataset_id = dataset if on_hub else Path(dataset).name
+    name = repo_id or "refilled-hf student"
+    classes = results.get("classes") or "all classes"
+    metric = dict(
+        task_type="image-classification",
+        dataset_type=dataset_id,
+        dataset_name=f"{dataset_id} ({classes})",
+        dataset_split=recipe.get("test_split") or "test",
+    )
+    measured = [("accuracy", "Test top-1 accuracy", final.get("test_top1"))]
+    measured.append(("top-5-accuracy", "Test top-5 accuracy", final.get("test_top5")))
+    measured.append(("accuracy", "Stage-1 nearest-class-mean top-1 accuracy", stage1.get("test_ncm_top1")))
+    evals = [
+        EvalResult(metric_type=kind, metric_name=label, metric_value=round(value, 2), **metric)
+        for kind, label, value in measured
+        if value is not None
+    ]
+    teacher = results.get("teacher")
+    tags = ["image-classification", "timm", "refilled-hf"]
+    if method != "ce":
+        tags.append("knowledge-distillation")
+    if method == "refilled":
+        tags += ["refilled", "cross-task-distillation"]
+    card_data = ModelCardData(
+        library_name="timm",
+        pipeline_tag="image-classification",
+        license=license,
+        tags=tags,
+        datasets=[dataset] if on_hub else None,
+        base_model=teacher[len("hf-hub:") :] if teacher and teacher.startswith("hf-hub:") else None,
+        model_name=name,
+        eval_results=evals or None,  # no test split: no model-index at all, not an empty one
+    )
+    summary = {
+        "refilled": f"A `{architecture}` image classifier distilled with REFILLED (relationship matching, then "
+        "local-classifier distillation) from a teacher that may know other classes than these.",
+        "ce": f"A `{architecture}` image classifier trained with cross-entropy by refilled-hf.",
+    }.get(method, f"A `{architecture}` image classifier distilled with {method.upper()} by refilled-hf.")
+    rows = [_row(results, None)] + [_row(b, results) for b in baselines or []]
+    search = results.get("distill_weight_search")
+    if search:
+        search = {
+            "lambdas": ", ".join(f"{c['distill_weight']:g}" for c in search["candidates"]),
+            "candidates": [
+                {"label": f"lambda {c['distill_weight']:g}: " + ("diverged" if "diverged" in c else
+                                                                  _fmt(c.get("validation_top1")))}
+                for c in search["candidates"]
+            ],
+        }  # fmt: skip
+    evaluate = f"refilled-hf evaluate --model {f'hf-hub:{repo_id}' if repo_id else 'local-dir:<this folder>'}"
+    evaluate += f" --dataset {dataset if on_hub else f'<your copy of {dataset_id}>'}"
+    for flag in ("dataset_config", "test_split"):
+        if recipe.get(flag) not in (None, "test" if flag == "test_split" else None):
+            evaluate += f" --{flag} {recipe[flag]}"
+    data = results.get("data", {})
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(_template_path()),
+        model_id=name,
+        summary=summary,
+        class_names=results["class_names"],
+        architecture=architecture,
+        needs_refilled=architecture.startswith("cifar_wrn"),
+        timm_spec=f"hf-hub:{repo_id}" if repo_id else "local-dir:<this folder>",
+        repo_or_path=repo_id or "<this folder>",
+        evaluate_command=evaluate,
+        dataset=dataset_id,
+        results_intro=_results_intro(results, recipe, dataset_id),
+        result_rows=rows,
+        method=method,
+        teacher=f"`{teacher}`" if teacher else None,
+        teacher_classes=results.get("teacher_classes"),
+        config=recipe,
+        stage1_epochs=_stage_epochs(results, "stage1", recipe.get("stage1_epochs")),
+        stage2_epochs=_stage_epochs(results, "final", recipe.get("stage2_epochs")),
+        lr_steps=(
+            f"x{recipe.get('stage2_gamma')} at epochs {recipe['stage2_milestones']}"
+            if recipe.get("stage2_milestones")
+            else "constant"
+        ),
+        distill_weight=_lambda_text(results, recipe),
+        teacher_correct_only=recipe.get("distill_images") == "teacher_correct",
+        lambda_search=search,
+        train_images=data.get("train_images"),
+        validation_images=data.get("validation_images"),
+        shots_per_class=data.get("shots_per_class"),
+        optimizer_lines=_optimizer_lines(results, recipe),
+        recipe_yaml=yaml.safe_dump(recipe, sort_keys=False),
+        versions=_versions(),
+    )
+    return str(card)
