@@ -116,7 +116,9 @@ def _row(results: dict[str, Any], this: dict[str, Any] | None) -> dict[str, Any]
     final, stage1 = results.get("final", {}), results.get("stage1") or {}
     label = results["method"]
     if this is not None:
-        notes = [f"student `{results.get('student')}`"] if results.get("student") != this.get("student") else []
+        notes = [f"lambda {results['distill_weight']:g}"] if "distill_weight" in results else []
+        if results.get("student") != this.get("student"):
+            notes.append(f"student `{results.get('student')}`")
         if results.get("teacher") and results.get("teacher") != this.get("teacher"):
             notes.append(f"teacher `{results['teacher']}`")
         if results.get("image_size") != this.get("image_size"):

@@ -157,7 +157,11 @@ def test_card_lists_how_each_baseline_trained_otherwise():
     longer["final"]["train_metrics"]["epoch"] = 400.0
     kd = _fake_results(method="kd", teacher="hf-hub:someone/same-classes")
     kd["student"], kd["image_size"] = "resnet18", 64
-    text = render_model_card(this, {"stage2_epochs": 200}, architecture="cifar_wrn_16_1", baselines=[longer, kd])
+    other_lambda = _fake_results()
+    other_lambda["distill_weight"] = 1.0
+    text = render_model_card(this, {"stage2_epochs": 200}, architecture="cifar_wrn_16_1",
+                             baselines=[longer, kd, other_lambda])  # fmt: skip
+    assert "| refilled (lambda 1) | 200 + 200 |" in text
     assert "| refilled (this model) | 200 + 2 x 200 |" in text
     assert "| ce | 400 |" in text
     assert "| kd (student `resnet18`, teacher `hf-hub:someone/same-classes`, 64 px) | 200 |" in text
