@@ -181,7 +181,7 @@ def student_run(cache: Path, setting: str, method: str, shots: int, seed: int, p
 
 def probe(cache: Path, setting: str, shots: int, seed: int, teacher: Path) -> float:
     from refilled_hf.config import RefilledConfig
-    from refilled_hf.pipeline import probe_teacher
+    from refilled_hf.probe import probe_teacher
 
     path = cache / "probes" / f"{setting}-n{shots}-s{seed}.json"
     if path.is_file():

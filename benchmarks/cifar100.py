@@ -319,7 +319,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
 
 def probe(cache: Path, setting: str, shots: int, seed: int, teacher_model: Path) -> float:
     from refilled_hf.config import RefilledConfig
-    from refilled_hf.pipeline import probe_teacher
+    from refilled_hf.probe import probe_teacher
 
     path = cache / "probes" / f"{setting}-n{shots}-s{seed}.json"
     if not path.is_file():

@@ -97,7 +97,7 @@ def main() -> None:
     caches = {"cifar100": args.cache_c100, "cifar10": args.cache_c10}
 
     from refilled_hf.config import RefilledConfig
-    from refilled_hf.pipeline import probe_teacher
+    from refilled_hf.probe import probe_teacher
 
     rows = []
     for data, setting, classes, shots, seeds in RUNS:

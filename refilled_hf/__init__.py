@@ -29,7 +29,7 @@ _LAZY = {
     "run_distillation": "pipeline",
     "run_teacher_training": "pipeline",
     "evaluate_model": "evaluation",
-    "probe_teacher": "pipeline",
+    "probe_teacher": "probe",
 }
 
 

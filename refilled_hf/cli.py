@@ -210,7 +210,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_probe(argv: list[str]) -> int:
-    from .pipeline import probe_teacher
+    from .probe import probe_teacher
 
     (config,) = parse_config((RefilledConfig,), argv, "refilled-hf probe-teacher")
     result = probe_teacher(config)

@@ -26,28 +26,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
-from .backbone import FrozenTeacher, ModelLoadError, StudentModel, exported_config, load_timm_model
+from .backbone import FrozenTeacher, StudentModel, load_timm_model
 from .config import ConfigError, RefilledConfig, option_name
 from .data import (
     SPLITS,
     ClassificationData,
-    DataError,
     build_transform,
-    class_ranges,
     load_classification_data,
-    parse_class_selection,
-    short_list,
 )
-from .data_device import DeviceImages, IndexedImages, choose_and_place
+from .data_device import IndexedImages, choose_and_place
 from .hub import export_model, push_folder, replace_dir_atomically, write_json_atomically
-from .losses import ncm_predict
 from .model_card import check_comparable, render_model_card
-from .provenance import same_dataset, teacher_training_rows, training_data_record
+from .preflight import (
+    cache_needs_logits,
+    check_forward,
+    check_label_spaces,
+    check_memory,
+    check_mining,
+    check_teacher_cache,
+    load_teacher,
+    stated_teacher_classes,
+    steps_per_epoch,
+    uses_teacher_cache,
+    warn_few_steps,
+)
 from .rundir import (
     NON_IDENTITY_FIELDS,
     RunDirectory,
@@ -55,8 +61,8 @@ from .rundir import (
     last_complete_checkpoint,
     tensor_fingerprint,
 )
-from .teacher_cache import TeacherCache, TeacherCacheError, cache_bytes, load_or_build
-from .trainer import RefilledTrainer, batch_pixels
+from .teacher_cache import TeacherCache, TeacherCacheError, load_or_build
+from .trainer import RefilledTrainer
 
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training"]
 
@@ -124,7 +130,7 @@ def data_pretrained_cfg(pretrained_cfg: dict[str, Any], image_size: int | None) 
     return cfg
 
 
-def _eval_copy(dataset, transform):
+def eval_copy(dataset, transform):
     """The same images with another transform (decoded images are shared)."""
     if isinstance(dataset, IndexedImages):
         return IndexedImages(dataset.images, dataset.labels, augment=False)
@@ -222,181 +228,10 @@ def _prepare_output_dir(config: RefilledConfig, rundir: RunDirectory) -> dict[st
     return manifest
 
 
-def _load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenTeacher:
-    try:
-        model = load_timm_model(
-            config.teacher,
-            checkpoint=config.teacher_checkpoint,
-            pretrained=config.teacher_checkpoint is None,
-        )
-    except ModelLoadError:
-        raise
-    except Exception as err:  # noqa: BLE001 - e.g. timm's pretrained download offline
-        raise ModelLoadError(
-            f"Could not load the teacher {config.teacher!r} ({type(err).__name__}: {str(err)[:300]}). Give weights "
-            "with --teacher_checkpoint, or use a 'local-dir:' folder."
-        ) from err
-    return FrozenTeacher(model, student_cfg, input_size=config.teacher_input_size)
-
-
-def _teacher_label_names(config: RefilledConfig, teacher: FrozenTeacher) -> list[str] | None:
-    names = getattr(teacher.model, "pretrained_cfg", {}).get("label_names")
-    if names is None and config.teacher and config.teacher.startswith("local-dir:"):
-        names = (exported_config(config.teacher) or {}).get("label_names")
-    return list(names) if names else None
-
-
-def _check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: ClassificationData) -> None:
-    """KD needs the teacher's classifier to cover exactly the student's classes."""
-    if config.method != "kd":
-        return
-    teacher_classes = teacher.model.num_classes
-    names = _teacher_label_names(config, teacher)
-    same_names = names is None or list(names) == data.class_names
-    same_selection = config.teacher_classes is None or (
-        parse_class_selection(config.teacher_classes, data.dataset_class_names) == list(data.source_class_ids)
-    )
-    if teacher_classes != data.num_classes or not same_names or not same_selection:
-        raise ConfigError(
-            f"method='kd' needs teacher and student on the same label space, but the teacher predicts "
-            f"{teacher_classes} classes {names[:5] if names else ''} and the student {data.num_classes} "
-            f"({data.class_names[:5]}). Use --method refilled (or rkd): they only use the teacher's embedding."
-        )
-
-
-def _teacher_classes(config: RefilledConfig, data: ClassificationData) -> str | None:
-    """The teacher's classes as the results and the model card state them: its own
-    training-data record where it has one (``--teacher_classes`` must agree with it),
-    else ``--teacher_classes``, checked to be classes of this data set. None without one."""
-    if config.method == "ce" or not config.teacher:
-        return None
-    given = None
-    if config.teacher_classes is not None:
-        try:
-            given = parse_class_selection(config.teacher_classes, data.dataset_class_names)
-        except DataError as err:
-            raise ConfigError(
-                f"--teacher_classes {config.teacher_classes!r}: {err} It names the teacher's classes in this data set "
-                "(recorded in the model card); leave it unset if the teacher was trained on other data."
-            ) from None
-    record = None if config.teacher_checkpoint else training_data_record(config.teacher)
-    if record is None or not record.get("source_class_ids") or not record.get("class_names"):
-        return None if given is None else class_ranges(given)
-    taught = class_ranges([int(i) for i in record["source_class_ids"]])
-    if given is not None and [data.dataset_class_names[i] for i in given] != list(record["class_names"]):
-        raise ConfigError(
-            f"--teacher_classes {config.teacher_classes!r} is not what the teacher was trained on: its config.json "
-            f"records the classes {short_list(record['class_names'])} ({taught} of {record.get('dataset')!r}). Drop "
-            "--teacher_classes (the model card then states the teacher's record) or correct it."
-        )
-    return taught if same_dataset(record.get("dataset"), config.dataset) else f"{taught} of {record.get('dataset')}"
-
-
-def _check_mining(config: RefilledConfig, data: ClassificationData) -> None:
-    if config.method != "refilled":
-        return
-    if data.num_classes < 2:
-        raise ConfigError("REFILLED needs at least 2 student classes: a semi-hard negative has another class.")
-    if config.per_device_train_batch_size < 3:
-        raise ConfigError(
-            f"per_device_train_batch_size={config.per_device_train_batch_size} can never hold a semi-hard "
-            "triplet (anchor, positive of its class, negative of another): use at least 3, ideally >= 64."
-        )
-    counts = torch.bincount(torch.as_tensor(data.train.labels), minlength=data.num_classes)
-    if int(counts.max()) < 2:
-        raise ConfigError(
-            "Every class has fewer than 2 training images, so no batch can hold an (anchor, positive) pair: "
-            "raise --shots_per_class to at least 2."
-        )
-
-
-#: a global batch above this one, leaving fewer optimizer steps per epoch than FEW_STEPS_PER_EPOCH, draws a
-#: warning (see _warn_few_steps); 128 is the batch the measurements support
-FEW_STEPS_PER_EPOCH = 10
-LARGE_GLOBAL_BATCH = 128
-
-
-def _warn_few_steps(config: RefilledConfig, images: int) -> None:
-    """Warn when a large global batch leaves few optimizer steps per epoch: measured on CIFAR-100
-    (benchmarks/README.md, "Large batches"), 2,500 training images at batch 512 (5 steps per
-    epoch, linear learning-rate scaling) lost about 5 points of test top-1 against batch 128, at
-    10 + 10 and at 40 + 40 epochs. A warning, not an error: the numbers come from one setting.
-    Batches up to 128 are not warned about, however small the data (the quickstart trains 50
-    images at 64): nothing measured says a smaller one does better there."""
-    batch = config.per_device_train_batch_size * config.world_size * config.gradient_accumulation_steps
-    steps = _steps_per_epoch(config, images)
-    if batch > LARGE_GLOBAL_BATCH and steps < FEW_STEPS_PER_EPOCH:
-        logger.warning(
-            "%d training images at a global batch of %d give %d optimizer step(s) per epoch. On CIFAR-100 with "
-            "2,500 images, batch 512 (5 steps per epoch) lost about 5 points of test top-1 against batch 128 "
-            "(benchmarks/README.md, 'Large batches'): a global batch of at most 128 (--per_device_train_batch_size "
-            "x processes x --gradient_accumulation_steps) is likely better for a training set this small.",
-            images,
-            batch,
-            steps,
-        )
-
-
-def _check_memory(config: RefilledConfig, sizes: list[int]) -> None:
-    """Refuse a batch whose input tensors alone would take half the device's memory
-    (activations take many times more): a clear error instead of the kernel's OOM kill."""
-    if torch.cuda.is_available() and not config.use_cpu:
-        total, where = torch.cuda.get_device_properties(0).total_memory, "GPU"
-    else:
-        total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine"
-    batch = max(config.per_device_train_batch_size, config.per_device_eval_batch_size)
-    needed = batch * 3 * max(sizes) ** 2 * 4 * 2  # float32 inputs, student and teacher views
-    if needed > total / 2:
-        raise ConfigError(
-            f"A batch of {batch} images at {max(sizes)} px needs {needed / 2**30:.1f} GiB for its inputs alone, more "
-            f"than this {where}'s {total / 2**30:.0f} GiB allow: lower --per_device_train_batch_size, "
-            "--per_device_eval_batch_size or --image_size / --teacher_input_size."
-        )
-
-
-def _uses_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None) -> bool:
-    return bool(config.teacher_cache) and teacher is not None
-
-
-def _cache_needs_logits(config: RefilledConfig) -> bool:
-    return config.method == "kd" or (config.method == "refilled" and config.confidence_weights)
-
-
-def _check_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None, data: ClassificationData) -> None:
-    """Refuse a teacher cache that cannot be used, before any long work."""
-    if not _uses_teacher_cache(config, teacher):
-        if config.teacher_cache:
-            logger.info("--teacher_cache is not used by --method ce (no teacher).")
-        return
-    if not isinstance(data.train, IndexedImages):
-        raise ConfigError(
-            "--teacher_cache needs the device data path, and this run uses the worker path (the log line 'Data "
-            "path:' says why). Turn the cache off (--teacher_cache none) or make the device path apply (inputs of "
-            "64 px or less, a larger --device_data_budget_gb)."
-        )
-    if not isinstance(data.train.images, DeviceImages):
-        raise ConfigError(
-            "--teacher_cache covers the CIFAR-style crops and flips of inputs of 64 px or less (162 per 32-px "
-            "image); this run trains at a larger size with timm's random-resized crop and colour jitter, whose "
-            "augmentations are too many to cache exactly. Turn the cache off (--teacher_cache none) or train at "
-            "64 px or less (--image_size)."
-        )
-    with torch.no_grad():
-        emb, logits = teacher(data.train.pixels(torch.arange(1)).cpu())
-    logit_dim = logits.shape[1] if _cache_needs_logits(config) else 0
-    need = cache_bytes(data.train.images, emb.shape[1], logit_dim, config.teacher_cache_dtype)
-    if need > config.teacher_cache_budget_gb * 2**30:
-        raise ConfigError(
-            f"The teacher cache would take {need / 2**30:.2f} GiB, over --teacher_cache_budget_gb "
-            f"{config.teacher_cache_budget_gb:g}: raise the budget, use --teacher_cache_dtype float16, or turn the "
-            "cache off (--teacher_cache none)."
-        )
-
-
 def _teacher_cache(config, teacher, data, teacher_weights: str, results: dict[str, Any]) -> TeacherCache | None:
     """Read the teacher cache, or build it (the main process first; the others then read
     the file it wrote). The build runs the teacher in the precision training uses."""
-    if not _uses_teacher_cache(config, teacher):
+    if not uses_teacher_cache(config, teacher):
         return None
     from accelerate import PartialState
 
@@ -413,38 +248,13 @@ def _teacher_cache(config, teacher, data, teacher_weights: str, results: dict[st
             cache, info = load_or_build(
                 config.teacher_cache, teacher, teacher_weights, data.train.images,
                 precision="bf16" if config.bf16 else "fp16" if config.fp16 else "fp32",
-                dtype=config.teacher_cache_dtype, with_logits=_cache_needs_logits(config),
+                dtype=config.teacher_cache_dtype, with_logits=cache_needs_logits(config),
                 batch_size=config.per_device_eval_batch_size, autocast=autocast, write=state.is_main_process,
             )  # fmt: skip
     except TeacherCacheError as err:
         raise RunError(str(err)) from None
     results["teacher_cache"] = info
     return cache
-
-
-def _check_forward(student: StudentModel, teacher: FrozenTeacher | None, data: ClassificationData) -> None:
-    """Two training images through student and teacher, before any training: a model that
-    cannot run at this input size fails here, in one line, not after the data pass."""
-    if isinstance(data.train, IndexedImages):
-        batch = data.train.pixels(torch.arange(min(2, len(data.train)))).cpu()
-    else:
-        batch = torch.stack([data.train[i]["pixel_values"] for i in range(min(2, len(data.train)))])
-    for name, model in (("student", student), ("teacher", teacher)):
-        if model is None:
-            continue
-        was_training = model.training
-        try:
-            with torch.no_grad():
-                model.eval()
-                model(batch)
-        except Exception as err:  # noqa: BLE001 - shape and size errors of any model
-            raise ConfigError(
-                f"The {name} cannot run on {tuple(batch.shape[1:])} inputs ({type(err).__name__}: "
-                f"{' '.join(str(err).split())[:200]}): choose another --image_size"
-                f"{' or --teacher_input_size' if name == 'teacher' else ''}, or another model."
-            ) from None
-        finally:
-            model.train(was_training)
 
 
 # --------------------------------------------------------------------------- stages
@@ -487,13 +297,6 @@ def _make_trainer(
     )
 
 
-def _steps_per_epoch(config: RefilledConfig, images: int) -> int:
-    """Optimizer steps per epoch of each process (as the Trainer's sharded loader has it)."""
-    batch = config.per_device_train_batch_size
-    batches = images // batch if config.dataloader_drop_last else math.ceil(images / batch)
-    return max(1, math.ceil(math.ceil(batches / config.world_size) / config.gradient_accumulation_steps))
-
-
 def _set_cadence(args: RefilledConfig, epochs: float, images: int) -> None:
     """``--evaluations_per_stage``: per-epoch evaluation and checkpoints become every
     ``ceil(epochs / N)`` epochs (in steps), so long schedules do not evaluate, re-embed
@@ -501,7 +304,7 @@ def _set_cadence(args: RefilledConfig, epochs: float, images: int) -> None:
     every = math.ceil(epochs / args.evaluations_per_stage) if args.evaluations_per_stage else 1
     if every <= 1:
         return
-    steps = every * _steps_per_epoch(args, images)
+    steps = every * steps_per_epoch(args, images)
     if option_name(args.eval_strategy) == "epoch":
         args.eval_strategy, args.eval_steps = "steps", steps
     if option_name(args.save_strategy) == "epoch":
@@ -593,7 +396,7 @@ def _run_identity(config: RefilledConfig, data: ClassificationData, student: Stu
     return {
         **recipe,
         # a float16 cache rounds the teacher's outputs: runs with and without it differ
-        "teacher_cache": config.teacher_cache_dtype if _uses_teacher_cache(config, teacher) else None,
+        "teacher_cache": config.teacher_cache_dtype if uses_teacher_cache(config, teacher) else None,
         "world_size": config.world_size,
         "student_init": tensor_fingerprint(student.model.state_dict()),
         "teacher_weights": tensor_fingerprint(teacher.model.state_dict()) if teacher is not None else None,
@@ -636,17 +439,17 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     if backbone.num_classes != data.num_classes:
         backbone.reset_classifier(data.num_classes)
     student = StudentModel(backbone)
-    teacher = _load_teacher(config, student_cfg) if method != "ce" else None
-    teacher_classes = _teacher_classes(config, data)
+    teacher = load_teacher(config, student_cfg) if method != "ce" else None
+    teacher_classes = stated_teacher_classes(config, data)
     if teacher is not None:
-        _check_label_spaces(config, teacher, data)
-    _check_mining(config, data)
-    _warn_few_steps(config, len(data.train))
-    _check_memory(
+        check_label_spaces(config, teacher, data)
+    check_mining(config, data)
+    warn_few_steps(config, len(data.train))
+    check_memory(
         config, [student_cfg["input_size"][-1]] + ([teacher.input_size] if teacher and teacher.input_size else [])
     )
-    _check_forward(student, teacher, data)
-    _check_teacher_cache(config, teacher, data)
+    check_forward(student, teacher, data)
+    check_teacher_cache(config, teacher, data)
     results: dict[str, Any] = {
         "method": method,
         "student": config.student,
@@ -663,7 +466,7 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     }
     check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
-    centers_data = _eval_copy(data.train, data.eval_transform)
+    centers_data = eval_copy(data.train, data.eval_transform)
 
     # The folder: locked by the main process, re-checked under the lock, identity recorded.
     _wait_for_everyone()  # every process has checked the folder before the main one writes to it
@@ -929,71 +732,3 @@ def inference_trainer(model, config: RefilledConfig, subdir: str, num_classes: i
     args = dataclasses.replace(config, method="ce", output_dir=str(Path(config.output_dir) / subdir),
                                eval_strategy="no", save_strategy="no")  # fmt: skip
     return RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=num_classes, teacher=teacher)
-
-
-def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
-    """How useful is the teacher's embedding for the student's task, before distilling?
-
-    Nearest-class-mean accuracy of the teacher's (frozen) features on the student's
-    validation split, with class centres from the student's training split: a cheap
-    forecast of what REFILLED can transfer. Reported with the student's data size.
-    Validation images the teacher trained on (known from the record of a teacher
-    exported by refilled-hf: the same split of the same data set) are left out, since
-    the teacher would be measured on its own training images; each class then keeps its
-    share of the validation split (its accuracy on the images left is weighted by its
-    size), so the probe estimates the same quantity as without a record. A class with no
-    image left is not measured (``classes_probed`` counts the measured ones).
-    """
-    if not config.teacher:
-        raise ConfigError("probe-teacher needs --teacher.")
-    if config.validation_fraction <= 0:
-        raise ConfigError("probe-teacher evaluates on the validation split: set --validation_fraction > 0.")
-    set_seed(config.seed)
-    student_cfg = load_timm_model(config.student).pretrained_cfg
-    data = load_data(config, config.classes, student_cfg, splits=("train", "validation"))
-    teacher = _load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size))
-    taught = None if config.teacher_checkpoint else teacher_training_rows(training_data_record(config.teacher), data)
-    clean = torch.ones(len(data.validation), dtype=torch.bool)
-    if taught is not None:
-        clean = torch.from_numpy(~np.isin(data.source_rows["validation"], taught))
-    if not clean.any():
-        raise ConfigError(
-            f"The teacher trained on every image of the student's validation split ({len(clean)}): nothing is left "
-            "to probe it on. Carve the student's validation split as the teacher's was (its --validation_fraction "
-            "and --data_seed), or use a teacher trained on other images."
-        )
-    if not clean.all():
-        logger.info("Left out %d of %d validation images: the teacher trained on them.", int((~clean).sum()),
-                    len(clean))  # fmt: skip
-    trainer = inference_trainer(teacher.model, config, "probe", data.num_classes, teacher=teacher)
-    start = time.perf_counter()
-    centers = trainer.compute_teacher_centers(_eval_copy(data.train, data.eval_transform))
-    correct = []
-    with torch.no_grad():
-        # the evaluation dataloader yields the split in order (gathered over processes, padding removed)
-        for batch in trainer.evaluation_dataloader(data.validation):
-            scores = ncm_predict(trainer.teacher(batch_pixels(batch, data.validation))[0], centers)
-            hit = (scores.argmax(1) == batch["labels"]).float()
-            correct.append(trainer.accelerator.gather_for_metrics(hit).cpu())
-    correct = torch.cat(correct)
-    if correct.numel() != clean.numel():
-        raise RuntimeError(f"probe: {correct.numel()} predictions for {clean.numel()} validation images")
-    # Leaving images out must not change which classes the probe weighs: each class keeps its
-    # share of the validation split, measured on its images the teacher did not train on.
-    labels = torch.as_tensor(data.validation.labels, dtype=torch.long)
-    share = torch.bincount(labels, minlength=data.num_classes).double()
-    kept = torch.bincount(labels[clean], minlength=data.num_classes).double()
-    hits = torch.bincount(labels[clean], weights=correct[clean].double(), minlength=data.num_classes)
-    measured = kept > 0
-    probe = float((share[measured] * hits[measured] / kept[measured]).sum() / share[measured].sum())
-    return {
-        "teacher": config.teacher,
-        "probe_ncm_top1": 100.0 * probe,
-        "validation_images": int(clean.sum()),
-        "left_out_teacher_training_images": int((~clean).sum()),
-        "classes_probed": int(measured.sum()),
-        "train_images": len(data.train),
-        "classes": data.num_classes,
-        "shots_per_class": config.shots_per_class,
-        "seconds": time.perf_counter() - start,
-    }

@@ -123,7 +123,8 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, cap
     from refilled_hf.backbone import load_timm_model
     from refilled_hf.data import load_classification_data
     from refilled_hf.hub import export_model
-    from refilled_hf.pipeline import _eval_copy, _load_teacher, data_pretrained_cfg, load_data
+    from refilled_hf.pipeline import data_pretrained_cfg, eval_copy, load_data
+    from refilled_hf.preflight import load_teacher
 
     # shuffled labels: a hard task, so a probe computed on the wrong images is caught (on the
     # colour classes themselves every probe is 100 %)
@@ -152,9 +153,9 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, cap
     (config,) = parse_config((RefilledConfig,), argv, "probe")
     student_cfg = load_timm_model(config.student).pretrained_cfg
     data = load_data(config, config.classes, student_cfg)
-    teacher = _load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size)).eval()
+    teacher = load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size)).eval()
     with torch.no_grad():
-        train = _eval_copy(data.train, data.eval_transform)
+        train = eval_copy(data.train, data.eval_transform)
         sums = {}
         for i in range(len(train)):
             item = train[i]

@@ -31,7 +31,8 @@ from refilled_hf.config import (
 from refilled_hf.data import DataError, load_classification_data
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import export_model
-from refilled_hf.pipeline import RunError, probe_teacher, run_distillation
+from refilled_hf.pipeline import RunError, run_distillation
+from refilled_hf.probe import probe_teacher
 from refilled_hf.provenance import teacher_training_rows, training_data_record
 from refilled_hf.rundir import RunDirectory, RunDirError
 from refilled_hf.trainer import RefilledTrainer

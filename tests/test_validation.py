@@ -179,12 +179,12 @@ def test_labels_are_checked_against_the_model_head():
     ],
 )
 def test_few_optimizer_steps_per_epoch_are_warned(batch, accumulation, images, warned, tmp_path, caplog):
-    from refilled_hf.pipeline import _warn_few_steps
+    from refilled_hf.preflight import warn_few_steps
 
     sizes = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation}
     config = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, **sizes)
-    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
-        _warn_few_steps(config, images)
+    with caplog.at_level("WARNING", logger="refilled_hf.preflight"):
+        warn_few_steps(config, images)
     if warned:
         assert f"{images} training images at a global batch of {batch * accumulation} {warned}" in caplog.text
         assert "--per_device_train_batch_size" in caplog.text

@@ -1,0 +1,242 @@
+"""Checks that run before any training: everything in a configuration, its data and its
+models that can fail on user input fails here, with a message that names the fix
+(the teacher that cannot be loaded, label spaces kd cannot bridge, teacher classes the
+teacher was not trained on, batches that cannot mine, inputs that do not fit, a teacher
+cache that cannot apply, a model that cannot run at this input size)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+
+from .backbone import FrozenTeacher, ModelLoadError, StudentModel, exported_config, load_timm_model
+from .config import ConfigError, RefilledConfig
+from .data import ClassificationData, DataError, class_ranges, parse_class_selection, short_list
+from .data_device import DeviceImages, IndexedImages
+from .provenance import same_dataset, training_data_record
+from .teacher_cache import cache_bytes
+
+__all__ = [
+    "cache_needs_logits",
+    "check_forward",
+    "check_label_spaces",
+    "check_memory",
+    "check_mining",
+    "check_teacher_cache",
+    "load_teacher",
+    "stated_teacher_classes",
+    "steps_per_epoch",
+    "teacher_label_names",
+    "uses_teacher_cache",
+    "warn_few_steps",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def steps_per_epoch(config: RefilledConfig, images: int) -> int:
+    """Optimizer steps per epoch of each process (as the Trainer's sharded loader has it)."""
+    batch = config.per_device_train_batch_size
+    batches = images // batch if config.dataloader_drop_last else math.ceil(images / batch)
+    return max(1, math.ceil(math.ceil(batches / config.world_size) / config.gradient_accumulation_steps))
+
+
+
+def load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenTeacher:
+    try:
+        model = load_timm_model(
+            config.teacher,
+            checkpoint=config.teacher_checkpoint,
+            pretrained=config.teacher_checkpoint is None,
+        )
+    except ModelLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - e.g. timm's pretrained download offline
+        raise ModelLoadError(
+            f"Could not load the teacher {config.teacher!r} ({type(err).__name__}: {str(err)[:300]}). Give weights "
+            "with --teacher_checkpoint, or use a 'local-dir:' folder."
+        ) from err
+    return FrozenTeacher(model, student_cfg, input_size=config.teacher_input_size)
+
+
+def teacher_label_names(config: RefilledConfig, teacher: FrozenTeacher) -> list[str] | None:
+    names = getattr(teacher.model, "pretrained_cfg", {}).get("label_names")
+    if names is None and config.teacher and config.teacher.startswith("local-dir:"):
+        names = (exported_config(config.teacher) or {}).get("label_names")
+    return list(names) if names else None
+
+
+def check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: ClassificationData) -> None:
+    """KD needs the teacher's classifier to cover exactly the student's classes."""
+    if config.method != "kd":
+        return
+    teacher_classes = teacher.model.num_classes
+    names = teacher_label_names(config, teacher)
+    same_names = names is None or list(names) == data.class_names
+    same_selection = config.teacher_classes is None or (
+        parse_class_selection(config.teacher_classes, data.dataset_class_names) == list(data.source_class_ids)
+    )
+    if teacher_classes != data.num_classes or not same_names or not same_selection:
+        raise ConfigError(
+            f"method='kd' needs teacher and student on the same label space, but the teacher predicts "
+            f"{teacher_classes} classes {names[:5] if names else ''} and the student {data.num_classes} "
+            f"({data.class_names[:5]}). Use --method refilled (or rkd): they only use the teacher's embedding."
+        )
+
+
+def stated_teacher_classes(config: RefilledConfig, data: ClassificationData) -> str | None:
+    """The teacher's classes as the results and the model card state them: its own
+    training-data record where it has one (``--teacher_classes`` must agree with it),
+    else ``--teacher_classes``, checked to be classes of this data set. None without one."""
+    if config.method == "ce" or not config.teacher:
+        return None
+    given = None
+    if config.teacher_classes is not None:
+        try:
+            given = parse_class_selection(config.teacher_classes, data.dataset_class_names)
+        except DataError as err:
+            raise ConfigError(
+                f"--teacher_classes {config.teacher_classes!r}: {err} It names the teacher's classes in this data set "
+                "(recorded in the model card); leave it unset if the teacher was trained on other data."
+            ) from None
+    record = None if config.teacher_checkpoint else training_data_record(config.teacher)
+    if record is None or not record.get("source_class_ids") or not record.get("class_names"):
+        return None if given is None else class_ranges(given)
+    taught = class_ranges([int(i) for i in record["source_class_ids"]])
+    if given is not None and [data.dataset_class_names[i] for i in given] != list(record["class_names"]):
+        raise ConfigError(
+            f"--teacher_classes {config.teacher_classes!r} is not what the teacher was trained on: its config.json "
+            f"records the classes {short_list(record['class_names'])} ({taught} of {record.get('dataset')!r}). Drop "
+            "--teacher_classes (the model card then states the teacher's record) or correct it."
+        )
+    return taught if same_dataset(record.get("dataset"), config.dataset) else f"{taught} of {record.get('dataset')}"
+
+
+def check_mining(config: RefilledConfig, data: ClassificationData) -> None:
+    if config.method != "refilled":
+        return
+    if data.num_classes < 2:
+        raise ConfigError("REFILLED needs at least 2 student classes: a semi-hard negative has another class.")
+    if config.per_device_train_batch_size < 3:
+        raise ConfigError(
+            f"per_device_train_batch_size={config.per_device_train_batch_size} can never hold a semi-hard "
+            "triplet (anchor, positive of its class, negative of another): use at least 3, ideally >= 64."
+        )
+    counts = torch.bincount(torch.as_tensor(data.train.labels), minlength=data.num_classes)
+    if int(counts.max()) < 2:
+        raise ConfigError(
+            "Every class has fewer than 2 training images, so no batch can hold an (anchor, positive) pair: "
+            "raise --shots_per_class to at least 2."
+        )
+
+
+#: a global batch above this one, leaving fewer optimizer steps per epoch than FEW_STEPS_PER_EPOCH, draws a
+#: warning (see warn_few_steps); 128 is the batch the measurements support
+FEW_STEPS_PER_EPOCH = 10
+LARGE_GLOBAL_BATCH = 128
+
+
+def warn_few_steps(config: RefilledConfig, images: int) -> None:
+    """Warn when a large global batch leaves few optimizer steps per epoch: measured on CIFAR-100
+    (benchmarks/README.md, "Large batches"), 2,500 training images at batch 512 (5 steps per
+    epoch, linear learning-rate scaling) lost about 5 points of test top-1 against batch 128, at
+    10 + 10 and at 40 + 40 epochs. A warning, not an error: the numbers come from one setting.
+    Batches up to 128 are not warned about, however small the data (the quickstart trains 50
+    images at 64): nothing measured says a smaller one does better there."""
+    batch = config.per_device_train_batch_size * config.world_size * config.gradient_accumulation_steps
+    steps = steps_per_epoch(config, images)
+    if batch > LARGE_GLOBAL_BATCH and steps < FEW_STEPS_PER_EPOCH:
+        logger.warning(
+            "%d training images at a global batch of %d give %d optimizer step(s) per epoch. On CIFAR-100 with "
+            "2,500 images, batch 512 (5 steps per epoch) lost about 5 points of test top-1 against batch 128 "
+            "(benchmarks/README.md, 'Large batches'): a global batch of at most 128 (--per_device_train_batch_size "
+            "x processes x --gradient_accumulation_steps) is likely better for a training set this small.",
+            images,
+            batch,
+            steps,
+        )
+
+
+def check_memory(config: RefilledConfig, sizes: list[int]) -> None:
+    """Refuse a batch whose input tensors alone would take half the device's memory
+    (activations take many times more): a clear error instead of the kernel's OOM kill."""
+    if torch.cuda.is_available() and not config.use_cpu:
+        total, where = torch.cuda.get_device_properties(0).total_memory, "GPU"
+    else:
+        total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine"
+    batch = max(config.per_device_train_batch_size, config.per_device_eval_batch_size)
+    needed = batch * 3 * max(sizes) ** 2 * 4 * 2  # float32 inputs, student and teacher views
+    if needed > total / 2:
+        raise ConfigError(
+            f"A batch of {batch} images at {max(sizes)} px needs {needed / 2**30:.1f} GiB for its inputs alone, more "
+            f"than this {where}'s {total / 2**30:.0f} GiB allow: lower --per_device_train_batch_size, "
+            "--per_device_eval_batch_size or --image_size / --teacher_input_size."
+        )
+
+
+def uses_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None) -> bool:
+    return bool(config.teacher_cache) and teacher is not None
+
+
+def cache_needs_logits(config: RefilledConfig) -> bool:
+    return config.method == "kd" or (config.method == "refilled" and config.confidence_weights)
+
+
+def check_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None, data: ClassificationData) -> None:
+    """Refuse a teacher cache that cannot be used, before any long work."""
+    if not uses_teacher_cache(config, teacher):
+        if config.teacher_cache:
+            logger.info("--teacher_cache is not used by --method ce (no teacher).")
+        return
+    if not isinstance(data.train, IndexedImages):
+        raise ConfigError(
+            "--teacher_cache needs the device data path, and this run uses the worker path (the log line 'Data "
+            "path:' says why). Turn the cache off (--teacher_cache none) or make the device path apply (inputs of "
+            "64 px or less, a larger --device_data_budget_gb)."
+        )
+    if not isinstance(data.train.images, DeviceImages):
+        raise ConfigError(
+            "--teacher_cache covers the CIFAR-style crops and flips of inputs of 64 px or less (162 per 32-px "
+            "image); this run trains at a larger size with timm's random-resized crop and colour jitter, whose "
+            "augmentations are too many to cache exactly. Turn the cache off (--teacher_cache none) or train at "
+            "64 px or less (--image_size)."
+        )
+    with torch.no_grad():
+        emb, logits = teacher(data.train.pixels(torch.arange(1)).cpu())
+    logit_dim = logits.shape[1] if cache_needs_logits(config) else 0
+    need = cache_bytes(data.train.images, emb.shape[1], logit_dim, config.teacher_cache_dtype)
+    if need > config.teacher_cache_budget_gb * 2**30:
+        raise ConfigError(
+            f"The teacher cache would take {need / 2**30:.2f} GiB, over --teacher_cache_budget_gb "
+            f"{config.teacher_cache_budget_gb:g}: raise the budget, use --teacher_cache_dtype float16, or turn the "
+            "cache off (--teacher_cache none)."
+        )
+
+
+def check_forward(student: StudentModel, teacher: FrozenTeacher | None, data: ClassificationData) -> None:
+    """Two training images through student and teacher, before any training: a model that
+    cannot run at this input size fails here, in one line, not after the data pass."""
+    if isinstance(data.train, IndexedImages):
+        batch = data.train.pixels(torch.arange(min(2, len(data.train)))).cpu()
+    else:
+        batch = torch.stack([data.train[i]["pixel_values"] for i in range(min(2, len(data.train)))])
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()
+                model(batch)
+        except Exception as err:  # noqa: BLE001 - shape and size errors of any model
+            raise ConfigError(
+                f"The {name} cannot run on {tuple(batch.shape[1:])} inputs ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:200]}): choose another --image_size"
+                f"{' or --teacher_input_size' if name == 'teacher' else ''}, or another model."
+            ) from None
+        finally:
+            model.train(was_training)

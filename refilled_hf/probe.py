@@ -1,0 +1,92 @@
+"""``refilled-hf probe-teacher``: how useful is a teacher's embedding for the student's
+task, before distilling (nearest-class-mean accuracy on the student's validation split)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import set_seed
+
+from .backbone import load_timm_model
+from .config import ConfigError, RefilledConfig
+from .losses import ncm_predict
+from .pipeline import data_pretrained_cfg, eval_copy, inference_trainer, load_data
+from .preflight import load_teacher
+from .provenance import teacher_training_rows, training_data_record
+from .trainer import batch_pixels
+
+__all__ = ["probe_teacher"]
+
+logger = logging.getLogger(__name__)
+
+
+def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
+    """How useful is the teacher's embedding for the student's task, before distilling?
+
+    Nearest-class-mean accuracy of the teacher's (frozen) features on the student's
+    validation split, with class centres from the student's training split: a cheap
+    forecast of what REFILLED can transfer. Reported with the student's data size.
+    Validation images the teacher trained on (known from the record of a teacher
+    exported by refilled-hf: the same split of the same data set) are left out, since
+    the teacher would be measured on its own training images; each class then keeps its
+    share of the validation split (its accuracy on the images left is weighted by its
+    size), so the probe estimates the same quantity as without a record. A class with no
+    image left is not measured (``classes_probed`` counts the measured ones).
+    """
+    if not config.teacher:
+        raise ConfigError("probe-teacher needs --teacher.")
+    if config.validation_fraction <= 0:
+        raise ConfigError("probe-teacher evaluates on the validation split: set --validation_fraction > 0.")
+    set_seed(config.seed)
+    student_cfg = load_timm_model(config.student).pretrained_cfg
+    data = load_data(config, config.classes, student_cfg, splits=("train", "validation"))
+    teacher = load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size))
+    taught = None if config.teacher_checkpoint else teacher_training_rows(training_data_record(config.teacher), data)
+    clean = torch.ones(len(data.validation), dtype=torch.bool)
+    if taught is not None:
+        clean = torch.from_numpy(~np.isin(data.source_rows["validation"], taught))
+    if not clean.any():
+        raise ConfigError(
+            f"The teacher trained on every image of the student's validation split ({len(clean)}): nothing is left "
+            "to probe it on. Carve the student's validation split as the teacher's was (its --validation_fraction "
+            "and --data_seed), or use a teacher trained on other images."
+        )
+    if not clean.all():
+        logger.info("Left out %d of %d validation images: the teacher trained on them.", int((~clean).sum()),
+                    len(clean))  # fmt: skip
+    trainer = inference_trainer(teacher.model, config, "probe", data.num_classes, teacher=teacher)
+    start = time.perf_counter()
+    centers = trainer.compute_teacher_centers(eval_copy(data.train, data.eval_transform))
+    correct = []
+    with torch.no_grad():
+        # the evaluation dataloader yields the split in order (gathered over processes, padding removed)
+        for batch in trainer.evaluation_dataloader(data.validation):
+            scores = ncm_predict(trainer.teacher(batch_pixels(batch, data.validation))[0], centers)
+            hit = (scores.argmax(1) == batch["labels"]).float()
+            correct.append(trainer.accelerator.gather_for_metrics(hit).cpu())
+    correct = torch.cat(correct)
+    if correct.numel() != clean.numel():
+        raise RuntimeError(f"probe: {correct.numel()} predictions for {clean.numel()} validation images")
+    # Leaving images out must not change which classes the probe weighs: each class keeps its
+    # share of the validation split, measured on its images the teacher did not train on.
+    labels = torch.as_tensor(data.validation.labels, dtype=torch.long)
+    share = torch.bincount(labels, minlength=data.num_classes).double()
+    kept = torch.bincount(labels[clean], minlength=data.num_classes).double()
+    hits = torch.bincount(labels[clean], weights=correct[clean].double(), minlength=data.num_classes)
+    measured = kept > 0
+    probe = float((share[measured] * hits[measured] / kept[measured]).sum() / share[measured].sum())
+    return {
+        "teacher": config.teacher,
+        "probe_ncm_top1": 100.0 * probe,
+        "validation_images": int(clean.sum()),
+        "left_out_teacher_training_images": int((~clean).sum()),
+        "classes_probed": int(measured.sum()),
+        "train_images": len(data.train),
+        "classes": data.num_classes,
+        "shots_per_class": config.shots_per_class,
+        "seconds": time.perf_counter() - start,
+    }
