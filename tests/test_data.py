@@ -12,6 +12,7 @@ from refilled_hf.data import (
     CLASS_PRESETS,
     DataError,
     build_transform,
+    class_ranges,
     load_classification_data,
     load_raw_dataset,
     parse_class_selection,
@@ -33,6 +34,18 @@ def test_parse_class_selection():
     assert parse_class_selection("cifar100-second-half", names) == list(range(50, 100))
     assert parse_class_selection("cifar100-shift-10", names) == list(range(10, 60))
     assert set(CLASS_PRESETS) >= {f"cifar100-shift-{k}" for k in (10, 20, 30, 40)}
+
+
+def test_class_ranges_read_back_as_the_same_selection():
+    names = [f"c{i}" for i in range(100)]
+    assert class_ranges(list(range(50))) == "0-49" and class_ranges([3, 5, 6, 7, 9]) == "3,5-7,9"
+    assert class_ranges([9, 8, 7]) == "9,8,7"  # order is the label order: never sorted into a range
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = [int(i) for i in rng.permutation(100)[: rng.integers(1, 100)]]
+        if rng.random() < 0.5:
+            ids.sort()
+        assert parse_class_selection(class_ranges(ids), names) == ids
 
 
 @pytest.mark.parametrize(
