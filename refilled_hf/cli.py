@@ -180,7 +180,7 @@ def _print_results(results: dict[str, Any]) -> None:
     elif "distill_weight" in results:
         rows.append(("lambda", f"{results['distill_weight']:g}"))
     for name, value in rows:
-        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        text = f"{value:.2f}" if isinstance(value, float) else "- (not measured)" if value is None else str(value)
         print(f"{name:30s} {text}")
 
 

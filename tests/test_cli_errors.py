@@ -159,6 +159,7 @@ def test_a_single_parquet_file_runs_without_a_test_split(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "test_top1" not in results["final"] and results["final"]["validation_samples"] == 9
+    assert __import__("re").search(r"test top-1 \(%\) +- \(not measured\)\n", proc.stdout), proc.stdout[-800:]
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "Test top-1" not in card  # no test accuracy is claimed without a test split
 
