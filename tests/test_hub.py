@@ -163,6 +163,7 @@ def test_card_lists_how_each_baseline_trained_otherwise():
                              baselines=[longer, kd, other_lambda])  # fmt: skip
     assert "| refilled (lambda 1) | 200 + 200 |" in text
     assert "| refilled (this model) | 200 + 2 x 200 |" in text
+    assert "top-1 lambda 1: 60.00, lambda 10: 70.00." in text and "is optimistic" in text
     assert "| ce | 400 |" in text
     assert "| kd (student `resnet18`, teacher `hf-hub:someone/same-classes`, 64 px) | 200 |" in text
     assert "- ce trained otherwise than this model's last stage in: learning_rate 0.05 (this model: 0.1)." in text
