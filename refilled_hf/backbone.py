@@ -208,19 +208,46 @@ def load_timm_model(
         return timm.create_model(spec, pretrained=pretrained, **extra, **kwargs)
     state = read_state_dict(checkpoint)
     probe = timm.create_model(spec, pretrained=False, **kwargs)
+    state = _without_wrapper_prefix(state, set(probe.state_dict()))
     if num_classes is None:
         num_classes = _classifier_outputs(state, probe)
     model = probe if num_classes in (None, probe.num_classes) else timm.create_model(spec, num_classes=num_classes)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[:4]
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        detail = [f"{len(keys)} {what} ({_some(keys)})" for what, keys in
+                  (("missing keys", missing), ("unexpected keys", unexpected), ("keys of another shape", reshaped))
+                  if keys]  # fmt: skip
+        if not detail:
+            detail = [" ".join(str(err).split())[:300]]
         raise ModelLoadError(
-            f"Checkpoint {str(checkpoint)!r} does not match the architecture {spec!r}: "
-            + " ".join(line.strip() for line in first)
-            + " Check the model name (and its variant) the checkpoint was trained with."
-        ) from err
+            f"Checkpoint {str(checkpoint)!r} does not match the architecture {spec!r}: {'; '.join(detail)}. Check "
+            "the model name (and its variant) the checkpoint was trained with."
+        ) from None
     return model
+
+
+#: prefixes that wrappers put before a model's own parameter names: refilled-hf's
+#: StudentModel (its Trainer checkpoints), DDP's ``module.``, and both
+WRAPPER_PREFIXES = ("module.model.", "model.", "module.")
+
+
+def _without_wrapper_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """``state`` with a wrapper's prefix removed, where every key has it and none of the
+    model's own names appear without it (a Trainer checkpoint of a stage, a DDP state)."""
+    if not state or set(state) & expected:
+        return state
+    for prefix in WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in state):
+            return {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def _some(keys: list[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 # --------------------------------------------------------------------------- models

@@ -38,7 +38,14 @@ class EvaluateArguments:
     """Arguments of ``refilled-hf evaluate`` besides the data fields of RefilledConfig."""
 
     model: str = field(metadata={"help": "Model to evaluate: local-dir:<folder>, hf-hub:<repo> or a timm name."})
-    checkpoint: str | None = field(default=None, metadata={"help": "Weights for a model given by timm name."})
+    checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights for a model given by timm name: a state dict (.safetensors, or .pt loadable with "
+            "weights_only), a stage's Trainer checkpoint (<run>/stage2/checkpoint-N/model.safetensors) included. "
+            "Stage 1's checkpoints are refused: stage 1 trains the embedding only, its classifier is untrained."
+        },
+    )
     split: str = field(
         default="test",
         metadata={

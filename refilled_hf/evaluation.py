@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 from .backbone import load_timm_model
@@ -90,6 +91,29 @@ def _own_validation_carve(config: RefilledConfig, record: dict[str, Any], model_
     return dataclasses.replace(config, validation_fraction=fraction, data_seed=int(seed))
 
 
+def _run_folder(checkpoint: Path) -> Path | None:
+    """The refilled-hf run folder (the one with ``run.json``) a checkpoint file lies in."""
+    return next((folder for folder in checkpoint.resolve().parents if (folder / "run.json").is_file()), None)
+
+
+def _checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
+    """For a checkpoint a stage of a refilled-hf run wrote: refuse one of stage 1 (it trains
+    the embedding only, so its classifier is untrained and its top-1 would be that of a
+    random head); return the training-data record of the run's export, if it has one, so
+    that a validation split is checked as for the exported model."""
+    run = _run_folder(checkpoint)
+    if run is None:
+        return None
+    if checkpoint.resolve().is_relative_to(run / "stage1"):
+        raise ConfigError(
+            f"{checkpoint} is a checkpoint of REFILLED's stage 1, which trains the embedding only: its classifier "
+            f"is untrained, so its top-1 would be meaningless. Stage 1 is measured by nearest class mean "
+            f"(stage1.test_ncm_top1 in {run / 'results.json'}); evaluate the exported model "
+            f"(--model local-dir:{run / 'model'}) or a stage-2 checkpoint instead."
+        )
+    return training_data_record(f"local-dir:{run / 'model'}") if (run / "model" / "config.json").is_file() else None
+
+
 def evaluate_model(
     model_spec: str, config: RefilledConfig, *, checkpoint: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
@@ -98,16 +122,20 @@ def evaluate_model(
     counting each image once, and ``data``: which images those are. Only that split is
     decoded. For ``validation``, a model that records its training data is evaluated on
     the validation split it was selected on (its fraction and data seed, unless the config
-    sets others, which must carve the same split)."""
+    sets others, which must carve the same split). A ``checkpoint`` a stage of a finished
+    run wrote is treated as that run's export (its classes and record); one of stage 1 is
+    refused."""
     if split not in EVALUATION_SPLITS:
         raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
+    checkpoint_record = _checkpoint_record(Path(checkpoint)) if checkpoint is not None else None
     model = load_timm_model(model_spec, checkpoint=checkpoint)
     model_cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = model_cfg.get("label_names")
-    record = training_data_record(model_spec) if checkpoint is None else None
+    record = training_data_record(model_spec) if checkpoint is None else checkpoint_record
+    # a run's checkpoint has no label names of its own: its run's record has the classes
+    names = model_cfg.get("label_names") if checkpoint is None else (record or {}).get("class_names")
     if split == "validation" and record is not None:
         config = _own_validation_carve(config, record, model_spec)
-    trained_at = model_cfg.get("input_size")
+    trained_at = model_cfg.get("input_size") if checkpoint is None else None  # a registry cfg says nothing of it
     if config.image_size and trained_at and int(trained_at[-1]) != config.image_size:
         logger.warning(
             "--image_size %d: %s was trained at %d px, so this accuracy is for inputs of another size than its own "

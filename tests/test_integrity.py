@@ -5,6 +5,7 @@ label space, and a user's files are never deleted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -576,3 +577,32 @@ def test_damaged_stage_outputs_stop_a_resume_with_one_clear_error(data_dir, teac
     (out / "stage1" / "final" / "metrics.json").write_text("{")
     with pytest.raises(RunError, match="final is damaged"):
         run({**recipe, "resume_from_checkpoint": "true"})
+
+
+def test_evaluate_reads_a_stage_checkpoint_and_refuses_one_of_stage_1(data_dir, tmp_path):
+    from refilled_hf.backbone import ModelLoadError
+
+    teacher = write_random_teacher(tmp_path / "t")
+    results = run(tiny_recipe(data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher}"))
+    config = RefilledConfig(**{**tiny_recipe(data_dir, tmp_path / "e"), "classes": None})
+    # a Trainer checkpoint holds the StudentModel wrapper's names ("model.*"): its last one is the exported student;
+    # its classes and validation split come from the run's record
+    last = checkpoints(tmp_path / "run" / "stage2")[-1] / "model.safetensors"
+    assert all(k.startswith("model.") for k in load_file(str(last)))
+    again = evaluate_model("cifar_wrn_16_1", config, checkpoint=str(last))
+    assert again["test_samples"] == 18 and again["test_top1"] == pytest.approx(results["final"]["test_top1"])
+    assert again["data"]["class_names"] == results["class_names"]
+    own = evaluate_model("cifar_wrn_16_1", config, checkpoint=str(last), split="validation")
+    assert own["validation_top1"] == pytest.approx(results["final"]["validation_top1"])
+    with pytest.raises(ConfigError, match=r"not the one .* --data_seed 0"):  # another seed: another split, refused
+        evaluate_model("cifar_wrn_16_1", dataclasses.replace(config, seed=5, data_seed=5), checkpoint=str(last),
+                       split="validation")  # fmt: skip
+    # stage 1 trains the embedding only: its classifier is the initial one, so a top-1 of it would mean nothing
+    for stage1 in (tmp_path / "run" / "stage1" / "final", checkpoints(tmp_path / "run" / "stage1")[-1]):
+        with pytest.raises(ConfigError, match=r"checkpoint of REFILLED's stage 1.*stage1\.test_ncm_top1"):
+            evaluate_model("cifar_wrn_16_1", config, checkpoint=str(stage1 / "model.safetensors"))
+    # another architecture: a short message that counts the keys instead of listing them all
+    message = r"does not match .*cifar_wrn_16_2.*keys of another shape .*in all\)"
+    with pytest.raises(ModelLoadError, match=message) as err:
+        evaluate_model("cifar_wrn_16_2", config, checkpoint=str(last))
+    assert len(str(err.value)) < 500
