@@ -342,6 +342,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under ``accelerate launch``, tear the process group down before the process exits:
+    one that leaves with gloo's or NCCL's threads still alive can abort (SIGABRT) after a
+    successful run, and the launcher then reports the whole run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _one_line(err: BaseException) -> str:

@@ -107,6 +107,9 @@ optimizer.step()
 if rank == 0:
     torch.save({"loss": loss.detach(), "tuples": stats["tuples"], "triplets": int(stats["triplets"]),
                 "rows": student.shape[0], **{k: v.detach().clone() for k, v in model.state_dict().items()}}, out)
+if world > 1:  # tear gloo down before exit: a process leaving with its threads alive can abort (SIGABRT)
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
@@ -127,3 +130,18 @@ def test_global_mining_over_two_processes_equals_one_process_on_the_whole_batch(
     torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
     for key in ("weight", "bias"):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+
+
+def test_the_cli_tears_the_process_group_down_before_exit(monkeypatch, capsys):
+    """A process that exits with gloo's threads alive can abort after a successful run."""
+    import torch.distributed as dist
+
+    from refilled_hf.cli import main
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    assert main(["losses-demo"]) == 0 and not dist.is_initialized()
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    assert main(["distill", "--no_such_field", "1"]) == 2 and not dist.is_initialized()  # a refused command too
+    capsys.readouterr()
