@@ -111,7 +111,7 @@ def _checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
             f"(stage1.test_ncm_top1 in {run / 'results.json'}); evaluate the exported model "
             f"(--model local-dir:{run / 'model'}) or a stage-2 checkpoint instead."
         )
-    return training_data_record(f"local-dir:{run / 'model'}") if (run / "model" / "config.json").is_file() else None
+    return training_data_record(f"local-dir:{run / 'model'}")  # None where the run has not exported yet
 
 
 def evaluate_model(

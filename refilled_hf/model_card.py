@@ -160,12 +160,12 @@ def _lambda_text(results: dict[str, Any], recipe: dict[str, Any]) -> str | None:
 def _optimizer_lines(results: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
     schedule = results.get("schedule") or {}
     optim = schedule.get("optim", "sgd")
-    momentum = schedule.get("sgd_momentum")
+    momentum, decay = schedule.get("sgd_momentum"), schedule.get("weight_decay", recipe.get("weight_decay"))
     if optim == "sgd":
         text = f"SGD with Nesterov momentum {momentum}" if momentum else "SGD without momentum"
-        text += f", coupled weight decay {schedule.get('weight_decay', recipe.get('weight_decay'))}"
+        text += f", coupled weight decay {decay}"
     else:
-        text = f"transformers' `{optim}`, weight decay {schedule.get('weight_decay', recipe.get('weight_decay'))}"
+        text = f"transformers' `{optim}`, weight decay {decay}"
     per_device, world = recipe.get("per_device_train_batch_size"), results.get("world_size", 1)
     accumulation = recipe.get("gradient_accumulation_steps", 1)
     batch = f"{per_device} per device x {world} process(es)"
@@ -283,7 +283,8 @@ def render_model_card(
                 for c in search["candidates"]
             ],
         }  # fmt: skip
-    evaluate = f"refilled-hf evaluate --model {f'hf-hub:{repo_id}' if repo_id else 'local-dir:<this folder>'}"
+    timm_spec = f"hf-hub:{repo_id}" if repo_id else "local-dir:<this folder>"
+    evaluate = f"refilled-hf evaluate --model {timm_spec}"
     evaluate += f" --dataset {dataset if on_hub else f'<your copy of {dataset_id}>'}"
     for flag in ("dataset_config", "test_split"):
         if recipe.get(flag) not in (None, "test" if flag == "test_split" else None):
@@ -297,7 +298,7 @@ def render_model_card(
         class_names=results["class_names"],
         architecture=architecture,
         needs_refilled=architecture.startswith("cifar_wrn"),
-        timm_spec=f"hf-hub:{repo_id}" if repo_id else "local-dir:<this folder>",
+        timm_spec=timm_spec,
         repo_or_path=repo_id or "<this folder>",
         evaluate_command=evaluate,
         dataset=dataset_id,
