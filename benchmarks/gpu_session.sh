@@ -11,7 +11,7 @@
 #
 # Extra arguments go to every throughput.py call. Environment: OUT (default /tmp/gpu-out),
 # DATA (default .device/data/cifar10), SMALL=0 skips the 60 + 60-epoch small run, and
-# T_RUN T_HOST T_MICRO T_224 T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE set each step's time limit in seconds
+# T_RUN T_MINING T_HOST T_MICRO T_224 T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE set each step's time limit in seconds
 # (together more than one 600 s command: the last steps run only when the first finish early).
 # T_C100 > 0 first runs issue 10's converging CIFAR-100 comparison (`cifar100.py --budget gpu`, needs
 # .device/data/cifar100; about 3 minutes per seed) for that many seconds, and T_B512ACC > 0 issue 11's
@@ -69,6 +69,10 @@ SMALL_RUN=--small_run
 # 1. issue 12 item 4: a whole run (evaluations, last batches, export) eager and with CUDA graphs, which
 #    decides whether reduce-overhead becomes the default on CUDA
 step "${T_RUN:-240}" compile_run $BF16 --compile_run reduce-overhead "$@"
+# 1b. issue 12 item 2: stage 1's tuple loss in fixed shapes (no host read-back, the default on a GPU) against
+#     its pairs listed (7 syncs per step before): the loss alone, then stage 1 through the pipeline both ways
+micro "${T_MINING:-40}" losses_cuda losses.py --device cuda --batches 128 512 1024 --classes 100 10
+step "${T_MINING:-40}" stage1_mining $BF16 --methods stage1 stage1-listed --paths device --steps 120 --warmup 20 "$@"
 # 2. issue 12: the host's work per step that the pipeline adds (a model with almost no compute)
 step "${T_HOST:-90}" host_overhead $BF16 --host_overhead --batch 128 --steps 200 --warmup 30 --repeats 2 "$@"
 # 2b. issue 12 item 2: the teacher's forward under no_grad against inference_mode (host-bound at batch 128

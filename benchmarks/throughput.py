@@ -19,6 +19,7 @@ With ``--small_run``, also the wall time of the issue's small middle-shot run: R
     python benchmarks/throughput.py --compile_modes default max-autotune-no-cudagraphs  # torch.compile rows
     python benchmarks/throughput.py --channels_last_rows  # memory-format rows
     python benchmarks/throughput.py --sync_rows  # host-device syncs per step (CUDA)
+    python benchmarks/throughput.py --methods stage1 stage1-listed --paths device  # stage 1's two mining paths
     python benchmarks/throughput.py --compile_run reduce-overhead  # a whole run, eager and compiled
     python benchmarks/throughput.py --host_overhead --batch 16 --steps 300 --warmup 50  # host work per step
 
@@ -43,6 +44,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 CIFAR10 = ROOT.parent.parent / "shared" / "data" / "cifar10"
 METHODS = ["ce", "kd", "rkd", "stage1", "stage2"]
+#: REFILLED stage 1 with its mined pairs listed (the CPU's way, whose sizes are read back by the
+#: host every step) instead of in fixed shapes (the accelerators' default): an A/B row, on request
+STAGE1_LISTED = "stage1-listed"
+
+
+@contextlib.contextmanager
+def stage1_mining(method: str):
+    """Yield the method to run: ``stage1`` with the listed mining for :data:`STAGE1_LISTED`,
+    the method itself otherwise."""
+    if method != STAGE1_LISTED:
+        yield method
+        return
+    from refilled_hf import losses
+
+    fixed = losses._fixed_shapes
+    losses._fixed_shapes = lambda device: False
+    try:
+        yield "stage1"
+    finally:
+        losses._fixed_shapes = fixed
 
 
 class StepClock:
@@ -150,6 +171,11 @@ def pipeline_timing(
     """``images_per_s`` of the steady-state steps and ``first_step_extra_s``: how much longer
     the first step took than a steady one (a compile, the first allocations). ``counters``:
     more callbacks (e.g. a :class:`SyncCounter`)."""
+    with stage1_mining(method) as run:
+        return _pipeline_timing(run, path, args, teacher, work, counters, run_name=method, **extra)
+
+
+def _pipeline_timing(method, path, args, teacher, work, counters, run_name, **extra) -> dict[str, float]:
     from refilled_hf.config import RefilledConfig
     from refilled_hf.pipeline import run_distillation
 
@@ -179,7 +205,7 @@ def pipeline_timing(
         dataloader_persistent_workers=path == "workers" and args.workers > 0,
         bf16=args.bf16,
         use_cpu=args.device == "cpu",
-        output_dir=str(work / "-".join([method, path, *(f"{k}={v}" for k, v in extra.items())])),
+        output_dir=str(work / "-".join([run_name, path, *(f"{k}={v}" for k, v in extra.items())])),
     )
     recipe.update(extra)
     callbacks = [clock, *counters]
@@ -207,6 +233,11 @@ class _Done(Exception):
 def bare_rate(method: str, args, device: str, channels_last: bool = False) -> float:
     """Images per second of the same steps with the batch already on the device (student and
     teacher in channels-last memory format with ``channels_last``)."""
+    with stage1_mining(method) as run:
+        return _bare_rate(run, args, device, channels_last)
+
+
+def _bare_rate(method: str, args, device: str, channels_last: bool) -> float:
     import timm
     import torch
     import torch.nn.functional as F
@@ -400,7 +431,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="loader workers of the workers path")
     parser.add_argument("--paths", nargs="+", default=["device", "workers"])
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, STAGE1_LISTED])
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--small_run", action="store_true")
     parser.add_argument("--teacher_cache", action="store_true",

@@ -275,7 +275,7 @@ def cmd_losses_demo(argv: list[str]) -> int:
         loss, stats = relationship_loss_with_stats(student_emb, teacher_emb, labels, variant=variant)
         loss.backward()
         print(
-            f"stage 1 ({variant:7s})    {loss.item():10.4f}  {stats['tuples']} tuples, "
+            f"stage 1 ({variant:7s})    {loss.item():10.4f}  {int(stats['tuples'])} tuples, "
             f"{int(stats['triplets'])} triplets"
         )
     centers = torch.nn.functional.normalize(torch.randn(classes, 128), dim=1)

@@ -85,7 +85,8 @@ class _autocast_disabled:
     """Disable autocast on each of the given device types for the duration of a block."""
 
     def __init__(self, device_types: set[str]):
-        self._contexts = [torch.autocast(device_type=t, enabled=False) for t in sorted(device_types)]
+        # "meta" tensors (shapes without data) have no autocast to disable
+        self._contexts = [torch.autocast(device_type=t, enabled=False) for t in sorted(device_types - {"meta"})]
 
     def __enter__(self):
         for ctx in self._contexts:
@@ -209,6 +210,42 @@ def _mine(distances: torch.Tensor, labels: torch.Tensor, margin: float) -> _Mine
     return _Mined(order, anchor[keep], positive[keep], lo[keep], hi[keep])
 
 
+class _DenseMined(NamedTuple):
+    """Semi-hard structure of a batch over every (anchor, positive) slot, in fixed shapes.
+
+    ``order`` as in :class:`_Mined`. For every slot ``[a, p]`` of the ``[B, B]``
+    matrices, ``keep`` says whether ``p`` is a positive of ``a`` with at least one
+    semi-hard negative, and ``order[a, lo[a, p]:hi[a, p]]`` lists them. ``pairs`` is
+    ``keep.sum()``, a 0-d tensor on the batch's device.
+    """
+
+    order: torch.Tensor  # [B, B]
+    lo: torch.Tensor  # [B, B]
+    hi: torch.Tensor  # [B, B]
+    keep: torch.Tensor  # [B, B] bool
+    pairs: torch.Tensor  # 0-d int64
+
+
+def _mine_dense(distances: torch.Tensor, labels: torch.Tensor, margin: float) -> _DenseMined:
+    """:func:`_mine`'s windows for all ``B x B`` slots at once, masked instead of listed.
+
+    Every shape depends on the batch size alone, never on what is mined, so nothing is
+    read back to the host (no ``nonzero``, no boolean indexing, no ``.max()`` sizing a
+    buffer): on a GPU the step is never stalled waiting for the mining, and it can be
+    queued ahead (or captured in a CUDA graph). The cost stays ``O(B^2 log B)``.
+    """
+    batch = distances.shape[0]
+    same = labels[:, None] == labels[None, :]
+    sorted_neg, order = _sort_rows(distances.masked_fill(same, float("inf")))
+    is_pos = same & ~torch.eye(batch, dtype=torch.bool, device=distances.device)
+    # Non-positive slots query +inf, whose window is empty (hi <= lo); masked by `keep` anyway.
+    lower = distances.masked_fill(~is_pos, float("inf")).contiguous()
+    lo = torch.searchsorted(sorted_neg, lower, right=True)
+    hi = torch.searchsorted(sorted_neg, lower + margin, right=False)
+    keep = is_pos & (hi > lo)
+    return _DenseMined(order, lo, hi, keep, keep.sum())
+
+
 def _window_positions(mined: _Mined, width: int) -> torch.Tensor:
     """Flat positions, in a ``[B, width]`` row-major layout of the sorted rows, of every
     mined negative: pair by pair, nearest first."""
@@ -309,8 +346,13 @@ def relationship_loss_with_stats(
     weight: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, int | torch.Tensor]]:
     """:func:`relationship_loss` plus what was mined: ``{"tuples": P, "triplets": T}``
-    (P (anchor, positive) pairs with at least one semi-hard negative, an int; T triplets,
-    a 0-d tensor on the embeddings' device, so that counting never waits for the device)."""
+    (P (anchor, positive) pairs with at least one semi-hard negative, T triplets: 0-d
+    int64 tensors on the embeddings' device, so that counting never waits for the device).
+
+    On an accelerator the tuple variant reads nothing back to the host (every shape it
+    builds depends on the batch size alone), so a training step is never stalled by the
+    mining; the triplet variant lists its triplets, which reads their number back.
+    """
     if variant not in DEFAULT_RELATIONSHIP_WEIGHTS:
         raise ValueError(f"`variant` must be one of {list(RELATIONSHIP_VARIANTS)}, got {variant!r}.")
     _check_matrix("student_embeddings", student_embeddings)
@@ -364,39 +406,100 @@ class _RelationshipMatching(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_s, z_t, labels, variant, tau, margin, weight, stats):
-        d_s = _unit_distances(z_s)
-        mined = _mine(d_s, labels, margin)
-        count = mined.hi - mined.lo
-        stats["tuples"] = int(count.numel())
-        stats["triplets"] = count.sum()  # a device tensor: read when logged, not every step
-        ctx.empty = count.numel() == 0
-        if ctx.empty:
-            ctx.save_for_backward(z_s)
-            return z_s.new_zeros(())
-        # Both spaces in the student's sorted layout, cut after the last window.
-        columns = mined.order[:, : int(mined.hi.max())]
-        d_t = _unit_distances(z_t)
-        s_sorted, s_ap = d_s.gather(1, columns), d_s[mined.anchor, mined.positive]
-        t_sorted, t_ap = d_t.gather(1, columns), d_t[mined.anchor, mined.positive]
+        d_s, d_t = _unit_distances(z_s), _unit_distances(z_t)
         need_grad = ctx.needs_input_grad[0]
-        fn = _tuple_kl if variant == "tuple" else _triplet_kl
-        loss, g_sorted, g_ap = fn(s_sorted, s_ap, t_sorted, t_ap, mined, tau, weight, need_grad)
+        if variant == "tuple" and _fixed_shapes(d_s.device):
+            loss, g_d = _tuple_kl_fixed(d_s, d_t, labels, tau, margin, weight, need_grad, stats)
+        else:
+            loss, g_d = _listed_kl(d_s, d_t, labels, variant, tau, margin, weight, need_grad, stats)
         if need_grad:
-            g_d = torch.zeros_like(d_s).scatter_(1, columns, g_sorted)
-            g_d.index_put_((mined.anchor, mined.positive), g_ap, accumulate=True)
             ctx.save_for_backward(z_s, d_s, g_d)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.empty:
-            (z_s,) = ctx.saved_tensors
-            return torch.zeros_like(z_s), None, None, None, None, None, None, None
         z_s, d_s, g_d = ctx.saved_tensors
         # d = sqrt(2 - 2 G) with G = z z^T: dd/dG = -1/d, except where the clamp held.
         g_gram = torch.where(d_s > _MIN_SQUARED_DISTANCE**0.5, g_d / -d_s, 0.0)
         grad_z = (g_gram + g_gram.T) @ z_s
         return grad_z * grad_output, None, None, None, None, None, None, None
+
+
+def _fixed_shapes(device: torch.device) -> bool:
+    """Whether stage 1 runs in fixed shapes on ``device`` (:func:`_tuple_kl_fixed`).
+
+    On an accelerator every host read-back of the mining stalls the queue of launched
+    work, so the tuple loss runs over all ``B x B`` slots, masked. On the CPU a read-back
+    costs nothing and listing the pairs (about ``B^2 / classes`` of them) is cheaper than
+    the masked ``[B, B]`` float64 work: 1.0-1.8x at batch 64-256, 3-4x at 1024 on two
+    threads (``benchmarks/results/losses.md``).
+    """
+    return device.type != "cpu"
+
+
+def _listed_kl(d_s, d_t, labels, variant, tau, margin, weight, need_grad, stats):
+    """Either variant over the mined pairs, listed (their number is read by the host)."""
+    mined = _mine(d_s, labels, margin)
+    count = mined.hi - mined.lo
+    stats["tuples"] = count.new_tensor(count.numel())
+    stats["triplets"] = count.sum()
+    if count.numel() == 0:
+        return d_s.new_zeros(()), torch.zeros_like(d_s) if need_grad else None
+    # Both spaces in the student's sorted layout, cut after the last window.
+    columns = mined.order[:, : int(mined.hi.max())]
+    s_sorted, s_ap = d_s.gather(1, columns), d_s[mined.anchor, mined.positive]
+    t_sorted, t_ap = d_t.gather(1, columns), d_t[mined.anchor, mined.positive]
+    fn = _tuple_kl_listed if variant == "tuple" else _triplet_kl
+    loss, g_sorted, g_ap = fn(s_sorted, s_ap, t_sorted, t_ap, mined, tau, weight, need_grad)
+    if not need_grad:
+        return loss, None
+    g_d = torch.zeros_like(d_s).scatter_(1, columns, g_sorted)
+    g_d.index_put_((mined.anchor, mined.positive), g_ap, accumulate=True)
+    return loss, g_d
+
+
+def _tuple_kl_fixed(d_s, d_t, labels, tau, margin, weight, need_grad, stats):
+    """Tuple variant in fixed shapes: loss and ``dL/dd_S`` with no host read-back (see
+    :func:`_mine_dense`). The same tuples, loss and gradient as :func:`_tuple_kl_listed`
+    (whose docstring derives them), computed for every ``[a, p]`` slot of the batch and
+    masked to the mined pairs, instead of for a list of them.
+    """
+    mined = _mine_dense(d_s, labels, margin)
+    stats["tuples"] = mined.pairs  # device tensors: read when logged, not every step
+    stats["triplets"] = torch.where(mined.keep, mined.hi - mined.lo, 0).sum()
+    batch = d_s.shape[0]
+    # float64 throughout: prefix-sum differences cancel. Buffers are filled with copy_()
+    # rather than .to(), which on the CPU was several times slower for large matrices.
+    terms = torch.empty(3, batch, batch, dtype=torch.float64, device=d_s.device)
+    logits = torch.empty(2, batch, batch, dtype=torch.float64, device=d_s.device)
+    logits[0].copy_(d_s.gather(1, mined.order))  # both spaces in the student's sorted layout
+    logits[1].copy_(d_t.gather(1, mined.order))
+    logits.mul_(-1.0 / tau)  # student, teacher
+    torch.exp(logits, out=terms[:2])
+    torch.mul(terms[1], logits[1] - logits[0], out=terms[2])
+    prefix = terms.cumsum(2)
+    last = prefix.gather(2, (mined.hi - 1).clamp_min(0).expand(3, -1, -1))
+    before = prefix.gather(2, (mined.lo - 1).clamp_min(0).expand(3, -1, -1))
+    window = last - torch.where(mined.lo > 0, before, 0.0)  # [3, B, B]: sums over each window
+    logits_p = torch.stack([d_s, d_t]).to(torch.float64).mul_(-1.0 / tau)  # [2, B, B]: the positives
+    exps_p = logits_p.exp()
+    totals = exps_p + window[:2]  # E_S, E_T per tuple
+    log_totals = totals.log()
+    kl = (exps_p[1] * (logits_p[1] - logits_p[0]) + window[2]) / totals[1] - log_totals[1] + log_totals[0]
+    pairs = mined.pairs.clamp_min(1)  # nothing mined: a zero loss, zero gradients
+    loss = (weight * torch.where(mined.keep, kl, 0.0).sum() / pairs).float()
+    if not need_grad:
+        return loss, None
+    # dL/dd = -(1/tau) * scale * (pS - pT), with p = exp(l) / E per tuple.
+    per_pair = torch.where(mined.keep, (weight / tau) / (pairs * totals), 0.0)  # [2, B, B]
+    # Spread each tuple's scale over its window: a difference array, then one cumulative sum.
+    diff = per_pair.new_zeros(2, batch, batch + 1)
+    diff.scatter_add_(2, mined.lo.expand(2, -1, -1), per_pair)
+    diff.scatter_add_(2, mined.hi.expand(2, -1, -1), -per_pair)
+    spread = diff.cumsum(2)[..., :-1]
+    g_sorted = (terms[1] * spread[1] - terms[0] * spread[0]).float()
+    g_ap = (exps_p[1] * per_pair[1] - exps_p[0] * per_pair[0]).float()
+    return loss, torch.zeros_like(d_s).scatter_(1, mined.order, g_sorted).add_(g_ap)
 
 
 def _window_sums(values: torch.Tensor, mined: _Mined) -> torch.Tensor:
@@ -422,7 +525,7 @@ def _range_add(values: torch.Tensor, mined: _Mined, width: int) -> torch.Tensor:
     return diff.view(channels, batch, width + 1).cumsum(2)[..., :-1]
 
 
-def _tuple_kl(s_sorted, s_ap, t_sorted, t_ap, mined: _Mined, tau, weight, need_grad):
+def _tuple_kl_listed(s_sorted, s_ap, t_sorted, t_ap, mined: _Mined, tau, weight, need_grad):
     """Tuple variant: loss and ``dL/dd_S`` (sorted layout, and at the positives).
 
     With logits ``l = -d / tau`` over the positive and the window's negatives,

@@ -14,6 +14,7 @@ from reference_losses import (
     rkd_reference,
 )
 
+from refilled_hf import losses
 from refilled_hf.losses import (
     DEFAULT_RELATIONSHIP_WEIGHTS,
     batch_class_centers,
@@ -28,6 +29,28 @@ from refilled_hf.losses import (
     semi_hard_triplets,
     teacher_confidence_weights,
 )
+
+#: stage-1 variants; "tuple-fixed" forces the accelerators' fixed-shape tuple loss on the CPU
+VARIANTS = ["tuple", "tuple-fixed", "triplet"]
+
+
+def force_fixed_shapes(monkeypatch, fixed: bool = True) -> None:
+    """Run stage 1's tuple loss in fixed shapes (the accelerators' path) on the CPU, or listed."""
+    monkeypatch.setattr(losses, "_fixed_shapes", lambda device: fixed)
+
+
+@pytest.fixture
+def variant(request, monkeypatch) -> str:
+    """A stage-1 variant of :data:`VARIANTS` (indirect parametrization), its path forced."""
+    force_fixed_shapes(monkeypatch, request.param == "tuple-fixed")
+    return request.param.removesuffix("-fixed")
+
+
+@pytest.fixture(params=["listed", "fixed"])
+def tuple_path(request, monkeypatch) -> str:
+    """Both paths of the tuple loss, forced."""
+    force_fixed_shapes(monkeypatch, request.param == "fixed")
+    return request.param
 
 
 def make_batch(seed: int, batch: int, classes: int, dim_s: int, dim_t: int):
@@ -90,7 +113,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["tuple", "triplet"])
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
 @pytest.mark.parametrize("case", CASES)
 def test_relationship_loss_matches_reference_value_and_gradient(variant, case):
     seed, batch, classes, dim_s, dim_t, tau, margin = case
@@ -109,7 +132,7 @@ def test_relationship_loss_matches_reference_value_and_gradient(variant, case):
     torch.testing.assert_close(grad.double(), s.grad.double(), rtol=1e-4, atol=1e-6 * float(s.grad.abs().max()))
 
 
-def test_tuples_of_different_sizes_are_not_truncated():
+def test_tuples_of_different_sizes_are_not_truncated(tuple_path):
     s, t, y = make_batch(11, 30, 3, 8, 8)
     z = torch.nn.functional.normalize(s.detach(), dim=1)
     a, p, n = semi_hard_triplets(z, y)
@@ -122,7 +145,7 @@ def test_tuples_of_different_sizes_are_not_truncated():
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
 
 
-def test_samples_outside_every_tuple_get_zero_gradient():
+def test_samples_outside_every_tuple_get_zero_gradient(tuple_path):
     # Rows 0-3 form a tight two-class problem; rows 4-5 are far away (never semi-hard
     # negatives of anything, and their class has a single... no: two members far apart).
     s = torch.tensor(
@@ -141,7 +164,7 @@ def test_samples_outside_every_tuple_get_zero_gradient():
         assert s.grad[:4].abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["tuple", "triplet"])
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
 def test_teacher_gets_no_gradient(variant):
     s, t, y = make_batch(5, 24, 3, 8, 8)
     t.requires_grad_(True)
@@ -150,7 +173,7 @@ def test_teacher_gets_no_gradient(variant):
     assert s.grad is not None and s.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["tuple", "triplet"])
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
 @pytest.mark.parametrize(
     "labels",
     [torch.zeros(6, dtype=torch.long), torch.arange(6), torch.tensor([0, 1])],
@@ -166,7 +189,7 @@ def test_empty_mining_gives_a_zero_that_backpropagates(variant, labels):
     assert torch.equal(s.grad, torch.zeros_like(s))
 
 
-def test_collapsed_embeddings_stay_finite():
+def test_collapsed_embeddings_stay_finite(tuple_path):
     # All student embeddings identical: every distance is 0, nothing is semi-hard.
     s = torch.ones(10, 4, requires_grad=True)
     y = torch.tensor([0, 1] * 5)
@@ -177,7 +200,7 @@ def test_collapsed_embeddings_stay_finite():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["tuple", "triplet"])
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
 def test_half_precision_inputs_are_computed_in_float32(dtype, variant):
     s, t, y = make_batch(7, 48, 4, 16, 16)
     s_half = s.detach().to(dtype).requires_grad_(True)
@@ -189,7 +212,7 @@ def test_half_precision_inputs_are_computed_in_float32(dtype, variant):
     assert s_half.grad.dtype == dtype and torch.isfinite(s_half.grad.float()).all()
 
 
-@pytest.mark.parametrize("variant", ["tuple", "triplet"])
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
 def test_autocast_does_not_lower_precision(variant):
     s, t, y = make_batch(8, 48, 4, 16, 16)
     ref = relationship_loss(s, t, y, variant=variant)
@@ -197,6 +220,48 @@ def test_autocast_does_not_lower_precision(variant):
         under = relationship_loss(s, t, y, variant=variant)
     assert under.dtype == torch.float32
     torch.testing.assert_close(under, ref)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fixed_shape_tuple_loss_equals_the_listed_one(seed, monkeypatch):
+    # The accelerators' path (every [a, p] slot, masked) against the CPU's (the mined pairs
+    # listed): the same tuples and triplets, loss and gradient, on batches with ties
+    # (duplicated rows), with single-member classes and of every size up to 200.
+    g = torch.Generator().manual_seed(seed)
+    batch = int(torch.randint(2, 200, (), generator=g))
+    s = torch.randn(batch, 12, generator=g)
+    if seed % 3 == 0:
+        s[: batch // 3] = s[0]
+    t = torch.randn(batch, 20, generator=g)
+    y = torch.randint(0, int(torch.randint(1, 40, (), generator=g)), (batch,), generator=g)
+    tau, margin = [(4.0, 0.2), (1.0, 0.5), (0.3, 1.5)][seed % 3]
+    results = []
+    for fixed in (False, True):
+        force_fixed_shapes(monkeypatch, fixed)
+        x = s.clone().requires_grad_(True)
+        loss, stats = relationship_loss_with_stats(x, t, y, tau=tau, margin=margin)
+        loss.backward()
+        results.append((loss.detach(), x.grad, stats))
+    (listed, g_listed, st_listed), (fixed_loss, g_fixed, st_fixed) = results
+    assert {k: int(v) for k, v in st_listed.items()} == {k: int(v) for k, v in st_fixed.items()}
+    torch.testing.assert_close(fixed_loss, listed, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_fixed, g_listed, rtol=1e-5, atol=1e-6 * float(g_listed.abs().max()))
+
+
+def test_fixed_shape_tuple_loss_reads_nothing_back_from_the_device():
+    # "meta" tensors have shapes but no values: an operation whose output shape or Python
+    # value depends on the data (nonzero, boolean indexing, .item(), int(t.max())) raises.
+    # The tuple loss runs forward and backward on them: on a GPU it never waits for the
+    # device. The triplet variant lists its triplets, so it must read them, and raises.
+    s = torch.randn(64, 16, device="meta", requires_grad=True)
+    t = torch.randn(64, 32, device="meta")
+    y = torch.randint(0, 10, (64,), device="meta")
+    loss, stats = relationship_loss_with_stats(s, t, y)
+    loss.backward()
+    assert loss.shape == () and s.grad.shape == s.shape
+    assert stats["tuples"].device.type == stats["triplets"].device.type == "meta"
+    with pytest.raises(NotImplementedError, match="nonzero"):
+        relationship_loss_with_stats(s, t, y, variant="triplet")
 
 
 @pytest.mark.parametrize(
