@@ -225,8 +225,11 @@ def cmd_probe(argv: list[str]) -> int:
         print(
             f"Teacher {result['teacher']}: nearest-class-mean accuracy {result['probe_ncm_top1']:.1f}% on the "
             f"student's validation split ({result['validation_images']} images"
-            + (f"; {result['left_out_teacher_training_images']} it trained on left out"
-               if result["left_out_teacher_training_images"] else "")
+            + (
+                f"; {result['left_out_teacher_training_images']} it trained on left out"
+                if result["left_out_teacher_training_images"]
+                else ""
+            )
             + f"), centres from its "
             f"{result['train_images']} training images ({result['classes']} classes, "
             f"{result['shots_per_class'] or 'all'} per class)."

@@ -68,8 +68,10 @@ def _interpolation_name(mode: Any) -> str | None:
 
 
 def _normalize_steps(steps: list, where: str) -> tuple[tuple[float, ...], tuple[float, ...]] | str:
-    if len(steps) != 2 or type(steps[0]).__name__ not in ("ToTensor", "MaybeToTensor") or not isinstance(
-        steps[1], T.Normalize
+    if (
+        len(steps) != 2
+        or type(steps[0]).__name__ not in ("ToTensor", "MaybeToTensor")
+        or not isinstance(steps[1], T.Normalize)
     ):
         return f"the {where} transform does not end in ToTensor + Normalize"
     return tuple(float(v) for v in steps[1].mean), tuple(float(v) for v in steps[1].std)

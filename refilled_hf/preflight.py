@@ -45,7 +45,6 @@ def steps_per_epoch(config: RefilledConfig, images: int) -> int:
     return max(1, math.ceil(math.ceil(batches / config.world_size) / config.gradient_accumulation_steps))
 
 
-
 def load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenTeacher:
     try:
         model = load_timm_model(

@@ -542,8 +542,16 @@ def test_a_teachers_training_rows_are_drawn_again_from_its_record(data_dir, tmp_
     assert not caplog.text
     # a teacher that trained on every validation image of the student leaves nothing to probe
     _, everything = teacher("all", "3-5", validation_fraction=0.0, seed=0)
-    config = RefilledConfig(dataset=str(data_dir), classes="3-5", teacher=f"local-dir:{everything}", use_cpu=True,
-                            image_size=16, validation_fraction=0.25, seed=0, output_dir=str(tmp_path / "p"))
+    config = RefilledConfig(
+        dataset=str(data_dir),
+        classes="3-5",
+        teacher=f"local-dir:{everything}",
+        use_cpu=True,
+        image_size=16,
+        validation_fraction=0.25,
+        seed=0,
+        output_dir=str(tmp_path / "p"),
+    )
     with pytest.raises(ConfigError, match="trained on every image of the student's validation split"):
         probe_teacher(config)
 

@@ -103,8 +103,13 @@ def test_validation_fraction_leaving_a_class_empty(data_dir, tmp_path):
     rejected(recipe, DataError, "leaves it no training image")
 
 
-@pytest.mark.parametrize("selection,message", [("purple", "--teacher_classes 'purple': Unknown class"),
-                                               ("0-9", "--teacher_classes '0-9': Classes .* out of range")])
+@pytest.mark.parametrize(
+    "selection,message",
+    [
+        ("purple", "--teacher_classes 'purple': Unknown class"),
+        ("0-9", "--teacher_classes '0-9': Classes .* out of range"),
+    ],
+)
 def test_teacher_classes_that_are_not_classes_of_the_data(selection, message, data_dir, teacher, tmp_path):
     rejected(tiny_recipe(data_dir, tmp_path / "o", method="rkd", teacher=teacher, teacher_classes=selection),
              ConfigError, message)  # fmt: skip
