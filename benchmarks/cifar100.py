@@ -107,9 +107,12 @@ BATCHES = {"refilled-b128": (128, 0.1, 0.0), "refilled-b512": (512, 0.4, 0.05), 
 #: batch-128 protocol, as long as its stage 2 (40 epochs) and as its two stages (80): does REFILLED's lead
 #: over the student alone hold when both train longer? Each maps to the BATCHES entry it trains with.
 LONG = {"refilled-b128-x4": "refilled-b128", "refilled-b512-x4": "refilled-b512", "ce-b128-x4": "refilled-b128",
-        "ce-equal-b128-x4": "refilled-b128"}  # fmt: skip
+        "ce-equal-b128-x4": "refilled-b128", "refilled-default-b128-x4": "refilled-b128"}  # fmt: skip
 LARGE_BATCH_LONG = ("refilled-b128-x4", "refilled-b512-x4")
 CE_LONG = ("ce-b128-x4", "ce-equal-b128-x4")
+#: the library's lambda default (chosen on validation between 1 and 10) on that 40 + 40 protocol, where lambda
+#: 10 pinned fell within noise of CE on as many images: does the search choose 1 there, and keep up with CE?
+LIBRARY_DEFAULT_LONG = ("refilled-default-b128-x4",)
 ALL_METHODS = (
     METHODS
     + NO_CLIP
@@ -122,6 +125,7 @@ ALL_METHODS = (
     + CORRECT_ONLY
     + (SEARCH,)
     + LIBRARY_DEFAULT
+    + LIBRARY_DEFAULT_LONG
     + CE_SEARCH_EQUAL
 )
 #: the runs that decide the clipping default, first for the later seeds
@@ -176,6 +180,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         # batch 512 against 128 with 4x the epochs, and CE on that protocol, before the remaining baselines
         + [("cross", 50, 0, LARGE_BATCH_LONG + CE_LONG[::-1]), ("cross", 50, 1, LARGE_BATCH_LONG[:1] + CE_LONG[::-1])]
         + [("cross", 50, 1, LARGE_BATCH_LONG[1:]), ("cross", 50, 2, LARGE_BATCH_LONG + CE_LONG[::-1])]
+        + [("cross", 50, s, LIBRARY_DEFAULT_LONG) for s in (1, 0, 2)]
         + [("cross", 50, s, CE_SEARCH_EQUAL) for s in (0, 1, 2)]
         + [("cross", 100, s, ("rkd-noclip",)) for s in (0, 1, 2)]
         + [("cross10", 450, 1, CORRECT_ONLY), ("cross", 50, 1, CORRECT_ONLY), ("cross", 50, 2, CORRECT_ONLY)]
@@ -277,7 +282,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
     }
     if base in ("ce-equal", "ce-searchequal"):
         fields["method"] = "ce"
-    if method not in LIBRARY_DEFAULT:
+    library_default = method in LIBRARY_DEFAULT + LIBRARY_DEFAULT_LONG
+    if not library_default:
         fields["distill_weight"] = 1.0 if method in LAMBDA1 else 10.0  # pinned: cached runs keep their meaning
     if method in CORRECT_ONLY:
         fields["distill_images"] = "teacher_correct"
@@ -289,7 +295,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         batch, lr, warmup = BATCHES[batch_method]
         fields.update(per_device_train_batch_size=batch, stage1_learning_rate=lr, stage2_learning_rate=lr,
                       warmup_steps=warmup, max_grad_norm=0.0)  # fmt: skip
-    if method in LIBRARY_DEFAULT:  # the library's own lambda and clipping defaults, not COMMON's pins
+    if library_default:  # the library's own lambda and clipping defaults, not COMMON's pins
         from refilled_hf.config import RefilledConfig
 
         library = RefilledConfig(output_dir="unused")
@@ -408,6 +414,7 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
                               ("refilled-default", ("ce-noclip", "ce-equal-noclip",
                                                     "ce-searchequal-noclip")),
                               ("refilled-b128-x4", CE_LONG),
+                              ("refilled-default-b128-x4", CE_LONG + ("refilled-b128-x4",)),
                               # not a student-alone baseline: batch 512 minus batch 128, paired
                               ("refilled-b512", ("refilled-b128",)),
                               ("refilled-b512-x4", ("refilled-b128-x4",))):  # fmt: skip

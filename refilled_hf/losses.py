@@ -344,7 +344,7 @@ def relationship_loss_with_stats(
     tau: float = 4.0,
     margin: float = 0.2,
     weight: float | None = None,
-) -> tuple[torch.Tensor, dict[str, int | torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`relationship_loss` plus what was mined: ``{"tuples": P, "triplets": T}``
     (P (anchor, positive) pairs with at least one semi-hard negative, T triplets: 0-d
     int64 tensors on the embeddings' device, so that counting never waits for the device).
@@ -364,7 +364,7 @@ def relationship_loss_with_stats(
     if weight is None:
         weight = DEFAULT_RELATIONSHIP_WEIGHTS[variant]
     _check_positive("weight", weight)
-    stats: dict[str, int | torch.Tensor] = {}
+    stats: dict[str, torch.Tensor] = {}
     loss = _relationship_loss_impl(
         student_embeddings,
         teacher_embeddings,
