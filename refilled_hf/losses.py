@@ -215,15 +215,13 @@ class _DenseMined(NamedTuple):
 
     ``order`` as in :class:`_Mined`. For every slot ``[a, p]`` of the ``[B, B]``
     matrices, ``keep`` says whether ``p`` is a positive of ``a`` with at least one
-    semi-hard negative, and ``order[a, lo[a, p]:hi[a, p]]`` lists them. ``pairs`` is
-    ``keep.sum()``, a 0-d tensor on the batch's device.
+    semi-hard negative, and ``order[a, lo[a, p]:hi[a, p]]`` lists them.
     """
 
     order: torch.Tensor  # [B, B]
     lo: torch.Tensor  # [B, B]
     hi: torch.Tensor  # [B, B]
     keep: torch.Tensor  # [B, B] bool
-    pairs: torch.Tensor  # 0-d int64
 
 
 def _mine_dense(distances: torch.Tensor, labels: torch.Tensor, margin: float) -> _DenseMined:
@@ -242,8 +240,7 @@ def _mine_dense(distances: torch.Tensor, labels: torch.Tensor, margin: float) ->
     lower = distances.masked_fill(~is_pos, float("inf")).contiguous()
     lo = torch.searchsorted(sorted_neg, lower, right=True)
     hi = torch.searchsorted(sorted_neg, lower + margin, right=False)
-    keep = is_pos & (hi > lo)
-    return _DenseMined(order, lo, hi, keep, keep.sum())
+    return _DenseMined(order, lo, hi, is_pos & (hi > lo))
 
 
 def _window_positions(mined: _Mined, width: int) -> torch.Tensor:
@@ -465,41 +462,65 @@ def _tuple_kl_fixed(d_s, d_t, labels, tau, margin, weight, need_grad, stats):
     masked to the mined pairs, instead of for a list of them.
     """
     mined = _mine_dense(d_s, labels, margin)
-    stats["tuples"] = mined.pairs  # device tensors: read when logged, not every step
+    pairs = mined.keep.sum()
+    stats["tuples"] = pairs  # device tensors: read when logged, not every step
     stats["triplets"] = torch.where(mined.keep, mined.hi - mined.lo, 0).sum()
     batch = d_s.shape[0]
-    # float64 throughout: prefix-sum differences cancel. Buffers are filled with copy_()
-    # rather than .to(), which on the CPU was several times slower for large matrices.
-    terms = torch.empty(3, batch, batch, dtype=torch.float64, device=d_s.device)
-    logits = torch.empty(2, batch, batch, dtype=torch.float64, device=d_s.device)
-    logits[0].copy_(d_s.gather(1, mined.order))  # both spaces in the student's sorted layout
-    logits[1].copy_(d_t.gather(1, mined.order))
-    logits.mul_(-1.0 / tau)  # student, teacher
-    torch.exp(logits, out=terms[:2])
-    torch.mul(terms[1], logits[1] - logits[0], out=terms[2])
+    # both spaces in the student's sorted layout, every column
+    terms = _sorted_terms(d_s.gather(1, mined.order), d_t.gather(1, mined.order), tau)
     prefix = terms.cumsum(2)
     last = prefix.gather(2, (mined.hi - 1).clamp_min(0).expand(3, -1, -1))
     before = prefix.gather(2, (mined.lo - 1).clamp_min(0).expand(3, -1, -1))
     window = last - torch.where(mined.lo > 0, before, 0.0)  # [3, B, B]: sums over each window
-    logits_p = torch.stack([d_s, d_t]).to(torch.float64).mul_(-1.0 / tau)  # [2, B, B]: the positives
-    exps_p = logits_p.exp()
-    totals = exps_p + window[:2]  # E_S, E_T per tuple
-    log_totals = totals.log()
-    kl = (exps_p[1] * (logits_p[1] - logits_p[0]) + window[2]) / totals[1] - log_totals[1] + log_totals[0]
-    pairs = mined.pairs.clamp_min(1)  # nothing mined: a zero loss, zero gradients
-    loss = (weight * torch.where(mined.keep, kl, 0.0).sum() / pairs).float()
+    exps_p, totals, kl = _window_kl(window, d_s, d_t, tau)  # every slot [a, p] as a positive
+    divisor = pairs.clamp_min(1)  # nothing mined: a zero loss, zero gradients
+    loss = (weight * torch.where(mined.keep, kl, 0.0).sum() / divisor).float()
     if not need_grad:
         return loss, None
     # dL/dd = -(1/tau) * scale * (pS - pT), with p = exp(l) / E per tuple.
-    per_pair = torch.where(mined.keep, (weight / tau) / (pairs * totals), 0.0)  # [2, B, B]
+    per_pair = torch.where(mined.keep, (weight / tau) / (divisor * totals), 0.0)  # [2, B, B]
     # Spread each tuple's scale over its window: a difference array, then one cumulative sum.
     diff = per_pair.new_zeros(2, batch, batch + 1)
     diff.scatter_add_(2, mined.lo.expand(2, -1, -1), per_pair)
     diff.scatter_add_(2, mined.hi.expand(2, -1, -1), -per_pair)
-    spread = diff.cumsum(2)[..., :-1]
+    g_sorted, g_ap = _tuple_gradients(terms, diff.cumsum(2)[..., :-1], exps_p, per_pair)
+    return loss, torch.zeros_like(d_s).scatter_(1, mined.order, g_sorted).add_(g_ap)
+
+
+def _sorted_terms(s_sorted: torch.Tensor, t_sorted: torch.Tensor, tau: float) -> torch.Tensor:
+    """``[3, B, W]`` float64: ``exp(lS)``, ``exp(lT)`` and ``exp(lT) (lT - lS)`` for the
+    logits ``l = -d / tau`` of the sorted distances in each space; the tuple loss sums
+    them over each window."""
+    batch, width = s_sorted.shape
+    # float64 throughout: prefix-sum differences cancel. Buffers are filled with copy_()
+    # rather than .to(), which on the CPU was several times slower for large matrices.
+    terms = torch.empty(3, batch, width, dtype=torch.float64, device=s_sorted.device)
+    logits = torch.empty(2, batch, width, dtype=torch.float64, device=s_sorted.device)
+    logits[0].copy_(s_sorted)
+    logits[1].copy_(t_sorted)
+    logits.mul_(-1.0 / tau)  # student, teacher
+    torch.exp(logits, out=terms[:2])
+    torch.mul(terms[1], logits[1] - logits[0], out=terms[2])
+    return terms
+
+
+def _window_kl(window: torch.Tensor, s_ap: torch.Tensor, t_ap: torch.Tensor, tau: float):
+    """Each tuple's KL from its window sums (``[3, ...]``, of :func:`_sorted_terms`) and
+    its positive's distances in each space: ``(exp(l_p) [2, ...], E [2, ...], KL)``."""
+    logits_p = torch.stack([s_ap, t_ap]).to(torch.float64).mul_(-1.0 / tau)
+    exps_p = logits_p.exp()
+    totals = exps_p + window[:2]  # E_S, E_T per tuple
+    log_totals = totals.log()
+    kl = (exps_p[1] * (logits_p[1] - logits_p[0]) + window[2]) / totals[1] - log_totals[1] + log_totals[0]
+    return exps_p, totals, kl
+
+
+def _tuple_gradients(terms, spread, exps_p, per_pair) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dL/dd_S`` in the sorted layout and at the positives, from each tuple's scale
+    (``per_pair``) and its spread over the window's columns (``spread``)."""
     g_sorted = (terms[1] * spread[1] - terms[0] * spread[0]).float()
     g_ap = (exps_p[1] * per_pair[1] - exps_p[0] * per_pair[0]).float()
-    return loss, torch.zeros_like(d_s).scatter_(1, mined.order, g_sorted).add_(g_ap)
+    return g_sorted, g_ap
 
 
 def _window_sums(values: torch.Tensor, mined: _Mined) -> torch.Tensor:
@@ -537,31 +558,15 @@ def _tuple_kl_listed(s_sorted, s_ap, t_sorted, t_ap, mined: _Mined, tau, weight,
     gradient ``dKL/dlS_j = pS_j - pT_j`` is spread back over the windows with a
     difference array. Accurate for ``tau`` down to about 0.1 (float64 sums).
     """
-    batch, width = s_sorted.shape
-    # float64 throughout: prefix-sum differences cancel. Buffers are filled with copy_()
-    # rather than .to(), which on the CPU was several times slower for large matrices.
-    terms = torch.empty(3, batch, width, dtype=torch.float64, device=s_sorted.device)
-    logits = torch.empty(2, batch, width, dtype=torch.float64, device=s_sorted.device)
-    logits[0].copy_(s_sorted)
-    logits[1].copy_(t_sorted)
-    logits.mul_(-1.0 / tau)  # student, teacher
-    torch.exp(logits, out=terms[:2])
-    torch.mul(terms[1], logits[1] - logits[0], out=terms[2])
-    window = _window_sums(terms, mined)  # [3, P]
-    logits_p = torch.stack([s_ap, t_ap]).to(torch.float64).mul_(-1.0 / tau)  # [2, P]
-    exps_p = logits_p.exp()
-    totals = exps_p + window[:2]  # E_S, E_T per tuple
-    log_totals = totals.log()
-    kl = (exps_p[1] * (logits_p[1] - logits_p[0]) + window[2]) / totals[1] - log_totals[1] + log_totals[0]
+    terms = _sorted_terms(s_sorted, t_sorted, tau)
+    exps_p, totals, kl = _window_kl(_window_sums(terms, mined), s_ap, t_ap, tau)  # [2, P], [2, P], [P]
     num_pairs = kl.numel()
     loss = (weight * kl.mean()).float()
     if not need_grad:
         return loss, None, None
     # dL/dd = -(1/tau) * scale * (pS - pT), with p = exp(l) / E per tuple.
     per_pair = (weight / (tau * num_pairs)) / totals
-    spread = _range_add(per_pair, mined, width)
-    g_sorted = (terms[1] * spread[1] - terms[0] * spread[0]).float()
-    g_ap = (exps_p[1] * per_pair[1] - exps_p[0] * per_pair[0]).float()
+    g_sorted, g_ap = _tuple_gradients(terms, _range_add(per_pair, mined, s_sorted.shape[1]), exps_p, per_pair)
     return loss, g_sorted, g_ap
 
 
