@@ -21,7 +21,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from .losses import RELATIONSHIP_VARIANTS
 
-__all__ = ["INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError", "option_name"]
+__all__ = ["FIELD_USERS", "INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError", "option_name"]
 
 #: Methods in the same harness: REFILLED's two stages and three baselines.
 METHODS = ("refilled", "ce", "kd", "rkd")
@@ -49,6 +49,50 @@ CHOICES = {
     "teacher_cache_dtype": TEACHER_CACHE_DTYPES,
     "data_path": DATA_PATHS,
 }
+
+#: Who uses each of refilled-hf's own fields that not every run uses: the distillation
+#: methods (``distill --method ...``) and the commands that train or run one model. A field
+#: not listed here is used by every command. A run given a non-default value for a field
+#: it does not use names it in a warning (so that one recipe or command line can run every
+#: method: the README's baseline comparison), except train-teacher, which refuses it (it
+#: has no method to switch: there, --teacher_classes or --student can only be a mistake).
+FIELD_USERS: dict[str, tuple[str, ...]] = {}
+_DISTILL = METHODS
+_WITH_TEACHER = ("refilled", "kd", "rkd")
+_TRAINING = (*METHODS, "train-teacher")
+#: the commands besides distill that read a RefilledConfig
+COMMANDS = ("train-teacher", "evaluate", "probe-teacher")
+for _names, _users in (
+    (("method", "student_checkpoint"), _DISTILL),
+    (("student",), (*_DISTILL, "probe-teacher")),  # the probe reads its input size and normalization
+    (("student_drop_rate",), _TRAINING),  # train-teacher: the trained teacher's dropout
+    (("teacher", "teacher_checkpoint"), (*_WITH_TEACHER, "train-teacher", "probe-teacher")),
+    (("teacher_input_size",), (*_WITH_TEACHER, "probe-teacher")),
+    (("teacher_classes", "teacher_cache", "teacher_cache_dtype", "teacher_cache_budget_gb"), _WITH_TEACHER),
+    (("shots_per_class",), (*_TRAINING, "probe-teacher")),
+    (("horizontal_flip",), _TRAINING),
+    (("stage1_variant", "tau1", "margin", "stage1_weight", "mining_scope", "stage1_epochs", "stage1_learning_rate",
+      "stage1_min_lr_ratio", "tau2", "distill_weight", "distill_weight_search", "distill_weight_schedule",
+      "distill_images", "centers", "confidence_weights"), ("refilled",)),
+    (("kd_tau", "kd_weight"), ("kd",)),
+    (("rkd_distance_weight", "rkd_angle_weight"), ("rkd",)),
+    (("ce_weight",), _TRAINING),  # ce and train-teacher: it scales their only loss
+    (("stage2_epochs", "stage2_learning_rate", "stage2_milestones", "stage2_gamma", "sgd_momentum",
+      "evaluations_per_stage", "overwrite_output", "compare_runs", "card_license"), _TRAINING),
+):  # fmt: skip
+    FIELD_USERS.update(dict.fromkeys(_names, _users))
+
+
+def field_users_text(name: str) -> str | None:
+    """The ``--help`` note of a field only some runs use (None for the others)."""
+    users = FIELD_USERS.get(name)
+    if users is None:
+        return None
+    methods = [m for m in METHODS if m in users]
+    parts = [f"distill --method {'/'.join(methods)}"] if methods else []
+    parts += [c for c in COMMANDS if c in users]
+    rest = "the others warn that they ignore it" + ("" if "train-teacher" in users else ", train-teacher refuses it")
+    return f"[used by {', '.join(parts)}; {rest}]"
 
 
 class ConfigError(ValueError):
@@ -332,8 +376,7 @@ class RefilledConfig(TrainingArguments):
             "built once (that costs 162 teacher passes over the training split), then read instead of running "
             "the teacher each step. The same augmentations and random draws as without it (float32 storage "
             "reproduces the uncached run; float16 rounds the teacher's outputs). Needs the device data path at "
-            "64 px or less; "
-            "ignored where no teacher runs (--method ce, train-teacher). Default none."
+            "64 px or less. Default none."
         ),
     )
     teacher_cache_dtype: str = field(
@@ -418,7 +461,12 @@ class RefilledConfig(TrainingArguments):
     # ---- baselines
     kd_tau: float = field(default=4.0, **_help("KD temperature."))
     kd_weight: float = field(default=0.9, **_help("KD: weight of the distillation term."))
-    ce_weight: float = field(default=1.0, **_help("Weight of the cross-entropy in stage 2, kd and rkd."))
+    ce_weight: float = field(
+        default=1.0,
+        **_help(
+            "Weight of the cross-entropy in stage 2, kd and rkd (with ce and train-teacher it scales their only loss)."
+        ),
+    )
     rkd_distance_weight: float = field(default=25.0, **_help("RKD distance-term weight."))
     rkd_angle_weight: float = field(default=50.0, **_help("RKD angle-term weight."))
 
@@ -696,6 +744,18 @@ class RefilledConfig(TrainingArguments):
                 f"`distill_weight_search` must be distinct comma-separated lambdas >= 0 like '1,10', got {text[:80]!r}."
             )
         return values
+
+    def fields_unused_by(self, user: str) -> dict[str, Any]:
+        """refilled-hf's fields set to other than their default that ``user`` does not use:
+        a method of ``distill`` or one of :data:`COMMANDS` (see :data:`FIELD_USERS`)."""
+        if user not in (*METHODS, *COMMANDS):
+            raise ValueError(f"unknown user {user!r}: a method ({', '.join(METHODS)}) or {', '.join(COMMANDS)}")
+        defaults = {f.name: f.default for f in fields(RefilledConfig) if f.name in FIELD_USERS}
+        return {
+            name: getattr(self, name)
+            for name, users in FIELD_USERS.items()
+            if user not in users and getattr(self, name) != defaults[name]
+        }
 
     def resolved_distill_weight(self) -> float:
         """The lambda of a single stage 2: ``--distill_weight``, or :data:`DEFAULT_DISTILL_WEIGHT`."""

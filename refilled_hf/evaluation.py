@@ -20,7 +20,7 @@ from typing import Any
 from .backbone import load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import DataError, short_list
-from .pipeline import inference_trainer, load_data
+from .pipeline import inference_trainer, load_data, warn_unused_fields
 from .provenance import same_dataset, training_data_record
 
 __all__ = ["check_evaluation_split", "evaluate_model"]
@@ -127,6 +127,7 @@ def evaluate_model(
     refused."""
     if split not in EVALUATION_SPLITS:
         raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
+    warn_unused_fields(config, "evaluate")
     checkpoint_record = _checkpoint_record(Path(checkpoint)) if checkpoint is not None else None
     model = load_timm_model(model_spec, checkpoint=checkpoint)
     model_cfg = getattr(model, "pretrained_cfg", None) or {}

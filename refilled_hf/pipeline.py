@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
 from .backbone import FrozenTeacher, StudentModel, load_timm_model
-from .config import ConfigError, RefilledConfig, option_name
+from .config import METHODS, ConfigError, RefilledConfig, option_name
 from .data import (
     SPLITS,
     ClassificationData,
@@ -412,8 +412,26 @@ def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> d
     over the training split, stage 2 (CE + lambda * local-classifier KL). Baselines:
     one stage with stage 2's schedule. The test split is evaluated once, at the end of
     each stage; the final student is exported to ``output_dir/model``. ``callbacks``
-    (`transformers.TrainerCallback`) are given to every stage's Trainer.
+    (`transformers.TrainerCallback`) are given to every stage's Trainer. Fields the method
+    does not use (``RefilledConfig.fields_unused_by``) are named in a warning.
     """
+    warn_unused_fields(config, config.method)
+    return _train(config, callbacks)
+
+
+def warn_unused_fields(config: RefilledConfig, user: str) -> None:
+    """Log, on the main process, the fields set for nothing: ``user`` (a method, or one of
+    the commands evaluate and probe-teacher) does not use them."""
+    unused = config.fields_unused_by(user)
+    if unused and config.process_index == 0:
+        who = f"--method {user}" if user in METHODS else user
+        logger.warning(
+            "%s does not use %s: ignored (they configure other methods or commands; see `--help`).", who,
+            ", ".join(f"--{name} {value}" for name, value in unused.items()),
+        )  # fmt: skip
+
+
+def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     out = Path(config.output_dir)
     method = config.method
     if method != "ce" and not config.teacher:
@@ -719,10 +737,25 @@ def run_teacher_training(config: RefilledConfig, callbacks: list | None = None) 
     ``config.classes``, with stage 2's schedule; export it to ``output_dir/model``."""
     if not config.teacher:
         raise ConfigError("train-teacher needs --teacher: the timm model to train (e.g. cifar_wrn_40_2).")
+    unused = config.fields_unused_by("train-teacher")
+    if unused:
+        listed = ", ".join(f"--{name} {value}" for name, value in unused.items())
+        hints = [hint for names, hint in _TEACHER_TRAINING_HINTS if set(names) & set(unused)]
+        raise ConfigError(f"train-teacher does not use {listed}: remove {'it' if len(unused) == 1 else 'them'}. "
+                          + " ".join(hints))  # fmt: skip
     teacher_config = dataclasses.replace(
         config, method="ce", student=config.teacher, student_checkpoint=config.teacher_checkpoint
     )
-    return run_distillation(teacher_config, callbacks)
+    return _train(teacher_config, callbacks)
+
+
+#: What train-teacher does instead of the fields it refuses (see RefilledConfig.fields_unused_by).
+_TEACHER_TRAINING_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("teacher_classes",), "The teacher trains on --classes (e.g. --classes 0-49)."),
+    (("student", "student_checkpoint"), "The model trained is --teacher, from --teacher_checkpoint if given."),
+    (("method",), "train-teacher always trains with cross-entropy."),
+    (("teacher_input_size",), "The teacher trains at --image_size."),
+)
 
 
 def inference_trainer(model, config: RefilledConfig, subdir: str, num_classes: int,

@@ -14,7 +14,7 @@ from transformers import set_seed
 from .backbone import load_timm_model
 from .config import ConfigError, RefilledConfig
 from .losses import ncm_predict
-from .pipeline import data_pretrained_cfg, eval_copy, inference_trainer, load_data
+from .pipeline import data_pretrained_cfg, eval_copy, inference_trainer, load_data, warn_unused_fields
 from .preflight import load_teacher
 from .provenance import teacher_training_rows, training_data_record
 from .trainer import batch_pixels
@@ -41,6 +41,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
         raise ConfigError("probe-teacher needs --teacher.")
     if config.validation_fraction <= 0:
         raise ConfigError("probe-teacher evaluates on the validation split: set --validation_fraction > 0.")
+    warn_unused_fields(config, "probe-teacher")
     set_seed(config.seed)
     student_cfg = load_timm_model(config.student).pretrained_cfg
     data = load_data(config, config.classes, student_cfg, splits=("train", "validation"))

@@ -59,7 +59,6 @@ QUICKSTART_RECIPES: dict[str, dict[str, Any]] = {
         "method": "ce",
         "student": "cifar_wrn_16_1",
         "classes": "5-9",
-        "teacher_classes": "0-4",
         "validation_fraction": 0.2,
         "stage2_epochs": 100,
         "stage2_learning_rate": 0.05,

@@ -191,6 +191,8 @@ def test_teacher_with_other_input_size_and_normalization(data_dir, tmp_path):
 
 def test_train_teacher_exports_a_local_dir_model(data_dir, tmp_path):
     recipe = tiny_recipe(data_dir, tmp_path / "teacher", teacher="cifar_wrn_16_1", classes="0-2")
+    for distillation_only in ("teacher_classes", "distill_weight", "stage1_epochs", "stage1_learning_rate"):
+        del recipe[distillation_only]  # train-teacher refuses them (tests/test_field_users.py)
     results = run_teacher_training(RefilledConfig(**recipe))
     assert results["method"] == "ce" and results["class_names"] == CLASS_NAMES[:3]
     model = timm.create_model(f"local-dir:{tmp_path / 'teacher' / 'model'}", pretrained=True)

@@ -1,0 +1,150 @@
+"""Fields only some runs use: the others ignore them, say so, and train-teacher refuses them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CLASS_NAMES, tiny_recipe, write_random_teacher
+from safetensors.torch import load_file
+
+from refilled_hf.cli import main
+from refilled_hf.config import FIELD_USERS, ConfigError, RefilledConfig
+from refilled_hf.evaluation import evaluate_model
+from refilled_hf.pipeline import run_distillation, run_teacher_training
+
+#: A value for every field of FIELD_USERS that would change a run that used it.
+#: distill_weight_search is not here: every method but refilled refuses it (no stage 2 to choose).
+CHANGED = {
+    "teacher": "local-dir:/nonexistent/teacher",
+    "teacher_checkpoint": "/nonexistent/teacher.safetensors",
+    "teacher_input_size": 24,
+    "teacher_classes": "0-1",
+    "teacher_cache": "{tmp}/cache",
+    "teacher_cache_dtype": "float32",
+    "teacher_cache_budget_gb": 0.5,
+    "stage1_variant": "triplet",
+    "tau1": 1.5,
+    "margin": 0.5,
+    "stage1_weight": 10.0,
+    "mining_scope": "local",
+    "stage1_epochs": 1,
+    "stage1_learning_rate": 0.3,
+    "stage1_min_lr_ratio": 0.5,
+    "tau2": 5.0,
+    "distill_weight": 50.0,
+    "distill_weight_schedule": "linear",
+    "distill_images": "teacher_correct",
+    "centers": "batch",
+    "confidence_weights": True,
+    "kd_tau": 1.0,
+    "kd_weight": 0.1,
+    "rkd_distance_weight": 1.0,
+    "rkd_angle_weight": 2.0,
+}
+
+
+def _ignored_by(method: str) -> set[str]:
+    return {name for name, users in FIELD_USERS.items() if method not in users} - {"distill_weight_search"}
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "rkd"])
+def test_fields_a_method_does_not_use_change_nothing_and_are_named(method, data_dir, teacher_dir, tmp_path, caplog):
+    """A run with every field its method does not use changed trains the same student, to
+    the bit, as one without, and its warning names each of them."""
+    ignored = _ignored_by(method)
+    assert ignored <= set(CHANGED), f"give CHANGED a value for {sorted(ignored - set(CHANGED))}"
+    teacher = f"local-dir:{teacher_dir}"
+    if method == "kd":  # KD needs a teacher over the student's own classes
+        teacher = f"local-dir:{write_random_teacher(tmp_path / 'kd-teacher', label_names=CLASS_NAMES[3:6])}"
+    defaults = {"teacher_classes": None, "distill_weight": None, "stage1_epochs": 200, "stage1_learning_rate": 0.1}
+    base = tiny_recipe(data_dir, tmp_path / "plain", method=method, teacher=teacher, stage2_epochs=1, **defaults)
+    changed = {name: str(CHANGED[name]).format(tmp=tmp_path) if name == "teacher_cache" else CHANGED[name]
+               for name in ignored}  # fmt: skip
+    if method == "ce":
+        base.pop("teacher")  # ce runs without a teacher
+    assert RefilledConfig(**base).fields_unused_by(method) == {}  # the baseline sets none of them
+    first = run_distillation(RefilledConfig(**base))
+    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
+        second = run_distillation(RefilledConfig(**{**base, **changed, "output_dir": str(tmp_path / "changed")}))
+    warning = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert len(warning) == 1 and warning[0].startswith(f"--method {method} does not use ")
+    for name in changed:
+        assert f"--{name} " in warning[0]
+    for key in ("test_top1", "test_loss", "validation_top1", "validation_loss"):
+        assert first["final"][key] == second["final"][key]
+    weights = [load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("plain", "changed")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    # evaluate uses none of the training fields either, and says so
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
+        config = RefilledConfig(**{**base, **changed, "output_dir": str(tmp_path / "eval")})
+        metrics = evaluate_model(f"local-dir:{tmp_path / 'changed' / 'model'}", config)
+    assert metrics["test_top1"] == first["final"]["test_top1"]
+    assert "evaluate does not use " in caplog.text and "--stage2_epochs " in caplog.text
+
+
+def test_a_method_warns_about_nothing_it_uses(data_dir, teacher_dir):
+    """The warning is not noise: a refilled recipe names nothing under refilled, and only what
+    REFILLED alone uses under rkd."""
+    recipe = tiny_recipe(data_dir, "o", teacher=f"local-dir:{teacher_dir}", tau1=2.0, kd_weight=0.5)
+    assert RefilledConfig(**recipe).fields_unused_by("refilled") == {"kd_weight": 0.5}
+    assert set(RefilledConfig(**{**recipe, "method": "rkd"}).fields_unused_by("rkd")) == {
+        "tau1", "stage1_epochs", "stage1_learning_rate", "distill_weight", "kd_weight"}  # fmt: skip
+    with pytest.raises(ValueError, match="unknown user"):
+        RefilledConfig(**recipe).fields_unused_by("distill")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "hint"),
+    [
+        ("teacher_classes", "0-2", "The teacher trains on --classes"),
+        ("student", "resnet18", "The model trained is --teacher"),
+        ("method", "kd", "always trains with cross-entropy"),
+        ("distill_weight", 10.0, "remove it."),
+        ("teacher_cache", "cache", "remove it."),
+    ],
+)
+def test_train_teacher_refuses_what_it_does_not_use(field, value, hint, data_dir, tmp_path):
+    """train-teacher has no method to switch: a distillation field there is a mistake (with
+    --teacher_classes 0-2 the teacher trained on every class), refused before any work."""
+    recipe = {k: v for k, v in tiny_recipe(data_dir, tmp_path / "t", teacher="cifar_wrn_16_1").items()
+              if k not in ("teacher_classes", "distill_weight", "stage1_epochs", "stage1_learning_rate")}  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"train-teacher does not use --{field} {value}: .*{hint}"):
+        run_teacher_training(RefilledConfig(**{**recipe, field: value}))
+    assert not (tmp_path / "t").exists()
+
+
+def test_help_says_who_uses_a_field(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # argparse wraps (and hyphen-breaks) at the terminal's width
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "KD: weight of the distillation term. [used by distill --method kd; the others warn" in text
+    assert "Stage-1 temperature. [used by distill --method refilled; the others warn that they ignore it, " \
+           "train-teacher refuses it]" in text  # fmt: skip
+    assert "[used by distill --method refilled/kd/rkd, train-teacher, probe-teacher; the others warn" in text
+
+
+def test_the_command_line_refuses_train_teacher_options(data_dir, tmp_path, capsys):
+    code = main(["train-teacher", "--teacher", "cifar_wrn_16_1", "--dataset", str(data_dir), "--teacher_classes",
+                 "0-2", "--output_dir", str(tmp_path / "t"), "--use_cpu", "true"])  # fmt: skip
+    assert code != 0
+    assert "train-teacher does not use --teacher_classes 0-2" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_probe_teacher_names_what_it_does_not_use(data_dir, teacher_dir, tmp_path, caplog):
+    from refilled_hf.probe import probe_teacher
+
+    recipe = tiny_recipe(data_dir, tmp_path / "p", teacher=f"local-dir:{teacher_dir}", teacher_classes=None,
+                         distill_weight=None, stage1_epochs=200, stage1_learning_rate=0.1, kd_weight=0.5)  # fmt: skip
+    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
+        result = probe_teacher(RefilledConfig(**recipe))
+    assert result["validation_images"] == 9
+    warning = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    # the probe uses the teacher, the student's input size and the data; not the schedules
+    assert len(warning) == 1 and warning[0].startswith("probe-teacher does not use ")
+    named = warning[0].split(": ignored")[0].removeprefix("probe-teacher does not use ").split(", ")
+    assert named == ["--kd_weight 0.5", "--stage2_epochs 2", "--stage2_learning_rate 0.05", "--stage2_milestones 1"]
