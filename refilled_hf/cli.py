@@ -37,7 +37,12 @@ COMMANDS = {
 class EvaluateArguments:
     """Arguments of ``refilled-hf evaluate`` besides the data fields of RefilledConfig."""
 
-    model: str = field(metadata={"help": "Model to evaluate: local-dir:<folder>, hf-hub:<repo> or a timm name."})
+    model: str = field(
+        metadata={
+            "help": "Model to evaluate: local-dir:<folder>, hf-hub:<repo>, or a timm name with its weights in "
+            "--checkpoint (without one, timm's pretrained weights; refused where timm has none)."
+        }
+    )
     checkpoint: str | None = field(
         default=None,
         metadata={

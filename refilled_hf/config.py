@@ -79,6 +79,14 @@ for _names, _users in (
     (("ce_weight",), _TRAINING),  # ce and train-teacher: it scales their only loss
     (("stage2_epochs", "stage2_learning_rate", "stage2_milestones", "stage2_gamma", "sgd_momentum",
       "evaluations_per_stage", "overwrite_output", "compare_runs", "card_license"), _TRAINING),
+    # inherited TrainingArguments fields that only a training run reads: evaluate and probe-teacher
+    # run the model once (--hub_token is left out: a warning must never print it)
+    (("max_steps", "warmup_steps", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
+      "gradient_accumulation_steps", "max_grad_norm", "label_smoothing_factor", "torch_empty_cache_steps",
+      "per_device_train_batch_size", "dataloader_drop_last", "train_sampling_strategy", "eval_strategy",
+      "eval_steps", "eval_delay", "eval_on_start", "load_best_model_at_end", "save_strategy", "save_steps",
+      "save_total_limit", "save_only_model", "save_on_each_node", "restore_callback_states_from_checkpoint",
+      "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private_repo"), _TRAINING),
 ):  # fmt: skip
     FIELD_USERS.update(dict.fromkeys(_names, _users))
 
@@ -89,7 +97,10 @@ def field_users_text(name: str) -> str | None:
     if users is None:
         return None
     methods = [m for m in METHODS if m in users]
-    parts = [f"distill --method {'/'.join(methods)}"] if methods else []
+    if len(methods) == len(METHODS):
+        parts = ["distill"]
+    else:
+        parts = [f"distill --method {'/'.join(methods)}"] if methods else []
     parts += [c for c in COMMANDS if c in users]
     rest = "the others warn that they ignore it" + ("" if "train-teacher" in users else ", train-teacher refuses it")
     return f"[used by {', '.join(parts)}; {rest}]"
@@ -252,6 +263,11 @@ def option_name(value: Any) -> str:
     """A transformers option as its string: enum members (``IntervalStrategy.EPOCH``,
     ``OptimizerNames.SGD``) and plain strings (set on a stage view) alike."""
     return str(getattr(value, "value", value))
+
+
+def options_text(values: dict[str, Any]) -> str:
+    """``--name value, ...`` as a user would type them (enum members by their value)."""
+    return ", ".join(f"--{name} {option_name(value)}" for name, value in values.items())
 
 
 def _plain(value: Any) -> Any:
@@ -590,6 +606,13 @@ class RefilledConfig(TrainingArguments):
             "export keep the usual layout. The same computation up to rounding, except that dropout draws its "
             "masks in memory order (a seeded run draws other masks than in the default layout). Off by default: "
             "some timm models crash in this layout in torch's CPU kernels (fastvit_t8, repvgg_a0)."
+        ),
+    )
+    push_to_hub: bool = field(
+        default=False,
+        **_help(
+            "Push the exported model (output_dir/model, with its model card) to --hub_model_id once, at the end of "
+            "the run, from the main process; stages and checkpoints are never pushed."
         ),
     )
     resume_from_checkpoint: str | None = field(

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .backbone import load_timm_model
+from .backbone import ModelLoadError, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import DataError, short_list
 from .pipeline import inference_trainer, load_data, warn_unused_fields
@@ -114,6 +114,25 @@ def _checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
     return training_data_record(f"local-dir:{run / 'model'}")  # None where the run has not exported yet
 
 
+def _trained_model(model_spec: str, checkpoint: str | None):
+    """The model to evaluate, with trained weights: a registered timm name without
+    ``checkpoint`` loads timm's pretrained weights, and is refused where it has none (its
+    top-1 would be that of a random initialization)."""
+    if checkpoint is not None or model_spec.startswith(("local-dir:", "hf-hub:")):
+        return load_timm_model(model_spec, checkpoint=checkpoint)
+    try:
+        return load_timm_model(model_spec, pretrained=True)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - timm: no pretrained weights, or none reachable offline
+        raise ModelLoadError(
+            f"{model_spec!r} is a timm model name and no --checkpoint was given, so its weights would be timm's "
+            f"pretrained ones, which could not be loaded ({type(err).__name__}: {str(err)[:200]}). Evaluating "
+            "random weights would mean nothing: pass the trained weights with --checkpoint <model.safetensors>, "
+            "or the exported folder with --model local-dir:<run>/model."
+        ) from err
+
+
 def evaluate_model(
     model_spec: str, config: RefilledConfig, *, checkpoint: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
@@ -129,7 +148,7 @@ def evaluate_model(
         raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
     warn_unused_fields(config, "evaluate")
     checkpoint_record = _checkpoint_record(Path(checkpoint)) if checkpoint is not None else None
-    model = load_timm_model(model_spec, checkpoint=checkpoint)
+    model = _trained_model(model_spec, checkpoint)
     model_cfg = getattr(model, "pretrained_cfg", None) or {}
     record = training_data_record(model_spec) if checkpoint is None else checkpoint_record
     # a run's checkpoint has no label names of its own: its run's record has the classes

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
 from .backbone import FrozenTeacher, StudentModel, load_timm_model
-from .config import METHODS, ConfigError, RefilledConfig, option_name
+from .config import METHODS, ConfigError, RefilledConfig, option_name, options_text
 from .data import (
     SPLITS,
     ClassificationData,
@@ -426,8 +426,8 @@ def warn_unused_fields(config: RefilledConfig, user: str) -> None:
     if unused and config.process_index == 0:
         who = f"--method {user}" if user in METHODS else user
         logger.warning(
-            "%s does not use %s: ignored (they configure other methods or commands; see `--help`).", who,
-            ", ".join(f"--{name} {value}" for name, value in unused.items()),
+            "%s does not use %s: ignored (the `--help` of each says which runs use it).", who,
+            options_text(unused),
         )  # fmt: skip
 
 
@@ -739,7 +739,7 @@ def run_teacher_training(config: RefilledConfig, callbacks: list | None = None) 
         raise ConfigError("train-teacher needs --teacher: the timm model to train (e.g. cifar_wrn_40_2).")
     unused = config.fields_unused_by("train-teacher")
     if unused:
-        listed = ", ".join(f"--{name} {value}" for name, value in unused.items())
+        listed = options_text(unused)
         hints = [hint for names, hint in _TEACHER_TRAINING_HINTS if set(names) & set(unused)]
         raise ConfigError(f"train-teacher does not use {listed}: remove {'it' if len(unused) == 1 else 'them'}. "
                           + " ".join(hints))  # fmt: skip
@@ -762,6 +762,8 @@ def inference_trainer(model, config: RefilledConfig, subdir: str, num_classes: i
                       teacher: FrozenTeacher | None = None) -> RefilledTrainer:  # fmt: skip
     """A trainer that only runs ``model`` (evaluate, probe-teacher): no training, no
     evaluation or checkpoint schedule, its files under ``output_dir/<subdir>``."""
-    args = dataclasses.replace(config, method="ce", output_dir=str(Path(config.output_dir) / subdir),
-                               eval_strategy="no", save_strategy="no")  # fmt: skip
+    # a view, not a re-validated copy: the training-only options it switches off (best-model
+    # selection, pushing) are ignored here, with a warning, not refused
+    args = config.stage_view(method="ce", output_dir=str(Path(config.output_dir) / subdir), eval_strategy="no",
+                             save_strategy="no", load_best_model_at_end=False, push_to_hub=False)  # fmt: skip
     return RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=num_classes, teacher=teacher)

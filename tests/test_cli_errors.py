@@ -151,6 +151,14 @@ def test_evaluate_on_other_classes(capsys, data_dir, tmp_path):
     refused(capsys, argv, "trained on the classes")
 
 
+def test_evaluate_refuses_a_timm_name_without_weights(capsys, data_dir, tmp_path):
+    """A registered name without --checkpoint has no trained weights here (cifar_wrn_* has no
+    pretrained ones): its top-1 would be a random initialization's, not a number to report."""
+    argv = ["evaluate", "--model", "cifar_wrn_16_1", "--dataset", str(data_dir), "--classes", "0-5",
+            "--use_cpu", "true", "--image_size", "16", "--output_dir", str(tmp_path / "e")]  # fmt: skip
+    refused(capsys, argv, r"no --checkpoint was given.*pass the trained weights with --checkpoint", tmp_path / "e")
+
+
 @pytest.mark.slow
 def test_a_single_parquet_file_runs_without_a_test_split(data_dir, tmp_path):
     path = recipe_file(tmp_path, data_dir, dataset=str(data_dir / "train.parquet"), test_split="none")

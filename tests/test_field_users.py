@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 from helpers import CLASS_NAMES, tiny_recipe, write_random_teacher
 from safetensors.torch import load_file
+from transformers import TrainingArguments
 
 from refilled_hf.cli import main
-from refilled_hf.config import FIELD_USERS, ConfigError, RefilledConfig
+from refilled_hf.config import FIELD_USERS, METHODS, ConfigError, RefilledConfig
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.pipeline import run_distillation, run_teacher_training
 
@@ -41,6 +44,26 @@ CHANGED = {
     "rkd_distance_weight": 1.0,
     "rkd_angle_weight": 2.0,
 }
+
+#: Inherited TrainingArguments fields only a training run reads, each changed (evaluate and
+#: probe-teacher must measure the same with them, and name them).
+TRAINING_ONLY = {
+    "max_steps": 3, "warmup_steps": 2, "optim": "adamw_torch", "optim_args": "amsgrad=True", "adam_beta1": 0.8,
+    "adam_beta2": 0.99, "adam_epsilon": 1e-6, "weight_decay": 0.01, "gradient_accumulation_steps": 2,
+    "max_grad_norm": 1.0, "label_smoothing_factor": 0.1, "torch_empty_cache_steps": 5,
+    "per_device_train_batch_size": 4, "dataloader_drop_last": True, "train_sampling_strategy": "sequential",
+    "eval_strategy": "steps", "eval_steps": 5, "eval_delay": 1, "eval_on_start": True,
+    "load_best_model_at_end": True, "save_strategy": "steps", "save_steps": 5, "save_total_limit": 1,
+    "save_only_model": True, "save_on_each_node": True, "restore_callback_states_from_checkpoint": True,
+    "resume_from_checkpoint": "true", "push_to_hub": True, "hub_model_id": "me/never-pushed", "hub_private_repo": True,
+}  # fmt: skip
+
+
+def test_every_field_only_training_reads_is_listed():
+    training_only = {name for name, users in FIELD_USERS.items() if users == (*METHODS, "train-teacher")}
+    inherited = {f.name for f in fields(TrainingArguments)}
+    assert training_only & inherited == set(TRAINING_ONLY)
+    assert "hub_token" not in FIELD_USERS  # a warning lists values: the token must never be one
 
 
 def _ignored_by(method: str) -> set[str]:
@@ -79,10 +102,14 @@ def test_fields_a_method_does_not_use_change_nothing_and_are_named(method, data_
     # evaluate uses none of the training fields either, and says so
     caplog.clear()
     with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
-        config = RefilledConfig(**{**base, **changed, "output_dir": str(tmp_path / "eval")})
+        config = RefilledConfig(**{**base, **changed, **TRAINING_ONLY, "output_dir": str(tmp_path / "eval")})
         metrics = evaluate_model(f"local-dir:{tmp_path / 'changed' / 'model'}", config)
     assert metrics["test_top1"] == first["final"]["test_top1"]
+    assert metrics["test_loss"] == first["final"]["test_loss"]  # label smoothing never reaches evaluation
     assert "evaluate does not use " in caplog.text and "--stage2_epochs " in caplog.text
+    for name, value in TRAINING_ONLY.items():
+        assert f"--{name} {value}," in caplog.text or f"--{name} {value}:" in caplog.text
+    assert not list((tmp_path / "eval").rglob("checkpoint-*"))  # nothing trained, nothing saved
 
 
 def test_a_method_warns_about_nothing_it_uses(data_dir, teacher_dir):
@@ -125,6 +152,8 @@ def test_help_says_who_uses_a_field(capsys, monkeypatch):
     assert "Stage-1 temperature. [used by distill --method refilled; the others warn that they ignore it, " \
            "train-teacher refuses it]" in text  # fmt: skip
     assert "[used by distill --method refilled/kd/rkd, train-teacher, probe-teacher; the others warn" in text
+    assert "each stage: steps (>= 1) or a fraction of it (< 1). [used by distill, train-teacher; the others warn " \
+           "that they ignore it]" in text  # fmt: skip
 
 
 def test_the_command_line_refuses_train_teacher_options(data_dir, tmp_path, capsys):
@@ -147,4 +176,12 @@ def test_probe_teacher_names_what_it_does_not_use(data_dir, teacher_dir, tmp_pat
     # the probe uses the teacher, the student's input size and the data; not the schedules
     assert len(warning) == 1 and warning[0].startswith("probe-teacher does not use ")
     named = warning[0].split(": ignored")[0].removeprefix("probe-teacher does not use ").split(", ")
-    assert named == ["--kd_weight 0.5", "--stage2_epochs 2", "--stage2_learning_rate 0.05", "--stage2_milestones 1"]
+    assert named == ["--kd_weight 0.5", "--stage2_epochs 2", "--stage2_learning_rate 0.05", "--stage2_milestones 1",
+                     "--per_device_train_batch_size 12", "--save_total_limit 3"]  # fmt: skip
+
+    # nor the options only training reads: the same probe, and each named
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
+        result_with_training_options = probe_teacher(RefilledConfig(**{**recipe, **TRAINING_ONLY}))
+    assert result_with_training_options["probe_ncm_top1"] == result["probe_ncm_top1"]
+    assert "--optim adamw_torch, " in caplog.text and "--per_device_train_batch_size 4, " in caplog.text
