@@ -146,10 +146,11 @@ def _recipe_value(path: Path, name: str, default: Any, type_text: str, value: An
 def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) -> tuple[Any, ...]:
     """Parse ``--config recipe.yaml`` (defaults) and command-line overrides."""
     parser = HfArgumentParser(dataclass_types, prog=prog)
-    for action in parser._actions:  # argparse keeps its actions there; the help is all this changes
-        note = field_users_text(action.dest) if RefilledConfig in dataclass_types else None
-        if note and action.help and note not in action.help:
-            action.help = f"{action.help} {note}"
+    if RefilledConfig in dataclass_types:
+        for action in parser._actions:  # argparse keeps its actions there; the help is all this changes
+            note = field_users_text(action.dest)
+            if note and action.help and note not in action.help:
+                action.help = f"{action.help} {note}"
     parser.add_argument("--config", type=str, default=None, help="YAML recipe; command-line flags override it.")
     config_path = _flag_value(argv, "--config")
     if config_path is not None:

@@ -50,18 +50,19 @@ CHOICES = {
     "data_path": DATA_PATHS,
 }
 
-#: Who uses each of refilled-hf's own fields that not every run uses: the distillation
-#: methods (``distill --method ...``) and the commands that train or run one model. A field
-#: not listed here is used by every command. A run given a non-default value for a field
-#: it does not use names it in a warning (so that one recipe or command line can run every
-#: method: the README's baseline comparison), except train-teacher, which refuses it (it
-#: has no method to switch: there, --teacher_classes or --student can only be a mistake).
+#: Who uses each field that not every run uses (refilled-hf's own, and the inherited ones
+#: only training reads): the distillation methods (``distill --method ...``) and the
+#: commands that train or run one model. A field not listed here is used by every command.
+#: A run given a non-default value for a field it does not use names it in a warning (so
+#: that one recipe or command line can run every method: the README's baseline
+#: comparison), except train-teacher, which refuses it (it has no method to switch: there,
+#: --teacher_classes or --student can only be a mistake).
 FIELD_USERS: dict[str, tuple[str, ...]] = {}
 _DISTILL = METHODS
 _WITH_TEACHER = ("refilled", "kd", "rkd")
 _TRAINING = (*METHODS, "train-teacher")
 #: the commands besides distill that read a RefilledConfig
-COMMANDS = ("train-teacher", "evaluate", "probe-teacher")
+CONFIG_COMMANDS = ("train-teacher", "evaluate", "probe-teacher")
 for _names, _users in (
     (("method", "student_checkpoint"), _DISTILL),
     (("student",), (*_DISTILL, "probe-teacher")),  # the probe reads its input size and normalization
@@ -101,7 +102,7 @@ def field_users_text(name: str) -> str | None:
         parts = ["distill"]
     else:
         parts = [f"distill --method {'/'.join(methods)}"] if methods else []
-    parts += [c for c in COMMANDS if c in users]
+    parts += [c for c in CONFIG_COMMANDS if c in users]
     rest = "the others warn that they ignore it" + ("" if "train-teacher" in users else ", train-teacher refuses it")
     return f"[used by {', '.join(parts)}; {rest}]"
 
@@ -769,10 +770,10 @@ class RefilledConfig(TrainingArguments):
         return values
 
     def fields_unused_by(self, user: str) -> dict[str, Any]:
-        """refilled-hf's fields set to other than their default that ``user`` does not use:
-        a method of ``distill`` or one of :data:`COMMANDS` (see :data:`FIELD_USERS`)."""
-        if user not in (*METHODS, *COMMANDS):
-            raise ValueError(f"unknown user {user!r}: a method ({', '.join(METHODS)}) or {', '.join(COMMANDS)}")
+        """The fields of :data:`FIELD_USERS` set to other than their default that ``user``
+        does not use: a method of ``distill`` or one of :data:`CONFIG_COMMANDS`."""
+        if user not in (*METHODS, *CONFIG_COMMANDS):
+            raise ValueError(f"unknown user {user!r}: a method ({', '.join(METHODS)}) or {', '.join(CONFIG_COMMANDS)}")
         defaults = {f.name: f.default for f in fields(RefilledConfig) if f.name in FIELD_USERS}
         return {
             name: getattr(self, name)
