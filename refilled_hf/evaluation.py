@@ -21,7 +21,7 @@ from .backbone import ModelLoadError, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import DataError, short_list
 from .pipeline import inference_trainer, load_data, warn_unused_fields
-from .provenance import same_dataset, training_data_record
+from .provenance import run_folder, same_dataset, training_data_record, weights_training_record
 
 __all__ = ["check_evaluation_split", "evaluate_model"]
 
@@ -91,17 +91,12 @@ def _own_validation_carve(config: RefilledConfig, record: dict[str, Any], model_
     return dataclasses.replace(config, validation_fraction=fraction, data_seed=int(seed))
 
 
-def _run_folder(checkpoint: Path) -> Path | None:
-    """The refilled-hf run folder (the one with ``run.json``) a checkpoint file lies in."""
-    return next((folder for folder in checkpoint.resolve().parents if (folder / "run.json").is_file()), None)
-
-
 def _checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
     """For a checkpoint a stage of a refilled-hf run wrote: refuse one of stage 1 (it trains
     the embedding only, so its classifier is untrained and its top-1 would be that of a
     random head); return the training-data record of the run's export, if it has one, so
     that a validation split is checked as for the exported model."""
-    run = _run_folder(checkpoint)
+    run = run_folder(checkpoint)
     if run is None:
         return None
     if checkpoint.resolve().is_relative_to(run / "stage1"):
@@ -111,7 +106,7 @@ def _checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
             f"(stage1.test_ncm_top1 in {run / 'results.json'}); evaluate the exported model "
             f"(--model local-dir:{run / 'model'}) or a stage-2 checkpoint instead."
         )
-    return training_data_record(f"local-dir:{run / 'model'}")  # None where the run has not exported yet
+    return weights_training_record(None, checkpoint)
 
 
 def _trained_model(model_spec: str, checkpoint: str | None):

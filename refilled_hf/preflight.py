@@ -17,7 +17,7 @@ from .backbone import FrozenTeacher, ModelLoadError, StudentModel, exported_conf
 from .config import ConfigError, RefilledConfig
 from .data import ClassificationData, DataError, class_ranges, parse_class_selection, short_list
 from .data_device import DeviceImages, IndexedImages
-from .provenance import same_dataset, training_data_record
+from .provenance import same_dataset, weights_training_record
 from .teacher_cache import cache_bytes
 
 __all__ = [
@@ -63,9 +63,13 @@ def load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenT
 
 
 def teacher_label_names(config: RefilledConfig, teacher: FrozenTeacher) -> list[str] | None:
+    """The teacher's classes, in its output order: its label names, or for a checkpoint a
+    refilled-hf run wrote, the classes that run recorded (None where nothing says)."""
     names = getattr(teacher.model, "pretrained_cfg", {}).get("label_names")
     if names is None and config.teacher and config.teacher.startswith("local-dir:"):
         names = (exported_config(config.teacher) or {}).get("label_names")
+    if names is None and config.teacher_checkpoint:
+        names = (weights_training_record(config.teacher, config.teacher_checkpoint) or {}).get("class_names")
     return list(names) if names else None
 
 
@@ -102,7 +106,7 @@ def stated_teacher_classes(config: RefilledConfig, data: ClassificationData) -> 
                 f"--teacher_classes {config.teacher_classes!r}: {err} It names the teacher's classes in this data set "
                 "(recorded in the model card); leave it unset if the teacher was trained on other data."
             ) from None
-    record = None if config.teacher_checkpoint else training_data_record(config.teacher)
+    record = weights_training_record(config.teacher, config.teacher_checkpoint)
     if record is None or not record.get("source_class_ids") or not record.get("class_names"):
         return None if given is None else class_ranges(given)
     taught = class_ranges([int(i) for i in record["source_class_ids"]])

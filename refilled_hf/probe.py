@@ -16,7 +16,7 @@ from .config import ConfigError, RefilledConfig
 from .losses import ncm_predict
 from .pipeline import data_pretrained_cfg, eval_copy, inference_trainer, load_data, warn_unused_fields
 from .preflight import load_teacher
-from .provenance import teacher_training_rows, training_data_record
+from .provenance import teacher_training_rows, weights_training_record
 from .trainer import batch_pixels
 
 __all__ = ["probe_teacher"]
@@ -46,7 +46,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     student_cfg = load_timm_model(config.student).pretrained_cfg
     data = load_data(config, config.classes, student_cfg, splits=("train", "validation"))
     teacher = load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size))
-    taught = None if config.teacher_checkpoint else teacher_training_rows(training_data_record(config.teacher), data)
+    taught = teacher_training_rows(weights_training_record(config.teacher, config.teacher_checkpoint), data)
     clean = torch.ones(len(data.validation), dtype=torch.bool)
     if taught is not None:
         clean = torch.from_numpy(~np.isin(data.source_rows["validation"], taught))

@@ -20,7 +20,7 @@ from .backbone import exported_config
 from .data import DataError, load_classification_data
 from .hub import TRAINING_DATA_KEY
 
-__all__ = ["same_dataset", "teacher_training_rows", "training_data_record"]
+__all__ = ["run_folder", "same_dataset", "teacher_training_rows", "training_data_record", "weights_training_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,22 @@ def training_data_record(model_spec: str | None) -> dict[str, Any] | None:
     model (None for a registered timm name, or a model exported without one)."""
     record = (exported_config(model_spec) or {}).get(TRAINING_DATA_KEY)
     return record if isinstance(record, dict) else None
+
+
+def run_folder(checkpoint: str | Path) -> Path | None:
+    """The refilled-hf run folder (the one with ``run.json``) a checkpoint file lies in."""
+    return next((folder for folder in Path(checkpoint).resolve().parents if (folder / "run.json").is_file()), None)
+
+
+def weights_training_record(model_spec: str | None, checkpoint: str | Path | None = None) -> dict[str, Any] | None:
+    """The training-data record of the weights ``model_spec`` (with ``checkpoint``, if
+    given) loads: the model's own, or, for a checkpoint that a stage of a refilled-hf run
+    wrote, the record of that run's export (every stage of a run trains on the same
+    images). None where nothing records it (another checkpoint, a run not exported yet)."""
+    if checkpoint is None:
+        return training_data_record(model_spec)
+    run = run_folder(checkpoint)
+    return None if run is None else training_data_record(f"local-dir:{run / 'model'}")
 
 
 def same_dataset(a: str | None, b: str | None) -> bool:
