@@ -89,6 +89,12 @@ def check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: Cla
             f"{teacher_classes} classes {names[:5] if names else ''} and the student {data.num_classes} "
             f"({data.class_names[:5]}). Use --method refilled (or rkd): they only use the teacher's embedding."
         )
+    if names is None and config.teacher_classes is None:
+        logger.warning(
+            "kd: the teacher records no class names, so only its number of classes (%d) could be checked against the "
+            "student's: KD is right only if its outputs are the student's classes, in the same order. Pass "
+            "--teacher_classes <its classes> to check that.", teacher_classes,
+        )  # fmt: skip
 
 
 def stated_teacher_classes(config: RefilledConfig, data: ClassificationData) -> str | None:

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from helpers import CLASS_NAMES, tiny_recipe
 
+from refilled_hf.backbone import load_timm_model
 from refilled_hf.config import ConfigError, RefilledConfig
-from refilled_hf.pipeline import run_distillation, run_teacher_training
+from refilled_hf.pipeline import load_data, run_distillation, run_teacher_training
+from refilled_hf.preflight import check_label_spaces, load_teacher
 from refilled_hf.probe import probe_teacher
 from refilled_hf.provenance import run_folder, weights_training_record
 
@@ -74,3 +76,34 @@ def test_probe_with_a_run_checkpoint_leaves_out_what_the_teacher_trained_on(teac
     assert by_export["left_out_teacher_training_images"] > 0
     assert by_checkpoint["left_out_teacher_training_images"] == by_export["left_out_teacher_training_images"]
     assert by_checkpoint["validation_images"] == by_export["validation_images"]
+
+
+def test_kd_from_a_checkpoint_without_record_says_what_it_could_not_check(teacher_run, data_dir, tmp_path, caplog):
+    """A checkpoint outside any run names no classes: KD runs, checked by class count only,
+    and says so, unless --teacher_classes names them (then it is checked, and refused when
+    they are not the student's)."""
+
+    loose = tmp_path / "elsewhere" / "model.safetensors"
+    loose.parent.mkdir()
+    loose.write_bytes(_checkpoint(teacher_run).read_bytes())
+    recipe = tiny_recipe(data_dir, tmp_path / "kd", method="kd", teacher="cifar_wrn_16_1",
+                         teacher_checkpoint=str(loose), teacher_classes=None)  # fmt: skip
+    config = RefilledConfig(**recipe)
+    cfg = load_timm_model(config.student).pretrained_cfg
+    data = load_data(config, config.classes, cfg)
+    teacher = load_teacher(config, cfg)
+    with caplog.at_level("WARNING", logger="refilled_hf.preflight"):
+        check_label_spaces(config, teacher, data)
+    assert "only its number of classes (3) could be checked" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refilled_hf.preflight"):
+        check_label_spaces(RefilledConfig(**{**recipe, "teacher_classes": "3-5"}), teacher, data)
+    assert "could be checked" not in caplog.text
+    with pytest.raises(ConfigError, match="same label space"):
+        check_label_spaces(RefilledConfig(**{**recipe, "teacher_classes": "2-4"}), teacher, data)
+    # the run's own checkpoint names its classes: nothing to warn about, and refused (above)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refilled_hf.preflight"), pytest.raises(ConfigError):
+        check_label_spaces(RefilledConfig(**{**recipe, "teacher_checkpoint": str(_checkpoint(teacher_run))}),
+                           teacher, data)  # fmt: skip
+    assert "could be checked" not in caplog.text
