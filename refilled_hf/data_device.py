@@ -164,7 +164,7 @@ class IndexedImages(torch.utils.data.Dataset):
 
 
 def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: bool, device, budget_bytes: float,
-                     train_transform, eval_transform):  # fmt: skip
+                     train_transform, eval_transform, augment_train: bool = True):  # fmt: skip
     """Decide the data path for ``data`` (a :class:`~refilled_hf.data.ClassificationData`
     with its images preloaded) and, for the device path, replace its splits by
     :class:`IndexedImages` on ``device``. Returns ``(path, reason)``.
@@ -174,7 +174,8 @@ def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: b
     (:class:`~refilled_hf.data_device_timm.DeviceResizedCrops`), read from
     ``train_transform`` / ``eval_transform`` (the worker path's). ``mode`` is ``auto``,
     ``device`` or ``workers``; ``device`` raises ``ValueError`` (with the reason) where the
-    device path does not apply.
+    device path does not apply. ``augment_train=False``: the training split is only read
+    unaugmented (probe-teacher's class centres), and the reason says so.
     """
     if mode == "workers":
         return "workers", "--data_path workers"
@@ -205,8 +206,9 @@ def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: b
         return "workers", reason
     for name, split in splits.items():
         setattr(data, name, IndexedImages(_store(split._decoded, size, plan, data_cfg, flip, name, device),
-                                          split.labels, augment=name == "train"))  # fmt: skip
-    done = f"augmented there ({what})" if "train" in splits else "transformed there (evaluation only)"
+                                          split.labels, augment=name == "train" and augment_train))  # fmt: skip
+    augmented = "train" in splits and augment_train
+    done = f"augmented there ({what})" if augmented else "transformed there (no augmentation)"
     return "device", f"{need / 2**20:.0f} MiB of uint8 images on {torch.device(device)}, {done}"
 
 

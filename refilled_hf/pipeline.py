@@ -86,10 +86,11 @@ class DivergedError(RunError):
 
 def load_data(
     config: RefilledConfig, classes: str | Sequence[str] | None, pretrained_cfg: dict[str, Any],
-    splits: Sequence[str] = SPLITS,
+    splits: Sequence[str] = SPLITS, augment_train: bool = True,
 ) -> ClassificationData:  # fmt: skip
     """The task's splits (those in ``splits``; the others None), with the model's
-    transforms (and ``image_size`` override)."""
+    transforms (and ``image_size`` override). ``augment_train=False`` for a command that
+    reads the training split unaugmented only (on the device path it is placed so)."""
     data = load_classification_data(
         config.dataset,
         dataset_config=config.dataset_config,
@@ -113,7 +114,7 @@ def load_data(
         budget = config.device_data_budget_gb * 2**30
         path, reason = choose_and_place(
             data, cfg, mode=config.data_path, flip=config.horizontal_flip, device=config.device, budget_bytes=budget,
-            train_transform=train_tf, eval_transform=eval_tf,
+            train_transform=train_tf, eval_transform=eval_tf, augment_train=augment_train,
         )  # fmt: skip
     except ValueError as err:
         raise ConfigError(str(err)) from None

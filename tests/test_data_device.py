@@ -164,3 +164,20 @@ def test_teacher_centres_without_validation_or_test_split_agree_across_paths(dat
         centres[path] = load_file(str(tmp_path / path / "stage2" / "teacher_centers.safetensors"))["centers"]
     # the training images under the evaluation transform, on either path
     torch.testing.assert_close(centres["device"], centres["workers"], rtol=0, atol=1e-5)
+
+
+def test_a_training_split_read_unaugmented_is_placed_and_reported_so(data_dir, caplog):
+    """probe-teacher reads the training split only for its class centres, unaugmented: the
+    device path places it so, and its log does not claim augmentation."""
+    config = RefilledConfig(**tiny_recipe(data_dir, "unused"))
+    cfg = {"input_size": (3, 16, 16), "mean": MEAN, "std": STD}
+    with caplog.at_level("INFO", logger="refilled_hf.pipeline"):
+        data = load_data(config, config.classes, cfg, splits=("train", "validation"), augment_train=False)
+    assert data.info["data_path"] == "device" and "transformed there (no augmentation)" in caplog.text
+    assert isinstance(data.train, IndexedImages) and not data.train.augment
+    first, again = (data.train.pixels(torch.arange(len(data.train))) for _ in range(2))
+    assert torch.equal(first, again)  # nothing random
+    caplog.clear()
+    with caplog.at_level("INFO", logger="refilled_hf.pipeline"):
+        data = load_data(config, config.classes, cfg, splits=("train", "validation"))
+    assert data.train.augment and "augmented there (random crop and flip)" in caplog.text
