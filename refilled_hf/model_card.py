@@ -147,6 +147,21 @@ def _stage_epochs(results: dict[str, Any], stage: str, planned: float | None) ->
     return f"{_num(trained)} of {_num(planned)} planned epochs (stopped by --max_steps)"
 
 
+def _lr_steps(results: dict[str, Any], recipe: dict[str, Any]) -> str:
+    """The learning-rate decays the last stage went through: a milestone at or beyond the
+    epochs it trained (planned, or cut by --max_steps) never decayed it."""
+    milestones = [m.strip() for m in str(recipe.get("stage2_milestones") or "").split(",") if m.strip()]
+    epochs = _trained_epochs(results.get("final"))
+    epochs = recipe.get("stage2_epochs") if epochs is None else epochs
+    reached = [m for m in milestones if epochs is None or float(m) < epochs]
+    beyond = [m for m in milestones if m not in reached]
+    text = f"x{recipe.get('stage2_gamma')} at epochs {','.join(reached)}" if reached else "constant"
+    if beyond:
+        plural = "s" if len(beyond) > 1 else ""
+        text += f" (milestone{plural} {','.join(beyond)} never reached in its {_num(epochs)} epochs)"
+    return text
+
+
 def _lambda_text(results: dict[str, Any], recipe: dict[str, Any]) -> str | None:
     if "distill_weight" not in results:
         return None
@@ -310,11 +325,7 @@ def render_model_card(
         config=recipe,
         stage1_epochs=_stage_epochs(results, "stage1", recipe.get("stage1_epochs")),
         stage2_epochs=_stage_epochs(results, "final", recipe.get("stage2_epochs")),
-        lr_steps=(
-            f"x{recipe.get('stage2_gamma')} at epochs {recipe['stage2_milestones']}"
-            if recipe.get("stage2_milestones")
-            else "constant"
-        ),
+        lr_steps=_lr_steps(results, recipe),
         distill_weight=_lambda_text(results, recipe),
         teacher_correct_only=recipe.get("distill_images") == "teacher_correct",
         lambda_search=search,

@@ -118,6 +118,7 @@ def test_model_card_metadata_and_content():
     assert "| ce | 200 | 60.00 |" in text
     assert "same training, validation and test images" in text and "trained otherwise" not in text
     assert "stage 1 matches" in text and "200 epochs" in text and "lambda 10 x the" in text
+    assert "200 epochs, lr 0.1,\n  x0.2 at epochs 100,140,180.\n" in text
     assert "Optimizer: SGD with Nesterov momentum 0.9, coupled weight decay 0.0005; global batch 128" in text
     assert "Teacher: `hf-hub:someone/teacher-net`, trained on classes `0-49`" in text
     assert "tau2: 2.0" in text and "distill_weight: null" in text  # the recipe, defaults included
@@ -141,6 +142,11 @@ def test_card_states_what_the_run_did_that_the_defaults_do_not():
     assert "warm-up over the first 5% of each stage" in text and "gradients clipped to norm 1.0" in text
     assert "label smoothing 0.1" in text
     assert "0.5 of 10 planned epochs (stopped by --max_steps)" in text and ", 20 epochs, lr" in text
+    # the default milestones lie beyond these 20 epochs: the learning rate never decayed
+    assert "constant (milestones 100,140,180 never reached in its 20 epochs)." in text
+    partly = render_model_card(results, {**config.to_recipe(), "stage2_milestones": "10,20,30"},
+                               architecture="cifar_wrn_16_1")  # fmt: skip
+    assert "x0.2 at epochs 10 (milestones 20,30 never reached in its 20 epochs)." in partly
     assert "lambda 10 (decaying to 0 over stage 2, linear)" in text
     assert "only on the images whose teacher local" in text
     assert "on the `valid` split" in text and "--test_split valid" in text
