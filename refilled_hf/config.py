@@ -420,7 +420,9 @@ class RefilledConfig(TrainingArguments):
         ),
     )
     stage1_epochs: float = field(default=200.0, **_help("Stage-1 epochs."))
-    stage1_learning_rate: float = field(default=0.1, **_help("Stage-1 peak learning rate (cosine to 0.1x)."))
+    stage1_learning_rate: float = field(
+        default=0.1, **_help("Stage-1 peak learning rate (cosine to --stage1_min_lr_ratio times it).")
+    )
     stage1_min_lr_ratio: float = field(default=0.1, **_help("Stage-1 final learning rate as a fraction of the peak."))
 
     # ---- stage 2 (and the baselines): local classifier distillation
@@ -471,7 +473,12 @@ class RefilledConfig(TrainingArguments):
     stage2_epochs: float = field(default=200.0, **_help("Stage-2 epochs (also the baselines' epochs)."))
     stage2_learning_rate: float = field(default=0.1, **_help("Stage-2 (and baselines') initial learning rate."))
     stage2_milestones: str = field(
-        default="100,140,180", **_help("Stage-2 (and baselines') learning-rate milestones, in epochs.")
+        default="100,140,180",
+        **_help(
+            "Stage-2 (and baselines') learning-rate milestones, in epochs ('' for none). The defaults are the "
+            "paper's, for 200 epochs: with fewer --stage2_epochs set milestones that fall inside them (a milestone "
+            "at or beyond the last epoch never applies; the run warns)."
+        ),
     )
     stage2_gamma: float = field(default=0.2, **_help("Learning-rate factor at each stage-2 milestone."))
 

@@ -277,7 +277,14 @@ def _make_trainer(
         args.metric_for_best_model = "eval_ncm_top1" if stage == "stage1" else "eval_top1"
         args.greater_is_better = True
     if stage != "stage1" and epochs <= max(args.milestones(), default=0):
-        logger.warning("stage2_milestones %s lie beyond the %s epochs of %s.", args.stage2_milestones, epochs, stage)
+        beyond = ",".join(f"{m:g}" for m in args.milestones() if m >= epochs)
+        # the paper's 100,140,180 of 200 epochs, scaled to this stage (each inside it)
+        scaled = ",".join(f"{m:g}" for m in sorted({round(epochs * f) for f in (0.5, 0.7, 0.9)}) if 0 < m < epochs)
+        logger.warning(
+            "stage2_milestones %s: %s lie at or beyond the %g epochs of %s, so the learning rate never decays there; "
+            "set --stage2_milestones inside the stage (the paper's schedule, scaled: %r).",
+            args.stage2_milestones, beyond, epochs, stage, scaled,
+        )  # fmt: skip
     if data.validation is None:
         args.eval_strategy = "no"
     _set_cadence(args, epochs, len(data.train))

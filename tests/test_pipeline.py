@@ -258,3 +258,21 @@ def test_real_cifar10_slice_through_the_hub_code_path(monkeypatch, teacher_dir, 
     assert results["stage1"]["test_samples"] == 2000
     config = json.loads((tmp_path / "cifar" / "model" / "config.json").read_text())
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+
+
+def test_milestones_beyond_the_stage_are_named_with_a_fix_and_the_card_says_none_applied(data_dir, tmp_path, caplog):
+    """The paper's milestones (100,140,180) in a 20-epoch stage never decay the learning
+    rate: the run warns with the scaled schedule to use, and the card does not claim decays."""
+    recipe = tiny_recipe(data_dir, tmp_path / "ce", method="ce", stage2_epochs=20, stage2_milestones="100,140,180",
+                         max_steps=1)  # fmt: skip
+    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
+        run(recipe)
+    assert ("stage2_milestones 100,140,180: 100,140,180 lie at or beyond the 20 epochs of ce, so the learning rate "
+            "never decays there; set --stage2_milestones inside the stage (the paper's schedule, scaled: "
+            "'10,14,18')") in caplog.text  # fmt: skip
+    card = (tmp_path / "ce" / "model" / "README.md").read_text()
+    assert "x0.2 at epochs" not in card and "constant (milestones 100,140,180 never reached in its" in card
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
+        run({**recipe, "output_dir": str(tmp_path / "inside"), "stage2_milestones": "10,14,18"})
+    assert "stage2_milestones" not in caplog.text
