@@ -21,7 +21,7 @@ from .backbone import ModelLoadError, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import DataError, short_list
 from .pipeline import inference_trainer, load_data, warn_unused_fields
-from .provenance import run_folder, same_dataset, training_data_record, weights_training_record
+from .provenance import run_folder, same_dataset, training_data_record
 
 __all__ = ["check_evaluation_split", "evaluate_model"]
 
@@ -106,7 +106,7 @@ def _checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
             f"(stage1.test_ncm_top1 in {run / 'results.json'}); evaluate the exported model "
             f"(--model local-dir:{run / 'model'}) or a stage-2 checkpoint instead."
         )
-    return weights_training_record(None, checkpoint)
+    return training_data_record(f"local-dir:{run / 'model'}")  # None where the run has not exported yet
 
 
 def _trained_model(model_spec: str, checkpoint: str | None):
