@@ -90,6 +90,14 @@ QUICKSTART_RECIPES: dict[str, dict[str, Any]] = {
 def write_digits_dataset(folder: Path, seed: int = 0) -> Path:
     """scikit-learn's digits as ``train.parquet`` / ``test.parquet`` (80/20, stratified),
     with an ``image`` column (PNG) and a ``label`` ClassLabel column."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in digits_dataset(seed).items():
+        rows.to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+def digits_dataset(seed: int = 0):
+    """scikit-learn's digits as a ``datasets.DatasetDict`` (train/test, 80/20, stratified)."""
     import datasets
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -111,15 +119,33 @@ def write_digits_dataset(folder: Path, seed: int = 0) -> Path:
         Image.fromarray(array, mode="L").save(buffer, format="PNG")
         return {"bytes": buffer.getvalue(), "path": None}
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, mask in (("train", ~test), ("test", test)):
-        rows = {"image": [png(a) for a in images[mask]], "label": labels[mask].tolist()}
-        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}.parquet"))
-    return folder
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_dict(
+            {"image": [png(a) for a in images[mask]], "label": labels[mask].tolist()}, features=features
+        )
+        for split, mask in (("train", ~test), ("test", test))
+    })  # fmt: skip
 
 
 def _config(recipe: dict[str, Any], **overrides: Any) -> RefilledConfig:
     return RefilledConfig(**{**recipe, **overrides})
+
+
+def _check_before_training(recipes: dict[str, dict[str, Any]], digits) -> None:
+    """Refuse, before anything is written or trained, a recipe that cannot run: a value out
+    of range, or a selection the digits cannot give (``--shots_per_class`` beyond what a
+    class has left after its validation split), which would otherwise fail after the
+    teacher trained."""
+    from .data import DataError, load_classification_data
+
+    for run, recipe in recipes.items():
+        config = _config(recipe)  # checks every value's range
+        try:
+            load_classification_data("digits", raw=digits, classes=config.classes, splits=(),
+                                     shots_per_class=config.shots_per_class,
+                                     validation_fraction=config.validation_fraction, seed=config.seed)  # fmt: skip
+        except DataError as err:
+            raise ConfigError(f"quickstart run {run}: {err}") from None
 
 
 def _run_name(name: str, seed: int, first: int) -> str:
@@ -146,13 +172,9 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
             f"{out} holds an earlier quickstart ({', '.join(p.name for p in earlier)}): pass --overwrite true to "
             "replace its outputs, or --output_dir <another folder>."
         )
-    data_dir = write_digits_dataset(out / "digits", seed=seeds[0])
-    recipes_dir = out / "recipes"
-    recipes_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, dict[str, Any]] = {}
-    timings: dict[str, float] = {}
-    teacher_dir = out / "teacher"
+    data_dir, recipes_dir, teacher_dir = out / "digits", out / "recipes", out / "teacher"
     plan = [("teacher", seeds[0])] + [(n, s) for s in seeds for n in ("ce", "refilled")]
+    recipes: dict[str, dict[str, Any]] = {}
     for name, seed in plan:
         run = _run_name(name, seed, seeds[0])
         recipe = {**QUICKSTART_RECIPES[name], "dataset": str(data_dir), "output_dir": str(out / run), "seed": seed}
@@ -163,6 +185,14 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
             recipe["compare_runs"] = str(out / _run_name("ce", seed, seeds[0]))
         if overwrite:
             recipe["overwrite_output"] = True  # each run replaces only what its earlier run wrote
+        recipes[run] = recipe
+    digits = digits_dataset(seed=seeds[0])
+    _check_before_training(recipes, digits)
+    write_digits_dataset(data_dir, seed=seeds[0])
+    recipes_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    for (name, _), (run, recipe) in zip(plan, recipes.items()):
         (recipes_dir / f"{run}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         print(f"\n=== quickstart: {run} (recipe {recipes_dir / f'{run}.yaml'}) ===", flush=True)
         start = time.perf_counter()

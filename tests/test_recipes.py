@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from refilled_hf.cli import parse_config
-from refilled_hf.config import RefilledConfig
-from refilled_hf.quickstart import QUICKSTART_RECIPES
+from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.quickstart import QUICKSTART_RECIPES, run_quickstart
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TRAINING = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.parts)
@@ -100,3 +100,12 @@ def test_recipe_smoke_run(path, stand_in_teachers, tmp_path):
     assert math.isfinite(results["final"]["train_metrics"]["train_loss"])
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     assert results["final"]["validation_samples"] == results["data"]["validation_images"] > 0
+
+
+@pytest.mark.parametrize(("shots", "message"), [(1000, "more than some classes have left"), (0, "must be >= 1")])
+def test_the_quickstart_refuses_what_would_fail_after_the_teacher_trained(shots, message, tmp_path):
+    """A --shots_per_class the digits cannot give (or out of range) is refused before
+    anything is written or trained, not after the teacher's run."""
+    with pytest.raises(ConfigError, match=message):
+        run_quickstart(str(tmp_path / "qs"), shots_per_class=shots)
+    assert not (tmp_path / "qs").exists()
