@@ -620,7 +620,8 @@ class RefilledConfig(TrainingArguments):
         default=False,
         **_help(
             "Push the exported model (output_dir/model, with its model card) to --hub_model_id once, at the end of "
-            "the run, from the main process; stages and checkpoints are never pushed."
+            "the run, from the main process; stages and checkpoints are never pushed. The Hub login is checked "
+            "before training (a run that could not push is refused then)."
         ),
     )
     resume_from_checkpoint: str | None = field(

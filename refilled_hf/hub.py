@@ -99,6 +99,27 @@ class HubPushError(RuntimeError):
     """A push that failed; the message says why and how to retry (never the token)."""
 
 
+def _redacted(err: Exception, token: str | None) -> str:
+    message = f"{type(err).__name__}: {err}"
+    return (message.replace(token, "<token>") if token else message)[:300]
+
+
+def check_hub_access(repo_id: str, token: str | None = None) -> None:
+    """Before a run that ends with a push: the Hub answers and accepts the login
+    (``whoami``), so that a run that could not push is refused now, not after training.
+    Nothing is created on the Hub."""
+    from huggingface_hub import whoami
+
+    try:
+        whoami(token=token)
+    except Exception as err:  # noqa: BLE001 - network, auth, offline mode alike
+        raise HubPushError(
+            f"--push_to_hub: the Hub did not accept this login ({_redacted(err, token)}), so the model could not be "
+            "pushed after training. Log in (`hf auth login`, HF_TOKEN or --hub_token), or train without "
+            f"--push_to_hub and push later with `refilled-hf push <output_dir>/model --repo-id {repo_id}`."
+        ) from None
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` to it; returns the commit URL.
 
@@ -120,11 +141,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None
             folder_path=str(folder), repo_id=repo_id, token=token, commit_message="Upload model from refilled-hf"
         )
     except Exception as err:  # noqa: BLE001 - network, auth, offline mode alike
-        message = f"{type(err).__name__}: {err}"
-        if token:
-            message = message.replace(token, "<token>")
         raise HubPushError(
-            f"Could not push {folder} to the Hub repo {repo_id!r} ({message[:300]}). The local folder is complete; "
-            f"retry with `refilled-hf push {folder} --repo-id {repo_id}` once online and logged in."
+            f"Could not push {folder} to the Hub repo {repo_id!r} ({_redacted(err, token)}). The local folder is "
+            f"complete; retry with `refilled-hf push {folder} --repo-id {repo_id}` once online and logged in."
         ) from None
     return str(getattr(info, "commit_url", info))

@@ -39,7 +39,7 @@ from .data import (
     load_classification_data,
 )
 from .data_device import IndexedImages, choose_and_place
-from .hub import export_model, push_folder, replace_dir_atomically, write_json_atomically
+from .hub import check_hub_access, export_model, push_folder, replace_dir_atomically, write_json_atomically
 from .model_card import check_comparable, render_model_card
 from .preflight import (
     cache_needs_logits,
@@ -446,6 +446,8 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
         raise ConfigError(f"method={method!r} needs a teacher: set `--teacher` (see --help).")
     if config.push_to_hub and not config.hub_model_id:
         raise ConfigError("--push_to_hub needs --hub_model_id <user>/<name>: the repo the model is pushed to.")
+    if config.push_to_hub:
+        check_hub_access(config.hub_model_id, config.hub_token)  # every process: all are refused alike
     baselines = _baseline_results(config)  # fail now, not after training, on a missing comparison run
     stage_dirs = [out / "stage1", *_stage2_dirs(config, out)] if method == "refilled" else [out / method]
     rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)

@@ -214,6 +214,10 @@ class Recorder:
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
 
+    def whoami(self, token=None):
+        self.calls.append(("whoami", None, {"token": token}))
+        return {"name": "me"}
+
     def upload_folder(self, **kwargs):
         self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
         return type("Info", (), {"commit_url": f"https://hub/{kwargs['repo_id']}/commit/1"})()
@@ -226,6 +230,7 @@ def hub(monkeypatch):
     rec = Recorder()
     monkeypatch.setattr(huggingface_hub, "create_repo", rec.create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", rec.upload_folder)
+    monkeypatch.setattr(huggingface_hub, "whoami", rec.whoami)
     return rec
 
 
@@ -239,10 +244,12 @@ def test_run_pushes_the_export_from_the_main_process(hub, tmp_path, caplog, caps
                          hub_token="hf_SECRET_TOKEN", compare_runs=str(tmp_path / "ce"))  # fmt: skip
     with caplog.at_level("INFO"):
         results = run_distillation(RefilledConfig(**recipe))
-    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
-    assert hub.calls[0][1] == "me/student" and hub.calls[0][2]["private"] is True
+    # the login is checked before training; the repo is created and filled after it
+    assert [c[0] for c in hub.calls] == ["whoami", "create_repo", "upload_folder"]
     assert hub.calls[0][2]["token"] == "hf_SECRET_TOKEN"
-    assert hub.calls[1][2]["folder_path"] == str(tmp_path / "run" / "model")
+    assert hub.calls[1][1] == "me/student" and hub.calls[1][2]["private"] is True
+    assert hub.calls[1][2]["token"] == "hf_SECRET_TOKEN"
+    assert hub.calls[2][2]["folder_path"] == str(tmp_path / "run" / "model")
     card = ModelCard.load(str(tmp_path / "run" / "model" / "README.md"))
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert values["Test top-1 accuracy"] == round(results["final"]["test_top1"], 2)
@@ -258,6 +265,24 @@ def test_push_requires_a_repo_id_before_training(tmp_path):
     recipe = tiny_recipe(tmp_path / "nodata", tmp_path / "run", method="ce", push_to_hub=True)
     with pytest.raises(ConfigError, match="hub_model_id"):
         run_distillation(RefilledConfig(**recipe))
+
+
+def test_push_is_refused_before_training_when_the_hub_refuses_the_login(monkeypatch, tmp_path):
+    """Offline or with a bad token, a --push_to_hub run would train for hours and then fail
+    to push: it is refused first, without the token in the message, nothing written."""
+    import huggingface_hub
+
+    def refuse(token=None):
+        raise OSError(f"401 Unauthorized for token {token}")
+
+    monkeypatch.setattr(huggingface_hub, "whoami", refuse)
+    data = write_image_dataset(tmp_path / "data")
+    recipe = tiny_recipe(data, tmp_path / "run", method="ce", push_to_hub=True, hub_model_id="me/student",
+                         hub_token="hf_SECRET_TOKEN")  # fmt: skip
+    with pytest.raises(HubPushError, match=r"did not accept this login.*refilled-hf push <output_dir>/model") as info:
+        run_distillation(RefilledConfig(**recipe))
+    assert "hf_SECRET_TOKEN" not in str(info.value) and "<token>" in str(info.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_push_command_sends_repo_folder_and_private_flag(hub, tmp_path, capsys):
