@@ -616,6 +616,14 @@ class RefilledConfig(TrainingArguments):
             "some timm models crash in this layout in torch's CPU kernels (fastvit_t8, repvgg_a0)."
         ),
     )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        **_help(
+            "Micro-batches accumulated into one optimizer step (their gradients averaged). REFILLED mines stage 1's "
+            "tuples and takes stage 2's local classes within each micro-batch, not over the accumulated batch (more "
+            "processes, unlike accumulation, keep stage 1's mining pool: --mining_scope)."
+        ),
+    )
     push_to_hub: bool = field(
         default=False,
         **_help(

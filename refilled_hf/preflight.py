@@ -141,6 +141,18 @@ def check_mining(config: RefilledConfig, data: ClassificationData) -> None:
             "Every class has fewer than 2 training images, so no batch can hold an (anchor, positive) pair: "
             "raise --shots_per_class to at least 2."
         )
+    if config.gradient_accumulation_steps > 1 and config.process_index == 0:
+        per_device = config.per_device_train_batch_size
+        mined = per_device * (1 if config.mining_scope == "local" else config.world_size)
+        logger.warning(
+            "--gradient_accumulation_steps %d: REFILLED mines stage 1's semi-hard tuples within each micro-batch "
+            "(%d images) and takes stage 2's local classes from each per-device micro-batch (%d images), not from "
+            "the %d images of an optimizer step: accumulation changes the method's batch, not only the gradient's. "
+            "Raise --per_device_train_batch_size, or add processes (stage 1 then mines over all of them), to mine "
+            "over more images.",
+            config.gradient_accumulation_steps, mined, per_device,
+            per_device * config.world_size * config.gradient_accumulation_steps,
+        )  # fmt: skip
 
 
 #: a global batch above this one, leaving fewer optimizer steps per epoch than FEW_STEPS_PER_EPOCH, draws a

@@ -12,11 +12,12 @@ import yaml
 from helpers import tiny_recipe, write_image_dataset, write_random_teacher
 from safetensors.torch import save_file
 
-from refilled_hf.backbone import ModelLoadError
+from refilled_hf.backbone import ModelLoadError, load_timm_model
 from refilled_hf.cli import CliError, parse_config
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.data import DataError
-from refilled_hf.pipeline import run_distillation
+from refilled_hf.pipeline import load_data, run_distillation
+from refilled_hf.preflight import check_mining
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,20 @@ def test_few_optimizer_steps_per_epoch_are_warned(batch, accumulation, images, w
         assert "--per_device_train_batch_size" in caplog.text
     else:
         assert caplog.text == ""
+
+
+@pytest.mark.parametrize(("method", "accumulation", "warned"), [("refilled", 4, True), ("refilled", 1, False),
+                                                                ("rkd", 4, False)])  # fmt: skip
+def test_accumulation_under_refilled_says_mining_sees_micro_batches(method, accumulation, warned, data_dir, tmp_path,
+                                                                     caplog):  # fmt: skip
+    """Gradient accumulation emulates a larger batch for the gradient, not for REFILLED's
+    mining and local classes: a run that accumulates is told so, with the sizes."""
+    config = RefilledConfig(**tiny_recipe(data_dir, tmp_path / "o", method=method,
+                                          gradient_accumulation_steps=accumulation))  # fmt: skip
+    data = load_data(config, config.classes, load_timm_model(config.student).pretrained_cfg, splits=("train",))
+    with caplog.at_level("WARNING", logger="refilled_hf.preflight"):
+        check_mining(config, data)
+    expected = ("--gradient_accumulation_steps 4: REFILLED mines stage 1's semi-hard tuples within each micro-batch "
+                "(12 images) and takes stage 2's local classes from each per-device micro-batch (12 images), not from "
+                "the 48 images of an optimizer step")  # fmt: skip
+    assert (expected in caplog.text) == warned, caplog.text
