@@ -14,6 +14,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ __all__ = [
     "CLASS_PRESETS",
     "ClassificationData",
     "DataError",
+    "EmptySplitError",
     "ImageClassificationDataset",
     "build_transform",
     "detect_columns",
@@ -39,6 +41,8 @@ __all__ = [
     "load_raw_dataset",
     "parse_class_selection",
 ]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("img", "image")
 LABEL_COLUMNS = ("fine_label", "label")
@@ -67,6 +71,10 @@ _PRELOAD_BYTES = 2 << 30
 
 class DataError(ValueError):
     """Data that cannot be used as asked (the message names the problem and the fix)."""
+
+
+class EmptySplitError(DataError):
+    """A split that holds no image of the selected classes."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -359,6 +367,22 @@ class ClassificationData:
         return self
 
 
+def _check_test_classes(labels: np.ndarray, selected: Sequence[int], names: Sequence[str], split: str) -> None:
+    """A test split without any image of the selection has nothing to measure (its top-1
+    would read 0 %): refused. One that lacks some classes measures the others only: said."""
+    missing = [names[c] for c in selected if not np.any(labels == c)]
+    if len(missing) == len(selected):
+        raise EmptySplitError(
+            f"Split {split!r} has no image of the selected classes {short_list(missing)}: there is nothing to measure "
+            "on it. Name a split that holds them (--test_split), or pass `--test_split none`."
+        )
+    if missing:
+        logger.warning(
+            "Split %r has no image of %d of the %d selected classes (%s): its accuracy measures the other classes "
+            "only.", split, len(missing), len(selected), short_list(missing),
+        )  # fmt: skip
+
+
 def load_classification_data(
     dataset: str,
     *,
@@ -451,6 +475,7 @@ def load_classification_data(
         test_labels, _ = read_labels(test_raw, label_col, test_split, names)
         test_positions = np.flatnonzero(remap[test_labels] >= 0)
         if "test" in splits:
+            _check_test_classes(test_labels[test_positions], selected, names, test_split)
             test = subset(test_raw, test_positions, test_labels, test_split)
     data = ClassificationData(
         train=subset(train_raw, positions, train_labels, train_split) if "train" in splits else None,

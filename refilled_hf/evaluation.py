@@ -19,7 +19,7 @@ from typing import Any
 
 from .backbone import ModelLoadError, load_timm_model
 from .config import ConfigError, RefilledConfig
-from .data import DataError, short_list
+from .data import DataError, EmptySplitError, short_list
 from .pipeline import inference_trainer, load_data, warn_unused_fields
 from .provenance import run_folder, same_dataset, training_data_record
 
@@ -163,7 +163,7 @@ def evaluate_model(
     try:
         data = load_data(config, classes, model.pretrained_cfg, splits=(split,))
     except DataError as err:
-        if config.classes is not None or not names:
+        if config.classes is not None or not names or isinstance(err, EmptySplitError):
             raise
         raise ConfigError(
             f"The model's classes (its label names {short_list(names)}) are not all classes of {config.dataset!r} "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -16,6 +18,7 @@ from refilled_hf.backbone import ModelLoadError, load_timm_model
 from refilled_hf.cli import CliError, parse_config
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.data import DataError
+from refilled_hf.evaluation import evaluate_model
 from refilled_hf.pipeline import load_data, run_distillation
 from refilled_hf.preflight import check_mining
 
@@ -102,6 +105,34 @@ def test_shots_per_class_larger_than_a_class(data_dir, tmp_path):
 def test_validation_fraction_leaving_a_class_empty(data_dir, tmp_path):
     recipe = tiny_recipe(data_dir, tmp_path / "o", method="ce", validation_fraction=0.99)
     rejected(recipe, DataError, "leaves it no training image")
+
+
+@pytest.fixture(scope="module")
+def partial_test_split(tmp_path_factory) -> Path:
+    """The generated data with a test split that holds no image of classes 4 and 5."""
+    folder = write_image_dataset(tmp_path_factory.mktemp("partial") / "data")
+    table = pq.read_table(folder / "test.parquet")
+    pq.write_table(table.filter(pc.less(table.column("label"), 4)), folder / "test.parquet")
+    return folder
+
+
+def test_a_test_split_without_the_classes_is_refused(partial_test_split, tmp_path):
+    """Its top-1 would read 0 % over 0 images (it did, exit 0)."""
+    recipe = tiny_recipe(partial_test_split, tmp_path / "o", method="ce", classes="4-5")
+    rejected(recipe, DataError, r"Split 'test' has no image of the selected classes.*--test_split none")
+    model = write_random_teacher(tmp_path / "m", label_names=["cyan", "magenta"])
+    config = RefilledConfig(**{**recipe, "classes": None, "output_dir": str(tmp_path / "e")})
+    with pytest.raises(DataError, match=r"^Split 'test' has no image of the selected classes"):
+        evaluate_model(f"local-dir:{model}", config)
+
+
+def test_a_test_split_missing_some_classes_says_so(partial_test_split, tmp_path, caplog):
+    recipe = tiny_recipe(partial_test_split, tmp_path / "o", method="ce", classes="3-5",
+                         stage2_epochs=1)  # fmt: skip
+    with caplog.at_level("WARNING", logger="refilled_hf.data"):
+        results = run_distillation(RefilledConfig(**recipe))
+    assert "Split 'test' has no image of 2 of the 3 selected classes (['cyan', 'magenta'])" in caplog.text
+    assert results["final"]["test_samples"] == 6  # the class that is there, every image counted
 
 
 @pytest.mark.parametrize(
