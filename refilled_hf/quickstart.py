@@ -87,11 +87,12 @@ QUICKSTART_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def write_digits_dataset(folder: Path, seed: int = 0) -> Path:
+def write_digits_dataset(folder: Path, seed: int = 0, digits=None) -> Path:
     """scikit-learn's digits as ``train.parquet`` / ``test.parquet`` (80/20, stratified),
-    with an ``image`` column (PNG) and a ``label`` ClassLabel column."""
+    with an ``image`` column (PNG) and a ``label`` ClassLabel column (``digits``: those of
+    :func:`digits_dataset` already built with ``seed``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in digits_dataset(seed).items():
+    for split, rows in (digits if digits is not None else digits_dataset(seed)).items():
         rows.to_parquet(str(folder / f"{split}.parquet"))
     return folder
 
@@ -188,7 +189,7 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
         recipes[run] = recipe
     digits = digits_dataset(seed=seeds[0])
     _check_before_training(recipes, digits)
-    write_digits_dataset(data_dir, seed=seeds[0])
+    write_digits_dataset(data_dir, digits=digits)
     recipes_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
