@@ -92,6 +92,14 @@ for _names, _users in (
     FIELD_USERS.update(dict.fromkeys(_names, _users))
 
 
+#: refilled-hf's own fields that every command reads (the data selection and how it is
+#: placed); every other own field has its users in FIELD_USERS (a test holds the two together)
+EVERY_COMMAND_FIELDS = (
+    "dataset", "dataset_config", "train_split", "test_split", "image_column", "label_column", "classes",
+    "validation_fraction", "image_size", "data_path", "device_data_budget_gb", "channels_last",
+)  # fmt: skip
+
+
 def field_users_text(name: str) -> str | None:
     """The ``--help`` note of a field only some runs use (None for the others)."""
     users = FIELD_USERS.get(name)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from refilled_hf.cli import main
-from refilled_hf.config import FIELD_USERS, METHODS, ConfigError, RefilledConfig
+from refilled_hf.config import EVERY_COMMAND_FIELDS, FIELD_USERS, METHODS, ConfigError, RefilledConfig
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.pipeline import run_distillation, run_teacher_training
 
@@ -64,6 +64,13 @@ def test_every_field_only_training_reads_is_listed():
     inherited = {f.name for f in fields(TrainingArguments)}
     assert training_only & inherited == set(TRAINING_ONLY)
     assert "hub_token" not in FIELD_USERS  # a warning lists values: the token must never be one
+
+
+def test_every_own_field_says_who_uses_it():
+    """A new field gets a decision: the commands that read it (FIELD_USERS), or every one."""
+    own = {f.name for f in fields(RefilledConfig)} - {f.name for f in fields(TrainingArguments)}
+    assert own - set(FIELD_USERS) == set(EVERY_COMMAND_FIELDS)
+    assert not set(EVERY_COMMAND_FIELDS) & set(FIELD_USERS)
 
 
 def _ignored_by(method: str) -> set[str]:
