@@ -274,6 +274,20 @@ def option_name(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+def parse_milestones(value: Any) -> list[float]:
+    """``--stage2_milestones`` (``'100,140,180'``, or ``''`` for none) as sorted epochs."""
+    try:
+        values = [float(m) for m in str(value).split(",") if m.strip()]
+    except ValueError:
+        values = [math.nan]
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ConfigError(
+            "`stage2_milestones` must be comma-separated epochs >= 0 like '100,140,180' (or '' for none), "
+            f"got {str(value)[:80]!r}."
+        )
+    return sorted(values)
+
+
 def options_text(values: dict[str, Any]) -> str:
     """``--name value, ...`` as a user would type them (enum members by their value)."""
     return ", ".join(f"--{name} {option_name(value)}" for name, value in values.items())
@@ -885,13 +899,4 @@ class RefilledConfig(TrainingArguments):
 
     def milestones(self) -> list[float]:
         """Stage-2 learning-rate milestones in epochs."""
-        try:
-            values = [float(m) for m in str(self.stage2_milestones).split(",") if m.strip()]
-        except ValueError:
-            values = [math.nan]
-        if not all(math.isfinite(v) and v >= 0 for v in values):
-            raise ConfigError(
-                "`stage2_milestones` must be comma-separated epochs >= 0 like '100,140,180' (or '' for none), "
-                f"got {str(self.stage2_milestones)[:80]!r}."
-            )
-        return sorted(values)
+        return parse_milestones(self.stage2_milestones)

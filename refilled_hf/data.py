@@ -367,10 +367,17 @@ class ClassificationData:
         return self
 
 
-def _check_test_classes(labels: np.ndarray, selected: Sequence[int], names: Sequence[str], split: str) -> None:
+def _classes_without_images(local: np.ndarray, selected: Sequence[int], names: Sequence[str]) -> list[str]:
+    """The names of the selected classes that ``local`` (a split's labels of the selection,
+    remapped to ``0..K-1``) holds no image of."""
+    counts = np.bincount(local, minlength=len(selected))
+    return [names[selected[i]] for i in np.flatnonzero(counts == 0)]
+
+
+def _check_test_classes(local: np.ndarray, selected: Sequence[int], names: Sequence[str], split: str) -> None:
     """A test split without any image of the selection has nothing to measure (its top-1
     would read 0 %): refused. One that lacks some classes measures the others only: said."""
-    missing = [names[c] for c in selected if not np.any(labels == c)]
+    missing = _classes_without_images(local, selected, names)
     if len(missing) == len(selected):
         raise EmptySplitError(
             f"Split {split!r} has no image of the selected classes {short_list(missing)}: there is nothing to measure "
@@ -434,9 +441,8 @@ def load_classification_data(
     remap[selected] = np.arange(len(selected))
 
     positions = np.flatnonzero(remap[train_labels] >= 0)
-    counts = np.bincount(remap[train_labels[positions]], minlength=len(selected))
-    if (counts == 0).any():
-        missing = [names[selected[i]] for i in np.flatnonzero(counts == 0)]
+    missing = _classes_without_images(remap[train_labels[positions]], selected, names)
+    if missing:
         raise DataError(
             f"Classes {short_list(missing)} have no image in split {train_split!r}; remove them from `--classes`."
         )
@@ -475,7 +481,7 @@ def load_classification_data(
         test_labels, _ = read_labels(test_raw, label_col, test_split, names)
         test_positions = np.flatnonzero(remap[test_labels] >= 0)
         if "test" in splits:
-            _check_test_classes(test_labels[test_positions], selected, names, test_split)
+            _check_test_classes(remap[test_labels[test_positions]], selected, names, test_split)
             test = subset(test_raw, test_positions, test_labels, test_split)
     data = ClassificationData(
         train=subset(train_raw, positions, train_labels, train_split) if "train" in splits else None,

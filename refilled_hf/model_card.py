@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, parse_milestones
 
 __all__ = ["check_comparable", "render_model_card"]
 
@@ -150,11 +150,11 @@ def _stage_epochs(results: dict[str, Any], stage: str, planned: float | None) ->
 def _lr_steps(results: dict[str, Any], recipe: dict[str, Any]) -> str:
     """The learning-rate decays the last stage went through: a milestone at or beyond the
     epochs it trained (planned, or cut by --max_steps) never decayed it."""
-    milestones = [m.strip() for m in str(recipe.get("stage2_milestones") or "").split(",") if m.strip()]
+    milestones = parse_milestones(recipe.get("stage2_milestones") or "")
     epochs = _trained_epochs(results.get("final"))
     epochs = recipe.get("stage2_epochs") if epochs is None else epochs
-    reached = [m for m in milestones if epochs is None or float(m) < epochs]
-    beyond = [m for m in milestones if m not in reached]
+    reached = [_num(m) for m in milestones if epochs is None or m < epochs]
+    beyond = [_num(m) for m in milestones if epochs is not None and m >= epochs]
     text = f"x{recipe.get('stage2_gamma')} at epochs {','.join(reached)}" if reached else "constant"
     if beyond:
         plural = "s" if len(beyond) > 1 else ""

@@ -444,9 +444,9 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     method = config.method
     if method != "ce" and not config.teacher:
         raise ConfigError(f"method={method!r} needs a teacher: set `--teacher` (see --help).")
-    if config.push_to_hub and not config.hub_model_id:
-        raise ConfigError("--push_to_hub needs --hub_model_id <user>/<name>: the repo the model is pushed to.")
     if config.push_to_hub:
+        if not config.hub_model_id:
+            raise ConfigError("--push_to_hub needs --hub_model_id <user>/<name>: the repo the model is pushed to.")
         check_hub_access(config.hub_model_id, config.hub_token)  # every process: all are refused alike
     baselines = _baseline_results(config)  # fail now, not after training, on a missing comparison run
     stage_dirs = [out / "stage1", *_stage2_dirs(config, out)] if method == "refilled" else [out / method]
