@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for library in ("huggingface_hub", "datasets"):  # they print with their own handlers: not twice
+        logging.getLogger(library).propagate = False
     from .backbone import ModelLoadError
     from .data import DataError
     from .hub import HubPushError

@@ -261,6 +261,15 @@ def _teacher_cache(config, teacher, data, teacher_weights: str, results: dict[st
 # --------------------------------------------------------------------------- stages
 
 
+def _scaled_paper_milestones(epochs: float) -> str:
+    """The paper's milestones (100,140,180 of 200 epochs) scaled to a stage of ``epochs``:
+    whole epochs where three distinct ones fit inside the stage, else fractions of an epoch
+    (milestones become optimizer steps, so a fraction is honoured)."""
+    exact = [epochs * f for f in (0.5, 0.7, 0.9)]
+    whole = sorted({round(m) for m in exact if 0 < round(m) < epochs})
+    return ",".join(f"{m:g}" for m in (whole if len(whole) == 3 else [round(m, 2) for m in exact]))
+
+
 def _make_trainer(
     config: RefilledConfig,
     stage: str,
@@ -278,8 +287,7 @@ def _make_trainer(
         args.greater_is_better = True
     if stage != "stage1" and epochs <= max(args.milestones(), default=0):
         beyond = ",".join(f"{m:g}" for m in args.milestones() if m >= epochs)
-        # the paper's 100,140,180 of 200 epochs, scaled to this stage (each inside it)
-        scaled = ",".join(f"{m:g}" for m in sorted({round(epochs * f) for f in (0.5, 0.7, 0.9)}) if 0 < m < epochs)
+        scaled = _scaled_paper_milestones(epochs)
         logger.warning(
             "stage2_milestones %s: %s lie at or beyond the %g epochs of %s, so the learning rate never decays there; "
             "set --stage2_milestones inside the stage (the paper's schedule, scaled: %r).",
@@ -291,8 +299,9 @@ def _make_trainer(
     if isinstance(data.train, IndexedImages):  # the loaders only yield indices: no worker processes
         args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
         args.dataloader_prefetch_factor = None
-        # pinned (on a GPU) so that the indices reach it without a stall (see RefilledConfig.__post_init__)
-        args.dataloader_pin_memory = args.dataloader_pin_memory and args.device.type == "cuda"
+    # pinned on a GPU so that batches (or the device path's indices) reach it without a stall (see
+    # RefilledConfig.__post_init__); never on the CPU, where torch warns that pinning does nothing
+    args.dataloader_pin_memory = args.dataloader_pin_memory and args.device.type == "cuda"
     return RefilledTrainer(
         model=student,
         args=args,

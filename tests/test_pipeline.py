@@ -16,7 +16,7 @@ from refilled_hf.backbone import FrozenTeacher
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import TRAINING_DATA_KEY
-from refilled_hf.pipeline import RunError, run_distillation, run_teacher_training
+from refilled_hf.pipeline import RunError, _scaled_paper_milestones, run_distillation, run_teacher_training
 
 pytestmark = pytest.mark.slow
 
@@ -258,6 +258,17 @@ def test_real_cifar10_slice_through_the_hub_code_path(monkeypatch, teacher_dir, 
     assert results["stage1"]["test_samples"] == 2000
     config = json.loads((tmp_path / "cifar" / "model" / "config.json").read_text())
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+
+
+@pytest.mark.parametrize(
+    ("epochs", "expected"),
+    [(200, "100,140,180"), (20, "10,14,18"), (10, "5,7,9"), (3, "1.5,2.1,2.7"), (1, "0.5,0.7,0.9")],
+)
+def test_the_suggested_milestones_are_the_papers_scaled_and_inside_even_a_one_epoch_stage(epochs, expected):
+    """A short stage gets fractional milestones (they become optimizer steps), never an empty
+    suggestion: a 1-epoch stage used to be told to set ''."""
+    assert _scaled_paper_milestones(epochs) == expected
+    assert all(0 < float(m) < epochs for m in expected.split(","))
 
 
 def test_milestones_beyond_the_stage_are_named_with_a_fix_and_the_card_says_none_applied(data_dir, tmp_path, caplog):
