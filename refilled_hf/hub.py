@@ -51,6 +51,7 @@ def export_model(
     data_config: dict[str, Any] | None = None,
     extra_files: dict[str, str] | None = None,
     training_data: dict[str, Any] | None = None,
+    license: str | None = None,
 ) -> Path:
     """Write ``model`` in timm's Hub layout (``config.json`` + ``model.safetensors``).
 
@@ -65,6 +66,10 @@ def export_model(
     timm records ``num_classes`` inside ``model_args``; transformers' ``TimmWrapper``
     passes ``num_classes`` itself and fails on the duplicate, so it is removed there
     (``num_classes`` stays at the top level, where both libraries read it).
+
+    ``pretrained_cfg`` describes these weights, not the ones timm's registry names for the
+    architecture: its ``tag`` (e.g. ``augreg_in21k_ft_in1k``, the weights a registered name
+    would download) is removed, and its ``license`` is ``license`` (the card's), or removed.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +88,12 @@ def export_model(
         model_args.pop("num_classes", None)
         if not model_args:
             config.pop("model_args")
+    pretrained_cfg = config.get("pretrained_cfg")
+    if isinstance(pretrained_cfg, dict):
+        pretrained_cfg.pop("tag", None)
+        pretrained_cfg.pop("license", None)
+        if license:
+            pretrained_cfg["license"] = license
     if training_data is not None:
         config[TRAINING_DATA_KEY] = training_data
     config_path.write_text(json.dumps(config, indent=2))

@@ -739,6 +739,7 @@ def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, resul
             data_config=data_config,
             extra_files={"README.md": card},
             training_data=data.selection_record(),
+            license=config.card_license,
         )
         write_json_atomically(out / RESULTS_FILE, results)
         logger.info("Exported the model to %s (process %d)", out / EXPORT_DIR, trainer.args.process_index)

@@ -27,9 +27,11 @@ def test_export_loads_identically_in_timm_and_transformers(name, size, tmp_path)
     model = timm.create_model(name, num_classes=4).eval()
     record = {"dataset": "uoft-cs/cifar100", "class_names": ["a", "b", "c", "d"], "row_digests": {"train": "0" * 64}}
     folder = export_model(model, tmp_path / "m", label_names=["a", "b", "c", "d"],
-                          data_config={"input_size": (3, size, size)}, training_data=record)  # fmt: skip
+                          data_config={"input_size": (3, size, size)}, training_data=record, license="mit")  # fmt: skip
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
+    # these weights are not the ones timm's registry tags for the architecture (resnet18: 'a1_in1k', apache-2.0)
+    assert "tag" not in config["pretrained_cfg"] and config["pretrained_cfg"]["license"] == "mit"
     assert config[TRAINING_DATA_KEY] == record  # refilled-hf's own key, ignored by timm and transformers
     assert config["num_classes"] == 4 and config["label_names"] == ["a", "b", "c", "d"]
     assert "num_classes" not in config.get("model_args", {}), "breaks transformers' TimmWrapper"

@@ -258,6 +258,7 @@ def test_real_cifar10_slice_through_the_hub_code_path(monkeypatch, teacher_dir, 
     assert results["stage1"]["test_samples"] == 2000
     config = json.loads((tmp_path / "cifar" / "model" / "config.json").read_text())
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["pretrained_cfg"]["license"] == "apache-2.0"  # the card's (--card_license)
 
 
 @pytest.mark.parametrize(
