@@ -413,7 +413,8 @@ class RefilledTrainer(Trainer):
     ) -> dict[str, float]:
         """Top-1/top-5 accuracy and cross-entropy of the head, or, in stage 1,
         nearest-class-mean accuracy of the embedding (``{prefix}_ncm_top1``). Every image
-        of the split counts exactly once (``{prefix}_samples``)."""
+        of the split counts exactly once (``{prefix}_samples``). Top-5 is left out with 5
+        classes or fewer, where it is 100 % whatever the model."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs a data set: none given and the Trainer has no eval_dataset.")
@@ -454,11 +455,10 @@ class RefilledTrainer(Trainer):
         student.train(was_training)
         count = max(totals["samples"], 1)
         name = "ncm_" if centers is not None else ""
-        metrics = {
-            f"{metric_key_prefix}_{name}top1": 100.0 * totals["top1"] / count,
-            f"{metric_key_prefix}_{name}top5": 100.0 * totals["top5"] / count,
-            f"{metric_key_prefix}_samples": int(totals["samples"]),
-        }
+        metrics = {f"{metric_key_prefix}_{name}top1": 100.0 * totals["top1"] / count}
+        if self.num_classes > 5:
+            metrics[f"{metric_key_prefix}_{name}top5"] = 100.0 * totals["top5"] / count
+        metrics[f"{metric_key_prefix}_samples"] = int(totals["samples"])
         if centers is None:
             metrics[f"{metric_key_prefix}_loss"] = totals["loss"] / count
         metrics["epoch"] = self.state.epoch if self.state.epoch is not None else 0.0

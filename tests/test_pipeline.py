@@ -288,3 +288,28 @@ def test_milestones_beyond_the_stage_are_named_with_a_fix_and_the_card_says_none
     with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
         run({**recipe, "output_dir": str(tmp_path / "inside"), "stage2_milestones": "10,14,18"})
     assert "stage2_milestones" not in caplog.text
+
+
+@pytest.mark.parametrize("num_classes", [3, 5, 6, 9])
+def test_top5_is_reported_only_where_it_can_be_below_100(num_classes, tmp_path):
+    """With <= 5 classes every label is in the top 5: the number would be 100 % for any
+    model, so it is left out (results, card, model-index) rather than reported."""
+    from refilled_hf.pipeline import inference_trainer
+
+    torch.manual_seed(num_classes)
+    model = timm.create_model("cifar_wrn_16_1", num_classes=num_classes).eval()
+    n = 30
+    images, labels = torch.randn(n, 3, 16, 16), torch.randint(0, num_classes, (n,))
+    dataset = [{"pixel_values": images[i], "labels": int(labels[i])} for i in range(n)]
+    config = RefilledConfig(output_dir=str(tmp_path), method="ce", use_cpu=True, per_device_eval_batch_size=7)
+    # reference: the label's rank among each image's logits, one image at a time
+    with torch.no_grad():
+        rows = [model(images[i : i + 1])[0] for i in range(n)]
+    ranks = [int((row > row[label]).sum()) for row, label in zip(rows, labels)]
+    metrics = inference_trainer(model, config, "eval", num_classes).evaluate(dataset, metric_key_prefix="test")
+    assert metrics["test_top1"] == pytest.approx(100.0 * sum(r == 0 for r in ranks) / n)
+    assert metrics["test_samples"] == n
+    if num_classes <= 5:
+        assert "test_top5" not in metrics
+    else:
+        assert metrics["test_top5"] == pytest.approx(100.0 * sum(r < 5 for r in ranks) / n)
