@@ -24,7 +24,8 @@ teacher local classifier picks the true label (``--distill_images teacher_correc
 ``refilled-hf probe-teacher`` (the teacher's nearest-class-mean accuracy on the student's
 validation split) for every setting.
 
-    python benchmarks/cifar100.py [--budget cpu|smoke|unseen|gpu|gpu_batch] [--cache ~/.cache/refilled-hf-bench-c100]
+    python benchmarks/cifar100.py [--budget cpu|smoke|unseen|reverse|gpu|gpu_batch]
+        [--cache ~/.cache/refilled-hf-bench-c100]
     python benchmarks/cifar100.py --report-only
 
 The ``-noclip`` variants run without gradient clipping (``--max_grad_norm 0``, the authors'
@@ -63,12 +64,15 @@ TEACHER_CLASSES = "cifar100-first-half"
 #: ``overlap40``: a split no default was tuned on (classes 40-89, 10 shared with the teacher)
 #: ``overlap30``: another (classes 30-79, 20 shared), run only by the ``unseen`` budget, with seeds no
 #: other run used
+#: ``reverse``: the cross-task split the other way round (teacher on 50-99, student on 0-49), run only by the
+#: ``reverse`` budget, with its own teacher and seeds no other run used
 SETTINGS = {
     "cross": "cifar100-second-half",
     "overlap": "cifar100-shift-20",
     "cross10": "50-59",
     "overlap40": "cifar100-shift-40",
     "overlap30": "cifar100-shift-30",
+    "reverse": "cifar100-first-half",
 }
 METHODS = ("ce", "ce-equal", "rkd", "refilled", "refilled-linear")
 #: the same without gradient clipping (--max_grad_norm 0: the authors' protocol, the library's default)
@@ -204,6 +208,16 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "stage2": 10,
         "runs": [("overlap30", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (3, 4, 5)],
     },
+    # the same check with the teacher's and the student's classes swapped (teacher 50-99, student 0-49): another
+    # teacher, other student classes, seeds 6-8
+    "reverse": {
+        "teacher_shots": 200,
+        "teacher_epochs": 15,
+        "teacher_classes": "cifar100-second-half",
+        "stage1": 10,
+        "stage2": 10,
+        "runs": [("reverse", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (6, 7, 8)],
+    },
     # for a lent GPU (issue 10's open question): the cross split at a schedule that converges, 60 + 60
     # epochs, the library's default against CE as long as stage 2, on as many images, and as long as the
     # default's whole run (stage 1 plus both stage 2s); the same teacher protocol as "cpu", batch 128 with the
@@ -243,13 +257,15 @@ def teacher(cache: Path, budget: dict) -> Path:
     from refilled_hf.pipeline import run_teacher_training
 
     epochs = budget["teacher_epochs"]
-    out = cache / f"teacher-s{budget['teacher_shots']}-e{epochs}"
-    fields = {"teacher": "cifar_wrn_16_2", "classes": TEACHER_CLASSES, "shots_per_class": budget["teacher_shots"],
+    classes = budget.get("teacher_classes", TEACHER_CLASSES)
+    named = "" if classes == TEACHER_CLASSES else f"-{classes}"  # the default teacher keeps its cached folder
+    out = cache / f"teacher-s{budget['teacher_shots']}-e{epochs}{named}"
+    fields = {"teacher": "cifar_wrn_16_2", "classes": classes, "shots_per_class": budget["teacher_shots"],
               "stage2_epochs": epochs, "stage2_learning_rate": 0.1,
               "stage2_milestones": f"{int(epochs * 0.5)},{int(epochs * 0.75)}", "per_device_train_batch_size": 128,
               "output_dir": str(out), "seed": 0}  # fmt: skip
     results = _run({**COMMON, **fields}, run_teacher_training)
-    print(f"teacher: test top-1 {results['final']['test_top1']:.1f}% on classes 0-49", flush=True)
+    print(f"teacher: test top-1 {results['final']['test_top1']:.1f}% on classes {results['classes']}", flush=True)
     return out / "model"
 
 
@@ -270,7 +286,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         "student": "cifar_wrn_16_1",
         "teacher": f"local-dir:{teacher_model}",
         "classes": SETTINGS[setting],
-        "teacher_classes": TEACHER_CLASSES,
+        "teacher_classes": budget.get("teacher_classes", TEACHER_CLASSES),
         "shots_per_class": shots,
         "stage1_epochs": s1,
         "stage2_epochs": epochs,
@@ -433,10 +449,11 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
     b = BUDGETS[budget_name]
     lines = [f"# REFILLED on CIFAR-100 (budget `{budget_name}`)", "",
-             f"Teacher WRN-16-2 on classes 0-49 ({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "
+             f"Teacher WRN-16-2 on classes {_ranges(b.get('teacher_classes', TEACHER_CLASSES))} "
+             f"({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "
              f"Student WRN-16-1 on classes 50-99 (`cross`), 20-69 (`overlap`, 30 shared), 40-89 (`overlap40`, 10 "
-             "shared), 30-79 (`overlap30`, 20 shared; REFILLED on these two only as `refilled-default`, the "
-             "library's lambda and clipping defaults, "
+             "shared), 30-79 (`overlap30`, 20 shared), 0-49 (`reverse`, for the teacher on 50-99; REFILLED on these "
+             "three only as `refilled-default`, the library's lambda and clipping defaults, "
              "neither pinned) or 50-59 with all "
              f"their images (`cross10`, 450/class); stage 1 {b['stage1']} + "
              f"stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: {b['stage1'] + b['stage2']}). "
@@ -466,6 +483,13 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
         _plot_margin(out / f"{stem}_gain_vs_margin.png", records + derived)
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+
+
+def _ranges(preset: str) -> str:
+    """A class selection as ranges of CIFAR-100 ids ('cifar100-first-half' -> '0-49')."""
+    from refilled_hf.data import class_ranges, parse_class_selection
+
+    return class_ranges(parse_class_selection(preset, [str(i) for i in range(100)]))
 
 
 def _plot(path: Path, rows: list[dict]) -> None:

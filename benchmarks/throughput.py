@@ -222,6 +222,9 @@ def _pipeline_timing(method, path, args, teacher, work, counters, run_name, **ex
         run_distillation(RefilledConfig(**recipe), callbacks=callbacks)
     times = clock.times[: args.steps]
     measured = times[args.warmup :]
+    if len(measured) < 2:
+        raise SystemExit(f"{method} ({path}): {len(times)} optimizer steps ran, too few to time after --warmup "
+                         f"{args.warmup}: give the run more images (--shots, --classes) or fewer --steps.")  # fmt: skip
     step = (measured[-1] - measured[0]) / (len(measured) - 1)
     return {"images_per_s": args.batch / step, "first_step_extra_s": times[0] - clock.begin - step}
 
@@ -459,6 +462,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell of --host_overhead")
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
+    if args.steps < args.warmup + 2:
+        parser.error(f"--steps {args.steps} leaves fewer than 2 timed steps after --warmup {args.warmup}")
 
     import torch
 
