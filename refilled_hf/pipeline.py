@@ -718,7 +718,19 @@ def _baseline_results(config: RefilledConfig) -> list[dict[str, Any]]:
     return runs
 
 
+def _training_seconds(results: dict[str, Any]) -> float:
+    """Seconds this run spent training, every stage it trained: stage 1 and each stage 2 it
+    ran (every lambda candidate), where ``final.train_seconds`` is the chosen stage 2's alone."""
+    search = results.get("distill_weight_search")
+    if search:
+        stage2 = sum(c.get("train_seconds", 0.0) for c in search["candidates"])
+    else:
+        stage2 = results["final"].get("train_seconds", 0.0)
+    return (results.get("stage1") or {}).get("train_seconds", 0.0) + stage2
+
+
 def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, results: dict, out: Path) -> dict:
+    results["train_seconds"] = _training_seconds(results)
     if trainer.is_world_process_zero():
         cfg = data_pretrained_cfg(student.model.pretrained_cfg, config.image_size)
         data_config = {"input_size": cfg["input_size"], "mean": cfg.get("mean"), "std": cfg.get("std")}

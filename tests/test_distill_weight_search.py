@@ -79,6 +79,12 @@ def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, 
     )
     assert results["stage1"]["test_ncm_top1"] == separate[lambdas[0]]["stage1"]["test_ncm_top1"]
     assert json.loads((tmp_path / "search" / "results.json").read_text())["distill_weight_search"] == search
+    # the run's training time counts both candidates' stage 2, not only the chosen one's
+    seconds = [c["train_seconds"] for c in search["candidates"]]
+    assert min(seconds) > 0 and results["final"]["train_seconds"] in seconds
+    assert results["train_seconds"] == pytest.approx(results["stage1"]["train_seconds"] + sum(seconds))
+    alone = separate[lambdas[0]]
+    assert alone["train_seconds"] == pytest.approx(alone["stage1"]["train_seconds"] + alone["final"]["train_seconds"])
 
     card = (tmp_path / "search" / "model" / "README.md").read_text()
     assert f"lambda {expected:g} x the" in card and "chosen on the validation split" in card
