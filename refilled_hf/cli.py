@@ -25,7 +25,7 @@ from .config import ConfigError, RefilledConfig, field_users_text
 COMMANDS = {
     "train-teacher": "train a teacher (any timm model) with cross-entropy on a class selection",
     "distill": "distill a teacher into a student (refilled, or the ce/kd/rkd baselines)",
-    "evaluate": "top-1/top-5 accuracy of a trained model on a split and class selection",
+    "evaluate": "top-1/top-5 and per-class accuracy of a trained model on a split and class selection",
     "probe-teacher": "NCM accuracy of the teacher's embedding on the student's task, before distilling",
     "quickstart": "offline miniature: digits teacher on 0-4, ce vs refilled students on 5-9",
     "push": "push an exported model folder to the Hugging Face Hub",

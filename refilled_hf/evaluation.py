@@ -133,7 +133,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy of a trained model on ``split`` (``test`` or ``validation``)
     of ``config``'s data set and class selection (by default the model's own classes),
-    counting each image once, and ``data``: which images those are. Only that split is
+    counting each image once, the top-1 of each class (``{split}_per_class``: class name ->
+    top-1 % and images), and ``data``: which images those are. Only that split is
     decoded. For ``validation``, a model that records its training data is evaluated on
     the validation split it was selected on (its fraction and data seed, unless the config
     sets others, which must carve the same split). A ``checkpoint`` a stage of a finished
@@ -186,8 +187,14 @@ def evaluate_model(
         logger.warning("The model records no label names: only the number of classes could be checked.")
     check_evaluation_split(record, config, data, split, model_spec)
     trainer = inference_trainer(model, config, "evaluate", data.num_classes)
+    trainer.per_class_metrics = True
     metrics = trainer.evaluate(dataset, metric_key_prefix=split)
     metrics.pop("epoch", None)
+    # by class name, beside the totals: where the model is right and on how many images
+    top1, samples = metrics.pop(f"{split}_per_class_top1"), metrics.pop(f"{split}_per_class_samples")
+    metrics[f"{split}_per_class"] = {
+        name: {"top1": value, "samples": count} for name, value, count in zip(data.class_names, top1, samples)
+    }
     # what exactly was measured, beside the numbers
     metrics["data"] = {
         "dataset": config.dataset,

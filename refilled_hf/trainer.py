@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
@@ -154,6 +155,9 @@ class RefilledTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.stage = stage
         self.num_classes = num_classes
+        #: evaluate() also returns ``{prefix}_per_class_top1`` / ``_samples`` (lists by class id),
+        #: which it does not log (``refilled-hf evaluate`` reports them)
+        self.per_class_metrics = False
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
         if self.compile_options is not None:
             # in place: the state dict keeps its keys, DDP and autocast wrap the compiled call;
@@ -423,6 +427,7 @@ class RefilledTrainer(Trainer):
         was_training = student.training
         student.eval()
         centers = None
+        class_hits, class_samples = np.zeros(self.num_classes), np.zeros(self.num_classes, dtype=np.int64)
         if self.stage == "stage1":
             centers = compute_class_centers(
                 lambda x: embed(student.model, x),
@@ -444,14 +449,20 @@ class RefilledTrainer(Trainer):
                 top = scores.topk(min(5, scores.shape[1]), dim=1).indices
                 hit1 = (top[:, 0] == labels).float()
                 hit5 = (top == labels[:, None]).any(1).float()
-                per_sample = torch.stack([hit1, hit5] + ([loss] if loss is not None else []), dim=1)
-                per_sample = self.accelerator.gather_for_metrics(per_sample)
+                columns = [hit1, hit5] + ([loss] if loss is not None else [])
+                if self.per_class_metrics:
+                    columns.append(labels.float())  # last: which class each gathered hit belongs to
+                per_sample = self.accelerator.gather_for_metrics(torch.stack(columns, dim=1))
                 totals["samples"] += per_sample.shape[0]
                 sums = per_sample.sum(0).tolist()
                 totals["top1"] += sums[0]
                 totals["top5"] += sums[1]
                 if loss is not None:
                     totals["loss"] += sums[2]
+                if self.per_class_metrics:
+                    ids = per_sample[:, -1].long()
+                    class_hits += torch.bincount(ids, weights=per_sample[:, 0], minlength=self.num_classes).tolist()
+                    class_samples += torch.bincount(ids, minlength=self.num_classes).tolist()
         student.train(was_training)
         count = max(totals["samples"], 1)
         name = "ncm_" if centers is not None else ""
@@ -464,4 +475,9 @@ class RefilledTrainer(Trainer):
         metrics["epoch"] = self.state.epoch if self.state.epoch is not None else 0.0
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        if self.per_class_metrics:  # returned, not logged: one number per class
+            metrics[f"{metric_key_prefix}_{name}per_class_top1"] = [
+                100.0 * h / n if n else None for h, n in zip(class_hits, class_samples)
+            ]
+            metrics[f"{metric_key_prefix}_per_class_samples"] = [int(n) for n in class_samples]
         return metrics

@@ -473,6 +473,9 @@ def test_evaluate_defaults_to_the_models_own_classes_and_validation_split(data_d
     with caplog.at_level("WARNING", logger="refilled_hf.evaluation"):
         metrics = evaluate_model(f"local-dir:{model}", RefilledConfig(**config))  # no --classes
     assert metrics["test_samples"] == 18
+    per_class = metrics["test_per_class"]  # by the model's class names, every test image once
+    assert list(per_class) == CLASS_NAMES[3:6] and sum(c["samples"] for c in per_class.values()) == 18
+    assert sum(c["top1"] * c["samples"] for c in per_class.values()) / 18 == pytest.approx(metrics["test_top1"])
     # the model was exported at timm's 32 px: evaluating at 16 is allowed, and said
     assert "--image_size 16: " in caplog.text and "trained at 32 px" in caplog.text
     # no --seed / --validation_fraction: the split it was selected on (0.25 of 12 per class)

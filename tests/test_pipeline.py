@@ -313,3 +313,29 @@ def test_top5_is_reported_only_where_it_can_be_below_100(num_classes, tmp_path):
         assert "test_top5" not in metrics
     else:
         assert metrics["test_top5"] == pytest.approx(100.0 * sum(r < 5 for r in ranks) / n)
+
+
+def test_per_class_top1_counts_every_image_of_each_class_once(tmp_path):
+    """evaluate's per-class numbers against a per-image reference: each class's hits over its images,
+    a class without images None; the totals are their weighted mean."""
+    from refilled_hf.pipeline import inference_trainer
+
+    torch.manual_seed(1)
+    model = timm.create_model("cifar_wrn_16_1", num_classes=4).eval()
+    n = 23  # not a multiple of the batch: the last batch is short
+    images, labels = torch.randn(n, 3, 16, 16), torch.tensor([0, 1, 3] * 7 + [0, 0])  # class 2: no image
+    with torch.no_grad():
+        predicted = [int(model(images[i : i + 1])[0].argmax()) for i in range(n)]
+    dataset = [{"pixel_values": images[i], "labels": int(labels[i])} for i in range(n)]
+    config = RefilledConfig(output_dir=str(tmp_path), method="ce", use_cpu=True, per_device_eval_batch_size=5)
+    trainer = inference_trainer(model, config, "eval", 4)
+    trainer.per_class_metrics = True
+    metrics = trainer.evaluate(dataset, metric_key_prefix="test")
+    expected = []
+    for c in range(4):
+        rows = [i for i in range(n) if labels[i] == c]
+        expected.append(100.0 * sum(predicted[i] == c for i in rows) / len(rows) if rows else None)
+    assert metrics["test_per_class_samples"] == [9, 7, 0, 7]
+    assert metrics["test_per_class_top1"] == pytest.approx(expected)
+    weighted = sum(t * k for t, k in zip(expected, [9, 7, 0, 7]) if t is not None) / n
+    assert metrics["test_top1"] == pytest.approx(weighted)
