@@ -9,6 +9,7 @@ is rewritten or cached to disk; images are decoded once into memory when they ar
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -80,6 +81,18 @@ class EmptySplitError(DataError):
 # --------------------------------------------------------------------------- loading
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str, level: int = logging.ERROR):
+    """``name``'s messages below ``level`` are dropped inside the block."""
+    logger_ = logging.getLogger(name)
+    before = logger_.level
+    logger_.setLevel(level)
+    try:
+        yield
+    finally:
+        logger_.setLevel(before)
+
+
 @functools.lru_cache(maxsize=4)
 def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datasets.DatasetDict:
     """A `DatasetDict` from a Hub id, a local folder (parquet files named by split, the
@@ -92,7 +105,8 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
         if path.is_file() and path.suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files={"train": str(path)})
         if path.is_dir():
-            return datasets.load_dataset(str(path), config_name)
+            with _quiet_logger("huggingface_hub.repocard"):  # a folder's README without a metadata block is fine
+                return datasets.load_dataset(str(path), config_name)
         if name_or_path.startswith((".", "/")) or name_or_path.endswith(".parquet"):
             raise DataError(f"Data set {name_or_path!r} not found: no such file or folder.")
         return datasets.load_dataset(name_or_path, config_name)
