@@ -449,18 +449,16 @@ class RefilledTrainer(Trainer):
                 top = scores.topk(min(5, scores.shape[1]), dim=1).indices
                 hit1 = (top[:, 0] == labels).float()
                 hit5 = (top == labels[:, None]).any(1).float()
-                columns = [hit1, hit5] + ([loss] if loss is not None else [])
-                if self.per_class_metrics:
-                    columns.append(labels.float())  # last: which class each gathered hit belongs to
-                per_sample = self.accelerator.gather_for_metrics(torch.stack(columns, dim=1))
+                per_sample = torch.stack([hit1, hit5] + ([loss] if loss is not None else []), dim=1)
+                per_sample = self.accelerator.gather_for_metrics(per_sample)
                 totals["samples"] += per_sample.shape[0]
                 sums = per_sample.sum(0).tolist()
                 totals["top1"] += sums[0]
                 totals["top5"] += sums[1]
                 if loss is not None:
                     totals["loss"] += sums[2]
-                if self.per_class_metrics:
-                    ids = per_sample[:, -1].long()
+                if self.per_class_metrics:  # gathered apart: the sums above stay bit-identical without it
+                    ids = self.accelerator.gather_for_metrics(labels)
                     class_hits += torch.bincount(ids, weights=per_sample[:, 0], minlength=self.num_classes).tolist()
                     class_samples += torch.bincount(ids, minlength=self.num_classes).tolist()
         student.train(was_training)
