@@ -84,10 +84,9 @@ def _stage_and_config(method: str, out: str):
         logging_steps=10**6,
         disable_tqdm=True,
         dataloader_drop_last=True,
-        num_train_epochs=1,
-        learning_rate=0.05,
     )
-    return stage, config
+    # one stage's Trainer arguments, as the pipeline makes them (the stage fields set these two)
+    return stage, config.stage_view(num_train_epochs=1, learning_rate=0.05)
 
 
 def measure_one(method: str, student_name: str, teacher_name: str, steps: int, warmup: int) -> dict:
@@ -224,10 +223,11 @@ def main() -> None:
         row["trainer_overhead"] = row["trainer_ms"] / row["bare_ms"]
     pipeline = data_pipeline(args.students[0]) if (CIFAR10 / "train.parquet").is_file() else None
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"threads": 2, "batch": 128, "torch": __import__("torch").__version__, "python": platform.python_version()}
+    meta = {"threads": 2, "batch": 128, "teacher": args.teacher, "torch": __import__("torch").__version__,
+            "python": platform.python_version()}  # fmt: skip
     (args.out / "step_time.json").write_text(json.dumps({"meta": meta, "rows": rows, "data": pipeline}, indent=2))
     lines = [
-        "# Training-step cost on the CPU (2 threads, batch 128, teacher WRN-40-2)",
+        f"# Training-step cost on the CPU (2 threads, batch 128, teacher {args.teacher})",
         "",
         "Median of the measured steps after warm-up, each method in a fresh process. `ratio to KD`: bare-loop "
         "step time over the KD step of the same student. `Trainer overhead`: RefilledTrainer step over the bare "

@@ -83,3 +83,16 @@ def test_throughput_benchmark_refuses_too_few_steps_to_time(tmp_path):
     done = subprocess.run([sys.executable, str(BENCHMARKS / "throughput.py"), "--steps", "2", "--warmup", "1",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "--steps 2 leaves fewer than 2 timed steps after --warmup 1" in done.stderr
+
+
+def test_step_time_benchmark_builds_each_stages_trainer_arguments(monkeypatch, tmp_path):
+    """step_time.py makes one stage's Trainer arguments per method as the pipeline does (it built them
+    with --learning_rate and --num_train_epochs after the library had started refusing both)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import step_time
+
+    for method in ("ce", "kd", "rkd", "stage1-tuple", "stage1-triplet", "stage2"):
+        stage, args = step_time._stage_and_config(method, str(tmp_path))
+        assert stage == {"stage1-tuple": "stage1", "stage1-triplet": "stage1"}.get(method, method)
+        assert args.num_train_epochs == 1 and args.learning_rate == 0.05
+        assert args.stage1_variant == ("triplet" if method == "stage1-triplet" else "tuple")
