@@ -103,12 +103,13 @@ COMMON = {
 def _run(config_fields: dict[str, Any], runner) -> dict[str, Any]:
     """Run once; a finished run in the cache is read back instead."""
     from refilled_hf.config import FIELD_USERS, RefilledConfig
+    from refilled_hf.pipeline import run_teacher_training
 
     out = Path(config_fields["output_dir"])
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
     fields = {**COMMON, **config_fields, "overwrite_output": True}
-    if runner.__name__ == "run_teacher_training":  # it refuses the distillation settings the COMMONs pin
+    if runner is run_teacher_training:  # it refuses the distillation settings the COMMONs pin
         fields = {k: v for k, v in fields.items() if "train-teacher" in FIELD_USERS.get(k, ("train-teacher",))}
     return runner(RefilledConfig(**fields))
 

@@ -299,9 +299,6 @@ def _make_trainer(
     if isinstance(data.train, IndexedImages):  # the loaders only yield indices: no worker processes
         args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
         args.dataloader_prefetch_factor = None
-    # pinned on a GPU so that batches (or the device path's indices) reach it without a stall (see
-    # RefilledConfig.__post_init__); never on the CPU, where torch warns that pinning does nothing
-    args.dataloader_pin_memory = args.dataloader_pin_memory and args.device.type == "cuda"
     return RefilledTrainer(
         model=student,
         args=args,

@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
@@ -153,6 +152,9 @@ class RefilledTrainer(Trainer):
             if teacher is not None:
                 use_channels_last(teacher)
         super().__init__(model=model, args=args, **kwargs)
+        # every loader pins on a GPU, so that batches (or the device path's indices) reach it without a
+        # stall (see RefilledConfig.__post_init__); never on the CPU, where torch warns that it does nothing
+        self.args.dataloader_pin_memory = self.args.dataloader_pin_memory and self.args.device.type == "cuda"
         self.stage = stage
         self.num_classes = num_classes
         #: evaluate() also returns ``{prefix}_per_class_top1`` / ``_samples`` (lists by class id),
@@ -206,7 +208,7 @@ class RefilledTrainer(Trainer):
             drop_last=False,
             collate_fn=self.data_collator,
             num_workers=workers,
-            pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
+            pin_memory=args.dataloader_pin_memory,
             prefetch_factor=args.dataloader_prefetch_factor if workers else None,
             multiprocessing_context=args.dataloader_multiprocessing_context if workers else None,
         )
@@ -427,7 +429,7 @@ class RefilledTrainer(Trainer):
         was_training = student.training
         student.eval()
         centers = None
-        class_hits, class_samples = np.zeros(self.num_classes), np.zeros(self.num_classes, dtype=np.int64)
+        class_hits = class_samples = None  # per class, on the device: read once, at the end
         if self.stage == "stage1":
             centers = compute_class_centers(
                 lambda x: embed(student.model, x),
@@ -459,8 +461,10 @@ class RefilledTrainer(Trainer):
                     totals["loss"] += sums[2]
                 if self.per_class_metrics:  # gathered apart: the sums above stay bit-identical without it
                     ids = self.accelerator.gather_for_metrics(labels)
-                    class_hits += torch.bincount(ids, weights=per_sample[:, 0], minlength=self.num_classes).tolist()
-                    class_samples += torch.bincount(ids, minlength=self.num_classes).tolist()
+                    hits = torch.bincount(ids, weights=per_sample[:, 0], minlength=self.num_classes)
+                    samples = torch.bincount(ids, minlength=self.num_classes)
+                    class_hits = hits if class_hits is None else class_hits + hits
+                    class_samples = samples if class_samples is None else class_samples + samples
         student.train(was_training)
         count = max(totals["samples"], 1)
         name = "ncm_" if centers is not None else ""
@@ -474,8 +478,10 @@ class RefilledTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         if self.per_class_metrics:  # returned, not logged: one number per class
+            hits = class_hits.tolist() if class_hits is not None else [0.0] * self.num_classes
+            samples = class_samples.tolist() if class_samples is not None else [0] * self.num_classes
             metrics[f"{metric_key_prefix}_{name}per_class_top1"] = [
-                100.0 * h / n if n else None for h, n in zip(class_hits, class_samples)
+                100.0 * h / n if n else None for h, n in zip(hits, samples)
             ]
-            metrics[f"{metric_key_prefix}_per_class_samples"] = [int(n) for n in class_samples]
+            metrics[f"{metric_key_prefix}_per_class_samples"] = samples
         return metrics
