@@ -55,6 +55,11 @@ def _num(value: float) -> str:
     return f"{round(value, 2):g}" if isinstance(value, float) and abs(value) >= 0.01 else f"{value:g}"
 
 
+def _epochs(value: float) -> str:
+    """``1 epoch``, ``0.5 epochs``, ``20 epochs``."""
+    return f"{_num(value)} epoch{'' if value == 1 else 's'}"
+
+
 # --------------------------------------------------------------------------- comparability
 
 
@@ -143,7 +148,7 @@ def _stage_epochs(results: dict[str, Any], stage: str, planned: float | None) ->
     """``100 epochs``, or ``0.5 of 100 planned epochs (--max_steps)`` for a stage cut short."""
     trained = _trained_epochs(results.get(stage))
     if planned is None or trained is None or abs(trained - planned) < 1e-6:
-        return f"{_num(planned if trained is None else trained)} epochs"
+        return _epochs(planned if trained is None else trained)
     return f"{_num(trained)} of {_num(planned)} planned epochs (stopped by --max_steps)"
 
 
@@ -158,7 +163,7 @@ def _lr_steps(results: dict[str, Any], recipe: dict[str, Any]) -> str:
     text = f"x{recipe.get('stage2_gamma')} at epochs {','.join(reached)}" if reached else "constant"
     if beyond:
         plural = "s" if len(beyond) > 1 else ""
-        text += f" (milestone{plural} {','.join(beyond)} never reached in its {_num(epochs)} epochs)"
+        text += f" (milestone{plural} {','.join(beyond)} never reached in its {_epochs(epochs)})"
     return text
 
 

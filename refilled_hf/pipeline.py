@@ -270,6 +270,33 @@ def _scaled_paper_milestones(epochs: float) -> str:
     return ",".join(f"{m:g}" for m in (whole if len(whole) == 3 else [round(m, 2) for m in exact]))
 
 
+def warn_unreached_milestones(config: RefilledConfig) -> None:
+    """Warn, once per run and before any training, on the main process, where
+    ``--stage2_milestones`` lie at or beyond ``--stage2_epochs`` (the learning rate would
+    never decay there), with the paper's schedule scaled to the stage as the fix."""
+    epochs, milestones = config.stage2_epochs, config.milestones()
+    if config.process_index != 0 or epochs > max(milestones, default=0):
+        return
+    beyond = ",".join(f"{m:g}" for m in milestones if m >= epochs)
+    logger.warning(
+        "--stage2_milestones %s: %s lie at or beyond --stage2_epochs %g, so the learning rate never decays there; "
+        "set milestones inside the stage (the paper's schedule, scaled: --stage2_milestones %s).",
+        config.stage2_milestones, beyond, epochs, _scaled_paper_milestones(epochs),
+    )  # fmt: skip
+
+
+def _log_plan(config: RefilledConfig) -> None:
+    """What the user should know before training starts, said once by the main process:
+    milestones the schedule never reaches, and the lambda search the default runs."""
+    warn_unreached_milestones(config)
+    values = config.distill_weight_candidates() if config.method == "refilled" else None
+    if values and config.distill_weight_search is None and config.process_index == 0:
+        logger.info(
+            "--distill_weight is unset: stage 2 will run once per lambda in %s and keep the best on validation "
+            "(pass --distill_weight to run it once).", ", ".join(f"{v:g}" for v in values),
+        )  # fmt: skip
+
+
 def _make_trainer(
     config: RefilledConfig,
     stage: str,
@@ -285,14 +312,6 @@ def _make_trainer(
     if args.load_best_model_at_end:
         args.metric_for_best_model = "eval_ncm_top1" if stage == "stage1" else "eval_top1"
         args.greater_is_better = True
-    if stage != "stage1" and epochs <= max(args.milestones(), default=0):
-        beyond = ",".join(f"{m:g}" for m in args.milestones() if m >= epochs)
-        scaled = _scaled_paper_milestones(epochs)
-        logger.warning(
-            "stage2_milestones %s: %s lie at or beyond the %g epochs of %s, so the learning rate never decays there; "
-            "set --stage2_milestones inside the stage (the paper's schedule, scaled: %r).",
-            args.stage2_milestones, beyond, epochs, stage, scaled,
-        )  # fmt: skip
     if data.validation is None:
         args.eval_strategy = "no"
     _set_cadence(args, epochs, len(data.train))
@@ -458,6 +477,7 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     stage_dirs = [out / "stage1", *_stage2_dirs(config, out)] if method == "refilled" else [out / method]
     rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)
     _prepare_output_dir(config, rundir)
+    _log_plan(config)
     mode = _resume_mode(config)
     points = _resume_points(mode, out, stage_dirs, config.world_size)
 
@@ -587,11 +607,6 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
     start_state = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
     candidates, centers, trainer = [], None, None
     values = config.distill_weight_candidates()
-    if config.distill_weight_search is None:
-        logger.info(
-            "--distill_weight is unset: stage 2 runs once per lambda in %s and keeps the best on validation (pass "
-            "--distill_weight to run it once).", ", ".join(f"{v:g}" for v in values),
-        )  # fmt: skip
     for value, stage_dir in zip(values, stage2_dirs):
         final = stage_dir / FINAL_DIR / "metrics.json"
         if final.is_file() and _resume_mode(config):

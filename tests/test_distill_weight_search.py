@@ -126,7 +126,7 @@ def test_unset_lambda_searches_1_and_10_by_default(data_dir, teacher_dir, tmp_pa
     assert [c["distill_weight"] for c in search["candidates"]] == [1.0, 10.0]
     assert results["distill_weight"] == search["selected"] in (1.0, 10.0)
     assert sorted(p.name for p in (tmp_path / "run").glob("stage2*")) == ["stage2-lambda1", "stage2-lambda10"]
-    assert "--distill_weight is unset: stage 2 runs once per lambda in 1, 10" in caplog.text
+    assert "--distill_weight is unset: stage 2 will run once per lambda in 1, 10" in caplog.text
 
 
 def test_which_lambdas_run(tmp_path):

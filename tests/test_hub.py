@@ -207,6 +207,20 @@ def test_card_for_a_local_teacher_and_data_has_no_hub_links():
                                        architecture="resnet18"))  # fmt: skip
     assert card.data.base_model is None and card.data.datasets is None
     assert "import refilled_hf" not in card.text
+    assert "## How to use\n\nWith timm:" in card.text  # no blank lines left by the CIFAR-only paragraph
+
+
+def test_card_has_no_runs_of_blank_lines_and_counts_one_epoch_in_the_singular():
+    recipe = {**RefilledConfig(teacher="hf-hub:someone/teacher-net", output_dir="o", stage1_epochs=1,
+                               stage2_epochs=1).to_recipe()}  # fmt: skip
+    results = _fake_results()
+    results["stage1"]["train_metrics"]["epoch"] = 1.0
+    results["final"]["train_metrics"]["epoch"] = 1.0
+    for architecture in ("cifar_wrn_16_1", "resnet18"):
+        text = render_model_card(results, recipe, architecture=architecture)
+        assert "\n\n\n" not in text, architecture
+        assert "1 epochs" not in text and "margin 0.2, 1 epoch, lr" in text
+        assert "never reached in its 1 epoch)" in text
 
 
 class Recorder:

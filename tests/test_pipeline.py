@@ -279,15 +279,30 @@ def test_milestones_beyond_the_stage_are_named_with_a_fix_and_the_card_says_none
                          max_steps=1)  # fmt: skip
     with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
         run(recipe)
-    assert ("stage2_milestones 100,140,180: 100,140,180 lie at or beyond the 20 epochs of ce, so the learning rate "
-            "never decays there; set --stage2_milestones inside the stage (the paper's schedule, scaled: "
-            "'10,14,18')") in caplog.text  # fmt: skip
+    assert ("--stage2_milestones 100,140,180: 100,140,180 lie at or beyond --stage2_epochs 20, so the learning "
+            "rate never decays there; set milestones inside the stage (the paper's schedule, scaled: "
+            "--stage2_milestones 10,14,18)") in caplog.text  # fmt: skip
     card = (tmp_path / "ce" / "model" / "README.md").read_text()
     assert "x0.2 at epochs" not in card and "constant (milestones 100,140,180 never reached in its" in card
     caplog.clear()
     with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
         run({**recipe, "output_dir": str(tmp_path / "inside"), "stage2_milestones": "10,14,18"})
     assert "stage2_milestones" not in caplog.text
+
+
+def test_unreached_milestones_are_named_once_before_training_even_with_two_stage2_runs(data_dir, teacher_dir, tmp_path,
+                                                                                      caplog):  # fmt: skip
+    """The lambda search trains stage 2 once per candidate: the warning is the run's, said
+    once, before stage 1 trains (it used to come per candidate, after stage 1)."""
+    recipe = tiny_recipe(data_dir, tmp_path / "refilled", method="refilled", teacher=f"local-dir:{teacher_dir}",
+                         stage2_epochs=1, stage2_milestones="1", distill_weight=None, max_steps=1)  # fmt: skip
+    with caplog.at_level("INFO"):
+        run(recipe)
+    messages = [r.getMessage() for r in caplog.records]
+    warned = [i for i, m in enumerate(messages) if "lie at or beyond --stage2_epochs 1," in m]
+    assert len(warned) == 1 and "scaled: --stage2_milestones 0.5,0.7,0.9" in messages[warned[0]]
+    assert warned[0] < min(i for i, m in enumerate(messages) if m.startswith("Data path:"))  # before any training
+    assert any("stage 2 will run once per lambda in 1, 10" in m for m in messages[: warned[0] + 2])
 
 
 @pytest.mark.parametrize("num_classes", [3, 5, 6, 9])
