@@ -285,6 +285,23 @@ def warn_unreached_milestones(config: RefilledConfig) -> None:
     )  # fmt: skip
 
 
+def _local_inputs(config: RefilledConfig) -> list[tuple[str, str]]:
+    """The local files and folders a run reads: ``(option, path)`` pairs."""
+    inputs = []
+    for option in ("teacher", "student"):
+        spec = getattr(config, option)
+        if spec and spec.startswith("local-dir:"):
+            inputs.append((f"--{option}", spec[len("local-dir:") :]))
+    for option in ("teacher_checkpoint", "student_checkpoint", "teacher_cache"):
+        if getattr(config, option):
+            inputs.append((f"--{option}", getattr(config, option)))
+    if Path(config.dataset).exists():
+        inputs.append(("--dataset", config.dataset))
+    for folder in filter(None, (d.strip() for d in (config.compare_runs or "").split(","))):
+        inputs.append(("--compare_runs", str(Path(folder) / RESULTS_FILE)))
+    return inputs
+
+
 def _log_plan(config: RefilledConfig) -> None:
     """What the user should know before training starts, said once by the main process:
     milestones the schedule never reaches, and the lambda search the default runs."""
@@ -476,6 +493,7 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     baselines = _baseline_results(config)  # fail now, not after training, on a missing comparison run
     stage_dirs = [out / "stage1", *_stage2_dirs(config, out)] if method == "refilled" else [out / method]
     rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)
+    rundir.check_inputs(_local_inputs(config))
     _prepare_output_dir(config, rundir)
     _log_plan(config)
     mode = _resume_mode(config)

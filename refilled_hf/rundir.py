@@ -214,6 +214,22 @@ class RunDirectory:
                 f"({shown}). Resume with the original settings, or start over with --overwrite_output true."
             )
 
+    def check_inputs(self, inputs: list[tuple[str, str]]) -> None:
+        """Refuse a run whose inputs (``(option, path)`` pairs: its teacher folder, a checkpoint, the
+        data, a baseline's results) lie in an entry it writes: ``--overwrite_output`` would
+        delete them first, or the export would replace them (a teacher folder then holds the
+        student, and every record that names it lies)."""
+        out = self.out.expanduser().resolve()
+        for option, value in inputs:
+            path = Path(value).expanduser().resolve()
+            for name in self.outputs:
+                entry = out / name
+                if path.is_relative_to(entry):
+                    raise RunDirError(
+                        f"{option} {value} lies in {entry}, which this run writes (and --overwrite_output deletes "
+                        "first): the run would replace its own input. Choose another --output_dir."
+                    )
+
     # ------------------------------------------------------------ writing
 
     def acquire(self) -> None:

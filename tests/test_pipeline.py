@@ -17,6 +17,7 @@ from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import TRAINING_DATA_KEY
 from refilled_hf.pipeline import RunError, _scaled_paper_milestones, run_distillation, run_teacher_training
+from refilled_hf.rundir import RunDirError
 
 pytestmark = pytest.mark.slow
 
@@ -127,6 +128,26 @@ def test_finished_run_is_not_overwritten(data_dir, tmp_path):
     assert (tmp_path / "ce" / "model" / "model.safetensors").read_bytes() == before
     again = run({**recipe, "overwrite_output": True})
     assert again["final"]["test_samples"] == first["final"]["test_samples"]
+
+
+def test_a_run_into_the_folder_of_its_own_teacher_or_baseline_is_refused_and_deletes_nothing(data_dir, tmp_path):
+    """--overwrite_output into the teacher's run folder used to delete the teacher, export the
+    student in its place and record ``--teacher local-dir:<that folder>``: a lost file and a
+    false record. Any input inside an entry the run writes is refused before anything runs."""
+    teacher_run = tmp_path / "teacher"
+    teacher_recipe = tiny_recipe(data_dir, teacher_run, teacher="cifar_wrn_16_1", classes="0-2", stage2_epochs=1)
+    for distillation_only in ("teacher_classes", "distill_weight", "stage1_epochs", "stage1_learning_rate"):
+        del teacher_recipe[distillation_only]
+    run_teacher_training(RefilledConfig(**teacher_recipe))
+    before = {p: p.read_bytes() for p in sorted(teacher_run.rglob("*")) if p.is_file()}
+    recipe = tiny_recipe(data_dir, teacher_run, method="refilled", teacher=f"local-dir:{teacher_run / 'model'}",
+                         overwrite_output=True)  # fmt: skip
+    with pytest.raises(RunDirError, match=r"--teacher .*teacher/model lies in .*which this run writes"):
+        run(recipe)
+    baseline = {**recipe, "teacher": None, "method": "ce", "compare_runs": str(teacher_run)}
+    with pytest.raises(RunDirError, match=r"--compare_runs .*results.json lies in"):
+        run(baseline)
+    assert {p: p.read_bytes() for p in sorted(teacher_run.rglob("*")) if p.is_file()} == before
 
 
 class Interrupt(TrainerCallback):
