@@ -87,7 +87,7 @@ for _names, _users in (
       "per_device_train_batch_size", "dataloader_drop_last", "train_sampling_strategy", "eval_strategy",
       "eval_steps", "eval_delay", "eval_on_start", "load_best_model_at_end", "save_strategy", "save_steps",
       "save_total_limit", "save_only_model", "save_on_each_node", "restore_callback_states_from_checkpoint",
-      "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private_repo"), _TRAINING),
+      "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private_repo", "output_dir"), _TRAINING),
 ):  # fmt: skip
     FIELD_USERS.update(dict.fromkeys(_names, _users))
 

@@ -186,7 +186,7 @@ def evaluate_model(
     if not names:
         logger.warning("The model records no label names: only the number of classes could be checked.")
     check_evaluation_split(record, config, data, split, model_spec)
-    trainer = inference_trainer(model, config, "evaluate", data.num_classes)
+    trainer = inference_trainer(model, config, data.num_classes)
     trainer.per_class_metrics = True
     metrics = trainer.evaluate(dataset, metric_key_prefix=split)
     metrics.pop("epoch", None)

@@ -21,7 +21,10 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -820,12 +823,18 @@ _TEACHER_TRAINING_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
-def inference_trainer(model, config: RefilledConfig, subdir: str, num_classes: int,
+def inference_trainer(model, config: RefilledConfig, num_classes: int,
                       teacher: FrozenTeacher | None = None) -> RefilledTrainer:  # fmt: skip
     """A trainer that only runs ``model`` (evaluate, probe-teacher): no training, no
-    evaluation or checkpoint schedule, its files under ``output_dir/<subdir>``."""
+    evaluation or checkpoint schedule, and no file in the user's folders. The Trainer
+    creates its ``output_dir`` on the main process, so that is a temporary folder, removed
+    with the trainer (``--output_dir`` used to gain an empty ``evaluate/`` or ``probe/``)."""
+    scratch = tempfile.mkdtemp(prefix="refilled-hf-inference-")
     # a view, not a re-validated copy: the training-only options it switches off (best-model
     # selection, pushing) are ignored here, with a warning, not refused
-    args = config.stage_view(method="ce", output_dir=str(Path(config.output_dir) / subdir), eval_strategy="no",
-                             save_strategy="no", load_best_model_at_end=False, push_to_hub=False)  # fmt: skip
-    return RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=num_classes, teacher=teacher)
+    args = config.stage_view(method="ce", output_dir=scratch, eval_strategy="no", save_strategy="no",
+                             load_best_model_at_end=False, push_to_hub=False)  # fmt: skip
+    trainer = RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=num_classes,
+                              teacher=teacher)  # fmt: skip
+    weakref.finalize(trainer, shutil.rmtree, scratch, ignore_errors=True)
+    return trainer

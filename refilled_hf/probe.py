@@ -59,7 +59,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     if not clean.all():
         logger.info("Left out %d of %d validation images: the teacher trained on them.", int((~clean).sum()),
                     len(clean))  # fmt: skip
-    trainer = inference_trainer(teacher.model, config, "probe", data.num_classes, teacher=teacher)
+    trainer = inference_trainer(teacher.model, config, data.num_classes, teacher=teacher)
     start = time.perf_counter()
     centers = trainer.compute_teacher_centers(eval_copy(data.train, data.eval_transform))
     correct = []

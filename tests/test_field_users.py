@@ -56,6 +56,7 @@ TRAINING_ONLY = {
     "load_best_model_at_end": True, "save_strategy": "steps", "save_steps": 5, "save_total_limit": 1,
     "save_only_model": True, "save_on_each_node": True, "restore_callback_states_from_checkpoint": True,
     "resume_from_checkpoint": "true", "push_to_hub": True, "hub_model_id": "me/never-pushed", "hub_private_repo": True,
+    "output_dir": "never-written",
 }  # fmt: skip
 
 
@@ -114,9 +115,9 @@ def test_fields_a_method_does_not_use_change_nothing_and_are_named(method, data_
     assert metrics["test_top1"] == first["final"]["test_top1"]
     assert metrics["test_loss"] == first["final"]["test_loss"]  # label smoothing never reaches evaluation
     assert "evaluate does not use " in caplog.text and "--stage2_epochs " in caplog.text
-    for name, value in TRAINING_ONLY.items():
+    for name, value in {**TRAINING_ONLY, "output_dir": tmp_path / "eval"}.items():
         assert f"--{name} {value}," in caplog.text or f"--{name} {value}:" in caplog.text
-    assert not list((tmp_path / "eval").rglob("checkpoint-*"))  # nothing trained, nothing saved
+    assert not (tmp_path / "eval").exists()  # nothing trained, nothing written (it gained an empty evaluate/)
 
 
 def test_a_method_warns_about_nothing_it_uses(data_dir, teacher_dir):
@@ -184,11 +185,14 @@ def test_probe_teacher_names_what_it_does_not_use(data_dir, teacher_dir, tmp_pat
     assert len(warning) == 1 and warning[0].startswith("probe-teacher does not use ")
     named = warning[0].split(": ignored")[0].removeprefix("probe-teacher does not use ").split(", ")
     assert named == ["--kd_weight 0.5", "--stage2_epochs 2", "--stage2_learning_rate 0.05", "--stage2_milestones 1",
-                     "--per_device_train_batch_size 12", "--save_total_limit 3"]  # fmt: skip
+                     "--per_device_train_batch_size 12", "--save_total_limit 3", f"--output_dir {tmp_path / 'p'}"]
+    assert not (tmp_path / "p").exists()  # the probe writes nothing (it left an empty probe/ folder)
 
     # nor the options only training reads: the same probe, and each named
     caplog.clear()
     with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
-        result_with_training_options = probe_teacher(RefilledConfig(**{**recipe, **TRAINING_ONLY}))
+        result_with_training_options = probe_teacher(
+            RefilledConfig(**{**recipe, **TRAINING_ONLY, "output_dir": str(tmp_path / "never-written")})
+        )
     assert result_with_training_options["probe_ncm_top1"] == result["probe_ncm_top1"]
     assert "--optim adamw_torch, " in caplog.text and "--per_device_train_batch_size 4, " in caplog.text

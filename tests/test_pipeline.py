@@ -342,7 +342,7 @@ def test_top5_is_reported_only_where_it_can_be_below_100(num_classes, tmp_path):
     with torch.no_grad():
         rows = [model(images[i : i + 1])[0] for i in range(n)]
     ranks = [int((row > row[label]).sum()) for row, label in zip(rows, labels)]
-    metrics = inference_trainer(model, config, "eval", num_classes).evaluate(dataset, metric_key_prefix="test")
+    metrics = inference_trainer(model, config, num_classes).evaluate(dataset, metric_key_prefix="test")
     assert metrics["test_top1"] == pytest.approx(100.0 * sum(r == 0 for r in ranks) / n)
     assert metrics["test_samples"] == n
     if num_classes <= 5:
@@ -364,7 +364,7 @@ def test_per_class_top1_counts_every_image_of_each_class_once(tmp_path):
         predicted = [int(model(images[i : i + 1])[0].argmax()) for i in range(n)]
     dataset = [{"pixel_values": images[i], "labels": int(labels[i])} for i in range(n)]
     config = RefilledConfig(output_dir=str(tmp_path), method="ce", use_cpu=True, per_device_eval_batch_size=5)
-    trainer = inference_trainer(model, config, "eval", 4)
+    trainer = inference_trainer(model, config, 4)
     trainer.per_class_metrics = True
     metrics = trainer.evaluate(dataset, metric_key_prefix="test")
     expected = []
