@@ -498,7 +498,6 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)
     rundir.check_inputs(_local_inputs(config))
     _prepare_output_dir(config, rundir)
-    _log_plan(config)
     mode = _resume_mode(config)
     points = _resume_points(mode, out, stage_dirs, config.world_size)
 
@@ -525,6 +524,7 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     )
     check_forward(student, teacher, data)
     check_teacher_cache(config, teacher, data)
+    _log_plan(config)  # after the checks: a refused run is told only why
     results: dict[str, Any] = {
         "method": method,
         "student": config.student,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -317,13 +318,37 @@ def test_unreached_milestones_are_named_once_before_training_even_with_two_stage
     once, before stage 1 trains (it used to come per candidate, after stage 1)."""
     recipe = tiny_recipe(data_dir, tmp_path / "refilled", method="refilled", teacher=f"local-dir:{teacher_dir}",
                          stage2_epochs=1, stage2_milestones="1", distill_weight=None, max_steps=1)  # fmt: skip
-    with caplog.at_level("INFO"):
+
+    class Seen(logging.Handler):  # each message, and whether stage 1 had started when it was logged
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append((record.getMessage(), (tmp_path / "refilled" / "stage1").exists()))
+
+    seen, pipeline_logger = Seen(), logging.getLogger("refilled_hf.pipeline")
+    level = pipeline_logger.level
+    pipeline_logger.addHandler(seen)
+    pipeline_logger.setLevel(logging.INFO)
+    try:
         run(recipe)
-    messages = [r.getMessage() for r in caplog.records]
-    warned = [i for i, m in enumerate(messages) if "lie at or beyond --stage2_epochs 1," in m]
-    assert len(warned) == 1 and "scaled: --stage2_milestones 0.5,0.7,0.9" in messages[warned[0]]
-    assert warned[0] < min(i for i, m in enumerate(messages) if m.startswith("Data path:"))  # before any training
-    assert any("stage 2 will run once per lambda in 1, 10" in m for m in messages[: warned[0] + 2])
+    finally:
+        pipeline_logger.removeHandler(seen)
+        pipeline_logger.setLevel(level)
+    warned = [(m, started) for m, started in seen.messages if "lie at or beyond --stage2_epochs 1," in m]
+    assert len(warned) == 1 and "scaled: --stage2_milestones 0.5,0.7,0.9" in warned[0][0]
+    announced = [(m, started) for m, started in seen.messages if "stage 2 will run once per lambda in 1, 10" in m]
+    assert len(announced) == 1
+    assert not warned[0][1] and not announced[0][1]  # both before stage 1 trains
+
+
+def test_a_refused_run_says_only_why(data_dir, tmp_path, caplog):
+    """The schedule's notes wait for the checks: a run refused on its data is told only that."""
+    recipe = tiny_recipe(data_dir, tmp_path / "ce", method="ce", stage2_epochs=1, classes="3-5,nonexistent")
+    with caplog.at_level("INFO", logger="refilled_hf.pipeline"), pytest.raises(Exception, match="nonexistent"):
+        run(recipe)
+    assert "stage2_milestones" not in caplog.text
 
 
 @pytest.mark.parametrize("num_classes", [3, 5, 6, 9])
