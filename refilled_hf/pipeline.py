@@ -288,6 +288,11 @@ def warn_unreached_milestones(config: RefilledConfig) -> None:
     )  # fmt: skip
 
 
+def _compare_run_folders(config: RefilledConfig) -> list[str]:
+    """The folders ``--compare_runs`` names (comma-separated)."""
+    return [folder.strip() for folder in (config.compare_runs or "").split(",") if folder.strip()]
+
+
 def _local_inputs(config: RefilledConfig) -> list[tuple[str, str]]:
     """The local files and folders a run reads: ``(option, path)`` pairs."""
     inputs = []
@@ -300,7 +305,7 @@ def _local_inputs(config: RefilledConfig) -> list[tuple[str, str]]:
             inputs.append((f"--{option}", getattr(config, option)))
     if Path(config.dataset).exists():
         inputs.append(("--dataset", config.dataset))
-    for folder in filter(None, (d.strip() for d in (config.compare_runs or "").split(","))):
+    for folder in _compare_run_folders(config):
         inputs.append(("--compare_runs", str(Path(folder) / RESULTS_FILE)))
     return inputs
 
@@ -737,7 +742,7 @@ def _teacher_centers(
 def _baseline_results(config: RefilledConfig) -> list[dict[str, Any]]:
     """results.json of the ``compare_runs`` (baselines on the same data), for the card."""
     runs = []
-    for folder in filter(None, (d.strip() for d in (config.compare_runs or "").split(","))):
+    for folder in _compare_run_folders(config):
         path = Path(folder) / RESULTS_FILE
         if not path.is_file():
             raise ConfigError(f"compare_runs: {folder} has no {RESULTS_FILE} (is that run finished?).")
