@@ -314,11 +314,19 @@ def _log_plan(config: RefilledConfig) -> None:
     """What the user should know before training starts, said once by the main process:
     milestones the schedule never reaches, and the lambda search the default runs."""
     warn_unreached_milestones(config)
-    values = config.distill_weight_candidates() if config.method == "refilled" else None
-    if values and config.distill_weight_search is None and config.process_index == 0:
+    if config.method != "refilled" or config.process_index != 0:
+        return
+    values = config.distill_weight_candidates()
+    if values and config.distill_weight_search is None:
         logger.info(
             "--distill_weight is unset: stage 2 will run once per lambda in %s and keep the best on validation "
             "(pass --distill_weight to run it once).", ", ".join(f"{v:g}" for v in values),
+        )  # fmt: skip
+    elif values is None and config.distill_weight is None:
+        logger.info(
+            "--distill_weight is unset and there is no validation split to choose it on (--validation_fraction 0): "
+            "stage 2 runs once with lambda %g (pass --distill_weight to choose another).",
+            config.resolved_distill_weight(),
         )  # fmt: skip
 
 

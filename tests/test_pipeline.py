@@ -343,6 +343,16 @@ def test_unreached_milestones_are_named_once_before_training_even_with_two_stage
     assert not warned[0][1] and not announced[0][1]  # both before stage 1 trains
 
 
+def test_without_a_validation_split_the_run_says_which_lambda_it_uses(data_dir, teacher_dir, tmp_path, caplog):
+    recipe = tiny_recipe(data_dir, tmp_path / "r", method="refilled", teacher=f"local-dir:{teacher_dir}",
+                         distill_weight=None, validation_fraction=0, max_steps=1)  # fmt: skip
+    with caplog.at_level("INFO", logger="refilled_hf.pipeline"):
+        results = run(recipe)
+    assert results["distill_weight"] == 1.0
+    assert "no validation split to choose it on (--validation_fraction 0): stage 2 runs once with lambda 1 " \
+           in caplog.text  # fmt: skip
+
+
 def test_a_refused_run_says_only_why(data_dir, tmp_path, caplog):
     """The schedule's notes wait for the checks: a run refused on its data is told only that."""
     recipe = tiny_recipe(data_dir, tmp_path / "ce", method="ce", stage2_epochs=1, classes="3-5,nonexistent")
