@@ -24,7 +24,7 @@ teacher local classifier picks the true label (``--distill_images teacher_correc
 ``refilled-hf probe-teacher`` (the teacher's nearest-class-mean accuracy on the student's
 validation split) for every setting.
 
-    python benchmarks/cifar100.py [--budget cpu|smoke|unseen|reverse|gpu|gpu_batch]
+    python benchmarks/cifar100.py [--budget cpu|smoke|unseen|reverse|timm_student|gpu|gpu_batch]
         [--cache ~/.cache/refilled-hf-bench-c100]
     python benchmarks/cifar100.py --report-only
 
@@ -66,6 +66,8 @@ TEACHER_CLASSES = "cifar100-first-half"
 #: other run used
 #: ``reverse``: the cross-task split the other way round (teacher on 50-99, student on 0-49), run only by the
 #: ``reverse`` budget, with its own teacher and seeds no other run used
+#: the students of every budget but ``timm_student``
+DEFAULT_STUDENT = "cifar_wrn_16_1"
 SETTINGS = {
     "cross": "cifar100-second-half",
     "overlap": "cifar100-shift-20",
@@ -218,6 +220,18 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "stage2": 10,
         "runs": [("reverse", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (6, 7, 8)],
     },
+    # the same split and teacher as "reverse" with another student family: timm's resnet10t at 32 px (ImageNet
+    # normalization, no CIFAR-specific stem) instead of refilled-hf's WRN-16-1, seeds 10-12
+    "timm_student": {
+        "teacher_shots": 200,
+        "teacher_epochs": 15,
+        "teacher_classes": "cifar100-second-half",
+        "student": "resnet10t",
+        "common": {"image_size": 32},
+        "stage1": 10,
+        "stage2": 10,
+        "runs": [("reverse", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (10, 11, 12)],
+    },
     # for a lent GPU (issue 10's open question): the cross split at a schedule that converges, 60 + 60
     # epochs, the library's default against CE as long as stage 2, on as many images, and as long as the
     # default's whole run (stage 1 plus both stage 2s); the same teacher protocol as "cpu", batch 128 with the
@@ -269,6 +283,12 @@ def teacher(cache: Path, budget: dict) -> Path:
     return out / "model"
 
 
+def _student_tag(budget: dict) -> str:
+    """A run folder's suffix naming a student other than the default (cached runs keep their names)."""
+    name = budget.get("student", DEFAULT_STUDENT)
+    return "" if name == DEFAULT_STUDENT else f"-{name}"
+
+
 def student(cache: Path, setting: str, method: str, shots: int, seed: int, budget: dict, teacher_model: Path) -> dict:
     from refilled_hf.pipeline import run_distillation
 
@@ -283,7 +303,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
     epochs = s1 + s2 if base == "ce-equal" else s1 + 2 * s2 if base == "ce-searchequal" else s2
     fields: dict[str, Any] = {
         "method": method.split("-")[0],
-        "student": "cifar_wrn_16_1",
+        "student": budget.get("student", DEFAULT_STUDENT),
         "teacher": f"local-dir:{teacher_model}",
         "classes": SETTINGS[setting],
         "teacher_classes": budget.get("teacher_classes", TEACHER_CLASSES),
@@ -293,7 +313,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         "stage1_learning_rate": budget.get("learning_rate", 0.05),
         "stage2_learning_rate": budget.get("learning_rate", 0.05),
         "stage2_milestones": f"{int(epochs * 0.5)},{int(epochs * 0.75)}",
-        "output_dir": str(cache / "runs" / f"{setting}-{method}-n{shots}-s{seed}-e{s1}x{s2}"),
+        "output_dir": str(cache / "runs" / f"{setting}-{method}-n{shots}-s{seed}-e{s1}x{s2}{_student_tag(budget)}"),
         "seed": seed,
     }
     if base in ("ce-equal", "ce-searchequal"):
@@ -403,6 +423,13 @@ def search_records(records: list[dict], budget: dict) -> list[dict]:
     return derived
 
 
+def _student_name(budget: dict) -> str:
+    name = budget.get("student", DEFAULT_STUDENT)
+    if name == DEFAULT_STUDENT:
+        return "WRN-16-1"
+    return f"`{name}` (timm) at {budget.get('common', {}).get('image_size', 'its own')} px"
+
+
 def report(cache: Path, budget_name: str, out: Path) -> None:
     records = _read_jsonl(cache / f"records-{budget_name}.jsonl")
     derived = search_records(records, BUDGETS[budget_name])
@@ -451,9 +478,9 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     lines = [f"# REFILLED on CIFAR-100 (budget `{budget_name}`)", "",
              f"Teacher WRN-16-2 on classes {_ranges(b.get('teacher_classes', TEACHER_CLASSES))} "
              f"({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "
-             f"Student WRN-16-1 on classes 50-99 (`cross`), 20-69 (`overlap`, 30 shared), 40-89 (`overlap40`, 10 "
-             "shared), 30-79 (`overlap30`, 20 shared), 0-49 (`reverse`, for the teacher on 50-99; REFILLED on these "
-             "three only as `refilled-default`, the library's lambda and clipping defaults, "
+             f"Student {_student_name(b)} on classes 50-99 (`cross`), 20-69 (`overlap`, 30 shared), 40-89 "
+             "(`overlap40`, 10 shared), 30-79 (`overlap30`, 20 shared), 0-49 (`reverse`, for the teacher on "
+             "50-99; REFILLED on these three only as `refilled-default`, the library's lambda and clipping defaults, "
              "neither pinned) or 50-59 with all "
              f"their images (`cross10`, 450/class); stage 1 {b['stage1']} + "
              f"stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: {b['stage1'] + b['stage2']}). "

@@ -67,6 +67,27 @@ def test_cifar100_benchmark_trains_its_teacher_and_students_and_reports(cifar100
     assert "Teacher WRN-16-2 on classes 0-1 (10 images/class, 1 epochs)" in table
 
 
+def test_cifar100_timm_student_budget_trains_that_student_in_folders_of_its_own(cifar100_module, monkeypatch,
+                                                                               tmp_path):  # fmt: skip
+    """The timm_student budget runs resnet10t at 32 px, and never reads back a WRN-16-1 run of the same
+    split, method and seed from the cache."""
+    bench, calls = cifar100_module, []
+
+    def record_run(fields, runner):
+        calls.append(fields)
+        return {"final": {"test_top1": 1.0, "train_seconds": 1.0}, "data": {"train_images": 10}}
+
+    monkeypatch.setattr(bench, "_run", record_run)
+    monkeypatch.setitem(bench.COMMON, "image_size", 32)  # main() merges the budget's "common" into COMMON
+    budget = bench.BUDGETS["timm_student"]
+    bench.student(tmp_path, "reverse", "ce-noclip", 50, 10, budget, tmp_path / "teacher")
+    assert calls[0]["student"] == "resnet10t" and calls[0]["image_size"] == 32
+    assert calls[0]["output_dir"].endswith("reverse-ce-noclip-n50-s10-e10x10-resnet10t")
+    bench.student(tmp_path, "reverse", "ce-noclip", 50, 6, bench.BUDGETS["reverse"], tmp_path / "teacher")
+    assert calls[1]["student"] == "cifar_wrn_16_1"
+    assert calls[1]["output_dir"].endswith("reverse-ce-noclip-n50-s6-e10x10")
+
+
 def test_throughput_benchmark_times_every_method_against_the_bare_loop(tmp_path):
     """The table issue 12 asks for (and gpu_session.sh's main step), on the CPU with a few images."""
     _script("throughput.py", "--device", "cpu", "--dataset", str(SHARED / "cifar10"), "--classes", "0-1",
