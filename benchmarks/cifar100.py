@@ -221,7 +221,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "runs": [("reverse", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (6, 7, 8)],
     },
     # the same split and teacher as "reverse" with another student family: timm's resnet10t at 32 px (ImageNet
-    # normalization, no CIFAR-specific stem) instead of refilled-hf's WRN-16-1, seeds 10-12
+    # normalization, no CIFAR-specific stem) instead of refilled-hf's WRN-16-1, 50 and 100 images per class,
+    # seeds 10-12 (~50 min here)
     "timm_student": {
         "teacher_shots": 200,
         "teacher_epochs": 15,
@@ -230,7 +231,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "common": {"image_size": 32},
         "stage1": 10,
         "stage2": 10,
-        "runs": [("reverse", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (10, 11, 12)],
+        "runs": [("reverse", n, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT)
+                 for n in (50, 100) for s in (10, 11, 12)],
     },
     # for a lent GPU (issue 10's open question): the cross split at a schedule that converges, 60 + 60
     # epochs, the library's default against CE as long as stage 2, on as many images, and as long as the

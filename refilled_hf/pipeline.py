@@ -273,7 +273,7 @@ def _scaled_paper_milestones(epochs: float) -> str:
     return ",".join(f"{m:g}" for m in (whole if len(whole) == 3 else [round(m, 2) for m in exact]))
 
 
-def warn_unreached_milestones(config: RefilledConfig) -> None:
+def _warn_unreached_milestones(config: RefilledConfig) -> None:
     """Warn, once per run and before any training, on the main process, where
     ``--stage2_milestones`` lie at or beyond ``--stage2_epochs`` (the learning rate would
     never decay there), with the paper's schedule scaled to the stage as the fix."""
@@ -313,7 +313,7 @@ def _local_inputs(config: RefilledConfig) -> list[tuple[str, str]]:
 def _log_plan(config: RefilledConfig) -> None:
     """What the user should know before training starts, said once by the main process:
     milestones the schedule never reaches, and the lambda search the default runs."""
-    warn_unreached_milestones(config)
+    _warn_unreached_milestones(config)
     if config.method != "refilled" or config.process_index != 0:
         return
     values = config.distill_weight_candidates()
