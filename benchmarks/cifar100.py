@@ -66,6 +66,15 @@ TEACHER_CLASSES = "cifar100-first-half"
 #: other run used
 #: ``reverse``: the cross-task split the other way round (teacher on 50-99, student on 0-49), run only by the
 #: ``reverse`` budget, with its own teacher and seeds no other run used
+#: how the report names each setting's classes
+SETTING_TEXT = {
+    "cross": "50-99 (`cross`, disjoint from the teacher's)",
+    "overlap": "20-69 (`overlap`, 30 shared)",
+    "cross10": "50-59 with all their images (`cross10`, 450/class)",
+    "overlap40": "40-89 (`overlap40`, 10 shared)",
+    "overlap30": "30-79 (`overlap30`, 20 shared)",
+    "reverse": "0-49 (`reverse`, disjoint from the teacher's 50-99)",
+}
 #: the students of every budget but ``timm_student``
 DEFAULT_STUDENT = "cifar_wrn_16_1"
 SETTINGS = {
@@ -477,22 +486,22 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     stem = "cifar100" if budget_name == "cpu" else f"cifar100_{budget_name}"  # the CPU results keep their names
     (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
     b = BUDGETS[budget_name]
+    settings = sorted({r["setting"] for r in runs}, key=list(SETTINGS).index)
+    searched = any(r["method"] == SEARCH for r in runs)
+    classes = "; ".join(SETTING_TEXT.get(name, f"{SETTINGS[name]} (`{name}`)") for name in settings)
     lines = [f"# REFILLED on CIFAR-100 (budget `{budget_name}`)", "",
              f"Teacher WRN-16-2 on classes {_ranges(b.get('teacher_classes', TEACHER_CLASSES))} "
              f"({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "
-             f"Student {_student_name(b)} on classes 50-99 (`cross`), 20-69 (`overlap`, 30 shared), 40-89 "
-             "(`overlap40`, 10 shared), 30-79 (`overlap30`, 20 shared), 0-49 (`reverse`, for the teacher on "
-             "50-99; REFILLED on these three only as `refilled-default`, the library's lambda and clipping defaults, "
-             "neither pinned) or 50-59 with all "
-             f"their images (`cross10`, 450/class); stage 1 {b['stage1']} + "
-             f"stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: {b['stage1'] + b['stage2']}). "
-             "Test top-1 % on the official test images of the student's classes (5,000; 1,000 for `cross10`), "
+             f"Student {_student_name(b)} on classes {classes}; "
+             f"stage 1 {b['stage1']} + stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: "
+             f"{b['stage1'] + b['stage2']}). `refilled-default`: the library's lambda and clipping defaults, neither "
+             "pinned. Test top-1 % on the official test images of the student's classes (100 per class), "
              "mean ± std over seeds.", "",
-             f"`{SEARCH}` is the library's default (`--distill_weight` unset): per seed, the lambda-1 run, or the "
-             "lambda-10 run where its validation top-1 is higher (derived from those two runs, the search's "
-             "candidates, most of them run before a reordering of stage 2's float sums); it trains stage 2 twice "
-             "(images seen count both; its train seconds add an "
-             "estimate of the second stage 2).", "",
+             *([f"`{SEARCH}` is the library's default (`--distill_weight` unset): per seed, the lambda-1 run, or the "
+                "lambda-10 run where its validation top-1 is higher (derived from those two runs, the search's "
+                "candidates, most of them run before a reordering of stage 2's float sums); it trains stage 2 twice "
+                "(images seen count both; its train seconds add an estimate of the second stage 2).", ""]
+               if searched else []),
              "| setting | images/class | method | test top-1 % | seeds | images seen | train s |",
              "|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
