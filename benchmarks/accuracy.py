@@ -139,7 +139,7 @@ def teacher_dir(cache: Path, setting: str, budget: dict) -> Path:
 
 def student_run(cache: Path, setting: str, method: str, shots: int, seed: int, plan: dict, teacher: Path,
                 variant: str = "tuple", name: str = "", **overrides) -> dict[str, Any]:  # fmt: skip
-    from refilled_hf.pipeline import run_distillation
+    from refilled_hf.pipeline import run_distillation, training_seconds
 
     factor = overrides.pop("stage1_epochs_factor", 1.0)
     stage1 = plan["stage1"] * factor
@@ -177,7 +177,7 @@ def student_run(cache: Path, setting: str, method: str, shots: int, seed: int, p
         "stage1_validation_ncm": results.get("stage1", {}).get("validation_ncm_top1"),
         "epochs": (stage1 if method == "refilled" else 0) + plan["stage2"],
         "images_seen": images * ((stage1 if method == "refilled" else 0) + plan["stage2"]),
-        "train_seconds": results["final"]["train_seconds"] + results.get("stage1", {}).get("train_seconds", 0.0),
+        "train_seconds": training_seconds(results),
     }
     print(json.dumps(record), flush=True)
     return record

@@ -66,17 +66,6 @@ TEACHER_CLASSES = "cifar100-first-half"
 #: other run used
 #: ``reverse``: the cross-task split the other way round (teacher on 50-99, student on 0-49), run only by the
 #: ``reverse`` budget, with its own teacher and seeds no other run used
-#: how the report names each setting's classes
-SETTING_TEXT = {
-    "cross": "50-99 (`cross`, disjoint from the teacher's)",
-    "overlap": "20-69 (`overlap`, 30 shared)",
-    "cross10": "50-59 with all their images (`cross10`, 450/class)",
-    "overlap40": "40-89 (`overlap40`, 10 shared)",
-    "overlap30": "30-79 (`overlap30`, 20 shared)",
-    "reverse": "0-49 (`reverse`, disjoint from the teacher's 50-99)",
-}
-#: the students of every budget but ``timm_student``
-DEFAULT_STUDENT = "cifar_wrn_16_1"
 SETTINGS = {
     "cross": "cifar100-second-half",
     "overlap": "cifar100-shift-20",
@@ -85,6 +74,17 @@ SETTINGS = {
     "overlap30": "cifar100-shift-30",
     "reverse": "cifar100-first-half",
 }
+#: what the report says of each setting's classes, beside their ids
+SETTING_NOTES = {
+    "cross": "disjoint from the teacher's",
+    "overlap": "30 shared",
+    "cross10": "all their images, 450/class",
+    "overlap40": "10 shared",
+    "overlap30": "20 shared",
+    "reverse": "disjoint from the teacher's 50-99",
+}
+#: the students of every budget but ``timm_student``
+DEFAULT_STUDENT = "cifar_wrn_16_1"
 METHODS = ("ce", "ce-equal", "rkd", "refilled", "refilled-linear")
 #: the same without gradient clipping (--max_grad_norm 0: the authors' protocol, the library's default)
 NO_CLIP = ("ce-noclip", "ce-equal-noclip", "refilled-noclip", "refilled-linear-noclip", "rkd-noclip")
@@ -301,7 +301,7 @@ def _student_tag(budget: dict) -> str:
 
 
 def student(cache: Path, setting: str, method: str, shots: int, seed: int, budget: dict, teacher_model: Path) -> dict:
-    from refilled_hf.pipeline import run_distillation
+    from refilled_hf.pipeline import run_distillation, training_seconds
 
     s1, s2 = budget["stage1"], budget["stage2"]
     if method in SHORT_STAGE1:
@@ -350,10 +350,8 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
     results = _run({**COMMON, **fields}, run_distillation)
     seen = s1 + s2 if method.startswith("refilled") or base == "ce-equal" else epochs
     search = results.get("distill_weight_search")
-    stage2_seconds = results["final"]["train_seconds"]
     if search:  # every candidate's stage 2 trained
         seen += s2 * (len(search["candidates"]) - 1)
-        stage2_seconds = sum(c.get("train_seconds", 0.0) for c in search["candidates"])
     record = {
         "setting": setting,
         "method": method,
@@ -363,7 +361,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         "validation_top1": results["final"].get("validation_top1"),
         "stage1_test_ncm": results.get("stage1", {}).get("test_ncm_top1"),
         "images_seen": results["data"]["train_images"] * seen,
-        "train_seconds": stage2_seconds + results.get("stage1", {}).get("train_seconds", 0.0),
+        "train_seconds": training_seconds(results),  # stage 1 and every stage 2 (runs cached before the key too)
         "picked_lambda": search["selected"] if search else None,
     }
     print(json.dumps(record), flush=True)
@@ -488,7 +486,10 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
     b = BUDGETS[budget_name]
     settings = sorted({r["setting"] for r in runs}, key=list(SETTINGS).index)
     searched = any(r["method"] == SEARCH for r in runs)
-    classes = "; ".join(SETTING_TEXT.get(name, f"{SETTINGS[name]} (`{name}`)") for name in settings)
+    classes = "; ".join(
+        f"{_ranges(SETTINGS[name])} (`{name}`" + (f", {SETTING_NOTES[name]})" if name in SETTING_NOTES else ")")
+        for name in settings
+    )
     lines = [f"# REFILLED on CIFAR-100 (budget `{budget_name}`)", "",
              f"Teacher WRN-16-2 on classes {_ranges(b.get('teacher_classes', TEACHER_CLASSES))} "
              f"({b['teacher_shots']} images/class, {b['teacher_epochs']} epochs). "

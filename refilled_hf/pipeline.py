@@ -67,7 +67,7 @@ from .rundir import (
 from .teacher_cache import TeacherCache, TeacherCacheError, load_or_build
 from .trainer import RefilledTrainer
 
-__all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training"]
+__all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training", "training_seconds"]
 
 logger = logging.getLogger(__name__)
 
@@ -274,11 +274,10 @@ def _scaled_paper_milestones(epochs: float) -> str:
 
 
 def _warn_unreached_milestones(config: RefilledConfig) -> None:
-    """Warn, once per run and before any training, on the main process, where
-    ``--stage2_milestones`` lie at or beyond ``--stage2_epochs`` (the learning rate would
-    never decay there), with the paper's schedule scaled to the stage as the fix."""
+    """Warn where ``--stage2_milestones`` lie at or beyond ``--stage2_epochs`` (the learning
+    rate would never decay there), with the paper's schedule scaled to the stage as the fix."""
     epochs, milestones = config.stage2_epochs, config.milestones()
-    if config.process_index != 0 or epochs > max(milestones, default=0):
+    if epochs > max(milestones, default=0):
         return
     beyond = ",".join(f"{m:g}" for m in milestones if m >= epochs)
     logger.warning(
@@ -313,8 +312,10 @@ def _local_inputs(config: RefilledConfig) -> list[tuple[str, str]]:
 def _log_plan(config: RefilledConfig) -> None:
     """What the user should know before training starts, said once by the main process:
     milestones the schedule never reaches, and the lambda search the default runs."""
+    if config.process_index != 0:
+        return
     _warn_unreached_milestones(config)
-    if config.method != "refilled" or config.process_index != 0:
+    if config.method != "refilled":
         return
     values = config.distill_weight_candidates()
     if values and config.distill_weight_search is None:
@@ -764,7 +765,7 @@ def _baseline_results(config: RefilledConfig) -> list[dict[str, Any]]:
     return runs
 
 
-def _training_seconds(results: dict[str, Any]) -> float:
+def training_seconds(results: dict[str, Any]) -> float:
     """Seconds this run spent training, every stage it trained: stage 1 and each stage 2 it
     ran (every lambda candidate), where ``final.train_seconds`` is the chosen stage 2's alone."""
     search = results.get("distill_weight_search")
@@ -776,7 +777,7 @@ def _training_seconds(results: dict[str, Any]) -> float:
 
 
 def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, results: dict, out: Path) -> dict:
-    results["train_seconds"] = _training_seconds(results)
+    results["train_seconds"] = training_seconds(results)
     if trainer.is_world_process_zero():
         cfg = data_pretrained_cfg(student.model.pretrained_cfg, config.image_size)
         data_config = {"input_size": cfg["input_size"], "mean": cfg.get("mean"), "std": cfg.get("std")}
