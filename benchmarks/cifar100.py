@@ -112,6 +112,10 @@ DEFAULT_REFILLED = SEARCH
 #: the library's lambda and clipping defaults run for real (neither pinned: lambda chosen on validation by the
 #: run itself, no clipping), under this benchmark's protocol (batch 64, lr 0.05, its epochs)
 LIBRARY_DEFAULT = ("refilled-default",)
+#: the library's defaults in full since the student-alone candidate (``--student_alone_candidate``): the lambda
+#: search of ``refilled-default`` plus the student trained alone for both stages' epochs, exported when better on
+#: validation (``refilled-default`` runs pin it off: they ran before it existed, and their cache keeps its meaning)
+STUDENT_ALONE = ("refilled-alone",)
 #: CE trained as long as stage 1 plus two stage 2s: the compute of the default's lambda search
 CE_SEARCH_EQUAL = ("ce-searchequal-noclip",)
 #: method -> (batch, learning rate of both stages, warm-up fraction per stage); ``-sqrt`` scales the
@@ -140,6 +144,7 @@ ALL_METHODS = (
     + CORRECT_ONLY
     + (SEARCH,)
     + LIBRARY_DEFAULT
+    + STUDENT_ALONE
     + LIBRARY_DEFAULT_LONG
     + CE_SEARCH_EQUAL
 )
@@ -227,7 +232,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "teacher_classes": "cifar100-second-half",
         "stage1": 10,
         "stage2": 10,
-        "runs": [("reverse", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (6, 7, 8)],
+        "runs": [
+            ("reverse", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT + STUDENT_ALONE) for s in (6, 7, 8)
+        ],
     },
     # the same split and teacher as "reverse" with another student family: timm's resnet10t at 32 px (ImageNet
     # normalization, no CIFAR-specific stem) instead of refilled-hf's WRN-16-1, 50 and 100 images per class,
@@ -240,8 +247,11 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "common": {"image_size": 32},
         "stage1": 10,
         "stage2": 10,
-        "runs": [("reverse", n, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT)
-                 for n in (50, 100) for s in (10, 11, 12)],
+        "runs": [
+            ("reverse", n, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT + STUDENT_ALONE)
+            for n in (50, 100)
+            for s in (10, 11, 12)
+        ],
     },
     # for a lent GPU (issue 10's open question): the cross split at a schedule that converges, 60 + 60
     # epochs, the library's default against CE as long as stage 2, on as many images, and as long as the
@@ -256,8 +266,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "learning_rate": 0.1,
         "common": {"use_cpu": False, "bf16": True, "per_device_train_batch_size": 128, "logging_steps": 200},
         "runs": [
-            ("cross", 50, s, ("ce-noclip",) + LIBRARY_DEFAULT + ("ce-equal-noclip",) + CE_SEARCH_EQUAL)
-            for s in (0, 1, 2)
+            ("cross", 50, s, ("ce-noclip",) + STUDENT_ALONE + ("ce-equal-noclip",) + CE_SEARCH_EQUAL) for s in (0, 1, 2)
         ],
     },
     # for a lent GPU (issue 11): batch 512 against 128 where large batches are meant to run, all 450 training
@@ -329,7 +338,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
     }
     if base in ("ce-equal", "ce-searchequal"):
         fields["method"] = "ce"
-    library_default = method in LIBRARY_DEFAULT + LIBRARY_DEFAULT_LONG
+    library_default = method in LIBRARY_DEFAULT + LIBRARY_DEFAULT_LONG + STUDENT_ALONE
     if not library_default:
         fields["distill_weight"] = 1.0 if method in LAMBDA1 else 10.0  # pinned: cached runs keep their meaning
     if method in CORRECT_ONLY:
@@ -346,12 +355,16 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         from refilled_hf.config import RefilledConfig
 
         library = RefilledConfig(output_dir="unused")
-        fields.update(distill_weight=library.distill_weight, max_grad_norm=library.max_grad_norm)
+        fields.update(distill_weight=library.distill_weight, max_grad_norm=library.max_grad_norm,
+                      student_alone_candidate=method in STUDENT_ALONE and library.student_alone_candidate)  # fmt: skip
     results = _run({**COMMON, **fields}, run_distillation)
     seen = s1 + s2 if method.startswith("refilled") or base == "ce-equal" else epochs
     search = results.get("distill_weight_search")
     if search:  # every candidate's stage 2 trained
         seen += s2 * (len(search["candidates"]) - 1)
+    alone = results.get("student_alone")
+    if alone:  # and the student alone, for both stages' epochs
+        seen += s1 + s2
     record = {
         "setting": setting,
         "method": method,
@@ -363,6 +376,7 @@ def student(cache: Path, setting: str, method: str, shots: int, seed: int, budge
         "images_seen": results["data"]["train_images"] * seen,
         "train_seconds": training_seconds(results),  # stage 1 and every stage 2 (runs cached before the key too)
         "picked_lambda": search["selected"] if search else None,
+        "exported_student_alone": bool(alone and alone.get("exported")),
     }
     print(json.dumps(record), flush=True)
     return record
@@ -465,6 +479,9 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
                               (SEARCH, ("ce-noclip", "ce-equal-noclip", "ce-searchequal-noclip")),
                               ("refilled-default", ("ce-noclip", "ce-equal-noclip",
                                                     "ce-searchequal-noclip")),
+                              # the last baseline is not a student alone: what the candidate changed, paired
+                              ("refilled-alone", ("ce-noclip", "ce-equal-noclip", "ce-searchequal-noclip",
+                                                  "refilled-default")),
                               ("refilled-b128-x4", CE_LONG),
                               ("refilled-default-b128-x4", CE_LONG + ("refilled-b128-x4",)),
                               # not a student-alone baseline: batch 512 minus batch 128, paired
@@ -496,7 +513,11 @@ def report(cache: Path, budget_name: str, out: Path) -> None:
              f"Student {_student_name(b)} on classes {classes}; "
              f"stage 1 {b['stage1']} + stage 2 {b['stage2']} epochs, baselines {b['stage2']} epochs (`ce-equal`: "
              f"{b['stage1'] + b['stage2']}). `refilled-default`: the library's lambda and clipping defaults, neither "
-             "pinned. Test top-1 % on the official test images of the student's classes (100 per class), "
+             "pinned" + (", without the student-alone candidate; `refilled-alone`: the library's defaults in full, "
+                         "that candidate included (the student trained alone for both stages' epochs, exported "
+                         "where better on validation; its images seen count it)"
+                         if any(r["method"] in STUDENT_ALONE for r in runs) else "")
+             + ". Test top-1 % on the official test images of the student's classes (100 per class), "
              "mean ± std over seeds.", "",
              *([f"`{SEARCH}` is the library's default (`--distill_weight` unset): per seed, the lambda-1 run, or the "
                 "lambda-10 run where its validation top-1 is higher (derived from those two runs, the search's "
@@ -566,7 +587,7 @@ def _plot_margin(path: Path, records: list[dict]) -> None:
     by_key = {(r["setting"], r["shots"], r["seed"], r["method"]): r for r in records}
     points = []
     for setting, shots in sorted({(r["setting"], r["shots"]) for r in records}):
-        for method in (DEFAULT_REFILLED, *LIBRARY_DEFAULT):
+        for method in (*STUDENT_ALONE, DEFAULT_REFILLED, *LIBRARY_DEFAULT):
             seeds = [s for (st, sh, s, m) in by_key if (st, sh, m) == (setting, shots, method)]
             seeds = [s for s in seeds if all((setting, shots, s, m) in by_key for m in ("ce-equal-noclip", "probe"))]
             if seeds:

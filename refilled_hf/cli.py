@@ -193,7 +193,15 @@ def _print_results(results: dict[str, Any]) -> None:
         for c in search["candidates"]:
             value = "diverged" if "diverged" in c else c["validation_top1"]
             rows.append((f"  lambda {c['distill_weight']:g} validation (%)", value))
-        rows.append(("lambda (chosen on validation)", f"{search['selected']:g}"))
+        alone = results.get("student_alone")
+        if alone:
+            value = "diverged" if "diverged" in alone else alone["validation_top1"]
+            rows.append((f"  student alone ({alone['epochs']:g} ep.) validation (%)", value))
+        if search["selected"] is not None:
+            rows.append(("lambda (chosen on validation)", f"{search['selected']:g}"))
+        if alone:
+            exported = "the student alone (cross-entropy)" if alone["exported"] else "REFILLED's pick"
+            rows.append(("exported model", exported))
     elif "distill_weight" in results:
         rows.append(("lambda", f"{results['distill_weight']:g}"))
     for name, value in rows:

@@ -74,7 +74,7 @@ for _names, _users in (
     (("horizontal_flip",), _TRAINING),
     (("stage1_variant", "tau1", "margin", "stage1_weight", "mining_scope", "stage1_epochs", "stage1_learning_rate",
       "stage1_min_lr_ratio", "tau2", "distill_weight", "distill_weight_search", "distill_weight_schedule",
-      "distill_images", "centers", "confidence_weights"), ("refilled",)),
+      "distill_images", "centers", "confidence_weights", "student_alone_candidate"), ("refilled",)),
     (("kd_tau", "kd_weight"), ("kd",)),
     (("rkd_distance_weight", "rkd_angle_weight"), ("rkd",)),
     (("ce_weight",), _TRAINING),  # ce and train-teacher: it scales their only loss
@@ -470,6 +470,17 @@ class RefilledConfig(TrainingArguments):
             "only."
         ),
     )
+    student_alone_candidate: bool = field(
+        default=True,
+        **_help(
+            "With the lambda search (--distill_weight unset, or --distill_weight_search): also train the student "
+            "alone as one more candidate (cross-entropy from the same initial weights and seed for stage1_epochs + "
+            "stage2_epochs epochs, stage 2's learning rate and milestones stretched to that length; no teacher), "
+            "and export it instead of REFILLED's pick when its validation top-1 is higher (ties: REFILLED). The run "
+            "warns, and results.json and the model card say which was exported. It costs one such cross-entropy "
+            "run; false skips it (the export is then always REFILLED's pick). Without the search it does nothing."
+        ),
+    )
     distill_weight_schedule: str = field(
         default="constant",
         **_help(
@@ -818,6 +829,19 @@ class RefilledConfig(TrainingArguments):
             for name, users in FIELD_USERS.items()
             if user not in users and getattr(self, name) != defaults[name]
         }
+
+    def student_alone_runs(self) -> bool:
+        """Whether the run also trains the student alone as a candidate (``--student_alone_candidate``,
+        effective with the lambda search only)."""
+        return bool(self.student_alone_candidate) and self.distill_weight_candidates() is not None
+
+    def student_alone_schedule(self) -> tuple[float, str]:
+        """The student-alone candidate's epochs (stage 1 + stage 2) and learning-rate
+        milestones (stage 2's, stretched by the same factor), as ``--stage2_epochs`` and
+        ``--stage2_milestones`` of the equivalent ``--method ce`` run."""
+        epochs = self.stage1_epochs + self.stage2_epochs
+        stretch = epochs / self.stage2_epochs
+        return epochs, ",".join(f"{m * stretch:g}" for m in self.milestones())
 
     def resolved_distill_weight(self) -> float:
         """The lambda of a single stage 2: ``--distill_weight``, or :data:`DEFAULT_DISTILL_WEIGHT`."""

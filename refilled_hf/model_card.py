@@ -228,6 +228,41 @@ def _results_intro(results: dict[str, Any], recipe: dict[str, Any], dataset_id: 
     )
 
 
+# --------------------------------------------------------------------------- the student-alone candidate
+
+
+def _student_alone_note(results: dict[str, Any]) -> dict[str, Any] | None:
+    """What the card says of a run's student-alone candidate (None: the run had none)."""
+    alone = results.get("student_alone")
+    if not alone:
+        return None
+    search = results.get("distill_weight_search") or {}
+    scores = [
+        f"lambda {c['distill_weight']:g}: " + ("diverged" if "diverged" in c else _fmt(c.get("validation_top1")))
+        for c in search.get("candidates", [])
+    ]
+    top1 = "diverged" if "diverged" in alone else _fmt(alone.get("validation_top1"))
+    return {
+        "exported": bool(alone.get("exported")),
+        "epochs": _epochs(alone["epochs"]),
+        "validation": top1,
+        "scores": ", ".join(scores + [f"student alone: {top1}"]),
+        "teacher": results.get("teacher"),
+    }
+
+
+def _as_student_alone(results: dict[str, Any], recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The results and recipe of the exported student-alone candidate, as a cross-entropy
+    run of its own length and milestones (the card's recipe block stays the whole run's)."""
+    alone = results["student_alone"]
+    milestones = alone["stage2_milestones"]
+    shown = {**results, "method": "ce", "stage1": None, "teacher": None, "teacher_classes": None,
+             "schedule": {**(results.get("schedule") or {}), "milestones": milestones}}  # fmt: skip
+    for key in ("distill_weight", "distill_weight_search"):
+        shown.pop(key, None)
+    return shown, {**recipe, "stage2_epochs": alone["epochs"], "stage2_milestones": milestones}
+
+
 # --------------------------------------------------------------------------- the card
 
 
@@ -250,6 +285,10 @@ def render_model_card(
     import yaml
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    full_recipe = recipe
+    alone = _student_alone_note(results)
+    if alone and alone["exported"]:
+        results, recipe = _as_student_alone(results, recipe)
     method = results["method"]
     dataset = results["dataset"]
     final, stage1 = results["final"], results.get("stage1") or {}
@@ -292,9 +331,14 @@ def render_model_card(
         "local-classifier distillation) from a teacher that may know other classes than these.",
         "ce": f"A `{architecture}` image classifier trained with cross-entropy by refilled-hf.",
     }.get(method, f"A `{architecture}` image classifier distilled with {method.upper()} by refilled-hf.")
+    if alone and alone["exported"]:
+        summary += (
+            " It is the student-alone candidate of a REFILLED run: trained without the teacher, it beat every "
+            "REFILLED candidate on the validation split, so the teacher's knowledge did not help on this task."
+        )
     rows = [_row(results, None)] + [_row(b, results) for b in baselines or []]
     search = results.get("distill_weight_search")
-    if search:
+    if search and not (alone and alone["exported"]):
         search = {
             "lambdas": ", ".join(f"{c['distill_weight']:g}" for c in search["candidates"]),
             "candidates": [
@@ -333,12 +377,13 @@ def render_model_card(
         lr_steps=_lr_steps(results, recipe),
         distill_weight=_lambda_text(results, recipe),
         teacher_correct_only=recipe.get("distill_images") == "teacher_correct",
-        lambda_search=search,
+        lambda_search=search or None,
+        student_alone=alone,
         train_images=data.get("train_images"),
         validation_images=data.get("validation_images"),
         shots_per_class=data.get("shots_per_class"),
         optimizer_lines=_optimizer_lines(results, recipe),
-        recipe_yaml=yaml.safe_dump(recipe, sort_keys=False),
+        recipe_yaml=yaml.safe_dump(full_recipe, sort_keys=False),
         versions=_versions(),
     )
     return str(card)

@@ -8,6 +8,8 @@ Output layout of ``output_dir``::
     stage2/ or <method>/   checkpoints and logs of the head-training stage
     stage2-lambda<v>/  (refilled choosing lambda on validation) one stage 2 per candidate, each
                        with final/ (its student and validation metrics)
+    student-alone/     (the same, with --student_alone_candidate) the student trained alone with
+                       cross-entropy for both stages' epochs, with final/
     model/             the exported model: config.json, model.safetensors, README.md
     results.json       every metric of the run; written last, it marks the run finished
 """
@@ -74,6 +76,7 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 EXPORT_DIR = "model"
 FINAL_DIR = "final"
+STUDENT_ALONE_DIR = "student-alone"
 
 
 class RunError(ValueError):
@@ -322,6 +325,13 @@ def _log_plan(config: RefilledConfig) -> None:
         logger.info(
             "--distill_weight is unset: stage 2 will run once per lambda in %s and keep the best on validation "
             "(pass --distill_weight to run it once).", ", ".join(f"{v:g}" for v in values),
+        )  # fmt: skip
+    if config.student_alone_runs():
+        epochs, milestones = config.student_alone_schedule()
+        logger.info(
+            "The student alone (cross-entropy, %g epochs, milestones %s) will train as one more candidate; it is "
+            "exported instead if it beats every lambda on validation (--student_alone_candidate false skips it).",
+            epochs, milestones or "none",
         )  # fmt: skip
     elif values is None and config.distill_weight is None:
         logger.info(
@@ -577,11 +587,13 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
 
 
 def _stage2_dirs(config: RefilledConfig, out: Path) -> list[Path]:
-    """``stage2/``, or one ``stage2-lambda<value>/`` per ``--distill_weight_search`` candidate."""
+    """``stage2/``, or one ``stage2-lambda<value>/`` per ``--distill_weight_search`` candidate
+    (then ``student-alone/`` with ``--student_alone_candidate``)."""
     candidates = config.distill_weight_candidates()
     if candidates is None:
         return [out / "stage2"]
-    return [out / f"stage2-lambda{value:g}" for value in candidates]
+    alone = [out / STUDENT_ALONE_DIR] if config.student_alone_runs() else []
+    return [out / f"stage2-lambda{value:g}" for value in candidates] + alone
 
 
 def _wait_for_everyone() -> None:
@@ -594,6 +606,8 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
                 cache=None):  # fmt: skip
     if method == "refilled":
         stage1_dir, *stage2_dirs = stage_dirs
+        # the student-alone candidate starts from the weights stage 1 starts from
+        initial = _state_copy(student) if config.student_alone_runs() else None
         if config.stage1_epochs == 0:
             logger.info("stage1_epochs=0: stage 2 starts from the student's initial weights (an ablation).")
         elif (stage1_dir / FINAL_DIR / "metrics.json").is_file() and _resume_mode(config):
@@ -613,7 +627,7 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
         student.set_embeddings_only(False)
         if config.distill_weight_candidates() is not None:
             trainer = _search_distill_weight(
-                config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results, cache
+                config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results, cache, initial
             )
             return _finish(config, trainer, student, data, results, out)
         results["distill_weight"] = config.resolved_distill_weight()
@@ -632,14 +646,20 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
     return _finish(config, trainer, student, data, results, out)
 
 
+def _state_copy(student: StudentModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in student.model.state_dict().items()}
+
+
 def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results,
-                           cache) -> RefilledTrainer:  # fmt: skip
+                           cache, initial=None) -> RefilledTrainer:  # fmt: skip
     """``--distill_weight_search``: stage 2 once per lambda, each from the same starting
     weights and seed in its own folder (finished candidates are kept on resume), then the
     candidate with the best validation top-1 (ties: the first listed) is loaded into
-    ``student``. Each candidate is evaluated on validation only; the returned trainer
-    evaluates the pick, whose test metrics become ``results["final"]``."""
-    start_state = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
+    ``student``. With ``initial`` (the weights stage 1 started from), the student trained
+    alone is one more candidate (:func:`_student_alone`), chosen only when strictly better.
+    Each candidate is evaluated on validation only; the returned trainer evaluates the pick,
+    whose test metrics become ``results["final"]``."""
+    start_state = _state_copy(student)
     candidates, centers, trainer = [], None, None
     values = config.distill_weight_candidates()
     for value, stage_dir in zip(values, stage2_dirs):
@@ -662,27 +682,105 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
             _save_final(stage_dir, student, metrics, trainer.is_world_process_zero())
             _barrier(trainer)
         candidates.append({"distill_weight": value, "stage_dir": stage_dir.name, **metrics})
+    alone = None
+    if initial is not None:
+        alone_trainer, alone = _student_alone(config, stage2_dirs[len(values)], points, student, data, callbacks,
+                                              initial)  # fmt: skip
+        trainer = alone_trainer or trainer
+    usable = [c for c in candidates if "diverged" not in c]
+    if (
+        alone is not None
+        and "diverged" not in alone
+        and (not usable or alone["validation_top1"] > max(c["validation_top1"] for c in usable))
+    ):
+        return _export_student_alone(config, alone, candidates, trainer, student, data, callbacks, results)
     pick = pick_candidate(candidates)
     chosen = candidates[pick]
     _load_final(stage2_dirs[pick], student)
     logger.info(
         "Chose lambda %g (validation top-1 %.2f) among %s.",
-        chosen["distill_weight"], chosen["validation_top1"],
-        ", ".join(f"{c['distill_weight']:g}: {c.get('validation_top1', float('nan')):.2f}" for c in candidates),
+        chosen["distill_weight"], chosen["validation_top1"], _candidates_text(candidates, alone),
     )  # fmt: skip
     results["distill_weight"] = chosen["distill_weight"]
-    results["distill_weight_search"] = {
-        "selected": chosen["distill_weight"],
-        "selected_by": "validation_top1 (ties: the first listed)",
-        "candidates": candidates,
-    }
-    if trainer is None:  # every candidate was finished before this resume: a trainer for the evaluation
+    results["distill_weight_search"] = _search_record(chosen["distill_weight"], candidates)
+    if alone is not None:
+        results["student_alone"] = {**alone, "exported": False}
+    if trainer is None or alone is not None:  # a stage-2 trainer for the evaluation (the last one may be another's)
         trainer = _make_trainer(
             config.stage_view(distill_weight=chosen["distill_weight"]), "stage2", stage2_dirs[pick], student, data,
             callbacks, teacher=teacher, teacher_cache=cache,
         )  # fmt: skip
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=chosen["train_seconds"], train_metrics=chosen["train_metrics"])
+    results["final"] = final
+    return trainer
+
+
+def _search_record(selected: float | None, candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"selected": selected, "selected_by": "validation_top1 (ties: the first listed)",
+            "candidates": candidates}  # fmt: skip
+
+
+def _candidates_text(candidates: list[dict[str, Any]], alone: dict[str, Any] | None) -> str:
+    """``1: 40.20, 10: 38.00`` and, with the student-alone candidate, ``student alone: 41.00``."""
+
+    def top1(c: dict[str, Any]) -> str:
+        return "diverged" if "diverged" in c else f"{c['validation_top1']:.2f}"
+
+    text = ", ".join(f"lambda {c['distill_weight']:g}: {top1(c)}" for c in candidates)
+    return text + (f", student alone: {top1(alone)}" if alone is not None else "")
+
+
+def _student_alone(config, stage_dir, points, student, data, callbacks, initial) -> tuple[RefilledTrainer | None, dict]:
+    """The student-alone candidate: exactly the ``--method ce`` run with
+    :meth:`RefilledConfig.student_alone_schedule` (same initial weights, seed and data),
+    evaluated on validation only, its final weights kept in ``stage_dir/final``. Returns
+    its trainer (None when a resumed run had finished it) and its record."""
+    epochs, milestones = config.student_alone_schedule()
+    schedule = {"epochs": epochs, "stage2_milestones": milestones}
+    if (stage_dir / FINAL_DIR / "metrics.json").is_file() and _resume_mode(config):
+        logger.info("The student-alone candidate already finished: kept.")
+        return None, {**schedule, "stage_dir": stage_dir.name, **_read_final_metrics(stage_dir)}
+    student.model.load_state_dict(initial)
+    trainer = _make_trainer(_student_alone_view(config), "ce", stage_dir, student, data, callbacks)
+    try:
+        _fit(trainer, points[stage_dir])
+        metrics = _split_metrics(trainer, data, {"validation": "validation"})
+        metrics.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
+    except DivergedError as err:
+        logger.warning("The student-alone candidate diverged; it cannot be chosen. %s", err)
+        metrics = {"diverged": str(err)}
+    _save_final(stage_dir, student, metrics, trainer.is_world_process_zero())
+    _barrier(trainer)
+    return trainer, {**schedule, "stage_dir": stage_dir.name, **metrics}
+
+
+def _student_alone_view(config: RefilledConfig) -> RefilledConfig:
+    epochs, milestones = config.student_alone_schedule()
+    return config.stage_view(method="ce", stage2_epochs=epochs, stage2_milestones=milestones)
+
+
+def _export_student_alone(config, alone, candidates, trainer, student, data, callbacks, results) -> RefilledTrainer:
+    """The student alone beat every REFILLED candidate on validation: it is the export
+    (``results["final"]``), and the run says so loudly."""
+    _load_final(Path(config.output_dir) / alone["stage_dir"], student)
+    logger.warning(
+        "The student trained alone (cross-entropy, %g epochs, no teacher) beat every REFILLED candidate on the "
+        "validation split (%s): it is the exported model. The teacher did not help on this task; compare its "
+        "probe (refilled-hf probe-teacher) with what the student reaches alone, or pass "
+        "--student_alone_candidate false to export REFILLED's pick regardless.",
+        alone["epochs"], _candidates_text(candidates, alone),
+    )  # fmt: skip
+    usable = [c for c in candidates if "diverged" not in c]
+    best = candidates[pick_candidate(candidates)] if usable else None
+    results["distill_weight"] = best["distill_weight"] if best else None
+    results["distill_weight_search"] = _search_record(results["distill_weight"], candidates)
+    results["student_alone"] = {**alone, "exported": True}
+    if trainer is None or trainer.stage != "ce":  # a trainer for the evaluation
+        trainer = _make_trainer(_student_alone_view(config), "ce", Path(config.output_dir) / alone["stage_dir"],
+                                student, data, callbacks)  # fmt: skip
+    final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
+    final.update(train_seconds=alone["train_seconds"], train_metrics=alone["train_metrics"])
     results["final"] = final
     return trainer
 
@@ -767,10 +865,12 @@ def _baseline_results(config: RefilledConfig) -> list[dict[str, Any]]:
 
 def training_seconds(results: dict[str, Any]) -> float:
     """Seconds this run spent training, every stage it trained: stage 1 and each stage 2 it
-    ran (every lambda candidate), where ``final.train_seconds`` is the chosen stage 2's alone."""
+    ran (every lambda candidate, and the student-alone candidate), where
+    ``final.train_seconds`` is the exported candidate's alone."""
     search = results.get("distill_weight_search")
     if search:
         stage2 = sum(c.get("train_seconds", 0.0) for c in search["candidates"])
+        stage2 += (results.get("student_alone") or {}).get("train_seconds", 0.0)
     else:
         stage2 = results["final"].get("train_seconds", 0.0)
     return (results.get("stage1") or {}).get("train_seconds", 0.0) + stage2

@@ -46,23 +46,33 @@ def test_cifar100_benchmark_trains_its_teacher_and_students_and_reports(cifar100
     """A budget as the real ones are built (a teacher of its own classes, the library's default REFILLED
     against both CE baselines, the probe), on 2 + 2 classes: every record, the paired table."""
     bench = cifar100_module
+    methods = ("ce-noclip", "ce-equal-noclip", "refilled-default", "refilled-alone")
     tiny = {"teacher_shots": 10, "teacher_epochs": 1, "teacher_classes": "0-1", "stage1": 1, "stage2": 1,
-            "runs": [("tiny", 10, 0, ("ce-noclip", "ce-equal-noclip", "refilled-default"))]}  # fmt: skip
+            "runs": [("tiny", 10, 0, methods)]}  # fmt: skip
     monkeypatch.setitem(bench.BUDGETS, "tiny", tiny)
     monkeypatch.setitem(bench.SETTINGS, "tiny", "2-3")
     monkeypatch.setitem(bench.COMMON, "validation_fraction", 0.02)  # 10 of each class's 500 training images
     bench.run_all(tmp_path / "cache", "tiny")
     bench.report(tmp_path / "cache", "tiny", tmp_path / "out")
     records = [json.loads(line) for line in (tmp_path / "cache" / "records-tiny.jsonl").read_text().splitlines()]
-    assert sorted(r["method"] for r in records) == ["ce-equal-noclip", "ce-noclip", "probe", "refilled-default"]
+    assert sorted(r["method"] for r in records) == ["ce-equal-noclip", "ce-noclip", "probe", "refilled-alone",
+                                                    "refilled-default"]  # fmt: skip
     default = next(r for r in records if r["method"] == "refilled-default")
     assert default["picked_lambda"] in (1.0, 10.0) and 0 <= default["test_top1"] <= 100
     assert default["images_seen"] == 20 * (1 + 2 * 1)  # stage 1 and both candidates' stage 2
+    assert not default["exported_student_alone"]  # refilled-default runs without the student-alone candidate
+    alone = next(r for r in records if r["method"] == "refilled-alone")
+    assert alone["images_seen"] == 20 * (1 + 2 * 1 + 2)  # ... and the student alone for both stages' epochs
+    run = json.loads((tmp_path / "cache" / "runs" / "tiny-refilled-alone-n10-s0-e1x1" / "results.json").read_text())
+    assert alone["exported_student_alone"] is run["student_alone"]["exported"]
+    default_run = tmp_path / "cache" / "runs" / "tiny-refilled-default-n10-s0-e1x1"
+    assert "student_alone" not in json.loads((default_run / "results.json").read_text())
     teacher = json.loads((tmp_path / "cache" / "teacher-s10-e1-0-1" / "results.json").read_text())
     assert teacher["class_names"] == ["apple", "aquarium_fish"] and teacher["data"]["train_images"] == 20
     summary = json.loads((tmp_path / "out" / "cifar100_tiny.json").read_text())
     assert {(g["method"], g["baseline"]) for g in summary["gains"]} == {
-        ("refilled-default", "ce-noclip"), ("refilled-default", "ce-equal-noclip")}  # fmt: skip
+        ("refilled-default", "ce-noclip"), ("refilled-default", "ce-equal-noclip"), ("refilled-alone", "ce-noclip"),
+        ("refilled-alone", "ce-equal-noclip"), ("refilled-alone", "refilled-default")}  # fmt: skip
     table = (tmp_path / "out" / "cifar100_tiny.md").read_text()
     assert "Teacher WRN-16-2 on classes 0-1 (10 images/class, 1 epochs)" in table
 

@@ -46,7 +46,8 @@ def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, 
         out = tmp_path / f"alone-{value:g}"
         separate[value] = run_distillation(RefilledConfig(**tiny_recipe(data_dir, out, distill_weight=value, **base)))
 
-    recipe = tiny_recipe(data_dir, tmp_path / "search", distill_weight=None, distill_weight_search="20, 0.5", **base)
+    recipe = tiny_recipe(data_dir, tmp_path / "search", distill_weight=None, distill_weight_search="20, 0.5",
+                         student_alone_candidate=False, **base)  # fmt: skip  (tests/test_student_alone.py)
     with pytest.raises(KeyboardInterrupt):  # in the second candidate, after its first checkpoint
         run_distillation(RefilledConfig(**recipe), callbacks=[Interrupt("stage2-lambda0.5", 4)])
     first_final = tmp_path / "search" / "stage2-lambda20" / "final" / "model.safetensors"
@@ -97,7 +98,7 @@ def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, 
 def test_a_diverging_candidate_is_skipped_and_named(data_dir, teacher_dir, tmp_path):
     recipe = tiny_recipe(
         data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=1,
-        stage2_epochs=2, distill_weight=None, distill_weight_search="1e30,1",
+        stage2_epochs=2, distill_weight=None, distill_weight_search="1e30,1", student_alone_candidate=False,
     )  # fmt: skip
     results = run_distillation(RefilledConfig(**recipe))
     first, second = results["distill_weight_search"]["candidates"]
@@ -108,8 +109,8 @@ def test_a_diverging_candidate_is_skipped_and_named(data_dir, teacher_dir, tmp_p
 
     everything = tiny_recipe(
         data_dir, tmp_path / "all", method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=1,
-        stage2_epochs=2, distill_weight=None, distill_weight_search="1e30",
-    )  # fmt: skip
+        stage2_epochs=2, distill_weight=None, distill_weight_search="1e30", student_alone_candidate=False,
+    )  # fmt: skip  (with the student-alone candidate, it is exported: tests/test_student_alone.py)
     with pytest.raises(RunError, match="Every --distill_weight_search candidate diverged"):
         run_distillation(RefilledConfig(**everything))
     assert not (tmp_path / "all" / "model").exists()
@@ -127,6 +128,8 @@ def test_unset_lambda_searches_1_and_10_by_default(data_dir, teacher_dir, tmp_pa
     assert results["distill_weight"] == search["selected"] in (1.0, 10.0)
     assert sorted(p.name for p in (tmp_path / "run").glob("stage2*")) == ["stage2-lambda1", "stage2-lambda10"]
     assert "--distill_weight is unset: stage 2 will run once per lambda in 1, 10" in caplog.text
+    # and the student alone, for both stages' epochs: a candidate too, by default
+    assert results["student_alone"]["epochs"] == 2 and (tmp_path / "run" / "student-alone" / "final").is_dir()
 
 
 def test_which_lambdas_run(tmp_path):

@@ -70,10 +70,13 @@ def test_two_processes_match_one(tmp_path):
         assert results[run]["final"]["test_samples"] == 18
         assert results[run]["stage1"]["test_samples"] == 18
         assert results[run]["final"]["validation_samples"] == 9
-        search = results[run]["distill_weight_search"]
+        search, alone = results[run]["distill_weight_search"], results[run]["student_alone"]
         assert [c["validation_samples"] for c in search["candidates"]] == [9, 9]  # every process's share counted
-        pick = max(search["candidates"], key=lambda c: c["validation_top1"])  # ties: the first, as listed
-        assert search["selected"] == pick["distill_weight"]
+        assert alone["validation_samples"] == 9
+        best = max(search["candidates"], key=lambda c: c["validation_top1"])  # ties: the first, as listed
+        assert search["selected"] == best["distill_weight"]
+        pick = alone if alone["validation_top1"] > best["validation_top1"] else best  # ties: REFILLED's
+        assert alone["exported"] is (pick is alone)
         assert results[run]["final"]["validation_top1"] == pick["validation_top1"]
         exported = load_file(str(tmp_path / run / "model" / "model.safetensors"))
         chosen = load_file(str(tmp_path / run / pick["stage_dir"] / "final" / "model.safetensors"))
