@@ -467,7 +467,7 @@ class RefilledConfig(TrainingArguments):
             "is unset and a validation split exists: '1,10' (stage 2 runs twice). Needs --validation_fraction > 0 "
             "and --method refilled; cannot be combined with --distill_weight. results.json and the model card "
             "list every candidate's validation top-1 and name the pick; the test split is evaluated for the pick "
-            "only."
+            "only. The student trained alone is one more candidate (see --student_alone_candidate)."
         ),
     )
     student_alone_candidate: bool = field(

@@ -92,8 +92,8 @@ def epochs_text(results: dict[str, Any]) -> str:
     ``10 + 2 x 10`` (REFILLED whose stage 2 ran once per lambda candidate)."""
     final = _trained_epochs(results.get("final"))
     last = "-" if final is None else _num(final)
-    if results.get("method") != "refilled":
-        return last
+    if results.get("method") != "refilled" or (results.get("student_alone") or {}).get("exported"):
+        return last  # a baseline, or the student alone exported by a REFILLED run: one stage
     candidates = (results.get("distill_weight_search") or {}).get("candidates") or []
     if len(candidates) > 1:
         lengths = {_trained_epochs(c) for c in candidates} - {None}
@@ -117,18 +117,25 @@ def _differences(this: dict[str, Any], other: dict[str, Any]) -> list[str]:
 
 
 def _row(results: dict[str, Any], this: dict[str, Any] | None) -> dict[str, Any]:
-    """A results-table row; ``this``: the model's own results when the row is a baseline."""
-    final, stage1 = results.get("final", {}), results.get("stage1") or {}
-    label = results["method"]
+    """A results-table row; ``this``: the model's own results when the row is a baseline. A
+    REFILLED run that exported its student-alone candidate is shown as that model (no
+    lambda, no teacher, no stage-1 NCM: none of them made it)."""
+    alone_exported = bool((results.get("student_alone") or {}).get("exported"))
+    final = results.get("final", {})
+    stage1 = {} if alone_exported else results.get("stage1") or {}
+    notes = ["the student-alone candidate"] if alone_exported and this is None else []
     if this is not None:
-        notes = [f"lambda {results['distill_weight']:g}"] if "distill_weight" in results else []
+        if alone_exported:
+            notes.append("its student-alone candidate, exported")
+        elif results.get("distill_weight") is not None:
+            notes.append(f"lambda {results['distill_weight']:g}")
         if results.get("student") != this.get("student"):
             notes.append(f"student `{results.get('student')}`")
-        if results.get("teacher") and results.get("teacher") != this.get("teacher"):
+        if results.get("teacher") and results.get("teacher") != this.get("teacher") and not alone_exported:
             notes.append(f"teacher `{results['teacher']}`")
         if results.get("image_size") != this.get("image_size"):
             notes.append(f"{results.get('image_size')} px")
-        label += f" ({', '.join(notes)})" if notes else ""
+    label = results["method"] + (f" ({', '.join(notes)})" if notes else "")
     return {
         "method": label,
         "this": this is None,

@@ -100,6 +100,13 @@ def test_results_summary_names_the_lambda_and_every_candidate(capsys):
     assert "lambda 100 validation (%) diverged" in lines and "lambda (chosen on validation) 10" in lines
     _print_results({"method": "refilled", "final": {"test_top1": 41.0}, "distill_weight": 3.0})
     assert "lambda 3" in [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    for exported, says in ((True, "the student alone (cross-entropy)"), (False, "REFILLED's pick")):
+        alone = {"epochs": 20.0, "validation_top1": 43.0 if exported else 39.0, "exported": exported}
+        _print_results({"method": "refilled", "final": {"test_top1": 41.0}, "distill_weight": 10.0,
+                        "distill_weight_search": search, "student_alone": alone})  # fmt: skip
+        lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+        assert f"student alone (20 ep.) validation (%) {alone['validation_top1']:.2f}" in lines
+        assert f"exported model {says}" in lines
 
 
 def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):

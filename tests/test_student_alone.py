@@ -101,12 +101,19 @@ def test_the_candidate_is_the_ce_run_and_the_better_one_is_exported(winner, data
     scores = f"lambda 1: {search['candidates'][0]['validation_top1']:.2f}"
     if winner == "ce":
         assert "It is the student-alone candidate of a REFILLED run" in card
+        assert "| ce (the student-alone candidate) (this model) | 4 |" in card
         assert "- Method: **ce**, 4 epochs" in card and "x0.2 at epochs 2" in card
         assert f"({scores}, " in card and f"student alone: {alone['validation_top1']:.2f})" in card
         assert "Stage-1 nearest-class-mean" not in card and "- Teacher: none" in card
         assert "tags:\n- image-classification\n- timm\n- refilled-hf\n" in card and "- refilled\n" not in card
+        # as another run's baseline, the row names the model it exported, and that model's epochs
+        other = tiny_recipe(data_dir, tmp_path / "other", method="ce", stage2_epochs=1, compare_runs=str(out))
+        run_distillation(RefilledConfig(**other))
+        other_card = (tmp_path / "other" / "model" / "README.md").read_text()
+        assert "| refilled (its student-alone candidate, exported) | 4 |" in other_card
     else:
         assert "- Method: **refilled**" in card and "It is the student-alone candidate" not in card
+        assert "| refilled (this model) | 2 + 2 x 2 |" in card
         assert f"was a candidate too: validation top-1 {alone['validation_top1']:.2f}, not above the pick's" in card
     assert "distill_weight_search: 1,10" in card and "stage1_epochs: 2" in card  # the recipe: the whole run's
 
