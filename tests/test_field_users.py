@@ -39,6 +39,7 @@ CHANGED = {
     "distill_images": "teacher_correct",
     "centers": "batch",
     "confidence_weights": True,
+    "student_alone_candidate": False,
     "kd_tau": 1.0,
     "kd_weight": 0.1,
     "rkd_distance_weight": 1.0,
