@@ -314,7 +314,8 @@ def _local_inputs(config: RefilledConfig) -> list[tuple[str, str]]:
 
 def _log_plan(config: RefilledConfig) -> None:
     """What the user should know before training starts, said once by the main process:
-    milestones the schedule never reaches, and the lambda search the default runs."""
+    milestones the schedule never reaches, the lambda search the default runs and its
+    student-alone candidate."""
     if config.process_index != 0:
         return
     _warn_unreached_milestones(config)
@@ -326,18 +327,18 @@ def _log_plan(config: RefilledConfig) -> None:
             "--distill_weight is unset: stage 2 will run once per lambda in %s and keep the best on validation "
             "(pass --distill_weight to run it once).", ", ".join(f"{v:g}" for v in values),
         )  # fmt: skip
+    elif values is None and config.distill_weight is None:
+        logger.info(
+            "--distill_weight is unset and there is no validation split to choose it on (--validation_fraction 0): "
+            "stage 2 runs once with lambda %g (pass --distill_weight to choose another).",
+            config.resolved_distill_weight(),
+        )  # fmt: skip
     if config.student_alone_runs():
         epochs, milestones = config.student_alone_schedule()
         logger.info(
             "The student alone (cross-entropy, %g epochs, milestones %s) will train as one more candidate; it is "
             "exported instead if it beats every lambda on validation (--student_alone_candidate false skips it).",
             epochs, milestones or "none",
-        )  # fmt: skip
-    elif values is None and config.distill_weight is None:
-        logger.info(
-            "--distill_weight is unset and there is no validation split to choose it on (--validation_fraction 0): "
-            "stage 2 runs once with lambda %g (pass --distill_weight to choose another).",
-            config.resolved_distill_weight(),
         )  # fmt: skip
 
 
@@ -722,7 +723,8 @@ def _search_record(selected: float | None, candidates: list[dict[str, Any]]) -> 
 
 
 def _candidates_text(candidates: list[dict[str, Any]], alone: dict[str, Any] | None) -> str:
-    """``1: 40.20, 10: 38.00`` and, with the student-alone candidate, ``student alone: 41.00``."""
+    """``lambda 1: 40.20, lambda 10: 38.00`` and, with the student-alone candidate,
+    ``, student alone: 41.00``."""
 
     def top1(c: dict[str, Any]) -> str:
         return "diverged" if "diverged" in c else f"{c['validation_top1']:.2f}"
