@@ -92,7 +92,7 @@ def epochs_text(results: dict[str, Any]) -> str:
     ``10 + 2 x 10`` (REFILLED whose stage 2 ran once per lambda candidate)."""
     final = _trained_epochs(results.get("final"))
     last = "-" if final is None else _num(final)
-    if results.get("method") != "refilled" or (results.get("student_alone") or {}).get("exported"):
+    if results.get("method") != "refilled" or _exported_student_alone(results):
         return last  # a baseline, or the student alone exported by a REFILLED run: one stage
     candidates = (results.get("distill_weight_search") or {}).get("candidates") or []
     if len(candidates) > 1:
@@ -116,11 +116,22 @@ def _differences(this: dict[str, Any], other: dict[str, Any]) -> list[str]:
     return out
 
 
+def _exported_student_alone(results: dict[str, Any]) -> bool:
+    """Whether a REFILLED run exported its student-alone candidate, not REFILLED's pick."""
+    return bool((results.get("student_alone") or {}).get("exported"))
+
+
+def _candidate_label(candidate: dict[str, Any]) -> str:
+    """``lambda 10: 41.20`` (or ``diverged``): a lambda candidate's validation top-1."""
+    top1 = "diverged" if "diverged" in candidate else _fmt(candidate.get("validation_top1"))
+    return f"lambda {candidate['distill_weight']:g}: {top1}"
+
+
 def _row(results: dict[str, Any], this: dict[str, Any] | None) -> dict[str, Any]:
     """A results-table row; ``this``: the model's own results when the row is a baseline. A
     REFILLED run that exported its student-alone candidate is shown as that model (no
     lambda, no teacher, no stage-1 NCM: none of them made it)."""
-    alone_exported = bool((results.get("student_alone") or {}).get("exported"))
+    alone_exported = _exported_student_alone(results)
     final = results.get("final", {})
     stage1 = {} if alone_exported else results.get("stage1") or {}
     notes = ["the student-alone candidate"] if alone_exported and this is None else []
@@ -243,14 +254,10 @@ def _student_alone_note(results: dict[str, Any]) -> dict[str, Any] | None:
     alone = results.get("student_alone")
     if not alone:
         return None
-    search = results.get("distill_weight_search") or {}
-    scores = [
-        f"lambda {c['distill_weight']:g}: " + ("diverged" if "diverged" in c else _fmt(c.get("validation_top1")))
-        for c in search.get("candidates", [])
-    ]
+    scores = [_candidate_label(c) for c in (results.get("distill_weight_search") or {}).get("candidates", [])]
     top1 = "diverged" if "diverged" in alone else _fmt(alone.get("validation_top1"))
     return {
-        "exported": bool(alone.get("exported")),
+        "exported": _exported_student_alone(results),
         "epochs": _epochs(alone["epochs"]),
         "validation": top1,
         "scores": ", ".join(scores + [f"student alone: {top1}"]),
@@ -294,7 +301,7 @@ def render_model_card(
 
     full_recipe = recipe
     alone = _student_alone_note(results)
-    if alone and alone["exported"]:
+    if _exported_student_alone(results):  # the card describes the model exported: that candidate
         results, recipe = _as_student_alone(results, recipe)
     method = results["method"]
     dataset = results["dataset"]
@@ -338,22 +345,18 @@ def render_model_card(
         "local-classifier distillation) from a teacher that may know other classes than these.",
         "ce": f"A `{architecture}` image classifier trained with cross-entropy by refilled-hf.",
     }.get(method, f"A `{architecture}` image classifier distilled with {method.upper()} by refilled-hf.")
-    if alone and alone["exported"]:
+    if _exported_student_alone(results):
         summary += (
             " It is the student-alone candidate of a REFILLED run: trained without the teacher, it beat every "
             "REFILLED candidate on the validation split, so the teacher's knowledge did not help on this task."
         )
     rows = [_row(results, None)] + [_row(b, results) for b in baselines or []]
     search = results.get("distill_weight_search")
-    if search and not (alone and alone["exported"]):
+    if search:  # (none when the student alone is exported: _as_student_alone drops it)
         search = {
             "lambdas": ", ".join(f"{c['distill_weight']:g}" for c in search["candidates"]),
-            "candidates": [
-                {"label": f"lambda {c['distill_weight']:g}: " + ("diverged" if "diverged" in c else
-                                                                  _fmt(c.get("validation_top1")))}
-                for c in search["candidates"]
-            ],
-        }  # fmt: skip
+            "candidates": [{"label": _candidate_label(c)} for c in search["candidates"]],
+        }
     timm_spec = f"hf-hub:{repo_id}" if repo_id else "local-dir:<this folder>"
     evaluate = f"refilled-hf evaluate --model {timm_spec}"
     evaluate += f" --dataset {dataset if on_hub else f'<your copy of {dataset_id}>'}"
@@ -384,7 +387,7 @@ def render_model_card(
         lr_steps=_lr_steps(results, recipe),
         distill_weight=_lambda_text(results, recipe),
         teacher_correct_only=recipe.get("distill_images") == "teacher_correct",
-        lambda_search=search or None,
+        lambda_search=search,
         student_alone=alone,
         train_images=data.get("train_images"),
         validation_images=data.get("validation_images"),

@@ -688,14 +688,10 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
         alone_trainer, alone = _student_alone(config, stage2_dirs[len(values)], points, student, data, callbacks,
                                               initial)  # fmt: skip
         trainer = alone_trainer or trainer
-    usable = [c for c in candidates if "diverged" not in c]
-    if (
-        alone is not None
-        and "diverged" not in alone
-        and (not usable or alone["validation_top1"] > max(c["validation_top1"] for c in usable))
-    ):
+    # listed last, the student alone wins only when strictly better than every usable lambda
+    pick = pick_candidate(candidates + ([alone] if alone is not None else []))
+    if pick == len(candidates):
         return _export_student_alone(config, alone, candidates, trainer, student, data, callbacks, results)
-    pick = pick_candidate(candidates)
     chosen = candidates[pick]
     _load_final(stage2_dirs[pick], student)
     logger.info(
