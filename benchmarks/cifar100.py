@@ -24,7 +24,7 @@ teacher local classifier picks the true label (``--distill_images teacher_correc
 ``refilled-hf probe-teacher`` (the teacher's nearest-class-mean accuracy on the student's
 validation split) for every setting.
 
-    python benchmarks/cifar100.py [--budget cpu|smoke|unseen|reverse|timm_student|gpu|gpu_batch]
+    python benchmarks/cifar100.py [--budget cpu|smoke|cross100|unseen|reverse|timm_student|gpu|gpu_batch]
         [--cache ~/.cache/refilled-hf-bench-c100]
     python benchmarks/cifar100.py --report-only
 
