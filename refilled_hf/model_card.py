@@ -121,10 +121,14 @@ def _exported_student_alone(results: dict[str, Any]) -> bool:
     return bool((results.get("student_alone") or {}).get("exported"))
 
 
+def _validation_text(candidate: dict[str, Any]) -> str:
+    """``41.20``, or ``diverged``: a candidate's (lambda or student alone) validation top-1."""
+    return "diverged" if "diverged" in candidate else _fmt(candidate.get("validation_top1"))
+
+
 def _candidate_label(candidate: dict[str, Any]) -> str:
     """``lambda 10: 41.20`` (or ``diverged``): a lambda candidate's validation top-1."""
-    top1 = "diverged" if "diverged" in candidate else _fmt(candidate.get("validation_top1"))
-    return f"lambda {candidate['distill_weight']:g}: {top1}"
+    return f"lambda {candidate['distill_weight']:g}: {_validation_text(candidate)}"
 
 
 def _row(results: dict[str, Any], this: dict[str, Any] | None) -> dict[str, Any]:
@@ -255,7 +259,7 @@ def _student_alone_note(results: dict[str, Any]) -> dict[str, Any] | None:
     if not alone:
         return None
     scores = [_candidate_label(c) for c in (results.get("distill_weight_search") or {}).get("candidates", [])]
-    top1 = "diverged" if "diverged" in alone else _fmt(alone.get("validation_top1"))
+    top1 = _validation_text(alone)
     return {
         "exported": _exported_student_alone(results),
         "epochs": _epochs(alone["epochs"]),
