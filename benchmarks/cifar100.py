@@ -154,6 +154,10 @@ CLIP_QUESTION = ("ce", "ce-noclip", "refilled", "refilled-noclip", "ce-equal-noc
 #: settled, until this benchmark made lambda 1 the default)
 LAMBDA10_AND_CE = ("ce-noclip", "ce-equal-noclip", "refilled-noclip")
 
+#: the CPU protocol most budgets share: the teacher (200 images per class of its classes, 15 epochs) and
+#: 10 + 10-epoch stages
+CPU_PROTOCOL = {"teacher_shots": 200, "teacher_epochs": 15, "stage1": 10, "stage2": 10}
+
 BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "teacher_shots": 20,
@@ -165,10 +169,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # (setting, images per class, seed) in priority order, so that an interrupted run still
     # answers the main question: about 15 minutes per 50-image run of all methods on 2 cores
     "cpu": {
-        "teacher_shots": 200,
-        "teacher_epochs": 15,
-        "stage1": 10,
-        "stage2": 10,
+        **CPU_PROTOCOL,
         "runs": [("cross", 50, 0, METHODS + NO_CLIP), ("cross", 50, 1, CLIP_QUESTION)]
         + [("cross", 50, 2, CLIP_QUESTION), ("cross", 50, 0, LARGE_BATCH)]
         + [("overlap", 50, 0, CLIP_QUESTION), ("cross", 50, 1, LARGE_BATCH)]
@@ -219,38 +220,26 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # class, seeds 0-2 of "cpu": -0.6 ± 0.8), again with the library's full defaults, the student-alone candidate
     # included (~50 min here with the teacher)
     "cross100": {
-        "teacher_shots": 200,
-        "teacher_epochs": 15,
-        "stage1": 10,
-        "stage2": 10,
+        **CPU_PROTOCOL,
         "runs": [("cross", 100, s, ("ce-noclip", "ce-equal-noclip") + STUDENT_ALONE) for s in (0, 1, 2)],
     },
     # the data-rich cell where the lambda search alone was within noise below CE on as many images (cross10, all
     # 450 images of 10 classes, seeds 0-2 of "cpu": -0.2 ± 1.6), again with the full defaults (~50 min here)
     "cross10": {
-        "teacher_shots": 200,
-        "teacher_epochs": 15,
-        "stage1": 10,
-        "stage2": 10,
+        **CPU_PROTOCOL,
         "runs": [("cross10", 450, s, ("ce-noclip", "ce-equal-noclip") + STUDENT_ALONE) for s in (0, 1, 2)],
     },
     # issue 10's acceptance check, rehearsed: the CLI's defaults on a split and seeds no earlier run used
     # (classes 30-79, seeds 3-5), against both CE baselines, under the "cpu" protocol
     "unseen": {
-        "teacher_shots": 200,
-        "teacher_epochs": 15,
-        "stage1": 10,
-        "stage2": 10,
+        **CPU_PROTOCOL,
         "runs": [("overlap30", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT) for s in (3, 4, 5)],
     },
     # the same check with the teacher's and the student's classes swapped (teacher 50-99, student 0-49): another
     # teacher, other student classes, seeds 6-8
     "reverse": {
-        "teacher_shots": 200,
-        "teacher_epochs": 15,
+        **CPU_PROTOCOL,
         "teacher_classes": "cifar100-second-half",
-        "stage1": 10,
-        "stage2": 10,
         "runs": [
             ("reverse", 50, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT + STUDENT_ALONE) for s in (6, 7, 8)
         ],
@@ -259,13 +248,10 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # normalization, no CIFAR-specific stem) instead of refilled-hf's WRN-16-1, 50 and 100 images per class,
     # seeds 10-12 (~50 min here)
     "timm_student": {
-        "teacher_shots": 200,
-        "teacher_epochs": 15,
+        **CPU_PROTOCOL,
         "teacher_classes": "cifar100-second-half",
         "student": "resnet10t",
         "common": {"image_size": 32},
-        "stage1": 10,
-        "stage2": 10,
         "runs": [
             ("reverse", n, s, ("ce-noclip", "ce-equal-noclip") + LIBRARY_DEFAULT + STUDENT_ALONE)
             for n in (50, 100)
