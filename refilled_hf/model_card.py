@@ -182,7 +182,8 @@ def _lr_steps(results: dict[str, Any], recipe: dict[str, Any]) -> str:
     epochs = recipe.get("stage2_epochs") if epochs is None else epochs
     reached = [_num(m) for m in milestones if epochs is None or m < epochs]
     beyond = [_num(m) for m in milestones if epochs is not None and m >= epochs]
-    text = f"x{recipe.get('stage2_gamma')} at epochs {','.join(reached)}" if reached else "constant"
+    at = "epochs" if len(reached) > 1 else "epoch"
+    text = f"x{recipe.get('stage2_gamma')} at {at} {','.join(reached)}" if reached else "constant"
     if beyond:
         plural = "s" if len(beyond) > 1 else ""
         text += f" (milestone{plural} {','.join(beyond)} never reached in its {_epochs(epochs)})"

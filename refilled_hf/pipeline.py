@@ -689,7 +689,7 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
                                               initial)  # fmt: skip
         trainer = alone_trainer or trainer
     # listed last, the student alone wins only when strictly better than every usable lambda
-    pick = pick_candidate(candidates + ([alone] if alone is not None else []))
+    pick = pick_candidate(candidates + ([alone] if alone is not None else []), last_is_student_alone=alone is not None)
     if pick == len(candidates):
         return _export_student_alone(config, alone, candidates, trainer, student, data, callbacks, results)
     chosen = candidates[pick]
@@ -795,14 +795,17 @@ def _stage2_trainer(config, stage_dir, student, data, callbacks, teacher, cache,
     return trainer
 
 
-def pick_candidate(candidates: list[dict[str, Any]]) -> int:
+def pick_candidate(candidates: list[dict[str, Any]], *, last_is_student_alone: bool = False) -> int:
     """Index of the candidate with the best ``validation_top1``; ties go to the first
-    listed; diverged candidates (a ``diverged`` entry) cannot be chosen."""
+    listed; diverged candidates (a ``diverged`` entry) cannot be chosen.
+    ``last_is_student_alone``: the last candidate is the student-alone one (the error
+    names it)."""
     usable = [i for i, c in enumerate(candidates) if "diverged" not in c]
     if not usable:
+        alone = ", and so did the student-alone candidate (cross-entropy alone)" if last_is_student_alone else ""
         raise RunError(
-            "Every --distill_weight_search candidate diverged (see the warnings). Nothing was exported. Lower the "
-            "learning rate (--stage2_learning_rate) or the lambdas, or clip gradients (--max_grad_norm 1)."
+            f"Every --distill_weight_search candidate diverged{alone} (see the warnings). Nothing was exported. "
+            "Lower the learning rate (--stage2_learning_rate) or the lambdas, or clip gradients (--max_grad_norm 1)."
         )
     return max(usable, key=lambda i: (candidates[i]["validation_top1"], -i))
 

@@ -46,8 +46,9 @@ def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, 
         out = tmp_path / f"alone-{value:g}"
         separate[value] = run_distillation(RefilledConfig(**tiny_recipe(data_dir, out, distill_weight=value, **base)))
 
+    # the student-alone candidate off: it has tests/test_student_alone.py
     recipe = tiny_recipe(data_dir, tmp_path / "search", distill_weight=None, distill_weight_search="20, 0.5",
-                         student_alone_candidate=False, **base)  # fmt: skip  (tests/test_student_alone.py)
+                         student_alone_candidate=False, **base)  # fmt: skip
     with pytest.raises(KeyboardInterrupt):  # in the second candidate, after its first checkpoint
         run_distillation(RefilledConfig(**recipe), callbacks=[Interrupt("stage2-lambda0.5", 4)])
     first_final = tmp_path / "search" / "stage2-lambda20" / "final" / "model.safetensors"
@@ -107,10 +108,11 @@ def test_a_diverging_candidate_is_skipped_and_named(data_dir, teacher_dir, tmp_p
     assert results["final"]["validation_top1"] == second["validation_top1"]
     assert "lambda 1e+30: diverged" in (tmp_path / "run" / "model" / "README.md").read_text()
 
+    # with the student-alone candidate, it is exported: tests/test_student_alone.py
     everything = tiny_recipe(
         data_dir, tmp_path / "all", method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=1,
         stage2_epochs=2, distill_weight=None, distill_weight_search="1e30", student_alone_candidate=False,
-    )  # fmt: skip  (with the student-alone candidate, it is exported: tests/test_student_alone.py)
+    )  # fmt: skip
     with pytest.raises(RunError, match="Every --distill_weight_search candidate diverged"):
         run_distillation(RefilledConfig(**everything))
     assert not (tmp_path / "all" / "model").exists()
@@ -154,6 +156,9 @@ def test_pick_is_the_best_validation_top1_first_on_ties_never_a_diverged_one():
     assert pick_candidate([c(), c(40.0), c(40.0)]) == 1
     with pytest.raises(RunError, match="Every --distill_weight_search candidate diverged"):
         pick_candidate([c(), c()])
+    with pytest.raises(RunError, match="diverged, and so did the student-alone candidate"):
+        pick_candidate([c(), c(), c()], last_is_student_alone=True)
+    assert pick_candidate([c(), c(), c(30.0)], last_is_student_alone=True) == 2
 
 
 @pytest.mark.parametrize(

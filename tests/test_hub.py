@@ -148,7 +148,7 @@ def test_card_states_what_the_run_did_that_the_defaults_do_not():
     assert "constant (milestones 100,140,180 never reached in its 20 epochs)." in text
     partly = render_model_card(results, {**config.to_recipe(), "stage2_milestones": "10,20,30"},
                                architecture="cifar_wrn_16_1")  # fmt: skip
-    assert "x0.2 at epochs 10 (milestones 20,30 never reached in its 20 epochs)." in partly
+    assert "x0.2 at epoch 10 (milestones 20,30 never reached in its 20 epochs)." in partly
     assert "lambda 10 (decaying to 0 over stage 2, linear)" in text
     assert "only on the images whose teacher local" in text
     assert "on the `valid` split" in text and "--test_split valid" in text
