@@ -7,6 +7,7 @@ Every training command takes ``--config recipe.yaml`` plus command-line override
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import logging
@@ -212,10 +213,38 @@ def _print_results(results: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+#: The argument dataclasses each command parses (losses-demo takes none).
+COMMAND_ARGUMENTS: dict[str, tuple[type, ...]] = {
+    "train-teacher": (RefilledConfig,),
+    "distill": (RefilledConfig,),
+    "evaluate": (EvaluateArguments, RefilledConfig),
+    "probe-teacher": (RefilledConfig,),
+    "quickstart": (QuickstartArguments,),
+    "push": (PushArguments,),
+    "losses-demo": (),
+}
+
+
+def parse_command(command: str, argv: list[str]) -> tuple[Any, ...]:
+    """The arguments ``refilled-hf <command> <argv>`` runs with (one dataclass per entry of
+    :data:`COMMAND_ARGUMENTS`); a command line that cannot run is refused here, before any
+    work (``push`` also takes the folder as its first word and ``--repo-id``)."""
+    if command == "push":
+        if argv and not argv[0].startswith("-"):
+            argv = ["--folder", argv[0], *argv[1:]]
+        argv = ["--repo_id" if a == "--repo-id" else a for a in argv]
+    types = COMMAND_ARGUMENTS[command]
+    if not types:  # nothing to parse but --help, and nothing else is accepted
+        parser = argparse.ArgumentParser(prog=f"refilled-hf {command}", description=COMMANDS[command])
+        parser.parse_args(argv)
+        return ()
+    return parse_config(types, argv, f"refilled-hf {command}")
+
+
 def cmd_train(argv: list[str], command: str) -> int:
     from .pipeline import run_distillation, run_teacher_training
 
-    (config,) = parse_config((RefilledConfig,), argv, f"refilled-hf {command}")
+    (config,) = parse_command(command, argv)
     _print_config(config)
     results = (run_teacher_training if command == "train-teacher" else run_distillation)(config)
     if config.process_index == 0:
@@ -227,7 +256,7 @@ def cmd_train(argv: list[str], command: str) -> int:
 def cmd_evaluate(argv: list[str]) -> int:
     from .evaluation import evaluate_model
 
-    eval_args, config = parse_config((EvaluateArguments, RefilledConfig), argv, "refilled-hf evaluate")
+    eval_args, config = parse_command("evaluate", argv)
     metrics = evaluate_model(eval_args.model, config, checkpoint=eval_args.checkpoint, split=eval_args.split)
     if config.process_index == 0:
         print(json.dumps(metrics, indent=2))
@@ -237,7 +266,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 def cmd_probe(argv: list[str]) -> int:
     from .probe import probe_teacher
 
-    (config,) = parse_config((RefilledConfig,), argv, "refilled-hf probe-teacher")
+    (config,) = parse_command("probe-teacher", argv)
     result = probe_teacher(config)
     if config.process_index == 0:
         print(
@@ -266,10 +295,7 @@ def cmd_probe(argv: list[str]) -> int:
 def cmd_push(argv: list[str]) -> int:
     from .hub import push_folder
 
-    if argv and not argv[0].startswith("-"):
-        argv = ["--folder", argv[0], *argv[1:]]
-    argv = ["--repo_id" if a == "--repo-id" else a for a in argv]
-    (args,) = parse_config((PushArguments,), argv, "refilled-hf push")
+    (args,) = parse_command("push", argv)
     url = push_folder(args.folder, args.repo_id, private=args.private, token=args.token)
     print(f"Pushed {args.folder} to {url}")
     return 0
@@ -278,7 +304,7 @@ def cmd_push(argv: list[str]) -> int:
 def cmd_quickstart(argv: list[str]) -> int:
     from .quickstart import run_quickstart
 
-    (args,) = parse_config((QuickstartArguments,), argv, "refilled-hf quickstart")
+    (args,) = parse_command("quickstart", argv)
     run_quickstart(args.output_dir, shots_per_class=args.shots_per_class, seeds=tuple(args.seeds),
                    overwrite=args.overwrite)  # fmt: skip
     return 0
@@ -287,6 +313,7 @@ def cmd_quickstart(argv: list[str]) -> int:
 def cmd_losses_demo(argv: list[str]) -> int:
     from .losses import kd_loss, local_classifier_loss, relationship_loss_with_stats, rkd_loss
 
+    parse_command("losses-demo", argv)
     torch.manual_seed(0)
     batch, classes = 128, 10
     student_emb = torch.randn(batch, 64, requires_grad=True)
