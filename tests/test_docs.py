@@ -1,7 +1,9 @@
 """The documentation's command lines are ones refilled-hf accepts: every `refilled-hf ...`
 (or `accelerate launch ... -m refilled_hf.cli ...`) command in a shell block of the
-READMEs parses with the command's own parser, recipes and fields included. A renamed or
-removed field then fails here instead of in a user's terminal."""
+READMEs parses with the command's own parser, recipes and fields included, and every
+benchmark call the READMEs and ``benchmarks/gpu_session.sh`` show parses with its script's
+parser. A renamed or removed field or flag then fails here instead of in a user's terminal
+(or in a lent GPU's few minutes)."""
 
 from __future__ import annotations
 
@@ -82,3 +84,64 @@ def test_losses_demo_refuses_arguments_it_has_no_use_for(capsys):
         main(["losses-demo", "--batch", "3"])  # it ran, ignoring them, before
     assert exit_.value.code == 2
     assert "unrecognized arguments: --batch 3" in capsys.readouterr().err
+
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def documented_benchmark_calls() -> list[tuple[str, list[str]]]:
+    """``(script, argv)`` of every ``python benchmarks/<script>.py ...`` the READMEs show in
+    inline code, and every script call of ``benchmarks/gpu_session.sh`` (its arguments as
+    written there; a shell variable stands for a value)."""
+    calls = []
+    for path in (ROOT / "README.md", BENCHMARKS / "README.md"):
+        for code in re.findall(r"`(python3? benchmarks/[^`]+)`", path.read_text()):
+            for part in " ".join(code.split()).split("&&"):
+                words = shlex.split(part)
+                calls.append((Path(words[1]).name, words[2:]))
+    session = (BENCHMARKS / "gpu_session.sh").read_text().replace("\\\n", " ")
+    for line in session.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] in (["step"], ["micro"]):
+            script = "throughput.py" if words[0] == "step" else words[3]
+            args = words[3:] if words[0] == "step" else words[4:]
+            # $BF16 / $SMALL_RUN stand for a flag; "$@" for the caller's own
+            args = [{"$BF16": "--bf16", "$SMALL_RUN": "--small_run"}.get(a, a) for a in args if a != "$@"]
+            calls.append((script, args))
+    return calls
+
+
+class _Parsed(Exception):
+    """Raised instead of running the benchmark, once its arguments parsed."""
+
+
+BENCHMARK_CALLS = documented_benchmark_calls()
+
+
+def test_the_benchmark_docs_show_their_scripts():
+    scripts = {script for script, _ in BENCHMARK_CALLS}
+    assert {"throughput.py", "cifar100.py", "losses.py", "teacher_forward.py"} <= scripts
+
+
+@pytest.mark.parametrize("script,argv", BENCHMARK_CALLS, ids=[f"{s}:{i}" for i, (s, _) in enumerate(BENCHMARK_CALLS)])
+def test_documented_benchmark_call_parses(script, argv, monkeypatch):
+    """The script's own argparse parser accepts the documented arguments (the run itself is
+    stopped right after parsing)."""
+    import argparse
+    import runpy
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)  # exits 2 on an unknown or malformed argument
+        raise _Parsed
+
+    assert (BENCHMARKS / script).is_file(), f"documented script benchmarks/{script} does not exist"
+    if "argparse" not in (BENCHMARKS / script).read_text():  # it takes no arguments (and is not run here)
+        assert argv == [], f"benchmarks/{script} takes no arguments"
+        return
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr("sys.argv", [script, *argv])
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    with pytest.raises(_Parsed):
+        runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
