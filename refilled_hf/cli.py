@@ -228,11 +228,9 @@ COMMAND_ARGUMENTS: dict[str, tuple[type, ...]] = {
 def parse_command(command: str, argv: list[str]) -> tuple[Any, ...]:
     """The arguments ``refilled-hf <command> <argv>`` runs with (one dataclass per entry of
     :data:`COMMAND_ARGUMENTS`); a command line that cannot run is refused here, before any
-    work (``push`` also takes the folder as its first word and ``--repo-id``)."""
-    if command == "push":
-        if argv and not argv[0].startswith("-"):
-            argv = ["--folder", argv[0], *argv[1:]]
-        argv = ["--repo_id" if a == "--repo-id" else a for a in argv]
+    work (``push`` also takes the folder as its first word)."""
+    if command == "push" and argv and not argv[0].startswith("-"):
+        argv = ["--folder", argv[0], *argv[1:]]
     types = COMMAND_ARGUMENTS[command]
     if not types:  # nothing to parse but --help, and nothing else is accepted
         parser = argparse.ArgumentParser(prog=f"refilled-hf {command}", description=COMMANDS[command])
