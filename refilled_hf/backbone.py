@@ -310,7 +310,19 @@ class FrozenTeacher(nn.Module):
         size = input_size or teacher_cfg.get("input_size", (3, None, None))[-1]
         student_size = student_cfg.get("input_size", (3, None, None))[-1]
         self.input_size = int(size) if size and size != student_size else None
+        self.student_size = int(student_size) if student_size else None
         self.interpolation = "bicubic" if teacher_cfg.get("interpolation") == "bicubic" else "bilinear"
+
+    def adaptation_text(self) -> str:
+        """How each student batch is adapted for the teacher, in words (for the run's log)."""
+        steps = []
+        if self.renormalize:
+            steps.append("re-normalized from the student's mean/std to the teacher's")
+        if self.input_size is not None:
+            steps.append(f"resized from {self.student_size or '?'} to {self.input_size} px ({self.interpolation})")
+        if not steps:
+            return "the student's batches as they are (same normalization and input size)"
+        return "each student batch " + " and ".join(steps)
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)

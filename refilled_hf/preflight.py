@@ -59,7 +59,9 @@ def load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenT
             f"Could not load the teacher {config.teacher!r} ({type(err).__name__}: {str(err)[:300]}). Give weights "
             "with --teacher_checkpoint, or use a 'local-dir:' folder."
         ) from err
-    return FrozenTeacher(model, student_cfg, input_size=config.teacher_input_size)
+    teacher = FrozenTeacher(model, student_cfg, input_size=config.teacher_input_size)
+    logger.info("Teacher input: %s.", teacher.adaptation_text())
+    return teacher
 
 
 def teacher_label_names(config: RefilledConfig, teacher: FrozenTeacher) -> list[str] | None:

@@ -186,13 +186,18 @@ def test_resume_after_interruption(stage, data_dir, teacher_dir, tmp_path):
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-5)
 
 
-def test_teacher_with_other_input_size_and_normalization(data_dir, tmp_path):
+def test_teacher_with_other_input_size_and_normalization(data_dir, tmp_path, caplog):
     imagenet = {"input_size": (3, 32, 32), "mean": timm.data.IMAGENET_DEFAULT_MEAN,
                 "std": timm.data.IMAGENET_DEFAULT_STD, "interpolation": "bilinear"}  # fmt: skip
     model = timm.create_model("cifar_wrn_16_1", num_classes=4, pretrained_cfg_overlay=imagenet)
     student_cfg = timm.create_model("cifar_wrn_16_1").pretrained_cfg | {"input_size": (3, 16, 16)}
     teacher = FrozenTeacher(model, student_cfg)
     assert teacher.renormalize and teacher.input_size == 32
+    assert teacher.adaptation_text() == (
+        "each student batch re-normalized from the student's mean/std to the teacher's and resized from 16 to 32 px "
+        "(bilinear)"
+    )
+    assert FrozenTeacher(model, model.pretrained_cfg).adaptation_text().startswith("the student's batches as they are")
     raw = torch.rand(2, 3, 16, 16)
     s_mean, s_std = (torch.tensor(student_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     t_mean, t_std = (torch.tensor(imagenet[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
@@ -207,8 +212,10 @@ def test_teacher_with_other_input_size_and_normalization(data_dir, tmp_path):
 
     teacher_dir = export_model(model, tmp_path / "imagenet-teacher", label_names=["a", "b", "c", "d"])
     assert json.loads((teacher_dir / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 32, 32]
-    results = run(tiny_recipe(data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}"))
+    with caplog.at_level("INFO", logger="refilled_hf.preflight"):
+        results = run(tiny_recipe(data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}"))
     assert results["final"]["test_samples"] == 18
+    assert "Teacher input: each student batch re-normalized" in caplog.text  # the run says what it does
 
 
 def test_train_teacher_exports_a_local_dir_model(data_dir, tmp_path):
