@@ -275,7 +275,7 @@ def _as_student_alone(results: dict[str, Any], recipe: dict[str, Any]) -> tuple[
     run of its own length and milestones (the card's recipe block stays the whole run's)."""
     alone = results["student_alone"]
     milestones = alone["stage2_milestones"]
-    shown = {**results, "method": "ce", "stage1": None, "teacher": None, "teacher_classes": None,
+    shown = {**results, "method": "ce", "stage1": None, "teacher": None, "teacher_classes": None, "teacher_input": None,
              "schedule": {**(results.get("schedule") or {}), "milestones": milestones}}  # fmt: skip
     for key in ("distill_weight", "distill_weight_search"):
         shown.pop(key, None)
@@ -386,6 +386,8 @@ def render_model_card(
         method=method,
         teacher=f"`{teacher}`" if teacher else None,
         teacher_classes=results.get("teacher_classes"),
+        teacher_input=results.get("teacher_input"),
+        image_size=results.get("image_size"),
         config=recipe,
         stage1_epochs=_stage_epochs(results, "stage1", recipe.get("stage1_epochs")),
         stage2_epochs=_stage_epochs(results, "final", recipe.get("stage2_epochs")),

@@ -557,6 +557,7 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
         "dataset": config.dataset,
         "classes": config.classes,
         "teacher_classes": teacher_classes,
+        "teacher_input": teacher.adaptation_text() if teacher is not None else None,
         "class_names": data.class_names,
         "data": data.info,
         "world_size": config.world_size,

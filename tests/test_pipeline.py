@@ -216,6 +216,12 @@ def test_teacher_with_other_input_size_and_normalization(data_dir, tmp_path, cap
         results = run(tiny_recipe(data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}"))
     assert results["final"]["test_samples"] == 18
     assert "Teacher input: each student batch re-normalized" in caplog.text  # the run says what it does
+    adapted = ("each student batch re-normalized from the student's mean/std to the teacher's and resized from 16 "
+               "to 32 px (bilinear)")  # fmt: skip
+    assert results["teacher_input"] == adapted
+    card = (tmp_path / "run" / "model" / "README.md").read_text()  # and so does the card
+    assert f"; its inputs: {adapted}.\n" in card
+    assert "- Student: `cifar_wrn_16_1` at 16 px; classes" in card
 
 
 def test_train_teacher_exports_a_local_dir_model(data_dir, tmp_path):
