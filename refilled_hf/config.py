@@ -903,18 +903,21 @@ class RefilledConfig(TrainingArguments):
             setattr(view, name, value)
         return view
 
-    def to_recipe(self) -> dict[str, Any]:
+    def to_recipe(self, used_only: bool = False) -> dict[str, Any]:
         """The run as a recipe that `--config` reads back: refilled-hf's own fields, then
         the `TrainingArguments` fields whose value differs from a default configuration
         (compared after ``__post_init__``, so derived values are not listed). Tokens are
-        never included."""
+        never included. ``used_only``: a field the run's method does not use (a
+        train-teacher run's ``teacher``, which it trains as the ``student``) is given at
+        its default, so that ``refilled-hf distill --config`` reruns it without a warning."""
         parent = {f.name for f in fields(TrainingArguments)}
         default = RefilledConfig()
+        unused = self.fields_unused_by(self.method) if used_only else {}
         ours, theirs = {}, {}
         for f in fields(self):
             if "token" in f.name or not f.init:
                 continue
-            value = getattr(self, f.name)
+            value = getattr(default if f.name in unused else self, f.name)
             if f.name not in parent:
                 ours[f.name] = value
             elif f.name in RefilledConfig._TASK_DEFAULTS or value != getattr(default, f.name):

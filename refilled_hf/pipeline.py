@@ -887,7 +887,7 @@ def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, resul
         check_comparable(results, baselines)
         card = render_model_card(
             results,
-            config.to_recipe(),
+            config.to_recipe(used_only=True),
             architecture=student.model.pretrained_cfg["architecture"],
             repo_id=config.hub_model_id,
             baselines=baselines,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from helpers import CLASS_NAMES, tiny_recipe, write_random_teacher
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -236,7 +237,13 @@ def test_train_teacher_exports_a_local_dir_model(data_dir, tmp_path):
     student = run(tiny_recipe(data_dir, tmp_path / "student", method="refilled",
                               teacher=f"local-dir:{tmp_path / 'teacher' / 'model'}"))  # fmt: skip
     assert student["teacher"].startswith("local-dir:")
-    assert "- Teacher: none.\n" in (tmp_path / "teacher" / "model" / "README.md").read_text()  # not itself
+    card = (tmp_path / "teacher" / "model" / "README.md").read_text()
+    assert "- Teacher: none.\n" in card  # not itself
+    # the card's recipe reruns it with `distill --config`: the model trained is its student, and no teacher is
+    # named that the ce run would ignore with a warning
+    shown = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert shown["method"] == "ce" and shown["student"] == "cifar_wrn_16_1" and shown["teacher"] is None
+    assert RefilledConfig(**{k: v for k, v in shown.items() if v is not None}).fields_unused_by("ce") == {}
     # the teacher's export records its classes: unset, the student's card states them; a contradiction is refused
     teacher = f"local-dir:{tmp_path / 'teacher' / 'model'}"
     unset = run(tiny_recipe(data_dir, tmp_path / "unset", method="rkd", teacher=teacher, teacher_classes=None,
