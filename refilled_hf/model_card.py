@@ -263,6 +263,7 @@ def _student_alone_note(results: dict[str, Any]) -> dict[str, Any] | None:
     top1 = _validation_text(alone)
     return {
         "exported": _exported_student_alone(results),
+        "diverged": "diverged" in alone,
         "epochs": _epochs(alone["epochs"]),
         "validation": top1,
         "scores": ", ".join(scores + [f"student alone: {top1}"]),

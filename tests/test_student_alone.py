@@ -18,8 +18,9 @@ from helpers import tiny_recipe, write_random_teacher
 from safetensors.torch import load_file
 from test_pipeline import Interrupt
 
+from refilled_hf import pipeline
 from refilled_hf.config import RefilledConfig
-from refilled_hf.pipeline import run_distillation, training_seconds
+from refilled_hf.pipeline import DivergedError, run_distillation, training_seconds
 from refilled_hf.trainer import RefilledTrainer
 
 pytestmark = pytest.mark.slow
@@ -132,6 +133,71 @@ def test_an_interrupted_candidate_resumes_to_the_same_run(data_dir, teacher_dir,
     assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
     assert _same_weights(tmp_path / "run" / "model" / "model.safetensors",
                          tmp_path / "reference" / "model" / "model.safetensors")  # fmt: skip
+
+
+def _untimed(record):
+    """``record`` without its wall times (two runs of the same recipe differ only there)."""
+    if isinstance(record, dict):
+        timed = ("seconds", "runtime", "per_second")
+        return {k: _untimed(v) for k, v in record.items() if not any(t in k for t in timed)}
+    if isinstance(record, list):
+        return [_untimed(v) for v in record]
+    return record
+
+
+@pytest.mark.parametrize("winner", ["ce", "stage2"])
+def test_a_crash_after_every_candidate_finished_resumes_without_training(winner, data_dir, teacher_dir, tmp_path,
+                                                                         validation_bias, monkeypatch):  # fmt: skip
+    # the process dies after the last candidate saved its final weights, before the export
+    validation_bias[winner] = 50.0
+    reference = run_distillation(RefilledConfig(**_recipe(data_dir, teacher_dir, tmp_path / "reference")))
+    recipe = _recipe(data_dir, teacher_dir, tmp_path / "run")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the export")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "_finish", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run_distillation(RefilledConfig(**recipe))
+    assert not (tmp_path / "run" / "model").exists()
+    finals = sorted((tmp_path / "run").glob("*/final/model.safetensors"))
+    assert [f.parent.parent.name for f in finals] == ["stage1", "stage2-lambda1", "stage2-lambda10", "student-alone"]
+    mtimes = [f.stat().st_mtime_ns for f in finals]
+    trained = []
+    monkeypatch.setattr(pipeline, "_fit", lambda trainer, checkpoint: trained.append(trainer.stage))
+    resumed = run_distillation(RefilledConfig(**recipe, resume_from_checkpoint="true"))
+    assert trained == [] and [f.stat().st_mtime_ns for f in finals] == mtimes  # nothing trained again
+    assert resumed["student_alone"]["exported"] is (winner == "ce")
+    for key in ("distill_weight", "distill_weight_search", "student_alone"):
+        assert _untimed(resumed[key]) == _untimed(reference[key])
+    for key in ("validation_top1", "test_top1", "test_loss"):
+        assert resumed["final"][key] == reference["final"][key]
+    assert _same_weights(tmp_path / "run" / "model" / "model.safetensors",
+                         tmp_path / "reference" / "model" / "model.safetensors")  # fmt: skip
+
+
+def test_a_diverged_student_alone_cannot_be_chosen(data_dir, teacher_dir, tmp_path, monkeypatch):
+    fit = pipeline._fit
+
+    def diverge_alone(trainer, checkpoint):
+        if trainer.stage == "ce":
+            raise DivergedError("Training diverged in ce (loss nan at step 1).")
+        return fit(trainer, checkpoint)
+
+    monkeypatch.setattr(pipeline, "_fit", diverge_alone)
+    results = run_distillation(RefilledConfig(**_recipe(data_dir, teacher_dir, tmp_path / "r")))
+    alone = results["student_alone"]
+    assert alone["diverged"].startswith("Training diverged in ce") and alone["exported"] is False
+    assert "validation_top1" not in alone
+    picked = next(c for c in results["distill_weight_search"]["candidates"]
+                  if c["distill_weight"] == results["distill_weight"])  # fmt: skip
+    assert results["final"]["validation_top1"] == picked["validation_top1"]
+    assert _same_weights(tmp_path / "r" / "model" / "model.safetensors",
+                         tmp_path / "r" / picked["stage_dir"] / "final" / "model.safetensors")  # fmt: skip
+    card = (tmp_path / "r" / "model" / "README.md").read_text()
+    assert "was a candidate too: it diverged, so REFILLED's pick was exported." in card
+    assert "It is the student-alone candidate" not in card
 
 
 def test_all_lambdas_diverging_leaves_the_student_alone(data_dir, teacher_dir, tmp_path):
