@@ -131,6 +131,23 @@ def test_the_path_is_chosen_and_can_be_forced(data_dir, tmp_path):
     assert load_data(RefilledConfig(**{**base, "image_size": 96}), "3-5", nearest).info["data_path"] == "workers"
 
 
+@pytest.mark.parametrize("image_size", [16, 96])  # the CIFAR-style store; timm's random-resized crops
+def test_without_the_flip_neither_path_flips(image_size, data_dir, tmp_path):
+    import timm
+
+    cfg = timm.create_model("cifar_wrn_16_1").pretrained_cfg
+    base = tiny_recipe(data_dir, tmp_path / "o", method="ce", image_size=image_size, data_path="device")
+    for flip in (True, False):
+        workers = load_data(RefilledConfig(**{**base, "data_path": "workers", "horizontal_flip": flip}), "3-5", cfg)
+        names = [type(t).__name__ for t in workers.train.transform.transforms]
+        assert ("RandomHorizontalFlip" in names) is flip, names
+        device = load_data(RefilledConfig(**{**base, "horizontal_flip": flip}), "3-5", cfg)
+        store = device.train.images
+        torch.manual_seed(0)
+        flips = store.draw(400)[2] if isinstance(store, DeviceImages) else store.draw(torch.full((400, 2), 32))["flip"]
+        assert bool(flips.any()) is flip and bool(flips.all()) is False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["device", "workers"])
 def test_both_paths_train_and_count_every_image(path, data_dir, tmp_path, recwarn):
