@@ -334,6 +334,28 @@ def test_overwrite_removes_the_earlier_runs_outputs_and_caches(data_dir, tmp_pat
     assert (out / "notes.txt").read_text() == "mine"  # not the run's: untouched
 
 
+def test_overwrite_deletes_only_plain_names_under_the_folder_and_never_follows_a_link(tmp_path):
+    """A manifest edited by hand (or damaged) cannot make --overwrite_output delete anything
+    outside the run folder, nor inside a folder a link points to."""
+    out, outside = tmp_path / "run", tmp_path / "outside"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "inner.txt").write_text("keep")
+    (out / "stage1").mkdir()
+    (out / "stage1" / "weights").write_text("old run")
+    (out / "results.json").write_text("{}")
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep")
+    (tmp_path / "sibling.txt").write_text("keep")
+    (out / "link").symlink_to(outside, target_is_directory=True)
+    names = ["../sibling.txt", "../outside", "sub/inner.txt", "", ".", "..", str(outside), "link", "stage1",
+             "results.json", "never-written"]  # fmt: skip
+    RunDirectory(out, ["stage1"]).remove_earlier_run({"identity": {}, "outputs": names})
+    assert not (out / "stage1").exists() and not (out / "results.json").exists()
+    assert not (out / "link").is_symlink() and (outside / "precious.txt").read_text() == "keep"  # the link only
+    assert (out / "sub" / "inner.txt").read_text() == "keep" and (tmp_path / "sibling.txt").read_text() == "keep"
+    assert out.is_dir()
+
+
 @pytest.fixture(scope="module")
 def unfinished_ce_run(data_dir, tmp_path_factory) -> tuple[dict, Path]:
     """A finished 3-epoch ce run (checkpoints at steps 3, 6, 9) kept as a template."""
