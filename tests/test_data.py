@@ -157,3 +157,32 @@ def test_cifar_transforms():
     torch.testing.assert_close(x[0, 0, 0], torch.tensor((1 - cfg["mean"][0]) / cfg["std"][0]))
     big = build_transform(timm.create_model("resnet18").pretrained_cfg, train=True)
     assert "RandomResizedCropAndInterpolation" in [type(t).__name__ for t in big.transforms]
+
+
+def test_a_selected_class_without_training_images_is_refused_by_name(tmp_path):
+    folder = write_image_dataset(tmp_path / "d", per_class_train=4, per_class_test=2)
+    raw = load_raw_dataset(str(folder))
+    train = raw["train"].filter(lambda row: row["label"] != 4)  # class 4 keeps its name but loses its images
+    raw = type(raw)({"train": train, "test": raw["test"]})
+    with pytest.raises(DataError, match=rf"Classes \['{CLASS_NAMES[4]}'\] have no image in split 'train'; remove"):
+        load_classification_data(str(folder), classes="3-5", raw=raw)
+    assert load_classification_data(str(folder), classes="3,5", raw=raw, test_split=None).num_classes == 2
+
+
+def test_images_too_large_to_keep_are_decoded_per_item_and_take_the_worker_path(data_dir, monkeypatch):
+    from refilled_hf import data as data_module
+    from refilled_hf.data_device import choose_and_place
+
+    kept = load_classification_data(str(data_dir), classes="0-2", test_split=None)
+    monkeypatch.setattr(data_module, "_PRELOAD_BYTES", 100)  # smaller than two 16-px images
+    per_item = load_classification_data(str(data_dir), classes="0-2", test_split=None)
+    assert kept.train._decoded is not None and per_item.train._decoded is None
+    for i in range(len(kept.train)):
+        a, b = kept.train[i], per_item.train[i]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["labels"] == b["labels"]
+    cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    place = dict(flip=True, device="cpu", budget_bytes=2**30, train_transform=None, eval_transform=None)
+    assert choose_and_place(per_item, cfg, mode="auto", **place) == (
+        "workers", "the decoded images are too large to keep in memory")  # fmt: skip
+    with pytest.raises(ValueError, match="--data_path device cannot be used: the decoded images are too large"):
+        choose_and_place(per_item, cfg, mode="device", **place)
