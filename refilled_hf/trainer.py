@@ -343,12 +343,15 @@ class RefilledTrainer(Trainer):
         """Whether the optimizer step under way ends in a training log, by the rule of
         transformers' ``DefaultFlowCallback`` (and the run's last step, to be safe)."""
         args, step = self.args, self.state.global_step + 1
+        if step == 1 and args.logging_first_step:  # whatever the strategy, "no" included
+            return True
         if args.logging_strategy == "no":
             return False
+        if step >= self.state.max_steps:
+            return True
         if args.logging_strategy == "steps":
-            every = self.state.logging_steps or 1
-            return step % every == 0 or (step == 1 and args.logging_first_step) or step >= self.state.max_steps
-        return True  # 'epoch': the epoch's last step is not known here; keep transformers' behaviour
+            return step % (self.state.logging_steps or 1) == 0
+        return step % self.steps_per_epoch() == 0  # 'epoch': every epoch has as many optimizer steps
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """``--optim sgd`` (default): SGD with Nesterov momentum and coupled weight decay

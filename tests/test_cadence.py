@@ -43,9 +43,18 @@ def test_a_stage_evaluates_and_saves_on_the_cadence_and_at_its_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_grad_norm,expected_norms", [(0.0, 3), (1.0, 12)])
+@pytest.mark.parametrize(
+    "max_grad_norm,logging,expected_norms,expected_logs",
+    [
+        (0.0, "steps", 3, [5, 10]),
+        (1.0, "steps", 12, [5, 10]),
+        (0.0, "epoch", 4, [3, 6, 9, 12]),
+        (0.0, "no", 0, []),
+        (0.0, "no+first", 1, [1]),
+    ],  # fmt: skip
+)
 def test_the_gradient_norm_is_computed_only_for_the_steps_that_log(
-    tmp_path, monkeypatch, max_grad_norm, expected_norms
+    tmp_path, monkeypatch, max_grad_norm, logging, expected_norms, expected_logs
 ):
     from accelerate import Accelerator
     from transformers import TrainerCallback
@@ -60,7 +69,8 @@ def test_the_gradient_norm_is_computed_only_for_the_steps_that_log(
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", counting)
     data = write_image_dataset(tmp_path / "data")
     recipe = tiny_recipe(data, tmp_path / "run", method="ce", stage2_epochs=4, logging_steps=5,
-                         max_grad_norm=max_grad_norm, save_strategy="no", eval_strategy="no")  # fmt: skip
+                         max_grad_norm=max_grad_norm, save_strategy="no", eval_strategy="no",
+                         logging_strategy=logging.split("+")[0], logging_first_step="+first" in logging)  # fmt: skip
     logged = []
 
     class Logs(TrainerCallback):
@@ -69,8 +79,9 @@ def test_the_gradient_norm_is_computed_only_for_the_steps_that_log(
                 logged.append((state.global_step, logs.get("grad_norm")))
 
     run_distillation(RefilledConfig(**recipe), callbacks=[Logs()])
-    # 12 steps (3 per epoch): without clipping, the norm is computed for the logs at steps 5
-    # and 10 and at the last step; with clipping, the clip computes it at every step
+    # 12 steps (3 per epoch): without clipping, the norm is computed for the logs (every 5 steps
+    # and the last step; each epoch's last step; none) and nowhere else; with clipping, the clip
+    # computes it at every step
     assert len(calls) == expected_norms
-    assert [step for step, _ in logged] == [5, 10]
+    assert [step for step, _ in logged] == expected_logs
     assert all(norm is not None and norm > 0 for _, norm in logged)
