@@ -129,6 +129,23 @@ def test_options_that_cannot_work_here_are_refused_up_front(tmp_path):
             RefilledConfig(output_dir=str(tmp_path), fp16=True)
 
 
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(load_best_model_at_end=True, validation_fraction=0.0), "load_best_model_at_end selects on the valid"),
+        (dict(load_best_model_at_end=True, eval_strategy="epoch", save_strategy="no"),
+         r"needs --save_strategy equal to --eval_strategy \(epoch\), got no"),
+        (dict(save_strategy="best", validation_fraction=0.0), "--save_strategy best selects on the validation"),
+        (dict(dataloader_prefetch_factor=2), "--dataloader_prefetch_factor needs --dataloader_num_workers > 0"),
+        (dict(dataloader_persistent_workers=True), "--dataloader_persistent_workers needs --dataloader_num_work"),
+        (dict(train_sampling_strategy="group_by_length"), "supports random or sequential"),
+    ],
+)  # fmt: skip
+def test_options_that_contradict_each_other_are_refused_naming_the_fix(options, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        RefilledConfig(output_dir=str(tmp_path), **options)
+
+
 def _optimizer_state_keys(stage_dir: Path) -> set[str]:
     state = torch.load(checkpoints(stage_dir)[-1] / "optimizer.pt", weights_only=True)
     return {key for per_param in state["state"].values() for key in per_param}
