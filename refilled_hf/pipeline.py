@@ -534,11 +534,11 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
         **({} if config.student_drop_rate is None else {"drop_rate": config.student_drop_rate}),
     )
     student_cfg = data_pretrained_cfg(backbone.pretrained_cfg, config.image_size)
+    teacher = load_teacher(config, student_cfg) if method != "ce" else None
     data = load_data(config, config.classes, backbone.pretrained_cfg)
     if backbone.num_classes != data.num_classes:
         backbone.reset_classifier(data.num_classes)
     student = StudentModel(backbone)
-    teacher = load_teacher(config, student_cfg) if method != "ce" else None
     teacher_classes = stated_teacher_classes(config, data)
     if teacher is not None:
         check_label_spaces(config, teacher, data)

@@ -46,12 +46,19 @@ def steps_per_epoch(config: RefilledConfig, images: int) -> int:
 
 
 def load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenTeacher:
+    """The frozen teacher, its inputs adapted from the student's (``student_cfg``).
+
+    Commands load it before the data, so that a teacher that cannot load fails before the
+    images are decoded. Building it never draws from the global RNG (timm initializes a
+    model's weights before loading them): a seeded run's student and data draws are the
+    same whichever teacher it has and wherever it is loaded."""
     try:
-        model = load_timm_model(
-            config.teacher,
-            checkpoint=config.teacher_checkpoint,
-            pretrained=config.teacher_checkpoint is None,
-        )
+        with torch.random.fork_rng(devices=[]):
+            model = load_timm_model(
+                config.teacher,
+                checkpoint=config.teacher_checkpoint,
+                pretrained=config.teacher_checkpoint is None,
+            )
     except ModelLoadError:
         raise
     except Exception as err:  # noqa: BLE001 - e.g. timm's pretrained download offline

@@ -44,8 +44,8 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     warn_unused_fields(config, "probe-teacher")
     set_seed(config.seed)
     student_cfg = load_timm_model(config.student).pretrained_cfg
-    data = load_data(config, config.classes, student_cfg, splits=("train", "validation"), augment_train=False)
     teacher = load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size))
+    data = load_data(config, config.classes, student_cfg, splits=("train", "validation"), augment_train=False)
     taught = teacher_training_rows(weights_training_record(config.teacher, config.teacher_checkpoint), data)
     clean = torch.ones(len(data.validation), dtype=torch.bool)
     if taught is not None:

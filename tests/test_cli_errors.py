@@ -188,3 +188,32 @@ def test_a_data_file_that_is_not_parquet(capsys, data_dir, tmp_path):
     (tmp_path / "data.csv").write_text("image,label\n")
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--dataset", str(tmp_path / "data.csv")],
             "not a .parquet file", tmp_path / "out")  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["distill", "probe-teacher"])
+def test_a_teacher_that_cannot_load_is_refused_before_any_image_is_decoded(command, capsys, data_dir, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    from refilled_hf.data import ImageClassificationDataset
+
+    def no_decoding(self):
+        raise AssertionError("images were decoded before the teacher was checked")
+
+    monkeypatch.setattr(ImageClassificationDataset, "preload", no_decoding)
+    flags = ["--method", "refilled"] if command == "distill" else []
+    refused(capsys, [command, "--config", recipe_file(tmp_path, data_dir), "--teacher", f"local-dir:{tmp_path}/none",
+                     *flags], r"no config\.json in .*none", tmp_path / "out")  # fmt: skip
+
+
+def test_loading_the_teacher_leaves_the_global_rng_as_it_was(tmp_path):
+    import torch
+
+    from refilled_hf.config import RefilledConfig
+    from refilled_hf.preflight import load_teacher
+
+    teacher = write_random_teacher(tmp_path / "teacher")
+    config = RefilledConfig(teacher=f"local-dir:{teacher}", output_dir=str(tmp_path / "o"))
+    cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic"}
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    load_teacher(config, cfg)
+    assert torch.equal(torch.get_rng_state(), before)  # timm's weight init drew from a forked RNG
