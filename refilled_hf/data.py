@@ -37,6 +37,7 @@ __all__ = [
     "EmptySplitError",
     "ImageClassificationDataset",
     "build_transform",
+    "decode_splits",
     "detect_columns",
     "load_classification_data",
     "load_raw_dataset",
@@ -418,6 +419,7 @@ def load_classification_data(
     seed: int = 0,
     raw: datasets.DatasetDict | None = None,
     splits: Sequence[str] = SPLITS,
+    decode: bool = True,
 ) -> ClassificationData:
     """Load a data set and restrict it to a task.
 
@@ -425,7 +427,9 @@ def load_classification_data(
     training images; ``shots_per_class`` images per class are then drawn (stratified,
     seeded) from the rest. The test split is restricted to the same classes.
     Only the ``splits`` named are built and decoded (the others are None); the
-    selection, its counts and its fingerprint are the same either way.
+    selection, its counts and its fingerprint are the same either way. ``decode=False``
+    leaves the decoding to the caller (each split's :meth:`~ImageClassificationDataset.preload`):
+    the labels and class names are there at once, for checks that need nothing else.
     """
     unknown = set(splits) - set(SPLITS)
     if unknown:
@@ -540,9 +544,17 @@ def load_classification_data(
             row_digest(train_split, val_positions, train_labels[val_positions]) if val_positions is not None else None
         ),
     }
+    if decode:
+        decode_splits(data)
+    return data
+
+
+def decode_splits(data: ClassificationData) -> ClassificationData:
+    """Decode-check every image of ``data``'s splits now (refused with the bad rows named),
+    keeping them decoded when they fit in memory."""
     for split in (data.train, data.validation, data.test):
         if split is not None:
-            split.preload()  # decode-checks every image the run will use, now
+            split.preload()
     return data
 
 

@@ -41,6 +41,7 @@ from .data import (
     SPLITS,
     ClassificationData,
     build_transform,
+    decode_splits,
     load_classification_data,
 )
 from .data_device import IndexedImages, choose_and_place
@@ -97,7 +98,15 @@ def load_data(
     """The task's splits (those in ``splits``; the others None), with the model's
     transforms (and ``image_size`` override). ``augment_train=False`` for a command that
     reads the training split unaugmented only (on the device path it is placed so)."""
-    data = load_classification_data(
+    return prepare_data(config, select_data(config, classes, splits), pretrained_cfg, augment_train)
+
+
+def select_data(config: RefilledConfig, classes: str | Sequence[str] | None,
+                splits: Sequence[str] = SPLITS) -> ClassificationData:  # fmt: skip
+    """The task's splits selected (classes, shots, validation carve), no image decoded yet:
+    their labels and class names, for the checks that need nothing else. :func:`prepare_data`
+    makes them trainable."""
+    return load_classification_data(
         config.dataset,
         dataset_config=config.dataset_config,
         classes=classes,
@@ -109,7 +118,15 @@ def load_data(
         validation_fraction=config.validation_fraction,
         seed=config.data_seed if config.data_seed is not None else config.seed,
         splits=splits,
+        decode=False,
     )
+
+
+def prepare_data(config: RefilledConfig, data: ClassificationData, pretrained_cfg: dict[str, Any],
+                 augment_train: bool = True) -> ClassificationData:  # fmt: skip
+    """``data`` (from :func:`select_data`) decode-checked, with the model's transforms, on
+    the data path chosen (logged): see :func:`load_data`."""
+    decode_splits(data)
     cfg = data_pretrained_cfg(pretrained_cfg, config.image_size)
     train_tf = build_transform(cfg, train=True)
     if not config.horizontal_flip:
@@ -535,7 +552,7 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     )
     student_cfg = data_pretrained_cfg(backbone.pretrained_cfg, config.image_size)
     teacher = load_teacher(config, student_cfg) if method != "ce" else None
-    data = load_data(config, config.classes, backbone.pretrained_cfg)
+    data = select_data(config, config.classes)  # labels and class names: what the checks below need
     if backbone.num_classes != data.num_classes:
         backbone.reset_classifier(data.num_classes)
     student = StudentModel(backbone)
@@ -547,6 +564,7 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     check_memory(
         config, [student_cfg["input_size"][-1]] + ([teacher.input_size] if teacher and teacher.input_size else [])
     )
+    data = prepare_data(config, data, backbone.pretrained_cfg)  # decodes every image: the long part
     check_forward(student, teacher, data)
     check_teacher_cache(config, teacher, data)
     _log_plan(config)  # after the checks: a refused run is told only why

@@ -190,18 +190,28 @@ def test_a_data_file_that_is_not_parquet(capsys, data_dir, tmp_path):
             "not a .parquet file", tmp_path / "out")  # fmt: skip
 
 
-@pytest.mark.parametrize("command", ["distill", "probe-teacher"])
-def test_a_teacher_that_cannot_load_is_refused_before_any_image_is_decoded(command, capsys, data_dir, tmp_path,
-                                                                           monkeypatch):  # fmt: skip
+@pytest.mark.parametrize("case", ["missing-teacher", "missing-teacher-probe", "kd-other-classes", "one-class"])
+def test_input_refused_for_its_labels_or_teacher_is_refused_before_any_image_is_decoded(case, capsys, data_dir,
+                                                                                        tmp_path, monkeypatch):  # fmt: skip
+    """Decoding every image is the long part of a start on a large data set: the checks that
+    need only the teacher, the labels and the class names come before it."""
     from refilled_hf.data import ImageClassificationDataset
 
     def no_decoding(self):
-        raise AssertionError("images were decoded before the teacher was checked")
+        raise AssertionError("images were decoded before the input was checked")
 
+    teacher = f"local-dir:{write_random_teacher(tmp_path / 'teacher')}"  # 3 classes, t0-t2
+    command, flags, message = {
+        "missing-teacher": ("distill", ["--method", "refilled", "--teacher", f"local-dir:{tmp_path}/none"],
+                            r"no config\.json in .*none"),
+        "missing-teacher-probe": ("probe-teacher", ["--teacher", f"local-dir:{tmp_path}/none"],
+                                  r"no config\.json in .*none"),
+        "kd-other-classes": ("distill", ["--method", "kd", "--teacher", teacher], r"Use --method refilled \(or rkd\)"),
+        "one-class": ("distill", ["--method", "refilled", "--teacher", teacher, "--classes", "3"],
+                      "at least 2 student classes"),
+    }[case]  # fmt: skip
     monkeypatch.setattr(ImageClassificationDataset, "preload", no_decoding)
-    flags = ["--method", "refilled"] if command == "distill" else []
-    refused(capsys, [command, "--config", recipe_file(tmp_path, data_dir), "--teacher", f"local-dir:{tmp_path}/none",
-                     *flags], r"no config\.json in .*none", tmp_path / "out")  # fmt: skip
+    refused(capsys, [command, "--config", recipe_file(tmp_path, data_dir), *flags], message, tmp_path / "out")
 
 
 def test_loading_the_teacher_leaves_the_global_rng_as_it_was(tmp_path):
