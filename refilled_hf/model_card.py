@@ -4,12 +4,13 @@ that it says how the model was trained and on which images its numbers were meas
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, parse_milestones
 
-__all__ = ["check_comparable", "render_model_card"]
+__all__ = ["card_template", "check_comparable", "render_model_card"]
 
 CARD_TEMPLATE = "refilled_student.md"
 
@@ -17,16 +18,25 @@ CARD_TEMPLATE = "refilled_student.md"
 DATA_KEY = "data_fingerprint"
 
 
-def _template_path() -> Path:
-    """The card template: ``model_cards/`` of the source tree, or the copy a wheel installs
-    under ``<prefix>/share/refilled-hf/model_cards``."""
-    import sys
+def card_template() -> Path:
+    """The card template: ``model_cards/`` of the source tree (a checkout, an editable
+    install), or the copy an installed wheel placed under ``<scheme>/share/refilled-hf/``,
+    found through the distribution's record of its files, so any install scheme works
+    (``--user``, ``--prefix``, a system Python installing under /usr/local). Raises
+    ``FileNotFoundError`` naming the fix where neither exists."""
+    import importlib.metadata as md
 
-    source_tree = Path(__file__).resolve().parents[1] / "model_cards"
-    for base in (source_tree, Path(sys.prefix) / "share" / "refilled-hf" / "model_cards"):
-        if (base / CARD_TEMPLATE).is_file():
-            return base / CARD_TEMPLATE
-    raise FileNotFoundError(f"Model card template {CARD_TEMPLATE} not found (reinstall refilled-hf).")
+    candidates = [Path(__file__).resolve().parents[1] / "model_cards" / CARD_TEMPLATE]
+    with contextlib.suppress(md.PackageNotFoundError):  # not installed: a source tree on sys.path
+        candidates += [Path(f.locate()) for f in md.files("refilled-hf") or [] if f.name == CARD_TEMPLATE]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"refilled-hf's model card template ({CARD_TEMPLATE}) is missing from this install, so no run could write "
+        "its model card: reinstall refilled-hf (pip install --force-reinstall refilled-hf, or pip install -e . in "
+        "a checkout)."
+    )
 
 
 def is_hub_dataset(name: str) -> bool:
@@ -372,7 +382,7 @@ def render_model_card(
     data = results.get("data", {})
     card = ModelCard.from_template(
         card_data,
-        template_path=str(_template_path()),
+        template_path=str(card_template()),
         model_id=name,
         summary=summary,
         class_names=results["class_names"],

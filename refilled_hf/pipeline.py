@@ -46,7 +46,7 @@ from .data import (
 )
 from .data_device import IndexedImages, choose_and_place
 from .hub import check_hub_access, export_model, push_folder, replace_dir_atomically, write_json_atomically
-from .model_card import check_comparable, render_model_card
+from .model_card import card_template, check_comparable, render_model_card
 from .preflight import (
     cache_needs_logits,
     check_forward,
@@ -536,6 +536,10 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
             raise ConfigError("--push_to_hub needs --hub_model_id <user>/<name>: the repo the model is pushed to.")
         check_hub_access(config.hub_model_id, config.hub_token)  # every process: all are refused alike
     baselines = _baseline_results(config)  # fail now, not after training, on a missing comparison run
+    try:
+        card_template()  # the export writes the card: a broken install fails now, not after training
+    except FileNotFoundError as err:
+        raise RunError(str(err)) from None
     stage_dirs = [out / "stage1", *_stage2_dirs(config, out)] if method == "refilled" else [out / method]
     rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)
     rundir.check_inputs(_local_inputs(config))

@@ -191,8 +191,8 @@ def test_a_data_file_that_is_not_parquet(capsys, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing-teacher", "missing-teacher-probe", "kd-other-classes", "one-class"])
-def test_input_refused_for_its_labels_or_teacher_is_refused_before_any_image_is_decoded(case, capsys, data_dir,
-                                                                                        tmp_path, monkeypatch):  # fmt: skip
+def test_a_bad_teacher_or_labels_are_refused_before_any_image_is_decoded(case, capsys, data_dir, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
     """Decoding every image is the long part of a start on a large data set: the checks that
     need only the teacher, the labels and the class names come before it."""
     from refilled_hf.data import ImageClassificationDataset
@@ -227,3 +227,14 @@ def test_loading_the_teacher_leaves_the_global_rng_as_it_was(tmp_path):
     before = torch.get_rng_state()
     load_teacher(config, cfg)
     assert torch.equal(torch.get_rng_state(), before)  # timm's weight init drew from a forked RNG
+
+
+def test_an_install_without_its_card_template_fails_before_training(capsys, data_dir, tmp_path, monkeypatch):
+    from refilled_hf import pipeline
+
+    def missing():
+        raise FileNotFoundError("refilled-hf's model card template (refilled_student.md) is missing: reinstall")
+
+    monkeypatch.setattr(pipeline, "card_template", missing)
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir)], "model card template .* reinstall",
+            tmp_path / "out")  # fmt: skip
