@@ -38,7 +38,8 @@ def test_a_wheel_installed_under_another_prefix_has_every_module_and_finds_its_c
     assert any(n.endswith("entry_points.txt") for n in names)
 
     prefix = tmp_path / "prefix"
-    _pip("install", "--no-deps", "--no-index", "--prefix", str(prefix), str(wheel))
+    # --ignore-installed: without it pip uninstalls this environment's refilled-hf first
+    _pip("install", "--no-deps", "--no-index", "--ignore-installed", "--prefix", str(prefix), str(wheel))
     site = next(prefix.glob("lib/python*/site-packages"))
     code = "import refilled_hf, refilled_hf.model_card as m; print(refilled_hf.__file__); print(m.card_template())"
     env = {**os.environ, "PYTHONPATH": str(site)}
@@ -49,3 +50,6 @@ def test_a_wheel_installed_under_another_prefix_has_every_module_and_finds_its_c
     assert Path(lines[1]).resolve() == installed.resolve()
     assert installed.read_text() == (ROOT / "model_cards" / "refilled_student.md").read_text()
     assert (prefix / "bin" / "refilled-hf").is_file()
+    here = subprocess.run([sys.executable, "-c", "import refilled_hf; print(refilled_hf.__file__)"], cwd=tmp_path,
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert Path(here).is_relative_to(ROOT)  # this environment's own install is untouched
