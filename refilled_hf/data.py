@@ -629,7 +629,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if bad:
             rows = short_list([f"row {r} ({kind})" for r, kind in bad], 5)
             raise DataError(
-                f"{len(bad)} images of split {self.split_name!r} cannot be decoded (missing, truncated or corrupt): "
+                f"{len(bad)} image{'s' if len(bad) > 1 else ''} of split {self.split_name!r} cannot be decoded "
+                f"(missing, truncated or corrupt): "
                 f"{rows}. Fix or drop those rows."
             )
         self._decoded = decoded

@@ -20,7 +20,7 @@ from typing import Any
 from .backbone import ModelLoadError, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import DataError, EmptySplitError, short_list
-from .pipeline import inference_trainer, load_data, warn_unused_fields
+from .pipeline import inference_trainer, prepare_data, select_data, warn_unused_fields
 from .provenance import run_folder, same_dataset, training_data_record
 
 __all__ = ["check_evaluation_split", "evaluate_model"]
@@ -162,7 +162,7 @@ def evaluate_model(
         classes = list(names)
         logger.info("--classes is unset: evaluating on the model's own classes %s.", short_list(names))
     try:
-        data = load_data(config, classes, model.pretrained_cfg, splits=(split,))
+        data = select_data(config, classes, splits=(split,))  # labels and class names, nothing decoded yet
     except DataError as err:
         if config.classes is not None or not names or isinstance(err, EmptySplitError):
             raise
@@ -186,6 +186,8 @@ def evaluate_model(
     if not names:
         logger.warning("The model records no label names: only the number of classes could be checked.")
     check_evaluation_split(record, config, data, split, model_spec)
+    data = prepare_data(config, data, model.pretrained_cfg)  # decodes the split's images: after every check
+    dataset = getattr(data, split)
     trainer = inference_trainer(model, config, data.num_classes)
     trainer.per_class_metrics = True
     metrics = trainer.evaluate(dataset, metric_key_prefix=split)

@@ -144,11 +144,36 @@ def test_compare_runs_on_other_images_fails_before_training(baseline, message, c
             message, tmp_path / "out")  # fmt: skip
 
 
-def test_evaluate_on_other_classes(capsys, data_dir, tmp_path):
+def test_evaluate_on_other_classes(capsys, data_dir, tmp_path, monkeypatch):
+    from refilled_hf.data import ImageClassificationDataset
+
+    def no_decoding(self):
+        raise AssertionError("images were decoded before the classes were checked")
+
+    monkeypatch.setattr(ImageClassificationDataset, "preload", no_decoding)
     model = write_random_teacher(tmp_path / "m", label_names=["yellow", "cyan", "magenta"])
     argv = ["evaluate", "--model", f"local-dir:{model}", "--dataset", str(data_dir), "--classes", "0-2",
             "--use_cpu", "true", "--image_size", "16", "--output_dir", str(tmp_path / "e")]  # fmt: skip
     refused(capsys, argv, "trained on the classes")
+
+
+def test_evaluate_names_an_image_it_cannot_decode_as_such(capsys, data_dir, tmp_path):
+    """Not as a class the data set lacks: the model's own classes are there, one image is not."""
+    folder = tmp_path / "corrupt"
+    shutil.copytree(data_dir, folder)
+    table = pq.read_table(folder / "test.parquet")
+    images = table.column("image").to_pylist()
+    row = table.column("label").to_pylist().index(1)
+    images[row] = {"bytes": images[row]["bytes"][:30], "path": None}
+    column = pa.array(images, type=table.schema.field("image").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), table.schema.field("image"), column),
+                   folder / "test.parquet")  # fmt: skip
+    from helpers import CLASS_NAMES
+
+    model = write_random_teacher(tmp_path / "m", label_names=CLASS_NAMES[:3])
+    argv = ["evaluate", "--model", f"local-dir:{model}", "--dataset", str(folder), "--use_cpu", "true",
+            "--image_size", "16", "--output_dir", str(tmp_path / "e")]  # fmt: skip
+    refused(capsys, argv, rf"error: 1 image of split 'test' cannot be decoded .*row {row} ")
 
 
 def test_evaluate_refuses_a_timm_name_without_weights(capsys, data_dir, tmp_path):
