@@ -8,10 +8,12 @@ Parsed by `HfArgumentParser` from a YAML recipe plus command-line overrides
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -249,6 +251,18 @@ NUMERIC_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "teacher_cache_budget_gb": (0, _INF, True, True),
     "evaluations_per_stage": (0, _INF, False, True),
 }
+
+
+@contextlib.contextmanager
+def _launcher_precision_ignored():
+    """Inside the block, ``ACCELERATE_MIXED_PRECISION`` is unset (see
+    :meth:`RefilledConfig._adopt_launcher_precision`)."""
+    saved = os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = saved
 
 
 def _check_range(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -693,6 +707,7 @@ class RefilledConfig(TrainingArguments):
             value = getattr(self, name)
             if value is not None and str(value).strip().lower() in ("", "none", "null"):
                 setattr(self, name, None)
+        self._adopt_launcher_precision()
         if self.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is visible: use --bf16 true (works on the CPU too).")
         # bf16 on a machine without a GPU runs on the CPU rather than failing.
@@ -707,6 +722,28 @@ class RefilledConfig(TrainingArguments):
         self.lr_scheduler_type = "linear"  # transformers needs a value; our create_scheduler never reads it
         super().__post_init__()
         self.lr_scheduler_type = None
+
+    def _adopt_launcher_precision(self) -> None:
+        """``accelerate launch --mixed_precision bf16`` (or an Accelerate config file that sets
+        it, as ``recipes/accelerate/multi_gpu.yaml`` does) reaches transformers' Trainer through
+        ``ACCELERATE_MIXED_PRECISION``, which autocasts whatever ``--bf16`` says. The run records
+        its precision, keys its teacher cache and writes its card from ``--bf16`` / ``--fp16``,
+        so the launcher's choice becomes that flag here (they said fp32 for a bf16 run). A flag
+        set on the command line wins, as in transformers."""
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+        if launched in ("", "no") or self.bf16 or self.fp16:
+            return
+        if launched not in ("bf16", "fp16"):
+            raise ConfigError(
+                f"ACCELERATE_MIXED_PRECISION={launched} (accelerate launch --mixed_precision {launched}): refilled-hf "
+                "trains in fp32, bf16 or fp16. Launch with --mixed_precision bf16 (or no)."
+            )
+        if launched == "fp16" and not torch.cuda.is_available():
+            raise ConfigError(
+                "accelerate launch --mixed_precision fp16 needs a CUDA GPU and none is visible: launch with "
+                "--mixed_precision bf16 (works on the CPU too) or no."
+            )
+        setattr(self, launched, True)
 
     def _check_replaced_fields(self) -> None:
         for name, use in REPLACED_FIELDS.items():
@@ -911,7 +948,8 @@ class RefilledConfig(TrainingArguments):
         train-teacher run's ``teacher``, which it trains as the ``student``) is given at
         its default, so that ``refilled-hf distill --config`` reruns it without a warning."""
         parent = {f.name for f in fields(TrainingArguments)}
-        default = RefilledConfig()
+        with _launcher_precision_ignored():  # the default is fp32 however this process was launched
+            default = RefilledConfig()
         unused = self.fields_unused_by(self.method) if used_only else {}
         ours, theirs = {}, {}
         for f in fields(self):

@@ -129,6 +129,26 @@ def test_options_that_cannot_work_here_are_refused_up_front(tmp_path):
             RefilledConfig(output_dir=str(tmp_path), fp16=True)
 
 
+def test_the_launchers_mixed_precision_is_the_runs_recorded_precision(tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` autocasts the Trainer whatever --bf16 says: the
+    run's records (results, card, teacher-cache key, identity) must say bf16 too."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    config = RefilledConfig(output_dir=str(tmp_path))
+    assert config.bf16 and config.mixed_precision == "bf16"
+    assert config.final_stage_schedule()["precision"] == "bf16" and config.to_recipe()["bf16"] is True
+    assert config.stage_view(method="ce").bf16  # every stage's view too
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    config = RefilledConfig(output_dir=str(tmp_path))
+    assert not config.bf16 and config.final_stage_schedule()["precision"] == "fp32"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match="ACCELERATE_MIXED_PRECISION=fp8 .*Launch with --mixed_precision bf16"):
+        RefilledConfig(output_dir=str(tmp_path))
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        with pytest.raises(ConfigError, match="--mixed_precision fp16 needs a CUDA GPU"):
+            RefilledConfig(output_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
