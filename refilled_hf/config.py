@@ -253,16 +253,18 @@ NUMERIC_RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 
 
+#: what ``accelerate launch`` passes through the environment (see RefilledConfig._adopt_launcher_settings)
+LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE")
+
+
 @contextlib.contextmanager
-def _launcher_precision_ignored():
-    """Inside the block, ``ACCELERATE_MIXED_PRECISION`` is unset (see
-    :meth:`RefilledConfig._adopt_launcher_precision`)."""
-    saved = os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+def _launcher_settings_ignored():
+    """Inside the block, :data:`LAUNCHER_VARIABLES` are unset."""
+    saved = {name: os.environ.pop(name) for name in LAUNCHER_VARIABLES if name in os.environ}
     try:
         yield
     finally:
-        if saved is not None:
-            os.environ["ACCELERATE_MIXED_PRECISION"] = saved
+        os.environ.update(saved)
 
 
 def _check_range(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -707,7 +709,7 @@ class RefilledConfig(TrainingArguments):
             value = getattr(self, name)
             if value is not None and str(value).strip().lower() in ("", "none", "null"):
                 setattr(self, name, None)
-        self._adopt_launcher_precision()
+        self._adopt_launcher_settings()
         if self.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is visible: use --bf16 true (works on the CPU too).")
         # bf16 on a machine without a GPU runs on the CPU rather than failing.
@@ -723,27 +725,46 @@ class RefilledConfig(TrainingArguments):
         super().__post_init__()
         self.lr_scheduler_type = None
 
-    def _adopt_launcher_precision(self) -> None:
-        """``accelerate launch --mixed_precision bf16`` (or an Accelerate config file that sets
-        it, as ``recipes/accelerate/multi_gpu.yaml`` does) reaches transformers' Trainer through
-        ``ACCELERATE_MIXED_PRECISION``, which autocasts whatever ``--bf16`` says. The run records
-        its precision, keys its teacher cache and writes its card from ``--bf16`` / ``--fp16``,
-        so the launcher's choice becomes that flag here (they said fp32 for a bf16 run). A flag
-        set on the command line wins, as in transformers."""
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
-        if launched in ("", "no") or self.bf16 or self.fp16:
-            return
-        if launched not in ("bf16", "fp16"):
-            raise ConfigError(
-                f"ACCELERATE_MIXED_PRECISION={launched} (accelerate launch --mixed_precision {launched}): refilled-hf "
-                "trains in fp32, bf16 or fp16. Launch with --mixed_precision bf16 (or no)."
-            )
-        if launched == "fp16" and not torch.cuda.is_available():
-            raise ConfigError(
-                "accelerate launch --mixed_precision fp16 needs a CUDA GPU and none is visible: launch with "
-                "--mixed_precision bf16 (works on the CPU too) or no."
-            )
-        setattr(self, launched, True)
+    def _adopt_launcher_settings(self) -> None:
+        """What ``accelerate launch`` (its flags or an Accelerate config file) asks through the
+        environment, which transformers' Trainer and Accelerate would otherwise apply whatever
+        the run's fields say, becomes those fields here, so that the run records, caches and
+        cards what it does; what refilled-hf cannot do is refused. A field set on the command
+        line wins, as in transformers.
+
+        - ``--mixed_precision bf16`` / ``fp16`` (``recipes/accelerate/multi_gpu.yaml`` sets
+          bf16): ``--bf16`` / ``--fp16`` (the Trainer autocast in bf16 while the run's records
+          said fp32); fp8 is refused.
+        - ``--dynamo_backend``: ``--torch_compile`` with that backend (and mode): refilled-hf
+          compiles the student and teacher in place, where Accelerate would have compiled the
+          student's whole wrapper on top, unrecorded.
+        - DeepSpeed or FSDP: refused (data parallelism only)."""
+        env = os.environ
+        for name, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+            if env.get(name, "false").strip().lower() in ("true", "1", "yes"):
+                raise ConfigError(
+                    f"{name}={env[name]}: this launch asks for {what}, and refilled-hf trains with data parallelism "
+                    "(DDP) only. Launch with an Accelerate config without it (e.g. recipes/accelerate/multi_gpu.yaml)."
+                )
+        launched = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+        if launched not in ("", "no") and not (self.bf16 or self.fp16):
+            if launched not in ("bf16", "fp16"):
+                raise ConfigError(
+                    f"ACCELERATE_MIXED_PRECISION={launched} (accelerate launch --mixed_precision {launched}): "
+                    "refilled-hf trains in fp32, bf16 or fp16. Launch with --mixed_precision bf16 (or no)."
+                )
+            if launched == "fp16" and not torch.cuda.is_available():
+                raise ConfigError(
+                    "accelerate launch --mixed_precision fp16 needs a CUDA GPU and none is visible: launch with "
+                    "--mixed_precision bf16 (works on the CPU too) or no."
+                )
+            setattr(self, launched, True)
+        backend = env.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower()
+        asked = self.torch_compile or self.torch_compile_backend or self.torch_compile_mode
+        if backend not in ("", "no") and not asked:
+            mode = env.get("ACCELERATE_DYNAMO_MODE", "default").strip().lower()
+            self.torch_compile, self.torch_compile_backend = True, backend
+            self.torch_compile_mode = None if mode in ("", "default") else mode
 
     def _check_replaced_fields(self) -> None:
         for name, use in REPLACED_FIELDS.items():
@@ -948,7 +969,7 @@ class RefilledConfig(TrainingArguments):
         train-teacher run's ``teacher``, which it trains as the ``student``) is given at
         its default, so that ``refilled-hf distill --config`` reruns it without a warning."""
         parent = {f.name for f in fields(TrainingArguments)}
-        with _launcher_precision_ignored():  # the default is fp32 however this process was launched
+        with _launcher_settings_ignored():  # the defaults, however this process was launched
             default = RefilledConfig()
         unused = self.fields_unused_by(self.method) if used_only else {}
         ours, theirs = {}, {}

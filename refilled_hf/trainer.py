@@ -145,8 +145,9 @@ class RefilledTrainer(Trainer):
         #: buffers: each training step is marked, and the teacher's outputs, read after the
         #: student's graph has run, are copied out of them
         self.cuda_graphs = args.torch_compile and args.torch_compile_mode in ("reduce-overhead", "max-autotune")
-        if args.torch_compile:
-            args = args.stage_view(torch_compile=False, torch_compile_backend=None, torch_compile_mode=None)
+        # transformers' Accelerator compiles nothing: backend "no", or it would read a launcher's
+        # ACCELERATE_DYNAMO_BACKEND (RefilledConfig adopts that as --torch_compile, applied above)
+        args = args.stage_view(torch_compile=False, torch_compile_backend="no", torch_compile_mode=None)
         if args.channels_last:  # before any device move or DDP wrap (both keep the layout)
             use_channels_last(model)
             if teacher is not None:

@@ -129,9 +129,10 @@ def test_options_that_cannot_work_here_are_refused_up_front(tmp_path):
             RefilledConfig(output_dir=str(tmp_path), fp16=True)
 
 
-def test_the_launchers_mixed_precision_is_the_runs_recorded_precision(tmp_path, monkeypatch):
-    """`accelerate launch --mixed_precision bf16` autocasts the Trainer whatever --bf16 says: the
-    run's records (results, card, teacher-cache key, identity) must say bf16 too."""
+def test_what_the_launcher_sets_is_what_the_run_records_or_is_refused(tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` autocasts the Trainer whatever --bf16 says, and
+    --dynamo_backend compiles it: the run's records (results, card, teacher-cache key, identity)
+    must say so; DeepSpeed and FSDP are refused."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     config = RefilledConfig(output_dir=str(tmp_path))
     assert config.bf16 and config.mixed_precision == "bf16"
@@ -147,6 +148,18 @@ def test_the_launchers_mixed_precision_is_the_runs_recorded_precision(tmp_path, 
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
         with pytest.raises(ConfigError, match="--mixed_precision fp16 needs a CUDA GPU"):
             RefilledConfig(output_dir=str(tmp_path))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    for name, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        monkeypatch.setenv(name, "true")
+        with pytest.raises(ConfigError, match=f"{name}=true: this launch asks for {what}.*DDP"):
+            RefilledConfig(output_dir=str(tmp_path))
+        monkeypatch.setenv(name, "false")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "reduce-overhead")
+    config = RefilledConfig(output_dir=str(tmp_path))
+    assert (config.torch_compile, config.torch_compile_backend, config.torch_compile_mode) == (
+        True, "inductor", "reduce-overhead")  # fmt: skip
+    assert RefilledConfig(output_dir=str(tmp_path), torch_compile_backend="aot_eager").torch_compile_mode is None
 
 
 @pytest.mark.parametrize(

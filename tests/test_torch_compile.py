@@ -116,3 +116,28 @@ def test_cuda_graph_modes_mark_each_step_and_copy_the_teacher_outputs(data_dir, 
     assert len(marks) >= 4  # two training steps in each stage (evaluation losses may add more)
     assert loss_inputs and teacher_outputs
     assert not {t.data_ptr() for t in loss_inputs} & {t.data_ptr() for t in teacher_outputs}
+
+
+@pytest.mark.slow
+def test_a_launchers_dynamo_backend_compiles_in_place_once_and_is_recorded(data_dir, tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend X` reaches Accelerate through the environment: the
+    run compiles the student in place with X (--torch_compile), and Accelerate wraps nothing
+    on top (it compiled the whole student again, and the run recorded no compile)."""
+    from accelerate.utils import is_compiled_module
+
+    seen = []
+    compute_loss = trainer_module.RefilledTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append((self.accelerator.unwrap_model(model)._compiled_call_impl is not None, is_compiled_module(model)))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.RefilledTrainer, "compute_loss", spy)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
+    recipe = tiny_recipe(data_dir, tmp_path / "run", method="ce", max_steps=1)
+    config = RefilledConfig(**recipe)
+    assert config.torch_compile and config.torch_compile_backend == "aot_eager" and config.torch_compile_mode is None
+    run_distillation(config)
+    assert seen and all(seen_ == (True, False) for seen_ in seen)  # in place, and not wrapped again
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "torch_compile: true" in card and "torch_compile_backend: aot_eager" in card  # its recipe reruns it so
