@@ -738,9 +738,10 @@ class RefilledConfig(TrainingArguments):
         - ``--dynamo_backend``: ``--torch_compile`` with that backend (and mode): refilled-hf
           compiles the student and teacher in place, where Accelerate would have compiled the
           student's whole wrapper on top, unrecorded.
-        - DeepSpeed or FSDP: refused (data parallelism only)."""
+        - DeepSpeed, FSDP or Megatron-LM: refused (data parallelism only)."""
         env = os.environ
-        for name, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        for name, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP"),
+                           ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):  # fmt: skip
             if env.get(name, "false").strip().lower() in ("true", "1", "yes"):
                 raise ConfigError(
                     f"{name}={env[name]}: this launch asks for {what}, and refilled-hf trains with data parallelism "

@@ -149,7 +149,8 @@ def test_what_the_launcher_sets_is_what_the_run_records_or_is_refused(tmp_path, 
         with pytest.raises(ConfigError, match="--mixed_precision fp16 needs a CUDA GPU"):
             RefilledConfig(output_dir=str(tmp_path))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    for name, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+    for name, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP"),
+                       ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):  # fmt: skip
         monkeypatch.setenv(name, "true")
         with pytest.raises(ConfigError, match=f"{name}=true: this launch asks for {what}.*DDP"):
             RefilledConfig(output_dir=str(tmp_path))
