@@ -729,8 +729,9 @@ class RefilledConfig(TrainingArguments):
         """What ``accelerate launch`` (its flags or an Accelerate config file) asks through the
         environment, which transformers' Trainer and Accelerate would otherwise apply whatever
         the run's fields say, becomes those fields here, so that the run records, caches and
-        cards what it does; what refilled-hf cannot do is refused. A field set on the command
-        line wins, as in transformers.
+        cards what it does; what refilled-hf cannot do is refused. A run that sets ``--bf16`` /
+        ``--fp16`` or any ``--torch_compile*`` field itself keeps it, as in transformers (which
+        cannot tell ``--bf16 false`` from the default either: the launcher's bf16 then applies).
 
         - ``--mixed_precision bf16`` / ``fp16`` (``recipes/accelerate/multi_gpu.yaml`` sets
           bf16): ``--bf16`` / ``--fp16`` (the Trainer autocast in bf16 while the run's records
