@@ -144,6 +144,25 @@ def test_compare_runs_on_other_images_fails_before_training(baseline, message, c
             message, tmp_path / "out")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, r"has no results\.json \(is that run finished\?\)"),
+        ("{not json", r"results\.json is damaged \(Expecting property name.*pass finished runs only"),
+        ("[1, 2]", r"results\.json is damaged \(not a refilled-hf results file\)"),
+        ('{"method": "ce"}', r"results\.json is damaged \(not a refilled-hf results file\)"),
+    ],
+    ids=["missing", "not-json", "not-a-dict", "no-final"],
+)
+def test_compare_runs_that_are_not_finished_runs_are_refused(content, message, capsys, data_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    if content is not None:
+        (other / "results.json").write_text(content)
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--compare_runs", str(other)],
+            message, tmp_path / "out")  # fmt: skip
+
+
 def test_evaluate_on_other_classes(capsys, data_dir, tmp_path, monkeypatch):
     from refilled_hf.data import ImageClassificationDataset
 
