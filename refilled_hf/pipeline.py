@@ -857,7 +857,7 @@ def _teacher_centers(
             raise RunError(
                 f"{cache} is damaged ({type(err).__name__}). Delete it (it is recomputed) and resume again."
             ) from None
-        if centers.shape[0] != trainer.num_classes or not centers.isfinite().all():
+        if centers.dim() != 2 or centers.shape[0] != trainer.num_classes or not centers.isfinite().all():
             raise RunError(f"{cache} does not hold this run's class centres. Delete it (it is recomputed) and resume.")
         trainer.class_centers = centers.to(trainer.args.device)
         return trainer.class_centers

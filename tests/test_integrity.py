@@ -18,7 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_teacher
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainingArguments
 
 from refilled_hf.backbone import StudentModel
@@ -658,6 +658,10 @@ def test_damaged_stage_outputs_stop_a_resume_with_one_clear_error(data_dir, teac
     (out / "stage2" / "teacher_centers.safetensors").write_bytes(b"garbage")
     with pytest.raises(RunError, match="teacher_centers.safetensors is damaged"):
         run({**recipe, "resume_from_checkpoint": "true"})
+    for centers in (torch.zeros(2, 8), torch.full((3, 8), float("nan")), torch.zeros(3)):  # 3 classes, 8 dims
+        save_file({"centers": centers}, str(out / "stage2" / "teacher_centers.safetensors"))
+        with pytest.raises(RunError, match="does not hold this run's class centres. Delete it"):
+            run({**recipe, "resume_from_checkpoint": "true"})
     (out / "stage1" / "final" / "metrics.json").write_text("{")
     with pytest.raises(RunError, match="final is damaged"):
         run({**recipe, "resume_from_checkpoint": "true"})
