@@ -739,7 +739,8 @@ class RefilledConfig(TrainingArguments):
         - ``--dynamo_backend``: ``--torch_compile`` with that backend (and mode): refilled-hf
           compiles the student and teacher in place, where Accelerate would have compiled the
           student's whole wrapper on top, unrecorded.
-        - DeepSpeed, FSDP or Megatron-LM: refused (data parallelism only)."""
+        - DeepSpeed, FSDP, Megatron-LM, or sharded, tensor, context or sequence parallelism:
+          refused (data parallelism only)."""
         env = os.environ
         for name, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP"),
                            ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):  # fmt: skip
@@ -748,6 +749,15 @@ class RefilledConfig(TrainingArguments):
                     f"{name}={env[name]}: this launch asks for {what}, and refilled-hf trains with data parallelism "
                     "(DDP) only. Launch with an Accelerate config without it (e.g. recipes/accelerate/multi_gpu.yaml)."
                 )
+        kinds = ("DP_SHARD", "TP", "CP", "SP")
+        sizes = {kind: env.get(f"PARALLELISM_CONFIG_{kind}_SIZE", "1").strip() for kind in kinds}
+        sharded = [f"{kind}={size}" for kind, size in sizes.items() if size not in ("", "1")]
+        if sharded and env.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").strip().lower() in ("true", "1", "yes"):
+            raise ConfigError(
+                f"This launch asks for sharded, tensor, context or sequence parallelism ({', '.join(sharded)}), and "
+                "refilled-hf trains with data parallelism (DDP) only: keep only --parallelism_config_dp_replicate_size "
+                "(or none)."
+            )
         launched = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
         if launched not in ("", "no") and not (self.bf16 or self.fp16):
             if launched not in ("bf16", "fp16"):

@@ -155,6 +155,15 @@ def test_what_the_launcher_sets_is_what_the_run_records_or_is_refused(tmp_path, 
         with pytest.raises(ConfigError, match=f"{name}=true: this launch asks for {what}.*DDP"):
             RefilledConfig(output_dir=str(tmp_path))
         monkeypatch.setenv(name, "false")
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "4")  # data parallelism: fine
+    for kind in ("DP_SHARD", "TP", "CP", "SP"):
+        monkeypatch.setenv(f"PARALLELISM_CONFIG_{kind}_SIZE", "1")
+    RefilledConfig(output_dir=str(tmp_path))
+    monkeypatch.setenv("PARALLELISM_CONFIG_TP_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"tensor, context or sequence parallelism \(TP=2\).*DDP"):
+        RefilledConfig(output_dir=str(tmp_path))
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "false")
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
     monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "reduce-overhead")
     config = RefilledConfig(output_dir=str(tmp_path))
