@@ -194,8 +194,8 @@ def warn_few_steps(config: RefilledConfig, images: int) -> None:
 def check_memory(config: RefilledConfig, sizes: list[int]) -> None:
     """Refuse a batch whose input tensors alone would take half the device's memory
     (activations take many times more): a clear error instead of the kernel's OOM kill."""
-    if torch.cuda.is_available() and not config.use_cpu:
-        total, where = torch.cuda.get_device_properties(0).total_memory, "GPU"
+    if config.device.type == "cuda":  # (not --use_cpu, nor a launcher's --cpu, which only the device shows)
+        total, where = torch.cuda.get_device_properties(config.device).total_memory, "GPU"
     else:
         total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine"
     batch = max(config.per_device_train_batch_size, config.per_device_eval_batch_size)
