@@ -371,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"refilled-hf {command}: interrupted.", file=sys.stderr)
         return 130
-    except MemoryError:
+    except (MemoryError, torch.OutOfMemoryError) as err:  # the host's or an accelerator's memory
+        where = "on the GPU" if isinstance(err, torch.OutOfMemoryError) else "on the host"
         print(
-            f"refilled-hf {command}: error: out of memory; lower --per_device_train_batch_size, "
+            f"refilled-hf {command}: error: out of memory {where}; lower --per_device_train_batch_size, "
             "--per_device_eval_batch_size or --image_size.",
             file=sys.stderr,
         )

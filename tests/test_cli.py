@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from helpers import tiny_recipe, write_image_dataset
 
@@ -65,6 +67,31 @@ def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
     code = main(["distill", "--teacher", "resnet18", "--method", "kd", "--tau2", "0"])
     assert code == 2
     assert "`tau2` must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error,code,message",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1,
+         r"error: out of memory on the GPU; lower --per_device_train_batch_size"),
+        (MemoryError(), 1, r"error: out of memory on the host; lower --per_device_train_batch_size"),
+        (OSError(28, "No space left on device"), 1, r"error: OSError: \[Errno 28\] No space left on device$"),
+        (KeyboardInterrupt(), 130, r"interrupted\.$"),
+        (RuntimeError("a bug"), 1, r"internal error: RuntimeError: a bug \(set REFILLED_HF_TRACEBACK=1"),
+    ],
+    ids=["gpu-oom", "host-oom", "disk-full", "interrupt", "bug"],
+)  # fmt: skip
+def test_failures_during_a_command_end_in_one_line_and_a_nonzero_exit(error, code, message, monkeypatch, capsys):
+    from refilled_hf import cli
+
+    def fail(argv):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_evaluate", fail)
+    monkeypatch.delenv("REFILLED_HF_TRACEBACK", raising=False)
+    assert main(["evaluate"]) == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and re.search(message, err), err
 
 
 @pytest.mark.slow
