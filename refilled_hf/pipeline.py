@@ -568,8 +568,8 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     check_memory(
         config, [student_cfg["input_size"][-1]] + ([teacher.input_size] if teacher and teacher.input_size else [])
     )
+    check_forward(student, teacher, student_cfg["input_size"])
     data = prepare_data(config, data, backbone.pretrained_cfg)  # decodes every image: the long part
-    check_forward(student, teacher, data)
     check_teacher_cache(config, teacher, data)
     _log_plan(config)  # after the checks: a refused run is told only why
     results: dict[str, Any] = {

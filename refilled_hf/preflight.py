@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -247,13 +248,11 @@ def check_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None, d
         )
 
 
-def check_forward(student: StudentModel, teacher: FrozenTeacher | None, data: ClassificationData) -> None:
-    """Two training images through student and teacher, before any training: a model that
-    cannot run at this input size fails here, in one line, not after the data pass."""
-    if isinstance(data.train, IndexedImages):
-        batch = data.train.pixels(torch.arange(min(2, len(data.train)))).cpu()
-    else:
-        batch = torch.stack([data.train[i]["pixel_values"] for i in range(min(2, len(data.train)))])
+def check_forward(student: StudentModel, teacher: FrozenTeacher | None, input_size: Sequence[int]) -> None:
+    """A batch of two blank images of the run's ``input_size`` (``(3, H, W)``: both data
+    paths make training batches of that shape) through student and teacher, before any
+    image is decoded: a model that cannot run at this input size fails here, in one line."""
+    batch = torch.zeros(2, *input_size)
     for name, model in (("student", student), ("teacher", teacher)):
         if model is None:
             continue

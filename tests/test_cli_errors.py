@@ -234,7 +234,9 @@ def test_a_data_file_that_is_not_parquet(capsys, data_dir, tmp_path):
             "not a .parquet file", tmp_path / "out")  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["missing-teacher", "missing-teacher-probe", "kd-other-classes", "one-class"])
+@pytest.mark.parametrize(
+    "case", ["missing-teacher", "missing-teacher-probe", "kd-other-classes", "one-class", "student-size"]
+)
 def test_a_bad_teacher_or_labels_are_refused_before_any_image_is_decoded(case, capsys, data_dir, tmp_path,
                                                                          monkeypatch):  # fmt: skip
     """Decoding every image is the long part of a start on a large data set: the checks that
@@ -253,6 +255,8 @@ def test_a_bad_teacher_or_labels_are_refused_before_any_image_is_decoded(case, c
         "kd-other-classes": ("distill", ["--method", "kd", "--teacher", teacher], r"Use --method refilled \(or rkd\)"),
         "one-class": ("distill", ["--method", "refilled", "--teacher", teacher, "--classes", "3"],
                       "at least 2 student classes"),
+        "student-size": ("distill", ["--student", "vit_tiny_patch16_224"],
+                         r"student cannot run on \(3, 16, 16\) inputs"),
     }[case]  # fmt: skip
     monkeypatch.setattr(ImageClassificationDataset, "preload", no_decoding)
     refused(capsys, [command, "--config", recipe_file(tmp_path, data_dir), *flags], message, tmp_path / "out")
