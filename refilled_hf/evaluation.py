@@ -20,7 +20,8 @@ from typing import Any
 from .backbone import ModelLoadError, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import DataError, EmptySplitError, short_list
-from .pipeline import inference_trainer, prepare_data, select_data, warn_unused_fields
+from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
+from .preflight import check_forward
 from .provenance import run_folder, same_dataset, training_data_record
 
 __all__ = ["check_evaluation_split", "evaluate_model"]
@@ -186,6 +187,8 @@ def evaluate_model(
     if not names:
         logger.warning("The model records no label names: only the number of classes could be checked.")
     check_evaluation_split(record, config, data, split, model_spec)
+    check_forward(model, None, data_pretrained_cfg(model.pretrained_cfg, config.image_size)["input_size"],
+                  student_name="model")  # fmt: skip
     data = prepare_data(config, data, model.pretrained_cfg)  # decodes the split's images: after every check
     dataset = getattr(data, split)
     trainer = inference_trainer(model, config, data.num_classes)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .backbone import FrozenTeacher, ModelLoadError, StudentModel, exported_config, load_timm_model
+from .backbone import FrozenTeacher, ModelLoadError, exported_config, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import ClassificationData, DataError, class_ranges, parse_class_selection, short_list
 from .data_device import DeviceImages, IndexedImages
@@ -248,12 +248,14 @@ def check_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None, d
         )
 
 
-def check_forward(student: StudentModel, teacher: FrozenTeacher | None, input_size: Sequence[int]) -> None:
+def check_forward(student: torch.nn.Module | None, teacher: FrozenTeacher | None, input_size: Sequence[int], *,
+                  student_name: str = "student") -> None:  # fmt: skip
     """A batch of two blank images of the run's ``input_size`` (``(3, H, W)``: both data
-    paths make training batches of that shape) through student and teacher, before any
-    image is decoded: a model that cannot run at this input size fails here, in one line."""
+    paths make batches of that shape) through student and teacher (either may be None),
+    before any image is decoded: a model that cannot run at this input size fails here, in
+    one line. ``student_name``: what the error calls the student (``model`` for evaluate)."""
     batch = torch.zeros(2, *input_size)
-    for name, model in (("student", student), ("teacher", teacher)):
+    for name, model in ((student_name, student), ("teacher", teacher)):
         if model is None:
             continue
         was_training = model.training
@@ -262,8 +264,11 @@ def check_forward(student: StudentModel, teacher: FrozenTeacher | None, input_si
                 model.eval()
                 model(batch)
         except Exception as err:  # noqa: BLE001 - shape and size errors of any model
+            shape = tuple(batch.shape[1:])
+            if model is teacher and teacher.input_size:  # the teacher sees the batch resized
+                shape = (shape[0], teacher.input_size, teacher.input_size)
             raise ConfigError(
-                f"The {name} cannot run on {tuple(batch.shape[1:])} inputs ({type(err).__name__}: "
+                f"The {name} cannot run on {shape} inputs ({type(err).__name__}: "
                 f"{' '.join(str(err).split())[:200]}): choose another --image_size"
                 f"{' or --teacher_input_size' if name == 'teacher' else ''}, or another model."
             ) from None

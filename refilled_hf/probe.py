@@ -15,7 +15,7 @@ from .backbone import load_timm_model
 from .config import ConfigError, RefilledConfig
 from .losses import ncm_predict
 from .pipeline import data_pretrained_cfg, eval_copy, inference_trainer, load_data, warn_unused_fields
-from .preflight import load_teacher
+from .preflight import check_forward, load_teacher
 from .provenance import teacher_training_rows, weights_training_record
 from .trainer import batch_pixels
 
@@ -44,7 +44,9 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     warn_unused_fields(config, "probe-teacher")
     set_seed(config.seed)
     student_cfg = load_timm_model(config.student).pretrained_cfg
-    teacher = load_teacher(config, data_pretrained_cfg(student_cfg, config.image_size))
+    input_cfg = data_pretrained_cfg(student_cfg, config.image_size)
+    teacher = load_teacher(config, input_cfg)
+    check_forward(None, teacher, input_cfg["input_size"])
     data = load_data(config, config.classes, student_cfg, splits=("train", "validation"), augment_train=False)
     taught = teacher_training_rows(weights_training_record(config.teacher, config.teacher_checkpoint), data)
     clean = torch.ones(len(data.validation), dtype=torch.bool)

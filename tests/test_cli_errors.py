@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import tiny_recipe, write_random_teacher
+from helpers import CLASS_NAMES, tiny_recipe, write_random_teacher
 
 from refilled_hf.cli import main
 
@@ -187,8 +187,6 @@ def test_evaluate_names_an_image_it_cannot_decode_as_such(capsys, data_dir, tmp_
     column = pa.array(images, type=table.schema.field("image").type)
     pq.write_table(table.set_column(table.schema.get_field_index("image"), table.schema.field("image"), column),
                    folder / "test.parquet")  # fmt: skip
-    from helpers import CLASS_NAMES
-
     model = write_random_teacher(tmp_path / "m", label_names=CLASS_NAMES[:3])
     argv = ["evaluate", "--model", f"local-dir:{model}", "--dataset", str(folder), "--use_cpu", "true",
             "--image_size", "16", "--output_dir", str(tmp_path / "e")]  # fmt: skip
@@ -235,8 +233,10 @@ def test_a_data_file_that_is_not_parquet(capsys, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing-teacher", "missing-teacher-probe", "kd-other-classes", "one-class", "student-size"]
-)
+    "case",
+    ["missing-teacher", "missing-teacher-probe", "kd-other-classes", "one-class", "student-size", "teacher-size-probe",
+     "model-size-evaluate"],
+)  # fmt: skip
 def test_a_bad_teacher_or_labels_are_refused_before_any_image_is_decoded(case, capsys, data_dir, tmp_path,
                                                                          monkeypatch):  # fmt: skip
     """Decoding every image is the long part of a start on a large data set: the checks that
@@ -257,9 +257,21 @@ def test_a_bad_teacher_or_labels_are_refused_before_any_image_is_decoded(case, c
                       "at least 2 student classes"),
         "student-size": ("distill", ["--student", "vit_tiny_patch16_224"],
                          r"student cannot run on \(3, 16, 16\) inputs"),
+        "teacher-size-probe": ("probe-teacher", ["--teacher", "vit", "--teacher_input_size", "32"],
+                               r"teacher cannot run on \(3, 32, 32\) inputs.*--teacher_input_size"),
+        "model-size-evaluate": ("evaluate", ["--model", "vit", "--classes", "0-2"],
+                                r"model cannot run on \(3, 16, 16\) inputs"),
     }[case]  # fmt: skip
+    if "vit" in flags:  # a model that runs at 224 px only
+        vit = write_random_teacher(tmp_path / "vit", name="vit_tiny_patch16_224", label_names=CLASS_NAMES[:3])
+        flags[flags.index("vit")] = f"local-dir:{vit}"
     monkeypatch.setattr(ImageClassificationDataset, "preload", no_decoding)
-    refused(capsys, [command, "--config", recipe_file(tmp_path, data_dir), *flags], message, tmp_path / "out")
+    if command == "evaluate":
+        argv = [command, "--dataset", str(data_dir), "--use_cpu", "true", "--image_size", "16", "--output_dir",
+                str(tmp_path / "out"), *flags]  # fmt: skip
+    else:
+        argv = [command, "--config", recipe_file(tmp_path, data_dir), *flags]
+    refused(capsys, argv, message, tmp_path / "out")
 
 
 def test_loading_the_teacher_leaves_the_global_rng_as_it_was(tmp_path):
