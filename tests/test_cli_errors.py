@@ -298,3 +298,25 @@ def test_an_install_without_its_card_template_fails_before_training(capsys, data
     monkeypatch.setattr(pipeline, "card_template", missing)
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir)], "model card template .* reinstall",
             tmp_path / "out")  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_local_model_folder_with_damaged_weights_is_refused_in_one_line(damage, capsys, data_dir, tmp_path):
+    model = write_random_teacher(tmp_path / "m", label_names=CLASS_NAMES[:3])
+    weights = model / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+    argv = ["evaluate", "--model", f"local-dir:{model}", "--dataset", str(data_dir), "--use_cpu", "true",
+            "--image_size", "16", "--output_dir", str(tmp_path / "e")]  # fmt: skip
+    refused(capsys, argv, r"its weights could not be loaded \(\w+: .*\)\. The folder is damaged or incomplete")
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--method", "rkd", "--teacher",
+                     f"local-dir:{model}"], "weights could not be loaded", tmp_path / "out")  # fmt: skip
+
+
+def test_a_checkpoint_that_is_not_a_state_dict_is_refused_in_one_line(capsys, data_dir, tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"not a pickle at all")
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--student_checkpoint",
+                     str(tmp_path / "w.pt")], r"Checkpoint .*w\.pt' could not be read \(UnpicklingError: .*\)\. Pass a",
+            tmp_path / "out")  # fmt: skip
