@@ -545,6 +545,12 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     rundir.check_inputs(_local_inputs(config))
     _prepare_output_dir(config, rundir)
     mode = _resume_mode(config)
+    if mode == "latest" and not rundir.present() and config.process_index == 0:
+        # (not refused: a job script re-run after preemption passes the flag from its first launch on)
+        logger.warning(
+            "--resume_from_checkpoint true: %s holds no run yet, so this one starts from the beginning (check "
+            "--output_dir if you meant to continue a run).", out,
+        )  # fmt: skip
     points = _resume_points(mode, out, stage_dirs, config.world_size)
 
     # Everything that can fail on user input fails here, before any training.

@@ -416,6 +416,14 @@ def test_overwrite_deletes_only_plain_names_under_the_folder_and_never_follows_a
     assert out.is_dir()
 
 
+def test_resuming_into_a_folder_without_a_run_starts_it_and_says_so(data_dir, tmp_path, caplog):
+    recipe = tiny_recipe(data_dir, tmp_path / "new", method="ce", stage2_epochs=1)
+    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
+        results = run({**recipe, "resume_from_checkpoint": "true"})
+    assert f"--resume_from_checkpoint true: {tmp_path / 'new'} holds no run yet, so this one starts" in caplog.text
+    assert results["final"]["test_samples"] == 18 and (tmp_path / "new" / "model" / "model.safetensors").is_file()
+
+
 @pytest.fixture(scope="module")
 def unfinished_ce_run(data_dir, tmp_path_factory) -> tuple[dict, Path]:
     """A finished 3-epoch ce run (checkpoints at steps 3, 6, 9) kept as a template."""
