@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .messages import error_text
+
 __all__ = [
     "FrozenTeacher",
     "ModelLoadError",
@@ -108,7 +110,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure means an unreadable file
         raise ModelLoadError(
-            f"Checkpoint {str(path)!r} could not be read ({type(err).__name__}: {_first_line(err)}). Pass a "
+            f"Checkpoint {str(path)!r} could not be read ({error_text(err)}). Pass a "
             ".safetensors file, or a .pt/.pth state dict loadable with torch.load(weights_only=True)."
         ) from err
     for key in ("state_dict", "model", "model_state_dict"):  # common wrappers
@@ -117,14 +119,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"Checkpoint {str(path)!r} does not hold a state dict of tensors.")
     return state
-
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    """The first line of ``err``'s message, at most ``limit`` characters: torch's and
-    safetensors' messages run over many lines, and an error here is one line."""
-    lines = str(err).strip().splitlines()
-    text = " ".join(lines[0].split()) if lines else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _classifier_outputs(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:
@@ -203,7 +197,7 @@ def load_timm_model(
             return timm.create_model(spec, pretrained=True, **extra, **kwargs)
         except Exception as err:  # noqa: BLE001 - a missing, truncated or foreign weights file
             raise ModelLoadError(
-                f"{spec!r}: its weights could not be loaded ({type(err).__name__}: {_first_line(err)}). The folder "
+                f"{spec!r}: its weights could not be loaded ({error_text(err)}). The folder "
                 "is damaged or incomplete: export or copy it again (config.json + model.safetensors)."
             ) from err
     if spec.startswith("hf-hub:"):
@@ -212,7 +206,7 @@ def load_timm_model(
             return timm.create_model(spec, pretrained=True, **extra, **kwargs)
         except Exception as err:  # noqa: BLE001 - network, auth and format errors alike
             raise ModelLoadError(
-                f"Could not load {spec!r} from the Hugging Face Hub ({type(err).__name__}: {err}). Check the "
+                f"Could not load {spec!r} from the Hugging Face Hub ({error_text(err)}). Check the "
                 "repo id and your network, or download it and use 'local-dir:<folder>'."
             ) from err
     if not timm.is_model(spec):

@@ -13,6 +13,8 @@ from typing import Any
 import torch.nn as nn
 from timm.models import save_for_hf
 
+from .messages import error_text
+
 __all__ = ["TRAINING_DATA_KEY", "export_model", "replace_dir_atomically", "write_json_atomically"]
 
 #: ``config.json`` key of the record of the data a model was trained on
@@ -111,8 +113,7 @@ class HubPushError(RuntimeError):
 
 
 def _redacted(err: Exception, token: str | None) -> str:
-    message = f"{type(err).__name__}: {err}"
-    return (message.replace(token, "<token>") if token else message)[:300]
+    return error_text(err, limit=300, redact=token)
 
 
 def check_hub_access(repo_id: str, token: str | None = None) -> None:

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import FrozenTeacher
 from .data_device import DeviceImages, crop_and_flip
+from .messages import error_text
 
 __all__ = ["CACHE_DTYPES", "TeacherCache", "TeacherCacheError", "cache_bytes", "cache_key", "load_or_build"]
 
@@ -201,7 +202,7 @@ def load_or_build(
                 raise ValueError(f"shape {tuple(embeddings.shape)} for {expected}")
         except Exception as err:  # noqa: BLE001 - any failure means a damaged file
             raise TeacherCacheError(
-                f"The teacher cache {path} is damaged ({type(err).__name__}: {err}). Delete that file (it is "
+                f"The teacher cache {path} is damaged ({error_text(err)}). Delete that file (it is "
                 "rebuilt) or turn the cache off (--teacher_cache none)."
             ) from None
         info = {"key": key, "path": str(path), "built": False, "seconds": time.perf_counter() - start}

@@ -328,3 +328,15 @@ def test_offline_push_fails_clearly_and_keeps_the_folder(tmp_path):
         push_folder(folder, "me/model", token="hf_TOKEN_VALUE")
     assert "hf_TOKEN_VALUE" not in str(info.value)
     assert sorted((p.name, p.stat().st_size) for p in folder.iterdir()) == before
+
+
+def test_error_text_is_one_line_and_never_shows_a_token():
+    from refilled_hf.messages import error_text
+
+    token = "hf_" + "x" * 40
+    err = RuntimeError(f"401 Client Error for url: https://huggingface.co/api (token {token})\n\nInvalid credentials")
+    text = error_text(err, limit=66, redact=token)  # the cut falls where the token would be
+    assert "\n" not in text and text.startswith("RuntimeError: 401 Client Error") and text.endswith("...")
+    assert "hf_" not in text and len(text) == len("RuntimeError: ") + 66  # a cut token would leave its prefix
+    assert error_text(ValueError("a\n  b  c")) == "ValueError: a" and error_text(KeyError()) == "KeyError"
+    assert "<token>" in error_text(RuntimeError(f"bad {token}"), redact=token)
