@@ -24,6 +24,7 @@ from transformers import Trainer
 
 from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
 from .config import RefilledConfig, option_name
+from .data_device import IndexedImages
 from .distributed import gather_for_mining
 from .losses import (
     batch_class_centers,
@@ -201,7 +202,9 @@ class RefilledTrainer(Trainer):
         workers persist, so evaluating another split would silently reuse the first, and
         its loaders drop the last batch under ``--dataloader_drop_last``."""
         args = self.args
-        workers = args.dataloader_num_workers
+        # the device path's loaders only yield indices: worker processes would add nothing (and, under
+        # a spawn context, a pickled copy of the images on the device each)
+        workers = 0 if isinstance(dataset, IndexedImages) else args.dataloader_num_workers
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=args.eval_batch_size,

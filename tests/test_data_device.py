@@ -201,3 +201,20 @@ def test_a_training_split_read_unaugmented_is_placed_and_reported_so(data_dir, c
     with caplog.at_level("INFO", logger="refilled_hf.pipeline"):
         data = load_data(config, config.classes, cfg, splits=("train", "validation"))
     assert data.train.augment and "augmented there (random crop and flip)" in caplog.text
+
+
+def test_evaluation_loaders_of_the_device_path_start_no_workers(data_dir, tmp_path):
+    """Its loaders only yield indices: worker processes would add nothing but start-up (and
+    under a spawn context a copy of the images each). The worker path keeps its workers."""
+    import timm
+
+    from refilled_hf.pipeline import inference_trainer
+
+    model = timm.create_model("cifar_wrn_16_1", num_classes=3)
+    base = tiny_recipe(data_dir, tmp_path / "o", method="ce", dataloader_num_workers=2)
+    for path, workers in (("device", 0), ("workers", 2)):
+        config = RefilledConfig(**{**base, "data_path": path})
+        data = load_data(config, "3-5", model.pretrained_cfg)
+        loader = inference_trainer(model, config, data.num_classes).evaluation_dataloader(data.test)
+        assert loader.num_workers == workers, path
+        assert sum(len(batch["labels"]) for batch in loader) == len(data.test) == 18
