@@ -384,7 +384,7 @@ class RefilledConfig(TrainingArguments):
     train_split: str = field(default="train", **_help("Split to train on (validation is carved from it)."))
     test_split: str | None = field(default="test", **_help("Split evaluated once at the end."))
     image_column: str | None = field(default=None, **_help("Image column (default: detect img/image)."))
-    label_column: str | None = field(default=None, **_help("Label column (default: detect fine_label/label)."))
+    label_column: str | None = field(default=None, **_help("Label column (default: detect fine_label/label/labels)."))
     classes: str | None = field(
         default=None,
         **_help(

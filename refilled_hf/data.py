@@ -47,7 +47,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("img", "image")
-LABEL_COLUMNS = ("fine_label", "label")
+LABEL_COLUMNS = ("fine_label", "label", "labels")  # CIFAR-100, most Hub sets, a few (e.g. beans)
 
 #: Named class selections. CIFAR-100 cross-task protocol of the paper: the teacher on
 #: the first 50 classes, the student on the other 50 (disjoint), or on a 50-class window
@@ -125,7 +125,7 @@ def detect_columns(
     features: datasets.Features, image_column: str | None = None, label_column: str | None = None
 ) -> tuple[str, str]:
     """The image and label columns: as given, or the one present of ``img``/``image`` and
-    of ``fine_label``/``label``."""
+    of ``fine_label``/``label``/``labels`` (two present: refused as ambiguous)."""
 
     def pick(given: str | None, candidates: Sequence[str], kind: str, flag: str) -> str:
         if given is not None:

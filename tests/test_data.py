@@ -141,6 +141,10 @@ def test_column_detection(tmp_path):
     both = raw.map(lambda r: {"img": r["pic"], "image": r["pic"]})
     with pytest.raises(DataError, match="Ambiguous image column"):
         load_classification_data("in-memory", raw=both, label_column="target")
+    plural = raw.rename_columns({"pic": "image", "target": "labels"})  # e.g. the beans data set
+    assert load_classification_data("in-memory", raw=plural, validation_fraction=0).class_names == CLASS_NAMES
+    with pytest.raises(DataError, match=r"Ambiguous label column: the data set has \['label', 'labels'\]"):
+        load_classification_data("in-memory", raw=plural.map(lambda r: {"label": r["labels"]}))
 
 
 def test_cifar_transforms():
