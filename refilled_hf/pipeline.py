@@ -377,9 +377,6 @@ def _make_trainer(
     if data.validation is None:
         args.eval_strategy = "no"
     _set_cadence(args, epochs, len(data.train))
-    if isinstance(data.train, IndexedImages):  # the loaders only yield indices: no worker processes
-        args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
-        args.dataloader_prefetch_factor = None
     return RefilledTrainer(
         model=student,
         args=args,

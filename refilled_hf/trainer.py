@@ -129,6 +129,9 @@ class RefilledTrainer(Trainer):
                 learning_rate=args.stage1_learning_rate if first else args.stage2_learning_rate,
                 num_train_epochs=args.stage1_epochs if first else args.stage2_epochs,
             )
+        if isinstance(kwargs.get("train_dataset"), IndexedImages):  # see evaluation_dataloader
+            args = args.stage_view(dataloader_num_workers=0, dataloader_persistent_workers=False,
+                                   dataloader_prefetch_factor=None)  # fmt: skip
         #: label smoothing of the cross-entropy term; applied here, since transformers' own
         #: label smoother expects a language-model config and replaces the whole loss
         self.label_smoothing = args.label_smoothing_factor
@@ -202,8 +205,8 @@ class RefilledTrainer(Trainer):
         workers persist, so evaluating another split would silently reuse the first, and
         its loaders drop the last batch under ``--dataloader_drop_last``."""
         args = self.args
-        # the device path's loaders only yield indices: worker processes would add nothing (and, under
-        # a spawn context, a pickled copy of the images on the device each)
+        # the device path's loaders (training's too, see __init__) only yield indices: worker processes
+        # would add nothing (and, under a spawn context, a pickled copy of the images on the device each)
         workers = 0 if isinstance(dataset, IndexedImages) else args.dataloader_num_workers
         loader = torch.utils.data.DataLoader(
             dataset,

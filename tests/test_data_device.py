@@ -203,12 +203,15 @@ def test_a_training_split_read_unaugmented_is_placed_and_reported_so(data_dir, c
     assert data.train.augment and "augmented there (random crop and flip)" in caplog.text
 
 
-def test_evaluation_loaders_of_the_device_path_start_no_workers(data_dir, tmp_path):
-    """Its loaders only yield indices: worker processes would add nothing but start-up (and
-    under a spawn context a copy of the images each). The worker path keeps its workers."""
+def test_loaders_of_the_device_path_start_no_workers(data_dir, tmp_path):
+    """Its loaders (training and evaluation) only yield indices: worker processes would add
+    nothing but start-up (and under a spawn context a copy of the images each). The worker
+    path keeps its workers."""
     import timm
 
+    from refilled_hf.backbone import StudentModel
     from refilled_hf.pipeline import inference_trainer
+    from refilled_hf.trainer import RefilledTrainer
 
     model = timm.create_model("cifar_wrn_16_1", num_classes=3)
     base = tiny_recipe(data_dir, tmp_path / "o", method="ce", dataloader_num_workers=2)
@@ -217,4 +220,7 @@ def test_evaluation_loaders_of_the_device_path_start_no_workers(data_dir, tmp_pa
         data = load_data(config, "3-5", model.pretrained_cfg)
         loader = inference_trainer(model, config, data.num_classes).evaluation_dataloader(data.test)
         assert loader.num_workers == workers, path
+        trainer = RefilledTrainer(model=StudentModel(model), args=config, stage="ce", num_classes=3,
+                                  train_dataset=data.train, eval_dataset=data.test)  # fmt: skip
+        assert trainer.get_train_dataloader().num_workers == workers, path
         assert sum(len(batch["labels"]) for batch in loader) == len(data.test) == 18
