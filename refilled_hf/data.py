@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from .messages import error_text
+
 __all__ = [
     "CLASS_PRESETS",
     "ClassificationData",
@@ -115,7 +117,7 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
         raise
     except Exception as err:  # noqa: BLE001 - network, missing repo, unreadable files
         raise DataError(
-            f"Data set {name_or_path!r} could not be loaded ({type(err).__name__}: {str(err)[:300]}). Pass a "
+            f"Data set {name_or_path!r} could not be loaded ({error_text(err, limit=300)}). Pass a "
             "Hub id (e.g. uoft-cs/cifar100; needs network access), a folder of parquet files named by split "
             "(train.parquet, test.parquet) or one parquet file."
         ) from err

@@ -20,6 +20,7 @@ from typing import Any
 from .backbone import ModelLoadError, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import DataError, EmptySplitError, short_list
+from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
 from .preflight import check_forward
 from .provenance import run_folder, same_dataset, training_data_record
@@ -123,7 +124,7 @@ def _trained_model(model_spec: str, checkpoint: str | None):
     except Exception as err:  # noqa: BLE001 - timm: no pretrained weights, or none reachable offline
         raise ModelLoadError(
             f"{model_spec!r} is a timm model name and no --checkpoint was given, so its weights would be timm's "
-            f"pretrained ones, which could not be loaded ({type(err).__name__}: {str(err)[:200]}). Evaluating "
+            f"pretrained ones, which could not be loaded ({error_text(err)}). Evaluating "
             "random weights would mean nothing: pass the trained weights with --checkpoint <model.safetensors>, "
             "or the exported folder with --model local-dir:<run>/model."
         ) from err

@@ -18,6 +18,7 @@ from .backbone import FrozenTeacher, ModelLoadError, exported_config, load_timm_
 from .config import ConfigError, RefilledConfig
 from .data import ClassificationData, DataError, class_ranges, parse_class_selection, short_list
 from .data_device import DeviceImages, IndexedImages
+from .messages import error_text
 from .provenance import same_dataset, weights_training_record
 from .teacher_cache import cache_bytes
 
@@ -64,7 +65,7 @@ def load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenT
         raise
     except Exception as err:  # noqa: BLE001 - e.g. timm's pretrained download offline
         raise ModelLoadError(
-            f"Could not load the teacher {config.teacher!r} ({type(err).__name__}: {str(err)[:300]}). Give weights "
+            f"Could not load the teacher {config.teacher!r} ({error_text(err, limit=300)}). Give weights "
             "with --teacher_checkpoint, or use a 'local-dir:' folder."
         ) from err
     teacher = FrozenTeacher(model, student_cfg, input_size=config.teacher_input_size)
@@ -268,8 +269,7 @@ def check_forward(student: torch.nn.Module | None, teacher: FrozenTeacher | None
             if model is teacher and teacher.input_size:  # the teacher sees the batch resized
                 shape = (shape[0], teacher.input_size, teacher.input_size)
             raise ConfigError(
-                f"The {name} cannot run on {shape} inputs ({type(err).__name__}: "
-                f"{' '.join(str(err).split())[:200]}): choose another --image_size"
+                f"The {name} cannot run on {shape} inputs ({error_text(err)}): choose another --image_size"
                 f"{' or --teacher_input_size' if name == 'teacher' else ''}, or another model."
             ) from None
         finally:
