@@ -742,10 +742,12 @@ class RefilledConfig(TrainingArguments):
           student's whole wrapper on top, unrecorded.
         - DeepSpeed, FSDP, Megatron-LM, or sharded, tensor, context or sequence parallelism:
           refused (data parallelism only)."""
+        from accelerate.utils import parse_flag_from_env  # Accelerate's own reading of its flags
+
         env = os.environ
         for name, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP"),
                            ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):  # fmt: skip
-            if env.get(name, "false").strip().lower() in ("true", "1", "yes"):
+            if parse_flag_from_env(name):
                 raise ConfigError(
                     f"{name}={env[name]}: this launch asks for {what}, and refilled-hf trains with data parallelism "
                     "(DDP) only. Launch with an Accelerate config without it (e.g. recipes/accelerate/multi_gpu.yaml)."
@@ -753,7 +755,7 @@ class RefilledConfig(TrainingArguments):
         kinds = ("DP_SHARD", "TP", "CP", "SP")
         sizes = {kind: env.get(f"PARALLELISM_CONFIG_{kind}_SIZE", "1").strip() for kind in kinds}
         sharded = [f"{kind}={size}" for kind, size in sizes.items() if size not in ("", "1")]
-        if sharded and env.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").strip().lower() in ("true", "1", "yes"):
+        if sharded and parse_flag_from_env("ACCELERATE_USE_PARALLELISM_CONFIG"):
             raise ConfigError(
                 f"This launch asks for sharded, tensor, context or sequence parallelism ({', '.join(sharded)}), and "
                 "refilled-hf trains with data parallelism (DDP) only: keep only --parallelism_config_dp_replicate_size "
