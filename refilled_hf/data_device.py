@@ -31,6 +31,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .data import CIFAR_STYLE_MAX_SIZE
+from .messages import byte_size
 
 __all__ = ["DeviceImages", "IndexedImages", "UInt8Store", "crop_and_flip"]
 
@@ -209,7 +210,7 @@ def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: b
                                           split.labels, augment=name == "train" and augment_train))  # fmt: skip
     augmented = "train" in splits and augment_train
     done = f"augmented there ({what})" if augmented else "transformed there (no augmentation)"
-    return "device", f"{need / 2**20:.0f} MiB of uint8 images on {torch.device(device)}, {done}"
+    return "device", f"{byte_size(need)} of uint8 images on {torch.device(device)}, {done}"
 
 
 def _store_bytes(arrays: list[np.ndarray], size: int, plan) -> int:

@@ -190,3 +190,23 @@ def test_images_too_large_to_keep_are_decoded_per_item_and_take_the_worker_path(
         "workers", "the decoded images are too large to keep in memory")  # fmt: skip
     with pytest.raises(ValueError, match="--data_path device cannot be used: the decoded images are too large"):
         choose_and_place(per_item, cfg, mode="device", **place)
+
+
+def test_the_device_path_reports_the_size_of_what_it_keeps():
+    from refilled_hf.messages import byte_size
+
+    assert [byte_size(n) for n in (0, 999, 1000, 338_000, 1_572_864, 154 * 2**20, 2_469_606_195, 2**50)] == [
+        "0 B", "999 B", "1.0 KiB", "330 KiB", "1.5 MiB", "154 MiB", "2.3 GiB", "1024 TiB"]  # fmt: skip
+
+
+def test_the_device_path_log_names_the_bytes_it_keeps(data_dir):
+    from refilled_hf.data_device import choose_and_place
+
+    data = load_classification_data(str(data_dir), classes="0-2", test_split=None)
+    images = len(data.train) + len(data.validation)
+    cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    place = dict(flip=True, device="cpu", budget_bytes=2**30, train_transform=None, eval_transform=None)
+    kib = images * 3 * 16 * 16 / 1024  # tens of KiB: "0 MiB" before
+    assert 10 <= kib < 1000
+    assert choose_and_place(data, cfg, mode="auto", **place) == (
+        "device", f"{kib:.0f} KiB of uint8 images on cpu, augmented there (random crop and flip)")  # fmt: skip
