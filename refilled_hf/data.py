@@ -185,7 +185,7 @@ def _label_values(split: datasets.Dataset, label_column: str) -> pa.ChunkedArray
 
 def _bad_rows(mask: np.ndarray) -> str:
     rows = np.flatnonzero(mask)
-    return f"{rows.size} rows (e.g. rows {short_list(rows.tolist(), 5)})"
+    return f"1 row (row {rows[0]})" if rows.size == 1 else f"{rows.size} rows (rows {short_list(rows.tolist(), 5)})"
 
 
 def read_labels(
@@ -204,7 +204,7 @@ def read_labels(
     fix = f"fix or drop them, or choose another column with --label_column (split {split_name!r})"
     if values.null_count:
         mask = np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        raise DataError(f"{_bad_rows(mask)} of split {split_name!r} have no label in {label_column!r}: {fix}.")
+        raise DataError(f"Split {split_name!r} has no label in {label_column!r} in {_bad_rows(mask)}: {fix}.")
     kind = values.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         strings = np.asarray(values.to_numpy(zero_copy_only=False), dtype=object)
@@ -213,7 +213,7 @@ def read_labels(
         ids = np.array([index.get(v, -1) for v in strings], dtype=np.int64)
         if (ids < 0).any():
             raise DataError(
-                f"{_bad_rows(ids < 0)} of split {split_name!r} have labels that are not classes of the training split "
+                f"Split {split_name!r} has labels that are not classes of the training split in {_bad_rows(ids < 0)} "
                 f"(e.g. {short_list(sorted(set(strings[ids < 0].tolist())), 3)}): {fix}."
             )
         return ids, names
@@ -221,10 +221,16 @@ def read_labels(
         raise DataError(f"Label column {label_column!r} holds {kind}, not class ids or names: choose --label_column.")
     raw = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
     bad = ~np.isfinite(raw) | (raw != np.round(raw)) | (raw < 0)
+    if raw.size and (raw == -1).all():
+        raise DataError(
+            f"Split {split_name!r} is unlabelled: every label in {label_column!r} is -1, the Hub's mark of a missing "
+            "label (as in ImageNet's test split). Name a labelled split (--train_split, --test_split), or pass "
+            "`--test_split none` and let the validation split carved from training report accuracy."
+        )
     if bad.any():
         raise DataError(
-            f"{_bad_rows(bad)} of split {split_name!r} have labels that are not class ids (negative, fractional or "
-            f"NaN, e.g. {short_list(sorted(set(raw[bad].tolist())), 3)}): {fix}."
+            f"Split {split_name!r} has labels that are not class ids (negative, fractional or NaN) in {_bad_rows(bad)} "
+            f"(e.g. {short_list(sorted(set(raw[bad].tolist())), 3)}): {fix}."
         )
     ids = raw.astype(np.int64)
     if names is None:
@@ -235,7 +241,7 @@ def read_labels(
     beyond = ids >= len(names)
     if beyond.any():
         raise DataError(
-            f"{_bad_rows(beyond)} of split {split_name!r} have label ids beyond the {len(names)} classes "
+            f"Split {split_name!r} has label ids beyond the {len(names)} classes in {_bad_rows(beyond)} "
             f"(e.g. {short_list(sorted(set(ids[beyond].tolist())), 3)}): {fix}."
         )
     return ids, names

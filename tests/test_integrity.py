@@ -302,16 +302,19 @@ def _rewrite_labels(src: Path, dst: Path, labels: list) -> Path:
 @pytest.mark.parametrize(
     "bad,message",
     [
-        (-1, r"1 rows .* not class ids \(negative"),
-        (2.5, r"1 rows .* not class ids"),
-        (None, r"1 rows .* have no label"),
-        (6, r"1 rows .* beyond the 6 classes"),
+        (-1, r"Split 'train' has labels that are not class ids \(negative, fractional or NaN\) in 1 row \(row 5\)"),
+        (2.5, r"not class ids .* in 1 row \(row 5\) \(e.g. \[2.5\]\)"),
+        (None, r"Split 'train' has no label in 'label' in 1 row \(row 5\)"),
+        (6, r"Split 'train' has label ids beyond the 6 classes in 1 row \(row 5\)"),
+        ("all-1", r"Split 'train' is unlabelled: every label in 'label' is -1.*--test_split none"),
     ],
-    ids=["negative", "fractional", "null", "beyond-names"],
+    ids=["negative", "fractional", "null", "beyond-names", "unlabelled"],
 )
 def test_labels_that_are_not_classes_are_refused(bad, message, data_dir, tmp_path):
     labels = pq.read_table(data_dir / "train.parquet").column("label").to_pylist()
     labels[5] = bad
+    if bad == "all-1":  # how the Hub marks a split without labels (ImageNet's test split)
+        labels = [-1] * len(labels)
     if isinstance(bad, float):
         labels = [float(v) for v in labels]
     folder = _rewrite_labels(data_dir, tmp_path / "bad", labels)
@@ -349,7 +352,8 @@ def test_string_labels_unknown_to_training_are_refused_in_test(data_dir, tmp_pat
     frame.loc[0, "label"] = "purple"
     frame.to_parquet(folder / "test.parquet")
     with pytest.raises(
-        DataError, match=r"1 rows \(e.g. rows \[0\]\) of split 'test' have labels that are not classes.*'purple'"
+        DataError,
+        match=r"Split 'test' has labels that are not classes of the training split in 1 row \(row 0\).*'purple'",
     ):
         load_classification_data(str(folder))
 
