@@ -55,9 +55,10 @@ class EvaluateArguments:
     split: str = field(
         default="test",
         metadata={
-            "help": "Split to evaluate: test, or validation (carved from the training split; for a model "
-            "exported by refilled-hf, the one it was selected on: its --validation_fraction and data seed are read "
-            "from its config.json unless given, and other values that carve another split are refused)."
+            "help": "Split to evaluate: test, or validation (carved from the training split, or --validation_split; "
+            "for a model exported by refilled-hf, the one it was selected on: its --validation_split, or its "
+            "--validation_fraction and data seed, are read from its config.json unless given, and values that give "
+            "another split are refused)."
         },
     )
 

@@ -35,6 +35,8 @@ DISTILL_WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
 DEFAULT_DISTILL_WEIGHT = 1.0
 #: the lambdas chosen among on validation when --distill_weight is unset (see the README's CIFAR-100 numbers)
 DEFAULT_DISTILL_WEIGHT_SEARCH = (1.0, 10.0)
+#: the share of each class's training images carved for validation when no --validation_split is named
+DEFAULT_VALIDATION_FRACTION = 0.1
 #: which images stage 2 distils: all (the paper) or those the teacher's local classifier gets right
 DISTILL_IMAGES = ("all", "teacher_correct")
 TEACHER_CACHE_DTYPES = ("float16", "float32")
@@ -97,8 +99,8 @@ for _names, _users in (
 #: refilled-hf's own fields that every command reads (the data selection and how it is
 #: placed); every other own field has its users in FIELD_USERS (a test holds the two together)
 EVERY_COMMAND_FIELDS = (
-    "dataset", "dataset_config", "train_split", "test_split", "image_column", "label_column", "classes",
-    "validation_fraction", "image_size", "data_path", "device_data_budget_gb", "channels_last",
+    "dataset", "dataset_config", "train_split", "test_split", "validation_split", "image_column", "label_column",
+    "classes", "validation_fraction", "image_size", "data_path", "device_data_budget_gb", "channels_last",
 )  # fmt: skip
 
 
@@ -381,8 +383,19 @@ class RefilledConfig(TrainingArguments):
         **_help("Data set: a Hub id, a folder of parquet files named by split, or one parquet file."),
     )
     dataset_config: str | None = field(default=None, **_help("Configuration name of a Hub data set."))
-    train_split: str = field(default="train", **_help("Split to train on (validation is carved from it)."))
+    train_split: str = field(
+        default="train",
+        **_help("Split to train on (the validation split is carved from it, unless --validation_split)."),
+    )
     test_split: str | None = field(default="test", **_help("Split evaluated once at the end."))
+    validation_split: str | None = field(
+        default=None,
+        **_help(
+            "A labelled split of the data set to validate on (its images of --classes: lambda, best-model selection "
+            "and probe-teacher use it), instead of carving --validation_fraction from the training split, which "
+            "then keeps all its images. Not the training or test split."
+        ),
+    )
     image_column: str | None = field(default=None, **_help("Image column (default: detect img/image)."))
     label_column: str | None = field(default=None, **_help("Label column (default: detect fine_label/label/labels)."))
     classes: str | None = field(
@@ -403,8 +416,12 @@ class RefilledConfig(TrainingArguments):
     shots_per_class: int | None = field(
         default=None, **_help("Training images per class (seeded, stratified): the middle-shot setting.")
     )
-    validation_fraction: float = field(
-        default=0.1, **_help("Fraction of each class's training images held out for validation (0 for none).")
+    validation_fraction: float | None = field(
+        default=None,
+        **_help(
+            f"Fraction of each class's training images held out for validation (0 for none). Default: "
+            f"{DEFAULT_VALIDATION_FRACTION:g}, or 0 with --validation_split (a fraction above 0 is then refused)."
+        ),
     )
     image_size: int | None = field(default=None, **_help("Student input size (default: its pretrained_cfg's)."))
     horizontal_flip: bool = field(default=True, **_help("Random horizontal flips in training augmentation."))
@@ -480,8 +497,9 @@ class RefilledConfig(TrainingArguments):
         **_help(
             "Comma-separated lambdas: run stage 2 once per value, each from the same stage-1 student and seed, and "
             "keep the one with the best validation top-1 (ties: the first listed). Default, when --distill_weight "
-            "is unset and a validation split exists: '1,10' (stage 2 runs twice). Needs --validation_fraction > 0 "
-            "and --method refilled; cannot be combined with --distill_weight. results.json and the model card "
+            "is unset and a validation split exists: '1,10' (stage 2 runs twice). Needs a validation split "
+            "(--validation_fraction > 0 or --validation_split) and --method refilled; cannot be combined with "
+            "--distill_weight. results.json and the model card "
             "list every candidate's validation top-1 and name the pick; the test split is evaluated for the pick "
             "only. The student trained alone is one more candidate (see --student_alone_candidate)."
         ),
@@ -706,10 +724,11 @@ class RefilledConfig(TrainingArguments):
         self._check_replaced_fields()
         # `--test_split none`: a data set without a test split; `--teacher_cache none`, `--distill_weight_search
         # none`: off (YAML and the command line can only spell None as text)
-        for name in ("test_split", "teacher_cache", "distill_weight_search"):
+        for name in ("test_split", "validation_split", "teacher_cache", "distill_weight_search"):
             value = getattr(self, name)
             if value is not None and str(value).strip().lower() in ("", "none", "null"):
                 setattr(self, name, None)
+        self._resolve_validation()
         self._adopt_launcher_settings()
         if self.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is visible: use --bf16 true (works on the CPU too).")
@@ -781,6 +800,33 @@ class RefilledConfig(TrainingArguments):
             self.torch_compile, self.torch_compile_backend = True, backend
             self.torch_compile_mode = None if mode in ("", "default") else mode
 
+    def _resolve_validation(self) -> None:
+        """The validation split is carved from the training split (``validation_fraction``,
+        default :data:`DEFAULT_VALIDATION_FRACTION`) or is a split of its own
+        (``validation_split``), never both."""
+        if self.validation_split is None:
+            if self.validation_fraction is None:
+                self.validation_fraction = DEFAULT_VALIDATION_FRACTION
+            return
+        if self.validation_fraction:
+            raise ConfigError(
+                f"--validation_split {self.validation_split!r} and --validation_fraction {self.validation_fraction:g} "
+                "both ask for a validation split: drop --validation_fraction to validate on that split, or drop "
+                "--validation_split to carve one from the training split."
+            )
+        self.validation_fraction = 0.0
+        for name in ("train_split", "test_split"):
+            if self.validation_split == getattr(self, name):
+                raise ConfigError(
+                    f"--validation_split {self.validation_split!r} is the {name.split('_')[0]} split: choices made on "
+                    f"validation would see its images. Name another split."
+                )
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the run has a validation split (carved, or ``--validation_split``)."""
+        return self.validation_split is not None or self.validation_fraction > 0
+
     def _check_replaced_fields(self) -> None:
         for name, use in REPLACED_FIELDS.items():
             if getattr(self, name) is not None:
@@ -792,11 +838,12 @@ class RefilledConfig(TrainingArguments):
             if option_name(self.eval_strategy) == "no":
                 raise ConfigError(
                     "--load_best_model_at_end needs evaluations: set --eval_strategy epoch (or steps) and keep "
-                    "--validation_fraction > 0."
+                    "a validation split."
                 )
-            if self.validation_fraction <= 0:
+            if not self.has_validation:
                 raise ConfigError(
-                    "--load_best_model_at_end selects on the validation split: set --validation_fraction > 0."
+                    "--load_best_model_at_end selects on the validation split: set --validation_fraction > 0 (or "
+                    "--validation_split)."
                 )
             save = option_name(self.save_strategy)
             evals = option_name(self.eval_strategy)
@@ -844,10 +891,10 @@ class RefilledConfig(TrainingArguments):
                 f"--distill_weight_search chooses REFILLED's stage-2 lambda; --method {self.method} has no stage 2. "
                 "Drop the search, or use --method refilled."
             )
-        if self.validation_fraction <= 0:
+        if not self.has_validation:
             raise ConfigError(
-                "--distill_weight_search picks lambda on the validation split: set --validation_fraction > 0 (the "
-                "test split never chooses)."
+                "--distill_weight_search picks lambda on the validation split: set --validation_fraction > 0 or "
+                "--validation_split (the test split never chooses)."
             )
 
     def final_stage_schedule(self) -> dict[str, Any]:
@@ -877,7 +924,7 @@ class RefilledConfig(TrainingArguments):
         validation split exists for REFILLED; None when stage 2 runs once, at
         :meth:`resolved_distill_weight`."""
         if self.distill_weight_search is None:
-            if self.distill_weight is None and self.method == "refilled" and self.validation_fraction > 0:
+            if self.distill_weight is None and self.method == "refilled" and self.has_validation:
                 return list(DEFAULT_DISTILL_WEIGHT_SEARCH)
             return None
         text = str(self.distill_weight_search)
@@ -961,8 +1008,11 @@ class RefilledConfig(TrainingArguments):
                     f"--report_to {name}: that integration is not installed here (installed: {available or 'none'}); "
                     f"install it (e.g. pip install {name}) or pass --report_to none."
                 )
-        if option_name(self.save_strategy) == "best" and self.validation_fraction <= 0:
-            raise ConfigError("--save_strategy best selects on the validation split: set --validation_fraction > 0.")
+        if option_name(self.save_strategy) == "best" and not self.has_validation:
+            raise ConfigError(
+                "--save_strategy best selects on the validation split: set --validation_fraction > 0 (or "
+                "--validation_split)."
+            )
         sampling = str(self.train_sampling_strategy)
         if sampling not in ("random", "sequential"):
             raise ConfigError(f"--train_sampling_strategy {sampling}: refilled-hf supports random or sequential.")

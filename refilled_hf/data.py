@@ -349,18 +349,30 @@ class ClassificationData:
     #: such split); an exported model records them, so that ``evaluate`` can tell whether
     #: a validation split is the one the model was selected on (see :func:`row_digest`)
     row_digests: dict[str, str | None] = field(default_factory=dict)
-    #: per split, the rows of the source split it uses (train and validation: of ``train_split``;
-    #: test: of ``test_split``; None: no such split), built whichever splits were asked for
+    #: per split, the rows of the source split it uses (train: of ``train_split``; validation:
+    #: of ``validation_source``; test: of ``test_split``; None: no such split), built whichever
+    #: splits were asked for
     source_rows: dict[str, np.ndarray | None] = field(default_factory=dict)
     dataset_config: str | None = None
     train_split: str = "train"
     test_split: str | None = "test"
+    #: the data set's own split validated on (``--validation_split``); None: carved from ``train_split``
+    validation_split: str | None = None
     #: every class of the data set, in id order (``source_class_ids`` index into it)
     dataset_class_names: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def validation_source(self) -> str:
+        """The split of the data set the validation images come from."""
+        return self.validation_split or self.train_split
+
+    def validation_description(self) -> str:
+        """``'train' (validation part)`` or ``'validation'``: where the validation images are."""
+        return self.validation_split or f"{self.train_split} (validation part)"
 
     def selection_record(self) -> dict[str, Any]:
         """What a model trained on this task records of its data (in its ``config.json``):
@@ -373,6 +385,7 @@ class ClassificationData:
             "label_column": self.label_column,
             "train_split": self.train_split,
             "test_split": self.test_split,
+            **({"validation_split": self.validation_split} if self.validation_split else {}),
             "class_names": list(self.class_names),
             "source_class_ids": [int(i) for i in self.source_class_ids],
             **{key: self.info.get(key) for key in ("validation_fraction", "shots_per_class", "seed")},
@@ -397,14 +410,17 @@ def _classes_without_images(local: np.ndarray, selected: Sequence[int], names: S
     return [names[selected[i]] for i in np.flatnonzero(counts == 0)]
 
 
-def _check_test_classes(local: np.ndarray, selected: Sequence[int], names: Sequence[str], split: str) -> None:
-    """A test split without any image of the selection has nothing to measure (its top-1
-    would read 0 %): refused. One that lacks some classes measures the others only: said."""
+def _check_test_classes(local: np.ndarray, selected: Sequence[int], names: Sequence[str], split: str,
+                        option: str = "--test_split") -> None:  # fmt: skip
+    """A test (or validation) split without any image of the selection has nothing to
+    measure (its top-1 would read 0 %): refused. One that lacks some classes measures the
+    others only: said. ``option`` is the field that named the split."""
     missing = _classes_without_images(local, selected, names)
     if len(missing) == len(selected):
+        drop = "pass `--test_split none`" if option == "--test_split" else f"drop {option}"
         raise EmptySplitError(
             f"Split {split!r} has no image of the selected classes {short_list(missing)}: there is nothing to measure "
-            "on it. Name a split that holds them (--test_split), or pass `--test_split none`."
+            f"on it. Name a split that holds them ({option}), or {drop}."
         )
     if missing:
         logger.warning(
@@ -424,6 +440,7 @@ def load_classification_data(
     label_column: str | None = None,
     shots_per_class: int | None = None,
     validation_fraction: float = 0.1,
+    validation_split: str | None = None,
     seed: int = 0,
     raw: datasets.DatasetDict | None = None,
     splits: Sequence[str] = SPLITS,
@@ -433,7 +450,9 @@ def load_classification_data(
 
     The validation split is carved first (stratified, seeded) from the selected classes'
     training images; ``shots_per_class`` images per class are then drawn (stratified,
-    seeded) from the rest. The test split is restricted to the same classes.
+    seeded) from the rest. The test split is restricted to the same classes. With
+    ``validation_split`` (then ``validation_fraction`` must be 0) the validation images are
+    that split's images of the selected classes, and nothing is carved.
     Only the ``splits`` named are built and decoded (the others are None); the
     selection, its counts and its fingerprint are the same either way. ``decode=False``
     leaves the decoding to the caller (each split's :meth:`~ImageClassificationDataset.preload`):
@@ -457,6 +476,18 @@ def load_classification_data(
             f"Split {test_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--test_split`, or pass "
             "`--test_split none` to run without a test split."
         )
+    if validation_split is not None:
+        if validation_fraction > 0:
+            raise DataError("`validation_split` and `validation_fraction > 0` both ask for a validation split.")
+        if validation_split in (train_split, test_split):
+            raise DataError(
+                f"--validation_split {validation_split!r} is the training or test split: name another split."
+            )
+        if validation_split not in raw:
+            raise DataError(
+                f"Split {validation_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--validation_split`, or "
+                "drop it to carve the validation split from the training split (--validation_fraction)."
+            )
     train_raw = raw[train_split]
     image_col, label_col = detect_columns(train_raw.features, image_column, label_column)
     train_labels, names = read_labels(train_raw, label_col, train_split)
@@ -496,16 +527,25 @@ def load_classification_data(
         return ImageClassificationDataset(split.select(pos), image_col, remap[labels[pos]], split_name=name,
                                           source_rows=pos)  # fmt: skip
 
+    def other_split(name: str) -> tuple[datasets.Dataset, np.ndarray, np.ndarray]:
+        """A split other than the training one: its rows, labels and positions of the selection."""
+        split_raw = raw[name]
+        if image_col not in split_raw.features or label_col not in split_raw.features:
+            raise DataError(f"Split {name!r} lacks the columns {image_col!r}/{label_col!r} of {train_split!r}.")
+        labels, _ = read_labels(split_raw, label_col, name, names)
+        return split_raw, labels, np.flatnonzero(remap[labels] >= 0)
+
     test = test_positions = None
     validation = None
+    val_raw, val_labels = train_raw, train_labels
+    if validation_split is not None:
+        val_raw, val_labels, val_positions = other_split(validation_split)
+        _check_test_classes(remap[val_labels[val_positions]], selected, names, validation_split, "--validation_split")
     if val_positions is not None and "validation" in splits:
-        validation = subset(train_raw, val_positions, train_labels, f"{train_split} (validation part)")
+        where = validation_split or f"{train_split} (validation part)"
+        validation = subset(val_raw, val_positions, val_labels, where)
     if test_split is not None:
-        test_raw = raw[test_split]
-        if image_col not in test_raw.features or label_col not in test_raw.features:
-            raise DataError(f"Split {test_split!r} lacks the columns {image_col!r}/{label_col!r} of {train_split!r}.")
-        test_labels, _ = read_labels(test_raw, label_col, test_split, names)
-        test_positions = np.flatnonzero(remap[test_labels] >= 0)
+        test_raw, test_labels, test_positions = other_split(test_split)
         if "test" in splits:
             _check_test_classes(remap[test_labels[test_positions]], selected, names, test_split)
             test = subset(test_raw, test_positions, test_labels, test_split)
@@ -521,6 +561,7 @@ def load_classification_data(
         dataset_config=dataset_config,
         train_split=train_split,
         test_split=test_split,
+        validation_split=validation_split,
         dataset_class_names=list(names),
     )
     data.info = {
@@ -529,6 +570,7 @@ def load_classification_data(
         "test_images": len(test_positions) if test_positions is not None else 0,
         "shots_per_class": shots_per_class,
         "validation_fraction": validation_fraction,
+        **({"validation_split": validation_split} if validation_split else {}),
         "seed": seed,
     }
     data.fingerprint = data_fingerprint(
@@ -543,13 +585,18 @@ def load_classification_data(
             "validation_rows": val_positions if val_positions is not None else np.zeros(0, np.int64),
             "test_rows": test_positions if test_positions is not None else np.zeros(0, np.int64),
             "train_labels": train_labels,
+            # only where set, so that every carved selection keeps the fingerprint it had before the option
+            **({"validation_split": [validation_split, getattr(val_raw, "_fingerprint", None)],
+                "validation_labels": val_labels[val_positions]} if validation_split else {}),
         }
-    )
+    )  # fmt: skip
     data.source_rows = {"train": positions, "validation": val_positions, "test": test_positions}
     data.row_digests = {
         "train": row_digest(train_split, positions, train_labels[positions]),
         "validation": (
-            row_digest(train_split, val_positions, train_labels[val_positions]) if val_positions is not None else None
+            row_digest(validation_split or train_split, val_positions, val_labels[val_positions])
+            if val_positions is not None
+            else None
         ),
     }
     if decode:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .backbone import ModelLoadError, load_timm_model
-from .config import ConfigError, RefilledConfig
+from .config import DEFAULT_VALIDATION_FRACTION, ConfigError, RefilledConfig
 from .data import DataError, EmptySplitError, short_list
 from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
@@ -52,6 +52,12 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
             why = (f"{model_spec} was trained without a validation split, on every image of its classes in split "
                    f"{record.get('train_split')!r} of {record.get('dataset')!r}")  # fmt: skip
             fix = "evaluate it with --split test"
+        elif record.get("validation_split"):
+            why = (f"this validation split is not the one {model_spec} was selected on (that one: data set "
+                   f"{record.get('dataset')!r}, split {record['validation_split']!r}, classes "
+                   f"{short_list(record.get('class_names') or [])})")  # fmt: skip
+            fix = (f"pass --validation_split {record['validation_split']} with the data set and classes it was "
+                   "trained on, or use --split test")  # fmt: skip
         else:
             why = (f"this validation split is not the one {model_spec} was selected on (that one: data set "
                    f"{record.get('dataset')!r}, split {record.get('train_split')!r}, classes "
@@ -72,18 +78,32 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
             f"--test_split {config.test_split!r} is the split {model_spec} was trained on: its accuracy there "
             "is not a test accuracy. Name the data set's test split."
         )
+    if (
+        split == "test"
+        and config.test_split is not None
+        and config.test_split == record.get("validation_split")
+        and same_dataset(config.dataset, record.get("dataset"))
+    ):
+        raise ConfigError(
+            f"--test_split {config.test_split!r} is the split {model_spec} was selected on (its --validation_split): "
+            "its accuracy there is optimistic, not a test accuracy. Name the data set's test split, or evaluate it "
+            "as what it is with --split validation."
+        )
 
 
 def _own_validation_carve(config: RefilledConfig, record: dict[str, Any], model_spec: str) -> RefilledConfig:
-    """``config`` with the validation fraction and data seed the model was selected with,
-    where the user left both at their defaults (any other values are checked, and refused
-    if they carve another split)."""
+    """``config`` with the validation split the model was selected on, where the user left
+    the validation fields (and, for a carve, the data seed) at their defaults (any other
+    values are checked, and refused if they name another split): its ``--validation_split``,
+    or the validation fraction and data seed of its carve."""
     defaults = {f.name: f.default for f in dataclasses.fields(RefilledConfig)}
-    untouched = (
-        config.validation_fraction == defaults["validation_fraction"]
-        and config.data_seed is None
-        and config.seed == defaults["seed"]
-    )
+    validation_untouched = config.validation_fraction == DEFAULT_VALIDATION_FRACTION and config.validation_split is None
+    untouched = validation_untouched and config.data_seed is None and config.seed == defaults["seed"]
+    own_split = record.get("validation_split")
+    if validation_untouched and isinstance(own_split, str):  # a split of its own: no seed draws it
+        logger.info("Evaluating the validation split %s was selected on (--validation_split %s, from its record).",
+                    model_spec, own_split)  # fmt: skip
+        return dataclasses.replace(config, validation_fraction=0.0, validation_split=own_split)
     fraction, seed = record.get("validation_fraction"), record.get("seed")
     if not untouched or not fraction or seed is None:
         return config
@@ -138,8 +158,8 @@ def evaluate_model(
     counting each image once, the top-1 of each class (``{split}_per_class``: class name ->
     top-1 % and images), and ``data``: which images those are. Only that split is
     decoded. For ``validation``, a model that records its training data is evaluated on
-    the validation split it was selected on (its fraction and data seed, unless the config
-    sets others, which must carve the same split). A ``checkpoint`` a stage of a finished
+    the validation split it was selected on (its ``--validation_split``, or its fraction and
+    data seed, unless the config sets others, which must give the same images). A ``checkpoint`` a stage of a finished
     run wrote is treated as that run's export (its classes and record); one of stage 1 is
     refused."""
     if split not in EVALUATION_SPLITS:
@@ -174,7 +194,7 @@ def evaluate_model(
         ) from None
     dataset = getattr(data, split)
     if dataset is None:
-        raise ConfigError(f"No {split} split: set --test_split or --validation_fraction.")
+        raise ConfigError(f"No {split} split: set --test_split, or --validation_fraction or --validation_split.")
     if model.num_classes != data.num_classes:
         raise ConfigError(
             f"The model predicts {model.num_classes} classes but the selection has {data.num_classes}: "
@@ -204,7 +224,7 @@ def evaluate_model(
     # what exactly was measured, beside the numbers
     metrics["data"] = {
         "dataset": config.dataset,
-        "split": data.test_split if split == "test" else f"{data.train_split} (validation part)",
+        "split": data.test_split if split == "test" else data.validation_description(),
         "class_names": data.class_names,
         **({"validation_fraction": data.info["validation_fraction"], "data_seed": data.info["seed"]}
            if split == "validation" else {}),

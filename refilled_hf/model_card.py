@@ -248,6 +248,12 @@ def _optimizer_lines(results: dict[str, Any], recipe: dict[str, Any]) -> list[st
     return lines
 
 
+def _validation_source(recipe: dict[str, Any]) -> str:
+    """Where the validation images came from, as the card says it."""
+    split = recipe.get("validation_split")
+    return f"from the `{split}` split" if split else "carved from the training split"
+
+
 def _results_intro(results: dict[str, Any], recipe: dict[str, Any], dataset_id: str) -> str:
     final = results.get("final", {})
     if final.get("test_samples"):
@@ -256,7 +262,7 @@ def _results_intro(results: dict[str, Any], recipe: dict[str, Any], dataset_id: 
                 f"({final['test_samples']} images), once, at the end of training.")  # fmt: skip
     return (
         f"This run had no test split: the only measurement is the validation top-1, on "
-        f"{final.get('validation_samples', 0)} images carved from the training split of `{dataset_id}`"
+        f"{final.get('validation_samples', 0)} images {_validation_source(recipe)} of `{dataset_id}`"
         + (" (the split that also chose lambda, so it is optimistic)." if results.get("distill_weight_search") else ".")
     )
 
@@ -409,6 +415,7 @@ def render_model_card(
         student_alone=alone,
         train_images=data.get("train_images"),
         validation_images=data.get("validation_images"),
+        validation_source=_validation_source(recipe),
         shots_per_class=data.get("shots_per_class"),
         optimizer_lines=_optimizer_lines(results, recipe),
         recipe_yaml=yaml.safe_dump(full_recipe, sort_keys=False),

@@ -116,6 +116,7 @@ def select_data(config: RefilledConfig, classes: str | Sequence[str] | None,
         label_column=config.label_column,
         shots_per_class=config.shots_per_class,
         validation_fraction=config.validation_fraction,
+        validation_split=config.validation_split,
         seed=config.data_seed if config.data_seed is not None else config.seed,
         splits=splits,
         decode=False,
@@ -172,7 +173,7 @@ def _stage_args(config: RefilledConfig, stage_dir: Path, epochs: float, lr: floa
         resume_from_checkpoint=None,
         push_to_hub=False,  # stages never push; the run pushes its export at the end
         hub_token=None,  # the Trainer pickles its args into every checkpoint: keep the token out
-        load_best_model_at_end=config.load_best_model_at_end and config.validation_fraction > 0,
+        load_best_model_at_end=config.load_best_model_at_end and config.has_validation,
     )
 
 
@@ -346,7 +347,8 @@ def _log_plan(config: RefilledConfig) -> None:
         )  # fmt: skip
     elif values is None and config.distill_weight is None:
         logger.info(
-            "--distill_weight is unset and there is no validation split to choose it on (--validation_fraction 0): "
+            "--distill_weight is unset and there is no validation split to choose it on (--validation_fraction 0, "
+            "no --validation_split): "
             "stage 2 runs once with lambda %g (pass --distill_weight to choose another).",
             config.resolved_distill_weight(),
         )  # fmt: skip

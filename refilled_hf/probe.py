@@ -39,8 +39,10 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     """
     if not config.teacher:
         raise ConfigError("probe-teacher needs --teacher.")
-    if config.validation_fraction <= 0:
-        raise ConfigError("probe-teacher evaluates on the validation split: set --validation_fraction > 0.")
+    if not config.has_validation:
+        raise ConfigError(
+            "probe-teacher evaluates on the validation split: set --validation_fraction > 0 (or --validation_split)."
+        )
     warn_unused_fields(config, "probe-teacher")
     set_seed(config.seed)
     student_cfg = load_timm_model(config.student).pretrained_cfg
@@ -48,15 +50,20 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     teacher = load_teacher(config, input_cfg)
     check_forward(None, teacher, input_cfg["input_size"])
     data = load_data(config, config.classes, student_cfg, splits=("train", "validation"), augment_train=False)
-    taught = teacher_training_rows(weights_training_record(config.teacher, config.teacher_checkpoint), data)
+    record = weights_training_record(config.teacher, config.teacher_checkpoint)
+    taught = teacher_training_rows(record, data, data.validation_source)
     clean = torch.ones(len(data.validation), dtype=torch.bool)
     if taught is not None:
         clean = torch.from_numpy(~np.isin(data.source_rows["validation"], taught))
     if not clean.any():
+        fix = (
+            "Validate on a split the teacher did not train on"
+            if config.validation_split
+            else "Carve the student's validation split as the teacher's was (its --validation_fraction and --data_seed)"
+        )
         raise ConfigError(
             f"The teacher trained on every image of the student's validation split ({len(clean)}): nothing is left "
-            "to probe it on. Carve the student's validation split as the teacher's was (its --validation_fraction "
-            "and --data_seed), or use a teacher trained on other images."
+            f"to probe it on. {fix}, or use a teacher trained on other images."
         )
     if not clean.all():
         logger.info("Left out %d of %d validation images: the teacher trained on them.", int((~clean).sum()),

@@ -59,21 +59,23 @@ def same_dataset(a: str | None, b: str | None) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def teacher_training_rows(record: dict[str, Any] | None, data) -> np.ndarray | None:
-    """The rows of ``data``'s training split that a teacher trained on, drawn again from
-    its ``record`` (the selection is seeded, so it reproduces) and checked against the
-    record's digest, which covers the rows and their labels: a teacher trained on a copy of
-    this data set under another name (a Hub id and a local folder) is recognised too.
+def teacher_training_rows(record: dict[str, Any] | None, data, split: str | None = None) -> np.ndarray | None:
+    """The rows of split ``split`` of ``data``'s data set (default: its training split) that
+    a teacher trained on, drawn again from its ``record`` (the selection is seeded, so it
+    reproduces) and checked against the record's digest, which covers the rows and their
+    labels: a teacher trained on a copy of this data set under another name (a Hub id and a
+    local folder) is recognised too.
     None where the teacher trained on other data, or (with a warning, where the record names
     this data set) where its selection does not reproduce."""
-    if record is None or record.get("train_split") != data.train_split:
+    split = split or data.train_split
+    if record is None or record.get("train_split") != split:
         return None
     try:
         taught = load_classification_data(
             data.dataset_name,
             dataset_config=data.dataset_config,
             classes=[int(i) for i in record["source_class_ids"]],
-            train_split=data.train_split,
+            train_split=split,
             test_split=None,
             image_column=record.get("image_column"),
             label_column=record.get("label_column"),
@@ -91,6 +93,6 @@ def teacher_training_rows(record: dict[str, Any] | None, data) -> np.ndarray | N
         logger.warning(
             "The teacher was trained on split %r of this data set, but its training images could not be drawn "
             "again from its record (%s): numbers that evaluate the teacher on this split may include images it "
-            "trained on.", data.train_split, why,
+            "trained on.", split, why,
         )  # fmt: skip
     return None

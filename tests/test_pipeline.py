@@ -369,8 +369,8 @@ def test_without_a_validation_split_the_run_says_which_lambda_it_uses(data_dir, 
     with caplog.at_level("INFO", logger="refilled_hf.pipeline"):
         results = run(recipe)
     assert results["distill_weight"] == 1.0
-    assert "no validation split to choose it on (--validation_fraction 0): stage 2 runs once with lambda 1 " \
-           in caplog.text  # fmt: skip
+    assert "no validation split to choose it on (--validation_fraction 0, no --validation_split): stage 2 runs " \
+           "once with lambda 1 " in caplog.text  # fmt: skip
 
 
 def test_a_refused_run_says_only_why(data_dir, tmp_path, caplog):
