@@ -581,7 +581,7 @@ class RefilledConfig(TrainingArguments):
         **_help(
             "Comma-separated output_dirs of finished baseline runs, added to the model card's table with their "
             "epochs and every way their schedule differs; refused unless they used the same images (data set, "
-            "classes, shots, validation carve, seed)."
+            "classes, shots, validation carve or split, seed)."
         ),
     )
     card_license: str = field(default="apache-2.0", **_help("License written in the exported model card."))
