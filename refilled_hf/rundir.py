@@ -157,7 +157,9 @@ class RunDirectory:
         probe = out
         while not probe.exists():
             probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        if not probe.is_dir():
+            raise RunDirError(f"--output_dir {out}: {probe} is a file, not a folder; choose another --output_dir.")
+        if not os.access(probe, os.W_OK | os.X_OK):
             raise RunDirError(f"--output_dir {out}: {probe} is not writable; choose a folder you can write to.")
 
     def manifest(self) -> dict[str, Any] | None:

@@ -82,6 +82,9 @@ def test_output_dir_that_is_a_file(capsys, data_dir, tmp_path):
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--output_dir", str(target)],
             "is a file, not a folder")  # fmt: skip
     assert target.read_text() == "mine"
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--output_dir", str(target / "run")],
+            f"{target} is a file, not a folder")  # fmt: skip
+    assert target.read_text() == "mine"
 
 
 def test_damaged_run_manifest_on_resume(capsys, data_dir, tmp_path):
