@@ -278,14 +278,16 @@ def cmd_probe(argv: list[str]) -> int:
             )
             + f"), centres from its "
             f"{result['train_images']} training images ({result['classes']} classes, "
-            f"{result['shots_per_class'] or 'all'} per class)."
+            f"{result['shots_per_class'] or 'all'} per class).",
+            file=sys.stderr,  # the words for the reader; stdout holds the JSON alone, as for evaluate
         )
         # what the CIFAR-100 benchmark found (README, "Does it help, and when?")
         print(
             "Compare it with the student trained alone (--method ce, as many epochs as both stages): REFILLED "
             "gained where this probe was above that accuracy and lost where it was far below (on CIFAR-100 at "
             "lambda 10: +2.7 to +4.5 points at 8-14 above, -3.2 at 15-20 below; the default, lambda chosen on "
-            "validation between 1 and 10, kept those gains and was -0.2 there)."
+            "validation between 1 and 10, kept those gains and was -0.2 there).",
+            file=sys.stderr,
         )
         print(json.dumps(result, indent=2))
     return 0

@@ -178,10 +178,10 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, cap
             "--classes", "3-5", "--image_size", "16", "--validation_fraction", "0.25", "--use_cpu", "true",
             "--data_path", "workers", "--output_dir", str(tmp_path / "probe")]  # fmt: skip
     assert main(["probe-teacher", *argv]) == 0
-    out = capsys.readouterr().out
-    assert "Compare it with the student trained alone" in out
-    result = json.loads(out[out.index("{") :])
-    assert f"{result['left_out_teacher_training_images']} it trained on left out" in out
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # stdout is the JSON alone (`> probe.json`); the words go to stderr
+    assert "Compare it with the student trained alone" in captured.err
+    assert f"{result['left_out_teacher_training_images']} it trained on left out" in captured.err
     # the reference: one image at a time, centres = normalized sums of the teacher's embeddings
     # of each class's training images, prediction = the centre of highest cosine similarity
     (config,) = parse_config((RefilledConfig,), argv, "probe")
