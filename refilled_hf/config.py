@@ -735,6 +735,11 @@ class RefilledConfig(TrainingArguments):
         # bf16 on a machine without a GPU runs on the CPU rather than failing.
         if self.bf16 and not (torch.cuda.is_available() or self.use_cpu):
             self.use_cpu = True
+        # Several processes (torchrun, accelerate launch) on a machine without an accelerator: Accelerate
+        # makes them one CPU group only when told to use the CPU; otherwise each process trained alone, as
+        # process 0 of 1, and all of them wrote the same --output_dir.
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            self.use_cpu = True
         if self.accelerator_config is None and self.dataloader_pin_memory and torch.cuda.is_available():
             # pinned batches copied to the GPU without blocking: a blocking copy makes the host wait for the
             # GPU to finish the previous step before it may queue the next one

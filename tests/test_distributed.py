@@ -25,9 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def distill(recipe: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+def distill(recipe: Path, out: Path, processes: int, say_cpu: bool = True) -> subprocess.CompletedProcess:
     # These runs mean the CPU: hide any GPU, or a second rank asks for a device ordinal that is not there.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if say_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
     cli = ["-m", "refilled_hf.cli", "distill", "--config", str(recipe), "--output_dir", str(out)]
     if processes == 1:
         cmd = [sys.executable, *cli]
@@ -83,6 +86,24 @@ def test_two_processes_match_one(tmp_path):
         assert all(exported[k].equal(chosen[k]) for k in chosen)
     log = two.stdout + two.stderr
     assert log.count("Exported the model to") == 1 and "(process 0)" in log
+
+
+def test_processes_launched_without_an_accelerator_train_as_one_cpu_group(tmp_path):
+    """torchrun on a machine without a GPU and without --use_cpu: each process used to train
+    alone, as process 0 of 1, and the second failed on the first one's lock of --output_dir."""
+    recipe = tiny_recipe(write_image_dataset(tmp_path / "data"), tmp_path / "unused", method="ce", stage2_epochs=1)
+    for key in ("output_dir", "use_cpu"):
+        recipe.pop(key)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = distill(path, tmp_path / "two", 2, say_cpu=False)
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (
+        results["world_size"] == 2 and results["schedule"]["global_batch"] == 2 * recipe["per_device_train_batch_size"]
+    )
+    assert results["final"]["test_samples"] == 18
+    log = run.stdout + run.stderr
+    assert log.count("Exported the model to") == 1 and "parallel_mode != ParallelMode.DISTRIBUTED" not in log
 
 
 MINING_SCRIPT = """
