@@ -189,15 +189,17 @@ def _bad_rows(mask: np.ndarray) -> str:
 
 
 def read_labels(
-    split: datasets.Dataset, label_column: str, split_name: str, names: list[str] | None = None
-) -> tuple[np.ndarray, list[str]]:
+    split: datasets.Dataset, label_column: str, split_name: str, names: list[str] | None = None,
+    option: str = "--train_split",
+) -> tuple[np.ndarray, list[str]]:  # fmt: skip
     """Class ids of every row of ``split`` and the class names.
 
     A ``ClassLabel`` column gives its names; plain parquet (no Hugging Face metadata)
     may hold integer ids (names "0".."max"), whole-number floats, or strings (names in
     sorted order). ``names`` (those of the training split) are kept for other splits.
     Nulls, negative or fractional ids, ids beyond the names and strings that are not
-    names are refused with the number of such rows.
+    names are refused with the number of such rows; a split without labels (all -1) is
+    refused as unlabelled, naming ``option``, the field that named the split.
     """
     feature = split.features[label_column]
     values = _label_values(split, label_column)
@@ -222,10 +224,14 @@ def read_labels(
     raw = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
     bad = ~np.isfinite(raw) | (raw != np.round(raw)) | (raw < 0)
     if raw.size and (raw == -1).all():
+        instead = {
+            "--test_split": ", or pass `--test_split none`",
+            "--validation_split": ", or drop --validation_split",
+        }
         raise DataError(
             f"Split {split_name!r} is unlabelled: every label in {label_column!r} is -1, the Hub's mark of a missing "
-            "label (as in ImageNet's test split). Name a labelled split (--train_split, --test_split), or pass "
-            "`--test_split none` and let the validation split carved from training report accuracy."
+            f"label (as in ImageNet's test split), so nothing can be trained or measured on it. Name a labelled split "
+            f"with {option}{instead.get(option, '')}."
         )
     if bad.any():
         raise DataError(
@@ -527,25 +533,26 @@ def load_classification_data(
         return ImageClassificationDataset(split.select(pos), image_col, remap[labels[pos]], split_name=name,
                                           source_rows=pos)  # fmt: skip
 
-    def other_split(name: str) -> tuple[datasets.Dataset, np.ndarray, np.ndarray]:
-        """A split other than the training one: its rows, labels and positions of the selection."""
+    def other_split(name: str, option: str) -> tuple[datasets.Dataset, np.ndarray, np.ndarray]:
+        """A split other than the training one (named by ``option``): its rows, labels and
+        positions of the selection."""
         split_raw = raw[name]
         if image_col not in split_raw.features or label_col not in split_raw.features:
             raise DataError(f"Split {name!r} lacks the columns {image_col!r}/{label_col!r} of {train_split!r}.")
-        labels, _ = read_labels(split_raw, label_col, name, names)
+        labels, _ = read_labels(split_raw, label_col, name, names, option)
         return split_raw, labels, np.flatnonzero(remap[labels] >= 0)
 
     test = test_positions = None
     validation = None
     val_raw, val_labels = train_raw, train_labels
     if validation_split is not None:
-        val_raw, val_labels, val_positions = other_split(validation_split)
+        val_raw, val_labels, val_positions = other_split(validation_split, "--validation_split")
         _check_test_classes(remap[val_labels[val_positions]], selected, names, validation_split, "--validation_split")
     if val_positions is not None and "validation" in splits:
         where = validation_split or f"{train_split} (validation part)"
         validation = subset(val_raw, val_positions, val_labels, where)
     if test_split is not None:
-        test_raw, test_labels, test_positions = other_split(test_split)
+        test_raw, test_labels, test_positions = other_split(test_split, "--test_split")
         if "test" in splits:
             _check_test_classes(remap[test_labels[test_positions]], selected, names, test_split)
             test = subset(test_raw, test_positions, test_labels, test_split)

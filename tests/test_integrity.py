@@ -306,7 +306,11 @@ def _rewrite_labels(src: Path, dst: Path, labels: list) -> Path:
         (2.5, r"not class ids .* in 1 row \(row 5\) \(e.g. \[2.5\]\)"),
         (None, r"Split 'train' has no label in 'label' in 1 row \(row 5\)"),
         (6, r"Split 'train' has label ids beyond the 6 classes in 1 row \(row 5\)"),
-        ("all-1", r"Split 'train' is unlabelled: every label in 'label' is -1.*--test_split none"),
+        (
+            "all-1",
+            r"Split 'train' is unlabelled: every label in 'label' is -1.* Name a labelled split with "
+            r"--train_split\.$",
+        ),
     ],
     ids=["negative", "fractional", "null", "beyond-names", "unlabelled"],
 )

@@ -166,3 +166,22 @@ def test_probe_teacher_runs_on_the_validation_split(three_splits, tmp_path):
     result = probe_teacher(RefilledConfig(**recipe))
     assert result["validation_images"] == 12 and result["left_out_teacher_training_images"] == 0
     assert result["train_images"] == 36
+
+
+@pytest.mark.parametrize(
+    ("split", "kwargs", "fix"),
+    [
+        ("validation", dict(validation_split="validation", validation_fraction=0.0),
+         r"Name a labelled split with --validation_split, or drop --validation_split\.$"),
+        ("test", dict(), r"Name a labelled split with --test_split, or pass `--test_split none`\.$"),
+    ],
+)  # fmt: skip
+def test_an_unlabelled_split_is_refused_naming_the_option_that_chose_it(split, kwargs, fix, three_splits, tmp_path):
+    folder = tmp_path / "d"
+    shutil.copytree(three_splits, folder)
+    table = pq.read_table(folder / f"{split}.parquet")
+    index = table.schema.get_field_index("label")
+    table = table.set_column(index, table.schema.field("label"), [[-1] * table.num_rows])  # the Hub's "no label"
+    pq.write_table(table, folder / f"{split}.parquet")
+    with pytest.raises(DataError, match=rf"Split '{split}' is unlabelled: every label in 'label' is -1.*{fix}"):
+        load_classification_data(str(folder), classes="3-5", **kwargs)
