@@ -380,7 +380,10 @@ class RefilledConfig(TrainingArguments):
     # ---- data
     dataset: str = field(
         default="uoft-cs/cifar100",
-        **_help("Data set: a Hub id, a folder of parquet files named by split, or one parquet file."),
+        **_help(
+            "Data set: a Hub id, a folder of parquet files named by split, a folder of images by split and class "
+            "(train/<class>/*.jpg, test/<class>/...), or one parquet file."
+        ),
     )
     dataset_config: str | None = field(default=None, **_help("Configuration name of a Hub data set."))
     train_split: str = field(

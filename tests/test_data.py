@@ -210,3 +210,23 @@ def test_the_device_path_log_names_the_bytes_it_keeps(data_dir):
     assert 10 <= kib < 1000
     assert choose_and_place(data, cfg, mode="auto", **place) == (
         "device", f"{kib:.0f} KiB of uint8 images on cpu, augmented there (random crop and flip)")  # fmt: skip
+
+
+def test_a_folder_of_images_by_split_and_class_is_a_data_set(tmp_path):
+    """datasets' image-folder layout: train/<class>/*.png; the classes are the folder names, sorted."""
+    from PIL import Image
+
+    colours = {"red": (200, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 200)}
+    for split, count in (("train", 5), ("test", 2)):
+        for name, colour in colours.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (12 + i, 10), colour).save(tmp_path / split / name / f"{i}.png")
+    data = load_classification_data(str(tmp_path), classes="blue,red", validation_fraction=0.0)
+    assert data.class_names == ["blue", "red"] and data.dataset_class_names == ["blue", "green", "red"]
+    assert (len(data.train), len(data.test)) == (10, 4)
+    for split in (data.train, data.test):
+        for i in range(len(split)):
+            item = split[i]
+            colour = colours[data.class_names[item["labels"]]]
+            assert tuple(int(c) for c in split._decoded[i][0, 0]) == colour  # each image under its own class
