@@ -819,8 +819,9 @@ class RefilledConfig(TrainingArguments):
         if self.validation_fraction:
             raise ConfigError(
                 f"--validation_split {self.validation_split!r} and --validation_fraction {self.validation_fraction:g} "
-                "both ask for a validation split: drop --validation_fraction to validate on that split, or drop "
-                "--validation_split to carve one from the training split."
+                "both ask for a validation split: to validate on that split, drop --validation_fraction (or pass "
+                "--validation_fraction 0 over a recipe that sets it); to carve one from the training split, drop "
+                "--validation_split."
             )
         self.validation_fraction = 0.0
         for name in ("train_split", "test_split"):
