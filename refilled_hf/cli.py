@@ -126,6 +126,12 @@ def _annotation(dataclass_types: tuple[type, ...], name: str) -> str:
     return ""
 
 
+#: string fields the command line takes comma-separated, which a recipe may also give as a YAML list
+COMMA_LIST_FIELDS = frozenset(
+    {"classes", "teacher_classes", "stage2_milestones", "distill_weight_search", "compare_runs"}
+)
+
+
 def _recipe_value(path: Path, name: str, default: Any, type_text: str, value: Any) -> Any:
     """A recipe value as the command line would give it: scalars become strings, so that
     argparse converts and checks them with the field's own type (``stage1_epochs: abc``
@@ -135,6 +141,14 @@ def _recipe_value(path: Path, name: str, default: Any, type_text: str, value: An
         if default is not None and "none" not in type_text and "optional" not in type_text:
             raise CliError(f"Recipe {str(path)!r}: `{name}` cannot be null; give a value or remove the key.")
         return None
+    if isinstance(value, list) and name in COMMA_LIST_FIELDS:
+        # YAML's own list spelling (`classes: [apple, bear]`) of a field the command line takes comma-separated
+        if any(not isinstance(v, (int, float, str)) or isinstance(v, bool) or "," in str(v) for v in value):
+            raise CliError(
+                f"Recipe {str(path)!r}: `{name}` lists {str(value)[:80]}: each item must be one number or name "
+                "without a comma (a class whose name holds a comma is selected by its id)."
+            )
+        return ",".join(str(v) for v in value)
     if isinstance(value, (list, dict)):
         kind = "list" if isinstance(value, list) else "dict"
         if kind not in type_text:

@@ -323,3 +323,16 @@ def test_a_checkpoint_that_is_not_a_state_dict_is_refused_in_one_line(capsys, da
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--student_checkpoint",
                      str(tmp_path / "w.pt")], r"Checkpoint .*w\.pt' could not be read \(UnpicklingError: .*\)\. Pass a",
             tmp_path / "out")  # fmt: skip
+
+
+def test_a_recipe_may_list_what_the_command_line_separates_by_commas(capsys, data_dir, tmp_path):
+    from refilled_hf.cli import parse_config
+    from refilled_hf.config import RefilledConfig
+
+    path = recipe_file(tmp_path, data_dir, classes=[3, 4, "magenta"], stage2_milestones=[1, 1.5],
+                       distill_weight_search=[1, 10], method="refilled", distill_weight=None)  # fmt: skip
+    (config,) = parse_config((RefilledConfig,), ["--config", path], "t")
+    assert (config.classes, config.stage2_milestones, config.distill_weight_search) == ("3,4,magenta", "1,1.5", "1,10")
+    for bad in (["a,b"], [[3, 4]], [True]):
+        refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir, classes=bad)],
+                "`classes` lists .* each item must be one number or name without a comma")  # fmt: skip
