@@ -64,11 +64,15 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
                    f"{short_list(record.get('class_names') or [])}, --validation_fraction "
                    f"{record.get('validation_fraction')}, data seed {record.get('seed')})")  # fmt: skip
             fix = (f"pass --validation_fraction {record.get('validation_fraction')} --data_seed {record.get('seed')} "
-                   "with the data set and classes it was trained on, or use --split test")  # fmt: skip
-        raise ConfigError(
-            f"--split validation: {why}, so it can hold images the model trained on and its accuracy would be "
-            f"inflated; {fix}."
-        )
+                   f"{'and no --validation_split ' if config.validation_split else ''}with the data set and classes "
+                   "it was trained on, or use --split test")  # fmt: skip
+        risk = "so it can hold images the model trained on and its accuracy would be inflated"
+        if config.validation_split and config.validation_split != record.get("train_split"):
+            # another split than the one it trained on: held-out images, measured as such with --split test
+            risk = "so its accuracy is not the validation accuracy the model was selected with"
+            fix = (f"measure it on split {config.validation_split!r}, images it was neither trained nor selected "
+                   f"on, with --split test --test_split {config.validation_split}; or {fix}")  # fmt: skip
+        raise ConfigError(f"--split validation: {why}, {risk}; {fix}.")
     if (
         split == "test"
         and config.test_split == record.get("train_split")

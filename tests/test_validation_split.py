@@ -185,3 +185,17 @@ def test_an_unlabelled_split_is_refused_naming_the_option_that_chose_it(split, k
     pq.write_table(table, folder / f"{split}.parquet")
     with pytest.raises(DataError, match=rf"Split '{split}' is unlabelled: every label in 'label' is -1.*{fix}"):
         load_classification_data(str(folder), classes="3-5", **kwargs)
+
+
+@pytest.mark.slow
+def test_a_carved_model_is_measured_on_another_split_as_a_test_split(three_splits, tmp_path):
+    recipe = tiny_recipe(three_splits, tmp_path / "run", method="ce", stage2_epochs=1)  # validation carved
+    run_distillation(RefilledConfig(**recipe))
+    model = f"local-dir:{tmp_path / 'run' / 'model'}"
+    other = RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "e"), "validation_fraction": None,
+                              "validation_split": "validation"})  # fmt: skip
+    with pytest.raises(ConfigError, match="not the validation accuracy .* with --split test --test_split validation"):
+        evaluate_model(model, other, split="validation")
+    held_out = evaluate_model(model, RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "e"),
+                                                       "test_split": "validation"}))  # fmt: skip
+    assert held_out["test_samples"] == 12 and held_out["data"]["split"] == "validation"
