@@ -249,16 +249,29 @@ def check_teacher_cache(config: RefilledConfig, teacher: FrozenTeacher | None, d
         )
 
 
+def _input_channels(model: torch.nn.Module) -> int | None:
+    """The input channels a timm model (or the student / teacher wrapping one) declares."""
+    inner = getattr(model, "model", model)
+    size = (getattr(inner, "pretrained_cfg", None) or {}).get("input_size")
+    return int(size[0]) if size else None
+
+
 def check_forward(student: torch.nn.Module | None, teacher: FrozenTeacher | None, input_size: Sequence[int], *,
                   student_name: str = "student") -> None:  # fmt: skip
-    """A batch of two blank images of the run's ``input_size`` (``(3, H, W)``: both data
-    paths make batches of that shape) through student and teacher (either may be None),
+    """A batch of two blank RGB images of the run's ``input_size`` (``(3, H, W)``: both
+    data paths make batches of that shape) through student and teacher (either may be None),
     before any image is decoded: a model that cannot run at this input size fails here, in
     one line. ``student_name``: what the error calls the student (``model`` for evaluate)."""
-    batch = torch.zeros(2, *input_size)
+    batch = torch.zeros(2, 3, *input_size[-2:])  # RGB, whatever the model's config says: the data paths make RGB
     for name, model in ((student_name, student), ("teacher", teacher)):
         if model is None:
             continue
+        channels = _input_channels(model)
+        if channels is not None and channels != 3:
+            raise ConfigError(
+                f"The {name} takes {channels}-channel inputs, and refilled-hf gives every model RGB images "
+                "(3 channels, grayscale images converted): use a model with 3 input channels (timm's in_chans=3)."
+            )
         was_training = model.training
         try:
             with torch.no_grad():

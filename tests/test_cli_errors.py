@@ -238,7 +238,7 @@ def test_a_data_file_that_is_not_parquet(capsys, data_dir, tmp_path):
 @pytest.mark.parametrize(
     "case",
     ["missing-teacher", "missing-teacher-probe", "kd-other-classes", "one-class", "student-size", "teacher-size-probe",
-     "model-size-evaluate"],
+     "model-size-evaluate", "gray-teacher", "gray-model-evaluate"],
 )  # fmt: skip
 def test_a_bad_teacher_or_labels_are_refused_before_any_image_is_decoded(case, capsys, data_dir, tmp_path,
                                                                          monkeypatch):  # fmt: skip
@@ -264,7 +264,13 @@ def test_a_bad_teacher_or_labels_are_refused_before_any_image_is_decoded(case, c
                                r"teacher cannot run on \(3, 32, 32\) inputs.*--teacher_input_size"),
         "model-size-evaluate": ("evaluate", ["--model", "vit", "--classes", "0-2"],
                                 r"model cannot run on \(3, 16, 16\) inputs"),
+        "gray-teacher": ("distill", ["--method", "refilled", "--teacher", "gray"],
+                         r"The teacher takes 1-channel inputs, and refilled-hf gives every model RGB images"),
+        "gray-model-evaluate": ("evaluate", ["--model", "gray", "--classes", "0-2"], r"The model takes 1-channel"),
     }[case]  # fmt: skip
+    if "gray" in flags:  # a model for single-channel images
+        gray = write_random_teacher(tmp_path / "gray", label_names=CLASS_NAMES[:3], in_chans=1)
+        flags[flags.index("gray")] = f"local-dir:{gray}"
     if "vit" in flags:  # a model that runs at 224 px only
         vit = write_random_teacher(tmp_path / "vit", name="vit_tiny_patch16_224", label_names=CLASS_NAMES[:3])
         flags[flags.index("vit")] = f"local-dir:{vit}"
