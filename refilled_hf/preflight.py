@@ -94,6 +94,14 @@ def check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: Cla
     same_selection = config.teacher_classes is None or (
         parse_class_selection(config.teacher_classes, data.dataset_class_names) == list(data.source_class_ids)
     )
+    if teacher_classes == data.num_classes and names is not None and not same_names and same_selection \
+            and sorted(names) == sorted(data.class_names):  # fmt: skip
+        order = ",".join(str(data.source_class_ids[data.class_names.index(name)]) for name in names)
+        raise ConfigError(
+            f"method='kd': the teacher predicts the student's classes in another order ({short_list(list(names))}; "
+            f"the student's: {short_list(data.class_names)}). Pass --classes {order} (the teacher's order), so that "
+            "the student's outputs line up with the teacher's."
+        )
     if teacher_classes != data.num_classes or not same_names or not same_selection:
         raise ConfigError(
             f"method='kd' needs teacher and student on the same label space, but the teacher predicts "

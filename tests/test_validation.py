@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import tiny_recipe, write_image_dataset, write_random_teacher
+from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_teacher
 from safetensors.torch import save_file
 
 from refilled_hf.backbone import ModelLoadError, load_timm_model
@@ -150,6 +150,27 @@ def test_teacher_classes_that_are_not_classes_of_the_data(selection, message, da
 def test_kd_across_label_spaces(data_dir, teacher, tmp_path):
     rejected(tiny_recipe(data_dir, tmp_path / "o", method="kd", teacher=teacher), ConfigError,
              "same label space.*--method refilled")  # fmt: skip
+
+
+def test_kd_with_the_classes_in_another_order_names_the_teachers_order(data_dir, tmp_path):
+    names = [CLASS_NAMES[5], CLASS_NAMES[3], CLASS_NAMES[4]]
+    permuted = f"local-dir:{write_random_teacher(tmp_path / 't', label_names=names)}"
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="kd", teacher=permuted, teacher_classes=None), ConfigError,
+             r"the teacher predicts the student's classes in another order .* Pass --classes 5,3,4 ")  # fmt: skip
+    results = run_distillation(
+        RefilledConfig(
+            **tiny_recipe(
+                data_dir,
+                tmp_path / "ok",
+                method="kd",
+                teacher=permuted,
+                teacher_classes=None,
+                classes="5,3,4",
+                max_steps=1,
+            )
+        )
+    )
+    assert results["class_names"] == names
 
 
 @pytest.mark.parametrize("field", ["tau1", "tau2", "kd_tau", "margin", "distill_weight", "stage1_weight"])
