@@ -349,13 +349,37 @@ def cmd_losses_demo(argv: list[str]) -> int:
     return 0
 
 
+def version_text() -> str:
+    """``refilled-hf 0.1.0 (torch ..., timm ..., transformers ..., ...)``: what a bug report needs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} not installed"
+
+    libraries = ("torchvision", "timm", "transformers", "accelerate", "datasets", "huggingface_hub")
+    versions = ", ".join([f"torch {torch.__version__}"] + [installed(name) for name in libraries])  # torch's build too
+    return f"refilled-hf {__version__} ({versions}; Python {sys.version.split()[0]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        print(version_text())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            print(f"refilled-hf: error: unknown command {argv[0]!r}{hint}", file=sys.stderr)
         print("usage: refilled-hf {" + ",".join(COMMANDS) + "} [--config recipe.yaml] [--field value ...]\n")
         for name, text in COMMANDS.items():
             print(f"  {name:14s} {text}")
-        print("\n`refilled-hf <command> --help` lists every field.")
+        print("\n`refilled-hf <command> --help` lists every field; `refilled-hf --version` the versions.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -404,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(
             f"refilled-hf {command}: internal error: {_one_line(err)} (set REFILLED_HF_TRACEBACK=1 for the "
-            "traceback, and please report it).",
+            "traceback, and please report it with the output of `refilled-hf --version`).",
             file=sys.stderr,
         )
         return 1

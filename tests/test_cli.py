@@ -49,6 +49,23 @@ def test_resolved_config_hides_tokens():
     assert shown["method"] == "refilled" and shown["output_dir"] == "o"
 
 
+def test_version_and_unknown_commands(capsys):
+    import timm
+    import transformers
+
+    from refilled_hf import __version__
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"refilled-hf {__version__} (torch {torch.__version__}")
+    assert f"timm {timm.__version__}" in out and f"transformers {transformers.__version__}" in out
+    assert main(["distil", "--teacher", "x"]) == 2
+    captured = capsys.readouterr()
+    assert "refilled-hf: error: unknown command 'distil' (did you mean 'distill'?)" in captured.err
+    assert "usage: refilled-hf" in captured.out
+    assert main([]) == 2 and "unknown command" not in capsys.readouterr().err
+
+
 def test_help_lists_commands_and_fields(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
