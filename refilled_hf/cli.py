@@ -212,7 +212,10 @@ def _print_results(results: dict[str, Any]) -> None:
         alone = results.get("student_alone")
         if alone:
             value = "diverged" if "diverged" in alone else alone["validation_top1"]
-            rows.append((f"  student alone ({alone['epochs']:g} ep.) validation (%)", value))
+            trained = (alone.get("train_metrics") or {}).get("epoch")
+            cut = trained is not None and trained < alone["epochs"]  # --max_steps stopped it early
+            epochs = f"{trained:g} of {alone['epochs']:g}" if cut else f"{alone['epochs']:g}"
+            rows.append((f"  student alone ({epochs} ep.) validation (%)", value))
         if search["selected"] is not None:
             rows.append(("lambda (chosen on validation)", f"{search['selected']:g}"))
         if alone:

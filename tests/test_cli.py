@@ -151,6 +151,12 @@ def test_results_summary_names_the_lambda_and_every_candidate(capsys):
         lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
         assert f"student alone (20 ep.) validation (%) {alone['validation_top1']:.2f}" in lines
         assert f"exported model {says}" in lines
+    cut = {"epochs": 400.0, "validation_top1": 2.0, "exported": True, "train_metrics": {"epoch": 0.15}}  # --max_steps
+    _print_results({"method": "refilled", "final": {"test_top1": 2.0}, "distill_weight_search": search,
+                    "student_alone": cut})  # fmt: skip
+    assert "student alone (0.15 of 400 ep.) validation (%) 2.00" in [
+        " ".join(line.split()) for line in capsys.readouterr().out.splitlines()
+    ]
 
 
 def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):
