@@ -483,6 +483,13 @@ def load_classification_data(
             f"Split {test_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--test_split`, or pass "
             "`--test_split none` to run without a test split."
         )
+    unused = [name for name in ("validation", "valid", "val") if name in raw and name not in (train_split, test_split)]
+    if validation_split is None and validation_fraction > 0 and unused and "validation" in splits:
+        logger.info(
+            "The data set has a %r split, which this run does not use: its validation split is carved from %r "
+            "(--validation_fraction %g). Pass --validation_split %s to validate on it instead.",
+            unused[0], train_split, validation_fraction, unused[0],
+        )  # fmt: skip
     if validation_split is not None:
         if validation_fraction > 0:
             raise DataError("`validation_split` and `validation_fraction > 0` both ask for a validation split.")

@@ -199,3 +199,16 @@ def test_a_carved_model_is_measured_on_another_split_as_a_test_split(three_split
     held_out = evaluate_model(model, RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "e"),
                                                        "test_split": "validation"}))  # fmt: skip
     assert held_out["test_samples"] == 12 and held_out["data"]["split"] == "validation"
+
+
+def test_a_carving_run_says_the_data_sets_own_validation_split_is_unused(three_splits, caplog):
+    with caplog.at_level(logging.INFO, logger="refilled_hf.data"):
+        load_classification_data(str(three_splits), classes="3-5", validation_fraction=0.25, decode=False)
+    assert "has a 'validation' split, which this run does not use" in caplog.text
+    assert "Pass --validation_split validation to validate on it instead." in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="refilled_hf.data"):
+        load_classification_data(str(three_splits), classes="3-5", validation_fraction=0.0,
+                                 validation_split="validation", decode=False)  # fmt: skip
+        load_classification_data(str(three_splits), classes="3-5", validation_fraction=0.0, decode=False)
+    assert "which this run does not use" not in caplog.text
