@@ -13,6 +13,7 @@ processes.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -44,6 +45,19 @@ from .teacher_cache import TeacherCache
 __all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers"]
 
 STAGES = ("stage1", "stage2", "ce", "kd", "rkd")
+
+
+class _StepOrderedCheckpoints(logging.Filter):
+    """transformers sorts checkpoints by mtime before rotating them and, when two were saved
+    within a second (every short stage: the quickstart's), warns that "mtime may not be
+    reliable on this filesystem" and sorts them by step instead. Step order is the right one
+    for checkpoint-<step> folders, so the warning is never actionable here: it is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "mtime may not be reliable" not in record.getMessage()
+
+
+logging.getLogger("transformers.trainer_utils").addFilter(_StepOrderedCheckpoints())
 
 
 def batch_pixels(batch: dict[str, torch.Tensor], dataset) -> torch.Tensor:

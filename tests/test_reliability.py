@@ -210,3 +210,17 @@ def test_hub_token_is_never_written(data_dir, tmp_path, caplog):
     for path in files:
         assert token.encode() not in path.read_bytes(), path
     assert token not in caplog.text
+
+
+def test_transformers_mtime_warning_is_dropped_and_nothing_else():
+    import logging
+
+    import refilled_hf.trainer  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("transformers.trainer_utils")
+
+    def record(message: str) -> logging.LogRecord:
+        return log.makeRecord(log.name, logging.WARNING, __file__, 1, message, None, None)
+
+    assert not log.filter(record("mtime may not be reliable on this filesystem, falling back to numerical ordering"))
+    assert log.filter(record("Deleting older checkpoint [run/ce/checkpoint-1] due to args.save_total_limit"))
