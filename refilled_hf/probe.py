@@ -93,6 +93,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
         "teacher": config.teacher,
         "probe_ncm_top1": 100.0 * probe,
         "validation_images": int(clean.sum()),
+        "validation_split": data.validation_description(),  # which images: a carve, or --validation_split
         "left_out_teacher_training_images": int((~clean).sum()),
         "classes_probed": int(measured.sum()),
         "train_images": len(data.train),

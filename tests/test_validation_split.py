@@ -165,6 +165,7 @@ def test_probe_teacher_runs_on_the_validation_split(three_splits, tmp_path):
                          teacher=f"local-dir:{teacher}")  # fmt: skip
     result = probe_teacher(RefilledConfig(**recipe))
     assert result["validation_images"] == 12 and result["left_out_teacher_training_images"] == 0
+    assert result["validation_split"] == "validation"
     assert result["train_images"] == 36
 
 
