@@ -259,6 +259,15 @@ NUMERIC_RANGES: dict[str, tuple[float, float, bool, bool]] = {
 LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE")
 
 
+def _has_accelerator() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...) to train on."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
 @contextlib.contextmanager
 def _launcher_settings_ignored():
     """Inside the block, :data:`LAUNCHER_VARIABLES` are unset."""
@@ -741,7 +750,7 @@ class RefilledConfig(TrainingArguments):
         # Several processes (torchrun, accelerate launch) on a machine without an accelerator: Accelerate
         # makes them one CPU group only when told to use the CPU; otherwise each process trained alone, as
         # process 0 of 1, and all of them wrote the same --output_dir.
-        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             self.use_cpu = True
         if self.accelerator_config is None and self.dataloader_pin_memory and torch.cuda.is_available():
             # pinned batches copied to the GPU without blocking: a blocking copy makes the host wait for the

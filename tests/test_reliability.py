@@ -224,3 +224,17 @@ def test_transformers_mtime_warning_is_dropped_and_nothing_else():
 
     assert not log.filter(record("mtime may not be reliable on this filesystem, falling back to numerical ordering"))
     assert log.filter(record("Deleting older checkpoint [run/ce/checkpoint-1] due to args.save_total_limit"))
+
+
+def test_accelerator_detection_also_works_without_torch_accelerator(monkeypatch):
+    """torch.accelerator is torch >= 2.6; pyproject admits torch 2.4: the check falls back."""
+    from refilled_hf.config import _has_accelerator
+
+    monkeypatch.delattr(torch, "accelerator", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    assert _has_accelerator() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _has_accelerator() is True
