@@ -379,7 +379,7 @@ class ClassificationData:
 
     def validation_description(self) -> str:
         """``'train' (validation part)`` or ``'validation'``: where the validation images are."""
-        return self.validation_split or f"{self.train_split} (validation part)"
+        return _validation_description(self.validation_split, self.train_split)
 
     def selection_record(self) -> dict[str, Any]:
         """What a model trained on this task records of its data (in its ``config.json``):
@@ -417,7 +417,11 @@ def _classes_without_images(local: np.ndarray, selected: Sequence[int], names: S
     return [names[selected[i]] for i in np.flatnonzero(counts == 0)]
 
 
-def _check_test_classes(local: np.ndarray, selected: Sequence[int], names: Sequence[str], split: str,
+def _validation_description(validation_split: str | None, train_split: str) -> str:
+    return validation_split or f"{train_split} (validation part)"
+
+
+def _check_split_classes(local: np.ndarray, selected: Sequence[int], names: Sequence[str], split: str,
                         option: str = "--test_split") -> None:  # fmt: skip
     """A test (or validation) split without any image of the selection has nothing to
     measure (its top-1 would read 0 %): refused. One that lacks some classes measures the
@@ -555,14 +559,14 @@ def load_classification_data(
     val_raw, val_labels = train_raw, train_labels
     if validation_split is not None:
         val_raw, val_labels, val_positions = other_split(validation_split, "--validation_split")
-        _check_test_classes(remap[val_labels[val_positions]], selected, names, validation_split, "--validation_split")
+        _check_split_classes(remap[val_labels[val_positions]], selected, names, validation_split, "--validation_split")
     if val_positions is not None and "validation" in splits:
-        where = validation_split or f"{train_split} (validation part)"
+        where = _validation_description(validation_split, train_split)
         validation = subset(val_raw, val_positions, val_labels, where)
     if test_split is not None:
         test_raw, test_labels, test_positions = other_split(test_split, "--test_split")
         if "test" in splits:
-            _check_test_classes(remap[test_labels[test_positions]], selected, names, test_split)
+            _check_split_classes(remap[test_labels[test_positions]], selected, names, test_split)
             test = subset(test_raw, test_positions, test_labels, test_split)
     data = ClassificationData(
         train=subset(train_raw, positions, train_labels, train_split) if "train" in splits else None,
