@@ -21,7 +21,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from .config import ConfigError, RefilledConfig, field_users_text
+from .config import ConfigError, RefilledConfig, field_users_text, inherited_field_help
 
 COMMANDS = {
     "train-teacher": "train a teacher (any timm model) with cross-entropy on a class selection",
@@ -164,6 +164,7 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
     parser = HfArgumentParser(dataclass_types, prog=prog)
     if RefilledConfig in dataclass_types:
         for action in parser._actions:  # argparse keeps its actions there; the help is all this changes
+            action.help = inherited_field_help(action.dest) or action.help
             note = field_users_text(action.dest)
             if note and action.help and note not in action.help:
                 action.help = f"{action.help} {note}"

@@ -174,6 +174,9 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "debug": "not supported",
 }
 
+#: Inherited fields that transformers keeps for scripts and never reads; refilled-hf reads them neither.
+INFORMATIONAL_FIELDS: tuple[str, ...] = ("do_train", "do_eval", "do_predict")
+
 #: Inherited fields that do what transformers documents (some with refilled-hf's own
 #: meaning, stated in their help: optim, max_steps, warmup_steps, label_smoothing_factor,
 #: resume_from_checkpoint, push_to_hub).
@@ -192,8 +195,7 @@ HONOURED_FIELDS: tuple[str, ...] = (
     "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend", "ddp_timeout",
     "skip_memory_metrics", "resume_from_checkpoint", "torch_compile", "torch_compile_backend", "torch_compile_mode",
     "local_rank", "output_dir", "per_device_train_batch_size",
-    "weight_decay",
-    "do_train", "do_eval", "do_predict",  # informational, in transformers too
+    "weight_decay", *INFORMATIONAL_FIELDS,
 )  # fmt: skip
 
 #: Every inherited field and its treatment: "honoured", "replaced" or "unsupported".
@@ -202,6 +204,20 @@ INHERITED_FIELDS: dict[str, str] = {
     **{name: "replaced" for name in REPLACED_FIELDS},
     **{name: "unsupported" for name in UNSUPPORTED_FIELDS},
 }
+
+
+def inherited_field_help(name: str) -> str | None:
+    """refilled-hf's ``--help`` text for an inherited field it refuses or never reads, in place of
+    transformers' (which would describe what the option does in a Trainer script); None for the others."""
+    if name in UNSUPPORTED_FIELDS:
+        return f"Not supported by refilled-hf ({UNSUPPORTED_FIELDS[name]}): refused unless left at its default."
+    if name in INFORMATIONAL_FIELDS:
+        return (
+            "Informational, as in transformers: refilled-hf does not read it (every run trains, evaluates on "
+            "validation per eval_strategy and on test_split at the end of each stage)."
+        )
+    return None
+
 
 _INF = math.inf
 #: Numeric fields: (low, high, low excluded, high excluded). Every value must also be finite.
@@ -621,6 +637,20 @@ class RefilledConfig(TrainingArguments):
     eval_strategy: IntervalStrategy | str = field(default="epoch", **_help("When to evaluate on validation."))
     save_strategy: SaveStrategy | str = field(default="epoch", **_help("When to write a checkpoint."))
     save_total_limit: int | None = field(default=2, **_help("Checkpoints kept per stage."))
+    seed: int = field(
+        default=42,
+        **_help(
+            "Seed of the run: the student's initialization, its augmentation and batch order, and, unless "
+            "data_seed is set, which images shots_per_class and validation_fraction select."
+        ),
+    )
+    data_seed: int | None = field(
+        default=None,
+        **_help(
+            "Seed of the data: which images shots_per_class and validation_fraction select, and the batch order "
+            "(default: seed). Fix it and vary seed to repeat a run on the same images."
+        ),
+    )
     logging_steps: float = field(default=10, **_help("Log every N steps."))
     report_to: None | str | list[str] = field(
         default="none", **_help("Trackers to report to: none (default), all, or installed ones like tensorboard.")
@@ -721,13 +751,13 @@ class RefilledConfig(TrainingArguments):
     )
     # Replaced by the per-stage fields: None means "not given"; any value is refused (see validate()).
     learning_rate: float | None = field(
-        default=None, **_help("Not used: set stage1_learning_rate and stage2_learning_rate.")
+        default=None, **_help("Refused: set stage1_learning_rate and stage2_learning_rate.")
     )
-    num_train_epochs: float | None = field(default=None, **_help("Not used: set stage1_epochs and stage2_epochs."))
+    num_train_epochs: float | None = field(default=None, **_help("Refused: set stage1_epochs and stage2_epochs."))
     lr_scheduler_type: str | None = field(
         default=None,
         **_help(
-            "Not used: stage 1 decays by cosine to stage1_min_lr_ratio, stage 2 by stage2_gamma at "
+            "Refused: stage 1 decays by cosine to stage1_min_lr_ratio, stage 2 by stage2_gamma at "
             "stage2_milestones (warm-up: warmup_steps)."
         ),
     )

@@ -97,6 +97,20 @@ def test_shots_and_validation_are_stratified_and_seeded(data_dir):
     assert d.row_digests["train"] != a.row_digests["train"]
 
 
+def test_data_seed_draws_the_images_and_seed_does_when_it_is_unset(data_dir, tmp_path):
+    """What --seed and --data_seed's help say: vary --seed with --data_seed fixed, same images."""
+    from refilled_hf.config import RefilledConfig
+    from refilled_hf.pipeline import select_data
+
+    def digests(**seeds):
+        config = RefilledConfig(output_dir=str(tmp_path), dataset=str(data_dir), shots_per_class=5,
+                                validation_fraction=0.25, use_cpu=True, **seeds)  # fmt: skip
+        return select_data(config, "0-3").row_digests
+
+    assert digests(seed=1, data_seed=7) == digests(seed=2, data_seed=7) == digests(seed=7)
+    assert digests(seed=1) != digests(seed=2)
+
+
 def test_only_the_splits_asked_for_are_built_and_decoded(data_dir):
     kwargs = dict(classes="0-3", shots_per_class=5, validation_fraction=0.25, seed=1)
     full = load_classification_data(str(data_dir), **kwargs)

@@ -117,6 +117,30 @@ def test_unsupported_fields_are_refused(name, tmp_path):
         RefilledConfig(output_dir=str(tmp_path), use_cpu=True, **{name: UNSUPPORTED_VALUES[name]})
 
 
+def test_help_says_which_inherited_options_are_refused_or_not_read(capsys, monkeypatch):
+    """transformers' help for a refused option describes what it would do in a Trainer script."""
+    from refilled_hf.cli import main
+
+    monkeypatch.setenv("COLUMNS", "2000")  # argparse wraps (and hyphen-breaks) at the terminal's width
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    lines: dict[str, str] = {}  # each option's usage and help as one line (argparse may put the help below)
+    flag = None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            lines[flag] = " ".join(line.split())
+        elif flag and line.startswith("   "):
+            lines[flag] += " " + " ".join(line.split())
+        else:
+            flag = None
+    for name, reason in UNSUPPORTED_FIELDS.items():
+        assert f"Not supported by refilled-hf ({reason}): refused unless left at its default." in lines[f"--{name}"]
+    assert "Refused: set stage1_learning_rate and stage2_learning_rate." in lines["--learning_rate"]
+    assert "Informational, as in transformers: refilled-hf does not read it" in lines["--do_eval"]
+    assert "The target modules" not in lines["--optim_target_modules"]
+
+
 def test_options_that_cannot_work_here_are_refused_up_front(tmp_path):
     with pytest.raises(ConfigError, match="--report_to tensorboard.*not installed.*--report_to none"):
         RefilledConfig(output_dir=str(tmp_path), report_to="tensorboard")
