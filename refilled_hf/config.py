@@ -211,6 +211,8 @@ def inherited_field_help(name: str) -> str | None:
     transformers' (which would describe what the option does in a Trainer script); None for the others."""
     if name in UNSUPPORTED_FIELDS:
         return f"Not supported by refilled-hf ({UNSUPPORTED_FIELDS[name]}): refused unless left at its default."
+    if name == "train_sampling_strategy":  # redeclaring the field would break the transformers that lack it
+        return "Training batch order: 'random' (default) or 'sequential' (the length-based samplers are refused)."
     if name in INFORMATIONAL_FIELDS:
         return (
             "Informational, as in transformers: refilled-hf does not read it (every run trains, evaluates on "

@@ -39,7 +39,7 @@ __all__ = ["DeviceResizedCrops", "TimmTransformPlan", "plan_from_transforms", "s
 
 #: Pillow 13 runs the vertical pass first where it shrinks the height much more than the
 #: width (``ImagingResampleInner``); earlier versions always start with the horizontal one.
-_PILLOW_VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
+PILLOW_VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
 
 
 Range = tuple[float, float]
@@ -207,8 +207,8 @@ class DeviceResizedCrops(UInt8Store):
         self.eval_geometry = torch.tensor(geometry, dtype=torch.int64, device=self.device).view(-1, 4)
         tallest = int(sizes[:, 0].max()) if len(sizes) else 0
         # Can any image's vertical pass come first (Pillow 13, height shrunk)? Else skip that order.
-        self._train_may_start_vertical = _PILLOW_VERTICAL_FIRST and tallest > plan.size
-        self._eval_may_start_vertical = _PILLOW_VERTICAL_FIRST and bool(
+        self._train_may_start_vertical = PILLOW_VERTICAL_FIRST and tallest > plan.size
+        self._eval_may_start_vertical = PILLOW_VERTICAL_FIRST and bool(
             (sizes[:, 0] > self.eval_geometry[:, 0].cpu()).any()
         )
 

@@ -21,7 +21,12 @@ from torchvision.transforms import functional as F
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.data import build_transform
 from refilled_hf.data_device import IndexedImages
-from refilled_hf.data_device_timm import DeviceResizedCrops, plan_from_transforms, sample_resized_crops
+from refilled_hf.data_device_timm import (
+    PILLOW_VERTICAL_FIRST,
+    DeviceResizedCrops,
+    plan_from_transforms,
+    sample_resized_crops,
+)
 from refilled_hf.pil_ops import (
     FILTERS,
     adjust_brightness,
@@ -77,7 +82,7 @@ def test_resampling_is_pillows_for_every_filter(interpolation):
         rows = resize_weights(top, height, torch.full_like(top, out_h), out_h, zero, images.shape[2], interpolation)
         columns = resize_weights(left, width, torch.full_like(top, out_w), out_w, zero, images.shape[3], interpolation)
         shrink_h, shrink_w = height - out_h, width - out_w
-        vertical_first = (shrink_h > 0) & (shrink_h > 2 * shrink_w)
+        vertical_first = (shrink_h > 0) & (shrink_h > 2 * shrink_w) if PILLOW_VERTICAL_FIRST else None
         ours = resample(images, rows, columns, vertical_first).permute(0, 2, 3, 1).numpy()
         for k, array in enumerate(arrays):
             box = (int(left[k]), int(top[k]), int(left[k] + width[k]), int(top[k] + height[k]))

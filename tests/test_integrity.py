@@ -139,6 +139,8 @@ def test_help_says_which_inherited_options_are_refused_or_not_read(capsys, monke
     assert "Refused: set stage1_learning_rate and stage2_learning_rate." in lines["--learning_rate"]
     assert "Informational, as in transformers: refilled-hf does not read it" in lines["--do_eval"]
     assert "The target modules" not in lines["--optim_target_modules"]
+    assert "'random' (default) or 'sequential' (the length-based samplers are refused)" in lines[
+        "--train_sampling_strategy"]  # fmt: skip
 
 
 def test_options_that_cannot_work_here_are_refused_up_front(tmp_path):

@@ -5,6 +5,7 @@ are refused before any work."""
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import logged_losses, tiny_recipe
 from safetensors.torch import load_file
 
@@ -123,13 +124,16 @@ def test_a_launchers_dynamo_backend_compiles_in_place_once_and_is_recorded(data_
     """`accelerate launch --dynamo_backend X` reaches Accelerate through the environment: the
     run compiles the student in place with X (--torch_compile), and Accelerate wraps nothing
     on top (it compiled the whole student again, and the run recorded no compile)."""
-    from accelerate.utils import is_compiled_module
-
     seen = []
     compute_loss = trainer_module.RefilledTrainer.compute_loss
 
     def spy(self, model, inputs, *args, **kwargs):
-        seen.append((self.accelerator.unwrap_model(model)._compiled_call_impl is not None, is_compiled_module(model)))
+        seen.append(
+            (
+                self.accelerator.unwrap_model(model)._compiled_call_impl is not None,
+                isinstance(model, torch._dynamo.eval_frame.OptimizedModule),
+            )
+        )
         return compute_loss(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module.RefilledTrainer, "compute_loss", spy)
