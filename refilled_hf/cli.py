@@ -21,7 +21,15 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from .config import ConfigError, RefilledConfig, field_users_text, inherited_field_help
+from .config import (
+    FIELD_USERS,
+    INFORMATIONAL_FIELDS,
+    INHERITED_FIELDS,
+    ConfigError,
+    RefilledConfig,
+    field_users_text,
+    inherited_field_help,
+)
 
 COMMANDS = {
     "train-teacher": "train a teacher (any timm model) with cross-entropy on a class selection",
@@ -163,11 +171,22 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
     """Parse ``--config recipe.yaml`` (defaults) and command-line overrides."""
     parser = HfArgumentParser(dataclass_types, prog=prog)
     if RefilledConfig in dataclass_types:
+        command = prog.split()[-1]
         for action in parser._actions:  # argparse keeps its actions there; the help is all this changes
+            if _hidden_from_help(action.dest, command):
+                action.help = argparse.SUPPRESS
+                continue
             action.help = inherited_field_help(action.dest) or action.help
             note = field_users_text(action.dest)
             if note and action.help and note not in action.help:
                 action.help = f"{action.help} {note}"
+        if command in ("evaluate", "probe-teacher"):
+            parser.epilog = (
+                "It also accepts the training options of `refilled-hf distill --help`, so that one recipe serves "
+                "every command, and warns that it ignores them (the ones refused there are refused here too)."
+            )
+        elif command == "train-teacher":
+            parser.epilog = "The distillation options (`refilled-hf distill --help`) are refused here."
     parser.add_argument("--config", type=str, default=None, help="YAML recipe; command-line flags override it.")
     config_path = _flag_value(argv, "--config")
     if config_path is not None:
@@ -176,6 +195,20 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
     if rest:
         raise CliError(f"Unknown arguments: {rest}. See `{prog} --help`.")
     return tuple(p for p in parsed if isinstance(p, dataclass_types))  # drop the --config namespace
+
+
+def _hidden_from_help(name: str, command: str) -> bool:
+    """Whether ``refilled-hf <command> --help`` leaves out the field ``name``: a field the
+    command never reads (see :data:`~refilled_hf.config.FIELD_USERS`) and, for the commands
+    that train nothing, the inherited fields refilled-hf replaces or refuses."""
+    if command == "distill":
+        return False
+    users = FIELD_USERS.get(name)
+    if users is not None and command not in users:
+        return True
+    return command in ("evaluate", "probe-teacher") and (
+        INHERITED_FIELDS.get(name, "honoured") != "honoured" or name in INFORMATIONAL_FIELDS
+    )
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

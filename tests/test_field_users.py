@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
 import pytest
@@ -163,6 +164,26 @@ def test_help_says_who_uses_a_field(capsys, monkeypatch):
     assert "[used by distill --method refilled/kd/rkd, train-teacher, probe-teacher; the others warn" in text
     assert "each stage: steps (>= 1) or a fraction of it (< 1). [used by distill, train-teacher; the others warn " \
            "that they ignore it]" in text  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command,shown,hidden",
+    [
+        ("evaluate", ["--model", "--classes", "--per_device_eval_batch_size", "--seed"],
+         ["--stage1_epochs", "--tau1", "--optim", "--deepspeed", "--learning_rate", "--do_eval"]),
+        ("probe-teacher", ["--teacher", "--shots_per_class", "--classes"],
+         ["--stage2_epochs", "--kd_weight", "--push_to_hub", "--fsdp"]),
+        ("train-teacher", ["--teacher", "--stage2_epochs", "--optim", "--deepspeed"],
+         ["--tau1", "--teacher_classes", "--method"]),
+        ("distill", ["--tau1", "--kd_weight", "--deepspeed", "--learning_rate"], []),
+    ],
+)  # fmt: skip
+def test_help_lists_the_options_a_command_reads(command, shown, hidden, capsys):
+    """`evaluate --help` is not 1,000 lines of training options it ignores; they still parse."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    flags = set(re.findall(r"^  (--[a-z0-9_]+)", capsys.readouterr().out, flags=re.M))
+    assert set(shown) <= flags and not set(hidden) & flags, (set(shown) - flags, set(hidden) & flags)
 
 
 def test_the_command_line_refuses_train_teacher_options(data_dir, tmp_path, capsys):
