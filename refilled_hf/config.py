@@ -382,7 +382,11 @@ class RefilledConfig(TrainingArguments):
     method: str = field(default="refilled", **_help(f"Method: one of {', '.join(METHODS)}."))
     student: str = field(
         default="cifar_wrn_16_1",
-        **_help("Student timm model: a registered name (e.g. cifar_wrn_16_1, resnet18), local-dir: or hf-hub:."),
+        **_help(
+            "Student timm model: a registered name (e.g. cifar_wrn_16_1, resnet18; randomly initialized unless "
+            "student_checkpoint is given), or local-dir: / hf-hub: (starting from its weights). A classifier with "
+            "another number of classes than the selection is replaced by a new one."
+        ),
     )
     student_checkpoint: str | None = field(
         default=None, **_help("Optional initial weights for the student (safetensors, or legacy .pt/.pth).")

@@ -430,3 +430,39 @@ def test_per_class_top1_counts_every_image_of_each_class_once(tmp_path):
     assert metrics["test_per_class_top1"] == pytest.approx(expected)
     weighted = sum(t * k for t, k in zip(expected, [9, 7, 0, 7]) if t is not None) / n
     assert metrics["test_top1"] == pytest.approx(weighted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source_classes", [3, 5])
+def test_a_student_given_as_a_folder_or_a_checkpoint_starts_from_its_weights(data_dir, tmp_path, source_classes):
+    """What --student's help says: local-dir: and --student_checkpoint start from their
+    weights; a classifier for another number of classes than the selection (3) is new."""
+    from safetensors.torch import save_file
+
+    from refilled_hf.hub import export_model
+
+    torch.manual_seed(123)
+    source = timm.create_model("cifar_wrn_16_1", num_classes=source_classes)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.05)
+    export_model(source, tmp_path / "source", label_names=[f"c{i}" for i in range(source_classes)])
+    save_file(source.state_dict(), str(tmp_path / "source.safetensors"))
+    expected = source.state_dict()
+
+    class FirstWeights(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.append({k.removeprefix("model."): v.detach().clone() for k, v in model.state_dict().items()})
+
+    for name, student in (("dir", {"student": f"local-dir:{tmp_path / 'source'}"}),
+                          ("ckpt", {"student_checkpoint": str(tmp_path / "source.safetensors")})):  # fmt: skip
+        seen: list[dict[str, torch.Tensor]] = []
+        run(tiny_recipe(data_dir, tmp_path / name, method="ce", stage2_epochs=1, max_steps=1, **student),
+            callbacks=[FirstWeights()])  # fmt: skip
+        first = seen[0]
+        for key, value in expected.items():
+            if key.startswith("fc."):
+                assert first[key].shape[0] == 3
+                assert torch.equal(first[key], value) == (source_classes == 3), (name, key)
+            else:
+                assert torch.equal(first[key], value), (name, key)
