@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Import names that differ from the distribution's name.
 DISTRIBUTION_OF = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn"}
-#: Dependencies CI's lowest run cannot pin (see .ci/lowest-versions.txt).
-UNPINNED = {"torch", "torchvision"}
+#: Dependencies CI's lowest run does not pin: torch (see .ci/lowest-versions.txt) and the dev tools.
+UNPINNED = {"torch", "torchvision", "pytest", "ruff"}
 
 
 def _name(requirement: str) -> str:
@@ -50,11 +50,13 @@ def test_every_third_party_import_is_a_declared_dependency():
 
 
 def test_every_lower_bound_is_the_version_ci_tests_as_lowest():
+    project = _project()
     bounds = {}
-    for requirement in _project()["dependencies"]:
+    for requirement in [*project["dependencies"], *(r for extra in project["optional-dependencies"].values()
+                                                   for r in extra)]:  # fmt: skip
         match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][0-9.]*)", requirement.strip())
         assert match, f"{requirement!r}: give each dependency a lower bound (name>=X), tested by CI"
-        bounds[_name(match[1])] = match[2]
+        assert bounds.setdefault(_name(match[1]), match[2]) == match[2], f"{requirement!r}: two bounds"
     pins = {}
     for line in (ROOT / ".ci" / "lowest-versions.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
