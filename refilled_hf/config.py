@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+import transformers
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
@@ -206,11 +207,28 @@ INHERITED_FIELDS: dict[str, str] = {
 }
 
 
+@functools.cache
+def undecided_fields() -> tuple[str, ...]:
+    """The installed transformers' ``TrainingArguments`` fields that :data:`INHERITED_FIELDS`
+    has no decision for (added by a release newer than refilled-hf): refused unless at their default."""
+    return tuple(f.name for f in fields(TrainingArguments) if f.init and f.name not in INHERITED_FIELDS)
+
+
+def _own_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def inherited_field_help(name: str) -> str | None:
     """refilled-hf's ``--help`` text for an inherited field it refuses or never reads, in place of
     transformers' (which would describe what the option does in a Trainer script); None for the others."""
     if name in UNSUPPORTED_FIELDS:
         return f"Not supported by refilled-hf ({UNSUPPORTED_FIELDS[name]}): refused unless left at its default."
+    if name in undecided_fields():
+        return (
+            "Not known to this refilled-hf release (a newer transformers option): refused unless left at its default."
+        )
     if name == "train_sampling_strategy":  # redeclaring the field would break the transformers that lack it
         return "Training batch order: 'random' (default) or 'sequential' (the length-based samplers are refused)."
     if name in INFORMATIONAL_FIELDS:
@@ -887,7 +905,16 @@ class RefilledConfig(TrainingArguments):
                 raise ConfigError(f"`{name}` is not used by refilled-hf: {use}.")
 
     def _check_before_transformers(self) -> None:
-        """Checks whose failure transformers would report as a traceback."""
+        """Checks whose failure transformers would report as a traceback, and the inherited
+        fields that transformers added after this release (which cannot say what they do here)."""
+        defaults = _transformers_defaults()
+        for name in undecided_fields():
+            if _plain(getattr(self, name)) != _plain(defaults[name]):
+                raise ConfigError(
+                    f"`{name}` is an option of transformers {transformers.__version__} that refilled-hf "
+                    f"{_own_version()} does not know, so it cannot say what it would do in a run: leave it at its "
+                    "default, or upgrade refilled-hf."
+                )
         if self.load_best_model_at_end:
             if option_name(self.eval_strategy) == "no":
                 raise ConfigError(

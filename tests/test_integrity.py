@@ -117,6 +117,30 @@ def test_unsupported_fields_are_refused(name, tmp_path):
         RefilledConfig(output_dir=str(tmp_path), use_cpu=True, **{name: UNSUPPORTED_VALUES[name]})
 
 
+def test_a_field_of_a_newer_transformers_is_refused_unless_left_at_its_default(tmp_path, monkeypatch, capsys):
+    """A transformers release newer than the test above adds a field nobody decided on: it
+    must not be silently ignored (simulated by forgetting the decision on `tf32`)."""
+    from refilled_hf import config as config_module
+    from refilled_hf.cli import main
+
+    monkeypatch.delitem(config_module.INHERITED_FIELDS, "tf32")
+    config_module.undecided_fields.cache_clear()
+    try:
+        assert config_module.undecided_fields() == ("tf32",)
+        with pytest.raises(ConfigError, match=r"`tf32` is an option of transformers .* that refilled-hf .* does not "
+                                              r"know.*leave it at its default, or upgrade refilled-hf"):  # fmt: skip
+            RefilledConfig(output_dir=str(tmp_path), use_cpu=True, tf32=True)
+        RefilledConfig(output_dir=str(tmp_path), use_cpu=True)  # left at its default: fine
+        monkeypatch.setenv("COLUMNS", "2000")
+        with pytest.raises(SystemExit):
+            main(["distill", "--help"])
+        assert "Not known to this refilled-hf release (a newer transformers option)" in capsys.readouterr().out
+    finally:
+        monkeypatch.undo()
+        config_module.undecided_fields.cache_clear()
+    assert config_module.undecided_fields() == ()
+
+
 def test_help_says_which_inherited_options_are_refused_or_not_read(capsys, monkeypatch):
     """transformers' help for a refused option describes what it would do in a Trainer script."""
     from refilled_hf.cli import main
