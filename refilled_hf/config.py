@@ -402,8 +402,9 @@ class RefilledConfig(TrainingArguments):
         default="cifar_wrn_16_1",
         **_help(
             "Student timm model: a registered name (e.g. cifar_wrn_16_1, resnet18; randomly initialized unless "
-            "student_checkpoint is given), or local-dir: / hf-hub: (starting from its weights). A classifier with "
-            "another number of classes than the selection is replaced by a new one."
+            "student_checkpoint is given), or local-dir: / hf-hub: (starting from its weights). Its classifier is "
+            "replaced by a new one unless it is for the selected classes: as many, and (where the model names its "
+            "classes) the same names in the same order."
         ),
     )
     student_checkpoint: str | None = field(

@@ -562,7 +562,10 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     student_cfg = data_pretrained_cfg(backbone.pretrained_cfg, config.image_size)
     teacher = load_teacher(config, student_cfg) if method != "ce" else None
     data = select_data(config, config.classes)  # labels and class names: what the checks below need
-    if backbone.num_classes != data.num_classes:
+    # a classifier for other classes is replaced: another count, or (a local-dir:/hf-hub: student
+    # names its classes) other names or order; one for these classes, in this order, is kept
+    own_names = backbone.pretrained_cfg.get("label_names")
+    if backbone.num_classes != data.num_classes or (own_names is not None and list(own_names) != data.class_names):
         backbone.reset_classifier(data.num_classes)
     student = StudentModel(backbone)
     teacher_classes = stated_teacher_classes(config, data)

@@ -433,10 +433,12 @@ def test_per_class_top1_counts_every_image_of_each_class_once(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source_classes", [3, 5])
-def test_a_student_given_as_a_folder_or_a_checkpoint_starts_from_its_weights(data_dir, tmp_path, source_classes):
+@pytest.mark.parametrize("source_names", [CLASS_NAMES[3:6], ["c0", "c1", "c2"], ["c0", "c1", "c2", "c3", "c4"]])
+def test_a_student_given_as_a_folder_or_a_checkpoint_starts_from_its_weights(data_dir, tmp_path, source_names):
     """What --student's help says: local-dir: and --student_checkpoint start from their
-    weights; a classifier for another number of classes than the selection (3) is new."""
+    weights; a classifier for other classes than the selection (3-5) is new: another count,
+    or, for a folder (which names its classes), other names."""
+    source_classes = len(source_names)
     from safetensors.torch import save_file
 
     from refilled_hf.hub import export_model
@@ -446,7 +448,7 @@ def test_a_student_given_as_a_folder_or_a_checkpoint_starts_from_its_weights(dat
     with torch.no_grad():
         for p in source.parameters():
             p.normal_(0, 0.05)
-    export_model(source, tmp_path / "source", label_names=[f"c{i}" for i in range(source_classes)])
+    export_model(source, tmp_path / "source", label_names=source_names)
     save_file(source.state_dict(), str(tmp_path / "source.safetensors"))
     expected = source.state_dict()
 
@@ -462,7 +464,7 @@ def test_a_student_given_as_a_folder_or_a_checkpoint_starts_from_its_weights(dat
         first = seen[0]
         for key, value in expected.items():
             if key.startswith("fc."):
-                assert first[key].shape[0] == 3
-                assert torch.equal(first[key], value) == (source_classes == 3), (name, key)
+                kept = source_names == CLASS_NAMES[3:6] or (name == "ckpt" and source_classes == 3)
+                assert first[key].shape[0] == 3 and torch.equal(first[key], value) == kept, (name, key)
             else:
                 assert torch.equal(first[key], value), (name, key)
