@@ -225,10 +225,21 @@ def resolved_config(config: RefilledConfig) -> dict[str, Any]:
     return config.to_recipe()
 
 
+def _stdout_takes_utf8() -> bool:
+    return (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") == "utf8"
+
+
+def print_json(value: Any) -> None:
+    """``value`` as JSON on stdout, class names in their own letters (escaped as ``\\u00f6``
+    only where stdout cannot take UTF-8)."""
+    print(json.dumps(value, indent=2, ensure_ascii=not _stdout_takes_utf8()))
+
+
 def _print_config(config: RefilledConfig) -> None:
     if config.process_index == 0:
         print("Resolved configuration:")
-        print(yaml.safe_dump(json.loads(json.dumps(resolved_config(config), default=str)), sort_keys=True))
+        recipe = json.loads(json.dumps(resolved_config(config), default=str))
+        print(yaml.safe_dump(recipe, sort_keys=True, allow_unicode=_stdout_takes_utf8()))
 
 
 def _print_results(results: dict[str, Any]) -> None:
@@ -309,7 +320,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     eval_args, config = parse_command("evaluate", argv)
     metrics = evaluate_model(eval_args.model, config, checkpoint=eval_args.checkpoint, split=eval_args.split)
     if config.process_index == 0:
-        print(json.dumps(metrics, indent=2))
+        print_json(metrics)
     return 0
 
 
@@ -340,7 +351,7 @@ def cmd_probe(argv: list[str]) -> int:
             "validation between 1 and 10, kept those gains and was -0.2 there).",
             file=sys.stderr,
         )
-        print(json.dumps(result, indent=2))
+        print_json(result)
     return 0
 
 

@@ -239,3 +239,19 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, cap
     assert result["probe_ncm_top1"] == pytest.approx(100.0 * expected)
     plain = sum(hits.values()) / sum(probed.values())
     assert abs(expected - plain) > 0.01, "the data must tell the class-weighted probe from the plain one"
+
+
+@pytest.mark.parametrize("encoding,expected", [("utf-8", '"Größe"'), ("ascii", '"Gr\\u00f6\\u00dfe"')])
+def test_json_on_stdout_keeps_class_names_readable_where_it_can(encoding, expected, monkeypatch):
+    """evaluate and probe-teacher print class names as written; escaped only for a stdout that
+    cannot take them (printing them there would fail)."""
+    import io
+
+    from refilled_hf.cli import print_json
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding=encoding)
+    monkeypatch.setattr(sys, "stdout", out)
+    print_json({"test_per_class": {"Größe": {"top1": 50.0}}})
+    out.flush()
+    text = out.buffer.getvalue().decode(encoding)
+    assert expected in text and json.loads(text) == {"test_per_class": {"Größe": {"top1": 50.0}}}
