@@ -175,7 +175,7 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "debug": "not supported",
 }
 
-#: Inherited fields that transformers keeps for scripts and never reads; refilled-hf reads them neither.
+#: Inherited fields that transformers keeps for scripts and never reads; refilled-hf does not read them either.
 INFORMATIONAL_FIELDS: tuple[str, ...] = ("do_train", "do_eval", "do_predict")
 
 #: Inherited fields that do what transformers documents (some with refilled-hf's own
@@ -229,7 +229,7 @@ def inherited_field_help(name: str) -> str | None:
         return (
             "Not known to this refilled-hf release (a newer transformers option): refused unless left at its default."
         )
-    if name == "train_sampling_strategy":  # redeclaring the field would break the transformers that lack it
+    if name == "train_sampling_strategy":  # transformers' help lists the length-based samplers too
         return "Training batch order: 'random' (default) or 'sequential' (the length-based samplers are refused)."
     if name in INFORMATIONAL_FIELDS:
         return (
@@ -665,8 +665,8 @@ class RefilledConfig(TrainingArguments):
     seed: int = field(
         default=42,
         **_help(
-            "Seed of the run: the student's initialization, its augmentation and batch order, and, unless "
-            "data_seed is set, which images shots_per_class and validation_fraction select."
+            "Seed of the run: the student's initialization and augmentation, and, unless data_seed is set, the "
+            "batch order and which images shots_per_class and validation_fraction select."
         ),
     )
     data_seed: int | None = field(
