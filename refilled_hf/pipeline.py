@@ -241,9 +241,12 @@ def _prepare_output_dir(config: RefilledConfig, rundir: RunDirectory) -> dict[st
     if config.overwrite_output:
         return manifest
     if (out / RESULTS_FILE).is_file():
+        if resume == "latest":
+            return manifest  # _finished_run returns its results if it is this run
         raise RunError(
-            f"{out} holds a finished run ({RESULTS_FILE} exists). Choose another --output_dir, or pass "
-            "--overwrite_output true to replace it."
+            f"{out} holds a finished run ({RESULTS_FILE} exists). Choose another --output_dir, pass "
+            "--overwrite_output true to replace it, or --resume_from_checkpoint true to get its results (if it is "
+            "this run: nothing is trained again)."
         )
     if rundir.present() and not resume:
         raise RunError(
@@ -579,7 +582,6 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     check_forward(student, teacher, student_cfg["input_size"])
     data = prepare_data(config, data, backbone.pretrained_cfg)  # decodes every image: the long part
     check_teacher_cache(config, teacher, data)
-    _log_plan(config)  # after the checks: a refused run is told only why
     results: dict[str, Any] = {
         "method": method,
         "student": config.student,
@@ -597,6 +599,9 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     }
     check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
+    if mode == "latest" and (out / RESULTS_FILE).is_file():
+        return _finished_run(config, rundir, identity)
+    _log_plan(config)  # after the checks: a refused (or finished) run is told only why
     centers_data = eval_copy(data.train, data.eval_transform)
 
     # The folder: locked by the main process, re-checked under the lock, identity recorded.
@@ -609,13 +614,71 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
                 rundir.check_resume(identity)
             if config.overwrite_output:
                 rundir.remove_earlier_run(earlier)
-            rundir.write_manifest(identity)
+            rundir.write_manifest(identity, _export_options(config))
         _wait_for_everyone()
         cache = _teacher_cache(config, teacher, data, identity["teacher_weights"], results)
         return _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks,
                            results, out, cache)  # fmt: skip
     finally:
         rundir.release()
+
+
+#: Options outside a run's identity that shape its export: the card's baselines and license, and
+#: the repo the card names.
+EXPORT_OPTIONS = ("compare_runs", "card_license", "hub_model_id")
+
+
+def _export_options(config: RefilledConfig) -> dict[str, Any]:
+    recipe = config.to_recipe()
+    return {name: recipe.get(name) for name in EXPORT_OPTIONS}
+
+
+def _finished_run(config: RefilledConfig, rundir: RunDirectory, identity: dict[str, Any]) -> dict[str, Any]:
+    """``--resume_from_checkpoint true`` on a finished run (a job script run again after its run
+    ended): its results, nothing trained again, if it is this run (same identity) and its export
+    was made with these export options; pushed if asked. Anything else is refused."""
+    out = rundir.out
+    _wait_for_everyone()
+    rundir.acquire()
+    try:
+        if rundir.is_main:
+            _prepare_output_dir(config, rundir)  # again, under the lock
+            rundir.check_resume(identity)
+            recorded = (rundir.manifest() or {}).get("export_options")
+            wanted = _export_options(config)
+            if recorded != wanted:
+                if recorded is None:
+                    why = "an earlier refilled-hf made it without recording its model card's options"
+                else:
+                    changed = "; ".join(f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items()
+                                        if recorded.get(k) != v)  # fmt: skip
+                    why = (
+                        f"its model card was made with other options ({changed}): pass the same ones to get its results"
+                    )
+                raise RunError(
+                    f"{out} holds this run, finished, but {why}. Push its model as it is with `refilled-hf push`, "
+                    "or pass --overwrite_output true to train it again."
+                )
+            if not (out / EXPORT_DIR / "config.json").is_file():
+                raise RunError(
+                    f"{out} holds this run, finished, but its model ({out / EXPORT_DIR}) is missing: pass "
+                    "--overwrite_output true to train it again."
+                )
+            logger.warning("%s holds this run, finished: nothing is trained again; these are its results.", out)
+            if config.push_to_hub:
+                url = push_folder(
+                    out / EXPORT_DIR, config.hub_model_id, private=config.hub_private_repo, token=config.hub_token
+                )
+                logger.info("Pushed %s to %s", out / EXPORT_DIR, url)
+        _wait_for_everyone()
+    finally:
+        rundir.release()
+    try:
+        return json.loads((out / RESULTS_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(
+            f"{out / RESULTS_FILE} is damaged ({err}): pass --overwrite_output true to train again."
+        ) from None
 
 
 def _stage2_dirs(config: RefilledConfig, out: Path) -> list[Path]:

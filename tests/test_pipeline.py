@@ -132,6 +132,40 @@ def test_finished_run_is_not_overwritten(data_dir, tmp_path):
     assert again["final"]["test_samples"] == first["final"]["test_samples"]
 
 
+@pytest.mark.slow
+def test_resuming_a_finished_run_returns_its_results_and_trains_nothing(data_dir, tmp_path, monkeypatch, caplog):
+    """A job script run again after its run ended (`--resume_from_checkpoint true`) exits 0 with
+    the run's results, if it is the same run made with the same card options; else refused."""
+    import shutil
+
+    from refilled_hf import pipeline
+    from refilled_hf.cli import main
+
+    recipe = tiny_recipe(data_dir, tmp_path / "ce", method="ce", stage2_epochs=1, card_license="apache-2.0")
+    first = run(recipe)
+    folder = tmp_path / "ce"
+    files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".refilled-hf.lock"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(pipeline, "_run_stages", no_training)
+    with caplog.at_level(logging.WARNING, logger="refilled_hf.pipeline"):
+        assert run({**recipe, "resume_from_checkpoint": "true"}) == first
+    assert "holds this run, finished: nothing is trained again" in caplog.text
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    assert main(["distill", "--config", str(recipe_file), "--resume_from_checkpoint", "true"]) == 0
+    assert {p: p.read_bytes() for p in files} == files, "nothing in the folder changed"
+    with pytest.raises(RunDirError, match="seed: 0 -> 1"):  # another run
+        run({**recipe, "resume_from_checkpoint": "true", "seed": 1})
+    with pytest.raises(RunError, match="card_license: 'apache-2.0' -> 'mit'.*refilled-hf push"):
+        run({**recipe, "resume_from_checkpoint": "true", "card_license": "mit"})
+    shutil.rmtree(folder / "model")
+    with pytest.raises(RunError, match="its model .* is missing"):
+        run({**recipe, "resume_from_checkpoint": "true"})
+
+
 def test_a_run_into_the_folder_of_its_own_teacher_or_baseline_is_refused_and_deletes_nothing(data_dir, tmp_path):
     """--overwrite_output into the teacher's run folder used to delete the teacher, export the
     student in its place and record ``--teacher local-dir:<that folder>``: a lost file and a
