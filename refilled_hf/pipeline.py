@@ -666,10 +666,7 @@ def _finished_run(config: RefilledConfig, rundir: RunDirectory, identity: dict[s
                 )
             logger.warning("%s holds this run, finished: nothing is trained again; these are its results.", out)
             if config.push_to_hub:
-                url = push_folder(
-                    out / EXPORT_DIR, config.hub_model_id, private=config.hub_private_repo, token=config.hub_token
-                )
-                logger.info("Pushed %s to %s", out / EXPORT_DIR, url)
+                _push_export(config, out)
         _wait_for_everyone()
     finally:
         rundir.release()
@@ -998,12 +995,14 @@ def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, resul
         write_json_atomically(out / RESULTS_FILE, results)
         logger.info("Exported the model to %s (process %d)", out / EXPORT_DIR, trainer.args.process_index)
         if config.push_to_hub:
-            url = push_folder(
-                out / EXPORT_DIR, config.hub_model_id, private=config.hub_private_repo, token=config.hub_token
-            )
-            logger.info("Pushed %s to %s", out / EXPORT_DIR, url)
+            _push_export(config, out)
     _barrier(trainer)
     return results
+
+
+def _push_export(config: RefilledConfig, out: Path) -> None:
+    url = push_folder(out / EXPORT_DIR, config.hub_model_id, private=config.hub_private_repo, token=config.hub_token)
+    logger.info("Pushed %s to %s", out / EXPORT_DIR, url)
 
 
 def run_teacher_training(config: RefilledConfig, callbacks: list | None = None) -> dict[str, Any]:

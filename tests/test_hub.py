@@ -275,6 +275,11 @@ def test_run_pushes_the_export_from_the_main_process(hub, tmp_path, caplog, caps
     assert "hf-hub:me/student" in card.text
     written = "".join(p.read_text() for p in (tmp_path / "run").rglob("*") if p.suffix in {".json", ".md"})
     assert "hf_SECRET_TOKEN" not in written + caplog.text + capsys.readouterr().out
+    # the job run again after the run ended (say its push was cut): the model is pushed, nothing trained
+    hub.calls.clear()
+    again = run_distillation(RefilledConfig(**{**recipe, "resume_from_checkpoint": "true"}))
+    assert again["final"] == results["final"]
+    assert [c[0] for c in hub.calls] == ["whoami", "create_repo", "upload_folder"]
 
 
 def test_push_requires_a_repo_id_before_training(tmp_path):
