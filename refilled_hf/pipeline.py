@@ -599,7 +599,13 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     }
     check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
-    if mode == "latest" and (out / RESULTS_FILE).is_file():
+    finished = mode == "latest" and (out / RESULTS_FILE).is_file()
+    # every process checks a resume (reading only), so that all refuse alike; the main one checks again
+    if finished:
+        _check_finished_run(config, rundir, identity)
+    elif mode is not None and rundir.present():
+        rundir.check_resume(identity)
+    if finished:
         return _finished_run(config, rundir, identity)
     _log_plan(config)  # after the checks: a refused (or finished) run is told only why
     centers_data = eval_copy(data.train, data.eval_transform)
@@ -633,37 +639,41 @@ def _export_options(config: RefilledConfig) -> dict[str, Any]:
     return {name: recipe.get(name) for name in EXPORT_OPTIONS}
 
 
+def _check_finished_run(config: RefilledConfig, rundir: RunDirectory, identity: dict[str, Any]) -> None:
+    """Refuse to give a finished run's results as this run's unless it is this run (same
+    identity), its export was made with these export options, and its model is there."""
+    out = rundir.out
+    rundir.check_resume(identity)
+    recorded = (rundir.manifest() or {}).get("export_options")
+    wanted = _export_options(config)
+    if recorded != wanted:
+        if recorded is None:
+            why = "an earlier refilled-hf made it without recording its model card's options"
+        else:
+            changed = "; ".join(f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v)
+            why = f"its model card was made with other options ({changed}): pass the same ones to get its results"
+        raise RunError(
+            f"{out} holds this run, finished, but {why}. Push its model as it is with `refilled-hf push`, or pass "
+            "--overwrite_output true to train it again."
+        )
+    if not (out / EXPORT_DIR / "config.json").is_file():
+        raise RunError(
+            f"{out} holds this run, finished, but its model ({out / EXPORT_DIR}) is missing: pass "
+            "--overwrite_output true to train it again."
+        )
+
+
 def _finished_run(config: RefilledConfig, rundir: RunDirectory, identity: dict[str, Any]) -> dict[str, Any]:
     """``--resume_from_checkpoint true`` on a finished run (a job script run again after its run
-    ended): its results, nothing trained again, if it is this run (same identity) and its export
-    was made with these export options; pushed if asked. Anything else is refused."""
+    ended): its results, nothing trained again, if :func:`_check_finished_run` passes (every
+    process checked it already, so all refuse alike); pushed if asked."""
     out = rundir.out
     _wait_for_everyone()
     rundir.acquire()
     try:
         if rundir.is_main:
             _prepare_output_dir(config, rundir)  # again, under the lock
-            rundir.check_resume(identity)
-            recorded = (rundir.manifest() or {}).get("export_options")
-            wanted = _export_options(config)
-            if recorded != wanted:
-                if recorded is None:
-                    why = "an earlier refilled-hf made it without recording its model card's options"
-                else:
-                    changed = "; ".join(f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items()
-                                        if recorded.get(k) != v)  # fmt: skip
-                    why = (
-                        f"its model card was made with other options ({changed}): pass the same ones to get its results"
-                    )
-                raise RunError(
-                    f"{out} holds this run, finished, but {why}. Push its model as it is with `refilled-hf push`, "
-                    "or pass --overwrite_output true to train it again."
-                )
-            if not (out / EXPORT_DIR / "config.json").is_file():
-                raise RunError(
-                    f"{out} holds this run, finished, but its model ({out / EXPORT_DIR}) is missing: pass "
-                    "--overwrite_output true to train it again."
-                )
+            _check_finished_run(config, rundir, identity)
             logger.warning("%s holds this run, finished: nothing is trained again; these are its results.", out)
             if config.push_to_hub:
                 _push_export(config, out)

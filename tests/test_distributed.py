@@ -25,20 +25,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def distill(recipe: Path, out: Path, processes: int, say_cpu: bool = True) -> subprocess.CompletedProcess:
+def distill(recipe: Path, out: Path, processes: int, say_cpu: bool = True, *extra: str,
+            ok: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
     # These runs mean the CPU: hide any GPU, or a second rank asks for a device ordinal that is not there.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("ACCELERATE_USE_CPU", None)
     if say_cpu:
         env["ACCELERATE_USE_CPU"] = "true"
-    cli = ["-m", "refilled_hf.cli", "distill", "--config", str(recipe), "--output_dir", str(out)]
+    cli = ["-m", "refilled_hf.cli", "distill", "--config", str(recipe), "--output_dir", str(out), *extra]
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:
         launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
         cmd = [sys.executable, *launcher, *cli]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -86,6 +87,16 @@ def test_two_processes_match_one(tmp_path):
         assert all(exported[k].equal(chosen[k]) for k in chosen)
     log = two.stdout + two.stderr
     assert log.count("Exported the model to") == 1 and "(process 0)" in log
+
+    # run again once finished: its results, nothing trained; another run's settings: every process
+    # refuses with the same message (the others used to fail on the closed process group)
+    before = (tmp_path / "two" / "results.json").read_bytes()
+    again = distill(path, tmp_path / "two", 2, True, "--resume_from_checkpoint", "true")
+    assert "holds this run, finished: nothing is trained again" in again.stderr
+    assert (tmp_path / "two" / "results.json").read_bytes() == before
+    refused = distill(path, tmp_path / "two", 2, True, "--resume_from_checkpoint", "true", "--seed", "3", ok=False)
+    log = refused.stdout + refused.stderr
+    assert log.count("error: Cannot resume: the run in") == 2 and "internal error" not in log
 
 
 def test_processes_launched_without_an_accelerator_train_as_one_cpu_group(tmp_path):
