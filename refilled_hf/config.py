@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -908,14 +909,13 @@ class RefilledConfig(TrainingArguments):
     def _check_before_transformers(self) -> None:
         """Checks whose failure transformers would report as a traceback, and the inherited
         fields that transformers added after this release (which cannot say what they do here)."""
-        defaults = _transformers_defaults()
-        for name in undecided_fields():
-            if _plain(getattr(self, name)) != _plain(defaults[name]):
-                raise ConfigError(
-                    f"`{name}` is an option of transformers {transformers.__version__} that refilled-hf "
-                    f"{_own_version()} does not know, so it cannot say what it would do in a run: leave it at its "
-                    "default, or upgrade refilled-hf."
-                )
+        unknown = self._changed_inherited(undecided_fields())
+        if unknown:
+            raise ConfigError(
+                f"`{unknown[0]}` is an option of transformers {transformers.__version__} that refilled-hf "
+                f"{_own_version()} does not know, so it cannot say what it would do in a run: leave it at its "
+                "default, or upgrade refilled-hf."
+            )
         if self.load_best_model_at_end:
             if option_name(self.eval_strategy) == "no":
                 raise ConfigError(
@@ -1067,19 +1067,21 @@ class RefilledConfig(TrainingArguments):
                     "ignore it): drop one of the two."
                 )
 
+    def _changed_inherited(self, names: Iterable[str]) -> list[str]:
+        """Those of the inherited fields ``names`` set to anything but transformers' default."""
+        defaults = _transformers_defaults()
+        return [name for name in names if _plain(getattr(self, name)) != _plain(defaults[name])]
+
     def _check_inherited(self) -> None:
         """Every inherited TrainingArguments field is honoured, replaced or refused: see
         :data:`INHERITED_FIELDS`; a refused field set to anything but its default is an error."""
-        defaults = _transformers_defaults()
-        for name, reason in UNSUPPORTED_FIELDS.items():
-            value = getattr(self, name)
-            if _plain(value) != _plain(defaults[name]):
-                raise ConfigError(f"`{name}` is not supported by refilled-hf ({reason}); remove it.")
-        optim = option_name(self.optim)
-        if optim == "sgd":
-            for name in ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_args"):
-                if _plain(getattr(self, name)) != _plain(defaults[name]):
-                    raise ConfigError(f"`{name}` only applies to --optim adam*/other optimizers, not the default sgd.")
+        refused = self._changed_inherited(UNSUPPORTED_FIELDS)
+        if refused:
+            name = refused[0]
+            raise ConfigError(f"`{name}` is not supported by refilled-hf ({UNSUPPORTED_FIELDS[name]}); remove it.")
+        adam_only = self._changed_inherited(("adam_beta1", "adam_beta2", "adam_epsilon", "optim_args"))
+        if adam_only and option_name(self.optim) == "sgd":
+            raise ConfigError(f"`{adam_only[0]}` only applies to --optim adam*/other optimizers, not the default sgd.")
         available = _reporting_integrations()
         report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
         for name in report_to:

@@ -613,7 +613,7 @@ def load_classification_data(
     data.row_digests = {
         "train": row_digest(train_split, positions, train_labels[positions]),
         "validation": (
-            row_digest(validation_split or train_split, val_positions, val_labels[val_positions])
+            row_digest(data.validation_source, val_positions, val_labels[val_positions])
             if val_positions is not None
             else None
         ),

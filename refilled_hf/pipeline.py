@@ -599,14 +599,12 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     }
     check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
-    finished = mode == "latest" and (out / RESULTS_FILE).is_file()
     # every process checks a resume (reading only), so that all refuse alike; the main one checks again
-    if finished:
+    if mode == "latest" and (out / RESULTS_FILE).is_file():
         _check_finished_run(config, rundir, identity)
-    elif mode is not None and rundir.present():
-        rundir.check_resume(identity)
-    if finished:
         return _finished_run(config, rundir, identity)
+    if mode is not None and rundir.present():
+        rundir.check_resume(identity)
     _log_plan(config)  # after the checks: a refused (or finished) run is told only why
     centers_data = eval_copy(data.train, data.eval_transform)
 

@@ -275,11 +275,9 @@ class RunDirectory:
             elif path.exists() or path.is_symlink():
                 path.unlink()
 
-    def write_manifest(self, identity: dict[str, Any], export_options: dict[str, Any] | None = None) -> None:
+    def write_manifest(self, identity: dict[str, Any], export_options: dict[str, Any]) -> None:
         """Record the run's identity, what it writes, and the options outside the identity that
         shape its export (its card and repo), as the latest launch gave them."""
         if self.is_main:
-            record = {"identity": identity, "outputs": self.outputs}
-            if export_options is not None:
-                record["export_options"] = export_options
+            record = {"identity": identity, "outputs": self.outputs, "export_options": export_options}
             write_json_atomically(self.out / MANIFEST, record)
