@@ -130,10 +130,12 @@ MAX_IMAGE_SIZE = 1024
 
 #: Inherited fields whose job refilled-hf's own fields do (any value is refused).
 REPLACED_FIELDS: dict[str, str] = {
-    "learning_rate": "set --stage1_learning_rate and --stage2_learning_rate",
-    "num_train_epochs": "set --stage1_epochs and --stage2_epochs",
-    "lr_scheduler_type": "stage 1 decays by cosine to --stage1_min_lr_ratio, stage 2 by --stage2_gamma at "
-    "--stage2_milestones; --warmup_steps adds a warm-up",
+    "learning_rate": "set --stage2_learning_rate (the baselines', train-teacher's and REFILLED's stage 2) and, for "
+    "--method refilled, --stage1_learning_rate",
+    "num_train_epochs": "set --stage2_epochs (the baselines' and train-teacher's epochs, REFILLED's stage 2) and, for "
+    "--method refilled, --stage1_epochs",
+    "lr_scheduler_type": "REFILLED's stage 1 decays by cosine to --stage1_min_lr_ratio; stage 2, the baselines and "
+    "train-teacher by --stage2_gamma at --stage2_milestones; --warmup_steps adds a warm-up",
 }
 
 #: Inherited fields refilled-hf does not support, with the reason (refused unless left at
@@ -591,17 +593,21 @@ class RefilledConfig(TrainingArguments):
     confidence_weights: bool = field(
         default=False, **_help("Weight each image's KL by the teacher's confidence (TPAMI variant).")
     )
-    stage2_epochs: float = field(default=200.0, **_help("Stage-2 epochs (also the baselines' epochs)."))
-    stage2_learning_rate: float = field(default=0.1, **_help("Stage-2 (and baselines') initial learning rate."))
+    stage2_epochs: float = field(default=200.0, **_help("Stage-2 epochs; the baselines' and train-teacher's epochs."))
+    stage2_learning_rate: float = field(
+        default=0.1, **_help("Stage-2 (baselines', train-teacher's) initial learning rate.")
+    )
     stage2_milestones: str = field(
         default="100,140,180",
         **_help(
-            "Stage-2 (and baselines') learning-rate milestones, in epochs ('' for none). The defaults are the "
-            "paper's, for 200 epochs: with fewer --stage2_epochs set milestones that fall inside them (a milestone "
-            "at or beyond the last epoch never applies; the run warns)."
+            "Stage-2 (baselines', train-teacher's) learning-rate milestones, in epochs ('' for none). The defaults "
+            "are the paper's, for 200 epochs: with fewer --stage2_epochs set milestones that fall inside them (a "
+            "milestone at or beyond the last epoch never applies; the run warns)."
         ),
     )
-    stage2_gamma: float = field(default=0.2, **_help("Learning-rate factor at each stage-2 milestone."))
+    stage2_gamma: float = field(
+        default=0.2, **_help("Learning-rate factor at each stage-2 (baseline, train-teacher) milestone.")
+    )
 
     # ---- baselines
     kd_tau: float = field(default=4.0, **_help("KD temperature."))
@@ -776,17 +782,9 @@ class RefilledConfig(TrainingArguments):
         ),
     )
     # Replaced by the per-stage fields: None means "not given"; any value is refused (see validate()).
-    learning_rate: float | None = field(
-        default=None, **_help("Refused: set stage1_learning_rate and stage2_learning_rate.")
-    )
-    num_train_epochs: float | None = field(default=None, **_help("Refused: set stage1_epochs and stage2_epochs."))
-    lr_scheduler_type: str | None = field(
-        default=None,
-        **_help(
-            "Refused: stage 1 decays by cosine to stage1_min_lr_ratio, stage 2 by stage2_gamma at "
-            "stage2_milestones (warm-up: warmup_steps)."
-        ),
-    )
+    learning_rate: float | None = field(default=None, **_help(f"Refused: {REPLACED_FIELDS['learning_rate']}."))
+    num_train_epochs: float | None = field(default=None, **_help(f"Refused: {REPLACED_FIELDS['num_train_epochs']}."))
+    lr_scheduler_type: str | None = field(default=None, **_help(f"Refused: {REPLACED_FIELDS['lr_scheduler_type']}."))
 
     def __post_init__(self):
         self._check_replaced_fields()

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
 from .backbone import FrozenTeacher, StudentModel, load_timm_model
-from .config import METHODS, ConfigError, RefilledConfig, option_name, options_text
+from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, option_name, options_text
 from .data import (
     SPLITS,
     ClassificationData,
@@ -1022,8 +1022,8 @@ def run_teacher_training(config: RefilledConfig, callbacks: list | None = None) 
     if unused:
         listed = options_text(unused)
         hints = [hint for names, hint in _TEACHER_TRAINING_HINTS if set(names) & set(unused)]
-        raise ConfigError(f"train-teacher does not use {listed}: remove {'it' if len(unused) == 1 else 'them'}. "
-                          + " ".join(hints))  # fmt: skip
+        refusal = f"train-teacher does not use {listed}: remove {'it' if len(unused) == 1 else 'them'}."
+        raise ConfigError(" ".join([refusal, *hints]))
     teacher_config = dataclasses.replace(
         config, method="ce", student=config.teacher, student_checkpoint=config.teacher_checkpoint
     )
@@ -1036,6 +1036,15 @@ _TEACHER_TRAINING_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("student", "student_checkpoint"), "The model trained is --teacher, from --teacher_checkpoint if given."),
     (("method",), "train-teacher always trains with cross-entropy."),
     (("teacher_input_size",), "The teacher trains at --image_size."),
+    (
+        tuple(
+            n
+            for n, users in FIELD_USERS.items()
+            if "ce" not in users and n not in ("teacher_classes", "teacher_input_size")
+        ),
+        "It trains with cross-entropy on stage 2's schedule: --stage2_epochs, --stage2_learning_rate, "
+        "--stage2_milestones, --stage2_gamma.",
+    ),
 )
 
 

@@ -139,7 +139,8 @@ def test_a_method_warns_about_nothing_it_uses(data_dir, teacher_dir):
         ("teacher_classes", "0-2", "The teacher trains on --classes"),
         ("student", "resnet18", "The model trained is --teacher"),
         ("method", "kd", "always trains with cross-entropy"),
-        ("distill_weight", 10.0, "remove it."),
+        ("distill_weight", 10.0, "remove it. It trains with cross-entropy on stage 2's schedule: --stage2_epochs"),
+        ("stage1_epochs", 3.0, "remove it. It trains with cross-entropy on stage 2's schedule: --stage2_epochs"),
         ("teacher_cache", "cache", "remove it."),
     ],
 )

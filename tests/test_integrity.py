@@ -160,7 +160,12 @@ def test_help_says_which_inherited_options_are_refused_or_not_read(capsys, monke
             flag = None
     for name, reason in UNSUPPORTED_FIELDS.items():
         assert f"Not supported by refilled-hf ({reason}): refused unless left at its default." in lines[f"--{name}"]
-    assert "Refused: set stage1_learning_rate and stage2_learning_rate." in lines["--learning_rate"]
+    # the fix they name holds for every command: train-teacher, which refuses --stage1_*, included
+    assert (
+        "Refused: set --stage2_learning_rate (the baselines', train-teacher's and REFILLED's stage 2) and, "
+        "for --method refilled, --stage1_learning_rate." in lines["--learning_rate"]
+    )
+    assert "Refused: set --stage2_epochs (the baselines' and train-teacher's epochs" in lines["--num_train_epochs"]
     assert "Informational, as in transformers: refilled-hf does not read it" in lines["--do_eval"]
     assert "The target modules" not in lines["--optim_target_modules"]
     assert "'random' (default) or 'sequential' (the length-based samplers are refused)" in lines[
