@@ -13,6 +13,7 @@ from transformers import set_seed
 
 from .backbone import load_timm_model
 from .config import ConfigError, RefilledConfig
+from .data import short_list
 from .losses import ncm_predict
 from .pipeline import data_pretrained_cfg, eval_copy, inference_trainer, load_data, warn_unused_fields
 from .preflight import check_forward, load_teacher
@@ -56,14 +57,9 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     if taught is not None:
         clean = torch.from_numpy(~np.isin(data.source_rows["validation"], taught))
     if not clean.any():
-        fix = (
-            "Validate on a split the teacher did not train on"
-            if config.validation_split
-            else "Carve the student's validation split as the teacher's was (its --validation_fraction and --data_seed)"
-        )
         raise ConfigError(
             f"The teacher trained on every image of the student's validation split ({len(clean)}): nothing is left "
-            f"to probe it on. {fix}, or use a teacher trained on other images."
+            f"to probe it on. {_carve_fix(config, record, data)}, or use a teacher trained on other images."
         )
     if not clean.all():
         logger.info("Left out %d of %d validation images: the teacher trained on them.", int((~clean).sum()),
@@ -101,3 +97,20 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
         "shots_per_class": config.shots_per_class,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _carve_fix(config: RefilledConfig, record: dict[str, Any], data) -> str:
+    """How to validate the student on images the teacher did not train on, given the
+    teacher's training-data ``record`` (which drew every image of the student's validation
+    split): a carve is drawn per class selection, with its fraction and seed."""
+    fraction, seed = record.get("validation_fraction") or 0.0, int(record.get("seed") or 0)
+    if config.validation_split or not fraction:
+        trained = "the whole split" if not fraction else "that split"
+        return f"The teacher trained on {trained}: validate on a split it did not train on (--validation_split)"
+    if [int(i) for i in record["source_class_ids"]] != list(data.source_class_ids):
+        return (
+            "A validation carve depends on the classes selected and their order, so a student on other classes "
+            f"than the teacher's ({short_list(record['class_names'])}) cannot repeat it: validate on a split the "
+            "teacher did not train on (--validation_split)"
+        )
+    return f"Carve the validation split as the teacher's was: --validation_fraction {fraction:g} --data_seed {seed}"

@@ -33,7 +33,7 @@ from refilled_hf.data import DataError, load_classification_data
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import export_model
 from refilled_hf.pipeline import RunError, run_distillation
-from refilled_hf.probe import probe_teacher
+from refilled_hf.probe import _carve_fix, probe_teacher
 from refilled_hf.provenance import teacher_training_rows, training_data_record
 from refilled_hf.rundir import RunDirectory, RunDirError
 from refilled_hf.trainer import RefilledTrainer
@@ -708,8 +708,19 @@ def test_a_teachers_training_rows_are_drawn_again_from_its_record(data_dir, tmp_
         seed=0,
         output_dir=str(tmp_path / "p"),
     )
-    with pytest.raises(ConfigError, match="trained on every image of the student's validation split"):
+    with pytest.raises(ConfigError, match="trained on every image of the student's validation split.*"
+                       r"The teacher trained on the whole split: .*\(--validation_split\)"):  # fmt: skip
         probe_teacher(config)
+    # the fix it names is one that can work: the teacher's carve where it can be repeated, else another split
+    record = training_data_record(f"local-dir:{everything}")
+    carved = {**record, "validation_fraction": 0.25, "seed": 3}
+    assert (
+        _carve_fix(config, carved, student) == "Carve the validation split as the teacher's was: "
+        "--validation_fraction 0.25 --data_seed 3"
+    )
+    reordered = {**carved, "source_class_ids": [5, 4, 3], "class_names": ["5", "4", "3"]}
+    assert "depends on the classes selected and their order" in _carve_fix(config, reordered, student)
+    assert "(--validation_split)" in _carve_fix(config, reordered, student)
 
 
 # ----------------------------------------------------------------- 7. nothing of a user's is deleted
