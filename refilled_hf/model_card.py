@@ -330,7 +330,8 @@ def render_model_card(
     final, stage1 = results["final"], results.get("stage1") or {}
     on_hub = is_hub_dataset(dataset)
     dataset_id = dataset if on_hub else Path(dataset).name
-    name = repo_id or "refilled-hf student"
+    as_teacher = results.get("command") == "train-teacher"
+    name = repo_id or ("refilled-hf teacher" if as_teacher else "refilled-hf student")
     classes = results.get("classes") or "all classes"
     metric = dict(
         task_type="image-classification",
@@ -365,7 +366,13 @@ def render_model_card(
     summary = {
         "refilled": f"A `{architecture}` image classifier distilled with REFILLED (relationship matching, then "
         "local-classifier distillation) from a teacher that may know other classes than these.",
-        "ce": f"A `{architecture}` image classifier trained with cross-entropy by refilled-hf.",
+        "ce": f"A `{architecture}` image classifier trained with cross-entropy by refilled-hf"
+        + (
+            "'s `train-teacher`, to teach REFILLED students (on these classes or on others: they learn from its "
+            "embedding, not its classifier)."
+            if as_teacher
+            else "."
+        ),
     }.get(method, f"A `{architecture}` image classifier distilled with {method.upper()} by refilled-hf.")
     if _exported_student_alone(results):
         summary += (
@@ -394,6 +401,7 @@ def render_model_card(
         class_names=results["class_names"],
         architecture=architecture,
         needs_refilled=architecture.startswith("cifar_wrn"),
+        as_teacher=as_teacher,
         timm_spec=timm_spec,
         repo_or_path=repo_id or "<this folder>",
         evaluate_command=evaluate,

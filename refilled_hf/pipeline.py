@@ -528,7 +528,9 @@ def warn_unused_fields(config: RefilledConfig, user: str) -> None:
         )  # fmt: skip
 
 
-def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
+def _train(config: RefilledConfig, callbacks: list | None, command: str = "distill") -> dict[str, Any]:
+    """The run ``config`` describes; ``command`` (distill or train-teacher, which trains its
+    teacher as a ce student) is recorded in results.json, for the model card."""
     out = Path(config.output_dir)
     method = config.method
     if method != "ce" and not config.teacher:
@@ -583,6 +585,7 @@ def _train(config: RefilledConfig, callbacks: list | None) -> dict[str, Any]:
     data = prepare_data(config, data, backbone.pretrained_cfg)  # decodes every image: the long part
     check_teacher_cache(config, teacher, data)
     results: dict[str, Any] = {
+        "command": command,
         "method": method,
         "student": config.student,
         "teacher": config.teacher if teacher is not None else None,  # ce (and train-teacher) use none
@@ -1027,7 +1030,7 @@ def run_teacher_training(config: RefilledConfig, callbacks: list | None = None) 
     teacher_config = dataclasses.replace(
         config, method="ce", student=config.teacher, student_checkpoint=config.teacher_checkpoint
     )
-    return _train(teacher_config, callbacks)
+    return _train(teacher_config, callbacks, command="train-teacher")
 
 
 #: What train-teacher does instead of the fields it refuses (see RefilledConfig.fields_unused_by).

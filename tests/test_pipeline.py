@@ -270,9 +270,18 @@ def test_train_teacher_exports_a_local_dir_model(data_dir, tmp_path):
     # it can teach straight away
     student = run(tiny_recipe(data_dir, tmp_path / "student", method="refilled",
                               teacher=f"local-dir:{tmp_path / 'teacher' / 'model'}"))  # fmt: skip
-    assert student["teacher"].startswith("local-dir:")
+    assert student["teacher"].startswith("local-dir:") and student["command"] == "distill"
+    student_card = (tmp_path / "student" / "model" / "README.md").read_text()
+    assert "\n# refilled-hf student\n" in student_card and "- Student: `cifar_wrn_16_1`" in student_card
+    assert "- Teacher: `local-dir:" in student_card and "To distill it" not in student_card
     card = (tmp_path / "teacher" / "model" / "README.md").read_text()
-    assert "- Teacher: none.\n" in card  # not itself
+    # a teacher's card: named and described as one, with how to distill it; no student, no teacher of its own
+    assert results["command"] == "train-teacher"
+    assert "\n# refilled-hf teacher\n" in card and "- name: refilled-hf teacher\n" in card  # title, model-index
+    assert "by refilled-hf's `train-teacher`, to teach REFILLED students" in card
+    assert "refilled-hf distill --teacher local-dir:<this folder> --student <a timm model>" in card
+    assert "- Model: `cifar_wrn_16_1` at 16 px" in card and "- Teacher:" not in card and "- Student:" not in card
+    assert "`train-teacher` trains\nits `--teacher` as the `student` of a `--method ce` run" in card
     # the card's recipe reruns it with `distill --config`: the model trained is its student, and no teacher is
     # named that the ce run would ignore with a warning
     shown = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
