@@ -76,9 +76,22 @@ class PushArguments:
     """Arguments of ``refilled-hf push <folder> --repo_id <user/name>``."""
 
     folder: str = field(metadata={"help": "Exported model folder (output_dir/model)."})
-    repo_id: str = field(metadata={"help": "Hub repo to create (if needed) and upload to."})
-    private: bool = field(default=False, metadata={"help": "Create the repo as private."})
-    token: str | None = field(default=None, metadata={"help": "Hub token (default: your login / HF_TOKEN)."})
+    # (the aliases are distill's names for the same settings, so that a user may use either)
+    repo_id: str = field(
+        metadata={
+            "help": "Hub repo to create (if needed) and upload to; the model card uploaded names it in its title "
+            "and usage (the folder's own card is not changed).",
+            "aliases": ["--hub_model_id", "--hub-model-id"],
+        }
+    )
+    private: bool = field(
+        default=False,
+        metadata={"help": "Create the repo as private.", "aliases": ["--hub_private_repo", "--hub-private-repo"]},
+    )
+    token: str | None = field(
+        default=None,
+        metadata={"help": "Hub token (default: your login / HF_TOKEN).", "aliases": ["--hub_token", "--hub-token"]},
+    )
 
 
 @dataclass

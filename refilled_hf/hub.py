@@ -3,6 +3,7 @@ valid transformers image-classification models at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -133,24 +134,40 @@ def check_hub_access(repo_id: str, token: str | None = None) -> None:
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` to it; returns the commit URL.
+    """Create ``repo_id`` if needed and upload ``folder`` to it in one commit; returns the
+    commit URL. The model card is uploaded as it reads in ``repo_id`` (see
+    :func:`~refilled_hf.model_card.card_for_repo`: a card rendered for the folder, or for
+    another repo, names this one); the folder itself is not changed.
 
     Call from the main process only. The token is passed to `huggingface_hub` and never
     logged or included in errors."""
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import CommitOperationAdd, create_commit, create_repo
+
+    from .model_card import card_for_repo
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise HubPushError(f"{folder} is not an exported model (no config.json): nothing to push.")
+        export = folder / "model"
+        hint = f" It is a run folder: push its export, {export}." if (export / "config.json").is_file() else ""
+        raise HubPushError(f"{folder} is not an exported model (no config.json): nothing to push.{hint}")
     if not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
         raise HubPushError(
             f"{folder} has a config.json but no weights (model.safetensors): it is not a complete export, so it is "
             "not pushed. Push the `model` folder a finished run wrote."
         )
+    # one commit of the folder's files, the model card as it reads in this repo (the folder is not changed)
+    operations = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        content: str | bytes = str(path)
+        if name == "README.md":
+            with contextlib.suppress(UnicodeDecodeError):  # (a card refilled-hf wrote is UTF-8)
+                content = card_for_repo(path.read_text(encoding="utf-8"), repo_id).encode("utf-8")
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     try:
         create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type="model")
-        info = upload_folder(
-            folder_path=str(folder), repo_id=repo_id, token=token, commit_message="Upload model from refilled-hf"
+        info = create_commit(
+            repo_id, operations, commit_message="Upload model from refilled-hf", token=token, repo_type="model"
         )
     except Exception as err:  # noqa: BLE001 - network, auth, offline mode alike
         raise HubPushError(

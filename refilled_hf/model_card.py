@@ -10,9 +10,13 @@ from typing import Any
 
 from .config import ConfigError, parse_milestones
 
-__all__ = ["card_template", "check_comparable", "render_model_card"]
+__all__ = ["card_for_repo", "card_template", "check_comparable", "render_model_card"]
 
 CARD_TEMPLATE = "refilled_student.md"
+#: a card's name (title, model-index) where the run named no Hub repo, by the command that ran
+LOCAL_NAMES = {"distill": "refilled-hf student", "train-teacher": "refilled-hf teacher"}
+#: where such a card's usage loads the model from (timm, transformers)
+LOCAL_SPEC, LOCAL_PATH = "local-dir:<this folder>", "<this folder>"
 
 #: results.json keys that decide whether two runs' numbers are measured on the same images
 DATA_KEY = "data_fingerprint"
@@ -331,7 +335,7 @@ def render_model_card(
     on_hub = is_hub_dataset(dataset)
     dataset_id = dataset if on_hub else Path(dataset).name
     as_teacher = results.get("command") == "train-teacher"
-    name = repo_id or ("refilled-hf teacher" if as_teacher else "refilled-hf student")
+    name = repo_id or LOCAL_NAMES["train-teacher" if as_teacher else "distill"]
     classes = results.get("classes") or "all classes"
     metric = dict(
         task_type="image-classification",
@@ -386,7 +390,7 @@ def render_model_card(
             "lambdas": ", ".join(f"{c['distill_weight']:g}" for c in search["candidates"]),
             "candidates": [{"label": _candidate_label(c)} for c in search["candidates"]],
         }
-    timm_spec = f"hf-hub:{repo_id}" if repo_id else "local-dir:<this folder>"
+    timm_spec = f"hf-hub:{repo_id}" if repo_id else LOCAL_SPEC
     evaluate = f"refilled-hf evaluate --model {timm_spec}"
     evaluate += f" --dataset {dataset if on_hub else f'<your copy of {dataset_id}>'}"
     for flag in ("dataset_config", "test_split"):
@@ -403,7 +407,7 @@ def render_model_card(
         needs_refilled=architecture.startswith("cifar_wrn"),
         as_teacher=as_teacher,
         timm_spec=timm_spec,
-        repo_or_path=repo_id or "<this folder>",
+        repo_or_path=repo_id or LOCAL_PATH,
         evaluate_command=evaluate,
         dataset=dataset_id,
         results_intro=_results_intro(results, recipe, dataset_id),
@@ -429,4 +433,38 @@ def render_model_card(
         recipe_yaml=yaml.safe_dump(full_recipe, sort_keys=False),
         versions=_versions(),
     )
+    return str(card)
+
+
+def card_for_repo(text: str, repo_id: str) -> str:
+    """The model card ``text`` (one :func:`render_model_card` wrote) as it reads in the Hub
+    repo ``repo_id``: its name (title, model-index) and its usage (timm's ``hf-hub:``,
+    transformers' repo id, the evaluate and distill commands) name that repo instead of the
+    folder or repo it was rendered for. Another card is returned as it is."""
+    import re
+
+    from huggingface_hub import ModelCard
+
+    if not text.startswith("---"):  # no metadata: not a card refilled-hf wrote
+        return text
+    try:
+        card = ModelCard(text, ignore_metadata_errors=True)
+    except ValueError:  # metadata that is not a mapping: not a card refilled-hf wrote
+        return text
+    # the title, the first heading after the metadata, is the name the card was rendered with
+    title = re.search(r"^# (.+)$", card.text, flags=re.MULTILINE)
+    old = title.group(1) if title else None
+    if old is None or old == repo_id:
+        return text
+    spec, path = (LOCAL_SPEC, LOCAL_PATH) if old in LOCAL_NAMES.values() else (f"hf-hub:{old}", old)
+    if f'timm.create_model("{spec}"' not in card.text:  # not a card refilled-hf rendered: left alone
+        return text
+    body = card.text[: title.start()] + f"# {repo_id}" + card.text[title.end() :]
+    for before, after in ((f'"{spec}"', f'"hf-hub:{repo_id}"'), (f'("{path}")', f'("{repo_id}")'),
+                          (f"--model {spec} ", f"--model hf-hub:{repo_id} "),
+                          (f"--teacher {spec} ", f"--teacher hf-hub:{repo_id} ")):  # fmt: skip
+        body = body.replace(before, after)
+    card.text = body
+    if card.data.model_name == old:
+        card.data.model_name = repo_id
     return str(card)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,7 +16,7 @@ from huggingface_hub import ModelCard
 from refilled_hf.backbone import ModelLoadError, load_timm_model
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.hub import TRAINING_DATA_KEY, HubPushError, export_model, push_folder
-from refilled_hf.model_card import check_comparable, render_model_card
+from refilled_hf.model_card import card_for_repo, check_comparable, render_model_card
 from refilled_hf.pipeline import run_distillation
 
 
@@ -234,9 +235,14 @@ class Recorder:
         self.calls.append(("whoami", None, {"token": token}))
         return {"name": "me"}
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
-        return type("Info", (), {"commit_url": f"https://hub/{kwargs['repo_id']}/commit/1"})()
+    def create_commit(self, repo_id, operations, **kwargs):
+        """Records each file as uploaded: its path in the repo and its bytes."""
+        files = {}
+        for op in operations:
+            content = op.path_or_fileobj
+            files[op.path_in_repo] = Path(content).read_bytes() if isinstance(content, str) else content
+        self.calls.append(("create_commit", repo_id, {**kwargs, "files": files}))
+        return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
 
 
 @pytest.fixture
@@ -245,7 +251,7 @@ def hub(monkeypatch):
 
     rec = Recorder()
     monkeypatch.setattr(huggingface_hub, "create_repo", rec.create_repo)
-    monkeypatch.setattr(huggingface_hub, "upload_folder", rec.upload_folder)
+    monkeypatch.setattr(huggingface_hub, "create_commit", rec.create_commit)
     monkeypatch.setattr(huggingface_hub, "whoami", rec.whoami)
     return rec
 
@@ -261,11 +267,12 @@ def test_run_pushes_the_export_from_the_main_process(hub, tmp_path, caplog, caps
     with caplog.at_level("INFO"):
         results = run_distillation(RefilledConfig(**recipe))
     # the login is checked before training; the repo is created and filled after it
-    assert [c[0] for c in hub.calls] == ["whoami", "create_repo", "upload_folder"]
+    assert [c[0] for c in hub.calls] == ["whoami", "create_repo", "create_commit"]
     assert hub.calls[0][2]["token"] == "hf_SECRET_TOKEN"
     assert hub.calls[1][1] == "me/student" and hub.calls[1][2]["private"] is True
     assert hub.calls[1][2]["token"] == "hf_SECRET_TOKEN"
-    assert hub.calls[2][2]["folder_path"] == str(tmp_path / "run" / "model")
+    export = tmp_path / "run" / "model"
+    assert hub.calls[2][2]["files"] == {p.name: p.read_bytes() for p in export.iterdir()}  # the card as written
     card = ModelCard.load(str(tmp_path / "run" / "model" / "README.md"))
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert values["Test top-1 accuracy"] == round(results["final"]["test_top1"], 2)
@@ -279,7 +286,7 @@ def test_run_pushes_the_export_from_the_main_process(hub, tmp_path, caplog, caps
     hub.calls.clear()
     again = run_distillation(RefilledConfig(**{**recipe, "resume_from_checkpoint": "true"}))
     assert again["final"] == results["final"]
-    assert [c[0] for c in hub.calls] == ["whoami", "create_repo", "upload_folder"]
+    assert [c[0] for c in hub.calls] == ["whoami", "create_repo", "create_commit"]
 
 
 def test_push_requires_a_repo_id_before_training(tmp_path):
@@ -312,13 +319,47 @@ def test_push_command_sends_repo_folder_and_private_flag(hub, tmp_path, capsys):
     folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "m", label_names=["a", "b"])
     assert main(["push", str(folder), "--repo-id", "me/model", "--private", "true", "--token", "hf_XYZ"]) == 0
     assert hub.calls[0][1] == "me/model" and hub.calls[0][2]["private"] is True
-    assert hub.calls[1][2]["folder_path"] == str(folder)
+    assert hub.calls[1][1] == "me/model" and hub.calls[1][2]["token"] == "hf_XYZ"
+    assert hub.calls[1][2]["files"] == {p.name: p.read_bytes() for p in folder.iterdir()}
     assert "hf_XYZ" not in capsys.readouterr().out
+    # distill's names for the same settings work too
+    hub.calls.clear()
+    assert main(["push", str(folder), "--hub_model_id", "me/other", "--hub_private_repo", "true"]) == 0
+    assert hub.calls[0][1] == "me/other" and hub.calls[0][2]["private"] is True
+
+
+def test_push_uploads_a_card_that_names_the_repo(hub, tmp_path):
+    """A run without --hub_model_id renders its card for the folder (local-dir:<this folder>);
+    pushed, the card on the Hub names the repo in its title, model-index and usage, and the
+    folder's own card is unchanged. Pushed on to another repo, it names that one."""
+    text = render_model_card(_fake_results(), RefilledConfig(output_dir="o").to_recipe(), architecture="resnet18")
+    folder = export_model(timm.create_model("resnet18", num_classes=2), tmp_path / "m", label_names=["a", "b"],
+                          extra_files={"README.md": text})  # fmt: skip
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    push_folder(folder, "me/model")
+    sent = hub.calls[-1][2]["files"]
+    assert {p: b for p, b in sent.items() if p != "README.md"} == {p: b for p, b in before.items() if p != "README.md"}
+    card = ModelCard(sent["README.md"].decode())
+    assert card.data.model_name == "me/model" and card.text.lstrip().startswith("# me/model\n")
+    assert 'timm.create_model("hf-hub:me/model", pretrained=True)' in card.text
+    assert 'from_pretrained("me/model")' in card.text and "--model hf-hub:me/model --dataset" in card.text
+    assert "<this folder>" not in card.text and "refilled-hf student" not in str(card)
+    # everything else is the card as written, metadata included
+    assert card.data.eval_results == ModelCard(text).data.eval_results and card.data.tags == ModelCard(text).data.tags
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert card_for_repo(str(card), "you/copy").replace("you/copy", "me/model") == str(card)
+    assert card_for_repo(str(card), "me/model") == str(card)
+    # a card refilled-hf did not write is uploaded as it is
+    assert card_for_repo("---\nlicense: mit\n---\n# My model\n\nWeights.\n", "me/model").endswith(
+        "# My model\n\nWeights.\n"
+    )
 
 
 def test_push_refuses_a_folder_that_is_not_a_complete_export(hub, tmp_path):
-    folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "m", label_names=["a", "b"])
-    with pytest.raises(HubPushError, match="no config.json"):
+    folder = export_model(
+        timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "model", label_names=["a", "b"]
+    )
+    with pytest.raises(HubPushError, match=r"no config.json\): nothing to push. It is a run folder: push its export"):
         push_folder(tmp_path, "me/model")  # the run folder, not its model/
     (folder / "model.safetensors").unlink()
     with pytest.raises(HubPushError, match="no weights"):
