@@ -281,9 +281,10 @@ def _print_results(results: dict[str, Any]) -> None:
             rows.append(("exported model", exported))
     elif "distill_weight" in results:
         rows.append(("lambda", f"{results['distill_weight']:g}"))
+    width = max(30, *(len(name) for name, _ in rows))  # one column of values, however long a label
     for name, value in rows:
         text = f"{value:.2f}" if isinstance(value, float) else "- (not measured)" if value is None else str(value)
-        print(f"{name:30s} {text}")
+        print(f"{name:{width}s} {text}")
 
 
 # --------------------------------------------------------------------------- commands

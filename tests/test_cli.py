@@ -154,9 +154,13 @@ def test_results_summary_names_the_lambda_and_every_candidate(capsys):
     cut = {"epochs": 400.0, "validation_top1": 2.0, "exported": True, "train_metrics": {"epoch": 0.15}}  # --max_steps
     _print_results({"method": "refilled", "final": {"test_top1": 2.0}, "distill_weight_search": search,
                     "student_alone": cut})  # fmt: skip
+    out = capsys.readouterr().out
     assert "student alone (0.15 of 400 ep.) validation (%) 2.00" in [
-        " ".join(line.split()) for line in capsys.readouterr().out.splitlines()
+        " ".join(line.split()) for line in out.splitlines()
     ]
+    # the values stand in one column, however long a label
+    starts = {line.rindex(" ") for line in out.splitlines() if line.rstrip().endswith("2.00")}
+    assert len(starts) == 1, out
 
 
 def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):
