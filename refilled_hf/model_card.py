@@ -443,13 +443,14 @@ def card_for_repo(text: str, repo_id: str) -> str:
     folder or repo it was rendered for. Another card is returned as it is."""
     import re
 
+    import yaml
     from huggingface_hub import ModelCard
 
     if not text.startswith("---"):  # no metadata: not a card refilled-hf wrote
         return text
     try:
         card = ModelCard(text, ignore_metadata_errors=True)
-    except ValueError:  # metadata that is not a mapping: not a card refilled-hf wrote
+    except (ValueError, yaml.YAMLError):  # metadata that is not a mapping: not a card refilled-hf wrote
         return text
     # the title, the first heading after the metadata, is the name the card was rendered with
     title = re.search(r"^# (.+)$", card.text, flags=re.MULTILINE)

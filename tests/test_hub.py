@@ -350,6 +350,8 @@ def test_push_uploads_a_card_that_names_the_repo(hub, tmp_path):
     assert card_for_repo(str(card), "you/copy").replace("you/copy", "me/model") == str(card)
     assert card_for_repo(str(card), "me/model") == str(card)
     # a card refilled-hf did not write is uploaded as it is
+    for other in ("---\n[1, 2]\n---\n# x\n", "---\nkey: [unclosed\n---\n# x\n", "# x\n"):
+        assert card_for_repo(other, "me/model") == other
     assert card_for_repo("---\nlicense: mit\n---\n# My model\n\nWeights.\n", "me/model").endswith(
         "# My model\n\nWeights.\n"
     )
