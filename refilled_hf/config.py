@@ -458,8 +458,9 @@ class RefilledConfig(TrainingArguments):
         default=None,
         **_help(
             "The student's classes: ids, ranges (50-99), names, comma-separated, or a preset "
-            "(cifar100-second-half, cifar100-shift-10, ...). Default: all classes (for evaluate: the "
-            "model's own classes, by its label names)."
+            "(cifar100-second-half, cifar100-shift-10, ...); id:<id or range> and name:<name> say which an item "
+            "is (required where class names are numbers other than their ids, as an image folder's 1, 10, 2). "
+            "Default: all classes (for evaluate: the model's own classes, by its label names)."
         ),
     )
     teacher_classes: str | None = field(

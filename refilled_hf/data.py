@@ -263,6 +263,9 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
     ``spec`` may be ``None`` (all classes), a preset name from :data:`CLASS_PRESETS`, or
     comma-separated items (or a list of them), each a class id, an inclusive range
     ``a-b``, or a class name. Order is kept: the i-th selected class becomes label i.
+    ``id:<id or range>`` and ``name:<name>`` say which an item is: where class names are
+    numbers other than their ids (an image folder's ``1``, ``10``, ``2``, sorted as text),
+    a bare number that would select another class as an id than as a name is refused.
     """
     num = len(class_names)
     if spec is None:
@@ -275,21 +278,29 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
     by_name = {name: i for i, name in enumerate(class_names)}
     ids: list[int] = []
     for item in items:
-        if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
-            ids.append(int(item))
-        elif isinstance(item, str) and item in by_name:
+        if isinstance(item, int):
+            ids.append(item)
+            continue
+        if not isinstance(item, str) or not item:
+            continue
+        kind, _, rest = item.partition(":")
+        numbers = _id_numbers(item)
+        if numbers is None and item in by_name:  # a name (one that reads as ids is checked below)
             ids.append(by_name[item])
-        elif isinstance(item, str) and re.fullmatch(r"\d+\s*-\s*\d+", item):
-            lo, hi = (int(x) for x in item.split("-"))
-            if lo > hi:
-                raise DataError(f"Class range {item!r} is empty: write it low-high, e.g. 50-99.")
-            ids.extend(range(lo, hi + 1))
-        elif isinstance(item, str) and item:
-            close = difflib.get_close_matches(item, list(by_name), n=3)
+        elif kind == "name" and rest in by_name:
+            ids.append(by_name[rest])
+        elif kind == "id" and _id_numbers(rest) is not None:
+            ids.extend(_id_numbers(rest))
+        elif numbers is not None:
+            _refuse_ambiguous_ids(item, numbers, class_names, by_name)
+            ids.extend(numbers)
+        else:
+            close = difflib.get_close_matches(rest if kind == "name" else item, list(by_name), n=3)
             hint = f" Did you mean {close}?" if close else ""
             raise DataError(
                 f"Unknown class {item!r} in the class selection.{hint} Use ids 0..{num - 1}, ranges like 0-4, "
-                f"names of the data set's classes, or a preset ({', '.join(CLASS_PRESETS)})."
+                f"names of the data set's classes (id: or name: before an item says which it is), or a preset "
+                f"({', '.join(CLASS_PRESETS)})."
             )
     if not ids:
         raise DataError("The class selection is empty: name at least two classes (e.g. `--classes 0-4`).")
@@ -300,6 +311,36 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
         twice = sorted({i for i in ids if ids.count(i) > 1}) if len(ids) < 10000 else []
         raise DataError(f"The class selection lists classes twice: {short_list(twice)}.")
     return ids
+
+
+def _id_numbers(item: str) -> list[int] | None:
+    """The ids an item written as an id (``7``) or a range (``5-9``) selects; None for another item."""
+    if item.isdigit():
+        return [int(item)]
+    match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", item)
+    if match is None:
+        return None
+    lo, hi = int(match.group(1)), int(match.group(2))
+    if lo > hi:
+        raise DataError(f"Class range {item!r} is empty: write it low-high, e.g. 50-99.")
+    return list(range(lo, hi + 1))
+
+
+def _refuse_ambiguous_ids(item: str, numbers: list[int], class_names: Sequence[str], by_name: dict[str, int]) -> None:
+    """Refuse an item written as ids that also reads as names of other classes: the item
+    itself, or a number whose class name is that number but whose id is not. Data sets whose
+    class names are their ids (CIFAR's ``0``..``99`` as text) are not refused."""
+    readings = dict.fromkeys(([item] if item in by_name else []) + [str(k) for k in numbers])
+    conflicts = [n for n in readings if n in by_name and not (n.isdigit() and by_name[n] == int(n))]
+    if not conflicts:
+        return
+    known = [class_names[k] for k in numbers if 0 <= k < len(class_names)]
+    as_ids = f"the classes named {short_list(known)}" if known else f"no class (ids run 0..{len(class_names) - 1})"
+    raise DataError(
+        f"Class selection item {item!r} is ambiguous: as ids it selects {as_ids}, but the data set has classes named "
+        f"{short_list(conflicts)} at other ids. Write id:{item} for the ids, or name:<name> for each class by its "
+        f"name (name:{conflicts[0]})."
+    )
 
 
 def class_ranges(ids: Sequence[int]) -> str:

@@ -185,7 +185,7 @@ def evaluate_model(
         )  # fmt: skip
     classes = config.classes
     if classes is None and names:
-        classes = list(names)
+        classes = [f"name:{name}" for name in names]  # by name, also where names are numbers other than ids
         logger.info("--classes is unset: evaluating on the model's own classes %s.", short_list(names))
     try:
         data = select_data(config, classes, splits=(split,))  # labels and class names, nothing decoded yet

@@ -36,6 +36,31 @@ def test_parse_class_selection():
     assert set(CLASS_PRESETS) >= {f"cifar100-shift-{k}" for k in (10, 20, 30, 40)}
 
 
+def test_class_names_that_are_numbers_other_than_their_ids_are_never_read_as_the_wrong_class():
+    """An image folder's classes 10, 2, 3 (sorted as text) have ids 0, 1, 2: a bare 2 is the
+    class named 2 (id 1) or id 2 (the class named 3). An item whose two readings differ is
+    refused; id: and name: say which is meant."""
+    names = ["10", "2", "3"]  # class "2" has id 1, id 2 is class "3"
+    for spec in ("2", "3,2", "10", "1-2", ["2"]):
+        with pytest.raises(DataError, match=r"ambiguous: as ids it selects .* Write id:"):
+            parse_class_selection(spec, names)
+    assert parse_class_selection("name:2,name:10", names) == [1, 0]
+    assert parse_class_selection("id:2,id:0-1", names) == [2, 0, 1]
+    assert parse_class_selection(["name:3", 1], names) == [2, 1]  # an int in a list is an id
+    assert parse_class_selection("0-1", names) == [0, 1]  # no class is named 0 or 1: only ids
+    # a name that reads as a range is refused bare, taken with name:
+    assert parse_class_selection("name:1-3", ["1-3", "a", "b", "c"]) == [0]
+    with pytest.raises(DataError, match="ambiguous"):
+        parse_class_selection("1-3", ["1-3", "a", "b", "c"])
+    # names that are their ids (CIFAR's labels written as text) read either way, as before
+    digits = [str(i) for i in range(100)]
+    assert (
+        parse_class_selection("3,50-52", digits) == [3, 50, 51, 52] == parse_class_selection("name:3,id:50-52", digits)
+    )
+    with pytest.raises(DataError, match=r"Unknown class 'name:x'.*id: or name:"):
+        parse_class_selection("name:x", names)
+
+
 def test_class_ranges_read_back_as_the_same_selection():
     names = [f"c{i}" for i in range(100)]
     assert class_ranges(list(range(50))) == "0-49" and class_ranges([3, 5, 6, 7, 9]) == "3,5-7,9"

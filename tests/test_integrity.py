@@ -613,6 +613,27 @@ def test_evaluate_refuses_other_classes_or_another_order(data_dir, tmp_path):
     assert metrics["test_samples"] == 18
 
 
+def test_evaluate_finds_a_models_classes_by_name_where_names_are_numbers_other_than_ids(data_dir, tmp_path):
+    """Classes named as an image folder names them (10, 2, 3, ... sorted as text): the model
+    trained on the classes named 3 and 10 is evaluated on those, not on ids 3 and 10."""
+    import datasets
+
+    names = ["10", "2", "3", "4", "5", "6"]
+    numbered = tmp_path / "numbered"
+    for split in ("train", "test"):
+        table = datasets.Dataset.from_parquet(str(data_dir / f"{split}.parquet"))
+        numbered.mkdir(exist_ok=True)
+        table.cast_column("label", datasets.ClassLabel(names=names)).to_parquet(str(numbered / f"{split}.parquet"))
+    model = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "m", label_names=["3", "10"])
+    config = RefilledConfig(dataset=str(numbered), output_dir=str(tmp_path / "e"), use_cpu=True, image_size=16)
+    metrics = evaluate_model(f"local-dir:{model}", config)
+    assert list(metrics["test_per_class"]) == ["3", "10"] and metrics["test_samples"] == 12
+    with pytest.raises(DataError, match="'3' is ambiguous"):  # a bare 3 could be id 3 (named 4) or the name
+        evaluate_model(f"local-dir:{model}", dataclasses.replace(config, classes="3,name:10"))
+    chosen = evaluate_model(f"local-dir:{model}", dataclasses.replace(config, classes="name:3,id:0"))
+    assert chosen["test_top1"] == metrics["test_top1"]
+
+
 def _model_with_record(data_dir, folder, **selection):
     """A model exported with the training-data record of the given selection."""
     data = load_classification_data(str(data_dir), classes="3-5", splits=(), **selection)
