@@ -463,10 +463,10 @@ def _validation_description(validation_split: str | None, train_split: str) -> s
 
 
 def _check_split_classes(local: np.ndarray, selected: Sequence[int], names: Sequence[str], split: str,
-                        option: str = "--test_split") -> None:  # fmt: skip
+                        option: str = "--test_split") -> list[str]:  # fmt: skip
     """A test (or validation) split without any image of the selection has nothing to
     measure (its top-1 would read 0 %): refused. One that lacks some classes measures the
-    others only: said. ``option`` is the field that named the split."""
+    others only: said, and those classes returned. ``option`` is the field that named the split."""
     missing = _classes_without_images(local, selected, names)
     if len(missing) == len(selected):
         drop = "pass `--test_split none`" if option == "--test_split" else f"drop {option}"
@@ -479,6 +479,7 @@ def _check_split_classes(local: np.ndarray, selected: Sequence[int], names: Sequ
             "Split %r has no image of %d of the %d selected classes (%s): its accuracy measures the other classes "
             "only.", split, len(missing), len(selected), short_list(missing),
         )  # fmt: skip
+    return missing
 
 
 def load_classification_data(
@@ -597,17 +598,20 @@ def load_classification_data(
 
     test = test_positions = None
     validation = None
+    unmeasured: dict[str, list[str]] = {}  # per split other than train, the selected classes it has no image of
     val_raw, val_labels = train_raw, train_labels
     if validation_split is not None:
         val_raw, val_labels, val_positions = other_split(validation_split, "--validation_split")
-        _check_split_classes(remap[val_labels[val_positions]], selected, names, validation_split, "--validation_split")
+        unmeasured["validation"] = _check_split_classes(
+            remap[val_labels[val_positions]], selected, names, validation_split, "--validation_split"
+        )
     if val_positions is not None and "validation" in splits:
         where = _validation_description(validation_split, train_split)
         validation = subset(val_raw, val_positions, val_labels, where)
     if test_split is not None:
         test_raw, test_labels, test_positions = other_split(test_split, "--test_split")
         if "test" in splits:
-            _check_split_classes(remap[test_labels[test_positions]], selected, names, test_split)
+            unmeasured["test"] = _check_split_classes(remap[test_labels[test_positions]], selected, names, test_split)
             test = subset(test_raw, test_positions, test_labels, test_split)
     data = ClassificationData(
         train=subset(train_raw, positions, train_labels, train_split) if "train" in splits else None,
@@ -632,6 +636,8 @@ def load_classification_data(
         "validation_fraction": validation_fraction,
         **({"validation_split": validation_split} if validation_split else {}),
         "seed": seed,
+        # only where a split lacks classes (its accuracy measures the others), as the model card says
+        **{f"{split}_classes_without_images": missing for split, missing in unmeasured.items() if missing},
     }
     data.fingerprint = data_fingerprint(
         {

@@ -262,8 +262,13 @@ def _results_intro(results: dict[str, Any], recipe: dict[str, Any], dataset_id: 
     final = results.get("final", {})
     if final.get("test_samples"):
         split = recipe.get("test_split") or "test"
-        return (f"Measured by refilled-hf on the `{split}` split of `{dataset_id}` restricted to the classes above "
+        text = (f"Measured by refilled-hf on the `{split}` split of `{dataset_id}` restricted to the classes above "
                 f"({final['test_samples']} images), once, at the end of training.")  # fmt: skip
+        missing = (results.get("data") or {}).get("test_classes_without_images")
+        if missing:
+            text += (f" The split has no image of {len(missing)} of the {len(results['class_names'])} classes "
+                     f"({', '.join(missing)}): its accuracy measures the others only.")  # fmt: skip
+        return text
     return (
         f"This run had no test split: the only measurement is the validation top-1, on "
         f"{final.get('validation_samples', 0)} images {_validation_source(recipe)} of `{dataset_id}`"

@@ -133,6 +133,15 @@ def test_a_test_split_missing_some_classes_says_so(partial_test_split, tmp_path,
         results = run_distillation(RefilledConfig(**recipe))
     assert "Split 'test' has no image of 2 of the 3 selected classes (['cyan', 'magenta'])" in caplog.text
     assert results["final"]["test_samples"] == 6  # the class that is there, every image counted
+    # results.json and the model card say which classes the test accuracy leaves out
+    assert results["data"]["test_classes_without_images"] == ["cyan", "magenta"]
+    card = (tmp_path / "o" / "model" / "README.md").read_text()
+    assert (
+        "(6 images), once, at the end of training. The split has no image of 2 of the 3 classes (cyan, "
+        "magenta): its accuracy measures the others only." in card
+    )
+    complete = run_distillation(RefilledConfig(**{**recipe, "classes": "1-3", "output_dir": str(tmp_path / "c")}))
+    assert "test_classes_without_images" not in complete["data"]
 
 
 @pytest.mark.parametrize(
