@@ -345,7 +345,8 @@ def cmd_probe(argv: list[str]) -> int:
     result = probe_teacher(config)
     if config.process_index == 0:
         print(
-            f"Teacher {result['teacher']}: nearest-class-mean accuracy {result['probe_ncm_top1']:.1f}% on the "
+            f"Teacher {result['teacher']}: nearest-class-mean accuracy {result['probe_ncm_top1']:.1f}% "
+            f"(standard error {result['probe_ncm_top1_stderr']:.1f}) on the "
             f"student's validation split ({result['validation_split']}: {result['validation_images']} images"
             + (
                 f"; {result['left_out_teacher_training_images']} it trained on left out"

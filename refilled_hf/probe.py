@@ -84,10 +84,15 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     kept = torch.bincount(labels[clean], minlength=data.num_classes).double()
     hits = torch.bincount(labels[clean], weights=correct[clean].double(), minlength=data.num_classes)
     measured = kept > 0
-    probe = float((share[measured] * hits[measured] / kept[measured]).sum() / share[measured].sum())
+    weight = share[measured] / share[measured].sum()
+    rate = hits[measured] / kept[measured]
+    probe = float((weight * rate).sum())
+    # the standard error of that stratified mean: per class, a binomial proportion over its images
+    stderr = float((weight**2 * rate * (1 - rate) / kept[measured]).sum().sqrt())
     return {
         "teacher": config.teacher,
         "probe_ncm_top1": 100.0 * probe,
+        "probe_ncm_top1_stderr": 100.0 * stderr,
         "validation_images": int(clean.sum()),
         "validation_split": data.validation_description(),  # which images: a carve, or --validation_split
         "left_out_teacher_training_images": int((~clean).sum()),

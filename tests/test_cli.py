@@ -241,6 +241,12 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, cap
     expected = sum(size[c] * hits[c] / probed[c] for c in probed) / sum(size[c] for c in probed)
     assert result["classes_probed"] == len(probed)
     assert result["probe_ncm_top1"] == pytest.approx(100.0 * expected)
+    # its standard error: each class a binomial proportion over the images probed, weighted by its share
+    total = sum(size[c] for c in probed)
+    variance = sum((size[c] / total) ** 2 * (hits[c] / probed[c]) * (1 - hits[c] / probed[c]) / probed[c]
+                   for c in probed)  # fmt: skip
+    assert result["probe_ncm_top1_stderr"] == pytest.approx(100.0 * variance**0.5)
+    assert f"{result['probe_ncm_top1']:.1f}% (standard error {result['probe_ncm_top1_stderr']:.1f})" in captured.err
     plain = sum(hits.values()) / sum(probed.values())
     assert abs(expected - plain) > 0.01, "the data must tell the class-weighted probe from the plain one"
 
