@@ -152,7 +152,9 @@ def _row(results: dict[str, Any], this: dict[str, Any] | None) -> dict[str, Any]
     alone_exported = _exported_student_alone(results)
     final = results.get("final", {})
     stage1 = {} if alone_exported else results.get("stage1") or {}
-    notes = ["the student-alone candidate"] if alone_exported and this is None else []
+    notes = []
+    if this is None:  # the model's own row
+        notes = ["the student-alone candidate", "this model"] if alone_exported else ["this model"]
     if this is not None:
         if alone_exported:
             notes.append("its student-alone candidate, exported")
@@ -167,7 +169,6 @@ def _row(results: dict[str, Any], this: dict[str, Any] | None) -> dict[str, Any]
     label = results["method"] + (f" ({', '.join(notes)})" if notes else "")
     return {
         "method": label,
-        "this": this is None,
         "epochs": epochs_text(results),
         "top1": _fmt(final.get("test_top1")),
         "top5": _fmt(final.get("test_top5")),

@@ -102,7 +102,7 @@ def test_the_candidate_is_the_ce_run_and_the_better_one_is_exported(winner, data
     scores = f"lambda 1: {search['candidates'][0]['validation_top1']:.2f}"
     if winner == "ce":
         assert "It is the student-alone candidate of a REFILLED run" in card
-        assert "| ce (the student-alone candidate) (this model) | 4 |" in card
+        assert "| ce (the student-alone candidate, this model) | 4 |" in card
         assert "- Method: **ce**, 4 epochs" in card and "x0.2 at epoch 2" in card
         assert f"({scores}, " in card and f"student alone: {alone['validation_top1']:.2f})" in card
         assert "Stage-1 nearest-class-mean" not in card and "- Teacher: none" in card
