@@ -38,6 +38,7 @@ COMMANDS = {
     "probe-teacher": "NCM accuracy of the teacher's embedding on the student's task, before distilling",
     "quickstart": "offline miniature: digits teacher on 0-4, ce vs refilled students on 5-9",
     "push": "push an exported model folder to the Hugging Face Hub",
+    "compare": "finished runs side by side: each run, mean ± std over seeds, differences on the same images",
     "losses-demo": "run every loss once on random tensors",
 }
 
@@ -92,6 +93,20 @@ class PushArguments:
         default=None,
         metadata={"help": "Hub token (default: your login / HF_TOKEN).", "aliases": ["--hub_token", "--hub-token"]},
     )
+
+
+@dataclass
+class CompareArguments:
+    """Arguments of ``refilled-hf compare <run> [<run> ...]``."""
+
+    runs: list[str] = field(
+        metadata={
+            "help": "output_dirs of finished runs (an export's model/ folder stands for its run). Runs that differ "
+            "only by their seed (and data placement) form one setting, pooled as mean ± standard deviation; each "
+            "setting after the first is also compared with it run by run, on the same images."
+        }
+    )
+    json: bool = field(default=False, metadata={"help": "Print the comparison as JSON (on stdout) instead of tables."})
 
 
 @dataclass
@@ -298,6 +313,7 @@ COMMAND_ARGUMENTS: dict[str, tuple[type, ...]] = {
     "probe-teacher": (RefilledConfig,),
     "quickstart": (QuickstartArguments,),
     "push": (PushArguments,),
+    "compare": (CompareArguments,),
     "losses-demo": (),
 }
 
@@ -305,9 +321,11 @@ COMMAND_ARGUMENTS: dict[str, tuple[type, ...]] = {
 def parse_command(command: str, argv: list[str]) -> tuple[Any, ...]:
     """The arguments ``refilled-hf <command> <argv>`` runs with (one dataclass per entry of
     :data:`COMMAND_ARGUMENTS`); a command line that cannot run is refused here, before any
-    work (``push`` also takes the folder as its first word)."""
+    work (``push`` also takes the folder as its first word, ``compare`` the runs as its first words)."""
     if command == "push" and argv and not argv[0].startswith("-"):
         argv = ["--folder", argv[0], *argv[1:]]
+    if command == "compare" and argv and not argv[0].startswith("-"):
+        argv = ["--runs", *argv]
     types = COMMAND_ARGUMENTS[command]
     if not types:  # nothing to parse but --help, and nothing else is accepted
         parser = argparse.ArgumentParser(prog=f"refilled-hf {command}", description=COMMANDS[command])
@@ -376,6 +394,18 @@ def cmd_push(argv: list[str]) -> int:
     (args,) = parse_command("push", argv)
     url = push_folder(args.folder, args.repo_id, private=args.private, token=args.token)
     print(f"Pushed {args.folder} to {url}")
+    return 0
+
+
+def cmd_compare(argv: list[str]) -> int:
+    from .compare import compare_runs, format_comparison
+
+    (args,) = parse_command("compare", argv)
+    comparison = compare_runs(args.runs)
+    if args.json:
+        print_json(comparison)
+    else:
+        print(format_comparison(comparison))
     return 0
 
 
@@ -465,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_probe(rest)
         if command == "push":
             return cmd_push(rest)
+        if command == "compare":
+            return cmd_compare(rest)
         return cmd_losses_demo(rest)
     except (CliError, ConfigError, DataError, HubPushError, ModelLoadError, RunError, RunDirError) as err:
         print(f"refilled-hf {command}: error: {err}", file=sys.stderr)

@@ -1,0 +1,221 @@
+"""Finished runs side by side (``refilled-hf compare``): each run's numbers, the runs that
+differ only by their seed pooled (mean and standard deviation over seeds), and, between
+settings, the differences of runs on the same images.
+
+What a run is comes from its ``run.json`` (the identity a resume is checked against), its
+numbers from its ``results.json``: a folder without both holds no finished run and is
+refused, as is a folder given twice."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import FIELD_USERS, ConfigError
+from .model_card import epochs_text
+from .pipeline import EXPORT_DIR, RESULTS_FILE
+from .rundir import MANIFEST
+
+__all__ = ["FinishedRun", "compare_runs", "format_comparison", "load_finished_run"]
+
+#: identity fields a seed changes (``student_init``: the initial weights; ``data``: the images
+#: drawn) or that change how a run computes, not what: runs that differ only in these are the
+#: same setting, repeated
+SEED_AND_PLACEMENT_FIELDS = (
+    "seed", "data_seed", "student_init", "data", "data_path", "dataloader_num_workers", "device_data_budget_gb",
+    "teacher_cache",
+)  # fmt: skip
+#: identity fields that record the teacher, left out (with the teacher options) for a run without one
+TEACHER_RECORD_FIELDS = ("teacher_weights",)
+
+
+@dataclass
+class FinishedRun:
+    """A finished run's folder, its results.json and the identity its run.json records."""
+
+    folder: Path
+    results: dict[str, Any]
+    identity: dict[str, Any]
+
+
+def load_finished_run(folder: str | Path) -> FinishedRun:
+    """The finished run in ``folder`` (its ``output_dir``); refused, naming the fix, where it
+    holds none (an export's ``model/`` folder is taken as its run's)."""
+    folder = Path(folder)
+    if folder.name == EXPORT_DIR and (folder.parent / RESULTS_FILE).is_file():
+        folder = folder.parent
+    if not (folder / RESULTS_FILE).is_file():
+        raise ConfigError(f"{folder} holds no finished run (no {RESULTS_FILE}): pass the output_dir of finished runs.")
+    try:
+        results = json.loads((folder / RESULTS_FILE).read_text())
+        identity = json.loads((folder / MANIFEST).read_text())["identity"]
+        if not isinstance(results.get("final"), dict) or not isinstance(identity, dict):
+            raise ValueError("not a refilled-hf run")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{folder} is not a run this refilled-hf can read ({type(err).__name__}: {err}): its {RESULTS_FILE} and "
+            f"{MANIFEST} must be a finished run's, written by refilled-hf 0.1 or newer."
+        ) from None
+    return FinishedRun(folder, results, identity)
+
+
+def _method_text(results: dict[str, Any]) -> str:
+    """``refilled (lambda 10)``, ``refilled (student alone exported)``, ``ce``: what the exported model is."""
+    method = results["method"]
+    if (results.get("student_alone") or {}).get("exported"):
+        return f"{method} (student alone exported)"
+    if method == "refilled" and results.get("distill_weight") is not None:
+        return f"{method} (lambda {results['distill_weight']:g})"
+    return method
+
+
+def _value_text(value: Any) -> str:
+    text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return text[:12]  # a digest (the teacher's weights): its start tells them apart
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def _setting(run: FinishedRun) -> dict[str, Any]:
+    """What a run computes: its identity without the seed and data placement, and without
+    the options its method does not use (a ce run's teacher, a kd run's tau1...)."""
+    unused = {name for name, users in FIELD_USERS.items() if run.results["method"] not in users}
+    if "teacher" in unused:
+        unused.update(TEACHER_RECORD_FIELDS)
+    return {k: v for k, v in run.identity.items() if k not in SEED_AND_PLACEMENT_FIELDS and k not in unused}
+
+
+def _setting_names(settings: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Each setting's name (the fields whose values tell the settings apart) and those fields.
+    A field that only some settings have (a method's own option, such as REFILLED's lambda) is
+    implied by the method, and named only where settings that have it differ in it."""
+    keys = sorted({k for s in settings for k in s}, key=lambda k: (k != "method", k))
+    varying = [k for k in keys if len({_value_text(s[k]) for s in settings if k in s}) > 1]
+    names = [", ".join(f"{k}={_value_text(s[k])}" for k in varying if k in s) or "all" for s in settings]
+    return names, varying
+
+
+def _spread(values: list[float | None]) -> dict[str, Any] | None:
+    """Mean and standard deviation (n - 1; 0 for one value) of ``values``; None where one is missing."""
+    if not values or any(v is None for v in values):
+        return None
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "runs": len(values),
+    }
+
+
+def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
+    """Each run of ``folders`` (its method, epochs, test and validation top-1, stage-1 NCM
+    top-1, training seconds), the settings they form (runs whose identity differs only in
+    :data:`SEED_AND_PLACEMENT_FIELDS` are one setting, named by the fields that tell the
+    settings apart) with the mean and standard deviation of each number over a setting's
+    runs, and, for every setting after the first, its test top-1 minus the first's on the
+    same images (the same data fingerprint: data set, classes, shots, validation carve and
+    data seed), where each of the two settings has exactly one run on them."""
+    runs = [load_finished_run(f) for f in folders]
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        resolved = run.folder.resolve()
+        if resolved in seen:
+            raise ConfigError(f"{run.folder} is given twice (as {seen[resolved]}): pass each run once.")
+        seen[resolved] = run.folder
+    names, varying = _setting_names([_setting(run) for run in runs])
+    rows = []
+    for run, name in zip(runs, names):
+        final, stage1 = run.results["final"], run.results.get("stage1") or {}
+        rows.append({
+            "run": str(run.folder),
+            "setting": name,
+            "method": _method_text(run.results),
+            "epochs": epochs_text(run.results),
+            "test_top1": final.get("test_top1"),
+            "validation_top1": final.get("validation_top1"),
+            "stage1_ncm_top1": None if "student alone" in _method_text(run.results) else stage1.get("test_ncm_top1"),
+            "train_seconds": run.results.get("train_seconds"),
+            "data_fingerprint": run.results.get("data_fingerprint"),
+        })  # fmt: skip
+    order = list(dict.fromkeys(names))
+    groups = []
+    for name in order:
+        members = [row for row in rows if row["setting"] == name]
+        groups.append({
+            "setting": name,
+            "runs": len(members),
+            **{key: _spread([row[key] for row in members])
+               for key in ("test_top1", "validation_top1", "stage1_ncm_top1", "train_seconds")},
+        })  # fmt: skip
+    paired = []
+    first = [row for row in rows if row["setting"] == order[0]]
+    for name in order[1:]:
+        members = [row for row in rows if row["setting"] == name]
+        differences = []
+        for row in members:
+            same = [r for r in first if r["data_fingerprint"] == row["data_fingerprint"]]
+            twins = [r for r in members if r["data_fingerprint"] == row["data_fingerprint"]]
+            if len(same) == 1 and len(twins) == 1 and None not in (row["test_top1"], same[0]["test_top1"]):
+                differences.append({"run": row["run"], "against": same[0]["run"],
+                                    "test_top1": row["test_top1"] - same[0]["test_top1"]})  # fmt: skip
+        paired.append({
+            "setting": name,
+            "against": order[0],
+            "differences": differences,
+            "test_top1": _spread([d["test_top1"] for d in differences]),
+        })  # fmt: skip
+    return {"runs": rows, "settings": groups, "paired": paired, "varying_fields": varying}
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _spread_text(spread: dict[str, Any] | None, digits: int = 2) -> str:
+    if spread is None:
+        return "-"
+    if spread["runs"] == 1:
+        return _num(spread["mean"], digits)
+    return f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f}"
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *lines]]
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """The comparison as text: the settings (lettered), the runs, the settings' mean ± std
+    over their runs, and the paired differences."""
+    letter = {g["setting"]: chr(ord("A") + i) if i < 26 else str(i) for i, g in enumerate(comparison["settings"])}
+    out = []
+    if comparison["varying_fields"]:
+        out += ["Settings (what tells the runs apart, beside their seeds):"]
+        out += [f"  {letter[g['setting']]}: {g['setting']}" for g in comparison["settings"]]
+        out.append("")
+    else:
+        out += ["The runs differ only by their seed (initial weights, images drawn) and data placement.", ""]
+    out += _table(
+        ["run", "setting", "method", "epochs", "test top-1 %", "validation top-1 %", "stage-1 NCM %", "seconds"],
+        [[r["run"], letter[r["setting"]], r["method"], r["epochs"], _num(r["test_top1"]), _num(r["validation_top1"]),
+          _num(r["stage1_ncm_top1"]), _num(r["train_seconds"], 0)] for r in comparison["runs"]],
+    )  # fmt: skip
+    if any(group["runs"] > 1 for group in comparison["settings"]):
+        out += ["", "Per setting (mean ± standard deviation over its runs):"]
+        out += _table(
+            ["setting", "runs", "test top-1 %", "validation top-1 %", "stage-1 NCM %", "seconds"],
+            [[letter[g["setting"]], str(g["runs"]), _spread_text(g["test_top1"]), _spread_text(g["validation_top1"]),
+              _spread_text(g["stage1_ncm_top1"]), _spread_text(g["train_seconds"], 0)]
+             for g in comparison["settings"]],
+        )  # fmt: skip
+    for pair in comparison["paired"]:
+        this, that = letter[pair["setting"]], letter[pair["against"]]
+        if not pair["differences"]:
+            out += ["", f"{this} - {that}: no run of {this} has one of {that} on the same images to pair with."]
+            continue
+        each = ", ".join(f"{d['test_top1']:+.2f}" for d in pair["differences"])
+        mean = f" (mean {_spread_text(pair['test_top1'])})" if len(pair["differences"]) > 1 else ""
+        out += ["", f"Test top-1 of {this} minus {that}, run by run on the same images: {each}{mean}."]
+    return "\n".join(out)

@@ -1,0 +1,109 @@
+"""`refilled-hf compare`: finished runs side by side, pooled over seeds, paired on the same images."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from helpers import tiny_recipe, write_random_teacher
+
+from refilled_hf.cli import main
+from refilled_hf.compare import compare_runs, format_comparison
+from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.pipeline import run_distillation
+
+
+def _write_run(folder: Path, method: str, seed: int, top1: float, images: str, **identity) -> Path:
+    """A finished run as refilled-hf leaves it: results.json and run.json's identity."""
+    folder.mkdir(parents=True)
+    base = {"method": method, "student": "cifar_wrn_16_1", "classes": "5-9", "stage2_epochs": 20.0, "seed": seed,
+            "student_init": f"init{seed}", "data": images, "data_path": "device"}  # fmt: skip
+    if method == "refilled":
+        base.update(teacher="local-dir:t", teacher_weights="f" * 64, distill_weight=10.0, stage1_epochs=20.0)
+    results = {"method": method, "final": {"test_top1": top1, "validation_top1": top1 - 1, "train_metrics": {}},
+               "data_fingerprint": images, "train_seconds": 10.0 + seed}  # fmt: skip
+    if method == "refilled":
+        results.update(stage1={"test_ncm_top1": 50.0 + seed}, distill_weight=10.0)
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "run.json").write_text(json.dumps({"identity": {**base, **identity}, "outputs": []}))
+    return folder
+
+
+def _reference_spread(values):
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def test_runs_pool_over_seeds_and_pair_on_the_same_images(tmp_path):
+    ce = [_write_run(tmp_path / f"ce{s}", "ce", s, top1, f"images{s}") for s, top1 in enumerate((60.0, 64.0, 59.0))]
+    rf = [_write_run(tmp_path / f"rf{s}", "refilled", s, top1, f"images{s}") for s, top1 in enumerate((63.0, 63.5))]
+    comparison = compare_runs([*ce, rf[0], rf[1] / "model"])  # an export's model/ folder stands for its run
+    # the settings are named by what tells them apart; a ce run's missing teacher and lambda are implied
+    assert [g["setting"] for g in comparison["settings"]] == ["method=ce", "method=refilled"]
+    assert [r["run"] for r in comparison["runs"]][-1] == str(rf[1])
+    ce_group, rf_group = comparison["settings"]
+    assert ce_group["runs"] == 3 and rf_group["runs"] == 2
+    for group, values in ((ce_group, [60.0, 64.0, 59.0]), (rf_group, [63.0, 63.5])):
+        mean, std = _reference_spread(values)
+        assert group["test_top1"]["mean"] == pytest.approx(mean) and group["test_top1"]["std"] == pytest.approx(std)
+    assert ce_group["stage1_ncm_top1"] is None and rf_group["stage1_ncm_top1"]["mean"] == pytest.approx(50.5)
+    # run by run on the same images: seed 2 of ce has no refilled twin
+    (pair,) = comparison["paired"]
+    assert [(d["run"], d["against"]) for d in pair["differences"]] == [
+        (str(rf[0]), str(ce[0])),
+        (str(rf[1]), str(ce[1])),
+    ]
+    assert [d["test_top1"] for d in pair["differences"]] == pytest.approx([3.0, -0.5])
+    text = format_comparison(comparison)
+    assert "  A: method=ce\n  B: method=refilled\n" in text
+    assert "Test top-1 of B minus A, run by run on the same images: +3.00, -0.50 (mean 1.25 ± 2.47)." in text
+    assert f"A        3     {_reference_spread([60.0, 64.0, 59.0])[0]:.2f} ± 2.65" in text
+
+
+def test_settings_name_what_differs_and_ambiguous_pairs_are_left_out(tmp_path):
+    one = _write_run(tmp_path / "a", "refilled", 0, 60.0, "same")
+    other_lambda = _write_run(tmp_path / "b", "refilled", 0, 61.0, "same", distill_weight=1.0)
+    again = _write_run(tmp_path / "c", "refilled", 1, 62.0, "same", distill_weight=1.0)  # same images, other seed
+    comparison = compare_runs([one, other_lambda, again])
+    assert comparison["varying_fields"] == ["distill_weight"]
+    assert [g["setting"] for g in comparison["settings"]] == ["distill_weight=10.0", "distill_weight=1.0"]
+    # two runs of the second setting on the first's images: which pair is meant cannot be told
+    assert comparison["paired"][0]["differences"] == []
+    assert "B - A: no run of B has one of A on the same images to pair with." in format_comparison(comparison)
+    alone = compare_runs([one])
+    assert alone["settings"][0]["setting"] == "all" and alone["paired"] == []
+    assert "differ only by their seed" in format_comparison(alone)
+
+
+def test_what_is_not_a_finished_run_is_refused(tmp_path):
+    run = _write_run(tmp_path / "a", "ce", 0, 60.0, "x")
+    with pytest.raises(ConfigError, match="holds no finished run"):
+        compare_runs([run, tmp_path])
+    with pytest.raises(ConfigError, match="given twice"):
+        compare_runs([run, run / "model"])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is not a run this refilled-hf can read"):
+        compare_runs([tmp_path / "b"])
+
+
+@pytest.mark.slow
+def test_compare_command_on_real_runs(data_dir, tmp_path, capsys):
+    """ce and refilled on the same images: one setting each, the method naming them, paired."""
+    teacher = write_random_teacher(tmp_path / "t")
+    folders = []
+    for method in ("ce", "refilled"):
+        recipe = tiny_recipe(data_dir, tmp_path / method, method=method, teacher=f"local-dir:{teacher}",
+                             stage1_epochs=1, stage2_epochs=1)  # fmt: skip
+        results = run_distillation(RefilledConfig(**recipe))
+        folders.append((str(tmp_path / method), results))
+    assert main(["compare", *(f for f, _ in folders)]) == 0
+    out = capsys.readouterr().out
+    assert "  A: method=ce\n  B: method=refilled\n" in out
+    ce, refilled = (r["final"]["test_top1"] for _, r in folders)
+    assert f"run by run on the same images: {refilled - ce:+.2f}." in out
+    assert main(["compare", *(f for f, _ in folders), "--json", "true"]) == 0
+    parsed = json.loads(capsys.readouterr().out)
+    assert [r["test_top1"] for r in parsed["runs"]] == [ce, refilled]
