@@ -195,6 +195,13 @@ def _recipe_value(path: Path, name: str, default: Any, type_text: str, value: An
     raise CliError(f"Recipe {str(path)!r}: `{name}` has a value of type {type(value).__name__}: {value!r}.")
 
 
+#: the commands whose first words are values (see parse_command), as their usage line shows them
+POSITIONAL_USAGE = {
+    "push": "FOLDER --repo_id REPO_ID [--private true] [--token TOKEN]   (or --folder FOLDER)",
+    "compare": "RUN [RUN ...] [--json true]   (or --runs RUN [RUN ...])",
+}
+
+
 def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) -> tuple[Any, ...]:
     """Parse ``--config recipe.yaml`` (defaults) and command-line overrides."""
     parser = HfArgumentParser(dataclass_types, prog=prog)
@@ -215,6 +222,9 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
             )
         elif command == "train-teacher":
             parser.epilog = "The distillation options (`refilled-hf distill --help`) are refused here."
+    usage = POSITIONAL_USAGE.get(prog.split()[-1])
+    if usage:  # the words parse_command turns into flags, shown as a user types them
+        parser.usage = f"{prog} {usage}"
     parser.add_argument("--config", type=str, default=None, help="YAML recipe; command-line flags override it.")
     config_path = _flag_value(argv, "--config")
     if config_path is not None:

@@ -107,3 +107,12 @@ def test_compare_command_on_real_runs(data_dir, tmp_path, capsys):
     assert main(["compare", *(f for f, _ in folders), "--json", "true"]) == 0
     parsed = json.loads(capsys.readouterr().out)
     assert [r["test_top1"] for r in parsed["runs"]] == [ce, refilled]
+
+
+def test_usage_shows_the_runs_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert capsys.readouterr().out.startswith("usage: refilled-hf compare RUN [RUN ...] [--json true]")
+    with pytest.raises(SystemExit):
+        main(["push", "--help"])
+    assert capsys.readouterr().out.startswith("usage: refilled-hf push FOLDER --repo_id REPO_ID")
