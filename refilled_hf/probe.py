@@ -84,11 +84,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     kept = torch.bincount(labels[clean], minlength=data.num_classes).double()
     hits = torch.bincount(labels[clean], weights=correct[clean].double(), minlength=data.num_classes)
     measured = kept > 0
-    weight = share[measured] / share[measured].sum()
-    rate = hits[measured] / kept[measured]
-    probe = float((weight * rate).sum())
-    # the standard error of that stratified mean: per class, a binomial proportion over its images
-    stderr = float((weight**2 * rate * (1 - rate) / kept[measured]).sum().sqrt())
+    probe, stderr = class_weighted_accuracy(share, kept, hits)
     return {
         "teacher": config.teacher,
         "probe_ncm_top1": 100.0 * probe,
@@ -102,6 +98,19 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
         "shots_per_class": config.shots_per_class,
         "seconds": time.perf_counter() - start,
     }
+
+
+def class_weighted_accuracy(share: torch.Tensor, kept: torch.Tensor, hits: torch.Tensor) -> tuple[float, float]:
+    """The accuracy over classes weighted by their ``share`` of the split, each measured on
+    its ``kept`` images (``hits`` right; a class with none kept is left out), and its standard
+    error: each class a binomial proportion over its images, at the overall rate, Laplace-
+    smoothed rather than each class's own (with one or two images a class's rate is 0 or 1 and
+    its own variance 0, which would call a probe on a handful of images exact)."""
+    measured = kept > 0
+    weight = share[measured] / share[measured].sum()
+    accuracy = float((weight * hits[measured] / kept[measured]).sum())
+    overall = (hits[measured].sum() + 1) / (kept[measured].sum() + 2)
+    return accuracy, float((weight**2 * overall * (1 - overall) / kept[measured]).sum().sqrt())
 
 
 def _carve_fix(config: RefilledConfig, record: dict[str, Any], data) -> str:

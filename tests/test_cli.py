@@ -241,10 +241,11 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, cap
     expected = sum(size[c] * hits[c] / probed[c] for c in probed) / sum(size[c] for c in probed)
     assert result["classes_probed"] == len(probed)
     assert result["probe_ncm_top1"] == pytest.approx(100.0 * expected)
-    # its standard error: each class a binomial proportion over the images probed, weighted by its share
+    # its standard error: each class a binomial proportion over the images probed, weighted by its share,
+    # at the overall rate (Laplace-smoothed: never 0 on a handful of images)
     total = sum(size[c] for c in probed)
-    variance = sum((size[c] / total) ** 2 * (hits[c] / probed[c]) * (1 - hits[c] / probed[c]) / probed[c]
-                   for c in probed)  # fmt: skip
+    rate = (sum(hits.values()) + 1) / (sum(probed.values()) + 2)
+    variance = sum((size[c] / total) ** 2 * rate * (1 - rate) / probed[c] for c in probed)
     assert result["probe_ncm_top1_stderr"] == pytest.approx(100.0 * variance**0.5)
     assert f"{result['probe_ncm_top1']:.1f}% (standard error {result['probe_ncm_top1_stderr']:.1f})" in captured.err
     plain = sum(hits.values()) / sum(probed.values())
@@ -265,3 +266,21 @@ def test_json_on_stdout_keeps_class_names_readable_where_it_can(encoding, expect
     out.flush()
     text = out.buffer.getvalue().decode(encoding)
     assert expected in text and json.loads(text) == {"test_per_class": {"Größe": {"top1": 50.0}}}
+
+
+def test_the_probes_standard_error_never_calls_a_handful_of_images_exact():
+    """One image per class is right or wrong: each class's own variance is 0. The error comes from
+    the overall rate (Laplace-smoothed), and on many images it is the usual binomial one."""
+    from refilled_hf.probe import class_weighted_accuracy
+
+    ones = torch.ones(3, dtype=torch.float64)
+    accuracy, stderr = class_weighted_accuracy(ones, ones, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert accuracy == pytest.approx(1 / 3) and stderr == pytest.approx((3 * (1 / 9) * 0.4 * 0.6 / 1) ** 0.5)
+    assert class_weighted_accuracy(ones, ones, ones)[1] > 0.2  # all right on 3 images: far from certain
+    # 2,500 images in 50 classes at 60 %: close to sqrt(p(1-p)/n), one point
+    share = kept = torch.full((50,), 50.0, dtype=torch.float64)
+    accuracy, stderr = class_weighted_accuracy(share, kept, torch.full((50,), 30.0, dtype=torch.float64))
+    assert accuracy == pytest.approx(0.6) and stderr == pytest.approx((0.6 * 0.4 / 2500) ** 0.5, rel=1e-3)
+    # a class without an image left weighs nothing
+    left_out = class_weighted_accuracy(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.0]), torch.tensor([2.0, 0.0]))
+    assert left_out[0] == 1.0
