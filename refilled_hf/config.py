@@ -414,7 +414,11 @@ class RefilledConfig(TrainingArguments):
         default=None, **_help("Optional initial weights for the student (safetensors, or legacy .pt/.pth).")
     )
     student_drop_rate: float | None = field(
-        default=None, **_help("Dropout passed to timm.create_model for the student (model default if unset).")
+        default=None,
+        **_help(
+            "Dropout passed to timm.create_model for the student (train-teacher: for the teacher it trains); the "
+            "model's default if unset."
+        ),
     )
     teacher: str | None = field(
         default=None,
@@ -457,7 +461,8 @@ class RefilledConfig(TrainingArguments):
     classes: str | None = field(
         default=None,
         **_help(
-            "The student's classes: ids, ranges (50-99), names, comma-separated, or a preset "
+            "The student's classes (train-teacher: the teacher's): ids, ranges (50-99), names, comma-separated, "
+            "or a preset "
             "(cifar100-second-half, cifar100-shift-10, ...); id:<id or range> and name:<name> say which an item "
             "is (required where class names are numbers other than their ids, as an image folder's 1, 10, 2). "
             "Default: all classes (for evaluate: the model's own classes, by its label names)."
@@ -480,7 +485,13 @@ class RefilledConfig(TrainingArguments):
             f"{DEFAULT_VALIDATION_FRACTION:g}, or 0 with --validation_split (a fraction above 0 is then refused)."
         ),
     )
-    image_size: int | None = field(default=None, **_help("Student input size (default: its pretrained_cfg's)."))
+    image_size: int | None = field(
+        default=None,
+        **_help(
+            "Input size of the student (train-teacher: of the teacher it trains; evaluate: of the model evaluated). "
+            "Default: the model's pretrained_cfg's."
+        ),
+    )
     horizontal_flip: bool = field(default=True, **_help("Random horizontal flips in training augmentation."))
     data_path: str = field(
         default="auto",
@@ -673,8 +684,9 @@ class RefilledConfig(TrainingArguments):
     seed: int = field(
         default=42,
         **_help(
-            "Seed of the run: the student's initialization and augmentation, and, unless data_seed is set, the "
-            "batch order and which images shots_per_class and validation_fraction select."
+            "Seed of the run: the initialization of the model trained (the student; train-teacher's teacher) and "
+            "its augmentation, and, unless data_seed is set, the batch order and which images shots_per_class and "
+            "validation_fraction select."
         ),
     )
     data_seed: int | None = field(

@@ -165,6 +165,13 @@ def test_help_says_who_uses_a_field(capsys, monkeypatch):
     assert "[used by distill --method refilled/kd/rkd, train-teacher, probe-teacher; the others warn" in text
     assert "each stage: steps (>= 1) or a fraction of it (< 1). [used by distill, train-teacher; the others warn " \
            "that they ignore it]" in text  # fmt: skip
+    # where train-teacher reads a student's option, for the teacher it trains, the help says so
+    for option in ("--classes CLASSES The student's classes (train-teacher: the teacher's)",
+                   "Input size of the student (train-teacher: of the teacher it trains;",
+                   "timm.create_model for the student (train-teacher: for the teacher it trains)",
+                   "the model trained (the student; train-teacher's teacher)",
+                   "Stage-2 epochs; the baselines' and train-teacher's epochs."):  # fmt: skip
+        assert option in text, option
 
 
 @pytest.mark.parametrize(
