@@ -273,11 +273,21 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=not _stdout_takes_utf8()))
 
 
-def _print_config(config: RefilledConfig) -> None:
+def printed_recipe(config: RefilledConfig, command: str) -> dict[str, Any]:
+    """The resolved configuration ``refilled-hf <command>`` prints, a recipe its ``--config``
+    reads back: every field for distill (one recipe serves every method), and for
+    train-teacher the fields it reads (it refuses the distillation options, and the
+    student's would name a model it does not train)."""
+    recipe = json.loads(json.dumps(resolved_config(config), default=str))
+    if command == "train-teacher":
+        recipe = {k: v for k, v in recipe.items() if command in FIELD_USERS.get(k, (command,))}
+    return recipe
+
+
+def _print_config(config: RefilledConfig, command: str) -> None:
     if config.process_index == 0:
         print("Resolved configuration:")
-        recipe = json.loads(json.dumps(resolved_config(config), default=str))
-        print(yaml.safe_dump(recipe, sort_keys=True, allow_unicode=_stdout_takes_utf8()))
+        print(yaml.safe_dump(printed_recipe(config, command), sort_keys=True, allow_unicode=_stdout_takes_utf8()))
 
 
 def _print_results(results: dict[str, Any]) -> None:
@@ -348,7 +358,7 @@ def cmd_train(argv: list[str], command: str) -> int:
     from .pipeline import run_distillation, run_teacher_training
 
     (config,) = parse_command(command, argv)
-    _print_config(config)
+    _print_config(config, command)
     results = (run_teacher_training if command == "train-teacher" else run_distillation)(config)
     if config.process_index == 0:
         _print_results(results)

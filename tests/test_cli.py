@@ -173,6 +173,22 @@ def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):
     assert again.to_recipe() == recipe
 
 
+def test_train_teacher_prints_the_fields_it_reads_and_they_read_back(tmp_path):
+    """No student or distillation option in train-teacher's printed configuration (the student's
+    default would name a model it does not train), and train-teacher takes it back unchanged."""
+    from refilled_hf.cli import printed_recipe
+
+    config = RefilledConfig(teacher="cifar_wrn_40_2", classes="0-49", stage2_epochs=30, seed=3,
+                            output_dir=str(tmp_path / "t"))  # fmt: skip
+    recipe = printed_recipe(config, "train-teacher")
+    assert {"student", "method", "tau1", "distill_weight", "stage1_epochs", "teacher_classes"}.isdisjoint(recipe)
+    assert recipe["teacher"] == "cifar_wrn_40_2" and recipe["stage2_epochs"] == 30 and recipe["seed"] == 3
+    (again,) = parse_config((RefilledConfig,), ["--config", write_recipe(tmp_path / "r.yaml", **recipe)],
+                            "refilled-hf train-teacher")  # fmt: skip
+    assert again.to_recipe() == config.to_recipe() and again.fields_unused_by("train-teacher") == {}
+    assert printed_recipe(config, "distill") == json.loads(json.dumps(config.to_recipe(), default=str))
+
+
 @pytest.mark.slow
 def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, capsys):
     import numpy as np
