@@ -155,6 +155,8 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
         members = [row for row in rows if row["setting"] == name]
         differences = []
         for row in members:
+            if row["data_fingerprint"] is None:  # (a results.json that records none cannot be paired)
+                continue
             same = [r for r in first if r["data_fingerprint"] == row["data_fingerprint"]]
             twins = [r for r in members if r["data_fingerprint"] == row["data_fingerprint"]]
             if len(same) == 1 and len(twins) == 1 and None not in (row["test_top1"], same[0]["test_top1"]):

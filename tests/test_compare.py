@@ -72,6 +72,12 @@ def test_settings_name_what_differs_and_ambiguous_pairs_are_left_out(tmp_path):
     # two runs of the second setting on the first's images: which pair is meant cannot be told
     assert comparison["paired"][0]["differences"] == []
     assert "B - A: no run of B has one of A on the same images to pair with." in format_comparison(comparison)
+    # runs whose results record no data fingerprint are never taken for runs on the same images
+    for folder in (one, other_lambda):
+        results = json.loads((folder / "results.json").read_text())
+        del results["data_fingerprint"]
+        (folder / "results.json").write_text(json.dumps(results))
+    assert compare_runs([one, other_lambda])["paired"][0]["differences"] == []
     alone = compare_runs([one])
     assert alone["settings"][0]["setting"] == "all" and alone["paired"] == []
     assert "differ only by their seed" in format_comparison(alone)
