@@ -219,4 +219,6 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
           f"refilled {rf_mean:.1f} ± {rf_std:.1f}; refilled - ce per seed: "
           f"{', '.join(f'{g:+.1f}' for g in gains)}.")  # fmt: skip
     print(f"Exported REFILLED student (seed {seeds[0]}), with its model card: {out / 'refilled' / 'model'}")
+    folders = " ".join(str(out / _run_name(name, s, seeds[0])) for name in ("ce", "refilled") for s in seeds)
+    print(f"Every run side by side: refilled-hf compare {folders}")
     return {run: {**r, "seconds": timings[run]} for run, r in runs.items()}

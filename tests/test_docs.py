@@ -60,7 +60,7 @@ CALLS = [(path, command, argv) for path in DOCS for command, argv in documented_
 
 def test_the_docs_show_every_command_that_trains_or_measures():
     shown = {command for _, command, _ in CALLS}
-    assert {"train-teacher", "distill", "evaluate", "probe-teacher", "quickstart", "push"} <= shown
+    assert {"train-teacher", "distill", "evaluate", "probe-teacher", "quickstart", "push", "compare"} <= shown
     assert any(path.name == "README.md" and "accelerate" not in argv for path, _, argv in CALLS)
 
 
