@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import FIELD_USERS, ConfigError
-from .model_card import epochs_text
+from .model_card import epochs_text, exported_student_alone
 from .pipeline import EXPORT_DIR, RESULTS_FILE
 from .rundir import MANIFEST
 
@@ -65,7 +65,7 @@ def load_finished_run(folder: str | Path) -> FinishedRun:
 def _method_text(results: dict[str, Any]) -> str:
     """``refilled (lambda 10)``, ``refilled (student alone exported)``, ``ce``: what the exported model is."""
     method = results["method"]
-    if (results.get("student_alone") or {}).get("exported"):
+    if exported_student_alone(results):
         return f"{method} (student alone exported)"
     if method == "refilled" and results.get("distill_weight") is not None:
         return f"{method} (lambda {results['distill_weight']:g})"
@@ -135,7 +135,8 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
             "epochs": epochs_text(run.results),
             "test_top1": final.get("test_top1"),
             "validation_top1": final.get("validation_top1"),
-            "stage1_ncm_top1": None if "student alone" in _method_text(run.results) else stage1.get("test_ncm_top1"),
+            # the exported student alone had no stage 1 (the run's belongs to REFILLED's candidates)
+            "stage1_ncm_top1": None if exported_student_alone(run.results) else stage1.get("test_ncm_top1"),
             "train_seconds": run.results.get("train_seconds"),
             "data_fingerprint": run.results.get("data_fingerprint"),
         })  # fmt: skip

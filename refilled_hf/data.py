@@ -289,8 +289,8 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
             ids.append(by_name[item])
         elif kind == "name" and rest in by_name:
             ids.append(by_name[rest])
-        elif kind == "id" and _id_numbers(rest) is not None:
-            ids.extend(_id_numbers(rest))
+        elif kind == "id" and (given := _id_numbers(rest)) is not None:
+            ids.extend(given)
         elif numbers is not None:
             _refuse_ambiguous_ids(item, numbers, class_names, by_name)
             ids.extend(numbers)

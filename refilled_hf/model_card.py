@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import ConfigError, parse_milestones
 
-__all__ = ["card_for_repo", "card_template", "check_comparable", "render_model_card"]
+__all__ = ["card_for_repo", "card_template", "check_comparable", "exported_student_alone", "render_model_card"]
 
 CARD_TEMPLATE = "refilled_student.md"
 #: a card's name (title, model-index) where the run named no Hub repo, by the command that ran
@@ -106,7 +106,7 @@ def epochs_text(results: dict[str, Any]) -> str:
     ``10 + 2 x 10`` (REFILLED whose stage 2 ran once per lambda candidate)."""
     final = _trained_epochs(results.get("final"))
     last = "-" if final is None else _num(final)
-    if results.get("method") != "refilled" or _exported_student_alone(results):
+    if results.get("method") != "refilled" or exported_student_alone(results):
         return last  # a baseline, or the student alone exported by a REFILLED run: one stage
     candidates = (results.get("distill_weight_search") or {}).get("candidates") or []
     if len(candidates) > 1:
@@ -130,7 +130,7 @@ def _differences(this: dict[str, Any], other: dict[str, Any]) -> list[str]:
     return out
 
 
-def _exported_student_alone(results: dict[str, Any]) -> bool:
+def exported_student_alone(results: dict[str, Any]) -> bool:
     """Whether a REFILLED run exported its student-alone candidate, not REFILLED's pick."""
     return bool((results.get("student_alone") or {}).get("exported"))
 
@@ -149,7 +149,7 @@ def _row(results: dict[str, Any], this: dict[str, Any] | None) -> dict[str, Any]
     """A results-table row; ``this``: the model's own results when the row is a baseline. A
     REFILLED run that exported its student-alone candidate is shown as that model (no
     lambda, no teacher, no stage-1 NCM: none of them made it)."""
-    alone_exported = _exported_student_alone(results)
+    alone_exported = exported_student_alone(results)
     final = results.get("final", {})
     stage1 = {} if alone_exported else results.get("stage1") or {}
     notes = []
@@ -288,7 +288,7 @@ def _student_alone_note(results: dict[str, Any]) -> dict[str, Any] | None:
     scores = [_candidate_label(c) for c in (results.get("distill_weight_search") or {}).get("candidates", [])]
     top1 = _validation_text(alone)
     return {
-        "exported": _exported_student_alone(results),
+        "exported": exported_student_alone(results),
         "diverged": "diverged" in alone,
         "epochs": _epochs(alone["epochs"]),
         "validation": top1,
@@ -333,7 +333,7 @@ def render_model_card(
 
     full_recipe = recipe
     alone = _student_alone_note(results)
-    if _exported_student_alone(results):  # the card describes the model exported: that candidate
+    if exported_student_alone(results):  # the card describes the model exported: that candidate
         results, recipe = _as_student_alone(results, recipe)
     method = results["method"]
     dataset = results["dataset"]
@@ -384,7 +384,7 @@ def render_model_card(
             else "."
         ),
     }.get(method, f"A `{architecture}` image classifier distilled with {method.upper()} by refilled-hf.")
-    if _exported_student_alone(results):
+    if exported_student_alone(results):
         summary += (
             " It is the student-alone candidate of a REFILLED run: trained without the teacher, it beat every "
             "REFILLED candidate on the validation split, so the teacher's knowledge did not help on this task."
