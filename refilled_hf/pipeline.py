@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
 from .backbone import FrozenTeacher, StudentModel, load_timm_model
-from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, option_name, options_text
+from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, options_text
 from .data import (
     SPLITS,
     ClassificationData,
@@ -56,7 +56,6 @@ from .preflight import (
     check_teacher_cache,
     load_teacher,
     stated_teacher_classes,
-    steps_per_epoch,
     uses_teacher_cache,
     warn_few_steps,
 )
@@ -68,7 +67,7 @@ from .rundir import (
     tensor_fingerprint,
 )
 from .teacher_cache import TeacherCache, TeacherCacheError, load_or_build
-from .trainer import RefilledTrainer
+from .trainer import RefilledTrainer, set_evaluation_cadence
 
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training", "training_seconds"]
 
@@ -381,7 +380,7 @@ def _make_trainer(
         args.greater_is_better = True
     if data.validation is None:
         args.eval_strategy = "no"
-    _set_cadence(args, epochs, len(data.train))
+    set_evaluation_cadence(args, epochs, len(data.train))
     return RefilledTrainer(
         model=student,
         args=args,
@@ -392,20 +391,6 @@ def _make_trainer(
         callbacks=callbacks,
         **kwargs,
     )
-
-
-def _set_cadence(args: RefilledConfig, epochs: float, images: int) -> None:
-    """``--evaluations_per_stage``: per-epoch evaluation and checkpoints become every
-    ``ceil(epochs / N)`` epochs (in steps), so long schedules do not evaluate, re-embed
-    the training split for NCM centres and save hundreds of times."""
-    every = math.ceil(epochs / args.evaluations_per_stage) if args.evaluations_per_stage else 1
-    if every <= 1:
-        return
-    steps = every * steps_per_epoch(args, images)
-    if option_name(args.eval_strategy) == "epoch":
-        args.eval_strategy, args.eval_steps = "steps", steps
-    if option_name(args.save_strategy) == "epoch":
-        args.save_strategy, args.save_steps = "steps", steps
 
 
 def _fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:

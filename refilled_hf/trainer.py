@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -40,9 +41,10 @@ from .losses import (
     rkd_loss,
     teacher_confidence_weights,
 )
+from .preflight import steps_per_epoch
 from .teacher_cache import TeacherCache
 
-__all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers"]
+__all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers", "set_evaluation_cadence"]
 
 STAGES = ("stage1", "stage2", "ce", "kd", "rkd")
 
@@ -95,13 +97,57 @@ def compute_class_centers(
     return centers_from_sums(sums, counts)
 
 
+def set_evaluation_cadence(args: RefilledConfig, epochs: float, images: int) -> None:
+    """``--evaluations_per_stage``, in place on a stage's ``args``: per-epoch evaluation and
+    checkpoints become every ``ceil(epochs / N)`` epochs (in steps), so long schedules do not
+    evaluate, re-embed the training split for NCM centres and save hundreds of times."""
+    every = math.ceil(epochs / args.evaluations_per_stage) if args.evaluations_per_stage else 1
+    if every <= 1:
+        return
+    steps = every * steps_per_epoch(args, images)
+    if option_name(args.eval_strategy) == "epoch":
+        args.eval_strategy, args.eval_steps = "steps", steps
+    if option_name(args.save_strategy) == "epoch":
+        args.save_strategy, args.save_steps = "steps", steps
+
+
+def _head_classes(model: torch.nn.Module) -> int | None:
+    """The number of classes a timm model's head predicts (None: not a timm model)."""
+    classes = getattr(model, "num_classes", None)
+    return int(classes) if isinstance(classes, int) else None
+
+
+def _check_label_spaces(stage: str, num_classes: int, model: StudentModel, teacher: FrozenTeacher | None) -> None:
+    """Refuse, before any step, the label spaces a stage cannot train on: a student head
+    that does not predict the ``num_classes`` classes of the labels (stage 1 leaves the head
+    alone), and KD between a teacher and a student that predict different classes."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
+    student_classes = _head_classes(model.model)
+    if stage != "stage1" and student_classes is not None and student_classes != num_classes:
+        raise ValueError(
+            f"The student's head predicts {student_classes} classes but num_classes={num_classes}: "
+            f"create it with timm.create_model(..., num_classes={num_classes}) or call "
+            f"reset_classifier({num_classes}) on it."
+        )
+    teacher_classes = _head_classes(teacher.model) if teacher is not None else None
+    if stage == "kd" and teacher_classes is not None and teacher_classes != num_classes:
+        raise ValueError(
+            f"Stage 'kd' needs teacher and student on one label space, but the teacher predicts "
+            f"{teacher_classes} classes and the student {num_classes}: use stage1 + stage2 (REFILLED) "
+            "or 'rkd' across tasks."
+        )
+
+
 class RefilledTrainer(Trainer):
     """Trainer for one stage of REFILLED or one baseline.
 
     Args:
         model: the student, wrapped in :class:`~refilled_hf.backbone.StudentModel`.
-        args: the run's :class:`~refilled_hf.config.RefilledConfig`, with this stage's
-            epochs and learning rate set.
+        args: the run's :class:`~refilled_hf.config.RefilledConfig`. The trainer reads this
+            stage's epochs and learning rate from it (``stage1_*`` for ``stage1``, ``stage2_*``
+            for the others) and writes its checkpoints to ``<output_dir>/<stage>``, as
+            ``refilled-hf distill`` does.
         stage: one of ``stage1``, ``stage2``, ``ce``, ``kd``, ``rkd``.
         teacher: the frozen teacher (needed by every stage but ``ce``). It is prepared by
             Accelerate in evaluation mode: placed on the device, never wrapped in DDP.
@@ -136,13 +182,21 @@ class RefilledTrainer(Trainer):
             raise ValueError(f"Stage {stage!r} needs a teacher.")
         if stage == "stage1" and centers_dataset is None:
             raise ValueError("Stage 1 needs `centers_dataset` (the training split) for its NCM evaluation.")
+        _check_label_spaces(stage, num_classes, model, teacher)
         model.set_embeddings_only(stage == "stage1")  # before the optimizer and DDP see the parameters
-        if args.learning_rate is None or args.num_train_epochs is None:  # a config used directly: its stage's
+        if args.learning_rate is None or args.num_train_epochs is None:
+            # a config used directly: its stage's schedule, and its own folder, so that the
+            # stages of one run never write (or resume from) each other's checkpoint-<step>
+            # and --evaluations_per_stage's cadence
             first = stage == "stage1"
             args = args.stage_view(
                 learning_rate=args.stage1_learning_rate if first else args.stage2_learning_rate,
                 num_train_epochs=args.stage1_epochs if first else args.stage2_epochs,
+                output_dir=os.path.join(args.output_dir, stage),
             )
+            train_dataset = kwargs.get("train_dataset")
+            if train_dataset is not None and hasattr(train_dataset, "__len__"):
+                set_evaluation_cadence(args, args.num_train_epochs, len(train_dataset))
         if isinstance(kwargs.get("train_dataset"), IndexedImages):  # see evaluation_dataloader
             args = args.stage_view(dataloader_num_workers=0, dataloader_persistent_workers=False,
                                    dataloader_prefetch_factor=None)  # fmt: skip

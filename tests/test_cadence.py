@@ -7,24 +7,28 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 from helpers import tiny_recipe, write_image_dataset
 
-from refilled_hf.config import RefilledConfig
-from refilled_hf.pipeline import _set_cadence, run_distillation
+from refilled_hf.backbone import FrozenTeacher, StudentModel
+from refilled_hf.config import RefilledConfig, option_name
+from refilled_hf.pipeline import run_distillation
+from refilled_hf.trainer import RefilledTrainer, set_evaluation_cadence
 
 
 def test_cadence_in_steps():
     args = RefilledConfig(output_dir="o", per_device_train_batch_size=10, evaluations_per_stage=20)
-    _set_cadence(args, 200, images=95)  # 10 steps per epoch, every 10 epochs
+    set_evaluation_cadence(args, 200, images=95)  # 10 steps per epoch, every 10 epochs
     assert (args.eval_strategy, args.eval_steps, args.save_strategy, args.save_steps) == ("steps", 100, "steps", 100)
     short = RefilledConfig(output_dir="o", evaluations_per_stage=20)
-    _set_cadence(short, 15, images=95)
+    set_evaluation_cadence(short, 15, images=95)
     assert str(short.eval_strategy.value) == "epoch"  # short stages still evaluate every epoch
     every = RefilledConfig(output_dir="o", evaluations_per_stage=0)
-    _set_cadence(every, 400, images=95)
+    set_evaluation_cadence(every, 400, images=95)
     assert str(every.eval_strategy.value) == "epoch"
     steps = RefilledConfig(output_dir="o", eval_strategy="steps", eval_steps=7, save_strategy="steps", save_steps=7)
-    _set_cadence(steps, 400, images=95)
+    set_evaluation_cadence(steps, 400, images=95)
     assert steps.eval_steps == 7 and steps.save_steps == 7  # an explicit step cadence is the user's
 
 
@@ -85,3 +89,37 @@ def test_the_gradient_norm_is_computed_only_for_the_steps_that_log(
     assert len(calls) == expected_norms
     assert [step for step, _ in logged] == expected_logs
     assert all(norm is not None and norm > 0 for _, norm in logged)
+
+
+def test_a_trainer_built_from_the_run_config_has_its_stage_schedule_cadence_and_folder(tmp_path):
+    config = RefilledConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=10,
+        stage1_epochs=100,
+        stage2_epochs=200,
+        stage1_learning_rate=0.2,
+        stage2_learning_rate=0.05,
+        use_cpu=True,
+    )
+    images = [{"pixel_values": torch.zeros(3, 8, 8), "labels": i % 3} for i in range(95)]  # 10 steps per epoch
+    teacher = FrozenTeacher(timm.create_model("cifar_wrn_16_1", num_classes=5))
+    for stage, epochs, lr, every in (("ce", 200, 0.05, 100), ("stage1", 100, 0.2, 50)):
+        student = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=3))
+        trainer = RefilledTrainer(
+            model=student,
+            args=config,
+            stage=stage,
+            num_classes=3,
+            teacher=teacher,
+            train_dataset=images,
+            eval_dataset=images,
+            centers_dataset=images if stage == "stage1" else None,
+        )
+        args = trainer.args
+        assert (args.num_train_epochs, args.learning_rate) == (epochs, lr)
+        assert (option_name(args.eval_strategy), args.eval_steps) == ("steps", every)
+        assert (option_name(args.save_strategy), args.save_steps) == ("steps", every)
+        assert Path(args.output_dir) == tmp_path / stage
+    # the user's config is left as it was
+    assert option_name(config.eval_strategy) == "epoch" and Path(config.output_dir) == tmp_path
+    assert config.learning_rate is None

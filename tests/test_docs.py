@@ -7,6 +7,7 @@ parser. A renamed or removed field or flag then fails here instead of in a user'
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -145,3 +146,47 @@ def test_documented_benchmark_call_parses(script, argv, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     with pytest.raises(_Parsed):
         runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+
+
+def python_block(path: Path, containing: str) -> str:
+    """The one ```python block of ``path`` that contains ``containing``."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S) if containing in b]
+    assert len(blocks) == 1, f"{len(blocks)} python blocks of {path.name} contain {containing!r}"
+    return blocks[0]
+
+
+def test_the_readme_trainer_example_runs_both_stages_each_in_its_own_folder(tmp_path, monkeypatch, capsys):
+    """The README's stage-by-stage `RefilledTrainer` example, as written but for its epochs,
+    on a generated image folder and an exported random teacher on other classes."""
+    import torch
+    from helpers import write_image_dataset, write_random_teacher
+
+    write_image_dataset(tmp_path / "my_images", size=32)
+    write_random_teacher(tmp_path / "runs" / "teacher" / "model", label_names=["a", "b", "c", "d", "e"])
+    monkeypatch.chdir(tmp_path)
+    code = python_block(ROOT / "README.md", "RefilledTrainer(")
+    short = code.replace(
+        "stage1_epochs=200, stage2_epochs=200",
+        "stage1_epochs=2, stage2_epochs=2, per_device_train_batch_size=16, use_cpu=True, disable_tqdm=True",
+    )
+    assert short != code, "the README example no longer sets stage1_epochs=200, stage2_epochs=200"
+    namespace: dict = {}
+    exec(compile(short, "README.md", "exec"), namespace)
+    printed = float(capsys.readouterr().out.strip().splitlines()[-1])
+
+    runs = tmp_path / "runs" / "mine"
+    assert sorted(p.name for p in runs.iterdir()) == ["stage1", "stage2"]
+    for stage, metric in (("stage1", "eval_ncm_top1"), ("stage2", "eval_top1")):
+        checkpoints = sorted((runs / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        assert checkpoints, f"{stage} wrote no checkpoint"
+        state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+        assert state["epoch"] == 2 and any(metric in entry for entry in state["log_history"])
+    # the printed test top-1 is the student's accuracy on every test image, counted here by hand
+    student, test = namespace["student"], namespace["test"]
+    student.eval()
+    rows = [test[i] for i in range(len(test))]
+    with torch.no_grad():
+        logits = student(torch.stack([row["pixel_values"] for row in rows]))
+    labels = torch.tensor([row["labels"] for row in rows])
+    assert len(rows) == 36
+    assert printed == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())

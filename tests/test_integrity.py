@@ -21,7 +21,7 @@ from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainingArguments
 
-from refilled_hf.backbone import StudentModel
+from refilled_hf.backbone import FrozenTeacher, StudentModel
 from refilled_hf.config import (
     INHERITED_FIELDS,
     REPLACED_FIELDS,
@@ -296,6 +296,39 @@ def test_label_smoothing_applies_to_the_cross_entropy(tmp_path):
     smoothed = F.cross_entropy(logits, batch["labels"], label_smoothing=0.2)
     assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
     assert abs(loss.item() - F.cross_entropy(logits, batch["labels"]).item()) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "stage,student_classes,teacher_classes,message",
+    [
+        ("kd", 4, 10, "teacher predicts 10 classes and the student 4"),
+        ("ce", 10, None, r"head predicts 10 classes but num_classes=4.*num_classes=4"),
+        ("stage2", 10, 10, r"head predicts 10 classes but num_classes=4"),
+        ("rkd", 3, 4, r"head predicts 3 classes"),
+    ],
+)
+def test_the_trainer_refuses_label_spaces_its_stage_cannot_train_on_when_built(
+    stage, student_classes, teacher_classes, message, tmp_path
+):
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no")
+    teacher = None
+    if teacher_classes is not None:
+        teacher = FrozenTeacher(timm.create_model("cifar_wrn_16_1", num_classes=teacher_classes))
+    student = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=student_classes))
+    with pytest.raises(ValueError, match=message):
+        RefilledTrainer(model=student, args=args, stage=stage, num_classes=4, teacher=teacher)
+
+
+def test_the_trainer_accepts_the_label_spaces_each_stage_trains_on(tmp_path):
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no")
+    teacher = FrozenTeacher(timm.create_model("cifar_wrn_16_1", num_classes=10))
+    for stage in ("stage2", "rkd"):  # across tasks: any teacher head
+        student = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=4))
+        RefilledTrainer(model=student, args=args, stage=stage, num_classes=4, teacher=teacher)
+    headless = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=0))  # stage 1 never reads the head
+    RefilledTrainer(model=headless, args=args, stage="stage1", num_classes=4, teacher=teacher, centers_dataset=[])
+    same = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=10))
+    RefilledTrainer(model=same, args=args, stage="kd", num_classes=10, teacher=teacher)
 
 
 # ----------------------------------------------------------------- 3. numbers in range, finite results
