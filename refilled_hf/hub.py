@@ -16,7 +16,15 @@ from timm.models import save_for_hf
 
 from .messages import error_text
 
-__all__ = ["TRAINING_DATA_KEY", "export_model", "replace_dir_atomically", "write_json_atomically"]
+__all__ = [
+    "EXPORT_FILES",
+    "TRAINING_DATA_KEY",
+    "check_hub_access",
+    "export_model",
+    "push_folder",
+    "replace_dir_atomically",
+    "write_json_atomically",
+]
 
 #: ``config.json`` key of the record of the data a model was trained on
 TRAINING_DATA_KEY = "refilled_hf_training_data"
@@ -44,6 +52,10 @@ def replace_dir_atomically(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+#: the files :func:`export_model` writes (with a model card); a folder holding others is not an export
+EXPORT_FILES = ("config.json", "model.safetensors", "README.md")
 
 
 def export_model(
@@ -133,7 +145,8 @@ def check_hub_access(repo_id: str, token: str | None = None) -> None:
         ) from None
 
 
-def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:
+def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                commit_message: str = "Upload model from refilled-hf") -> str:  # fmt: skip
     """Create ``repo_id`` if needed and upload ``folder`` to it in one commit; returns the
     commit URL. The model card is uploaded as it reads in ``repo_id`` (see
     :func:`~refilled_hf.model_card.card_for_repo`: a card rendered for the folder, or for
@@ -166,9 +179,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     try:
         create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type="model")
-        info = create_commit(
-            repo_id, operations, commit_message="Upload model from refilled-hf", token=token, repo_type="model"
-        )
+        info = create_commit(repo_id, operations, commit_message=commit_message, token=token, repo_type="model")
     except Exception as err:  # noqa: BLE001 - network, auth, offline mode alike
         raise HubPushError(
             f"Could not push {folder} to the Hub repo {repo_id!r} ({_redacted(err, token)}). The local folder is "

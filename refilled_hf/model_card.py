@@ -10,7 +10,14 @@ from typing import Any
 
 from .config import ConfigError, parse_milestones
 
-__all__ = ["card_for_repo", "card_template", "check_comparable", "exported_student_alone", "render_model_card"]
+__all__ = [
+    "card_for_repo",
+    "card_template",
+    "check_comparable",
+    "exported_student_alone",
+    "render_model_card",
+    "trainer_card",
+]
 
 CARD_TEMPLATE = "refilled_student.md"
 #: a card's name (title, model-index) where the run named no Hub repo, by the command that ran
@@ -440,6 +447,62 @@ def render_model_card(
         versions=_versions(),
     )
     return str(card)
+
+
+#: what each RefilledTrainer stage trained, for the card of a student it saves
+_TRAINER_STAGES = {
+    "stage2": "REFILLED's stage 2 (local-classifier distillation)",
+    "ce": "cross-entropy",
+    "kd": "KD",
+    "rkd": "RKD",
+}
+
+
+def trainer_card(architecture: str, stage: str, class_names: list[str], repo_id: str | None = None) -> str:
+    """The model card of a student that :class:`~refilled_hf.trainer.RefilledTrainer` saves
+    (``trainer.save_model()``, ``trainer.push_to_hub()``): what it is, its classes and how to
+    load it. It states no result: the trainer keeps no record of the data or of the run's
+    other stages (``refilled-hf distill`` writes a card with its measured numbers)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    name = repo_id or LOCAL_NAMES["distill"]
+    spec, path = (f"hf-hub:{repo_id}", repo_id) if repo_id else (LOCAL_SPEC, LOCAL_PATH)
+    tags = ["image-classification", "timm", "refilled-hf"] + ([] if stage == "ce" else ["knowledge-distillation"])
+    data = ModelCardData(library_name="timm", pipeline_tag="image-classification", tags=tags, model_name=name)
+    register = (
+        "import refilled_hf  # registers the CIFAR wide ResNets with timm\n" if "cifar_wrn" in architecture else ""
+    )
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+A `{architecture}` image classifier trained with {_TRAINER_STAGES.get(stage, stage)} by refilled-hf's
+`RefilledTrainer`, from Python. The trainer records no result, so this card states none (`refilled-hf
+distill` writes a card with the numbers it measured, and on which images).
+
+**Classes** ({len(class_names)}): {", ".join(class_names)}
+
+## How to use
+
+With timm:
+
+```python
+{register}import timm
+
+model = timm.create_model("{spec}", pretrained=True).eval()
+```
+
+With transformers:
+
+```python
+{register}from transformers import AutoModelForImageClassification
+
+model = AutoModelForImageClassification.from_pretrained("{path}")
+```
+"""
+    return str(ModelCard(text))
 
 
 def card_for_repo(text: str, repo_id: str) -> str:

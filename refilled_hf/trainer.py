@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
 from .config import RefilledConfig, option_name
 from .data_device import IndexedImages
 from .distributed import gather_for_mining
+from .hub import EXPORT_FILES, check_hub_access, export_model, push_folder
 from .losses import (
     batch_class_centers,
     centers_from_sums,
@@ -41,6 +44,7 @@ from .losses import (
     rkd_loss,
     teacher_confidence_weights,
 )
+from .model_card import trainer_card
 from .preflight import steps_per_epoch
 from .teacher_cache import TeacherCache
 
@@ -60,6 +64,7 @@ class _StepOrderedCheckpoints(logging.Filter):
 
 
 logging.getLogger("transformers.trainer_utils").addFilter(_StepOrderedCheckpoints())
+logger = logging.getLogger(__name__)
 
 
 def batch_pixels(batch: dict[str, torch.Tensor], dataset) -> torch.Tensor:
@@ -174,25 +179,38 @@ class RefilledTrainer(Trainer):
         class_centers: torch.Tensor | None = None,
         centers_dataset=None,
         teacher_cache: TeacherCache | None = None,
+        class_names: Sequence[str] | None = None,
         **kwargs: Any,
     ):
         if stage not in STAGES:
             raise ValueError(f"Unknown stage {stage!r}: choose one of {STAGES}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names names {len(class_names)} classes, but num_classes={num_classes}.")
         if stage != "ce" and teacher is None:
             raise ValueError(f"Stage {stage!r} needs a teacher.")
         if stage == "stage1" and centers_dataset is None:
             raise ValueError("Stage 1 needs `centers_dataset` (the training split) for its NCM evaluation.")
         _check_label_spaces(stage, num_classes, model, teacher)
         model.set_embeddings_only(stage == "stage1")  # before the optimizer and DDP see the parameters
+        #: the Hub repo, privacy and token that push_to_hub() uses, and whether train() ends with it
+        hub = {"repo_id": args.hub_model_id, "private": args.hub_private_repo, "token": args.hub_token}
+        push_after_training = False
         if args.learning_rate is None or args.num_train_epochs is None:
             # a config used directly: its stage's schedule, and its own folder, so that the
-            # stages of one run never write (or resume from) each other's checkpoint-<step>
-            # and --evaluations_per_stage's cadence
+            # stages of one run never write (or resume from) each other's checkpoint-<step>,
+            # and --evaluations_per_stage's cadence. Checkpoints are never pushed, nor is the
+            # token pickled into them: --push_to_hub pushes the student once, after training
+            # (stage 1, whose head is untrained, leaves that to the next stage's trainer)
+            if args.push_to_hub and not args.hub_model_id:
+                raise ValueError("push_to_hub=True needs hub_model_id='<user>/<name>': the repo the student goes to.")
+            push_after_training = args.push_to_hub and stage != "stage1"
             first = stage == "stage1"
             args = args.stage_view(
                 learning_rate=args.stage1_learning_rate if first else args.stage2_learning_rate,
                 num_train_epochs=args.stage1_epochs if first else args.stage2_epochs,
                 output_dir=os.path.join(args.output_dir, stage),
+                push_to_hub=False,
+                hub_token=None,
             )
             train_dataset = kwargs.get("train_dataset")
             if train_dataset is not None and hasattr(train_dataset, "__len__"):
@@ -230,6 +248,10 @@ class RefilledTrainer(Trainer):
         self.args.dataloader_pin_memory = self.args.dataloader_pin_memory and self.args.device.type == "cuda"
         self.stage = stage
         self.num_classes = num_classes
+        #: the class names a saved or pushed student records (default: its class ids)
+        self.class_names = [str(c) for c in class_names] if class_names is not None else None
+        self.hub_settings = hub
+        self.push_after_training = push_after_training
         #: evaluate() also returns ``{prefix}_per_class_top1`` / ``_samples`` (lists by class id),
         #: which it does not log (``refilled-hf evaluate`` reports them)
         self.per_class_metrics = False
@@ -250,6 +272,75 @@ class RefilledTrainer(Trainer):
         self._train_batches: int | None = None
         #: training steps whose loss was not finite (a device tensor; read once, at the end)
         self.nonfinite_losses: torch.Tensor | int = 0
+
+    # ------------------------------------------------------------------ saving and sharing
+
+    def train(self, *args: Any, **kwargs: Any):
+        """transformers' ``train()``; with ``push_to_hub=True`` (a config used directly) the
+        Hub login is checked first and the student pushed at the end (:meth:`push_to_hub`)."""
+        if self.push_after_training:  # every process: all are refused alike, none waits for the others
+            check_hub_access(self.hub_settings["repo_id"], self.hub_settings["token"])
+        output = super().train(*args, **kwargs)
+        if self.push_after_training:
+            self.push_to_hub()
+        return output
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Your call: :meth:`export_student` to ``output_dir`` (default ``<stage folder>/model``),
+        timm's Hub layout. The Trainer's own calls (checkpoints) keep its layout, which
+        resuming reads."""
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
+            return
+        self.export_student(output_dir if output_dir is not None else os.path.join(self.args.output_dir, "model"))
+
+    def export_student(self, folder: str | Path, repo_id: str | None = None) -> Path:
+        """Write the student in timm's Hub layout (``config.json`` with its class names,
+        ``model.safetensors``, a model card): ``timm.create_model("local-dir:<folder>")`` and
+        transformers' ``AutoModelForImageClassification`` load it. Written atomically by the
+        main process; refused over a folder that holds anything but an earlier export."""
+        if self.stage == "stage1":
+            raise ValueError(
+                "Stage 1 trains the embedding only; the student's classifier is untrained. Save or push the student "
+                "after stage 2 (or a baseline)."
+            )
+        folder = Path(folder)
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES) if folder.is_dir() else []
+        if foreign or (folder.exists() and not folder.is_dir()):
+            raise ValueError(
+                f"{folder} exists and holds files an export does not write ({', '.join(foreign) or folder.name}): "
+                "the student is saved only to a new folder or over an earlier export. Choose another folder."
+            )
+        if self.is_world_process_zero():
+            timm_model = self.accelerator.unwrap_model(self.model).model
+            names = self.class_names or [str(c) for c in range(self.num_classes)]
+            card = trainer_card(timm_model.pretrained_cfg.get("architecture", type(timm_model).__name__),
+                                self.stage, names, repo_id)  # fmt: skip
+            export_model(timm_model, folder, label_names=names, extra_files={"README.md": card})
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def push_to_hub(self, repo_id: str | None = None, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload model from refilled-hf") -> str | None:  # fmt: skip
+        """Push the student, in timm's Hub layout with its model card (:meth:`export_student`),
+        to ``repo_id`` (default: the config's ``hub_model_id``) in one commit; returns the
+        commit URL on the main process (None on the others). Not the Trainer's checkpoint
+        layout, which timm cannot load."""
+        repo_id = repo_id or self.hub_settings["repo_id"]
+        if not repo_id:
+            raise ValueError(
+                "push_to_hub needs a repo: pass repo_id='<user>/<name>' or set hub_model_id in the config."
+            )
+        token = token if token is not None else self.hub_settings["token"]
+        private = private if private is not None else self.hub_settings["private"]
+        url = None
+        with tempfile.TemporaryDirectory(prefix="refilled-hf-push-") as scratch:
+            folder = self.export_student(Path(scratch) / "model", repo_id=repo_id)
+            if self.is_world_process_zero():
+                url = push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+                logger.info("Pushed the %s student to %s", self.stage, url)
+        self.accelerator.wait_for_everyone()
+        return url
 
     # ------------------------------------------------------------------ training
 

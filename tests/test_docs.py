@@ -175,7 +175,7 @@ def test_the_readme_trainer_example_runs_both_stages_each_in_its_own_folder(tmp_
     printed = float(capsys.readouterr().out.strip().splitlines()[-1])
 
     runs = tmp_path / "runs" / "mine"
-    assert sorted(p.name for p in runs.iterdir()) == ["stage1", "stage2"]
+    assert sorted(p.name for p in runs.iterdir()) == ["model", "stage1", "stage2"]
     for stage, metric in (("stage1", "eval_ncm_top1"), ("stage2", "eval_top1")):
         checkpoints = sorted((runs / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         assert checkpoints, f"{stage} wrote no checkpoint"
@@ -190,3 +190,10 @@ def test_the_readme_trainer_example_runs_both_stages_each_in_its_own_folder(tmp_
     labels = torch.tensor([row["labels"] for row in rows])
     assert len(rows) == 36
     assert printed == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
+    # the saved student loads in timm with the data set's class names and the same outputs
+    import timm
+
+    saved = timm.create_model("local-dir:runs/mine/model", pretrained=True).eval()
+    assert saved.pretrained_cfg["label_names"] == ["red", "green", "blue", "yellow", "cyan", "magenta"]
+    with torch.no_grad():
+        assert torch.equal(saved(rows[0]["pixel_values"][None]), student(rows[0]["pixel_values"][None]))

@@ -388,3 +388,87 @@ def test_error_text_is_one_line_and_never_shows_a_token():
     assert "hf_" not in text and len(text) == len("RuntimeError: ") + 66  # a cut token would leave its prefix
     assert error_text(ValueError("a\n  b  c")) == "ValueError: a" and error_text(KeyError()) == "KeyError"
     assert "<token>" in error_text(RuntimeError(f"bad {token}"), redact=token)
+
+
+# ----------------------------------------------------------------- RefilledTrainer used from Python
+
+
+def _trainer(tmp_path, stage: str, **config):
+    from refilled_hf.backbone import FrozenTeacher, StudentModel
+    from refilled_hf.trainer import RefilledTrainer
+
+    images = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 3} for i in range(16)]
+    args = RefilledConfig(output_dir=str(tmp_path / "run"), stage1_epochs=1, stage2_epochs=1, use_cpu=True,
+                          per_device_train_batch_size=8, eval_strategy="no", disable_tqdm=True, **config)  # fmt: skip
+    teacher = FrozenTeacher(timm.create_model("cifar_wrn_16_1", num_classes=5))
+    student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+    trainer = RefilledTrainer(model=StudentModel(student), args=args, stage=stage, num_classes=3, teacher=teacher,
+                              train_dataset=images, centers_dataset=images if stage == "stage1" else None,
+                              class_names=["cat", "dog", "owl"])  # fmt: skip
+    return trainer, student
+
+
+def _same_logits(folder: Path, student) -> bool:
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        return torch.equal(loaded(x), student.eval()(x))
+
+
+def test_the_trainer_pushes_the_student_in_timms_layout_after_training_never_a_checkpoint(hub, tmp_path):
+    trainer, student = _trainer(tmp_path, "stage2", push_to_hub=True, hub_model_id="me/student",
+                                hub_private_repo=True, hub_token="hf_SECRET_TOKEN")  # fmt: skip
+    trainer.compute_teacher_centers(trainer.train_dataset)
+    trainer.train()
+    # the login is checked before training; one commit after it, of the timm export and its card
+    assert [c[0] for c in hub.calls] == ["whoami", "create_repo", "create_commit"]
+    assert hub.calls[1][1] == "me/student" and hub.calls[1][2]["private"] is True
+    assert hub.calls[2][2]["token"] == "hf_SECRET_TOKEN"
+    files = hub.calls[2][2]["files"]
+    assert sorted(files) == ["README.md", "config.json", "model.safetensors"]
+    pushed = tmp_path / "pushed"
+    pushed.mkdir()
+    for name, content in files.items():
+        (pushed / name).write_bytes(content)
+    assert json.loads(files["config.json"])["label_names"] == ["cat", "dog", "owl"]
+    assert _same_logits(pushed, student)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.model_name == "me/student" and 'timm.create_model("hf-hub:me/student"' in card.text
+    assert "stage 2" in card.text and "knowledge-distillation" in card.data.tags
+    # the checkpoints stay in the stage's folder, without the token
+    checkpoints = list((tmp_path / "run" / "stage2").glob("checkpoint-*"))
+    assert checkpoints and all(b"hf_SECRET_TOKEN" not in p.read_bytes() for c in checkpoints for p in c.iterdir())
+
+
+def test_the_trainer_saves_the_student_in_timms_layout_and_never_over_other_files(tmp_path):
+    trainer, student = _trainer(tmp_path, "ce")
+    trainer.train()
+    trainer.save_model()
+    export = tmp_path / "run" / "ce" / "model"
+    assert sorted(p.name for p in export.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert _same_logits(export, student)
+    assert "cross-entropy" in (export / "README.md").read_text()
+    trainer.save_model(str(export))  # over an earlier export: replaced
+    assert _same_logits(export, student)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"holds files an export does not write \(notes.txt\)"):
+        trainer.save_model(str(mine))
+    assert (mine / "notes.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
+
+
+def test_stage_one_neither_saves_nor_pushes_its_untrained_head(hub, tmp_path):
+    trainer, _ = _trainer(tmp_path, "stage1", push_to_hub=True, hub_model_id="me/student")
+    trainer.train()
+    assert hub.calls == []  # the stage-2 trainer pushes
+    with pytest.raises(ValueError, match="classifier is untrained"):
+        trainer.save_model()
+    with pytest.raises(ValueError, match="needs hub_model_id"):
+        _trainer(tmp_path, "ce", push_to_hub=True)
+    with pytest.raises(ValueError, match="class_names names 2 classes"):
+        from refilled_hf.backbone import StudentModel
+        from refilled_hf.trainer import RefilledTrainer
+
+        RefilledTrainer(model=StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=3)), args=trainer.args,
+                        stage="ce", num_classes=3, class_names=["a", "b"])  # fmt: skip
