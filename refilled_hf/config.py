@@ -1112,6 +1112,15 @@ class RefilledConfig(TrainingArguments):
         if sampling not in ("random", "sequential"):
             raise ConfigError(f"--train_sampling_strategy {sampling}: refilled-hf supports random or sequential.")
 
+    def resume_mode(self) -> str | None:
+        """``--resume_from_checkpoint`` read: None (start), "latest", or a checkpoint's path."""
+        value = self.resume_from_checkpoint
+        if value is None or str(value).strip().lower() in ("", "false", "no", "none", "0"):
+            return None
+        if str(value).strip().lower() in ("true", "yes", "1", "latest"):
+            return "latest"
+        return str(value)
+
     def stage_view(self, **changes: Any) -> RefilledConfig:
         """A copy for one stage's Trainer with ``changes`` applied (its output folder,
         epochs, learning rate). Not re-validated: ``num_train_epochs`` and

@@ -176,16 +176,6 @@ def _stage_args(config: RefilledConfig, stage_dir: Path, epochs: float, lr: floa
     )
 
 
-def _resume_mode(config: RefilledConfig) -> str | None:
-    """None (start), "latest", or the path given to ``--resume_from_checkpoint``."""
-    value = config.resume_from_checkpoint
-    if value is None or str(value).strip().lower() in ("", "false", "no", "none", "0"):
-        return None
-    if str(value).strip().lower() in ("true", "yes", "1", "latest"):
-        return "latest"
-    return str(value)
-
-
 def _resume_points(mode: str | None, out: Path, stage_dirs: list[Path], world_size: int) -> dict[Path, str | None]:
     """The checkpoint each stage resumes from, every one checked to resume exactly."""
     points: dict[Path, str | None] = {d: None for d in stage_dirs}
@@ -232,7 +222,7 @@ def _resume_points(mode: str | None, out: Path, stage_dirs: list[Path], world_si
 
 def _prepare_output_dir(config: RefilledConfig, rundir: RunDirectory) -> dict[str, Any] | None:
     """Refuse what would mix runs or lose files; returns the earlier run's manifest."""
-    out, resume = rundir.out, _resume_mode(config)
+    out, resume = rundir.out, config.resume_mode()
     rundir.check_usable()
     if resume and config.overwrite_output:
         raise RunError("--resume_from_checkpoint and --overwrite_output contradict each other: pass one of them.")
@@ -533,7 +523,7 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)
     rundir.check_inputs(_local_inputs(config))
     _prepare_output_dir(config, rundir)
-    mode = _resume_mode(config)
+    mode = config.resume_mode()
     if mode == "latest" and not rundir.present() and config.process_index == 0:
         # (not refused: a job script re-run after preemption passes the flag from its first launch on)
         logger.warning(
@@ -698,7 +688,7 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
         initial = _state_copy(student) if config.student_alone_runs() else None
         if config.stage1_epochs == 0:
             logger.info("stage1_epochs=0: stage 2 starts from the student's initial weights (an ablation).")
-        elif (stage1_dir / FINAL_DIR / "metrics.json").is_file() and _resume_mode(config):
+        elif (stage1_dir / FINAL_DIR / "metrics.json").is_file() and config.resume_mode():
             results["stage1"] = _load_final(stage1_dir, student)
             logger.info("Stage 1 already finished: continuing with stage 2.")
         else:
@@ -752,7 +742,7 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
     values = config.distill_weight_candidates()
     for value, stage_dir in zip(values, stage2_dirs):
         final = stage_dir / FINAL_DIR / "metrics.json"
-        if final.is_file() and _resume_mode(config):
+        if final.is_file() and config.resume_mode():
             metrics = _read_final_metrics(stage_dir)
             logger.info("Stage 2 with lambda %g already finished: kept.", value)
         else:
@@ -823,7 +813,7 @@ def _student_alone(config, stage_dir, points, student, data, callbacks, initial)
     its trainer (None when a resumed run had finished it) and its record."""
     epochs, milestones = config.student_alone_schedule()
     schedule = {"epochs": epochs, "stage2_milestones": milestones}
-    if (stage_dir / FINAL_DIR / "metrics.json").is_file() and _resume_mode(config):
+    if (stage_dir / FINAL_DIR / "metrics.json").is_file() and config.resume_mode():
         logger.info("The student-alone candidate already finished: kept.")
         return None, {**schedule, "stage_dir": stage_dir.name, **_read_final_metrics(stage_dir)}
     student.model.load_state_dict(initial)

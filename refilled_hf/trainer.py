@@ -46,6 +46,7 @@ from .losses import (
 )
 from .model_card import trainer_card
 from .preflight import steps_per_epoch
+from .rundir import checkpoint_problem, last_complete_checkpoint
 from .teacher_cache import TeacherCache
 
 __all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers", "set_evaluation_cadence"]
@@ -194,7 +195,7 @@ class RefilledTrainer(Trainer):
         model.set_embeddings_only(stage == "stage1")  # before the optimizer and DDP see the parameters
         #: the Hub repo, privacy and token that push_to_hub() uses, and whether train() ends with it
         hub = {"repo_id": args.hub_model_id, "private": args.hub_private_repo, "token": args.hub_token}
-        push_after_training = False
+        push_after_training = resume_latest = False
         if args.learning_rate is None or args.num_train_epochs is None:
             # a config used directly: its stage's schedule, and its own folder, so that the
             # stages of one run never write (or resume from) each other's checkpoint-<step>,
@@ -203,6 +204,15 @@ class RefilledTrainer(Trainer):
             # (stage 1, whose head is untrained, leaves that to the next stage's trainer)
             if args.push_to_hub and not args.hub_model_id:
                 raise ValueError("push_to_hub=True needs hub_model_id='<user>/<name>': the repo the student goes to.")
+            # resume_from_checkpoint='true': train() continues from the stage folder's newest complete
+            # checkpoint, so that a script rerun after a crash continues every stage where it stopped
+            resume_latest = args.resume_mode() == "latest"
+            if args.resume_mode() not in (None, "latest"):
+                raise ValueError(
+                    f"resume_from_checkpoint={args.resume_from_checkpoint!r} in the config would apply to every "
+                    "stage's trainer: set it to 'true' (each stage continues from its newest checkpoint), or pass "
+                    "the path to that stage's trainer.train(resume_from_checkpoint=...)."
+                )
             push_after_training = args.push_to_hub and stage != "stage1"
             first = stage == "stage1"
             args = args.stage_view(
@@ -211,6 +221,7 @@ class RefilledTrainer(Trainer):
                 output_dir=os.path.join(args.output_dir, stage),
                 push_to_hub=False,
                 hub_token=None,
+                resume_from_checkpoint=None,
             )
             train_dataset = kwargs.get("train_dataset")
             if train_dataset is not None and hasattr(train_dataset, "__len__"):
@@ -252,6 +263,7 @@ class RefilledTrainer(Trainer):
         self.class_names = [str(c) for c in class_names] if class_names is not None else None
         self.hub_settings = hub
         self.push_after_training = push_after_training
+        self.resume_latest = resume_latest
         #: evaluate() also returns ``{prefix}_per_class_top1`` / ``_samples`` (lists by class id),
         #: which it does not log (``refilled-hf evaluate`` reports them)
         self.per_class_metrics = False
@@ -275,12 +287,26 @@ class RefilledTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving and sharing
 
-    def train(self, *args: Any, **kwargs: Any):
-        """transformers' ``train()``; with ``push_to_hub=True`` (a config used directly) the
-        Hub login is checked first and the student pushed at the end (:meth:`push_to_hub`)."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """transformers' ``train()``. From a config used directly: with
+        ``resume_from_checkpoint='true'`` it continues from the stage folder's newest complete
+        checkpoint (from the start, with a warning, where there is none; a finished stage
+        only reloads its weights); with ``push_to_hub=True`` the Hub login is checked first
+        and the student pushed at the end (:meth:`push_to_hub`)."""
+        if resume_from_checkpoint is None and self.resume_latest:
+            found = last_complete_checkpoint(Path(self.args.output_dir))
+            if found is None:
+                logger.warning("resume_from_checkpoint: %s holds no checkpoint; training from the start.",
+                               self.args.output_dir)  # fmt: skip
+            else:
+                problem = checkpoint_problem(found, self.args.world_size)
+                if problem:
+                    raise ValueError(f"Cannot resume exactly from {found}: {problem}. Pass an earlier checkpoint "
+                                     "to train(resume_from_checkpoint=...).")  # fmt: skip
+                resume_from_checkpoint = str(found)
         if self.push_after_training:  # every process: all are refused alike, none waits for the others
             check_hub_access(self.hub_settings["repo_id"], self.hub_settings["token"])
-        output = super().train(*args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.push_after_training:
             self.push_to_hub()
         return output

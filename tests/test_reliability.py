@@ -17,6 +17,7 @@ import torch
 import yaml
 from helpers import tiny_recipe
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from refilled_hf.backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
 from refilled_hf.config import RefilledConfig
@@ -140,6 +141,62 @@ def test_sigkill_then_resume_gives_the_same_result(stage, kill_recipe, tmp_path)
     )
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+class _Steps(TrainerCallback):
+    """Counts the optimizer steps a trainer takes; stops the run the hard way once the
+    checkpoint of ``crash_at`` is on disk."""
+
+    def __init__(self, crash_at: int | None = None):
+        self.crash_at, self.taken = crash_at, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.taken += 1
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.crash_at:
+            raise KeyboardInterrupt(f"crash after checkpoint-{self.crash_at}")
+
+
+def _trainer_script(out: Path, crash_at: int | None = None, **config) -> tuple[dict, dict[str, int]]:
+    """A user's script: REFILLED's two stages with RefilledTrainer from one config; returns
+    the student's final weights and the optimizer steps each stage took in this call."""
+    torch.manual_seed(0)
+    student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+    teacher = FrozenTeacher(timm.create_model("cifar_wrn_16_1", num_classes=4))
+    g = torch.Generator().manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(24)]
+    args = RefilledConfig(output_dir=str(out), stage1_epochs=2, stage2_epochs=2, per_device_train_batch_size=8,
+                          eval_strategy="no", use_cpu=True, disable_tqdm=True, **config)  # fmt: skip
+    common = dict(args=args, num_classes=3, teacher=teacher, train_dataset=images)
+    steps = {"stage1": _Steps(), "stage2": _Steps(crash_at)}
+    RefilledTrainer(model=StudentModel(student), stage="stage1", centers_dataset=images, callbacks=[steps["stage1"]],
+                    **common).train()  # fmt: skip
+    stage2 = RefilledTrainer(model=StudentModel(student), stage="stage2", callbacks=[steps["stage2"]], **common)
+    stage2.compute_teacher_centers(images)
+    stage2.train()
+    return {k: v.clone() for k, v in student.state_dict().items()}, {k: v.taken for k, v in steps.items()}
+
+
+def test_a_trainer_script_rerun_with_resume_true_continues_each_stage_where_it_stopped(tmp_path):
+    reference, taken = _trainer_script(tmp_path / "reference")
+    assert taken == {"stage1": 6, "stage2": 6}  # 24 images, batch 8, 2 epochs
+    with pytest.raises(KeyboardInterrupt):
+        _trainer_script(tmp_path / "run", crash_at=3)  # in stage 2, after its first epoch
+    assert last_complete_checkpoint(tmp_path / "run" / "stage2").name == "checkpoint-3"
+    stage1_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "stage1").rglob("*")}
+    resumed, taken = _trainer_script(tmp_path / "run", resume_from_checkpoint="true")
+    # stage 1 had finished: it reloaded its last checkpoint and wrote nothing; stage 2 took its 3 last steps
+    assert taken == {"stage1": 0, "stage2": 3}
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "stage1").rglob("*")} == stage1_files
+    for name, value in reference.items():
+        assert torch.equal(resumed[name], value), name
+    # a path in the config would apply to both stages' trainers: refused
+    with pytest.raises(ValueError, match="would apply to every stage's trainer"):
+        _trainer_script(tmp_path / "run", resume_from_checkpoint=str(tmp_path / "run" / "stage2" / "checkpoint-3"))
+    # in a folder without checkpoints, 'true' starts from the start
+    _, taken = _trainer_script(tmp_path / "new", resume_from_checkpoint="true")
+    assert taken == {"stage1": 6, "stage2": 6}
 
 
 def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
