@@ -149,14 +149,17 @@ class RefilledTrainer(Trainer):
     """Trainer for one stage of REFILLED or one baseline.
 
     Args:
-        model: the student, wrapped in :class:`~refilled_hf.backbone.StudentModel`.
+        model: the student: a timm model, trained in place (wrapped in a
+            :class:`~refilled_hf.backbone.StudentModel`, or passed as one).
         args: the run's :class:`~refilled_hf.config.RefilledConfig`. The trainer reads this
             stage's epochs and learning rate from it (``stage1_*`` for ``stage1``, ``stage2_*``
             for the others) and writes its checkpoints to ``<output_dir>/<stage>``, as
             ``refilled-hf distill`` does.
         stage: one of ``stage1``, ``stage2``, ``ce``, ``kd``, ``rkd``.
-        teacher: the frozen teacher (needed by every stage but ``ce``). It is prepared by
-            Accelerate in evaluation mode: placed on the device, never wrapped in DDP.
+        teacher: the teacher (needed by every stage but ``ce``): a timm model, frozen in a
+            :class:`~refilled_hf.backbone.FrozenTeacher` that adapts the student's batches to
+            its normalization and input size (or passed as one). It is prepared by Accelerate
+            in evaluation mode: placed on the device, never wrapped in DDP.
         class_centers: stage 2 with ``centers="global"``: the teacher's centres of the
             student's classes, ``[num_classes, D_T]`` (or set them with
             :meth:`compute_teacher_centers` before training).
@@ -166,17 +169,19 @@ class RefilledTrainer(Trainer):
             (:mod:`refilled_hf.teacher_cache`), read instead of running the teacher on
             training batches; built over ``train_dataset``'s images.
         num_classes: the student's number of classes.
+        class_names: the names of those classes, which :meth:`save_model` and
+            :meth:`push_to_hub` record (default: the class ids).
         kwargs: passed to :class:`transformers.Trainer` (datasets, callbacks, ...).
     """
 
     def __init__(
         self,
-        model: StudentModel,
+        model: StudentModel | torch.nn.Module,
         args: RefilledConfig,
         *,
         stage: str,
         num_classes: int,
-        teacher: FrozenTeacher | None = None,
+        teacher: FrozenTeacher | torch.nn.Module | None = None,
         class_centers: torch.Tensor | None = None,
         centers_dataset=None,
         teacher_cache: TeacherCache | None = None,
@@ -185,6 +190,11 @@ class RefilledTrainer(Trainer):
     ):
         if stage not in STAGES:
             raise ValueError(f"Unknown stage {stage!r}: choose one of {STAGES}.")
+        if not isinstance(model, StudentModel):
+            model = StudentModel(model)  # (a timm model: checked there)
+        if teacher is not None and not isinstance(teacher, FrozenTeacher):
+            teacher = FrozenTeacher(teacher, student_cfg=model.model.pretrained_cfg)
+            logger.info("The teacher sees %s.", teacher.adaptation_text())
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names names {len(class_names)} classes, but num_classes={num_classes}.")
         if stage != "ce" and teacher is None:
