@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import EvalPrediction, Trainer
 
 from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
 from .config import RefilledConfig, option_name
@@ -303,6 +303,12 @@ class RefilledTrainer(Trainer):
         checkpoint (from the start, with a warning, where there is none; a finished stage
         only reloads its weights); with ``push_to_hub=True`` the Hub login is checked first
         and the student pushed at the end (:meth:`push_to_hub`)."""
+        if self.stage == "stage2" and self.args.centers == "global" and self.class_centers is None:
+            raise ValueError(
+                "Stage 2 with centers='global' needs the teacher's class centres: call "
+                "trainer.compute_teacher_centers(<the training split with evaluation transforms>) before train(), "
+                "or pass class_centers=..."
+            )
         if resume_from_checkpoint is None and self.resume_latest:
             found = last_complete_checkpoint(Path(self.args.output_dir))
             if found is None:
@@ -616,6 +622,20 @@ class RefilledTrainer(Trainer):
     def _student(self) -> StudentModel:
         return self.accelerator.unwrap_model(self.model)
 
+    def _add_computed_metrics(self, metrics: dict[str, Any], predictions: list, prefix: str) -> None:
+        """The user's ``compute_metrics`` over every image of the split, added to ``metrics``
+        under ``{prefix}_<name>``; a name that evaluate() reports itself is refused."""
+        scores = torch.cat([p[0] for p in predictions]).numpy()
+        labels = torch.cat([p[1] for p in predictions]).numpy()
+        for key, value in self.compute_metrics(EvalPrediction(predictions=scores, label_ids=labels)).items():
+            name = key if key.startswith(f"{prefix}_") else f"{prefix}_{key}"
+            if name in metrics or name == "epoch":
+                raise ValueError(
+                    f"compute_metrics returned {key!r}, a metric RefilledTrainer.evaluate() reports itself "
+                    f"({name}): give yours another name."
+                )
+            metrics[name] = value
+
     def evaluate(
         self,
         eval_dataset=None,
@@ -625,10 +645,20 @@ class RefilledTrainer(Trainer):
         """Top-1/top-5 accuracy and cross-entropy of the head, or, in stage 1,
         nearest-class-mean accuracy of the embedding (``{prefix}_ncm_top1``). Every image
         of the split counts exactly once (``{prefix}_samples``). Top-5 is left out with 5
-        classes or fewer, where it is 100 % whatever the model."""
+        classes or fewer, where it is 100 % whatever the model.
+
+        A ``compute_metrics`` given to the trainer adds its metrics (``{prefix}_<name>``): it
+        receives an ``EvalPrediction`` of every image's logits (stage 1: its nearest-class-mean
+        scores) and label. A dict of data sets is evaluated set by set
+        (``{prefix}_<set>_top1``, ...), as transformers does."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs a data set: none given and the Trainer has no eval_dataset.")
+        if isinstance(dataset, dict):
+            metrics: dict[str, Any] = {}
+            for name, part in dataset.items():
+                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
         dataloader = self.evaluation_dataloader(dataset)
         student = self._student()
         was_training = student.training
@@ -644,6 +674,7 @@ class RefilledTrainer(Trainer):
                 self.centers_dataset,
             )
         totals = defaultdict(float)
+        predictions: list[tuple[torch.Tensor, torch.Tensor]] = []  # for compute_metrics, on the CPU
         with torch.no_grad(), self.autocast_smart_context_manager():
             for batch in dataloader:
                 images, labels = batch_pixels(batch, dataset), batch["labels"]
@@ -664,6 +695,9 @@ class RefilledTrainer(Trainer):
                 totals["top5"] += sums[1]
                 if loss is not None:
                     totals["loss"] += sums[2]
+                if self.compute_metrics is not None:
+                    gathered = self.accelerator.gather_for_metrics((scores, labels))
+                    predictions.append((gathered[0].cpu(), gathered[1].cpu()))
                 if self.per_class_metrics:  # gathered apart: the sums above stay bit-identical without it
                     ids = self.accelerator.gather_for_metrics(labels)
                     hits = torch.bincount(ids, weights=per_sample[:, 0], minlength=self.num_classes)
@@ -679,6 +713,8 @@ class RefilledTrainer(Trainer):
         metrics[f"{metric_key_prefix}_samples"] = int(totals["samples"])
         if centers is None:
             metrics[f"{metric_key_prefix}_loss"] = totals["loss"] / count
+        if self.compute_metrics is not None and predictions:
+            self._add_computed_metrics(metrics, predictions, metric_key_prefix)
         metrics["epoch"] = self.state.epoch if self.state.epoch is not None else 0.0
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

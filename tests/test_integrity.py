@@ -331,6 +331,42 @@ def test_the_trainer_accepts_the_label_spaces_each_stage_trains_on(tmp_path):
     RefilledTrainer(model=same, args=args, stage="kd", num_classes=10, teacher=teacher)
 
 
+def test_compute_metrics_sees_every_image_and_a_dict_of_sets_is_evaluated_set_by_set(tmp_path):
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
+                          per_device_eval_batch_size=4)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(10)]
+
+    def accuracy(prediction):
+        hits = prediction.predictions.argmax(1) == prediction.label_ids
+        return {"accuracy": 100.0 * float(hits.mean()), "count": len(prediction.label_ids)}
+
+    teacher = timm.create_model("cifar_wrn_16_1", num_classes=5)
+    for stage, top1 in (("ce", "top1"), ("stage1", "ncm_top1")):
+        student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+        trainer = RefilledTrainer(model=student, args=args, stage=stage, num_classes=3, teacher=teacher,
+                                  centers_dataset=images, compute_metrics=accuracy)  # fmt: skip
+        metrics = trainer.evaluate(images)
+        assert metrics["eval_count"] == 10 and metrics["eval_accuracy"] == pytest.approx(metrics[f"eval_{top1}"])
+    both = trainer.evaluate({"a": images[:4], "b": images[4:]})
+    assert (both["eval_a_count"], both["eval_b_count"]) == (4, 6)
+    assert both["eval_a_samples"] == 4 and "eval_b_ncm_top1" in both
+    trainer.compute_metrics = lambda prediction: {"ncm_top1": 0.0}
+    with pytest.raises(ValueError, match="compute_metrics returned 'ncm_top1', a metric RefilledTrainer.evaluate"):
+        trainer.evaluate(images)
+
+
+def test_stage_two_without_the_teachers_class_centres_is_refused_before_training(tmp_path):
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no")
+    images = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 3} for i in range(6)]
+    student, teacher = (timm.create_model("cifar_wrn_16_1", num_classes=n) for n in (3, 5))
+    trainer = RefilledTrainer(model=student, args=args, stage="stage2", num_classes=3, teacher=teacher,
+                              train_dataset=images)  # fmt: skip
+    with pytest.raises(ValueError, match=r"call trainer.compute_teacher_centers\(.*\) before train\(\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 # ----------------------------------------------------------------- 3. numbers in range, finite results
 
 
