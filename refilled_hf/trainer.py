@@ -236,6 +236,9 @@ class RefilledTrainer(Trainer):
             train_dataset = kwargs.get("train_dataset")
             if train_dataset is not None and hasattr(train_dataset, "__len__"):
                 set_evaluation_cadence(args, args.num_train_epochs, len(train_dataset))
+            if args.load_best_model_at_end:  # the metric each stage selects on, as refilled-hf distill does
+                args.metric_for_best_model = "eval_ncm_top1" if first else "eval_top1"
+                args.greater_is_better = True
         if isinstance(kwargs.get("train_dataset"), IndexedImages):  # see evaluation_dataloader
             args = args.stage_view(dataloader_num_workers=0, dataloader_persistent_workers=False,
                                    dataloader_prefetch_factor=None)  # fmt: skip

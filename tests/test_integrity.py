@@ -356,6 +356,23 @@ def test_compute_metrics_sees_every_image_and_a_dict_of_sets_is_evaluated_set_by
         trainer.evaluate(images)
 
 
+def test_a_trainer_from_the_run_config_selects_the_best_checkpoint_on_its_stages_metric(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(24)]
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, stage1_epochs=3, stage2_epochs=3,
+                          per_device_train_batch_size=8, load_best_model_at_end=True, disable_tqdm=True)  # fmt: skip
+    student, teacher = (timm.create_model("cifar_wrn_16_1", num_classes=n) for n in (3, 5))
+    common = dict(args=args, num_classes=3, teacher=teacher, train_dataset=images, eval_dataset=images)
+    stage1 = RefilledTrainer(model=student, stage="stage1", centers_dataset=images, **common)
+    stage1.train()
+    stage2 = RefilledTrainer(model=student, stage="stage2", **common)
+    stage2.compute_teacher_centers(images)
+    stage2.train()
+    for trainer, metric in ((stage1, "eval_ncm_top1"), (stage2, "eval_top1")):
+        logged = [entry[metric] for entry in trainer.state.log_history if metric in entry]
+        assert len(logged) == 3 and trainer.state.best_metric == max(logged)
+
+
 def test_stage_two_without_the_teachers_class_centres_is_refused_before_training(tmp_path):
     args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no")
     images = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 3} for i in range(6)]
