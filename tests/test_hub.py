@@ -447,7 +447,11 @@ def test_the_trainer_saves_the_student_in_timms_layout_and_never_over_other_file
     export = tmp_path / "run" / "ce" / "model"
     assert sorted(p.name for p in export.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert _same_logits(export, student)
-    assert "cross-entropy" in (export / "README.md").read_text()
+    card = (export / "README.md").read_text()
+    assert "cross-entropy" in card and 'timm.create_model("local-dir:<this folder>"' in card
+    pushed = ModelCard(card_for_repo(card, "me/later"))  # `refilled-hf push` of this folder
+    assert pushed.data.model_name == "me/later" and 'timm.create_model("hf-hub:me/later"' in pushed.text
+    assert 'from_pretrained("me/later")' in pushed.text and "<this folder>" not in pushed.text
     trainer.save_model(str(export))  # over an earlier export: replaced
     assert _same_logits(export, student)
     mine = tmp_path / "mine"
