@@ -233,6 +233,11 @@ class RefilledTrainer(Trainer):
                 hub_token=None,
                 resume_from_checkpoint=None,
             )
+            if kwargs.get("eval_dataset") is None and option_name(args.eval_strategy) != "no":
+                if args.load_best_model_at_end:
+                    raise ValueError("load_best_model_at_end=True selects on evaluations: pass an eval_dataset.")
+                logger.info("No eval_dataset: the %s trainer evaluates only when you call evaluate().", stage)
+                args.eval_strategy = "no"
             train_dataset = kwargs.get("train_dataset")
             if train_dataset is not None and hasattr(train_dataset, "__len__"):
                 set_evaluation_cadence(args, args.num_train_epochs, len(train_dataset))

@@ -28,6 +28,7 @@ from refilled_hf.config import (
     UNSUPPORTED_FIELDS,
     ConfigError,
     RefilledConfig,
+    option_name,
 )
 from refilled_hf.data import DataError, load_classification_data
 from refilled_hf.evaluation import evaluate_model
@@ -371,6 +372,18 @@ def test_a_trainer_from_the_run_config_selects_the_best_checkpoint_on_its_stages
     for trainer, metric in ((stage1, "eval_ncm_top1"), (stage2, "eval_top1")):
         logged = [entry[metric] for entry in trainer.state.log_history if metric in entry]
         assert len(logged) == 3 and trainer.state.best_metric == max(logged)
+
+
+def test_a_trainer_without_an_eval_dataset_does_not_evaluate_unless_it_must_select(tmp_path):
+    images = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 3} for i in range(6)]
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True)
+    trainer = RefilledTrainer(model=timm.create_model("cifar_wrn_16_1", num_classes=3), args=args, stage="ce",
+                              num_classes=3, train_dataset=images)  # fmt: skip
+    assert option_name(trainer.args.eval_strategy) == "no" and option_name(args.eval_strategy) == "epoch"
+    selecting = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, load_best_model_at_end=True)
+    with pytest.raises(ValueError, match="load_best_model_at_end=True selects on evaluations: pass an eval_dataset"):
+        RefilledTrainer(model=timm.create_model("cifar_wrn_16_1", num_classes=3), args=selecting, stage="ce",
+                        num_classes=3, train_dataset=images)  # fmt: skip
 
 
 def test_stage_two_without_the_teachers_class_centres_is_refused_before_training(tmp_path):
