@@ -1035,8 +1035,11 @@ def inference_trainer(model, config: RefilledConfig, num_classes: int,
     scratch = tempfile.mkdtemp(prefix="refilled-hf-inference-")
     # a view, not a re-validated copy: the training-only options it switches off (best-model
     # selection, pushing) are ignored here, with a warning, not refused
+    # (a learning rate and epochs of its own: not a config used directly, whose trainer would take
+    # the stage's schedule and folder and name the data fields it does not read)
     args = config.stage_view(method="ce", output_dir=scratch, eval_strategy="no", save_strategy="no",
-                             load_best_model_at_end=False, push_to_hub=False)  # fmt: skip
+                             load_best_model_at_end=False, push_to_hub=False, learning_rate=0.0,
+                             num_train_epochs=0.0)  # fmt: skip
     trainer = RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=num_classes,
                               teacher=teacher)  # fmt: skip
     weakref.finalize(trainer, shutil.rmtree, scratch, ignore_errors=True)

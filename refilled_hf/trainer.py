@@ -13,6 +13,7 @@ processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer
 
 from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
-from .config import RefilledConfig, option_name
+from .config import DEFAULT_VALIDATION_FRACTION, EVERY_COMMAND_FIELDS, RefilledConfig, option_name, options_text
 from .data_device import IndexedImages
 from .distributed import gather_for_mining
 from .hub import EXPORT_FILES, check_hub_access, export_model, push_folder
@@ -115,6 +116,30 @@ def set_evaluation_cadence(args: RefilledConfig, epochs: float, images: int) -> 
         args.eval_strategy, args.eval_steps = "steps", steps
     if option_name(args.save_strategy) == "epoch":
         args.save_strategy, args.save_steps = "steps", steps
+
+
+#: RefilledConfig fields that describe what ``refilled-hf distill`` loads and builds (the data,
+#: the models, the lambda search, the run folder): a trainer, given its datasets and models,
+#: reads none of them
+PIPELINE_FIELDS = tuple(name for name in EVERY_COMMAND_FIELDS if name != "channels_last") + (
+    "method", "student", "student_checkpoint", "student_drop_rate", "teacher", "teacher_checkpoint",
+    "teacher_input_size", "teacher_classes", "teacher_cache", "teacher_cache_dtype", "teacher_cache_budget_gb",
+    "shots_per_class", "horizontal_flip", "distill_weight_search", "student_alone_candidate", "overwrite_output",
+    "compare_runs", "card_license",
+)  # fmt: skip
+
+
+def _warn_pipeline_fields(args: RefilledConfig) -> None:
+    """Name the fields a config used directly sets for nothing (they are distill's)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RefilledConfig) if f.name in PIPELINE_FIELDS}
+    # (as the config resolved it when left unset)
+    defaults["validation_fraction"] = DEFAULT_VALIDATION_FRACTION if args.validation_split is None else 0.0
+    unread = {name: getattr(args, name) for name in PIPELINE_FIELDS if getattr(args, name) != defaults[name]}
+    if unread:
+        logger.warning(
+            "RefilledTrainer does not read %s: they describe what `refilled-hf distill` loads and builds; a trainer "
+            "takes its datasets and models as arguments.", options_text(unread),
+        )  # fmt: skip
 
 
 def _head_classes(model: torch.nn.Module) -> int | None:
@@ -224,6 +249,7 @@ class RefilledTrainer(Trainer):
                     "the path to that stage's trainer.train(resume_from_checkpoint=...)."
                 )
             push_after_training = args.push_to_hub and stage != "stage1"
+            _warn_pipeline_fields(args)
             first = stage == "stage1"
             args = args.stage_view(
                 learning_rate=args.stage1_learning_rate if first else args.stage2_learning_rate,

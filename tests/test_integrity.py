@@ -386,6 +386,21 @@ def test_a_trainer_without_an_eval_dataset_does_not_evaluate_unless_it_must_sele
                         num_classes=3, train_dataset=images)  # fmt: skip
 
 
+def test_a_trainer_names_the_config_fields_it_does_not_read(tmp_path, caplog):
+    student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+    for fields, named in (({}, None), ({"classes": "0-4", "shots_per_class": 5}, "--classes 0-4, --shots_per_class 5"),
+                          ({"validation_split": "val"}, "--validation_split val")):  # fmt: skip
+        caplog.clear()
+        args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", tau2=3.0, **fields)
+        with caplog.at_level("WARNING", logger="refilled_hf.trainer"):
+            RefilledTrainer(model=student, args=args, stage="ce", num_classes=3)
+        warned = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
+        if named is None:
+            assert warned == []  # tau2, which the trainer reads, is not named; nor the resolved defaults
+        else:
+            assert len(warned) == 1 and f"does not read {named}:" in warned[0]
+
+
 def test_stage_two_without_the_teachers_class_centres_is_refused_before_training(tmp_path):
     args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no")
     images = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 3} for i in range(6)]
