@@ -372,7 +372,7 @@ class RefilledTrainer(Trainer):
 
     def export_student(self, folder: str | Path, repo_id: str | None = None) -> Path:
         """Write the student in timm's Hub layout (``config.json`` with its class names,
-        ``model.safetensors``, a model card): ``timm.create_model("local-dir:<folder>")`` and
+        ``model.safetensors``, a model card): ``timm.create_model("local-dir:<folder>", pretrained=True)`` and
         transformers' ``AutoModelForImageClassification`` load it. Written atomically by the
         main process; refused over a folder that holds anything but an earlier export."""
         if self.stage == "stage1":

@@ -160,6 +160,7 @@ def test_the_readme_trainer_example_runs_both_stages_each_in_its_own_folder(tmp_
     on a generated image folder and an exported random teacher on other classes."""
     import torch
     from helpers import write_image_dataset, write_random_teacher
+    from safetensors.torch import load_file
 
     write_image_dataset(tmp_path / "my_images", size=32)
     write_random_teacher(tmp_path / "runs" / "teacher" / "model", label_names=["a", "b", "c", "d", "e"])
@@ -190,6 +191,10 @@ def test_the_readme_trainer_example_runs_both_stages_each_in_its_own_folder(tmp_
     labels = torch.tensor([row["labels"] for row in rows])
     assert len(rows) == 36
     assert printed == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
+    # the teacher is the exported one, weights and all (timm loads them only with pretrained=True)
+    exported = load_file(str(tmp_path / "runs" / "teacher" / "model" / "model.safetensors"))
+    teacher_state = namespace["teacher"].state_dict()
+    assert all(torch.equal(teacher_state[name], value) for name, value in exported.items())
     # the saved student loads in timm with the data set's class names and the same outputs
     import timm
 
