@@ -142,6 +142,47 @@ def _warn_pipeline_fields(args: RefilledConfig) -> None:
         )  # fmt: skip
 
 
+def _stage_config(args: RefilledConfig, stage: str, train_dataset, eval_dataset) -> tuple[RefilledConfig, bool, bool]:
+    """The view of a config used directly (not one ``refilled-hf distill`` laid out for a
+    stage) that ``stage``'s trainer runs with, as distill would run that stage: its epochs and
+    learning rate, its own folder ``<output_dir>/<stage>`` (so that the stages of one run
+    never write, or resume from, each other's checkpoint-<step>), ``--evaluations_per_stage``'s
+    cadence, the stage's selection metric, no evaluation without an ``eval_dataset``.
+    Checkpoints are never pushed, nor the token pickled into them. Returns the view, whether
+    train() ends with a push (``push_to_hub``; never stage 1, whose head is untrained), and
+    whether it continues from the folder's newest checkpoint (``resume_from_checkpoint='true'``,
+    so that a script rerun after a crash continues every stage where it stopped)."""
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("push_to_hub=True needs hub_model_id='<user>/<name>': the repo the student goes to.")
+    if args.resume_mode() not in (None, "latest"):
+        raise ValueError(
+            f"resume_from_checkpoint={args.resume_from_checkpoint!r} in the config would apply to every stage's "
+            "trainer: set it to 'true' (each stage continues from its newest checkpoint), or pass the path to that "
+            "stage's trainer.train(resume_from_checkpoint=...)."
+        )
+    _warn_pipeline_fields(args)
+    first = stage == "stage1"
+    view = args.stage_view(
+        learning_rate=args.stage1_learning_rate if first else args.stage2_learning_rate,
+        num_train_epochs=args.stage1_epochs if first else args.stage2_epochs,
+        output_dir=os.path.join(args.output_dir, stage),
+        push_to_hub=False,
+        hub_token=None,
+        resume_from_checkpoint=None,
+    )
+    if eval_dataset is None and option_name(view.eval_strategy) != "no":
+        if view.load_best_model_at_end:
+            raise ValueError("load_best_model_at_end=True selects on evaluations: pass an eval_dataset.")
+        logger.info("No eval_dataset: the %s trainer evaluates only when you call evaluate().", stage)
+        view.eval_strategy = "no"
+    if train_dataset is not None and hasattr(train_dataset, "__len__"):
+        set_evaluation_cadence(view, view.num_train_epochs, len(train_dataset))
+    if view.load_best_model_at_end:  # the metric each stage selects on, as refilled-hf distill does
+        view.metric_for_best_model = "eval_ncm_top1" if first else "eval_top1"
+        view.greater_is_better = True
+    return view, bool(args.push_to_hub) and not first, args.resume_mode() == "latest"
+
+
 def _head_classes(model: torch.nn.Module) -> int | None:
     """The number of classes a timm model's head predicts (None: not a timm model)."""
     classes = getattr(model, "num_classes", None)
@@ -231,45 +272,10 @@ class RefilledTrainer(Trainer):
         #: the Hub repo, privacy and token that push_to_hub() uses, and whether train() ends with it
         hub = {"repo_id": args.hub_model_id, "private": args.hub_private_repo, "token": args.hub_token}
         push_after_training = resume_latest = False
-        if args.learning_rate is None or args.num_train_epochs is None:
-            # a config used directly: its stage's schedule, and its own folder, so that the
-            # stages of one run never write (or resume from) each other's checkpoint-<step>,
-            # and --evaluations_per_stage's cadence. Checkpoints are never pushed, nor is the
-            # token pickled into them: --push_to_hub pushes the student once, after training
-            # (stage 1, whose head is untrained, leaves that to the next stage's trainer)
-            if args.push_to_hub and not args.hub_model_id:
-                raise ValueError("push_to_hub=True needs hub_model_id='<user>/<name>': the repo the student goes to.")
-            # resume_from_checkpoint='true': train() continues from the stage folder's newest complete
-            # checkpoint, so that a script rerun after a crash continues every stage where it stopped
-            resume_latest = args.resume_mode() == "latest"
-            if args.resume_mode() not in (None, "latest"):
-                raise ValueError(
-                    f"resume_from_checkpoint={args.resume_from_checkpoint!r} in the config would apply to every "
-                    "stage's trainer: set it to 'true' (each stage continues from its newest checkpoint), or pass "
-                    "the path to that stage's trainer.train(resume_from_checkpoint=...)."
-                )
-            push_after_training = args.push_to_hub and stage != "stage1"
-            _warn_pipeline_fields(args)
-            first = stage == "stage1"
-            args = args.stage_view(
-                learning_rate=args.stage1_learning_rate if first else args.stage2_learning_rate,
-                num_train_epochs=args.stage1_epochs if first else args.stage2_epochs,
-                output_dir=os.path.join(args.output_dir, stage),
-                push_to_hub=False,
-                hub_token=None,
-                resume_from_checkpoint=None,
+        if args.learning_rate is None or args.num_train_epochs is None:  # a config used directly
+            args, push_after_training, resume_latest = _stage_config(
+                args, stage, kwargs.get("train_dataset"), kwargs.get("eval_dataset")
             )
-            if kwargs.get("eval_dataset") is None and option_name(args.eval_strategy) != "no":
-                if args.load_best_model_at_end:
-                    raise ValueError("load_best_model_at_end=True selects on evaluations: pass an eval_dataset.")
-                logger.info("No eval_dataset: the %s trainer evaluates only when you call evaluate().", stage)
-                args.eval_strategy = "no"
-            train_dataset = kwargs.get("train_dataset")
-            if train_dataset is not None and hasattr(train_dataset, "__len__"):
-                set_evaluation_cadence(args, args.num_train_epochs, len(train_dataset))
-            if args.load_best_model_at_end:  # the metric each stage selects on, as refilled-hf distill does
-                args.metric_for_best_model = "eval_ncm_top1" if first else "eval_top1"
-                args.greater_is_better = True
         if isinstance(kwargs.get("train_dataset"), IndexedImages):  # see evaluation_dataloader
             args = args.stage_view(dataloader_num_workers=0, dataloader_persistent_workers=False,
                                    dataloader_prefetch_factor=None)  # fmt: skip
