@@ -67,7 +67,7 @@ from .rundir import (
     tensor_fingerprint,
 )
 from .teacher_cache import TeacherCache, TeacherCacheError, load_or_build
-from .trainer import RefilledTrainer, set_evaluation_cadence
+from .trainer import RefilledTrainer, stage_args
 
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training", "training_seconds"]
 
@@ -162,18 +162,6 @@ def eval_copy(dataset, transform):
     other = copy.copy(dataset)
     other.transform = transform
     return other
-
-
-def _stage_args(config: RefilledConfig, stage_dir: Path, epochs: float, lr: float) -> RefilledConfig:
-    return config.stage_view(
-        output_dir=str(stage_dir),
-        num_train_epochs=epochs,
-        learning_rate=lr,
-        resume_from_checkpoint=None,
-        push_to_hub=False,  # stages never push; the run pushes its export at the end
-        hub_token=None,  # the Trainer pickles its args into every checkpoint: keep the token out
-        load_best_model_at_end=config.load_best_model_at_end and config.has_validation,
-    )
 
 
 def _resume_points(mode: str | None, out: Path, stage_dirs: list[Path], world_size: int) -> dict[Path, str | None]:
@@ -362,15 +350,8 @@ def _make_trainer(
     callbacks: list | None = None,
     **kwargs,
 ) -> RefilledTrainer:
-    epochs = config.stage1_epochs if stage == "stage1" else config.stage2_epochs
-    lr = config.stage1_learning_rate if stage == "stage1" else config.stage2_learning_rate
-    args = _stage_args(config, stage_dir, epochs, lr)
-    if args.load_best_model_at_end:
-        args.metric_for_best_model = "eval_ncm_top1" if stage == "stage1" else "eval_top1"
-        args.greater_is_better = True
-    if data.validation is None:
-        args.eval_strategy = "no"
-    set_evaluation_cadence(args, epochs, len(data.train))
+    args = stage_args(config, stage, stage_dir, images=len(data.train), evaluates=data.validation is not None,
+                      load_best_model_at_end=config.load_best_model_at_end and config.has_validation)  # fmt: skip
     return RefilledTrainer(
         model=student,
         args=args,

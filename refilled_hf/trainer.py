@@ -50,7 +50,7 @@ from .preflight import steps_per_epoch
 from .rundir import checkpoint_problem, last_complete_checkpoint
 from .teacher_cache import TeacherCache
 
-__all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers", "set_evaluation_cadence"]
+__all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers", "set_evaluation_cadence", "stage_args"]
 
 STAGES = ("stage1", "stage2", "ce", "kd", "rkd")
 
@@ -142,13 +142,40 @@ def _warn_pipeline_fields(args: RefilledConfig) -> None:
         )  # fmt: skip
 
 
+def stage_args(config: RefilledConfig, stage: str, output_dir: str | os.PathLike, *, images: int | None,
+               evaluates: bool, load_best_model_at_end: bool) -> RefilledConfig:  # fmt: skip
+    """The view of the run's ``config`` that ``stage``'s trainer runs with, for distill and for
+    a config used directly alike: the stage's epochs and learning rate (``stage1_*``, or
+    ``stage2_*``), its own ``output_dir``, ``--evaluations_per_stage``'s cadence over
+    ``images`` training images (None: unknown, every epoch), no evaluation where there is no
+    evaluation set, and the stage's selection metric. Checkpoints are never pushed (the run
+    pushes its export once), nor the token pickled into them; the stage itself resumes only
+    from the checkpoint its train() is given."""
+    first = stage == "stage1"
+    epochs = config.stage1_epochs if first else config.stage2_epochs
+    view = config.stage_view(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        learning_rate=config.stage1_learning_rate if first else config.stage2_learning_rate,
+        resume_from_checkpoint=None,
+        push_to_hub=False,
+        hub_token=None,
+        load_best_model_at_end=load_best_model_at_end,
+    )
+    if view.load_best_model_at_end:
+        view.metric_for_best_model = "eval_ncm_top1" if first else "eval_top1"
+        view.greater_is_better = True
+    if not evaluates:
+        view.eval_strategy = "no"
+    if images is not None:
+        set_evaluation_cadence(view, epochs, images)
+    return view
+
+
 def _stage_config(args: RefilledConfig, stage: str, train_dataset, eval_dataset) -> tuple[RefilledConfig, bool, bool]:
-    """The view of a config used directly (not one ``refilled-hf distill`` laid out for a
-    stage) that ``stage``'s trainer runs with, as distill would run that stage: its epochs and
-    learning rate, its own folder ``<output_dir>/<stage>`` (so that the stages of one run
-    never write, or resume from, each other's checkpoint-<step>), ``--evaluations_per_stage``'s
-    cadence, the stage's selection metric, no evaluation without an ``eval_dataset``.
-    Checkpoints are never pushed, nor the token pickled into them. Returns the view, whether
+    """The :func:`stage_args` view of a config used directly (not one ``refilled-hf distill``
+    laid out for a stage), in the folder ``<output_dir>/<stage>``, so that the stages of one
+    run never write, or resume from, each other's checkpoint-<step>. Returns the view, whether
     train() ends with a push (``push_to_hub``; never stage 1, whose head is untrained), and
     whether it continues from the folder's newest checkpoint (``resume_from_checkpoint='true'``,
     so that a script rerun after a crash continues every stage where it stopped)."""
@@ -161,26 +188,20 @@ def _stage_config(args: RefilledConfig, stage: str, train_dataset, eval_dataset)
             "stage's trainer.train(resume_from_checkpoint=...)."
         )
     _warn_pipeline_fields(args)
-    first = stage == "stage1"
-    view = args.stage_view(
-        learning_rate=args.stage1_learning_rate if first else args.stage2_learning_rate,
-        num_train_epochs=args.stage1_epochs if first else args.stage2_epochs,
-        output_dir=os.path.join(args.output_dir, stage),
-        push_to_hub=False,
-        hub_token=None,
-        resume_from_checkpoint=None,
-    )
-    if eval_dataset is None and option_name(view.eval_strategy) != "no":
-        if view.load_best_model_at_end:
+    if eval_dataset is None and option_name(args.eval_strategy) != "no":
+        if args.load_best_model_at_end:
             raise ValueError("load_best_model_at_end=True selects on evaluations: pass an eval_dataset.")
         logger.info("No eval_dataset: the %s trainer evaluates only when you call evaluate().", stage)
-        view.eval_strategy = "no"
-    if train_dataset is not None and hasattr(train_dataset, "__len__"):
-        set_evaluation_cadence(view, view.num_train_epochs, len(train_dataset))
-    if view.load_best_model_at_end:  # the metric each stage selects on, as refilled-hf distill does
-        view.metric_for_best_model = "eval_ncm_top1" if first else "eval_top1"
-        view.greater_is_better = True
-    return view, bool(args.push_to_hub) and not first, args.resume_mode() == "latest"
+    images = len(train_dataset) if train_dataset is not None and hasattr(train_dataset, "__len__") else None
+    view = stage_args(
+        args,
+        stage,
+        os.path.join(args.output_dir, stage),
+        images=images,
+        evaluates=eval_dataset is not None,
+        load_best_model_at_end=args.load_best_model_at_end,
+    )
+    return view, bool(args.push_to_hub) and stage != "stage1", args.resume_mode() == "latest"
 
 
 def _head_classes(model: torch.nn.Module) -> int | None:
