@@ -21,11 +21,12 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer
+from transformers.trainer_utils import PredictionOutput
 
 from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
 from .config import DEFAULT_VALIDATION_FRACTION, EVERY_COMMAND_FIELDS, RefilledConfig, option_name, options_text
@@ -53,6 +54,15 @@ from .teacher_cache import TeacherCache
 __all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers", "set_evaluation_cadence", "stage_args"]
 
 STAGES = ("stage1", "stage2", "ce", "kd", "rkd")
+
+
+class _SplitScores(NamedTuple):
+    """What one pass of the student over a split gives (see ``RefilledTrainer._score_split``)."""
+
+    metrics: dict[str, Any]  # what evaluate() logs
+    per_class: dict[str, Any]  # returned, not logged (with ``per_class_metrics``)
+    scores: torch.Tensor | None  # every image's, in order, on the CPU (when kept)
+    labels: torch.Tensor | None
 
 
 class _StepOrderedCheckpoints(logging.Filter):
@@ -683,12 +693,12 @@ class RefilledTrainer(Trainer):
     def _student(self) -> StudentModel:
         return self.accelerator.unwrap_model(self.model)
 
-    def _add_computed_metrics(self, metrics: dict[str, Any], predictions: list, prefix: str) -> None:
+    def _add_computed_metrics(self, metrics: dict[str, Any], scores: torch.Tensor, labels: torch.Tensor,
+                              prefix: str) -> None:  # fmt: skip
         """The user's ``compute_metrics`` over every image of the split, added to ``metrics``
         under ``{prefix}_<name>``; a name that evaluate() reports itself is refused."""
-        scores = torch.cat([p[0] for p in predictions]).numpy()
-        labels = torch.cat([p[1] for p in predictions]).numpy()
-        for key, value in self.compute_metrics(EvalPrediction(predictions=scores, label_ids=labels)).items():
+        prediction = EvalPrediction(predictions=scores.numpy(), label_ids=labels.numpy())
+        for key, value in self.compute_metrics(prediction).items():
             name = key if key.startswith(f"{prefix}_") else f"{prefix}_{key}"
             if name in metrics or name == "epoch":
                 raise ValueError(
@@ -696,6 +706,96 @@ class RefilledTrainer(Trainer):
                     f"({name}): give yours another name."
                 )
             metrics[name] = value
+
+    def _score_split(self, dataset, prefix: str, *, keep_scores: bool, caller: str) -> _SplitScores:
+        """One pass of the student over ``dataset``, every image counted once across
+        processes: its metrics (those evaluate() logs, the user's ``compute_metrics``
+        included, and apart the per-class ones), and with ``keep_scores`` every image's
+        scores and label in the data set's order, on the CPU. Stage 1 scores by the
+        nearest class mean of the embedding (centres from ``centers_dataset``), the others
+        by the head's logits. A data set without labels gives scores alone."""
+        dataloader = self.evaluation_dataloader(dataset)
+        student = self._student()
+        was_training = student.model.training  # the timm model's own mode (its wrapper may say another)
+        student.eval()
+        centers = None
+        class_hits = class_samples = None  # per class, on the device: read once, at the end
+        if self.stage == "stage1":
+            centers = compute_class_centers(
+                lambda x: embed(student.model, x),
+                self.evaluation_dataloader(self.centers_dataset),
+                self.num_classes,
+                self.accelerator,
+                self.centers_dataset,
+            )
+        keep_scores = keep_scores or self.compute_metrics is not None
+        totals = defaultdict(float)
+        kept_scores: list[torch.Tensor] = []
+        kept_labels: list[torch.Tensor] = []
+        labelled = None
+        with torch.no_grad(), self.autocast_smart_context_manager():
+            for batch in dataloader:
+                images, labels = batch_pixels(batch, dataset), batch.get("labels")
+                if labelled is None:
+                    labelled = labels is not None
+                if labelled != (labels is not None):
+                    raise ValueError(f"{caller}: some batches of the data set have labels, others have none.")
+                if centers is not None:
+                    scores = ncm_predict(embed(student.model, images), centers)
+                else:
+                    scores = student.model(images).float()
+                if not labelled and not keep_scores:
+                    raise ValueError(
+                        f"{caller} needs labels (a 'labels' entry in each batch); predict() gives the "
+                        "predictions of unlabelled images."
+                    )
+                if keep_scores:
+                    gathered = self.accelerator.gather_for_metrics((scores, labels) if labelled else scores)
+                    kept_scores.append((gathered[0] if labelled else gathered).cpu())
+                    if not labelled:
+                        totals["samples"] += kept_scores[-1].shape[0]
+                        continue
+                    kept_labels.append(gathered[1].cpu())
+                loss = F.cross_entropy(scores, labels, reduction="none") if centers is None else None
+                top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+                hit1 = (top[:, 0] == labels).float()
+                hit5 = (top == labels[:, None]).any(1).float()
+                per_sample = torch.stack([hit1, hit5] + ([loss] if loss is not None else []), dim=1)
+                per_sample = self.accelerator.gather_for_metrics(per_sample)
+                totals["samples"] += per_sample.shape[0]
+                sums = per_sample.sum(0).tolist()
+                totals["top1"] += sums[0]
+                totals["top5"] += sums[1]
+                if loss is not None:
+                    totals["loss"] += sums[2]
+                if self.per_class_metrics:  # gathered apart: the sums above stay bit-identical without it
+                    ids = self.accelerator.gather_for_metrics(labels)
+                    hits = torch.bincount(ids, weights=per_sample[:, 0], minlength=self.num_classes)
+                    samples = torch.bincount(ids, minlength=self.num_classes)
+                    class_hits = hits if class_hits is None else class_hits + hits
+                    class_samples = samples if class_samples is None else class_samples + samples
+        student.train(was_training)
+        scores = torch.cat(kept_scores) if kept_scores else None
+        labels = torch.cat(kept_labels) if kept_labels else None
+        if labelled is False:
+            return _SplitScores({f"{prefix}_samples": int(totals["samples"])}, {}, scores, None)
+        count = max(totals["samples"], 1)
+        name = "ncm_" if centers is not None else ""
+        metrics = {f"{prefix}_{name}top1": 100.0 * totals["top1"] / count}
+        if self.num_classes > 5:
+            metrics[f"{prefix}_{name}top5"] = 100.0 * totals["top5"] / count
+        metrics[f"{prefix}_samples"] = int(totals["samples"])
+        if centers is None:
+            metrics[f"{prefix}_loss"] = totals["loss"] / count
+        if self.compute_metrics is not None and scores is not None:
+            self._add_computed_metrics(metrics, scores, labels, prefix)
+        per_class = {}
+        if self.per_class_metrics:  # one number per class
+            hits = class_hits.tolist() if class_hits is not None else [0.0] * self.num_classes
+            samples = class_samples.tolist() if class_samples is not None else [0] * self.num_classes
+            per_class[f"{prefix}_{name}per_class_top1"] = [100.0 * h / n if n else None for h, n in zip(hits, samples)]
+            per_class[f"{prefix}_per_class_samples"] = samples
+        return _SplitScores(metrics, per_class, scores, labels)
 
     def evaluate(
         self,
@@ -720,70 +820,26 @@ class RefilledTrainer(Trainer):
             for name, part in dataset.items():
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        dataloader = self.evaluation_dataloader(dataset)
-        student = self._student()
-        was_training = student.training
-        student.eval()
-        centers = None
-        class_hits = class_samples = None  # per class, on the device: read once, at the end
-        if self.stage == "stage1":
-            centers = compute_class_centers(
-                lambda x: embed(student.model, x),
-                self.evaluation_dataloader(self.centers_dataset),
-                self.num_classes,
-                self.accelerator,
-                self.centers_dataset,
-            )
-        totals = defaultdict(float)
-        predictions: list[tuple[torch.Tensor, torch.Tensor]] = []  # for compute_metrics, on the CPU
-        with torch.no_grad(), self.autocast_smart_context_manager():
-            for batch in dataloader:
-                images, labels = batch_pixels(batch, dataset), batch["labels"]
-                if centers is not None:
-                    scores = ncm_predict(embed(student.model, images), centers)
-                    loss = None
-                else:
-                    scores = student.model(images).float()
-                    loss = F.cross_entropy(scores, labels, reduction="none")
-                top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-                hit1 = (top[:, 0] == labels).float()
-                hit5 = (top == labels[:, None]).any(1).float()
-                per_sample = torch.stack([hit1, hit5] + ([loss] if loss is not None else []), dim=1)
-                per_sample = self.accelerator.gather_for_metrics(per_sample)
-                totals["samples"] += per_sample.shape[0]
-                sums = per_sample.sum(0).tolist()
-                totals["top1"] += sums[0]
-                totals["top5"] += sums[1]
-                if loss is not None:
-                    totals["loss"] += sums[2]
-                if self.compute_metrics is not None:
-                    gathered = self.accelerator.gather_for_metrics((scores, labels))
-                    predictions.append((gathered[0].cpu(), gathered[1].cpu()))
-                if self.per_class_metrics:  # gathered apart: the sums above stay bit-identical without it
-                    ids = self.accelerator.gather_for_metrics(labels)
-                    hits = torch.bincount(ids, weights=per_sample[:, 0], minlength=self.num_classes)
-                    samples = torch.bincount(ids, minlength=self.num_classes)
-                    class_hits = hits if class_hits is None else class_hits + hits
-                    class_samples = samples if class_samples is None else class_samples + samples
-        student.train(was_training)
-        count = max(totals["samples"], 1)
-        name = "ncm_" if centers is not None else ""
-        metrics = {f"{metric_key_prefix}_{name}top1": 100.0 * totals["top1"] / count}
-        if self.num_classes > 5:
-            metrics[f"{metric_key_prefix}_{name}top5"] = 100.0 * totals["top5"] / count
-        metrics[f"{metric_key_prefix}_samples"] = int(totals["samples"])
-        if centers is None:
-            metrics[f"{metric_key_prefix}_loss"] = totals["loss"] / count
-        if self.compute_metrics is not None and predictions:
-            self._add_computed_metrics(metrics, predictions, metric_key_prefix)
+        result = self._score_split(dataset, metric_key_prefix, keep_scores=False, caller="evaluate()")
+        metrics = result.metrics
         metrics["epoch"] = self.state.epoch if self.state.epoch is not None else 0.0
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        if self.per_class_metrics:  # returned, not logged: one number per class
-            hits = class_hits.tolist() if class_hits is not None else [0.0] * self.num_classes
-            samples = class_samples.tolist() if class_samples is not None else [0] * self.num_classes
-            metrics[f"{metric_key_prefix}_{name}per_class_top1"] = [
-                100.0 * h / n if n else None for h, n in zip(hits, samples)
-            ]
-            metrics[f"{metric_key_prefix}_per_class_samples"] = samples
+        metrics.update(result.per_class)  # returned, not logged: one number per class
         return metrics
+
+    def predict(
+        self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        """Every image's logits (stage 1: its nearest-class-mean scores, which evaluate()
+        ranks), in the data set's order, with its labels and the metrics evaluate()
+        reports (not logged, as in transformers). A data set without labels gives the
+        predictions alone (``label_ids`` None, metrics ``{prefix}_samples``)."""
+        result = self._score_split(test_dataset, metric_key_prefix, keep_scores=True, caller="predict()")
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, result.metrics)
+        metrics = {**result.metrics, **result.per_class}
+        return PredictionOutput(
+            predictions=result.scores.numpy() if result.scores is not None else None,
+            label_ids=result.labels.numpy() if result.labels is not None else None,
+            metrics=metrics,
+        )

@@ -172,6 +172,46 @@ def test_global_mining_over_two_processes_equals_one_process_on_the_whole_batch(
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
 
 
+PREDICT_SCRIPT = """
+import sys, timm, torch, torch.distributed as dist
+from refilled_hf import RefilledConfig, RefilledTrainer
+
+g = torch.Generator().manual_seed(0)
+images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(11)]
+torch.manual_seed(0)
+student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+args = RefilledConfig(output_dir=sys.argv[2], use_cpu=True, eval_strategy="no", save_strategy="no",
+                      per_device_eval_batch_size=2, report_to=[])
+trainer = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3)
+output = trainer.predict(images)
+if trainer.args.process_index == 0:
+    torch.save({"world": trainer.args.world_size, "predictions": torch.from_numpy(output.predictions),
+                "labels": torch.from_numpy(output.label_ids), "metrics": output.metrics}, sys.argv[1])
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def test_predict_over_two_processes_returns_every_image_once_in_the_data_sets_order(tmp_path):
+    script = tmp_path / "predict.py"
+    script.write_text(PREDICT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), str(tmp_path / "o1")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    two = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / "two.pt"), str(tmp_path / "o2")],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (a["world"], b["world"]) == (1, 2)
+    # 11 images in batches of 2 over 2 processes: the last batch is padded, and the padding dropped
+    assert b["predictions"].shape == (11, 3) and b["labels"].tolist() == [i % 3 for i in range(11)]
+    torch.testing.assert_close(b["predictions"], a["predictions"], rtol=0, atol=1e-5)
+    assert b["metrics"]["test_samples"] == 11 and b["metrics"]["test_top1"] == pytest.approx(a["metrics"]["test_top1"])
+
+
 def test_the_cli_tears_the_process_group_down_before_exit(monkeypatch, capsys):
     """A process that exits with gloo's threads alive can abort after a successful run."""
     import torch.distributed as dist

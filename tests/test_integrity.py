@@ -357,6 +357,51 @@ def test_compute_metrics_sees_every_image_and_a_dict_of_sets_is_evaluated_set_by
         trainer.evaluate(images)
 
 
+def test_predict_returns_each_images_logits_in_order_with_evaluates_metrics(tmp_path):
+    # transformers' predict() would return the model's (embeddings, logits) and the stage's loss
+    # (cross-entropy + lambda * distillation, the teacher run on every batch): not what a user predicts
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
+                          per_device_eval_batch_size=4, distill_weight=10.0)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(10)]
+    teacher = timm.create_model("cifar_wrn_16_1", num_classes=5)
+    student = timm.create_model("cifar_wrn_16_1", num_classes=3).eval()
+    trainer = RefilledTrainer(model=student, args=args, stage="stage2", num_classes=3, teacher=teacher,
+                              class_centers=torch.nn.functional.normalize(torch.randn(3, 128), dim=1))  # fmt: skip
+    output = trainer.predict(images)
+    assert not student.training  # the model's own mode is kept
+    with torch.no_grad():  # one image at a time, in the data set's order
+        expected = torch.cat([student(image["pixel_values"][None]) for image in images])
+    labels = torch.tensor([image["labels"] for image in images])
+    assert output.predictions.shape == (10, 3)
+    assert torch.allclose(torch.from_numpy(output.predictions), expected, atol=1e-4)
+    assert output.label_ids.tolist() == labels.tolist()
+    top1 = 100.0 * (expected.argmax(1) == labels).float().mean().item()
+    assert output.metrics["test_top1"] == pytest.approx(top1)
+    assert output.metrics["test_loss"] == pytest.approx(F.cross_entropy(expected, labels).item(), rel=1e-4)
+    assert output.metrics["test_samples"] == 10
+    evaluated = trainer.evaluate(images, metric_key_prefix="test")
+    assert {k: v for k, v in evaluated.items() if k != "epoch"} == output.metrics
+
+    unlabelled = [{"pixel_values": image["pixel_values"]} for image in images]
+    bare = trainer.predict(unlabelled)
+    assert bare.label_ids is None and bare.metrics == {"test_samples": 10}
+    assert torch.allclose(torch.from_numpy(bare.predictions), expected, atol=1e-4)
+    with pytest.raises(ValueError, match=r"evaluate\(\) needs labels .* predict\(\) gives the predictions"):
+        trainer.evaluate(unlabelled)
+
+    stage1 = RefilledTrainer(model=student, args=args, stage="stage1", num_classes=3, teacher=teacher,
+                             centers_dataset=images)  # fmt: skip
+    scores = stage1.predict(images)
+    with torch.no_grad():
+        features = [student.forward_features(image["pixel_values"][None]) for image in images]
+        embeddings = F.normalize(torch.cat([student.forward_head(f, pre_logits=True) for f in features]), dim=1)
+    centers = F.normalize(torch.stack([embeddings[labels == c].sum(0) for c in range(3)]), dim=1)
+    assert torch.allclose(torch.from_numpy(scores.predictions).argmax(1), (embeddings @ centers.T).argmax(1))
+    ncm_top1 = 100.0 * ((embeddings @ centers.T).argmax(1) == labels).float().mean().item()
+    assert scores.metrics == {"test_ncm_top1": pytest.approx(ncm_top1), "test_samples": 10}
+
+
 def test_a_trainer_from_the_run_config_selects_the_best_checkpoint_on_its_stages_metric(tmp_path):
     g = torch.Generator().manual_seed(0)
     images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(24)]
