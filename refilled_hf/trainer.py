@@ -475,7 +475,8 @@ class RefilledTrainer(Trainer):
         the processes (``gather_for_metrics`` removes the padding). Built for each call:
         transformers' ``get_eval_dataloader`` caches one loader under a single key when
         workers persist, so evaluating another split would silently reuse the first, and
-        its loaders drop the last batch under ``--dataloader_drop_last``."""
+        its loaders drop the last batch under ``--dataloader_drop_last``. It draws from a
+        generator of its own, never the global RNG (see below)."""
         args = self.args
         # the device path's loaders (training's too, see __init__) only yield indices: worker processes
         # would add nothing (and, under a spawn context, a pickled copy of the images on the device each)
@@ -490,6 +491,10 @@ class RefilledTrainer(Trainer):
             pin_memory=args.dataloader_pin_memory,
             prefetch_factor=args.dataloader_prefetch_factor if workers else None,
             multiprocessing_context=args.dataloader_multiprocessing_context if workers else None,
+            # each iteration draws its workers' base seed from this generator; without one, from the
+            # global RNG, so every evaluation shifted the shuffles and augmentations of the training
+            # after it, and how often a stage evaluated changed what it trained
+            generator=torch.Generator().manual_seed(args.seed),
         )
         return self.accelerator.prepare(loader)
 

@@ -419,6 +419,32 @@ def test_a_trainer_from_the_run_config_selects_the_best_checkpoint_on_its_stages
         assert len(logged) == 3 and trainer.state.best_metric == max(logged)
 
 
+def test_how_often_a_stage_evaluates_does_not_change_what_it_trains(tmp_path):
+    # iterating a DataLoader draws its base seed from the global RNG unless it has a generator of
+    # its own: each evaluation shifted the next epoch's shuffle and augmentations
+    g = torch.Generator().manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(24)]
+    teacher = timm.create_model("cifar_wrn_16_1", num_classes=5)
+    trained = {}
+    for evaluations in (None, 6):
+        torch.manual_seed(0)
+        student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+        args = RefilledConfig(output_dir=str(tmp_path / str(evaluations)), use_cpu=True, stage1_epochs=2,
+                              stage2_epochs=2, per_device_train_batch_size=8, evaluations_per_stage=evaluations or 1,
+                              save_strategy="no", disable_tqdm=True, report_to=[])  # fmt: skip
+        common = dict(args=args, num_classes=3, teacher=teacher, train_dataset=images,
+                      eval_dataset=images if evaluations else None)  # fmt: skip
+        stage1 = RefilledTrainer(model=student, stage="stage1", centers_dataset=images, **common)
+        stage1.train()
+        stage2 = RefilledTrainer(model=student, stage="rkd", **common)
+        stage2.train()
+        evaluated = [e for t in (stage1, stage2) for e in t.state.log_history if "eval_samples" in e]
+        assert (len(evaluated) >= 4) if evaluations else not evaluated
+        trained[evaluations] = {k: v.clone() for k, v in student.state_dict().items()}
+    for key, value in trained[None].items():
+        assert torch.equal(trained[6][key], value), key
+
+
 def test_a_trainer_without_an_eval_dataset_does_not_evaluate_unless_it_must_select(tmp_path):
     images = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 3} for i in range(6)]
     args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True)
