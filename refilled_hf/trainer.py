@@ -307,6 +307,14 @@ class RefilledTrainer(Trainer):
             args, push_after_training, resume_latest = _stage_config(
                 args, stage, kwargs.get("train_dataset"), kwargs.get("eval_dataset")
             )
+        eval_sets = kwargs.get("eval_dataset")
+        if args.load_best_model_at_end and isinstance(eval_sets, dict):  # (metric_for_best_model is refilled-hf's)
+            metric = "nearest-class-mean top-1" if stage == "stage1" else "top-1"
+            raise ValueError(
+                f"load_best_model_at_end=True selects on one evaluation set's {metric}, but eval_dataset holds "
+                f"{len(eval_sets)} ({', '.join(map(repr, eval_sets))}): pass the set to select on as eval_dataset, "
+                "and evaluate the others with trainer.evaluate(...)."
+            )
         if isinstance(kwargs.get("train_dataset"), IndexedImages):  # see evaluation_dataloader
             args = args.stage_view(dataloader_num_workers=0, dataloader_persistent_workers=False,
                                    dataloader_prefetch_factor=None)  # fmt: skip

@@ -455,6 +455,19 @@ def test_a_trainer_without_an_eval_dataset_does_not_evaluate_unless_it_must_sele
     with pytest.raises(ValueError, match="load_best_model_at_end=True selects on evaluations: pass an eval_dataset"):
         RefilledTrainer(model=timm.create_model("cifar_wrn_16_1", num_classes=3), args=selecting, stage="ce",
                         num_classes=3, train_dataset=images)  # fmt: skip
+    # several eval sets: transformers would stop at the first evaluation, asking for a metric_for_best_model
+    # that refilled-hf sets itself
+    sets = {"val": images, "other": images}
+    with pytest.raises(ValueError, match=r"selects on one evaluation set's top-1, but eval_dataset holds 2 \('val', "
+                                         r"'other'\): pass the set to select on as eval_dataset"):  # fmt: skip
+        RefilledTrainer(model=timm.create_model("cifar_wrn_16_1", num_classes=3), args=selecting, stage="ce",
+                        num_classes=3, train_dataset=images, eval_dataset=sets)  # fmt: skip
+    both = RefilledConfig(output_dir=str(tmp_path / "both"), use_cpu=True, stage2_epochs=1, report_to=[])
+    trainer = RefilledTrainer(model=timm.create_model("cifar_wrn_16_1", num_classes=3), args=both, stage="ce",
+                              num_classes=3, train_dataset=images, eval_dataset=sets)  # fmt: skip
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"eval_val_top1", "eval_other_top1"} <= logged
 
 
 def test_a_trainer_names_the_config_fields_it_does_not_read(tmp_path, caplog):
