@@ -117,6 +117,23 @@ def test_processes_launched_without_an_accelerator_train_as_one_cpu_group(tmp_pa
     assert log.count("Exported the model to") == 1 and "parallel_mode != ParallelMode.DISTRIBUTED" not in log
 
 
+def one_and_two_processes(script_text: str, tmp_path: Path) -> tuple[dict, dict]:
+    """What ``script_text`` saves (its first argument: the file; its second: a folder of its own)
+    run in one process, then in two gloo processes under torchrun."""
+    script = tmp_path / "script.py"
+    script.write_text(script_text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    saved = []
+    for processes in (1, 2):
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+        out = tmp_path / f"processes{processes}"
+        cmd = [sys.executable, *(launcher if processes > 1 else []), str(script), f"{out}.pt", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        saved.append(torch.load(f"{out}.pt"))
+    return saved[0], saved[1]
+
+
 MINING_SCRIPT = """
 import gc, os, sys, torch, torch.distributed as dist
 from refilled_hf.distributed import gather_for_mining
@@ -154,17 +171,7 @@ if world > 1:
 
 
 def test_global_mining_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
-    script = tmp_path / "mine.py"
-    script.write_text(MINING_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    two = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / "two.pt")], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    a, b = one_and_two_processes(MINING_SCRIPT, tmp_path)
     assert a["rows"] == b["rows"] == 32  # the two processes mined the whole batch
     assert a["tuples"] == b["tuples"] > 0 and a["triplets"] == b["triplets"]
     torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
@@ -194,17 +201,7 @@ if dist.is_initialized():
 
 
 def test_predict_over_two_processes_returns_every_image_once_in_the_data_sets_order(tmp_path):
-    script = tmp_path / "predict.py"
-    script.write_text(PREDICT_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), str(tmp_path / "o1")], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    two = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / "two.pt"), str(tmp_path / "o2")],
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    a, b = one_and_two_processes(PREDICT_SCRIPT, tmp_path)
     assert (a["world"], b["world"]) == (1, 2)
     # 11 images in batches of 2 over 2 processes: the last batch is padded, and the padding dropped
     assert b["predictions"].shape == (11, 3) and b["labels"].tolist() == [i % 3 for i in range(11)]
