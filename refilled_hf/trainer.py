@@ -8,7 +8,7 @@ The stage decides the loss:
 
 Evaluation reports nearest-class-mean accuracy (stage 1; centres from the training
 split) or top-1/top-5 accuracy of the head, counting every image exactly once across
-processes.
+processes; prediction returns the scores it ranks, image by image.
 """
 
 from __future__ import annotations
