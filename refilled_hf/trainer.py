@@ -287,6 +287,11 @@ class RefilledTrainer(Trainer):
     ):
         if stage not in STAGES:
             raise ValueError(f"Unknown stage {stage!r}: choose one of {STAGES}.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "RefilledTrainer's stage decides its loss, so compute_loss_func would never be called: subclass "
+                "RefilledTrainer and override compute_loss to change it."
+            )
         if not isinstance(model, StudentModel):
             model = StudentModel(model)  # (a timm model: checked there)
         if teacher is not None and not isinstance(teacher, FrozenTeacher):
@@ -648,8 +653,9 @@ class RefilledTrainer(Trainer):
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """``--optim sgd`` (default): SGD with Nesterov momentum and coupled weight decay
         on every trainable parameter (the paper's CIFAR protocol). Any other ``--optim``:
-        transformers' optimizer of that name, at the stage's learning rate."""
-        if self.optimizer is None and option_name(self.args.optim) != "sgd":
+        transformers' optimizer of that name, at the stage's learning rate; an
+        ``optimizer_cls_and_kwargs`` given to the trainer: that one, as transformers builds it."""
+        if self.optimizer is None and (option_name(self.args.optim) != "sgd" or self.optimizer_cls_and_kwargs):
             return super().create_optimizer(model)
         if self.optimizer is None:
             model = model if model is not None else self.model
@@ -763,7 +769,10 @@ class RefilledTrainer(Trainer):
                         "predictions of unlabelled images."
                     )
                 if keep_scores:
-                    gathered = self.accelerator.gather_for_metrics((scores, labels) if labelled else scores)
+                    kept = scores  # what predict() returns and compute_metrics receives
+                    if self.preprocess_logits_for_metrics is not None:
+                        kept = self.preprocess_logits_for_metrics(scores, labels)
+                    gathered = self.accelerator.gather_for_metrics((kept, labels) if labelled else kept)
                     kept_scores.append((gathered[0] if labelled else gathered).cpu())
                     if not labelled:
                         totals["samples"] += kept_scores[-1].shape[0]
@@ -823,8 +832,8 @@ class RefilledTrainer(Trainer):
 
         A ``compute_metrics`` given to the trainer adds its metrics (``{prefix}_<name>``): it
         receives an ``EvalPrediction`` of every image's logits (stage 1: its nearest-class-mean
-        scores) and label. A dict of data sets is evaluated set by set
-        (``{prefix}_<set>_top1``, ...), as transformers does."""
+        scores, passed through ``preprocess_logits_for_metrics`` if given) and label. A dict of
+        data sets is evaluated set by set (``{prefix}_<set>_top1``, ...), as transformers does."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs a data set: none given and the Trainer has no eval_dataset.")
@@ -845,9 +854,10 @@ class RefilledTrainer(Trainer):
         self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
     ) -> PredictionOutput:
         """Every image's logits (stage 1: its nearest-class-mean scores, which evaluate()
-        ranks), in the data set's order, with its labels and the metrics evaluate()
-        reports (not logged, as in transformers). A data set without labels gives the
-        predictions alone (``label_ids`` None, metrics ``{prefix}_samples``)."""
+        ranks; passed through ``preprocess_logits_for_metrics`` if given), in the data set's
+        order, with its labels and the metrics evaluate() reports (not logged, as in
+        transformers). A data set without labels gives the predictions alone (``label_ids``
+        None, metrics ``{prefix}_samples``)."""
         result = self._score_split(test_dataset, metric_key_prefix, keep_scores=True, caller="predict()")
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, result.metrics)
         metrics = {**result.metrics, **result.per_class}

@@ -419,6 +419,39 @@ def test_a_trainer_from_the_run_config_selects_the_best_checkpoint_on_its_stages
         assert len(logged) == 3 and trainer.state.best_metric == max(logged)
 
 
+def test_the_trainer_honours_or_refuses_transformers_trainer_arguments(tmp_path):
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
+                          per_device_eval_batch_size=4)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(10)]
+    student = timm.create_model("cifar_wrn_16_1", num_classes=3).eval()
+    # optimizer_cls_and_kwargs: that optimizer (the default --optim sgd built SGD over it)
+    adam = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3,
+                           optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.0}))  # fmt: skip
+    optimizer = adam.create_optimizer()
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["lr"] == 1e-3
+    mine = torch.optim.Adagrad(student.parameters(), lr=0.5)
+    given = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, optimizers=(mine, None))
+    assert given.create_optimizer() is mine
+    # compute_loss_func: never called, since the stage decides the loss
+    with pytest.raises(ValueError, match="compute_loss_func would never be called: subclass RefilledTrainer"):
+        RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, compute_loss_func=lambda *a, **k: 0)
+    # preprocess_logits_for_metrics: applied to what predict() returns and compute_metrics receives
+    seen = {}
+
+    def remember(prediction):
+        seen["predictions"] = prediction.predictions
+        return {"n": len(prediction.predictions)}
+
+    classes = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, compute_metrics=remember,
+                              preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1))  # fmt: skip
+    output = classes.predict(images)
+    with torch.no_grad():
+        expected = torch.cat([student(image["pixel_values"][None]) for image in images]).argmax(-1)
+    assert output.predictions.tolist() == expected.tolist() == seen["predictions"].tolist()
+    assert output.metrics["test_n"] == 10 and "test_top1" in output.metrics  # its own metrics: from the logits
+
+
 def test_how_often_a_stage_evaluates_does_not_change_what_it_trains(tmp_path):
     # iterating a DataLoader draws its base seed from the global RNG unless it has a generator of
     # its own: each evaluation shifted the next epoch's shuffle and augmentations
