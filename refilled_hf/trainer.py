@@ -726,13 +726,14 @@ class RefilledTrainer(Trainer):
                 )
             metrics[name] = value
 
-    def _score_split(self, dataset, prefix: str, *, keep_scores: bool, caller: str) -> _SplitScores:
+    def _score_split(self, dataset, prefix: str, *, predicting: bool) -> _SplitScores:
         """One pass of the student over ``dataset``, every image counted once across
         processes: its metrics (those evaluate() logs, the user's ``compute_metrics``
-        included, and apart the per-class ones), and with ``keep_scores`` every image's
-        scores and label in the data set's order, on the CPU. Stage 1 scores by the
-        nearest class mean of the embedding (centres from ``centers_dataset``), the others
-        by the head's logits. A data set without labels gives scores alone."""
+        included, and apart the per-class ones), and for predict() (or ``compute_metrics``)
+        every image's scores and label in the data set's order, on the CPU. Stage 1 scores
+        by the nearest class mean of the embedding (centres from ``centers_dataset``), the
+        others by the head's logits. Only predict() takes a data set without labels, and
+        gives its scores alone."""
         dataloader = self.evaluation_dataloader(dataset)
         student = self._student()
         was_training = student.model.training  # the timm model's own mode (its wrapper may say another)
@@ -747,7 +748,7 @@ class RefilledTrainer(Trainer):
                 self.accelerator,
                 self.centers_dataset,
             )
-        keep_scores = keep_scores or self.compute_metrics is not None
+        keep_scores = predicting or self.compute_metrics is not None
         totals = defaultdict(float)
         kept_scores: list[torch.Tensor] = []
         kept_labels: list[torch.Tensor] = []
@@ -758,16 +759,16 @@ class RefilledTrainer(Trainer):
                 if labelled is None:
                     labelled = labels is not None
                 if labelled != (labels is not None):
-                    raise ValueError(f"{caller}: some batches of the data set have labels, others have none.")
+                    raise ValueError("Some batches of the data set have labels, others have none.")
+                if not labelled and not predicting:
+                    raise ValueError(
+                        "evaluate() needs labels (a 'labels' entry in each batch); predict() gives the "
+                        "predictions of unlabelled images."
+                    )
                 if centers is not None:
                     scores = ncm_predict(embed(student.model, images), centers)
                 else:
                     scores = student.model(images).float()
-                if not labelled and not keep_scores:
-                    raise ValueError(
-                        f"{caller} needs labels (a 'labels' entry in each batch); predict() gives the "
-                        "predictions of unlabelled images."
-                    )
                 if keep_scores:
                     kept = scores  # what predict() returns and compute_metrics receives
                     if self.preprocess_logits_for_metrics is not None:
@@ -842,7 +843,7 @@ class RefilledTrainer(Trainer):
             for name, part in dataset.items():
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        result = self._score_split(dataset, metric_key_prefix, keep_scores=False, caller="evaluate()")
+        result = self._score_split(dataset, metric_key_prefix, predicting=False)
         metrics = result.metrics
         metrics["epoch"] = self.state.epoch if self.state.epoch is not None else 0.0
         self.log(metrics)
@@ -858,7 +859,7 @@ class RefilledTrainer(Trainer):
         order, with its labels and the metrics evaluate() reports (not logged, as in
         transformers). A data set without labels gives the predictions alone (``label_ids``
         None, metrics ``{prefix}_samples``)."""
-        result = self._score_split(test_dataset, metric_key_prefix, keep_scores=True, caller="predict()")
+        result = self._score_split(test_dataset, metric_key_prefix, predicting=True)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, result.metrics)
         metrics = {**result.metrics, **result.per_class}
         return PredictionOutput(

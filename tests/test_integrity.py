@@ -387,8 +387,10 @@ def test_predict_returns_each_images_logits_in_order_with_evaluates_metrics(tmp_
     bare = trainer.predict(unlabelled)
     assert bare.label_ids is None and bare.metrics == {"test_samples": 10}
     assert torch.allclose(torch.from_numpy(bare.predictions), expected, atol=1e-4)
-    with pytest.raises(ValueError, match=r"evaluate\(\) needs labels .* predict\(\) gives the predictions"):
-        trainer.evaluate(unlabelled)
+    for compute_metrics in (None, lambda prediction: {}):  # (which keeps the scores, as predict() does)
+        trainer.compute_metrics = compute_metrics
+        with pytest.raises(ValueError, match=r"evaluate\(\) needs labels .* predict\(\) gives the predictions"):
+            trainer.evaluate(unlabelled)
 
     stage1 = RefilledTrainer(model=student, args=args, stage="stage1", num_classes=3, teacher=teacher,
                              centers_dataset=images)  # fmt: skip
