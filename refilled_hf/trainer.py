@@ -199,8 +199,6 @@ def _stage_config(args: RefilledConfig, stage: str, train_dataset, eval_dataset)
         )
     _warn_pipeline_fields(args)
     if eval_dataset is None and option_name(args.eval_strategy) != "no":
-        if args.load_best_model_at_end:
-            raise ValueError("load_best_model_at_end=True selects on evaluations: pass an eval_dataset.")
         logger.info("No eval_dataset: the %s trainer evaluates only when you call evaluate().", stage)
     images = len(train_dataset) if train_dataset is not None and hasattr(train_dataset, "__len__") else None
     view = stage_args(
@@ -212,6 +210,23 @@ def _stage_config(args: RefilledConfig, stage: str, train_dataset, eval_dataset)
         load_best_model_at_end=args.load_best_model_at_end,
     )
     return view, bool(args.push_to_hub) and stage != "stage1", args.resume_mode() == "latest"
+
+
+def _check_selection_set(args: RefilledConfig, stage: str, eval_dataset) -> None:
+    """Refuse ``load_best_model_at_end`` without the one evaluation set it selects on: none
+    (nothing to select on), or a dict of several (transformers would stop at the first
+    evaluation, asking for a ``metric_for_best_model``, which refilled-hf sets itself)."""
+    if not args.load_best_model_at_end:
+        return
+    if eval_dataset is None:
+        raise ValueError("load_best_model_at_end=True selects on evaluations: pass an eval_dataset.")
+    if isinstance(eval_dataset, dict):
+        metric = "nearest-class-mean top-1" if stage == "stage1" else "top-1"
+        raise ValueError(
+            f"load_best_model_at_end=True selects on one evaluation set's {metric}, but eval_dataset holds "
+            f"{len(eval_dataset)} ({', '.join(map(repr, eval_dataset))}): pass the set to select on as "
+            "eval_dataset, and evaluate the others with trainer.evaluate(...)."
+        )
 
 
 def _head_classes(model: torch.nn.Module) -> int | None:
@@ -304,6 +319,7 @@ class RefilledTrainer(Trainer):
         if stage == "stage1" and centers_dataset is None:
             raise ValueError("Stage 1 needs `centers_dataset` (the training split) for its NCM evaluation.")
         _check_label_spaces(stage, num_classes, model, teacher)
+        _check_selection_set(args, stage, kwargs.get("eval_dataset"))
         model.set_embeddings_only(stage == "stage1")  # before the optimizer and DDP see the parameters
         #: the Hub repo, privacy and token that push_to_hub() uses, and whether train() ends with it
         hub = {"repo_id": args.hub_model_id, "private": args.hub_private_repo, "token": args.hub_token}
@@ -311,14 +327,6 @@ class RefilledTrainer(Trainer):
         if args.learning_rate is None or args.num_train_epochs is None:  # a config used directly
             args, push_after_training, resume_latest = _stage_config(
                 args, stage, kwargs.get("train_dataset"), kwargs.get("eval_dataset")
-            )
-        eval_sets = kwargs.get("eval_dataset")
-        if args.load_best_model_at_end and isinstance(eval_sets, dict):  # (metric_for_best_model is refilled-hf's)
-            metric = "nearest-class-mean top-1" if stage == "stage1" else "top-1"
-            raise ValueError(
-                f"load_best_model_at_end=True selects on one evaluation set's {metric}, but eval_dataset holds "
-                f"{len(eval_sets)} ({', '.join(map(repr, eval_sets))}): pass the set to select on as eval_dataset, "
-                "and evaluate the others with trainer.evaluate(...)."
             )
         if isinstance(kwargs.get("train_dataset"), IndexedImages):  # see evaluation_dataloader
             args = args.stage_view(dataloader_num_workers=0, dataloader_persistent_workers=False,
