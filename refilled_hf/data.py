@@ -702,6 +702,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self._decoded: list[np.ndarray] | None = None
         self._checked = False
         self._encoded: datasets.Dataset | None = None
+        #: (smallest, largest) image side in pixels, known once :meth:`preload` has run
+        self.side_range: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -735,13 +737,14 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         column = self._encoded_images()[self.image_column]
         decoded: list[np.ndarray] | None = []
         bad: list[tuple[int, str]] = []
-        total = 0
+        total, smallest, largest = 0, 1 << 30, 0
         for i, item in enumerate(column):
             try:
                 array = self._decode(item)
             except Exception as err:  # noqa: BLE001 - PIL raises many kinds on bad data
                 bad.append((int(self.source_rows[i]), type(err).__name__))
                 continue
+            smallest, largest = min(smallest, *array.shape[:2]), max(largest, *array.shape[:2])
             if decoded is not None:
                 total += array.nbytes
                 decoded.append(array)
@@ -756,6 +759,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             )
         self._decoded = decoded
         self._checked = True
+        self.side_range = (smallest, largest)
         return self
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -128,6 +128,8 @@ def prepare_data(config: RefilledConfig, data: ClassificationData, pretrained_cf
     the data path chosen (logged): see :func:`load_data`."""
     decode_splits(data)
     cfg = data_pretrained_cfg(pretrained_cfg, config.image_size)
+    training = augment_train and data.train is not None
+    logger.info("Input: %s.", input_size_text(cfg, config.image_size, data, training))
     train_tf = build_transform(cfg, train=True)
     if not config.horizontal_flip:
         train_tf.transforms = [t for t in train_tf.transforms if type(t).__name__ != "RandomHorizontalFlip"]
@@ -152,6 +154,29 @@ def data_pretrained_cfg(pretrained_cfg: dict[str, Any], image_size: int | None) 
     if image_size:
         cfg["input_size"] = (cfg.get("input_size", (3, 0, 0))[0], image_size, image_size)
     return cfg
+
+
+def input_size_text(cfg: dict[str, Any], image_size: int | None, data: ClassificationData, training: bool) -> str:
+    """The input size a run feeds its model (``cfg``: its pretrained_cfg at the run's
+    size), where it comes from, and the size of the images it is made from; for
+    ``training`` a model whose input size can change, how to train at the images' own size
+    where the input upscales them 2x or more (a student trained from scratch on 32-px
+    images at a timm model's 224 px costs about 49 times the compute: the user should see it)."""
+    size = cfg["input_size"][-1]
+    training = training and not cfg.get("fixed_input_size")
+    source = "--image_size" if image_size else "the model's pretrained_cfg"
+    if training and not image_size:
+        source += "; --image_size sets another"
+    text = f"{size} x {size} px ({source})"
+    split = next((s for s in (data.train, data.validation, data.test) if s is not None), None)
+    sides = getattr(split, "side_range", None)
+    if not sides:
+        return text
+    low, high = sides
+    text += f"; the {split.split_name} images measure {low if low == high else f'{low} to {high}'} px a side"
+    if training and size >= 2 * high:
+        text += f", so each is upscaled at least {size / high:.1f}x (--image_size {high} trains at their size)"
+    return text
 
 
 def eval_copy(dataset, transform):

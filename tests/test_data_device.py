@@ -224,3 +224,45 @@ def test_loaders_of_the_device_path_start_no_workers(data_dir, tmp_path):
                                   train_dataset=data.train, eval_dataset=data.test)  # fmt: skip
         assert trainer.get_train_dataloader().num_workers == workers, path
         assert sum(len(batch["labels"]) for batch in loader) == len(data.test) == 18
+
+
+def test_the_log_names_the_input_size_its_source_and_how_far_it_upscales_the_images(data_dir, tmp_path, caplog):
+    import timm
+
+    cfg = timm.create_model("cifar_wrn_16_1").pretrained_cfg  # 32 px; the data's images are 16 px
+    base = tiny_recipe(data_dir, tmp_path / "o", method="ce")
+
+    def logged(augment_train=True, splits=("train", "validation", "test"), model_cfg=cfg, **overrides) -> str:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="refilled_hf.pipeline"):
+            config = RefilledConfig(**{**base, **overrides})
+            load_data(config, "3-5", model_cfg, splits=splits, augment_train=augment_train)
+        return next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Input: "))
+
+    assert logged() == "Input: 16 x 16 px (--image_size); the train images measure 16 px a side."
+    assert logged(image_size=None) == (
+        "Input: 32 x 32 px (the model's pretrained_cfg; --image_size sets another); the train images measure 16 px "
+        "a side, so each is upscaled at least 2.0x (--image_size 16 trains at their size)."
+    )
+    # a model whose input size cannot change, or images read, not trained on: sizes only, no advice
+    assert logged(image_size=None, model_cfg={**cfg, "fixed_input_size": True}) == (
+        "Input: 32 x 32 px (the model's pretrained_cfg); the train images measure 16 px a side."
+    )
+    assert logged(image_size=None, augment_train=False) == (
+        "Input: 32 x 32 px (the model's pretrained_cfg); the train images measure 16 px a side."
+    )
+    assert logged(image_size=None, splits=("test",)) == (
+        "Input: 32 x 32 px (the model's pretrained_cfg); the test images measure 16 px a side."
+    )
+
+
+def test_preloading_records_the_smallest_and_largest_image_side():
+    import datasets
+
+    from refilled_hf.data import ImageClassificationDataset
+
+    images = [Image.fromarray(np.zeros((h, w, 3), np.uint8)) for h, w in ((20, 30), (40, 12), (25, 25))]
+    rows = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    split = ImageClassificationDataset(rows, "image", np.zeros(3, np.int64))
+    assert split.side_range is None
+    assert split.preload().side_range == (12, 40)
