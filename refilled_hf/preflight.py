@@ -10,6 +10,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "check_forward",
     "check_label_spaces",
     "check_memory",
+    "batch_without_pair_probability",
     "check_mining",
     "check_teacher_cache",
     "load_teacher",
@@ -144,7 +146,32 @@ def stated_teacher_classes(config: RefilledConfig, data: ClassificationData) -> 
     return taught if same_dataset(record.get("dataset"), config.dataset) else f"{taught} of {record.get('dataset')}"
 
 
+#: the share of stage 1's batches without two images of one class (nothing to mine) that draws a warning
+BARREN_BATCHES = 0.1
+
+
+def batch_without_pair_probability(class_counts: Sequence[int], batch: int) -> float:
+    """The probability that ``batch`` images drawn at random without replacement from
+    images of these class counts are all of different classes (a batch where semi-hard
+    mining finds no anchor-positive pair): the number of such draws, the elementary
+    symmetric polynomial e_batch of the counts, over all draws, C(total, batch). Exact
+    integers (Python's): the counts' products overflow floats for batches of 128."""
+    total = sum(class_counts)
+    batch = min(batch, total)
+    if batch > sum(1 for n in class_counts if n):
+        return 0.0
+    distinct = [1] + [0] * batch  # distinct[j]: ways to draw j images of j different classes so far
+    for n in class_counts:
+        for j in range(batch, 0, -1):
+            distinct[j] += n * distinct[j - 1]
+    return float(Fraction(distinct[batch], math.comb(total, batch)))
+
+
 def check_mining(config: RefilledConfig, data: ClassificationData) -> None:
+    """Refuse REFILLED runs whose batches can never mine a semi-hard tuple (one class, a
+    batch under 3, no class with two images); warn where many of stage 1's batches would
+    hold nothing to mine (:data:`BARREN_BATCHES`), and where gradient accumulation leaves
+    mining to micro-batches."""
     if config.method != "refilled":
         return
     if data.num_classes < 2:
@@ -160,9 +187,17 @@ def check_mining(config: RefilledConfig, data: ClassificationData) -> None:
             "Every class has fewer than 2 training images, so no batch can hold an (anchor, positive) pair: "
             "raise --shots_per_class to at least 2."
         )
+    per_device = config.per_device_train_batch_size
+    mined = per_device * (1 if config.mining_scope == "local" else config.world_size)
+    barren = batch_without_pair_probability(counts.tolist(), mined)
+    if barren >= BARREN_BATCHES and config.process_index == 0:
+        logger.warning(
+            "Stage 1 mines its semi-hard tuples within batches of %d images over %d classes: about %.0f%% of them "
+            "hold no two images of one class, and those train nothing. Raise --per_device_train_batch_size (the "
+            "paper's 128; 64 or more)%s.", mined, data.num_classes, 100 * barren,
+            "" if config.mining_scope == "local" else ", or add processes (stage 1 mines over all of them)",
+        )  # fmt: skip
     if config.gradient_accumulation_steps > 1 and config.process_index == 0:
-        per_device = config.per_device_train_batch_size
-        mined = per_device * (1 if config.mining_scope == "local" else config.world_size)
         logger.warning(
             "--gradient_accumulation_steps %d: REFILLED mines stage 1's semi-hard tuples within each micro-batch "
             "(%d images) and takes stage 2's local classes from each per-device micro-batch (%d images), not from "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -274,3 +275,36 @@ def test_accumulation_under_refilled_says_mining_sees_micro_batches(method, accu
                 "(12 images) and takes stage 2's local classes from each per-device micro-batch (12 images), not from "
                 "the 48 images of an optimizer step")  # fmt: skip
     assert (expected in caplog.text) == warned, caplog.text
+
+
+@pytest.mark.parametrize(("counts", "batch"), [([3, 3, 3], 3), ([5, 1, 2, 4], 3), ([2, 2, 2, 2], 4), ([6, 1], 2),
+                                               ([4, 4, 4], 4), ([1, 1, 3], 5), ([3, 0, 2], 2)])  # fmt: skip
+def test_the_chance_of_a_batch_without_a_pair_is_exact(counts, batch):
+    """Against every possible batch, enumerated: the share whose images are all of different classes."""
+    from itertools import combinations
+
+    from refilled_hf.preflight import batch_without_pair_probability
+
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    batches = list(combinations(range(len(labels)), min(batch, len(labels))))
+    expected = sum(len({labels[i] for i in b}) == len(b) for b in batches) / len(batches)
+    assert batch_without_pair_probability(counts, batch) == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize(("batch", "scope", "warned"), [(3, "auto", "about 25% of them"), (3, "local", "about 25%"),
+                                                        (12, "auto", None)])  # fmt: skip
+def test_batches_that_often_hold_nothing_to_mine_are_warned(batch, scope, warned, data_dir, tmp_path, caplog):
+    """3 classes of 9 training images: a batch of 3 is all of different classes in
+    9^3 / C(27, 3) = 24.9% of draws, and then stage 1 learns nothing from it."""
+    config = RefilledConfig(**tiny_recipe(data_dir, tmp_path / "o", per_device_train_batch_size=batch,
+                                          mining_scope=scope))  # fmt: skip
+    data = load_data(config, config.classes, load_timm_model(config.student).pretrained_cfg, splits=("train",))
+    assert sorted(np.bincount(data.train.labels).tolist()) == [9, 9, 9]
+    with caplog.at_level("WARNING", logger="refilled_hf.preflight"):
+        check_mining(config, data)
+    if warned is None:
+        assert "train nothing" not in caplog.text
+    else:
+        assert f"batches of {batch} images over 3 classes: {warned}" in caplog.text
+        assert "Raise --per_device_train_batch_size" in caplog.text
+        assert ("add processes" in caplog.text) == (scope != "local")
