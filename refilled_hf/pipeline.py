@@ -1032,12 +1032,15 @@ _TEACHER_TRAINING_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
-def inference_trainer(model, config: RefilledConfig, num_classes: int,
-                      teacher: FrozenTeacher | None = None) -> RefilledTrainer:  # fmt: skip
+def inference_trainer(model, config: RefilledConfig, num_classes: int, teacher: FrozenTeacher | None = None,
+                      centers_dataset=None) -> RefilledTrainer:  # fmt: skip
     """A trainer that only runs ``model`` (evaluate, probe-teacher): no training, no
     evaluation or checkpoint schedule, and no file in the user's folders. The Trainer
     creates its ``output_dir`` on the main process, so that is a temporary folder, removed
-    with the trainer (``--output_dir`` used to gain an empty ``evaluate/`` or ``probe/``)."""
+    with the trainer (``--output_dir`` used to gain an empty ``evaluate/`` or ``probe/``).
+    With ``centers_dataset`` (probe-teacher's nearest-class-mean scores of the teacher's
+    embedding) it is a stage-1 trainer, which leaves ``model``'s head alone: the head may
+    predict other classes than the ``num_classes`` of the data."""
     scratch = tempfile.mkdtemp(prefix="refilled-hf-inference-")
     # a view, not a re-validated copy: the training-only options it switches off (best-model
     # selection, pushing) are ignored here, with a warning, not refused
@@ -1046,7 +1049,8 @@ def inference_trainer(model, config: RefilledConfig, num_classes: int,
     args = config.stage_view(method="ce", output_dir=scratch, eval_strategy="no", save_strategy="no",
                              load_best_model_at_end=False, push_to_hub=False, learning_rate=0.0,
                              num_train_epochs=0.0)  # fmt: skip
-    trainer = RefilledTrainer(model=StudentModel(model), args=args, stage="ce", num_classes=num_classes,
-                              teacher=teacher)  # fmt: skip
+    stage = "stage1" if centers_dataset is not None else "ce"
+    trainer = RefilledTrainer(model=StudentModel(model), args=args, stage=stage, num_classes=num_classes,
+                              teacher=teacher, centers_dataset=centers_dataset)  # fmt: skip
     weakref.finalize(trainer, shutil.rmtree, scratch, ignore_errors=True)
     return trainer

@@ -64,9 +64,11 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     if not clean.all():
         logger.info("Left out %d of %d validation images: the teacher trained on them.", int((~clean).sum()),
                     len(clean))  # fmt: skip
-    trainer = inference_trainer(teacher.model, config, data.num_classes, teacher=teacher)
+    # (the teacher's own head may predict any classes: only its embedding is probed)
+    train = eval_copy(data.train, data.eval_transform)
+    trainer = inference_trainer(teacher.model, config, data.num_classes, teacher=teacher, centers_dataset=train)
     start = time.perf_counter()
-    centers = trainer.compute_teacher_centers(eval_copy(data.train, data.eval_transform))
+    centers = trainer.compute_teacher_centers(train)
     correct = []
     with torch.no_grad():
         # the evaluation dataloader yields the split in order (gathered over processes, padding removed)

@@ -215,8 +215,9 @@ def test_probe_teacher_prints_the_ncm_accuracy_of_a_slow_reference(tmp_path, cap
     taught = load_classification_data(str(data_dir), classes="4-5", validation_fraction=0.25, seed=1,
                                       shots_per_class=6)  # fmt: skip
     torch.manual_seed(0)  # the teacher's weights, hence the probe, must not depend on the tests run before
-    teacher_folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=3), tmp_path / "teacher",
-                                  label_names=["t0", "t1", "t2"], training_data=taught.selection_record())  # fmt: skip
+    # (its head predicts its 2 classes, the student's task has 3: the probe reads only the embedding)
+    teacher_folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "teacher",
+                                  label_names=taught.class_names, training_data=taught.selection_record())  # fmt: skip
     argv = ["--dataset", str(data_dir), "--teacher", f"local-dir:{teacher_folder}", "--student", "cifar_wrn_16_1",
             "--classes", "3-5", "--image_size", "16", "--validation_fraction", "0.25", "--use_cpu", "true",
             "--data_path", "workers", "--output_dir", str(tmp_path / "probe")]  # fmt: skip
