@@ -43,7 +43,7 @@ def write_image_dataset(folder: Path, per_class_train: int = 12, per_class_test:
 def write_random_teacher(folder: Path, name: str = "cifar_wrn_16_1", label_names: list[str] | None = None,
                          **kwargs) -> Path:  # fmt: skip
     """An untrained timm model exported as a local-dir: folder (a teacher stand-in)."""
-    label_names = label_names or ["t0", "t1", "t2"]
+    label_names = label_names or ["t0", "t1", "t2", "t3"]
     model = timm.create_model(name, num_classes=len(label_names), **kwargs)
     return export_model(model, folder, label_names=label_names)
 
