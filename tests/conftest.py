@@ -24,5 +24,6 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    """An untrained WRN-16-1 exported as a local-dir: teacher (three classes)."""
-    return write_random_teacher(tmp_path_factory.mktemp("t") / "model")
+    """An untrained WRN-16-2 exported as a local-dir: teacher (four classes; its embedding has 128
+    dimensions, the students' WRN-16-1 64: tests never see equal sizes that a bug could confuse)."""
+    return write_random_teacher(tmp_path_factory.mktemp("t") / "model", name="cifar_wrn_16_2")
