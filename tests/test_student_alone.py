@@ -105,7 +105,10 @@ def test_the_candidate_is_the_ce_run_and_the_better_one_is_exported(winner, data
         assert "| ce (the student-alone candidate, this model) | 4 |" in card
         assert "- Method: **ce**, 4 epochs" in card and "x0.2 at epoch 2" in card
         assert f"({scores}, " in card and f"student alone: {alone['validation_top1']:.2f})" in card
-        assert "Stage-1 nearest-class-mean" not in card and "- Teacher: none" in card
+        # its row: no top-5 (3 classes) and no stage-1 NCM accuracy (it has no stage 1)
+        top1 = results["final"]["test_top1"]
+        assert f"| ce (the student-alone candidate, this model) | 4 | {top1:.2f} | - | - |" in card
+        assert "- Teacher: none" in card
         assert "tags:\n- image-classification\n- timm\n- refilled-hf\n" in card and "- refilled\n" not in card
         # as another run's baseline, the row names the model it exported, and that model's epochs
         other = tiny_recipe(data_dir, tmp_path / "other", method="ce", stage2_epochs=1, compare_runs=str(out))
