@@ -27,6 +27,7 @@ from .config import (
     INHERITED_FIELDS,
     ConfigError,
     RefilledConfig,
+    expand_home,
     field_users_text,
     inherited_field_help,
 )
@@ -71,6 +72,9 @@ class EvaluateArguments:
         },
     )
 
+    def __post_init__(self):
+        self.model, self.checkpoint = expand_home(self.model), expand_home(self.checkpoint)
+
 
 @dataclass
 class PushArguments:
@@ -94,6 +98,9 @@ class PushArguments:
         metadata={"help": "Hub token (default: your login / HF_TOKEN).", "aliases": ["--hub_token", "--hub-token"]},
     )
 
+    def __post_init__(self):
+        self.folder = expand_home(self.folder)
+
 
 @dataclass
 class CompareArguments:
@@ -108,6 +115,9 @@ class CompareArguments:
     )
     json: bool = field(default=False, metadata={"help": "Print the comparison as JSON (on stdout) instead of tables."})
 
+    def __post_init__(self):
+        self.runs = [expand_home(run) for run in self.runs]
+
 
 @dataclass
 class QuickstartArguments:
@@ -120,6 +130,9 @@ class QuickstartArguments:
         metadata={"help": "Seeds: one ce and one refilled student each (their training images and training)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier quickstart's outputs."})
+
+    def __post_init__(self):
+        self.output_dir = expand_home(self.output_dir)
 
 
 class CliError(ValueError):

@@ -354,6 +354,22 @@ def parse_milestones(value: Any) -> list[float]:
     return sorted(values)
 
 
+#: the fields that name local files or folders (a ``local-dir:`` model, a data set folder, ...):
+#: a leading ``~`` in them is the user's home, as in a shell (transformers does the same for
+#: ``output_dir``); YAML recipes and ``local-dir:~/...`` on a command line reach us unexpanded
+PATH_FIELDS = ("student", "student_checkpoint", "teacher", "teacher_checkpoint", "dataset", "teacher_cache")
+
+
+def expand_home(value: Any) -> Any:
+    """``value`` with a leading ``~`` (after a ``local-dir:`` prefix too) expanded to the home
+    folder, as a shell expands it; anything else (a Hub id, a timm name, None) unchanged."""
+    if not isinstance(value, str):
+        return value
+    prefix = "local-dir:" if value.startswith("local-dir:") else ""
+    rest = value[len(prefix) :]
+    return prefix + os.path.expanduser(rest) if rest.startswith("~") else value
+
+
 def options_text(values: dict[str, Any]) -> str:
     """``--name value, ...`` as a user would type them (enum members by their value)."""
     return ", ".join(f"--{name} {option_name(value)}" for name, value in values.items())
@@ -807,6 +823,11 @@ class RefilledConfig(TrainingArguments):
             value = getattr(self, name)
             if value is not None and str(value).strip().lower() in ("", "none", "null"):
                 setattr(self, name, None)
+        for name in PATH_FIELDS:
+            setattr(self, name, expand_home(getattr(self, name)))
+        runs = [run.strip() for run in str(self.compare_runs or "").split(",")]
+        if any(run.startswith("~") for run in runs):
+            self.compare_runs = ",".join(expand_home(run) for run in runs)
         self._resolve_validation()
         self._adopt_launcher_settings()
         if self.fp16 and not torch.cuda.is_available():

@@ -301,3 +301,46 @@ def test_the_probes_standard_error_never_calls_a_handful_of_images_exact():
     # a class without an image left weighs nothing
     left_out = class_weighted_accuracy(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.0]), torch.tensor([2.0, 0.0]))
     assert left_out[0] == 1.0
+
+
+def test_a_leading_tilde_in_a_path_is_the_home_folder_as_in_a_shell(data_dir, teacher_dir, tmp_path, monkeypatch,
+                                                                     capsys):  # fmt: skip
+    """A recipe's paths, and `local-dir:~/...` on a command line (which no shell expands),
+    name the home folder: `--teacher local-dir:~/teacher` used to fail with 'no config.json'."""
+    from refilled_hf.cli import CompareArguments, EvaluateArguments, PushArguments
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data").symlink_to(data_dir)
+    (home / "teacher").symlink_to(teacher_dir)
+    monkeypatch.setenv("HOME", str(home))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "~/data",
+                "teacher": "local-dir:~/teacher",
+                "output_dir": "~/probe",
+                "teacher_checkpoint": "~/w.safetensors",
+                "compare_runs": "~/a, runs/b",
+            }
+        )
+    )
+    (config,) = parse_config((RefilledConfig,), ["--config", str(recipe), "--student_checkpoint", "~/s.pt"], "distill")
+    assert config.dataset == f"{home}/data" and config.teacher == f"local-dir:{home}/teacher"
+    assert config.output_dir == f"{home}/probe" and config.teacher_checkpoint == f"{home}/w.safetensors"
+    assert config.student_checkpoint == f"{home}/s.pt" and config.compare_runs == f"{home}/a,runs/b"
+    untouched = RefilledConfig(output_dir="o", dataset="uoft-cs/cifar100", teacher="hf-hub:me/t~1", student="resnet18",
+                               compare_runs="a, b")  # fmt: skip
+    assert (untouched.dataset, untouched.teacher, untouched.student) == ("uoft-cs/cifar100", "hf-hub:me/t~1",
+                                                                         "resnet18")  # fmt: skip
+    assert untouched.compare_runs == "a, b"  # written back only where a run needed expanding
+    assert EvaluateArguments(model="local-dir:~/m", checkpoint="~/c.pt").model == f"local-dir:{home}/m"
+    assert EvaluateArguments(model="resnet18", checkpoint="~/c.pt").checkpoint == f"{home}/c.pt"
+    assert PushArguments(folder="~/run/model", repo_id="me/x").folder == f"{home}/run/model"
+    assert CompareArguments(runs=["~/a", "b"]).runs == [f"{home}/a", "b"]
+    # and a command runs from them: the teacher is found, the data read
+    argv = ["--dataset", "~/data", "--teacher", "local-dir:~/teacher", "--student", "cifar_wrn_16_1", "--classes",
+            "3-5", "--image_size", "16", "--use_cpu", "true", "--output_dir", str(tmp_path / "probe")]  # fmt: skip
+    assert main(["probe-teacher", *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["teacher"] == f"local-dir:{home}/teacher"
