@@ -24,11 +24,11 @@ from .provenance import same_dataset, weights_training_record
 from .teacher_cache import cache_bytes
 
 __all__ = [
+    "batch_without_pair_probability",
     "cache_needs_logits",
     "check_forward",
     "check_label_spaces",
     "check_memory",
-    "batch_without_pair_probability",
     "check_mining",
     "check_teacher_cache",
     "load_teacher",
