@@ -159,13 +159,14 @@ def data_pretrained_cfg(pretrained_cfg: dict[str, Any], image_size: int | None) 
 def input_size_text(cfg: dict[str, Any], image_size: int | None, data: ClassificationData, training: bool) -> str:
     """The input size a run feeds its model (``cfg``: its pretrained_cfg at the run's
     size), where it comes from, and the size of the images it is made from; for
-    ``training`` a model whose input size can change, how to train at the images' own size
-    where the input upscales them 2x or more (a student trained from scratch on 32-px
-    images at a timm model's 224 px costs about 49 times the compute: the user should see it)."""
+    ``training`` a model whose input size can change at the size its pretrained_cfg gives
+    (no --image_size), how to train at the images' own size where the input upscales them
+    2x or more (a student trained from scratch on 32-px images at a timm model's 224 px
+    costs about 49 times the compute: the user should see it)."""
     size = cfg["input_size"][-1]
-    training = training and not cfg.get("fixed_input_size")
+    advise = training and not image_size and not cfg.get("fixed_input_size")  # (a size the user set is theirs)
     source = "--image_size" if image_size else "the model's pretrained_cfg"
-    if training and not image_size:
+    if advise:
         source += "; --image_size sets another"
     text = f"{size} x {size} px ({source})"
     split = next((s for s in (data.train, data.validation, data.test) if s is not None), None)
@@ -174,7 +175,7 @@ def input_size_text(cfg: dict[str, Any], image_size: int | None, data: Classific
         return text
     low, high = sides
     text += f"; the {split.split_name} images measure {low if low == high else f'{low} to {high}'} px a side"
-    if training and size >= 2 * high:
+    if advise and size >= 2 * high:
         text += f", so each is upscaled at least {size / high:.1f}x (--image_size {high} trains at their size)"
     return text
 

@@ -240,6 +240,8 @@ def test_the_log_names_the_input_size_its_source_and_how_far_it_upscales_the_ima
         return next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Input: "))
 
     assert logged() == "Input: 16 x 16 px (--image_size); the train images measure 16 px a side."
+    # a size the user chose is theirs: no advice (the quickstart trains 8-px digits at 16 on purpose)
+    assert logged(image_size=32) == "Input: 32 x 32 px (--image_size); the train images measure 16 px a side."
     assert logged(image_size=None) == (
         "Input: 32 x 32 px (the model's pretrained_cfg; --image_size sets another); the train images measure 16 px "
         "a side, so each is upscaled at least 2.0x (--image_size 16 trains at their size)."
