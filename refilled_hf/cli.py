@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from .config import (
     FIELD_USERS,
@@ -239,6 +239,8 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
     if usage:  # the words parse_command turns into flags, shown as a user types them
         parser.usage = f"{prog} {usage}"
     parser.add_argument("--config", type=str, default=None, help="YAML recipe; command-line flags override it.")
+    if RefilledConfig in dataclass_types:
+        _sort_help(parser, prog)
     config_path = _flag_value(argv, "--config")
     if config_path is not None:
         parser.set_defaults(**read_recipe(config_path, dataclass_types))
@@ -246,6 +248,44 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
     if rest:
         raise CliError(f"Unknown arguments: {rest}. See `{prog} --help`.")
     return tuple(p for p in parsed if isinstance(p, dataclass_types))  # drop the --config namespace
+
+
+#: the sections of a training command's ``--help``, in order, and which fields each holds
+HELP_SECTIONS = {
+    "own": "refilled-hf options",
+    "honoured": "training options inherited from transformers.TrainingArguments (as refilled-hf reads them)",
+    "refused": "inherited options refilled-hf refuses (unless left at their default) or does not read",
+}
+
+
+def _sort_help(parser: argparse.ArgumentParser, prog: str) -> None:
+    """Put refilled-hf's own fields (and ``--config``) first in ``--help``, then the inherited
+    TrainingArguments fields it honours, then those it refuses or never reads. argparse lists
+    a parser's options in the order they were added, which would bury ``--method`` and
+    ``--teacher`` under some 100 Trainer options; the usage line names the syntax instead of
+    every flag. Parsing is unchanged: only the help's groups are rearranged."""
+    required = "".join(
+        f"{action.option_strings[0]} {action.metavar or action.dest.upper()} "
+        for action in parser._actions
+        if action.required
+    )
+    parser.usage = f"{prog} {required}[--config recipe.yaml] [--field value ...]"
+    inherited = {f.name for f in fields(TrainingArguments)}
+    sections = {key: parser.add_argument_group(title) for key, title in HELP_SECTIONS.items()}
+    options = parser._optionals  # argparse's default group, which HfArgumentParser fills
+    for action in list(options._group_actions):
+        if action.dest == "help":
+            continue
+        if action.dest not in inherited:
+            key = "own"
+        elif INHERITED_FIELDS.get(action.dest) == "honoured" and action.dest not in INFORMATIONAL_FIELDS:
+            key = "honoured"
+        else:
+            key = "refused"
+        options._group_actions.remove(action)
+        sections[key]._group_actions.append(action)
+    own = sections["own"]._group_actions
+    own.sort(key=lambda action: action.dest != "config")  # stable: --config first, then the declared order
 
 
 def _hidden_from_help(name: str, command: str) -> bool:

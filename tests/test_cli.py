@@ -80,6 +80,35 @@ def test_help_lists_commands_and_fields(capsys):
     assert "lambda: weight of the stage-2 local-classifier KL" in " ".join(proc.stdout.split())
 
 
+def test_help_shows_refilled_hf_options_before_the_inherited_trainer_options(capsys, monkeypatch):
+    """argparse lists options as added: refilled-hf's own came after some 100 Trainer options."""
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: refilled-hf distill [--config recipe.yaml] [--field value ...]\n")
+    sections: dict[str, list[str]] = {}
+    title = None
+    for line in out.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = line[:-1]
+            sections[title] = []
+        elif title and line.startswith("  --"):
+            sections[title].append(line.split()[0].rstrip(","))
+    own, honoured, refused = (sections[t] for t in list(sections)[1:])
+    assert list(sections)[1] == "refilled-hf options"
+    assert own[:3] == ["--config", "--method", "--student"]
+    assert {"--teacher", "--classes", "--distill_weight", "--stage1_epochs"} <= set(own)
+    assert {"--output_dir", "--seed", "--bf16", "--per_device_train_batch_size", "--max_steps"} <= set(honoured)
+    assert {"--learning_rate", "--num_train_epochs", "--fsdp", "--do_train"} <= set(refused)
+    assert not set(own) & set(honoured) and not set(honoured) & set(refused)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert capsys.readouterr().out.startswith(
+        "usage: refilled-hf evaluate --model MODEL [--config recipe.yaml] [--field value ...]\n"
+    )
+
+
 def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
     code = main(["distill", "--teacher", "resnet18", "--method", "kd", "--tau2", "0"])
     assert code == 2
