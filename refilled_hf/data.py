@@ -37,6 +37,7 @@ __all__ = [
     "ClassificationData",
     "DataError",
     "EmptySplitError",
+    "UnknownClassError",
     "ImageClassificationDataset",
     "build_transform",
     "decode_splits",
@@ -79,6 +80,10 @@ class DataError(ValueError):
 
 class EmptySplitError(DataError):
     """A split that holds no image of the selected classes."""
+
+
+class UnknownClassError(DataError):
+    """A selected class the data set does not have, or has no training image of."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -297,7 +302,7 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
         else:
             close = difflib.get_close_matches(rest if kind == "name" else item, list(by_name), n=3)
             hint = f" Did you mean {close}?" if close else ""
-            raise DataError(
+            raise UnknownClassError(
                 f"Unknown class {item!r} in the class selection.{hint} Use ids 0..{num - 1}, ranges like 0-4, "
                 f"names of the data set's classes (id: or name: before an item says which it is), or a preset "
                 f"({', '.join(CLASS_PRESETS)})."
@@ -560,7 +565,7 @@ def load_classification_data(
     positions = np.flatnonzero(remap[train_labels] >= 0)
     missing = _classes_without_images(remap[train_labels[positions]], selected, names)
     if missing:
-        raise DataError(
+        raise UnknownClassError(
             f"Classes {short_list(missing)} have no image in split {train_split!r}; remove them from `--classes`."
         )
     rng = np.random.default_rng(seed)

@@ -19,7 +19,7 @@ from typing import Any
 
 from .backbone import ModelLoadError, load_timm_model
 from .config import DEFAULT_VALIDATION_FRACTION, ConfigError, RefilledConfig
-from .data import DataError, EmptySplitError, short_list
+from .data import UnknownClassError, load_raw_dataset, short_list
 from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
 from .preflight import check_forward
@@ -92,6 +92,20 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
             f"--test_split {config.test_split!r} is the split {model_spec} was selected on (its --validation_split): "
             "its accuracy there is optimistic, not a test accuracy. Name the data set's test split, or evaluate it "
             "as what it is with --split validation."
+        )
+
+
+def _check_test_split_exists(config: RefilledConfig) -> None:
+    """Refuse ``--split test`` where the data set has no such split, naming the ones it has
+    (the training commands' advice, ``--test_split none``, would leave nothing to evaluate)."""
+    if config.test_split is None:
+        raise ConfigError("--split test with --test_split none: name the split to evaluate with --test_split.")
+    raw = load_raw_dataset(config.dataset, config.dataset_config)  # cached: select_data reads the same
+    if config.test_split not in raw:
+        raise ConfigError(
+            f"Split {config.test_split!r} not in {config.dataset!r} (splits: {list(raw)}): name the split to "
+            "evaluate with --test_split (one the model was not trained on), or evaluate the validation split the "
+            "model was selected on with --split validation."
         )
 
 
@@ -183,14 +197,18 @@ def evaluate_model(
             "--image_size %d: %s was trained at %d px, so this accuracy is for inputs of another size than its own "
             "(leave --image_size unset to evaluate at its size).", config.image_size, model_spec, int(trained_at[-1]),
         )  # fmt: skip
+    if split == "validation":
+        config = dataclasses.replace(config, test_split=None)  # not read: a data set without one is fine
+    else:
+        _check_test_split_exists(config)
     classes = config.classes
     if classes is None and names:
         classes = [f"name:{name}" for name in names]  # by name, also where names are numbers other than ids
         logger.info("--classes is unset: evaluating on the model's own classes %s.", short_list(names))
     try:
         data = select_data(config, classes, splits=(split,))  # labels and class names, nothing decoded yet
-    except DataError as err:
-        if config.classes is not None or not names or isinstance(err, EmptySplitError):
+    except UnknownClassError as err:
+        if config.classes is not None or not names:
             raise
         raise ConfigError(
             f"The model's classes (its label names {short_list(names)}) are not all classes of {config.dataset!r} "

@@ -22,6 +22,7 @@ from refilled_hf.data import DataError
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.pipeline import load_data, run_distillation
 from refilled_hf.preflight import check_mining
+from refilled_hf.probe import probe_teacher
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +309,32 @@ def test_batches_that_often_hold_nothing_to_mine_are_warned(batch, scope, warned
         assert f"batches of {batch} images over 3 classes: {warned}" in caplog.text
         assert "Raise --per_device_train_batch_size" in caplog.text
         assert ("add processes" in caplog.text) == (scope != "local")
+
+
+def test_evaluate_on_a_data_set_without_a_test_split(data_dir, tmp_path):
+    """Only a training split (an image folder of train/<class>/ alone): --split validation needs
+    no test split, --split test names the splits there are, and only a class the data set lacks
+    is reported as one (a missing split read "the model's classes are not all classes of ...");
+    probe-teacher needs no test split either."""
+    train_only = tmp_path / "train_only"
+    train_only.mkdir()
+    (train_only / "train.parquet").write_bytes((data_dir / "train.parquet").read_bytes())
+    model = f"local-dir:{write_random_teacher(tmp_path / 'model', label_names=CLASS_NAMES[3:])}"
+    config = RefilledConfig(output_dir=str(tmp_path / "e"), dataset=str(train_only), validation_fraction=0.25,
+                            use_cpu=True, per_device_eval_batch_size=7)  # fmt: skip
+    metrics = evaluate_model(model, config, split="validation")
+    per_class = metrics["validation_per_class"]
+    assert list(per_class) == CLASS_NAMES[3:] and [c["samples"] for c in per_class.values()] == [3, 3, 3]
+    assert metrics["validation_samples"] == 9 and metrics["data"]["split"] == "train (validation part)"
+    missing = r"Split 'test' not in .* \(splits: \['train'\]\): name the split to evaluate with --test_split"
+    with pytest.raises(ConfigError, match=missing + r" .* or .* with --split validation\."):
+        evaluate_model(model, config)
+    with pytest.raises(ConfigError, match="--split test with --test_split none: name the split"):
+        evaluate_model(model, RefilledConfig(**{**config.to_recipe(), "test_split": None}))
+    other = f"local-dir:{write_random_teacher(tmp_path / 'other', label_names=['red', 'teal', 'blue'])}"
+    with pytest.raises(ConfigError, match=r"The model's classes .* are not all classes of .*Unknown class "
+                                          r"'name:teal'.*pass --classes"):  # fmt: skip
+        evaluate_model(other, config, split="validation")
+    # probe-teacher reads the training and validation splits only
+    probe = probe_teacher(RefilledConfig(**{**config.to_recipe(), "teacher": other, "classes": "3-5"}))
+    assert probe["validation_images"] == 9 and probe["train_images"] == 27 and probe["classes_probed"] == 3
