@@ -154,20 +154,25 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
     first = [row for row in rows if row["setting"] == order[0]]
     for name in order[1:]:
         members = [row for row in rows if row["setting"] == name]
-        differences = []
+        differences, untested = [], 0
         for row in members:
             if row["data_fingerprint"] is None:  # (a results.json that records none cannot be paired)
                 continue
             same = [r for r in first if r["data_fingerprint"] == row["data_fingerprint"]]
             twins = [r for r in members if r["data_fingerprint"] == row["data_fingerprint"]]
-            if len(same) == 1 and len(twins) == 1 and None not in (row["test_top1"], same[0]["test_top1"]):
-                differences.append({"run": row["run"], "against": same[0]["run"],
-                                    "test_top1": row["test_top1"] - same[0]["test_top1"]})  # fmt: skip
+            if len(same) != 1 or len(twins) != 1:
+                continue
+            if None in (row["test_top1"], same[0]["test_top1"]):
+                untested += 1  # the same images, but one of the two ran without a test split
+                continue
+            differences.append({"run": row["run"], "against": same[0]["run"],
+                                "test_top1": row["test_top1"] - same[0]["test_top1"]})  # fmt: skip
         paired.append({
             "setting": name,
             "against": order[0],
             "differences": differences,
             "test_top1": _spread([d["test_top1"] for d in differences]),
+            "pairs_without_test_top1": untested,
         })  # fmt: skip
     return {"runs": rows, "settings": groups, "paired": paired, "varying_fields": varying}
 
@@ -216,7 +221,10 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     for pair in comparison["paired"]:
         this, that = letter[pair["setting"]], letter[pair["against"]]
         if not pair["differences"]:
-            out += ["", f"{this} - {that}: no run of {this} has one of {that} on the same images to pair with."]
+            why = (f"the runs of {this} and {that} on the same images have no test top-1 to subtract (a run without "
+                   "a test split: --test_split none)") if pair["pairs_without_test_top1"] else (
+                   f"no run of {this} has one of {that} on the same images to pair with")  # fmt: skip
+            out += ["", f"{this} - {that}: {why}."]
             continue
         each = ", ".join(f"{d['test_top1']:+.2f}" for d in pair["differences"])
         mean = f" (mean {_spread_text(pair['test_top1'])})" if len(pair["differences"]) > 1 else ""

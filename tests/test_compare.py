@@ -83,6 +83,22 @@ def test_settings_name_what_differs_and_ambiguous_pairs_are_left_out(tmp_path):
     assert "differ only by their seed" in format_comparison(alone)
 
 
+def test_runs_on_the_same_images_without_a_test_split_say_so_instead_of_unpaired(tmp_path):
+    ce = _write_run(tmp_path / "ce", "ce", 0, 60.0, "same")
+    rf = _write_run(tmp_path / "rf", "refilled", 0, 61.0, "same")
+    for folder in (ce, rf):  # run with --test_split none: a validation top-1 only
+        results = json.loads((folder / "results.json").read_text())
+        results["final"]["test_top1"] = None
+        (folder / "results.json").write_text(json.dumps(results))
+    comparison = compare_runs([ce, rf])
+    (pair,) = comparison["paired"]
+    assert pair["differences"] == [] and pair["pairs_without_test_top1"] == 1
+    assert ("B - A: the runs of B and A on the same images have no test top-1 to subtract (a run without a test "
+            "split: --test_split none).") in format_comparison(comparison)  # fmt: skip
+    assert compare_runs([ce, _write_run(tmp_path / "x", "kd", 0, 61.0, "other")])["paired"][0][
+        "pairs_without_test_top1"] == 0  # fmt: skip
+
+
 def test_what_is_not_a_finished_run_is_refused(tmp_path):
     run = _write_run(tmp_path / "a", "ce", 0, 60.0, "x")
     with pytest.raises(ConfigError, match="holds no finished run"):
