@@ -411,6 +411,9 @@ def render_model_card(
     for flag in ("dataset_config", "test_split"):
         if recipe.get(flag) not in (None, "test" if flag == "test_split" else None):
             evaluate += f" --{flag} {recipe[flag]}"
+    has_test = bool(results.get("final", {}).get("test_samples"))  # as the results' intro reads it
+    if not has_test:  # `evaluate` measures the test split unless told otherwise
+        evaluate += " --split validation"
     data = results.get("data", {})
     card = ModelCard.from_template(
         card_data,
@@ -421,6 +424,7 @@ def render_model_card(
         architecture=architecture,
         needs_refilled=architecture.startswith("cifar_wrn"),
         as_teacher=as_teacher,
+        has_test=has_test,
         timm_spec=timm_spec,
         repo_or_path=repo_id or LOCAL_PATH,
         evaluate_command=evaluate,

@@ -185,7 +185,15 @@ def test_card_without_a_test_split_claims_no_test_accuracy():
     assert not ModelCard(text).data.eval_results and "model-index" not in text
     assert "no test split: the only measurement is the validation top-1, on 10 images" in text
     assert "so it is optimistic" in text and "test split of" not in text
-    assert "--dataset <your copy of data>" in text
+    assert "--dataset <your copy of data> --split validation\n" in text  # evaluate measures test unless told
+    assert "The test split was evaluated" not in text
+    assert "Its validation top-1, the best of the candidates, is optimistic (the run had no test split)." in text
+    alone = _fake_results(dataset="/nonexistent/data")
+    alone["final"] = results["final"]
+    alone["distill_weight_search"] = results["distill_weight_search"]
+    alone["student_alone"] = {"exported": True, "epochs": 400.0, "validation_top1": 71.0, "stage2_milestones": "200"}
+    text = render_model_card(alone, {"stage1_epochs": 200, "stage2_epochs": 200}, architecture="cifar_wrn_16_1")
+    assert "so it was exported instead.\n" in text and "The test split was evaluated" not in text
 
 
 def test_a_baseline_on_other_images_or_without_a_record_is_refused():
