@@ -161,6 +161,7 @@ def load_timm_model(
     num_classes: int | None = None,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    image_size: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Create a timm model from a spec.
@@ -175,8 +176,46 @@ def load_timm_model(
             ``num_classes`` is ``None``.
         pretrained: for a registered name without checkpoint, load timm's pretrained
             weights (needs the Hub).
+        image_size: the input size it will run at: a model whose input size is fixed
+            (``fixed_input_size`` in its ``pretrained_cfg``: ViTs, MLP-Mixers, ...) is built
+            for it, as timm does with ``img_size`` (loaded position embeddings resampled);
+            other models take any size as they are.
         kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``).
     """
+    if image_size and not spec.startswith("hf-hub:"):
+        kwargs = {**_input_size_kwargs(_registered_or_exported_cfg(spec), image_size), **kwargs}
+    model = _load_timm_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
+    resize = _input_size_kwargs(getattr(model, "pretrained_cfg", None) or {}, image_size)
+    if resize and spec.startswith("hf-hub:"):  # its config is known once fetched: build it again, from the cache
+        model = _load_timm_model(spec, num_classes=num_classes, pretrained=pretrained, **resize, **kwargs)
+    return model
+
+
+def _registered_or_exported_cfg(spec: str) -> dict[str, Any]:
+    """The ``pretrained_cfg`` of a registered timm name or a ``local-dir:`` folder, read
+    without building the model ({} where there is none)."""
+    if spec.startswith("local-dir:"):
+        return (exported_config(spec) or {}).get("pretrained_cfg") or {}
+    cfg = timm.models.get_pretrained_cfg(spec) if timm.is_model(spec) else None
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _input_size_kwargs(pretrained_cfg: dict[str, Any], image_size: int | None) -> dict[str, Any]:
+    """``img_size`` for a model of fixed input size (its pretrained_cfg says so) built for another size."""
+    size = (pretrained_cfg.get("input_size") or (None,))[-1]
+    if image_size and pretrained_cfg.get("fixed_input_size") and size != image_size:
+        return {"img_size": image_size}
+    return {}
+
+
+def _load_timm_model(
+    spec: str,
+    *,
+    num_classes: int | None = None,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
     if checkpoint is not None and spec.startswith(("local-dir:", "hf-hub:")):
         raise ModelLoadError(
             f"A checkpoint ({checkpoint}) was given for {spec!r}, which brings its own weights: give a registered "
@@ -219,7 +258,8 @@ def load_timm_model(
     state = _without_wrapper_prefix(state, set(probe.state_dict()))
     if num_classes is None:
         num_classes = _classifier_outputs(state, probe)
-    model = probe if num_classes in (None, probe.num_classes) else timm.create_model(spec, num_classes=num_classes)
+    model = probe if num_classes in (None, probe.num_classes) else timm.create_model(spec, num_classes=num_classes,
+                                                                                     **kwargs)  # fmt: skip
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -447,7 +447,11 @@ class RefilledConfig(TrainingArguments):
         default=None, **_help("Weights for a teacher given by name (safetensors, or .pt/.pth read weights_only).")
     )
     teacher_input_size: int | None = field(
-        default=None, **_help("Resize images to this size for the teacher (default: its pretrained_cfg's).")
+        default=None,
+        **_help(
+            "Resize images to this size for the teacher (default: its pretrained_cfg's); a teacher of fixed input "
+            "size (a ViT) is built for it, its position embeddings resampled."
+        ),
     )
 
     # ---- data
@@ -505,7 +509,8 @@ class RefilledConfig(TrainingArguments):
         default=None,
         **_help(
             "Input size of the student (train-teacher: of the teacher it trains; evaluate: of the model evaluated). "
-            "Default: the model's pretrained_cfg's."
+            "Default: the model's pretrained_cfg's. A model of fixed input size (a ViT) is built for it, as timm's "
+            "img_size does (loaded position embeddings resampled)."
         ),
     )
     horizontal_flip: bool = field(default=True, **_help("Random horizontal flips in training augmentation."))

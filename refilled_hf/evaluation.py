@@ -149,14 +149,15 @@ def _checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
     return training_data_record(f"local-dir:{run / 'model'}")  # None where the run has not exported yet
 
 
-def _trained_model(model_spec: str, checkpoint: str | None):
-    """The model to evaluate, with trained weights: a registered timm name without
-    ``checkpoint`` loads timm's pretrained weights, and is refused where it has none (its
-    top-1 would be that of a random initialization)."""
+def _trained_model(model_spec: str, checkpoint: str | None, image_size: int | None = None):
+    """The model to evaluate, with trained weights (built for ``image_size`` where its input
+    size is fixed): a registered timm name without ``checkpoint`` loads timm's pretrained
+    weights, and is refused where it has none (its top-1 would be that of a random
+    initialization)."""
     if checkpoint is not None or model_spec.startswith(("local-dir:", "hf-hub:")):
-        return load_timm_model(model_spec, checkpoint=checkpoint)
+        return load_timm_model(model_spec, checkpoint=checkpoint, image_size=image_size)
     try:
-        return load_timm_model(model_spec, pretrained=True)
+        return load_timm_model(model_spec, pretrained=True, image_size=image_size)
     except ModelLoadError:
         raise
     except Exception as err:  # noqa: BLE001 - timm: no pretrained weights, or none reachable offline
@@ -184,7 +185,7 @@ def evaluate_model(
         raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
     warn_unused_fields(config, "evaluate")
     checkpoint_record = _checkpoint_record(Path(checkpoint)) if checkpoint is not None else None
-    model = _trained_model(model_spec, checkpoint)
+    model = _trained_model(model_spec, checkpoint, config.image_size)
     model_cfg = getattr(model, "pretrained_cfg", None) or {}
     record = training_data_record(model_spec) if checkpoint is None else checkpoint_record
     # a run's checkpoint has no label names of its own: its run's record has the classes
@@ -197,9 +198,7 @@ def evaluate_model(
             "--image_size %d: %s was trained at %d px, so this accuracy is for inputs of another size than its own "
             "(leave --image_size unset to evaluate at its size).", config.image_size, model_spec, int(trained_at[-1]),
         )  # fmt: skip
-    if split == "validation":
-        config = dataclasses.replace(config, test_split=None)  # not read: a data set without one is fine
-    else:
+    if split == "test":
         _check_test_split_exists(config)
     classes = config.classes
     if classes is None and names:

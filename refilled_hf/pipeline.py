@@ -104,13 +104,14 @@ def select_data(config: RefilledConfig, classes: str | Sequence[str] | None,
                 splits: Sequence[str] = SPLITS) -> ClassificationData:  # fmt: skip
     """The task's splits selected (classes, shots, validation carve), no image decoded yet:
     their labels and class names, for the checks that need nothing else. :func:`prepare_data`
-    makes them trainable."""
+    makes them trainable. Without ``test`` in ``splits`` the test split is not read at all
+    (``evaluate --split validation`` and ``probe-teacher`` serve a data set that has none)."""
     return load_classification_data(
         config.dataset,
         dataset_config=config.dataset_config,
         classes=classes,
         train_split=config.train_split,
-        test_split=config.test_split,
+        test_split=config.test_split if "test" in splits else None,
         image_column=config.image_column,
         label_column=config.label_column,
         shots_per_class=config.shots_per_class,
@@ -544,6 +545,7 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     backbone = load_timm_model(
         config.student,
         checkpoint=config.student_checkpoint,
+        image_size=config.image_size,
         **({} if config.student_drop_rate is None else {"drop_rate": config.student_drop_rate}),
     )
     student_cfg = data_pretrained_cfg(backbone.pretrained_cfg, config.image_size)

@@ -62,6 +62,7 @@ def load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenT
                 config.teacher,
                 checkpoint=config.teacher_checkpoint,
                 pretrained=config.teacher_checkpoint is None,
+                image_size=config.teacher_input_size,
             )
     except ModelLoadError:
         raise

@@ -3,7 +3,6 @@ task, before distilling (nearest-class-mean accuracy on the student's validation
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -51,7 +50,6 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     input_cfg = data_pretrained_cfg(student_cfg, config.image_size)
     teacher = load_teacher(config, input_cfg)
     check_forward(None, teacher, input_cfg["input_size"])
-    config = dataclasses.replace(config, test_split=None)  # not read: a data set without one is fine
     data = load_data(config, config.classes, student_cfg, splits=("train", "validation"), augment_train=False)
     record = weights_training_record(config.teacher, config.teacher_checkpoint)
     taught = teacher_training_rows(record, data, data.validation_source)

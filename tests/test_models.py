@@ -101,3 +101,52 @@ def test_embed_rejects_non_timm_modules():
 def test_public_api():
     for name in ("relationship_loss", "local_classifier_loss", "class_centers", "semi_hard_triplets", "kd_loss"):
         assert callable(getattr(refilled_hf, name))
+
+
+def test_a_model_of_fixed_input_size_is_built_for_the_size_it_will_run_at(tmp_path, monkeypatch):
+    """timm's ViTs take only the size they were built for (`fixed_input_size`): --image_size 32
+    with a ViT student failed with "Input height (32) doesn't match model (224)"."""
+    from refilled_hf import backbone
+    from refilled_hf.backbone import load_timm_model
+    from refilled_hf.hub import export_model
+
+    assert timm.models.get_pretrained_cfg("test_vit3").fixed_input_size  # (3, 160, 160), strict
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(AssertionError, match="doesn't match model"):
+        load_timm_model("test_vit3", num_classes=3)(x)
+    model = load_timm_model("test_vit3", num_classes=3, image_size=32)
+    assert model(x).shape == (2, 3) and model.patch_embed.img_size == (32, 32)
+    assert load_timm_model("test_vit3", image_size=160).patch_embed.img_size == (160, 160)
+    # a model that takes any size is built as it is (resnets have no img_size argument)
+    assert load_timm_model("test_resnet", num_classes=3, image_size=32)(x).shape == (2, 3)
+    # its weights: a checkpoint trained at 32 px, a folder exported at 32 px and one at 160 px
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    again = load_timm_model("test_vit3", checkpoint=tmp_path / "w.safetensors", image_size=32)
+    torch.testing.assert_close(again.eval()(x), model.eval()(x))
+    export_model(model, tmp_path / "at32", label_names=["a", "b", "c"])
+    torch.testing.assert_close(load_timm_model(f"local-dir:{tmp_path / 'at32'}", image_size=32).eval()(x), model(x))
+    export_model(load_timm_model("test_vit3", num_classes=3), tmp_path / "at160", label_names=["a", "b", "c"])
+    resampled = load_timm_model(f"local-dir:{tmp_path / 'at160'}", image_size=32)  # position embeddings resampled
+    assert resampled(x).shape == (2, 3) and resampled.pos_embed.shape[1] == 1 + (32 // 16) ** 2
+    # an hf-hub: model's config is read once it is fetched: built again, for the size
+    calls = []
+
+    def fetched(spec, *, num_classes=None, checkpoint=None, pretrained=False, **kwargs):
+        calls.append(kwargs.get("img_size"))
+        return timm.create_model(f"local-dir:{tmp_path / 'at160'}", pretrained=True, **kwargs)
+
+    monkeypatch.setattr(backbone, "_load_timm_model", fetched)
+    assert load_timm_model("hf-hub:someone/vit", image_size=32)(x).shape == (2, 3) and calls == [None, 32]
+
+
+def test_checkpoint_of_another_class_count_keeps_the_creation_arguments(tmp_path):
+    """A checkpoint whose head predicts another class count than the architecture's default
+    rebuilt the model without the arguments given (--student_drop_rate was dropped)."""
+    from safetensors.torch import save_file
+
+    from refilled_hf.backbone import load_timm_model
+
+    save_file(timm.create_model("test_resnet", num_classes=7).state_dict(), str(tmp_path / "w.safetensors"))
+    model = load_timm_model("test_resnet", checkpoint=tmp_path / "w.safetensors", drop_rate=0.3)
+    assert model.num_classes == 7 and model.drop_rate == 0.3

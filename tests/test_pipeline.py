@@ -259,6 +259,28 @@ def test_teacher_with_other_input_size_and_normalization(data_dir, tmp_path, cap
     assert "- Student: `cifar_wrn_16_1` at 16 px; classes" in card
 
 
+def test_models_of_fixed_input_size_train_and_evaluate_at_the_run_s_sizes(data_dir, tmp_path):
+    """A ViT student at --image_size 16 and a ViT teacher (exported at 160 px) at
+    --teacher_input_size 32: each is built for its size (the run stopped with "Input height
+    (16) doesn't match model (160)"), and the export loads at 16 px through timm and evaluate."""
+    from refilled_hf.hub import export_model
+
+    teacher = export_model(timm.create_model("test_vit3", num_classes=4), tmp_path / "t", label_names=list("abcd"))
+    recipe = tiny_recipe(data_dir, tmp_path / "run", student="test_vit3", teacher=f"local-dir:{teacher}",
+                         teacher_input_size=32)  # fmt: skip
+    results = run(recipe)
+    assert results["image_size"] == 16 and results["final"]["test_samples"] == 18
+    assert results["teacher_input"].endswith("resized from 16 to 32 px (bicubic)")
+    exported = tmp_path / "run" / "model"
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_args"]["img_size"] == [16, 16] and config["pretrained_cfg"]["input_size"] == [3, 16, 16]
+    model = timm.create_model(f"local-dir:{exported}", pretrained=True)
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3)
+    again = RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "e"), "image_size": None})
+    metrics = evaluate_model(f"local-dir:{exported}", again)  # at its own size, from its config
+    assert metrics["test_top1"] == pytest.approx(results["final"]["test_top1"])
+
+
 def test_train_teacher_exports_a_local_dir_model(data_dir, tmp_path):
     recipe = tiny_recipe(data_dir, tmp_path / "teacher", teacher="cifar_wrn_16_1", classes="0-2")
     for distillation_only in ("teacher_classes", "distill_weight", "stage1_epochs", "stage1_learning_rate"):
