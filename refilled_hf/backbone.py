@@ -182,12 +182,27 @@ def load_timm_model(
             other models take any size as they are.
         kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``).
     """
-    if image_size and not spec.startswith("hf-hub:"):
-        kwargs = {**_input_size_kwargs(_registered_or_exported_cfg(spec), image_size), **kwargs}
-    model = _load_timm_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
-    resize = _input_size_kwargs(getattr(model, "pretrained_cfg", None) or {}, image_size)
-    if resize and spec.startswith("hf-hub:"):  # its config is known once fetched: build it again, from the cache
-        model = _load_timm_model(spec, num_classes=num_classes, pretrained=pretrained, **resize, **kwargs)
+
+    def build(resize: dict[str, Any]) -> nn.Module:
+        try:
+            return _load_timm_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
+                                    **resize, **kwargs)  # fmt: skip
+        except ModelLoadError:
+            raise
+        except Exception as err:  # noqa: BLE001 - each architecture fails in its own way at a size it cannot take
+            if not resize:
+                raise
+            raise ModelLoadError(
+                f"{spec!r} takes a fixed input size, and timm cannot build it for {image_size} px inputs "
+                f"({error_text(err, limit=200)}): choose an input size its patches (and windows) divide."
+            ) from err
+
+    hub = spec.startswith("hf-hub:")
+    model = build({} if hub or not image_size else _input_size_kwargs(_registered_or_exported_cfg(spec), image_size))
+    if hub:  # its config is known once fetched: built again for the size, from the cache
+        resize = _input_size_kwargs(getattr(model, "pretrained_cfg", None) or {}, image_size)
+        if resize:
+            model = build(resize)
     return model
 
 

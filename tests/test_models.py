@@ -107,7 +107,7 @@ def test_a_model_of_fixed_input_size_is_built_for_the_size_it_will_run_at(tmp_pa
     """timm's ViTs take only the size they were built for (`fixed_input_size`): --image_size 32
     with a ViT student failed with "Input height (32) doesn't match model (224)"."""
     from refilled_hf import backbone
-    from refilled_hf.backbone import load_timm_model
+    from refilled_hf.backbone import ModelLoadError, load_timm_model
     from refilled_hf.hub import export_model
 
     assert timm.models.get_pretrained_cfg("test_vit3").fixed_input_size  # (3, 160, 160), strict
@@ -117,6 +117,12 @@ def test_a_model_of_fixed_input_size_is_built_for_the_size_it_will_run_at(tmp_pa
     model = load_timm_model("test_vit3", num_classes=3, image_size=32)
     assert model(x).shape == (2, 3) and model.patch_embed.img_size == (32, 32)
     assert load_timm_model("test_vit3", image_size=160).patch_embed.img_size == (160, 160)
+    with monkeypatch.context() as patch:  # (as twins' "img_size (30, 30) should be divided by patch_size (4, 4)")
+        patch.setattr(timm, "create_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not divided")))
+        with pytest.raises(ModelLoadError, match=r"'test_vit3' takes a fixed input size, and timm cannot build it "
+                                                 r"for 30 px inputs \(AssertionError: not divided\): choose an "
+                                                 r"input size its patches"):  # fmt: skip
+            load_timm_model("test_vit3", image_size=30)
     # a model that takes any size is built as it is (resnets have no img_size argument)
     assert load_timm_model("test_resnet", num_classes=3, image_size=32)(x).shape == (2, 3)
     # its weights: a checkpoint trained at 32 px, a folder exported at 32 px and one at 160 px

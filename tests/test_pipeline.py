@@ -274,8 +274,12 @@ def test_models_of_fixed_input_size_train_and_evaluate_at_the_run_s_sizes(data_d
     exported = tmp_path / "run" / "model"
     config = json.loads((exported / "config.json").read_text())
     assert config["model_args"]["img_size"] == [16, 16] and config["pretrained_cfg"]["input_size"] == [3, 16, 16]
-    model = timm.create_model(f"local-dir:{exported}", pretrained=True)
-    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3)
+    model = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    from transformers import AutoModelForImageClassification
+
+    wrapped = AutoModelForImageClassification.from_pretrained(str(exported)).eval()
+    torch.testing.assert_close(wrapped(pixel_values=x).logits, model(x))
     again = RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "e"), "image_size": None})
     metrics = evaluate_model(f"local-dir:{exported}", again)  # at its own size, from its config
     assert metrics["test_top1"] == pytest.approx(results["final"]["test_top1"])
