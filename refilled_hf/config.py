@@ -852,8 +852,14 @@ class RefilledConfig(TrainingArguments):
         self._check_before_transformers()
         self.validate()  # before transformers' own checks, whose failures read as tracebacks
         self.lr_scheduler_type = "linear"  # transformers needs a value; our create_scheduler never reads it
+        selection = {name: getattr(self, name) for name in ("metric_for_best_model", "greater_is_better")}
         super().__post_init__()
         self.lr_scheduler_type = None
+        # transformers derives these from --load_best_model_at_end ("loss", False); refilled-hf sets its own
+        # per stage (trainer.stage_args), and a copy validated again (dataclasses.replace: train-teacher,
+        # evaluate --split validation) would refuse the derived values as the user's
+        for name, value in selection.items():
+            setattr(self, name, value)
 
     def _adopt_launcher_settings(self) -> None:
         """What ``accelerate launch`` (its flags or an Accelerate config file) asks through the

@@ -421,6 +421,28 @@ def test_a_trainer_from_the_run_config_selects_the_best_checkpoint_on_its_stages
         assert len(logged) == 3 and trainer.state.best_metric == max(logged)
 
 
+def test_a_config_selecting_the_best_checkpoint_can_be_copied_and_validated_again(tmp_path, data_dir):
+    """transformers derives metric_for_best_model "loss" from --load_best_model_at_end; a copy
+    validated again (train-teacher's, evaluate --split validation's) refused it as the user's:
+    "`metric_for_best_model` is not supported by refilled-hf"."""
+    config = RefilledConfig(output_dir=str(tmp_path / "o"), load_best_model_at_end=True)
+    assert config.metric_for_best_model is None and config.greater_is_better is None
+    again = dataclasses.replace(config, seed=1)
+    assert again.load_best_model_at_end and again.metric_for_best_model is None
+    with pytest.raises(ConfigError, match="`metric_for_best_model` is not supported"):  # the user's own: refused
+        RefilledConfig(output_dir=str(tmp_path / "o"), load_best_model_at_end=True, metric_for_best_model="loss")
+    from helpers import tiny_recipe
+
+    from refilled_hf.pipeline import run_teacher_training
+
+    recipe = tiny_recipe(data_dir, tmp_path / "t", teacher="cifar_wrn_16_1", classes="0-2", stage2_epochs=2,
+                         load_best_model_at_end=True)  # fmt: skip
+    for name in ("student", "teacher_classes", "distill_weight", "stage1_epochs", "stage1_learning_rate"):
+        recipe.pop(name)
+    results = run_teacher_training(RefilledConfig(**recipe))
+    assert results["final"]["validation_samples"] == 9 and results["schedule"]["load_best_model_at_end"]
+
+
 def test_the_trainer_honours_or_refuses_transformers_trainer_arguments(tmp_path):
     args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
                           per_device_eval_batch_size=4)  # fmt: skip
