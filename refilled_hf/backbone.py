@@ -286,9 +286,11 @@ def _load_timm_model(
                   if keys]  # fmt: skip
         if not detail:
             detail = [" ".join(str(err).split())[:300]]
+        size = kwargs.get("img_size")
         raise ModelLoadError(
             f"Checkpoint {str(checkpoint)!r} does not match the architecture {spec!r}: {'; '.join(detail)}. Check "
-            "the model name (and its variant) the checkpoint was trained with."
+            "the model name (and its variant) the checkpoint was trained with"
+            + (f", and the input size it was built for here ({size} px): the size it was trained at." if size else ".")
         ) from None
     return model
 

@@ -13,6 +13,7 @@ Evaluation uses that record twice:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
 from .preflight import check_forward
 from .provenance import run_folder, same_dataset, training_data_record
+from .rundir import MANIFEST
 
 __all__ = ["check_evaluation_split", "evaluate_model"]
 
@@ -131,6 +133,19 @@ def _own_validation_carve(config: RefilledConfig, record: dict[str, Any], model_
     return dataclasses.replace(config, validation_fraction=fraction, data_seed=int(seed))
 
 
+def _checkpoint_run_image_size(checkpoint: Path) -> int | None:
+    """The ``--image_size`` of the refilled-hf run a checkpoint lies in (its ``run.json``),
+    None where it set none (the model's own size) or the checkpoint is not a run's."""
+    run = run_folder(checkpoint)
+    if run is None:
+        return None
+    try:
+        size = json.loads((run / MANIFEST).read_text())["identity"].get("image_size")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # a damaged record: the size is then the user's to give
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
 def _checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
     """For a checkpoint a stage of a refilled-hf run wrote: refuse one of stage 1 (it trains
     the embedding only, so its classifier is untrained and its top-1 would be that of a
@@ -185,6 +200,10 @@ def evaluate_model(
         raise ConfigError(f"split must be 'test' or 'validation', got {split!r}.")
     warn_unused_fields(config, "evaluate")
     checkpoint_record = _checkpoint_record(Path(checkpoint)) if checkpoint is not None else None
+    run_size = _checkpoint_run_image_size(Path(checkpoint)) if checkpoint is not None else None
+    if run_size and not config.image_size:  # its weights are for that size (a ViT's position embeddings too)
+        logger.info("Evaluating at %d px, the --image_size of the run that wrote %s.", run_size, checkpoint)
+        config = dataclasses.replace(config, image_size=run_size)
     model = _trained_model(model_spec, checkpoint, config.image_size)
     model_cfg = getattr(model, "pretrained_cfg", None) or {}
     record = training_data_record(model_spec) if checkpoint is None else checkpoint_record
@@ -192,7 +211,8 @@ def evaluate_model(
     names = model_cfg.get("label_names") if checkpoint is None else (record or {}).get("class_names")
     if split == "validation" and record is not None:
         config = _own_validation_carve(config, record, model_spec)
-    trained_at = model_cfg.get("input_size") if checkpoint is None else None  # a registry cfg says nothing of it
+    # (a checkpoint's registry cfg says nothing of the size it was trained at: its run's record does)
+    trained_at = model_cfg.get("input_size") if checkpoint is None else (run_size and (run_size,))
     if config.image_size and trained_at and int(trained_at[-1]) != config.image_size:
         logger.warning(
             "--image_size %d: %s was trained at %d px, so this accuracy is for inputs of another size than its own "

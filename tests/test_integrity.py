@@ -1034,7 +1034,7 @@ def test_damaged_stage_outputs_stop_a_resume_with_one_clear_error(data_dir, teac
         run({**recipe, "resume_from_checkpoint": "true"})
 
 
-def test_evaluate_reads_a_stage_checkpoint_and_refuses_one_of_stage_1(data_dir, tmp_path):
+def test_evaluate_reads_a_stage_checkpoint_and_refuses_one_of_stage_1(data_dir, tmp_path, caplog):
     from refilled_hf.backbone import ModelLoadError
 
     teacher = write_random_teacher(tmp_path / "t")
@@ -1047,6 +1047,12 @@ def test_evaluate_reads_a_stage_checkpoint_and_refuses_one_of_stage_1(data_dir, 
     again = evaluate_model("cifar_wrn_16_1", config, checkpoint=str(last))
     assert again["test_samples"] == 18 and again["test_top1"] == pytest.approx(results["final"]["test_top1"])
     assert again["data"]["class_names"] == results["class_names"]
+    # without --image_size: the run's (16 px; cifar_wrn_16_1's own is 32, which measured another input)
+    unsized = RefilledConfig(**{**tiny_recipe(data_dir, tmp_path / "e"), "classes": None, "image_size": None})
+    with caplog.at_level("INFO", logger="refilled_hf.evaluation"):
+        at_run_size = evaluate_model("cifar_wrn_16_1", unsized, checkpoint=str(last))
+    assert at_run_size["test_top1"] == pytest.approx(results["final"]["test_top1"])
+    assert "Evaluating at 16 px, the --image_size of the run that wrote" in caplog.text
     own = evaluate_model("cifar_wrn_16_1", config, checkpoint=str(last), split="validation")
     assert own["validation_top1"] == pytest.approx(results["final"]["validation_top1"])
     with pytest.raises(ConfigError, match=r"not the one .* --data_seed 0"):  # another seed: another split, refused

@@ -130,6 +130,9 @@ def test_a_model_of_fixed_input_size_is_built_for_the_size_it_will_run_at(tmp_pa
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     again = load_timm_model("test_vit3", checkpoint=tmp_path / "w.safetensors", image_size=32)
     torch.testing.assert_close(again.eval()(x), model.eval()(x))
+    with pytest.raises(ModelLoadError, match=r"keys of another shape \(pos_embed\).* the input size it was built "
+                                             r"for here \(64 px\): the size it was trained at\."):  # fmt: skip
+        load_timm_model("test_vit3", checkpoint=tmp_path / "w.safetensors", image_size=64)
     export_model(model, tmp_path / "at32", label_names=["a", "b", "c"])
     torch.testing.assert_close(load_timm_model(f"local-dir:{tmp_path / 'at32'}", image_size=32).eval()(x), model(x))
     export_model(load_timm_model("test_vit3", num_classes=3), tmp_path / "at160", label_names=["a", "b", "c"])
