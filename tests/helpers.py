@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import timm
+import torch
 from PIL import Image
 
 import refilled_hf  # noqa: F401  (registers cifar_wrn_*)
@@ -42,9 +43,12 @@ def write_image_dataset(folder: Path, per_class_train: int = 12, per_class_test:
 
 def write_random_teacher(folder: Path, name: str = "cifar_wrn_16_1", label_names: list[str] | None = None,
                          **kwargs) -> Path:  # fmt: skip
-    """An untrained timm model exported as a local-dir: folder (a teacher stand-in)."""
+    """An untrained timm model exported as a local-dir: folder (a teacher stand-in), the same
+    weights in every process (a run with it is reproducible across test sessions)."""
     label_names = label_names or ["t0", "t1", "t2", "t3"]
-    model = timm.create_model(name, num_classes=len(label_names), **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=len(label_names), **kwargs)
     return export_model(model, folder, label_names=label_names)
 
 
