@@ -42,12 +42,13 @@ def write_image_dataset(folder: Path, per_class_train: int = 12, per_class_test:
 
 
 def write_random_teacher(folder: Path, name: str = "cifar_wrn_16_1", label_names: list[str] | None = None,
-                         **kwargs) -> Path:  # fmt: skip
-    """An untrained timm model exported as a local-dir: folder (a teacher stand-in), the same
-    weights in every process (a run with it is reproducible across test sessions)."""
+                         seed: int = 0, **kwargs) -> Path:  # fmt: skip
+    """An untrained timm model exported as a local-dir: folder (a teacher stand-in), its
+    weights drawn with ``seed`` (the same in every process: a run with it is reproducible
+    across test sessions)."""
     label_names = label_names or ["t0", "t1", "t2", "t3"]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = timm.create_model(name, num_classes=len(label_names), **kwargs)
     return export_model(model, folder, label_names=label_names)
 

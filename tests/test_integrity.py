@@ -693,10 +693,8 @@ def test_undecodable_images_are_refused_before_training_with_their_rows(data_dir
 
 @pytest.mark.slow
 def test_overwrite_removes_the_earlier_runs_outputs_and_caches(data_dir, tmp_path):
-    torch.manual_seed(1)
-    first = write_random_teacher(tmp_path / "t1")
-    torch.manual_seed(2)
-    second = write_random_teacher(tmp_path / "t2")
+    first = write_random_teacher(tmp_path / "t1", seed=1)
+    second = write_random_teacher(tmp_path / "t2", seed=2)
     out = tmp_path / "run"
     base = tiny_recipe(data_dir, out, method="refilled", stage1_epochs=2, stage2_epochs=1)
     run({**base, "teacher": f"local-dir:{first}", "save_total_limit": 5})
@@ -778,8 +776,7 @@ def test_resume_with_another_teacher_at_the_same_path_is_refused(data_dir, tmp_p
     recipe = tiny_recipe(data_dir, out, method="rkd", teacher=f"local-dir:{teacher}", stage2_epochs=1)
     run(recipe)
     unfinish(out)
-    torch.manual_seed(7)
-    write_random_teacher(teacher)  # retrained in place
+    write_random_teacher(teacher, seed=7)  # retrained in place
     with pytest.raises(RunDirError, match="teacher_weights"):
         run({**recipe, "resume_from_checkpoint": "true"})
 
