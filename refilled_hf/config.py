@@ -467,7 +467,13 @@ class RefilledConfig(TrainingArguments):
         default="train",
         **_help("Split to train on (the validation split is carved from it, unless --validation_split)."),
     )
-    test_split: str | None = field(default="test", **_help("Split evaluated once at the end."))
+    test_split: str | None = field(
+        default="test",
+        **_help(
+            "Split evaluated once at the end (evaluate: with --split test); none: the data set has no test split, "
+            "and no test accuracy is claimed."
+        ),
+    )
     validation_split: str | None = field(
         default=None,
         **_help(
