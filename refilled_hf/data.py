@@ -86,6 +86,35 @@ class UnknownClassError(DataError):
     """A selected class the data set does not have, or has no training image of."""
 
 
+class UnreadablePixelsError(ValueError):
+    """An image whose pixel values have no one 8-bit reading (floating-point pixels)."""
+
+
+#: Pillow's modes of one 16-bit channel (a 16-bit PNG or TIFF; "I" is how Pillow opens some)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """The image as an ``(H, W, 3)`` uint8 array. One 16-bit channel is scaled to 8 bits over
+    its full range (``round(v / 257)``) and repeated in R, G and B: Pillow's ``convert("RGB")``
+    clips it at 255, which turns every pixel above 255 (nearly all of a 16-bit image) white.
+    Floating-point pixels (mode ``F``) are refused: their range is unknown."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnreadablePixelsError(
+                f"32-bit integer pixels (Pillow mode {image.mode}) outside 0..65535; convert the images to 8 bits."
+            )
+        gray = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise UnreadablePixelsError(
+            "floating-point pixels (Pillow mode F), whose range is unknown; convert the images to 8-bit "
+            "(or 16-bit) ones, with the scaling that suits them."
+        )
+    return np.asarray(image.convert("RGB"))
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -730,7 +759,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             raise ValueError("no image")
         source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
         with Image.open(source) as image:
-            return np.asarray(image.convert("RGB"))
+            return rgb_array(image)
 
     def _image(self, index: int) -> np.ndarray:
         return self._decode(self._encoded_images()[int(index)][self.image_column])
@@ -746,6 +775,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         for i, item in enumerate(column):
             try:
                 array = self._decode(item)
+            except UnreadablePixelsError as err:
+                raise DataError(f"Split {self.split_name!r}, row {int(self.source_rows[i])}: {err}") from None
             except Exception as err:  # noqa: BLE001 - PIL raises many kinds on bad data
                 bad.append((int(self.source_rows[i]), type(err).__name__))
                 continue

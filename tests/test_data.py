@@ -269,3 +269,27 @@ def test_a_folder_of_images_by_split_and_class_is_a_data_set(tmp_path):
             item = split[i]
             colour = colours[data.class_names[item["labels"]]]
             assert tuple(int(c) for c in split._decoded[i][0, 0]) == colour  # each image under its own class
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_and_float_ones_refused(tmp_path):
+    """Pillow's convert("RGB") clips a 16-bit channel at 255: a 16-bit image read that way is
+    nearly all white (99.6 % of this gradient), and trained on as such without a word."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sixteen = {name: rng.integers(0, 65536, size=(6, 7), dtype=np.uint16) for name in ("a", "b")}
+    for split in ("train", "test"):
+        for name, values in sixteen.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(values).save(tmp_path / split / name / f"{i}.png")  # a 16-bit PNG
+    assert Image.open(tmp_path / "train" / "a" / "0.png").mode == "I;16"
+    data = load_classification_data(str(tmp_path), validation_fraction=0.0)
+    for i in range(len(data.train)):
+        expected = np.floor(sixteen[data.class_names[int(data.train.labels[i])]] / 257 + 0.5).astype(np.uint8)
+        assert np.array_equal(data.train._decoded[i], np.repeat(expected[..., None], 3, axis=2))
+    # floating-point pixels: no one reading of their range, refused by split and row
+    Image.fromarray(rng.random((6, 7), dtype=np.float32)).save(tmp_path / "train" / "b" / "0.tiff")
+    load_raw_dataset.cache_clear()
+    with pytest.raises(DataError, match=r"Split 'train', row \d+: floating-point pixels \(Pillow mode F\)"):
+        load_classification_data(str(tmp_path), validation_fraction=0.0)
