@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import timm
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torchvision import transforms as T
 
 from .messages import error_text
@@ -95,10 +95,14 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:
-    """The image as an ``(H, W, 3)`` uint8 array. One 16-bit channel is scaled to 8 bits over
-    its full range (``round(v / 257)``) and repeated in R, G and B: Pillow's ``convert("RGB")``
-    clips it at 255, which turns every pixel above 255 (nearly all of a 16-bit image) white.
-    Floating-point pixels (mode ``F``) are refused: their range is unknown."""
+    """The image as an ``(H, W, 3)`` uint8 array, upright: turned as its EXIF orientation says
+    (a phone's photo), as ``datasets`` decodes it and transformers' ``load_image`` reads it.
+    One 16-bit channel is scaled to 8 bits over its full range (``round(v / 257)``) and
+    repeated in R, G and B: Pillow's ``convert("RGB")`` clips it at 255, which turns every
+    pixel above 255 (nearly all of a 16-bit image) white. Floating-point pixels (mode ``F``)
+    are refused: their range is unknown."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image)
         if values.size and (values.min() < 0 or values.max() > 65535):

@@ -293,3 +293,24 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_and_float_ones_refused(tmp_
     load_raw_dataset.cache_clear()
     with pytest.raises(DataError, match=r"Split 'train', row \d+: floating-point pixels \(Pillow mode F\)"):
         load_classification_data(str(tmp_path), validation_fraction=0.0)
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A phone stores a portrait photo landscape with an EXIF orientation tag; datasets and
+    transformers' load_image turn it upright: training on it sideways would not match them."""
+    from PIL import ExifTags, Image
+
+    from refilled_hf.data import rgb_array
+
+    stored = np.zeros((4, 6, 3), np.uint8)  # 4 high, 6 wide, a white left column
+    stored[:, 0] = 255
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # "rotate 90 clockwise to view"
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    with Image.open(tmp_path / "photo.jpg") as image:
+        upright = rgb_array(image)
+    assert upright.shape == (6, 4, 3)  # 6 high, 4 wide
+    assert upright[0].min() > 200 and upright[2:].max() < 60  # the white column is now the top row
+    Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=100)
+    with Image.open(tmp_path / "plain.jpg") as image:
+        assert rgb_array(image).shape == (4, 6, 3)
