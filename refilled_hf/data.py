@@ -563,9 +563,11 @@ def load_classification_data(
             "images. Name another split, or pass `--test_split none`."
         )
     if test_split is not None and test_split not in raw:
+        others = [name for name in raw if name not in (train_split, validation_split)]
         raise DataError(
-            f"Split {test_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--test_split`, or pass "
-            "`--test_split none` to run without a test split."
+            f"Split {test_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--test_split`"
+            + (f" (e.g. `--test_split {others[0]}`)" if others else "")
+            + ", or pass `--test_split none` to run without a test split."
         )
     unused = [name for name in ("validation", "valid", "val") if name in raw and name not in (train_split, test_split)]
     if validation_split is None and validation_fraction > 0 and unused and "validation" in splits:

@@ -165,6 +165,15 @@ def test_errors_name_the_problem(data_dir, tmp_path):
         load_raw_dataset("no-such-user/no-such-dataset-refilled")
     with pytest.raises(DataError, match="Split 'valid'"):
         load_classification_data(str(data_dir), test_split="valid")
+    # a data set of train and validation splits (food101's): the split to name is named
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "train.parquet").write_bytes((data_dir / "train.parquet").read_bytes())
+    (renamed / "validation.parquet").write_bytes((data_dir / "test.parquet").read_bytes())
+    with pytest.raises(DataError, match=r"Split 'test' not in .* \(splits: \['train', 'validation'\]\); fix "
+                                        r"`--test_split` \(e.g. `--test_split validation`\), or pass `--test_split "
+                                        r"none`"):  # fmt: skip
+        load_classification_data(str(renamed))
 
 
 def test_column_detection(tmp_path):
