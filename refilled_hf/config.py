@@ -680,7 +680,7 @@ class RefilledConfig(TrainingArguments):
         **_help(
             "Comma-separated output_dirs of finished baseline runs, added to the model card's table with their "
             "epochs and every way their schedule differs; refused unless they used the same images (data set, "
-            "classes, shots, validation carve or split, seed)."
+            "classes, shots, validation carve or split, seed). none: no baseline (over a recipe that names some)."
         ),
     )
     card_license: str = field(default="apache-2.0", **_help("License written in the exported model card."))
@@ -829,8 +829,9 @@ class RefilledConfig(TrainingArguments):
     def __post_init__(self):
         self._check_replaced_fields()
         # `--test_split none`: a data set without a test split; `--teacher_cache none`, `--distill_weight_search
-        # none`: off (YAML and the command line can only spell None as text)
-        for name in ("test_split", "validation_split", "teacher_cache", "distill_weight_search"):
+        # none`, `--compare_runs none`: off, also over a recipe that sets them (YAML and the command line can
+        # only spell None as text)
+        for name in ("test_split", "validation_split", "teacher_cache", "distill_weight_search", "compare_runs"):
             value = getattr(self, name)
             if value is not None and str(value).strip().lower() in ("", "none", "null"):
                 setattr(self, name, None)

@@ -192,6 +192,16 @@ def test_results_summary_names_the_lambda_and_every_candidate(capsys):
     assert len(starts) == 1, out
 
 
+def test_none_unsets_a_recipes_baselines_from_the_command_line(tmp_path):
+    """The quickstart's refilled recipe names its ce run in compare_runs: `--compare_runs none`
+    read "none" as a run folder ("compare_runs: none has no results.json")."""
+    path = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "o"), compare_runs="runs/ce")
+    (named,) = parse_config((RefilledConfig,), ["--config", path], "t")
+    assert named.compare_runs == "runs/ce"
+    (unset,) = parse_config((RefilledConfig,), ["--config", path, "--compare_runs", "none"], "t")
+    assert unset.compare_runs is None
+
+
 def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):
     config = RefilledConfig(teacher="local-dir:t", classes="5-9", seed=7, use_cpu=True, eval_strategy="no",
                             distill_weight=3.0, output_dir=str(tmp_path / "o"))  # fmt: skip
