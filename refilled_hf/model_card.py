@@ -411,7 +411,7 @@ def render_model_card(
     for flag in ("dataset_config", "test_split"):
         if recipe.get(flag) not in (None, "test" if flag == "test_split" else None):
             evaluate += f" --{flag} {recipe[flag]}"
-    has_test = bool(results.get("final", {}).get("test_samples"))  # as the results' intro reads it
+    has_test = bool(final.get("test_samples"))  # as the results' intro reads it
     if not has_test:  # `evaluate` measures the test split unless told otherwise
         evaluate += " --split validation"
     data = results.get("data", {})
