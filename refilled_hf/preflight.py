@@ -105,10 +105,16 @@ def check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: Cla
             f"the student's: {short_list(data.class_names)}). Pass --classes {order} (the teacher's order), so that "
             "the student's outputs line up with the teacher's."
         )
+    if not teacher_classes:
+        raise ConfigError(
+            f"method='kd' needs the teacher's logits, but the teacher {config.teacher!r} has no classifier "
+            "(num_classes=0: an embedding model). Use --method refilled (or rkd): they only use the teacher's "
+            "embedding."
+        )
     if teacher_classes != data.num_classes or not same_names or not same_selection:
         raise ConfigError(
             f"method='kd' needs teacher and student on the same label space, but the teacher predicts "
-            f"{teacher_classes} classes {names[:5] if names else ''} and the student {data.num_classes} "
+            f"{teacher_classes} classes{f' {names[:5]}' if names else ''} and the student {data.num_classes} "
             f"({data.class_names[:5]}). Use --method refilled (or rkd): they only use the teacher's embedding."
         )
     if names is None and config.teacher_classes is None:

@@ -20,6 +20,7 @@ from refilled_hf.cli import CliError, parse_config
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.data import DataError
 from refilled_hf.evaluation import evaluate_model
+from refilled_hf.hub import export_model
 from refilled_hf.pipeline import load_data, run_distillation
 from refilled_hf.preflight import check_mining
 from refilled_hf.probe import probe_teacher
@@ -161,6 +162,12 @@ def test_teacher_classes_that_are_not_classes_of_the_data(selection, message, da
 def test_kd_across_label_spaces(data_dir, teacher, tmp_path):
     rejected(tiny_recipe(data_dir, tmp_path / "o", method="kd", teacher=teacher), ConfigError,
              "same label space.*--method refilled")  # fmt: skip
+
+
+def test_kd_from_a_teacher_without_classifier_says_it_has_no_logits(data_dir, tmp_path):
+    headless = export_model(timm.create_model("cifar_wrn_16_1", num_classes=0), tmp_path / "t", label_names=[])
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="kd", teacher=f"local-dir:{headless}"), ConfigError,
+             r"needs the teacher's logits, but .* has no classifier \(num_classes=0.*--method refilled")  # fmt: skip
 
 
 def test_kd_with_the_classes_in_another_order_names_the_teachers_order(data_dir, tmp_path):
