@@ -335,6 +335,7 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
         else:
             close = difflib.get_close_matches(rest if kind == "name" else item, list(by_name), n=3)
             hint = f" Did you mean {close}?" if close else ""
+            hint += _comma_name_hint(rest if kind == "name" else item, class_names)
             raise UnknownClassError(
                 f"Unknown class {item!r} in the class selection.{hint} Use ids 0..{num - 1}, ranges like 0-4, "
                 f"names of the data set's classes (id: or name: before an item says which it is), or a preset "
@@ -349,6 +350,20 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
         twice = sorted({i for i in ids if ids.count(i) > 1}) if len(ids) < 10000 else []
         raise DataError(f"The class selection lists classes twice: {short_list(twice)}.")
     return ids
+
+
+def _comma_name_hint(item: str, class_names: Sequence[str]) -> str:
+    """Where ``item`` is a part of class names that hold commas (ImageNet's ``tench, Tinca
+    tinca``), which a comma-separated selection splits: say to select them by id."""
+    parts = {i: [p.strip() for p in name.split(",")] for i, name in enumerate(class_names) if "," in name}
+    matches = [i for i, pieces in parts.items() if item in pieces]
+    if not matches:
+        return ""
+    named = ", ".join(f"{class_names[i]!r} is {i}" for i in matches[:3])
+    return (
+        f" Class names of this data set hold commas, which split a selection into items: select such classes by "
+        f"id ({named})."
+    )
 
 
 def _id_numbers(item: str) -> list[int] | None:

@@ -266,6 +266,12 @@ def _validation_source(recipe: dict[str, Any]) -> str:
     return f"from the `{split}` split" if split else "carved from the training split"
 
 
+def class_list_text(names: list[str]) -> str:
+    """Class names as a card lists them: separated by commas, or by semicolons where a name
+    holds a comma itself (ImageNet's ``tench, Tinca tinca``), so that the list reads back."""
+    return ("; " if any("," in name for name in names) else ", ").join(names)
+
+
 def _results_intro(results: dict[str, Any], recipe: dict[str, Any], dataset_id: str) -> str:
     final = results.get("final", {})
     if final.get("test_samples"):
@@ -275,7 +281,7 @@ def _results_intro(results: dict[str, Any], recipe: dict[str, Any], dataset_id: 
         missing = (results.get("data") or {}).get("test_classes_without_images")
         if missing:
             text += (f" The split has no image of {len(missing)} of the {len(results['class_names'])} classes "
-                     f"({', '.join(missing)}): its accuracy measures the others only.")  # fmt: skip
+                     f"({class_list_text(missing)}): its accuracy measures the others only.")  # fmt: skip
         return text
     return (
         f"This run had no test split: the only measurement is the validation top-1, on "
@@ -421,6 +427,7 @@ def render_model_card(
         model_id=name,
         summary=summary,
         class_names=results["class_names"],
+        class_names_text=class_list_text(results["class_names"]),
         architecture=architecture,
         needs_refilled=architecture.startswith("cifar_wrn"),
         as_teacher=as_teacher,
@@ -488,7 +495,7 @@ A `{architecture}` image classifier trained with {_TRAINER_STAGES.get(stage, sta
 `RefilledTrainer`, from Python. The trainer records no result, so this card states none (`refilled-hf
 distill` writes a card with the numbers it measured, and on which images).
 
-**Classes** ({len(class_names)}): {", ".join(class_names)}
+**Classes** ({len(class_names)}): {class_list_text(class_names)}
 
 ## How to use
 

@@ -89,6 +89,18 @@ def test_parse_class_selection_errors(spec, message):
         parse_class_selection(spec, [f"c{i}" for i in range(100)])
 
 
+def test_a_part_of_a_class_name_that_holds_commas_is_answered_with_its_id():
+    names = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark"]
+    assert parse_class_selection("great white shark,0", names) == [2, 0]
+    with pytest.raises(DataError, match=r"Unknown class 'tench'.* hold commas, .* by id \('tench, Tinca tinca' is 0\)"):
+        parse_class_selection("tench, Tinca tinca,great white shark", names)
+    with pytest.raises(DataError, match=r"by id \('goldfish, Carassius auratus' is 1\)"):
+        parse_class_selection("name:goldfish", names)
+    with pytest.raises(DataError, match="Unknown class 'shark'") as err:
+        parse_class_selection("shark", names)
+    assert "commas" not in str(err.value)
+
+
 def test_selection_remaps_labels_and_keeps_names(data_dir):
     data = load_classification_data(str(data_dir), classes="blue,red", validation_fraction=0.0)
     assert data.class_names == ["blue", "red"] and data.source_class_ids == [2, 0]

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 from refilled_hf.backbone import ModelLoadError, load_timm_model
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.hub import TRAINING_DATA_KEY, HubPushError, export_model, push_folder
-from refilled_hf.model_card import card_for_repo, check_comparable, render_model_card
+from refilled_hf.model_card import card_for_repo, check_comparable, render_model_card, trainer_card
 from refilled_hf.pipeline import run_distillation
 
 
@@ -194,6 +194,17 @@ def test_card_without_a_test_split_claims_no_test_accuracy():
     alone["student_alone"] = {"exported": True, "epochs": 400.0, "validation_top1": 71.0, "stage2_milestones": "200"}
     text = render_model_card(alone, {"stage1_epochs": 200, "stage2_epochs": 200}, architecture="cifar_wrn_16_1")
     assert "so it was exported instead.\n" in text and "The test split was evaluated" not in text
+
+
+def test_card_lists_class_names_that_hold_commas_so_that_the_list_reads_back():
+    results = _fake_results()
+    assert "**Classes** (2): apple, bee\n" in render_model_card(results, {}, architecture="cifar_wrn_16_1")
+    results["class_names"] = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark"]
+    results["data"]["test_classes_without_images"] = ["great white shark", "tench, Tinca tinca"]
+    text = render_model_card(results, {}, architecture="cifar_wrn_16_1")
+    assert "**Classes** (3): tench, Tinca tinca; goldfish, Carassius auratus; great white shark\n" in text
+    assert "(great white shark; tench, Tinca tinca): its accuracy" in text
+    assert "**Classes** (1): tench, Tinca tinca\n" in trainer_card("cifar_wrn_16_1", "ce", ["tench, Tinca tinca"])
 
 
 def test_a_baseline_on_other_images_or_without_a_record_is_refused():
