@@ -190,9 +190,15 @@ def check_mining(config: RefilledConfig, data: ClassificationData) -> None:
         )
     counts = torch.bincount(torch.as_tensor(data.train.labels), minlength=data.num_classes)
     if int(counts.max()) < 2:
+        if config.shots_per_class is not None and config.shots_per_class < 2:
+            fix = "raise --shots_per_class to at least 2"
+        elif config.validation_split is None and config.validation_fraction > 0:
+            fix = (f"the validation carve (--validation_fraction {config.validation_fraction:g}) leaves too few: lower "
+                   "it, or name a validation split of the data set with --validation_split")  # fmt: skip
+        else:
+            fix = "the selected classes of the training split have too few images for REFILLED"
         raise ConfigError(
-            "Every class has fewer than 2 training images, so no batch can hold an (anchor, positive) pair: "
-            "raise --shots_per_class to at least 2."
+            f"Every class has fewer than 2 training images, so no batch can hold an (anchor, positive) pair: {fix}."
         )
     per_device = config.per_device_train_batch_size
     mined = per_device * (1 if config.mining_scope == "local" else config.world_size)

@@ -206,6 +206,8 @@ def test_batch_too_small_to_mine(data_dir, teacher, tmp_path):
 def test_fewer_than_two_images_per_class(data_dir, teacher, tmp_path):
     recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=teacher, shots_per_class=1)
     rejected(recipe, ConfigError, "fewer than 2 training images.*shots_per_class")
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=teacher, validation_fraction=0.95)
+    rejected(recipe, ConfigError, r"fewer than 2 training images.*carve \(--validation_fraction 0.95\) leaves too few")
 
 
 def test_single_class(data_dir, teacher, tmp_path):
