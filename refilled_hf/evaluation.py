@@ -205,6 +205,12 @@ def evaluate_model(
         logger.info("Evaluating at %d px, the --image_size of the run that wrote %s.", run_size, checkpoint)
         config = dataclasses.replace(config, image_size=run_size)
     model = _trained_model(model_spec, checkpoint, config.image_size)
+    if not model.num_classes:
+        raise ConfigError(
+            f"{model_spec} has no classifier (num_classes=0: an embedding model), so it has no top-1 to evaluate. "
+            "To measure its embedding on your classes, run `refilled-hf probe-teacher --teacher "
+            f"{model_spec}` (nearest-class-mean accuracy)."
+        )
     model_cfg = getattr(model, "pretrained_cfg", None) or {}
     record = training_data_record(model_spec) if checkpoint is None else checkpoint_record
     # a run's checkpoint has no label names of its own: its run's record has the classes

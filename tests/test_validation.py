@@ -170,6 +170,13 @@ def test_kd_from_a_teacher_without_classifier_says_it_has_no_logits(data_dir, tm
              r"needs the teacher's logits, but .* has no classifier \(num_classes=0.*--method refilled")  # fmt: skip
 
 
+def test_evaluating_a_model_without_classifier_points_to_probe_teacher(data_dir, tmp_path):
+    headless = export_model(timm.create_model("cifar_wrn_16_1", num_classes=0), tmp_path / "t", label_names=[])
+    config = RefilledConfig(**tiny_recipe(data_dir, tmp_path / "e", method="ce", classes=None))
+    with pytest.raises(ConfigError, match=r"has no classifier \(num_classes=0.*refilled-hf probe-teacher --teacher"):
+        evaluate_model(f"local-dir:{headless}", config)
+
+
 def test_kd_with_the_classes_in_another_order_names_the_teachers_order(data_dir, tmp_path):
     names = [CLASS_NAMES[5], CLASS_NAMES[3], CLASS_NAMES[4]]
     permuted = f"local-dir:{write_random_teacher(tmp_path / 't', label_names=names)}"
