@@ -473,6 +473,12 @@ def _run_identity(config: RefilledConfig, data: ClassificationData, student: Stu
     """What makes two runs the same run (see :mod:`refilled_hf.rundir`)."""
     recipe = {k: v for k, v in config.to_recipe().items() if k not in NON_IDENTITY_FIELDS}
     recipe.pop("teacher_cache_dtype", None)
+    # The data path the run took is recorded below; what chose it (--data_path auto or the path
+    # forced, the memory budget) computes nothing, nor do loader workers on the device path,
+    # where every loader runs in the main process: a resume may change them (another machine).
+    recipe.pop("device_data_budget_gb", None)
+    if data.info.get("data_path") == "device":
+        recipe.pop("dataloader_num_workers", None)
     return {
         **recipe,
         # a float16 cache rounds the teacher's outputs: runs with and without it differ

@@ -759,7 +759,7 @@ def _copy_unfinished(recipe: dict, tmp_path: Path) -> tuple[dict, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "change,value",
-    [("classes", "2-4"), ("shots_per_class", 5), ("stage2_learning_rate", 0.01), ("seed", 1)],
+    [("classes", "2-4"), ("shots_per_class", 5), ("stage2_learning_rate", 0.01), ("seed", 1), ("data_path", "workers")],
 )
 def test_resume_with_another_configuration_or_data_is_refused(change, value, unfinished_ce_run, tmp_path):
     recipe, _ = unfinished_ce_run
@@ -805,6 +805,20 @@ def test_an_explicit_checkpoint_path_is_honoured_and_exact(unfinished_ce_run, tm
     assert results["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
     with pytest.raises(RunError, match="not a checkpoint of the run"):
         run({**recipe, "output_dir": str(tmp_path / "other"), "resume_from_checkpoint": str(first)})
+
+
+@pytest.mark.slow
+def test_a_resume_may_change_what_only_chose_the_device_path_or_its_loader_workers(unfinished_ce_run, tmp_path):
+    """On the device path every loader runs in the main process, so its workers compute
+    nothing, nor does the budget or --data_path once the path is the same: a resume on
+    another machine may change them, and ends as the uninterrupted run."""
+    recipe, reference = unfinished_ce_run
+    assert reference["data"]["data_path"] == "device"
+    recipe, out = _copy_unfinished(recipe, tmp_path)
+    changed = {"dataloader_num_workers": 2, "device_data_budget_gb": 1.0, "data_path": "device"}
+    results = run({**recipe, **changed, "resume_from_checkpoint": str(checkpoints(out / "ce")[0])})
+    assert results["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert results["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
 
 
 class CrashAt(TrainerCallback):
