@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import timm
 import torch
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import ExifTags, Image, ImageOps
 from torchvision import transforms as T
 
@@ -147,7 +149,9 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
             return datasets.load_dataset("parquet", data_files={"train": str(path)})
         if path.is_dir():
             with _quiet_logger("huggingface_hub.repocard"):  # a folder's README without a metadata block is fine
-                return datasets.load_dataset(str(path), config_name)
+                raw = datasets.load_dataset(str(path), config_name)
+            _check_class_folders(path, raw)
+            return raw
         if name_or_path.startswith((".", "/")) or name_or_path.endswith(".parquet"):
             raise DataError(f"Data set {name_or_path!r} not found: no such file or folder.")
         return datasets.load_dataset(name_or_path, config_name)
@@ -160,6 +164,47 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
             "(train.parquet, test.parquet), a folder of images by split and class (train/<class>/*.png, "
             "test/<class>/...) or one parquet file."
         ) from err
+
+
+#: the names ``datasets`` reads as a split in a folder's name (``train``, ``training_set``, ``val``...)
+_SPLIT_WORDS = frozenset(word for words in datasets.data_files.SPLIT_KEYWORDS.values() for word in words)
+#: files that label an image folder's images themselves (then the folders do not)
+_METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
+def _check_class_folders(root: Path, raw: datasets.DatasetDict) -> None:
+    """Refuse an image folder whose images lie in sub-folders of their class folders
+    (``train/cat/day1/0.png``): ``datasets`` labels each image by the folder that holds it,
+    so the classes would silently be ``day1``, ``day2``... Folders holding class folders
+    are the data set's own folder or split folders; anything else is reported."""
+    if not any(getattr(split.info, "builder_name", None) == "imagefolder" for split in raw.values()):
+        return
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    label_folders: dict[Path, Path] = {}  # folder holding images -> one of its images
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith((".", "__"))]  # what datasets skips
+        if any(name in _METADATA_FILES for name in files):
+            return  # a metadata file gives the labels
+        image = next((name for name in sorted(files) if Path(name).suffix.lower() in extensions), None)
+        if image is not None:
+            label_folders[Path(folder)] = Path(folder) / image
+
+    def is_split(folder: Path) -> bool:
+        return any(word.lower() in _SPLIT_WORDS for word in re.split(r"[-._ 0-9]+", folder.name))
+
+    holders = {folder.parent for folder in label_folders} - {root}
+    holders = {h for h in holders if not is_split(h)}
+    nested = len(holders) > 1 or any(h.parent == f.parent for h in holders for f in label_folders)
+    if not nested:
+        return
+    example = next(image for folder, image in sorted(label_folders.items()) if folder.parent in holders)
+    names = sorted({f.name for f in label_folders})
+    raise DataError(
+        f"{root} is read as an image folder, whose images are labelled by the folder that holds them: "
+        f"{example.relative_to(root)} is labelled {example.parent.name!r}, not {example.parent.parent.name!r}, "
+        f"and the classes would be {short_list(names)}. Put each class's images directly in its folder "
+        "(train/<class>/*.jpg, test/<class>/...), or write a metadata.csv with a label column."
+    )
 
 
 def detect_columns(

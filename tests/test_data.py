@@ -292,6 +292,30 @@ def test_a_folder_of_images_by_split_and_class_is_a_data_set(tmp_path):
             assert tuple(int(c) for c in split._decoded[i][0, 0]) == colour  # each image under its own class
 
 
+@pytest.mark.parametrize("layout", ["every class", "one class"])
+def test_images_in_sub_folders_of_their_class_folders_are_refused(layout, tmp_path):
+    """datasets labels an image by the folder that holds it: train/cat/day1/0.png is a 'day1'
+    (the classes were day1, day2, not cat and dog, and a run trained on them exited 0)."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            subfolders = ["day1", "day2"] if layout == "every class" or name == "cat" else [""]
+            for sub in subfolders:
+                (tmp_path / split / name / sub).mkdir(parents=True, exist_ok=True)
+                for i in range(2):
+                    Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / name / sub / f"{i}.png")
+    message = r"labelled by the folder that holds them: test/cat/day1/0\.png is labelled 'day1', not 'cat'"
+    with pytest.raises(DataError, match=message):
+        load_classification_data(str(tmp_path), validation_fraction=0.0)
+    # a metadata file labels the images itself: the folders then do not matter
+    rows = [f"{p.relative_to(tmp_path / 'train').as_posix()},{p.parts[-3 if p.parent.name.startswith('day') else -2]}"
+            for p in sorted((tmp_path / "train").rglob("*.png"))]  # fmt: skip
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,species\n" + "\n".join(rows) + "\n")
+    load_raw_dataset.cache_clear()
+    assert load_raw_dataset(str(tmp_path / "train"))["train"].unique("species") == ["cat", "dog"]
+
+
 def test_sixteen_bit_images_are_scaled_to_eight_bits_and_float_ones_refused(tmp_path):
     """Pillow's convert("RGB") clips a 16-bit channel at 255: a 16-bit image read that way is
     nearly all white (99.6 % of this gradient), and trained on as such without a word."""
