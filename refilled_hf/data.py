@@ -148,6 +148,7 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
         if path.is_file() and path.suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files={"train": str(path)})
         if path.is_dir():
+            _check_label_names_agree(path)
             with _quiet_logger("huggingface_hub.repocard"):  # a folder's README without a metadata block is fine
                 raw = datasets.load_dataset(str(path), config_name)
             _check_class_folders(path, raw)
@@ -164,6 +165,35 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
             "(train.parquet, test.parquet), a folder of images by split and class (train/<class>/*.png, "
             "test/<class>/...) or one parquet file."
         ) from err
+
+
+def _check_label_names_agree(root: Path) -> None:
+    """Refuse a folder whose parquet files name their label ids differently (``ClassLabel``
+    names ``[a, b, c]`` in train.parquet, ``[b, c]`` in test.parquet, as ``class_encode_column``
+    writes a split that lacks a class): ``datasets`` reads every file with one file's
+    names, so the other's label 0 (``b``) would silently read as ``a``."""
+    import pyarrow.parquet as pq
+
+    seen: dict[str, dict[tuple[str, ...], Path]] = {}  # column -> names -> first file naming them so
+    for file in sorted(root.rglob("*.parquet")):
+        try:
+            metadata = pq.read_schema(file).metadata or {}
+            features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+        except Exception:  # noqa: BLE001 - not a parquet file datasets can read: datasets reports it
+            continue
+        for column, feature in features.items():
+            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):
+                seen.setdefault(column, {}).setdefault(tuple(feature["names"]), file)
+    for column, namings in seen.items():
+        if len(namings) > 1:
+            (first, a), (second, b) = list(namings.items())[:2]
+            raise DataError(
+                f"The parquet files of {root} name the ids of label column {column!r} differently: "
+                f"{a.relative_to(root)} as {short_list(list(first))}, {b.relative_to(root)} as "
+                f"{short_list(list(second))}. datasets reads every file with one file's names, so the same id would "
+                "mean another class in another split. Write every split with the same class names (e.g. "
+                f"`split.cast_column({column!r}, ClassLabel(names=all_names))` after mapping its labels by name)."
+            )
 
 
 #: the names ``datasets`` reads as a split in a folder's name (``train``, ``training_set``, ``val``...)

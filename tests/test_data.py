@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pytest
 import timm
@@ -290,6 +291,26 @@ def test_a_folder_of_images_by_split_and_class_is_a_data_set(tmp_path):
             item = split[i]
             colour = colours[data.class_names[item["labels"]]]
             assert tuple(int(c) for c in split._decoded[i][0, 0]) == colour  # each image under its own class
+
+
+def test_splits_whose_files_name_the_label_ids_differently_are_refused(tmp_path):
+    """class_encode_column on a test split that lacks class 'a' names its ids [b, c]; datasets
+    reads it with train's [a, b, c], so every test 'b' became an 'a' (and 'c' a 'b')."""
+
+    def split(labels: list[str], names: list[str]) -> datasets.Dataset:
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        images = [np.full((8, 8, 3), 40 * names.index(label), np.uint8) for label in labels]
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    split(["a", "b", "c"] * 3, ["a", "b", "c"]).to_parquet(str(tmp_path / "train.parquet"))
+    split(["b", "c"] * 2, ["b", "c"]).to_parquet(str(tmp_path / "test.parquet"))
+    message = r"name the ids of label column 'label' differently: test\.parquet as \['b', 'c'\], train\.parquet as"
+    with pytest.raises(DataError, match=message):
+        load_classification_data(str(tmp_path), validation_fraction=0.0)
+    split(["b", "c"] * 2, ["a", "b", "c"]).to_parquet(str(tmp_path / "test.parquet"))  # the same names: read
+    load_raw_dataset.cache_clear()
+    data = load_classification_data(str(tmp_path), validation_fraction=0.0)
+    assert [data.class_names[i] for i in data.test.labels] == ["b", "c"] * 2
 
 
 @pytest.mark.parametrize("layout", ["every class", "one class"])
