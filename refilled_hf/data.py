@@ -802,11 +802,47 @@ def load_classification_data(
 
 def decode_splits(data: ClassificationData) -> ClassificationData:
     """Decode-check every image of ``data``'s splits now (refused with the bad rows named),
-    keeping them decoded when they fit in memory."""
+    keeping them decoded when they fit in memory; count the test images whose pixels are a
+    training image's (:func:`test_images_in_training`)."""
     for split in (data.train, data.validation, data.test):
         if split is not None:
             split.preload()
+    test_images_in_training(data)
     return data
+
+
+def pixel_digest(array: np.ndarray) -> int:
+    """A 64-bit digest of an image's size and pixels, equal for the same image stored twice.
+    Python's own hash (SipHash: 0.8 us for a 32-px image, a sixth of blake2b's); it differs
+    between processes, so digests are compared within one process only."""
+    return hash((array.shape, array.tobytes())) & 0xFFFFFFFFFFFFFFFF
+
+
+#: the share of test images identical to training images above which a run warns (below: logged)
+LEAK_WARNING_SHARE = 0.01
+
+
+def test_images_in_training(data: ClassificationData) -> int:
+    """How many test images have exactly the pixels of an image the model trains on (the
+    same photo in both splits: its test top-1 measures memory, not generalization); recorded
+    in ``data.info`` (``test_images_in_training``) where there are any, and logged: a warning
+    from :data:`LEAK_WARNING_SHARE` of the test split on (CIFAR-100 itself has 10 of
+    10,000, which is logged only)."""
+    train, test = data.train, data.test
+    if train is None or test is None or train.pixel_digests is None or test.pixel_digests is None or not len(test):
+        return 0
+    same = np.isin(test.pixel_digests, train.pixel_digests)
+    count = int(same.sum())
+    if count:
+        data.info["test_images_in_training"] = count
+        share = count / len(test)
+        rows = short_list([int(r) for r in test.source_rows[same]], 5)
+        (logger.warning if share >= LEAK_WARNING_SHARE else logger.info)(
+            "%d of the %d test images (%.1f%%; split %r, rows %s) have exactly the pixels of a training image of "
+            "this run: their top-1 measures what the model memorized, not how it generalizes.", count, len(test),
+            100 * share, test.split_name, rows,
+        )  # fmt: skip
+    return count
 
 
 # --------------------------------------------------------------------------- torch side
@@ -834,6 +870,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self._encoded: datasets.Dataset | None = None
         #: (smallest, largest) image side in pixels, known once :meth:`preload` has run
         self.side_range: tuple[int, int] | None = None
+        #: a 64-bit digest of each image's decoded pixels (and size), known once :meth:`preload` has run
+        #: (:func:`pixel_digest`: comparable within this process only)
+        self.pixel_digests: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -866,6 +905,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             return self
         column = self._encoded_images()[self.image_column]
         decoded: list[np.ndarray] | None = []
+        digests = np.zeros(len(self), dtype=np.uint64)
         bad: list[tuple[int, str]] = []
         total, smallest, largest = 0, 1 << 30, 0
         for i, item in enumerate(column):
@@ -877,6 +917,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 bad.append((int(self.source_rows[i]), type(err).__name__))
                 continue
             smallest, largest = min(smallest, *array.shape[:2]), max(largest, *array.shape[:2])
+            digests[i] = pixel_digest(array)
             if decoded is not None:
                 total += array.nbytes
                 decoded.append(array)
@@ -892,6 +933,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self._decoded = decoded
         self._checked = True
         self.side_range = (smallest, largest)
+        self.pixel_digests = digests
         return self
 
     def __getitem__(self, index: int) -> dict[str, Any]:

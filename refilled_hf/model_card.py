@@ -282,6 +282,10 @@ def _results_intro(results: dict[str, Any], recipe: dict[str, Any], dataset_id: 
         if missing:
             text += (f" The split has no image of {len(missing)} of the {len(results['class_names'])} classes "
                      f"({class_list_text(missing)}): its accuracy measures the others only.")  # fmt: skip
+        seen = (results.get("data") or {}).get("test_images_in_training")
+        if seen:
+            text += (f" {seen} of these images have exactly the pixels of a training image of this run (the same "
+                     "image in both splits).")  # fmt: skip
         return text
     return (
         f"This run had no test split: the only measurement is the validation top-1, on "

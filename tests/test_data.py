@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 import timm
 import torch
@@ -291,6 +292,32 @@ def test_a_folder_of_images_by_split_and_class_is_a_data_set(tmp_path):
             item = split[i]
             colour = colours[data.class_names[item["labels"]]]
             assert tuple(int(c) for c in split._decoded[i][0, 0]) == colour  # each image under its own class
+
+
+def test_test_images_with_a_training_images_pixels_are_counted_and_named(tmp_path, caplog):
+    """The same photo in the training and the test split: its test top-1 is memory. Counted
+    on the selected training images only, logged, and warned about from 1 % of the test split."""
+    import pyarrow.parquet as pq
+
+    folder = write_image_dataset(tmp_path / "d", per_class_train=8, per_class_test=4)
+    train, test = pq.read_table(folder / "train.parquet"), pq.read_table(folder / "test.parquet")
+    labels = train.column("label").to_pylist()
+    copied = [i for i, label in enumerate(labels) if label in (0, 1)][:3]  # three training images of classes 0-1
+    pq.write_table(pa.concat_tables([test, train.take(copied)]), folder / "test.parquet")
+    load_raw_dataset.cache_clear()
+    with caplog.at_level("INFO", logger="refilled_hf.data"):
+        data = load_classification_data(str(folder), classes="0-2", validation_fraction=0.0)
+    assert data.info["test_images_in_training"] == 3
+    assert "WARNING" in caplog.text
+    assert "3 of the 15 test images (20.0%; split 'test', rows [24, 25, 26])" in caplog.text
+    # the same images drawn out of training (other classes, or not among the shots) are not counted
+    load_raw_dataset.cache_clear()
+    other = load_classification_data(str(folder), classes="2-4", validation_fraction=0.0)
+    assert "test_images_in_training" not in other.info
+    exact = load_classification_data(str(folder), classes="0-2", validation_fraction=0.0, shots_per_class=1, seed=3)
+    chosen = {bytes(exact.train._decoded[i]) for i in range(len(exact.train))}
+    expected = sum(bytes(exact.test._decoded[i]) in chosen for i in range(len(exact.test)))
+    assert exact.info.get("test_images_in_training", 0) == expected
 
 
 def test_splits_whose_files_name_the_label_ids_differently_are_refused(tmp_path):

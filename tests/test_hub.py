@@ -207,6 +207,14 @@ def test_card_lists_class_names_that_hold_commas_so_that_the_list_reads_back():
     assert "**Classes** (1): tench, Tinca tinca\n" in trainer_card("cifar_wrn_16_1", "ce", ["tench, Tinca tinca"])
 
 
+def test_card_says_how_many_test_images_are_training_images():
+    results = _fake_results()
+    assert "pixels of a training image" not in render_model_card(results, {}, architecture="cifar_wrn_16_1")
+    results["data"]["test_images_in_training"] = 3
+    text = render_model_card(results, {}, architecture="cifar_wrn_16_1")
+    assert "(200 images), once, at the end of training. 3 of these images have exactly the pixels of a training" in text
+
+
 def test_a_baseline_on_other_images_or_without_a_record_is_refused():
     this = _fake_results()
     other = _fake_results(method="ce", teacher=None)
