@@ -383,6 +383,12 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
     num = len(class_names)
     if spec is None:
         return list(range(num))
+    preset = spec.strip() if isinstance(spec, str) and spec.strip() in CLASS_PRESETS else None
+    if preset is not None and num != 100:
+        raise DataError(
+            f"--classes {preset} is a preset for CIFAR-100's 100 classes ({CLASS_PRESETS[preset]}), but this data set "
+            f"has {num}: name its classes by id, range or name."
+        )
     if isinstance(spec, str):
         spec = CLASS_PRESETS.get(spec.strip(), spec)
         items: list[int | str] = [s.strip() for s in spec.split(",")]

@@ -91,6 +91,12 @@ def test_parse_class_selection_errors(spec, message):
         parse_class_selection(spec, [f"c{i}" for i in range(100)])
 
 
+def test_a_cifar100_preset_on_another_data_set_says_what_it_is():
+    with pytest.raises(DataError, match=r"--classes cifar100-second-half is a preset for CIFAR-100's 100 classes"):
+        parse_class_selection("cifar100-second-half", [f"c{i}" for i in range(10)])
+    assert parse_class_selection("cifar100-shift-10", [f"c{i}" for i in range(100)]) == list(range(10, 60))
+
+
 def test_a_part_of_a_class_name_that_holds_commas_is_answered_with_its_id():
     names = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark"]
     assert parse_class_selection("great white shark,0", names) == [2, 0]
