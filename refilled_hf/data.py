@@ -809,11 +809,11 @@ def load_classification_data(
 def decode_splits(data: ClassificationData) -> ClassificationData:
     """Decode-check every image of ``data``'s splits now (refused with the bad rows named),
     keeping them decoded when they fit in memory; count the test images whose pixels are a
-    training image's (:func:`test_images_in_training`)."""
+    training image's (:func:`images_in_training`)."""
     for split in (data.train, data.validation, data.test):
         if split is not None:
             split.preload()
-    test_images_in_training(data)
+    images_in_training(data)
     return data
 
 
@@ -828,27 +828,33 @@ def pixel_digest(array: np.ndarray) -> int:
 LEAK_WARNING_SHARE = 0.01
 
 
-def test_images_in_training(data: ClassificationData) -> int:
-    """How many test images have exactly the pixels of an image the model trains on (the
-    same photo in both splits: its test top-1 measures memory, not generalization); recorded
-    in ``data.info`` (``test_images_in_training``) where there are any, and logged: a warning
-    from :data:`LEAK_WARNING_SHARE` of the test split on (CIFAR-100 itself has 10 of
-    10,000, which is logged only)."""
-    train, test = data.train, data.test
-    if train is None or test is None or train.pixel_digests is None or test.pixel_digests is None or not len(test):
-        return 0
-    same = np.isin(test.pixel_digests, train.pixel_digests)
-    count = int(same.sum())
-    if count:
-        data.info["test_images_in_training"] = count
-        share = count / len(test)
-        rows = short_list([int(r) for r in test.source_rows[same]], 5)
+def images_in_training(data: ClassificationData) -> dict[str, int]:
+    """How many validation and test images have exactly the pixels of an image the model
+    trains on (the same photo in both splits: its top-1 measures memory, not
+    generalization), by split; recorded in ``data.info`` (``test_images_in_training``,
+    ``validation_images_in_training``) where there are any, and logged: a warning from
+    :data:`LEAK_WARNING_SHARE` of the split on (CIFAR-100 itself has 10 of 10,000 test
+    images, which is logged only)."""
+    train = data.train
+    counts: dict[str, int] = {}
+    if train is None or train.pixel_digests is None:
+        return counts
+    for kind, split in (("validation", data.validation), ("test", data.test)):
+        if split is None or split.pixel_digests is None or not len(split):
+            continue
+        same = np.isin(split.pixel_digests, train.pixel_digests)
+        count = counts[kind] = int(same.sum())
+        if not count:
+            continue
+        data.info[f"{kind}_images_in_training"] = count
+        share = count / len(split)
+        rows = short_list([int(r) for r in split.source_rows[same]], 5)
         (logger.warning if share >= LEAK_WARNING_SHARE else logger.info)(
-            "%d of the %d test images (%.1f%%; split %r, rows %s) have exactly the pixels of a training image of "
-            "this run: their top-1 measures what the model memorized, not how it generalizes.", count, len(test),
-            100 * share, test.split_name, rows,
+            "%d of the %d %s images (%.1f%%; split %r, rows %s) have exactly the pixels of a training image of "
+            "this run: their top-1 measures what the model memorized, not how it generalizes.", count, len(split),
+            kind, 100 * share, split.split_name, rows,
         )  # fmt: skip
-    return count
+    return counts
 
 
 # --------------------------------------------------------------------------- torch side

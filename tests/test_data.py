@@ -314,7 +314,7 @@ def test_test_images_with_a_training_images_pixels_are_counted_and_named(tmp_pat
     with caplog.at_level("INFO", logger="refilled_hf.data"):
         data = load_classification_data(str(folder), classes="0-2", validation_fraction=0.0)
     assert data.info["test_images_in_training"] == 3
-    assert "WARNING" in caplog.text
+    assert "WARNING" in caplog.text and "validation_images_in_training" not in data.info
     assert "3 of the 15 test images (20.0%; split 'test', rows [24, 25, 26])" in caplog.text
     # the same images drawn out of training (other classes, or not among the shots) are not counted
     load_raw_dataset.cache_clear()
@@ -324,6 +324,13 @@ def test_test_images_with_a_training_images_pixels_are_counted_and_named(tmp_pat
     chosen = {bytes(exact.train._decoded[i]) for i in range(len(exact.train))}
     expected = sum(bytes(exact.test._decoded[i]) in chosen for i in range(len(exact.test)))
     assert exact.info.get("test_images_in_training", 0) == expected
+    # a training split holding one photo four times: the carve puts some copies in validation
+    pq.write_table(pa.concat_tables([train] + [train.take(copied[:1])] * 3), folder / "train.parquet")
+    load_raw_dataset.cache_clear()
+    carved = load_classification_data(str(folder), classes="0-2", validation_fraction=0.5, seed=1)
+    chosen = {bytes(carved.train._decoded[i]) for i in range(len(carved.train))}
+    expected = sum(bytes(carved.validation._decoded[i]) in chosen for i in range(len(carved.validation)))
+    assert 0 < expected < 4 and carved.info["validation_images_in_training"] == expected
 
 
 def test_splits_whose_files_name_the_label_ids_differently_are_refused(tmp_path):
