@@ -806,14 +806,15 @@ def load_classification_data(
     return data
 
 
-def decode_splits(data: ClassificationData) -> ClassificationData:
+def decode_splits(data: ClassificationData, log: bool = True) -> ClassificationData:
     """Decode-check every image of ``data``'s splits now (refused with the bad rows named),
-    keeping them decoded when they fit in memory; count the test images whose pixels are a
-    training image's (:func:`images_in_training`)."""
+    keeping them decoded when they fit in memory; count the validation and test images whose
+    pixels are a training image's (:func:`images_in_training`; said in the log where ``log``:
+    one process of several says it)."""
     for split in (data.train, data.validation, data.test):
         if split is not None:
             split.preload()
-    images_in_training(data)
+    images_in_training(data, log=log)
     return data
 
 
@@ -828,7 +829,7 @@ def pixel_digest(array: np.ndarray) -> int:
 LEAK_WARNING_SHARE = 0.01
 
 
-def images_in_training(data: ClassificationData) -> dict[str, int]:
+def images_in_training(data: ClassificationData, log: bool = True) -> dict[str, int]:
     """How many validation and test images have exactly the pixels of an image the model
     trains on (the same photo in both splits: its top-1 measures memory, not
     generalization), by split; recorded in ``data.info`` (``test_images_in_training``,
@@ -847,6 +848,8 @@ def images_in_training(data: ClassificationData) -> dict[str, int]:
         if not count:
             continue
         data.info[f"{kind}_images_in_training"] = count
+        if not log:
+            continue
         share = count / len(split)
         rows = short_list([int(r) for r in split.source_rows[same]], 5)
         (logger.warning if share >= LEAK_WARNING_SHARE else logger.info)(

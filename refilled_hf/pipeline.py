@@ -127,7 +127,7 @@ def prepare_data(config: RefilledConfig, data: ClassificationData, pretrained_cf
                  augment_train: bool = True) -> ClassificationData:  # fmt: skip
     """``data`` (from :func:`select_data`) decode-checked, with the model's transforms, on
     the data path chosen (logged): see :func:`load_data`."""
-    decode_splits(data)
+    decode_splits(data, log=config.process_index == 0)
     cfg = data_pretrained_cfg(pretrained_cfg, config.image_size)
     training = augment_train and data.train is not None
     logger.info("Input: %s.", input_size_text(cfg, config.image_size, data, training))
@@ -522,6 +522,8 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     teacher as a ce student) is recorded in results.json, for the model card."""
     out = Path(config.output_dir)
     method = config.method
+    if not config.should_log:  # a replica: --log_level_replica (transformers' default: warnings) for ours too
+        logging.getLogger("refilled_hf").setLevel(config.get_process_log_level())
     if method != "ce" and not config.teacher:
         raise ConfigError(f"method={method!r} needs a teacher: set `--teacher` (see --help).")
     if config.push_to_hub:

@@ -87,6 +87,8 @@ def test_two_processes_match_one(tmp_path):
         assert all(exported[k].equal(chosen[k]) for k in chosen)
     log = two.stdout + two.stderr
     assert log.count("Exported the model to") == 1 and "(process 0)" in log
+    # what every process would say alike is said once (replicas: --log_level_replica, warnings)
+    assert log.count("Data path: ") == 1 and log.count("Teacher input: ") == 1
 
     # run again once finished: its results, nothing trained; another run's settings: every process
     # refuses with the same message (the others used to fail on the closed process group)
