@@ -418,9 +418,11 @@ def render_model_card(
     timm_spec = f"hf-hub:{repo_id}" if repo_id else LOCAL_SPEC
     evaluate = f"refilled-hf evaluate --model {timm_spec}"
     evaluate += f" --dataset {dataset if on_hub else f'<your copy of {dataset_id}>'}"
-    for flag in ("dataset_config", "test_split"):
+    for flag in ("dataset_config", "test_split", "image_column", "label_column"):
         if recipe.get(flag) not in (None, "test" if flag == "test_split" else None):
             evaluate += f" --{flag} {recipe[flag]}"
+    # the run measured under its mixed precision: the same command reproduces its numbers
+    evaluate += "".join(f" --{flag} true" for flag in ("bf16", "fp16") if recipe.get(flag))
     has_test = bool(final.get("test_samples"))  # as the results' intro reads it
     if not has_test:  # `evaluate` measures the test split unless told otherwise
         evaluate += " --split validation"

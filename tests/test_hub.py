@@ -131,7 +131,7 @@ def test_card_states_what_the_run_did_that_the_defaults_do_not():
                             warmup_steps=0.05, max_grad_norm=1.0, label_smoothing_factor=0.1, max_steps=3,
                             gradient_accumulation_steps=2, distill_weight_schedule="linear",
                             distill_images="teacher_correct", stage1_epochs=10, stage2_epochs=20,
-                            test_split="valid")  # fmt: skip
+                            test_split="valid", bf16=True, label_column="species")  # fmt: skip
     results = _fake_results(**config.final_stage_schedule())
     results["stage1"]["train_metrics"]["epoch"] = 0.5
     results["final"]["train_metrics"]["epoch"] = 20.0
@@ -150,6 +150,8 @@ def test_card_states_what_the_run_did_that_the_defaults_do_not():
     assert "lambda 10 (decaying to 0 over stage 2, linear)" in text
     assert "only on the images whose teacher local" in text
     assert "on the `valid` split" in text and "--test_split valid" in text
+    # the command that measures it again reads the same column, under the same mixed precision
+    assert "--dataset uoft-cs/cifar100 --test_split valid --label_column species --bf16 true\n" in text
     assert {r.dataset_split for r in ModelCard(text).data.eval_results} == {"valid"}
 
 
