@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .hub import HubPushError
     from .pipeline import RunError
-    from .rundir import RunDirError
+    from .rundir import DiskFullError, RunDirError
 
     try:
         if command in ("train-teacher", "distill"):
@@ -587,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
             "--per_device_eval_batch_size or --image_size.",
             file=sys.stderr,
         )
+        return 1
+    except DiskFullError as err:  # its message says how to continue
+        print(f"refilled-hf {command}: error: {err.strerror}", file=sys.stderr)
         return 1
     except OSError as err:
         print(f"refilled-hf {command}: error: {_one_line(err)}", file=sys.stderr)

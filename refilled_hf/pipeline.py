@@ -63,6 +63,7 @@ from .rundir import (
     NON_IDENTITY_FIELDS,
     RunDirectory,
     checkpoint_problem,
+    disk_full_error,
     last_complete_checkpoint,
     tensor_fingerprint,
 )
@@ -618,6 +619,11 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         cache = _teacher_cache(config, teacher, data, identity["teacher_weights"], results)
         return _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks,
                            results, out, cache)  # fmt: skip
+    except Exception as err:
+        full = disk_full_error(err, out)
+        if full is None:
+            raise
+        raise full from err
     finally:
         rundir.release()
 

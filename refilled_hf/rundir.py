@@ -21,6 +21,7 @@ One place for the safety of ``output_dir``, which the pipeline calls before any 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,6 +36,7 @@ import torch
 from .hub import write_json_atomically
 
 __all__ = [
+    "DiskFullError",
     "MANIFEST",
     "RunDirError",
     "RunDirectory",
@@ -65,6 +67,45 @@ NON_IDENTITY_FIELDS = frozenset(
 
 class RunDirError(ValueError):
     """The output folder cannot be used as asked (the message says why and what to do)."""
+
+
+class DiskFullError(OSError):
+    """The disk filled up while a run wrote to it (the message says how to continue)."""
+
+
+#: free space of the output folder's disk under which a failure while a run writes is put
+#: down to a full disk (torch.save then fails with "unexpected pos 576 vs 534", no errno)
+DISK_FULL_BYTES = 64 * 2**20
+
+
+def disk_full_error(err: BaseException, out: Path) -> DiskFullError | None:
+    """``err`` as a :class:`DiskFullError` where the disk is full: an error that says so (an
+    ``ENOSPC``/``EDQUOT`` errno, safetensors' "No space left on device"), or any error while
+    the output folder's disk has under :data:`DISK_FULL_BYTES` free. None otherwise."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    said = any(
+        getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or "No space left on device" in str(e)
+        or "Disk quota exceeded" in str(e)
+        for e in chain
+    )
+    try:
+        free: int | None = shutil.disk_usage(out).free
+    except OSError:
+        free = None
+    if not said and (free is None or free >= DISK_FULL_BYTES):
+        return None
+    detail = " ".join(str(chain[0]).split())[:200]
+    room = f"; {out} has {free / 2**20:.1f} MiB free" if free is not None else ""
+    return DiskFullError(
+        errno.ENOSPC,
+        f"No space left on the disk while the run wrote its outputs ({type(chain[0]).__name__}: {detail}{room}). "
+        "Free space, or copy the run folder to a larger disk, and continue it there with --resume_from_checkpoint "
+        "true: each stage resumes from its last complete checkpoint, and a save cut short is skipped.",
+    )
 
 
 def tensor_fingerprint(state: dict[str, torch.Tensor]) -> str:

@@ -14,6 +14,7 @@ from helpers import tiny_recipe, write_image_dataset
 
 from refilled_hf.cli import CliError, main, parse_config, resolved_config
 from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.rundir import DiskFullError
 
 
 def write_recipe(path, **fields):
@@ -122,10 +123,12 @@ def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
          r"error: out of memory on the GPU; lower --per_device_train_batch_size"),
         (MemoryError(), 1, r"error: out of memory on the host; lower --per_device_train_batch_size"),
         (OSError(28, "No space left on device"), 1, r"error: OSError: \[Errno 28\] No space left on device$"),
+        (DiskFullError(28, "No space left on the disk while ... --resume_from_checkpoint true"), 1,
+         r"error: No space left on the disk while \.\.\. --resume_from_checkpoint true$"),
         (KeyboardInterrupt(), 130, r"interrupted\.$"),
         (RuntimeError("a bug"), 1, r"internal error: RuntimeError: a bug \(set REFILLED_HF_TRACEBACK=1"),
     ],
-    ids=["gpu-oom", "host-oom", "disk-full", "interrupt", "bug"],
+    ids=["gpu-oom", "host-oom", "disk-full", "disk-full-while-training", "interrupt", "bug"],
 )  # fmt: skip
 def test_failures_during_a_command_end_in_one_line_and_a_nonzero_exit(error, code, message, monkeypatch, capsys):
     from refilled_hf import cli

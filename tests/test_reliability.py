@@ -213,6 +213,37 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
     assert last_complete_checkpoint(stage) == stage / "checkpoint-6"
 
 
+class _DiskFullAtSave(TrainerCallback):
+    """The disk fills up as the stage saves its second checkpoint: torch.save then fails
+    with a message that names no cause (what it raised on a full tmpfs)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 6:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+@pytest.mark.slow
+def test_a_full_disk_says_so_and_the_run_continues_from_its_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    from refilled_hf.rundir import DiskFullError, disk_full_error
+
+    recipe = tiny_recipe(data_dir, tmp_path / "run", method="ce", stage2_epochs=3, stage2_milestones="2")
+    reference = run_distillation(RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "reference")}))
+    real = shutil_module.disk_usage
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: real(path)._replace(free=5 * 2**20))
+    with pytest.raises(DiskFullError, match=r"No space left on the disk .*unexpected pos .*5\.0 MiB free.*"
+                                            r"--resume_from_checkpoint true"):  # fmt: skip
+        run_distillation(RefilledConfig(**recipe), callbacks=[_DiskFullAtSave()])
+    monkeypatch.setattr(shutil_module, "disk_usage", real)
+    assert not (tmp_path / "run" / "results.json").exists()
+    results = run_distillation(RefilledConfig(**{**recipe, "resume_from_checkpoint": "true"}))
+    assert results["final"]["test_top1"] == reference["final"]["test_top1"]
+    # an error that names the cause is one whatever the free space; another, with room, is itself
+    assert disk_full_error(OSError(28, "No space left on device"), tmp_path) is not None
+    assert disk_full_error(RuntimeError("a bug"), tmp_path) is None
+
+
 def test_export_is_atomic(tmp_path, monkeypatch):
     model = timm.create_model("cifar_wrn_16_1", num_classes=2)
     folder = export_model(model, tmp_path / "model", label_names=["a", "b"])
