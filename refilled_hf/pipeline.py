@@ -38,6 +38,7 @@ from transformers import set_seed
 from .backbone import FrozenTeacher, StudentModel, load_timm_model
 from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, options_text
 from .data import (
+    CIFAR_STYLE_MAX_SIZE,
     SPLITS,
     ClassificationData,
     build_transform,
@@ -982,6 +983,12 @@ def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, resul
     if trainer.is_world_process_zero():
         cfg = data_pretrained_cfg(student.model.pretrained_cfg, config.image_size)
         data_config = {"input_size": cfg["input_size"], "mean": cfg.get("mean"), "std": cfg.get("std")}
+        if cfg["input_size"][-1] <= CIFAR_STYLE_MAX_SIZE:
+            # evaluated (and trained) on each image resized to the square input, its aspect ratio not
+            # kept: timm's `squash` (crop 1.0) makes timm's and transformers' preprocessing of the
+            # export the same, where their default, resize and centre crop, sees another part of a
+            # non-square image than the measured top-1 did
+            data_config.update(crop_mode="squash", crop_pct=1.0)
         baselines = _baseline_results(config)
         check_comparable(results, baselines)
         card = render_model_card(

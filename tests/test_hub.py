@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -44,6 +45,29 @@ def test_export_loads_identically_in_timm_and_transformers(name, size, tmp_path)
         via_hf = AutoModelForImageClassification.from_pretrained(str(folder)).eval()(pixel_values=x).logits
     assert torch.equal(via_timm, expected)
     torch.testing.assert_close(via_hf, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [16, 72])
+def test_timm_and_transformers_preprocess_a_runs_export_as_the_run_evaluated_it(size, data_dir, tmp_path):
+    """At 64 px or less a run resizes each image to the square input (its aspect ratio not
+    kept); timm's default for the export, resize and centre crop, fed a non-square photo
+    another part of it than the measured top-1 saw. Larger inputs use timm's transforms."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from refilled_hf.data import build_transform
+
+    run_distillation(RefilledConfig(**tiny_recipe(data_dir, tmp_path / "run", method="ce", max_steps=1,
+                                                  image_size=size, per_device_eval_batch_size=4)))  # fmt: skip
+    folder = tmp_path / "run" / "model"
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 60, 3), dtype=np.uint8))
+    measured = build_transform(model.pretrained_cfg, train=False)(photo)  # what the run and `evaluate` feed it
+    via_timm = timm.data.create_transform(**timm.data.resolve_data_config(model=model), is_training=False)(photo)
+    via_hf = AutoImageProcessor.from_pretrained(str(folder))(photo, return_tensors="pt")["pixel_values"][0]
+    assert measured.shape == (3, size, size)
+    torch.testing.assert_close(via_timm, measured, rtol=0, atol=1e-6)
+    torch.testing.assert_close(via_hf, measured, rtol=0, atol=1e-5)
 
 
 def test_export_loads_in_a_fresh_process(tmp_path):
