@@ -9,6 +9,7 @@ is rewritten or cached to disk; images are decoded once into memory when they ar
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
 import functools
@@ -222,12 +223,21 @@ def _check_class_folders(root: Path, raw: datasets.DatasetDict) -> None:
     def is_split(folder: Path) -> bool:
         return any(word.lower() in _SPLIT_WORDS for word in re.split(r"[-._ 0-9]+", folder.name))
 
+    def split_of(folder: Path) -> Path:  # the split folder it lies in, or the data set's own
+        while folder != root and folder.parent != folder and not is_split(folder):
+            folder = folder.parent
+        return folder
+
+    # folders holding class folders, other than split folders and the data set's own: one per split
+    # is a layout (train/images/<class>); several (train/cat/day1, train/dog/day1), or one beside a
+    # class folder (train/cat/day1, train/dog), are class folders whose sub-folders became classes
     holders = {folder.parent for folder in label_folders} - {root}
     holders = {h for h in holders if not is_split(h)}
-    nested = len(holders) > 1 or any(h.parent == f.parent for h in holders for f in label_folders)
+    per_split = collections.Counter(split_of(h) for h in holders)
+    nested = {h for h in holders if per_split[split_of(h)] > 1 or any(h.parent == f.parent for f in label_folders)}
     if not nested:
         return
-    example = next(image for folder, image in sorted(label_folders.items()) if folder.parent in holders)
+    example = next(image for folder, image in sorted(label_folders.items()) if folder.parent in nested)
     names = sorted({f.name for f in label_folders})
     raise DataError(
         f"{root} is read as an image folder, whose images are labelled by the folder that holds them: "

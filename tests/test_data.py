@@ -333,6 +333,19 @@ def test_test_images_with_a_training_images_pixels_are_counted_and_named(tmp_pat
     assert 0 < expected < 4 and carved.info["validation_images_in_training"] == expected
 
 
+def test_class_folders_inside_a_folder_of_each_split_are_a_layout(tmp_path):
+    """train/images/<class>/: one folder holding the class folders in each split is not nested."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / "images" / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / "images" / name / f"{i}.png")
+    data = load_classification_data(str(tmp_path), validation_fraction=0.0)
+    assert data.class_names == ["cat", "dog"] and (len(data.train), len(data.test)) == (4, 4)
+
+
 def test_splits_whose_files_name_the_label_ids_differently_are_refused(tmp_path):
     """class_encode_column on a test split that lacks class 'a' names its ids [b, c]; datasets
     reads it with train's [a, b, c], so every test 'b' became an 'a' (and 'c' a 'b')."""
