@@ -9,7 +9,6 @@ is rewritten or cached to disk; images are decoded once into memory when they ar
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import difflib
 import functools
@@ -17,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,11 +147,15 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
         if path.is_file() and path.suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files={"train": str(path)})
         if path.is_dir():
-            _check_label_names_agree(path)
             with _quiet_logger("huggingface_hub.repocard"):  # a folder's README without a metadata block is fine
-                raw = datasets.load_dataset(str(path), config_name)
-            _check_class_folders(path, raw)
-            return raw
+                # what datasets.load_dataset does, with a look at the files it reads, by split, in between
+                builder = datasets.load_dataset_builder(str(path), config_name)
+                files = {str(split): [Path(f) for f in split_files]
+                         for split, split_files in (builder.config.data_files or {}).items()}  # fmt: skip
+                _check_label_names_agree(path, files)
+                _check_class_folders(path, files)
+                builder.download_and_prepare()
+                return builder.as_dataset()
         if name_or_path.startswith((".", "/")) or name_or_path.endswith(".parquet"):
             raise DataError(f"Data set {name_or_path!r} not found: no such file or folder.")
         return datasets.load_dataset(name_or_path, config_name)
@@ -168,15 +170,16 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
         ) from err
 
 
-def _check_label_names_agree(root: Path) -> None:
-    """Refuse a folder whose parquet files name their label ids differently (``ClassLabel``
-    names ``[a, b, c]`` in train.parquet, ``[b, c]`` in test.parquet, as ``class_encode_column``
-    writes a split that lacks a class): ``datasets`` reads every file with one file's
-    names, so the other's label 0 (``b``) would silently read as ``a``."""
+def _check_label_names_agree(root: Path, files: dict[str, list[Path]]) -> None:
+    """Refuse a folder whose parquet files (``files``: those datasets reads, by split) name
+    their label ids differently (``ClassLabel`` names ``[a, b, c]`` in train.parquet, ``[b, c]``
+    in test.parquet, as ``class_encode_column`` writes a split that lacks a class):
+    ``datasets`` reads every file with one file's names, so the other's label 0 (``b``)
+    would silently read as ``a``."""
     import pyarrow.parquet as pq
 
     seen: dict[str, dict[tuple[str, ...], Path]] = {}  # column -> names -> first file naming them so
-    for file in sorted(root.rglob("*.parquet")):
+    for file in sorted({f for split_files in files.values() for f in split_files if f.suffix == ".parquet"}):
         try:
             metadata = pq.read_schema(file).metadata or {}
             features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
@@ -190,61 +193,48 @@ def _check_label_names_agree(root: Path) -> None:
             (first, a), (second, b) = list(namings.items())[:2]
             raise DataError(
                 f"The parquet files of {root} name the ids of label column {column!r} differently: "
-                f"{a.relative_to(root)} as {short_list(list(first))}, {b.relative_to(root)} as "
+                f"{_relative(a, root)} as {short_list(list(first))}, {_relative(b, root)} as "
                 f"{short_list(list(second))}. datasets reads every file with one file's names, so the same id would "
                 "mean another class in another split. Write every split with the same class names (e.g. "
                 f"`split.cast_column({column!r}, ClassLabel(names=all_names))` after mapping its labels by name)."
             )
 
 
-#: the names ``datasets`` reads as a split in a folder's name (``train``, ``training_set``, ``val``...)
-_SPLIT_WORDS = frozenset(word for words in datasets.data_files.SPLIT_KEYWORDS.values() for word in words)
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
 #: files that label an image folder's images themselves (then the folders do not)
 _METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 
 
-def _check_class_folders(root: Path, raw: datasets.DatasetDict) -> None:
-    """Refuse an image folder whose images lie in sub-folders of their class folders
-    (``train/cat/day1/0.png``): ``datasets`` labels each image by the folder that holds it,
-    so the classes would silently be ``day1``, ``day2``... Folders holding class folders
-    are the data set's own folder or split folders; anything else is reported."""
-    if not any(getattr(split.info, "builder_name", None) == "imagefolder" for split in raw.values()):
-        return
+def _check_class_folders(root: Path, files: dict[str, list[Path]]) -> None:
+    """Refuse an image folder (``files``: the files datasets reads, by split) whose images lie
+    in sub-folders of their class folders (``train/cat/day1/0.png``): ``datasets`` labels each
+    image by the folder that holds it, so the classes would silently be ``day1``, ``day2``...
+    In a split, every class folder lies in one folder (``train/``, ``train/images/``, or the
+    data set's own); class folders in several (``train/cat/``, ``train/dog/``) are refused."""
     extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
-    label_folders: dict[Path, Path] = {}  # folder holding images -> one of its images
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [d for d in subfolders if not d.startswith((".", "__"))]  # what datasets skips
-        if any(name in _METADATA_FILES for name in files):
-            return  # a metadata file gives the labels
-        image = next((name for name in sorted(files) if Path(name).suffix.lower() in extensions), None)
-        if image is not None:
-            label_folders[Path(folder)] = Path(folder) / image
-
-    def is_split(folder: Path) -> bool:
-        return any(word.lower() in _SPLIT_WORDS for word in re.split(r"[-._ 0-9]+", folder.name))
-
-    def split_of(folder: Path) -> Path:  # the split folder it lies in, or the data set's own
-        while folder != root and folder.parent != folder and not is_split(folder):
-            folder = folder.parent
-        return folder
-
-    # folders holding class folders, other than split folders and the data set's own: one per split
-    # is a layout (train/images/<class>); several (train/cat/day1, train/dog/day1), or one beside a
-    # class folder (train/cat/day1, train/dog), are class folders whose sub-folders became classes
-    holders = {folder.parent for folder in label_folders} - {root}
-    holders = {h for h in holders if not is_split(h)}
-    per_split = collections.Counter(split_of(h) for h in holders)
-    nested = {h for h in holders if per_split[split_of(h)] > 1 or any(h.parent == f.parent for f in label_folders)}
-    if not nested:
-        return
-    example = next(image for folder, image in sorted(label_folders.items()) if folder.parent in nested)
-    names = sorted({f.name for f in label_folders})
-    raise DataError(
-        f"{root} is read as an image folder, whose images are labelled by the folder that holds them: "
-        f"{example.relative_to(root)} is labelled {example.parent.name!r}, not {example.parent.parent.name!r}, "
-        f"and the classes would be {short_list(names)}. Put each class's images directly in its folder "
-        "(train/<class>/*.jpg, test/<class>/...), or write a metadata.csv with a label column."
-    )
+    every = [f for split_files in files.values() for f in split_files]
+    if any(f.name in _METADATA_FILES for f in every):
+        return  # a metadata file gives the labels
+    for split, split_files in files.items():
+        images = sorted(f for f in split_files if f.suffix.lower() in extensions)
+        holders = {image.parent.parent for image in images}
+        if len(holders) < 2:
+            continue
+        # the image deepest down shows the sub-folder that became its label
+        example = min(images, key=lambda image: (-len(image.parts), str(image)))
+        names = sorted({image.parent.name for image in images})
+        raise DataError(
+            f"{root} is read as an image folder, whose images are labelled by the folder that holds them: "
+            f"{_relative(example, root)} is labelled {example.parent.name!r}, not {example.parent.parent.name!r}, "
+            f"and the classes of split {split!r} would be {short_list(names)}. Put each class's images directly in "
+            "its folder (train/<class>/*.jpg, test/<class>/...), or write a metadata.csv with a label column."
+        )
 
 
 def detect_columns(
