@@ -143,7 +143,18 @@ def exported_config(spec: str | None) -> dict[str, Any] | None:
     without one, or (with a warning) an ``hf-hub:`` file that cannot be fetched."""
     if spec and spec.startswith("local-dir:"):
         path = Path(spec[len("local-dir:") :]) / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ModelLoadError(
+                f"{spec!r}: its config.json is not valid JSON ({error_text(err)}). The folder is damaged or "
+                "incomplete: export or copy it again (config.json + model.safetensors)."
+            ) from None
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{spec!r}: its config.json holds no timm model configuration (a JSON object).")
+        return config
     if spec and spec.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
 
@@ -245,7 +256,13 @@ def _load_timm_model(
             )
         architecture = config.get("architecture", "")
         if architecture and not timm.is_model(architecture):
-            raise _unknown_model_error(architecture)
+            close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+            raise ModelLoadError(
+                f"{spec!r}: its config.json names the architecture {architecture!r}, which timm does not know"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + ". It was exported by a timm that has it, or by a library that registers it with timm when imported "
+                "(refilled-hf registers its cifar_wrn_*): upgrade timm, or export the model again."
+            )
         extra = {} if num_classes is None else {"num_classes": num_classes}
         try:
             return timm.create_model(spec, pretrained=True, **extra, **kwargs)

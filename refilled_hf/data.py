@@ -182,8 +182,14 @@ def _check_label_names_agree(root: Path, files: dict[str, list[Path]]) -> None:
     for file in sorted({f for split_files in files.values() for f in split_files if f.suffix == ".parquet"}):
         try:
             metadata = pq.read_schema(file).metadata or {}
+        except Exception as err:  # noqa: BLE001 - arrow's errors for a truncated or foreign file
+            raise DataError(
+                f"{_relative(file, root)} of {root} is not a readable parquet file ({error_text(err)}): it is damaged "
+                "or incomplete (a copy cut short?). Copy or write it again."
+            ) from None
+        try:
             features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
-        except Exception:  # noqa: BLE001 - not a parquet file datasets can read: datasets reports it
+        except (ValueError, AttributeError):  # metadata another writer put there: no ClassLabel names to compare
             continue
         for column, feature in features.items():
             if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):

@@ -324,6 +324,34 @@ def test_a_local_model_folder_with_damaged_weights_is_refused_in_one_line(damage
                      f"local-dir:{model}"], "weights could not be loaded", tmp_path / "out")  # fmt: skip
 
 
+@pytest.mark.parametrize("damage", ["config not json", "unknown architecture"])
+def test_a_local_model_folder_with_a_damaged_config_is_refused_in_one_line(damage, capsys, data_dir, tmp_path):
+    model = write_random_teacher(tmp_path / "m", label_names=CLASS_NAMES[:3])
+    config = model / "config.json"
+    if damage == "config not json":
+        config.write_text(config.read_text()[:40])
+        message = r"its config\.json is not valid JSON \(JSONDecodeError: .*\)\. The folder is damaged or incomplete"
+    else:
+        config.write_text(config.read_text().replace('"cifar_wrn_16_1"', '"cifar_wrn_16_9"'))
+        message = r"config\.json names the architecture 'cifar_wrn_16_9', which timm does not know \(did you mean"
+    argv = ["evaluate", "--model", f"local-dir:{model}", "--dataset", str(data_dir), "--use_cpu", "true",
+            "--image_size", "16", "--output_dir", str(tmp_path / "e")]  # fmt: skip
+    refused(capsys, argv, message)
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--method", "rkd", "--teacher",
+                     f"local-dir:{model}"], message, tmp_path / "out")  # fmt: skip
+
+
+def test_a_truncated_parquet_file_is_named(capsys, data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    (copy / "test.parquet").write_bytes((copy / "test.parquet").read_bytes()[:3000])
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, copy)],
+            r"test\.parquet of .*data is not a readable parquet file \(ArrowInvalid: .*\): it is damaged",
+            tmp_path / "out")  # fmt: skip
+
+
 def test_a_checkpoint_that_is_not_a_state_dict_is_refused_in_one_line(capsys, data_dir, tmp_path):
     (tmp_path / "w.pt").write_bytes(b"not a pickle at all")
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--student_checkpoint",
