@@ -261,7 +261,7 @@ def _load_timm_model(
                 f"{spec!r}: its config.json names the architecture {architecture!r}, which timm does not know"
                 + (f" (did you mean {', '.join(close)}?)" if close else "")
                 + ". It was exported by a timm that has it, or by a library that registers it with timm when imported "
-                "(refilled-hf registers its cifar_wrn_*): upgrade timm, or export the model again."
+                "(`import refilled_hf` registers its cifar_wrn_*): upgrade timm, or export the model again."
             )
         extra = {} if num_classes is None else {"num_classes": num_classes}
         try:
