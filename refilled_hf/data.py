@@ -239,7 +239,8 @@ def _check_class_folders(root: Path, files: dict[str, list[Path]]) -> None:
             f"{root} is read as an image folder, whose images are labelled by the folder that holds them: "
             f"{_relative(example, root)} is labelled {example.parent.name!r}, not {example.parent.parent.name!r}, "
             f"and the classes of split {split!r} would be {short_list(names)}. Put each class's images directly in "
-            "its folder (train/<class>/*.jpg, test/<class>/...), or write a metadata.csv with a label column."
+            "its folder (train/<class>/*.jpg, test/<class>/...), or label the images in a metadata.jsonl file "
+            "(file_name, label)."
         )
 
 

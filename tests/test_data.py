@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import numpy as np
 import pyarrow as pa
@@ -383,9 +385,10 @@ def test_images_in_sub_folders_of_their_class_folders_are_refused(layout, tmp_pa
     with pytest.raises(DataError, match=message):
         load_classification_data(str(tmp_path), validation_fraction=0.0)
     # a metadata file labels the images itself: the folders then do not matter
-    rows = [f"{p.relative_to(tmp_path / 'train').as_posix()},{p.parts[-3 if p.parent.name.startswith('day') else -2]}"
+    rows = [{"file_name": p.relative_to(tmp_path / "train").as_posix(),
+             "species": p.parts[-3 if p.parent.name.startswith("day") else -2]}
             for p in sorted((tmp_path / "train").rglob("*.png"))]  # fmt: skip
-    (tmp_path / "train" / "metadata.csv").write_text("file_name,species\n" + "\n".join(rows) + "\n")
+    (tmp_path / "train" / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     load_raw_dataset.cache_clear()
     assert load_raw_dataset(str(tmp_path / "train"))["train"].unique("species") == ["cat", "dog"]
 
