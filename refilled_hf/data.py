@@ -9,6 +9,7 @@ is rewritten or cached to disk; images are decoded once into memory when they ar
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
 import functools
@@ -16,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,7 +151,11 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
         if path.is_dir():
             with _quiet_logger("huggingface_hub.repocard"):  # a folder's README without a metadata block is fine
                 # what datasets.load_dataset does, with a look at the files it reads, by split, in between
-                builder = datasets.load_dataset_builder(str(path), config_name)
+                # ("." or "..": named by the folder they are, as datasets names a data set by its folder)
+                source = str(path.resolve()) if path.name in ("", ".", "..") else str(path)
+                builder = datasets.load_dataset_builder(source, config_name)
+                if builder.name == "imagefolder" and config_name is None:
+                    builder = _tabular_builder(source, builder) or builder
                 files = {str(split): [Path(f) for f in split_files]
                          for split, split_files in (builder.config.data_files or {}).items()}  # fmt: skip
                 _check_label_names_agree(path, files)
@@ -168,6 +174,42 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
             "(train.parquet, test.parquet), a folder of images by split and class (train/<class>/*.png, "
             "test/<class>/...) or one parquet file."
         ) from err
+
+
+#: datasets' builders for tables of rows, by file suffix (an image column of paths or bytes)
+_TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+
+
+def _tabular_builder(source: str, image_folder: datasets.DatasetBuilder) -> datasets.DatasetBuilder | None:
+    """For a folder that datasets reads as an image folder but that holds tables named by
+    split (``train.csv``, ``test.parquet``) beside the images their rows name, the builder of
+    those tables: datasets picks a folder's builder by its most common kind of file, so it
+    read the images as an image folder (labels from their folders, splits from their names)
+    and the tables not at all. None where it holds no such table (an image folder's own
+    ``metadata.*`` files are not ones), or where the images lie in class folders (an image
+    folder beside a table of the user's own)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    for split_files in (image_folder.config.data_files or {}).values():
+        if len({Path(f).parent for f in split_files if Path(f).suffix.lower() in extensions}) > 1:
+            return None
+
+    files = DataFilesDict.from_patterns(get_data_patterns(source), base_path=source)
+    tables = collections.Counter(
+        Path(f).suffix for split_files in files.values() for f in split_files
+        if Path(f).suffix in _TABLE_BUILDERS and not Path(f).name.startswith("metadata.")
+    )  # fmt: skip
+    if not tables:
+        return None
+    suffix = tables.most_common(1)[0][0]
+    by_split = {str(split): [f for f in names if Path(f).suffix == suffix] for split, names in files.items()}
+    by_split = {split: kept for split, kept in by_split.items() if kept}
+    logger.info(
+        "%s holds %s files by split and images: reading the %s files (their rows name the images).", source,
+        suffix, suffix,
+    )  # fmt: skip
+    return datasets.load_dataset_builder(_TABLE_BUILDERS[suffix], data_files=by_split)
 
 
 def _check_label_names_agree(root: Path, files: dict[str, list[Path]]) -> None:
@@ -726,9 +768,12 @@ def load_classification_data(
         chosen = [rng.permutation(np.flatnonzero(local == c))[:shots_per_class] for c in range(len(selected))]
         positions = positions[np.sort(np.concatenate(chosen))]
 
+    local = Path(dataset).expanduser()
+    image_root = local if local.is_dir() else local.parent if local.is_file() else None
+
     def subset(split: datasets.Dataset, pos: np.ndarray, labels: np.ndarray, name: str) -> ImageClassificationDataset:
         return ImageClassificationDataset(split.select(pos), image_col, remap[labels[pos]], split_name=name,
-                                          source_rows=pos)  # fmt: skip
+                                          source_rows=pos, image_root=image_root)  # fmt: skip
 
     def other_split(name: str, option: str) -> tuple[datasets.Dataset, np.ndarray, np.ndarray]:
         """A split other than the training one (named by ``option``): its rows, labels and
@@ -880,9 +925,12 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, hf_dataset: datasets.Dataset, image_column: str, labels: np.ndarray, transform=None, *,
-                 split_name: str = "train", source_rows: np.ndarray | None = None):  # fmt: skip
+                 split_name: str = "train", source_rows: np.ndarray | None = None,
+                 image_root: str | Path | None = None):  # fmt: skip
         self.hf_dataset = hf_dataset
         self.image_column = image_column
+        #: the folder relative image paths are read from (the data set's own, for a local one)
+        self.image_root = None if image_root is None else Path(image_root)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.split_name = split_name
@@ -910,13 +958,21 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 ) from None
         return self._encoded
 
-    @staticmethod
-    def _decode(item: dict[str, Any] | None) -> np.ndarray:
+    def _decode(self, item: dict[str, Any] | None) -> np.ndarray:
         if item is None or not (item.get("bytes") or item.get("path")):
             raise ValueError("no image")
-        source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+        source = io.BytesIO(item["bytes"]) if item.get("bytes") else self._image_path(item["path"])
         with Image.open(source) as image:
             return rgb_array(image)
+
+    def _image_path(self, path: str) -> str:
+        """A relative image path from the data set's folder (where its parquet or CSV files
+        lie, as a Hub data set's paths are from its repo), not from wherever the run was started;
+        one that lies there only relative to the working folder is read there."""
+        if self.image_root is None or os.path.isabs(path) or "://" in path:
+            return path
+        beside = self.image_root / path
+        return str(beside) if beside.exists() or not os.path.exists(path) else path
 
     def _image(self, index: int) -> np.ndarray:
         return self._decode(self._encoded_images()[int(index)][self.image_column])
@@ -935,6 +991,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 array = self._decode(item)
             except UnreadablePixelsError as err:
                 raise DataError(f"Split {self.split_name!r}, row {int(self.source_rows[i])}: {err}") from None
+            except FileNotFoundError:
+                bad.append((int(self.source_rows[i]), f"no file {item['path']}"))
+                continue
             except Exception as err:  # noqa: BLE001 - PIL raises many kinds on bad data
                 bad.append((int(self.source_rows[i]), type(err).__name__))
                 continue
@@ -951,6 +1010,11 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 f"{len(bad)} image{'s' if len(bad) > 1 else ''} of split {self.split_name!r} cannot be decoded "
                 f"(missing, truncated or corrupt): "
                 f"{rows}. Fix or drop those rows."
+                + (
+                    f" (Relative image paths are read from {self.image_root}, the data set's folder.)"
+                    if self.image_root is not None and any(kind.startswith("no file") for _, kind in bad)
+                    else ""
+                )
             )
         self._decoded = decoded
         self._checked = True

@@ -335,8 +335,38 @@ def test_test_images_with_a_training_images_pixels_are_counted_and_named(tmp_pat
     assert 0 < expected < 4 and carved.info["validation_images_in_training"] == expected
 
 
+def test_relative_image_paths_are_read_from_the_data_sets_folder(tmp_path, monkeypatch):
+    """A CSV (or parquet) of relative image paths means them from its own folder, as a Hub data
+    set's paths are from its repo: the run read them from the folder it was started in."""
+    from PIL import Image
+
+    folder = tmp_path / "mine"
+    (folder / "imgs").mkdir(parents=True)
+    for split, count in (("train", 4), ("test", 2)):
+        lines = ["image,label"]
+        for c, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
+            for i in range(count):
+                Image.new("RGB", (8, 8), colour).save(folder / "imgs" / f"{split}{c}{i}.png")
+                lines.append(f"imgs/{split}{c}{i}.png,{'rb'[c]}")
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere than the data set's folder
+    data = load_classification_data("mine", validation_fraction=0.0)
+    assert data.class_names == ["b", "r"] and len(data.train) == 8
+    red = data.class_names.index("r")
+    assert all((tuple(data.train._decoded[i][0, 0]) == (200, 0, 0)) == (data.train.labels[i] == red)
+               for i in range(len(data.train)))  # fmt: skip
+    monkeypatch.chdir(folder)  # "." is the folder it names
+    load_raw_dataset.cache_clear()
+    assert len(load_classification_data(".", validation_fraction=0.0).test) == 4
+    (folder / "imgs" / "train00.png").unlink()
+    load_raw_dataset.cache_clear()
+    with pytest.raises(DataError, match=r"row 0 \(no file imgs/train00\.png\).*read from \., the data set's folder"):
+        load_classification_data(".", validation_fraction=0.0)
+
+
 def test_class_folders_inside_a_folder_of_each_split_are_a_layout(tmp_path):
-    """train/images/<class>/: one folder holding the class folders in each split is not nested."""
+    """train/images/<class>/: one folder holding the class folders in each split is not nested;
+    a table beside them does not make it a table of image paths."""
     from PIL import Image
 
     for split in ("train", "test"):
@@ -344,6 +374,7 @@ def test_class_folders_inside_a_folder_of_each_split_are_a_layout(tmp_path):
             (tmp_path / split / "images" / name).mkdir(parents=True)
             for i in range(2):
                 Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / "images" / name / f"{i}.png")
+    (tmp_path / "train_results.csv").write_text("run,top1\na,50\n")  # a table of the user's own: not the data
     data = load_classification_data(str(tmp_path), validation_fraction=0.0)
     assert data.class_names == ["cat", "dog"] and (len(data.train), len(data.test)) == (4, 4)
 
