@@ -458,7 +458,8 @@ class RefilledConfig(TrainingArguments):
     dataset: str = field(
         default="uoft-cs/cifar100",
         **_help(
-            "Data set: a Hub id, a folder of parquet files named by split, a folder of images by split and class "
+            "Data set: a Hub id, a folder of parquet (or CSV) files named by split, whose image column holds bytes "
+            "or paths (relative ones from that folder), a folder of images by split and class "
             "(train/<class>/*.jpg, test/<class>/...), or one parquet file."
         ),
     )

@@ -170,8 +170,8 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
     except Exception as err:  # noqa: BLE001 - network, missing repo, unreadable files
         raise DataError(
             f"Data set {name_or_path!r} could not be loaded ({error_text(err, limit=300)}). Pass a "
-            "Hub id (e.g. uoft-cs/cifar100; needs network access), a folder of parquet files named by split "
-            "(train.parquet, test.parquet), a folder of images by split and class (train/<class>/*.png, "
+            "Hub id (e.g. uoft-cs/cifar100; needs network access), a folder of parquet (or CSV) files named by "
+            "split (train.parquet, test.parquet), a folder of images by split and class (train/<class>/*.png, "
             "test/<class>/...) or one parquet file."
         ) from err
 
