@@ -460,7 +460,7 @@ class RefilledConfig(TrainingArguments):
         **_help(
             "Data set: a Hub id, a folder of parquet (or CSV) files named by split, whose image column holds bytes "
             "or paths (relative ones from that folder), a folder of images by split and class "
-            "(train/<class>/*.jpg, test/<class>/...), or one parquet file."
+            "(train/<class>/*.jpg, test/<class>/...), or one parquet or CSV file (the training split)."
         ),
     )
     dataset_config: str | None = field(default=None, **_help("Configuration name of a Hub data set."))

@@ -137,17 +137,24 @@ def _quiet_logger(name: str, level: int = logging.ERROR):
         logger_.setLevel(before)
 
 
+#: datasets' builders for tables of rows, by file suffix (an image column of paths or bytes)
+_TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+
+
 @functools.lru_cache(maxsize=4)
 def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datasets.DatasetDict:
     """A `DatasetDict` from a Hub id, a local folder (parquet files named by split, the
-    Hub layout, or anything `datasets.load_dataset` reads) or a single parquet file
-    (taken as the ``train`` split). Cached per process: selections never modify it."""
+    Hub layout, or anything `datasets.load_dataset` reads) or a single table (parquet,
+    CSV, JSON lines; taken as the ``train`` split). Cached per process: selections never modify it."""
     path = Path(name_or_path)
-    if path.is_file() and path.suffix != ".parquet":
-        raise DataError(f"Data set {name_or_path!r} is a file but not a .parquet file: pass a parquet file or folder.")
+    if path.is_file() and path.suffix not in _TABLE_BUILDERS:
+        raise DataError(
+            f"Data set {name_or_path!r} is a file but not a table ({', '.join(_TABLE_BUILDERS)}): pass a parquet or "
+            "CSV file, or a folder."
+        )
     try:
-        if path.is_file() and path.suffix == ".parquet":
-            return datasets.load_dataset("parquet", data_files={"train": str(path)})
+        if path.is_file():
+            return datasets.load_dataset(_TABLE_BUILDERS[path.suffix], data_files={"train": str(path)})
         if path.is_dir():
             with _quiet_logger("huggingface_hub.repocard"):  # a folder's README without a metadata block is fine
                 # what datasets.load_dataset does, with a look at the files it reads, by split, in between
@@ -172,12 +179,8 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
             f"Data set {name_or_path!r} could not be loaded ({error_text(err, limit=300)}). Pass a "
             "Hub id (e.g. uoft-cs/cifar100; needs network access), a folder of parquet (or CSV) files named by "
             "split (train.parquet, test.parquet), a folder of images by split and class (train/<class>/*.png, "
-            "test/<class>/...) or one parquet file."
+            "test/<class>/...) or one parquet or CSV file."
         ) from err
-
-
-#: datasets' builders for tables of rows, by file suffix (an image column of paths or bytes)
-_TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 
 
 def _tabular_builder(source: str, image_folder: datasets.DatasetBuilder) -> datasets.DatasetBuilder | None:

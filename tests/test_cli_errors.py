@@ -229,10 +229,10 @@ def test_a_checkpoint_beside_a_model_that_brings_its_own_weights(capsys, data_di
             tmp_path / "out")  # fmt: skip
 
 
-def test_a_data_file_that_is_not_parquet(capsys, data_dir, tmp_path):
-    (tmp_path / "data.csv").write_text("image,label\n")
-    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--dataset", str(tmp_path / "data.csv")],
-            "not a .parquet file", tmp_path / "out")  # fmt: skip
+def test_a_data_file_that_is_not_a_table(capsys, data_dir, tmp_path):
+    (tmp_path / "data.txt").write_text("image,label\n")
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--dataset", str(tmp_path / "data.txt")],
+            r"is a file but not a table \(\.parquet, \.csv, \.jsonl, \.json\)", tmp_path / "out")  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -355,6 +355,8 @@ def test_relative_image_paths_are_read_from_the_data_sets_folder(tmp_path, monke
     red = data.class_names.index("r")
     assert all((tuple(data.train._decoded[i][0, 0]) == (200, 0, 0)) == (data.train.labels[i] == red)
                for i in range(len(data.train)))  # fmt: skip
+    single = load_classification_data(str(folder / "train.csv"), validation_fraction=0.0, test_split=None)
+    assert len(single.train) == 8 and single.test is None  # one table: the training split, paths from its folder
     monkeypatch.chdir(folder)  # "." is the folder it names
     load_raw_dataset.cache_clear()
     assert len(load_classification_data(".", validation_fraction=0.0).test) == 4
