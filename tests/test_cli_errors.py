@@ -309,36 +309,32 @@ def test_an_install_without_its_card_template_fails_before_training(capsys, data
             tmp_path / "out")  # fmt: skip
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
-def test_a_local_model_folder_with_damaged_weights_is_refused_in_one_line(damage, capsys, data_dir, tmp_path):
+#: how a local-dir: folder is damaged -> the error that names it
+_DAMAGED_FOLDERS = {
+    "truncated weights": r"its weights could not be loaded \(\w+: .*\)\. The folder is damaged or incomplete",
+    "missing weights": r"its weights could not be loaded \(\w+: .*\)\. The folder is damaged or incomplete",
+    "config not json": r"config\.json is not valid JSON \(JSONDecodeError: .*\)\. The folder is damaged or incomplete",
+    "unknown architecture": r"config\.json names the architecture 'cifar_wrn_16_9', which timm does not know \(did you",
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGED_FOLDERS))
+def test_a_damaged_local_model_folder_is_refused_in_one_line(damage, capsys, data_dir, tmp_path):
     model = write_random_teacher(tmp_path / "m", label_names=CLASS_NAMES[:3])
-    weights = model / "model.safetensors"
-    if damage == "truncated":
+    weights, config = model / "model.safetensors", model / "config.json"
+    if damage == "truncated weights":
         weights.write_bytes(weights.read_bytes()[:100])
-    else:
+    elif damage == "missing weights":
         weights.unlink()
-    argv = ["evaluate", "--model", f"local-dir:{model}", "--dataset", str(data_dir), "--use_cpu", "true",
-            "--image_size", "16", "--output_dir", str(tmp_path / "e")]  # fmt: skip
-    refused(capsys, argv, r"its weights could not be loaded \(\w+: .*\)\. The folder is damaged or incomplete")
-    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--method", "rkd", "--teacher",
-                     f"local-dir:{model}"], "weights could not be loaded", tmp_path / "out")  # fmt: skip
-
-
-@pytest.mark.parametrize("damage", ["config not json", "unknown architecture"])
-def test_a_local_model_folder_with_a_damaged_config_is_refused_in_one_line(damage, capsys, data_dir, tmp_path):
-    model = write_random_teacher(tmp_path / "m", label_names=CLASS_NAMES[:3])
-    config = model / "config.json"
-    if damage == "config not json":
+    elif damage == "config not json":
         config.write_text(config.read_text()[:40])
-        message = r"its config\.json is not valid JSON \(JSONDecodeError: .*\)\. The folder is damaged or incomplete"
     else:
         config.write_text(config.read_text().replace('"cifar_wrn_16_1"', '"cifar_wrn_16_9"'))
-        message = r"config\.json names the architecture 'cifar_wrn_16_9', which timm does not know \(did you mean"
     argv = ["evaluate", "--model", f"local-dir:{model}", "--dataset", str(data_dir), "--use_cpu", "true",
             "--image_size", "16", "--output_dir", str(tmp_path / "e")]  # fmt: skip
-    refused(capsys, argv, message)
+    refused(capsys, argv, _DAMAGED_FOLDERS[damage])
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--method", "rkd", "--teacher",
-                     f"local-dir:{model}"], message, tmp_path / "out")  # fmt: skip
+                     f"local-dir:{model}"], _DAMAGED_FOLDERS[damage], tmp_path / "out")  # fmt: skip
 
 
 def test_a_truncated_parquet_file_is_named(capsys, data_dir, tmp_path):
