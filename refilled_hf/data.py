@@ -952,12 +952,24 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 
     def _encoded_images(self) -> datasets.Dataset:
         if self._encoded is None:
+            split = self.hf_dataset
+            if getattr(split.features.get(self.image_column), "dtype", None) == "large_string":
+                # paths in a CSV as datasets 3.x reads it: arrow casts only `string` to an image
+                split = split.cast_column(self.image_column, datasets.Value("string"))
             try:
-                self._encoded = self.hf_dataset.cast_column(self.image_column, datasets.Image(decode=False))
+                self._encoded = split.cast_column(self.image_column, datasets.Image(decode=False))
             except Exception as err:  # noqa: BLE001 - a column that holds no images
+                feature = repr(self.hf_dataset.features.get(self.image_column))
+                floats = "float" in feature
                 raise DataError(
                     f"Column {self.image_column!r} of split {self.split_name!r} does not hold images "
-                    f"({type(err).__name__}); choose the image column with --image_column."
+                    f"({type(err).__name__}; it holds {feature if len(feature) <= 80 else feature[:77] + '...'}): "
+                    + (
+                        "arrays of floats, whose range nothing states: store them as uint8 (0..255) arrays or image "
+                        "files."
+                        if floats
+                        else "choose the image column with --image_column."
+                    )
                 ) from None
         return self._encoded
 

@@ -335,6 +335,26 @@ def test_test_images_with_a_training_images_pixels_are_counted_and_named(tmp_pat
     assert 0 < expected < 4 and carved.info["validation_images_in_training"] == expected
 
 
+def test_images_stored_as_arrays_are_read_as_uint8_and_float_ones_refused(tmp_path):
+    """Dataset.from_dict({"image": X}) of a numpy batch stores nested lists: uint8 ones are
+    images as they are; float ones (often scaled to [0, 1]) have no stated range."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict({"image": pixels, "label": np.arange(12) % 3}).to_parquet(
+            str(tmp_path / f"{split}.parquet")
+        )
+    data = load_classification_data(str(tmp_path), validation_fraction=0.0)
+    assert all(np.array_equal(data.train._decoded[i], pixels[data.train.source_rows[i]]) for i in range(12))
+    floats = tmp_path / "floats"
+    floats.mkdir()
+    for split in ("train", "test"):
+        rows = {"image": pixels.astype(np.float32) / 255, "label": np.arange(12) % 3}
+        datasets.Dataset.from_dict(rows).to_parquet(str(floats / f"{split}.parquet"))
+    with pytest.raises(DataError, match=r"does not hold images \(.*float32.*\): arrays of floats, whose range"):
+        load_classification_data(str(floats), validation_fraction=0.0)
+
+
 def test_relative_image_paths_are_read_from_the_data_sets_folder(tmp_path, monkeypatch):
     """A CSV (or parquet) of relative image paths means them from its own folder, as a Hub data
     set's paths are from its repo: the run read them from the folder it was started in."""
