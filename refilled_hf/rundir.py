@@ -65,6 +65,11 @@ NON_IDENTITY_FIELDS = frozenset(
 )  # fmt: skip
 
 
+#: identity fields earlier releases recorded that compute nothing (the device path's loader
+#: workers, the budget that chose the path): a run they recorded resumes without them
+RETIRED_IDENTITY_FIELDS = frozenset({"device_data_budget_gb", "dataloader_num_workers"})
+
+
 class RunDirError(ValueError):
     """The output folder cannot be used as asked (the message says why and what to do)."""
 
@@ -238,7 +243,8 @@ class RunDirectory:
 
     @staticmethod
     def identity_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-        keys = sorted(set(old) | set(new))
+        # a field an earlier refilled-hf recorded that this one no longer counts (here) is no difference
+        keys = sorted(set(new) | (set(old) - RETIRED_IDENTITY_FIELDS))
         return [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
 
     def check_resume(self, identity: dict[str, Any]) -> None:

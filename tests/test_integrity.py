@@ -815,6 +815,9 @@ def test_a_resume_may_change_what_only_chose_the_device_path_or_its_loader_worke
     recipe, reference = unfinished_ce_run
     assert reference["data"]["data_path"] == "device"
     recipe, out = _copy_unfinished(recipe, tmp_path)
+    manifest = json.loads((out / "run.json").read_text())  # as earlier releases recorded it, with both
+    manifest["identity"].update(dataloader_num_workers=0, device_data_budget_gb=4.0)
+    (out / "run.json").write_text(json.dumps(manifest))
     changed = {"dataloader_num_workers": 2, "device_data_budget_gb": 1.0, "data_path": "device"}
     results = run({**recipe, **changed, "resume_from_checkpoint": str(checkpoints(out / "ce")[0])})
     assert results["final"]["test_top1"] == reference["final"]["test_top1"]
