@@ -386,7 +386,15 @@ def read_labels(
             )
         return ids, names
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-        raise DataError(f"Label column {label_column!r} holds {kind}, not class ids or names: choose --label_column.")
+        several = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+        raise DataError(
+            f"Label column {label_column!r} holds {kind}, not class ids or names: choose --label_column"
+            + (
+                " (a list of labels per image is a multi-label task; refilled-hf trains single-label classifiers)."
+                if several
+                else "."
+            )
+        )
     raw = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
     bad = ~np.isfinite(raw) | (raw != np.round(raw)) | (raw < 0)
     if raw.size and (raw == -1).all():

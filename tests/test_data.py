@@ -355,6 +355,15 @@ def test_images_stored_as_arrays_are_read_as_uint8_and_float_ones_refused(tmp_pa
         load_classification_data(str(floats), validation_fraction=0.0)
 
 
+def test_a_column_of_label_lists_is_refused_as_multi_label(tmp_path):
+    pixels = np.zeros((6, 8, 8, 3), dtype=np.uint8)
+    for split in ("train", "test"):
+        rows = {"image": pixels, "labels": [[i % 3] if i % 2 else [0, 1] for i in range(6)]}
+        datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / f"{split}.parquet"))
+    with pytest.raises(DataError, match=r"'labels' holds list<.*a multi-label task; refilled-hf trains single-label"):
+        load_classification_data(str(tmp_path), validation_fraction=0.0)
+
+
 def test_relative_image_paths_are_read_from_the_data_sets_folder(tmp_path, monkeypatch):
     """A CSV (or parquet) of relative image paths means them from its own folder, as a Hub data
     set's paths are from its repo: the run read them from the folder it was started in."""
