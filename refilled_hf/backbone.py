@@ -128,8 +128,13 @@ def _classifier_outputs(state: dict[str, torch.Tensor], model: nn.Module) -> int
     return int(weight.shape[0]) if weight is not None else None
 
 
+def _close_model_names(name: str) -> list[str]:
+    """Registered timm model names close to ``name`` (for a "did you mean")."""
+    return difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+
+
 def _unknown_model_error(name: str) -> ModelLoadError:
-    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    close = _close_model_names(name)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return ModelLoadError(
         f"Unknown timm model {name!r}.{hint} Use a name from timm.list_models(), a 'local-dir:<folder>' "
@@ -256,7 +261,7 @@ def _load_timm_model(
             )
         architecture = config.get("architecture", "")
         if architecture and not timm.is_model(architecture):
-            close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+            close = _close_model_names(architecture)
             raise ModelLoadError(
                 f"{spec!r}: its config.json names the architecture {architecture!r}, which timm does not know"
                 + (f" (did you mean {', '.join(close)}?)" if close else "")

@@ -137,6 +137,8 @@ def _quiet_logger(name: str, level: int = logging.ERROR):
         logger_.setLevel(before)
 
 
+#: the file suffixes datasets reads as images in an image folder
+_IMAGE_EXTENSIONS = frozenset(e.lower() for e in ImageFolder.EXTENSIONS)
 #: datasets' builders for tables of rows, by file suffix (an image column of paths or bytes)
 _TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 
@@ -193,9 +195,8 @@ def _tabular_builder(source: str, image_folder: datasets.DatasetBuilder) -> data
     folder beside a table of the user's own)."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
-    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
     for split_files in (image_folder.config.data_files or {}).values():
-        if len({Path(f).parent for f in split_files if Path(f).suffix.lower() in extensions}) > 1:
+        if len({Path(f).parent for f in split_files if Path(f).suffix.lower() in _IMAGE_EXTENSIONS}) > 1:
             return None
 
     files = DataFilesDict.from_patterns(get_data_patterns(source), base_path=source)
@@ -268,12 +269,11 @@ def _check_class_folders(root: Path, files: dict[str, list[Path]]) -> None:
     image by the folder that holds it, so the classes would silently be ``day1``, ``day2``...
     In a split, every class folder lies in one folder (``train/``, ``train/images/``, or the
     data set's own); class folders in several (``train/cat/``, ``train/dog/``) are refused."""
-    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
     every = [f for split_files in files.values() for f in split_files]
     if any(f.name in _METADATA_FILES for f in every):
         return  # a metadata file gives the labels
     for split, split_files in files.items():
-        images = sorted(f for f in split_files if f.suffix.lower() in extensions)
+        images = sorted(f for f in split_files if f.suffix.lower() in _IMAGE_EXTENSIONS)
         holders = {image.parent.parent for image in images}
         if len(holders) < 2:
             continue
@@ -892,22 +892,21 @@ def pixel_digest(array: np.ndarray) -> int:
 LEAK_WARNING_SHARE = 0.01
 
 
-def images_in_training(data: ClassificationData, log: bool = True) -> dict[str, int]:
-    """How many validation and test images have exactly the pixels of an image the model
-    trains on (the same photo in both splits: its top-1 measures memory, not
+def images_in_training(data: ClassificationData, log: bool = True) -> None:
+    """Count the validation and test images that have exactly the pixels of an image the
+    model trains on (the same photo in both splits: its top-1 measures memory, not
     generalization), by split; recorded in ``data.info`` (``test_images_in_training``,
     ``validation_images_in_training``) where there are any, and logged: a warning from
     :data:`LEAK_WARNING_SHARE` of the split on (CIFAR-100 itself has 10 of 10,000 test
     images, which is logged only)."""
     train = data.train
-    counts: dict[str, int] = {}
     if train is None or train.pixel_digests is None:
-        return counts
+        return
     for kind, split in (("validation", data.validation), ("test", data.test)):
         if split is None or split.pixel_digests is None or not len(split):
             continue
         same = np.isin(split.pixel_digests, train.pixel_digests)
-        count = counts[kind] = int(same.sum())
+        count = int(same.sum())
         if not count:
             continue
         data.info[f"{kind}_images_in_training"] = count
@@ -920,7 +919,6 @@ def images_in_training(data: ClassificationData, log: bool = True) -> dict[str, 
             "this run: their top-1 measures what the model memorized, not how it generalizes.", count, len(split),
             kind, 100 * share, split.split_name, rows,
         )  # fmt: skip
-    return counts
 
 
 # --------------------------------------------------------------------------- torch side
