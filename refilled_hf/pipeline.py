@@ -35,18 +35,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
-from .backbone import FrozenTeacher, StudentModel, load_timm_model
+from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
 from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, options_text
 from .data import (
     CIFAR_STYLE_MAX_SIZE,
     SPLITS,
     ClassificationData,
+    DataError,
     build_transform,
     decode_splits,
     load_classification_data,
 )
 from .data_device import IndexedImages, choose_and_place
-from .hub import check_hub_access, export_model, push_folder, replace_dir_atomically, write_json_atomically
+from .hub import (
+    HubPushError,
+    check_hub_access,
+    export_model,
+    push_folder,
+    replace_dir_atomically,
+    write_json_atomically,
+)
 from .model_card import card_template, check_comparable, render_model_card
 from .preflight import (
     cache_needs_logits,
@@ -63,6 +71,7 @@ from .preflight import (
 from .rundir import (
     NON_IDENTITY_FIELDS,
     RunDirectory,
+    RunDirError,
     checkpoint_problem,
     disk_full_error,
     last_complete_checkpoint,
@@ -74,6 +83,7 @@ from .trainer import RefilledTrainer, stage_args
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training", "training_seconds"]
 
 logger = logging.getLogger(__name__)
+
 
 RESULTS_FILE = "results.json"
 EXPORT_DIR = "model"
@@ -87,6 +97,10 @@ class RunError(ValueError):
 
 class DivergedError(RunError):
     """A stage whose loss or weights went non-finite."""
+
+
+#: errors refilled-hf raises with a message of its own
+OWN_ERRORS = (RunError, ConfigError, DataError, ModelLoadError, RunDirError, HubPushError, TeacherCacheError)
 
 
 # --------------------------------------------------------------------------- setup
@@ -621,7 +635,9 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         return _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks,
                            results, out, cache)  # fmt: skip
     except Exception as err:
-        full = disk_full_error(err, out)
+        # refilled-hf's own errors say what went wrong (a diverged stage, a failed push): they are put
+        # down to the disk only where they say so, not because the disk happens to be almost full
+        full = disk_full_error(err, out, guess=not isinstance(err, OWN_ERRORS))
         if full is None:
             raise
         raise full from err

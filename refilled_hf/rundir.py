@@ -83,10 +83,11 @@ class DiskFullError(OSError):
 DISK_FULL_BYTES = 64 * 2**20
 
 
-def disk_full_error(err: BaseException, out: Path) -> DiskFullError | None:
+def disk_full_error(err: BaseException, out: Path, guess: bool = True) -> DiskFullError | None:
     """``err`` as a :class:`DiskFullError` where the disk is full: an error that says so (an
-    ``ENOSPC``/``EDQUOT`` errno, safetensors' "No space left on device"), or any error while
-    the output folder's disk has under :data:`DISK_FULL_BYTES` free. None otherwise."""
+    ``ENOSPC``/``EDQUOT`` errno, safetensors' "No space left on device"), or, where ``guess``,
+    any error while the output folder's disk has under :data:`DISK_FULL_BYTES` free. None
+    otherwise."""
     chain: list[BaseException] = []
     while err is not None and err not in chain:
         chain.append(err)
@@ -101,7 +102,7 @@ def disk_full_error(err: BaseException, out: Path) -> DiskFullError | None:
         free: int | None = shutil.disk_usage(out).free
     except OSError:
         free = None
-    if not said and (free is None or free >= DISK_FULL_BYTES):
+    if not said and (not guess or free is None or free >= DISK_FULL_BYTES):
         return None
     detail = " ".join(str(chain[0]).split())[:200]
     room = f"; {out} has {free / 2**20:.1f} MiB free" if free is not None else ""

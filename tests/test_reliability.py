@@ -23,7 +23,7 @@ from refilled_hf.backbone import FrozenTeacher, ModelLoadError, StudentModel, lo
 from refilled_hf.config import RefilledConfig
 from refilled_hf.hub import export_model
 from refilled_hf.losses import local_classifier_loss, relationship_loss
-from refilled_hf.pipeline import run_distillation
+from refilled_hf.pipeline import DivergedError, run_distillation
 from refilled_hf.rundir import last_complete_checkpoint
 from refilled_hf.trainer import RefilledTrainer
 
@@ -222,6 +222,11 @@ class _DiskFullAtSave(TrainerCallback):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
 
+class _DivergesAtSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise DivergedError("stage ce: the loss went non-finite (a stand-in)")
+
+
 @pytest.mark.slow
 def test_a_full_disk_says_so_and_the_run_continues_from_its_last_checkpoint(data_dir, tmp_path, monkeypatch):
     import shutil as shutil_module
@@ -242,6 +247,12 @@ def test_a_full_disk_says_so_and_the_run_continues_from_its_last_checkpoint(data
     # an error that names the cause is one whatever the free space; another, with room, is itself
     assert disk_full_error(OSError(28, "No space left on device"), tmp_path) is not None
     assert disk_full_error(RuntimeError("a bug"), tmp_path) is None
+    # refilled-hf's own errors (a diverged stage) keep their message on an almost full disk
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: real(path)._replace(free=5 * 2**20))
+    with pytest.raises(DivergedError, match="went non-finite"):
+        run_distillation(RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "diverged")}),
+                         callbacks=[_DivergesAtSave()])  # fmt: skip
+    assert disk_full_error(OSError(28, "No space left on device"), tmp_path, guess=False) is not None
 
 
 def test_export_is_atomic(tmp_path, monkeypatch):
