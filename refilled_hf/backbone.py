@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -345,21 +346,55 @@ class StudentModel(nn.Module):
     embedding and logits, so that DDP and autocast wrap one call.
 
     ``embeddings_only=True`` (stage 1) skips the classifier, whose parameters are then
-    frozen so that the optimizer, weight decay and DDP leave them untouched.
+    frozen so that the optimizer, weight decay and DDP leave them untouched (every one of
+    them: distilled models such as DeiT's and LeViT's return two, ``(head, head_dist)``).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, input_size: Sequence[int] | None = None):
         super().__init__()
         _check_timm_interface(model)
         self.model = model
         self.embeddings_only = False
+        #: ``(C, H, W)`` of the images it trains on (default: its ``pretrained_cfg``'s)
+        self.input_size = tuple(input_size or (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())
 
     def set_embeddings_only(self, value: bool) -> None:
         self.embeddings_only = value
         classifier = self.model.get_classifier()
-        if isinstance(classifier, nn.Module):
-            for p in classifier.parameters():
-                p.requires_grad_(not value)
+        for head in classifier if isinstance(classifier, (tuple, list)) else (classifier,):
+            if isinstance(head, nn.Module):
+                for p in head.parameters():
+                    p.requires_grad_(not value)
+
+    def parameters_without_gradient(self) -> list[str] | None:
+        """The trainable parameters that the outputs of one forward pass (in training mode,
+        on images of :attr:`input_size`) do not depend on, by name; ``None`` when that
+        cannot be told (no input size known, or the pass failed).
+
+        The pass runs on the meta device, on stand-ins of the parameters and buffers: it
+        computes nothing, and changes no weight, running statistic or random state. DDP
+        must look for such parameters at every step (``find_unused_parameters``) when there
+        are any, and only then."""
+        if len(self.input_size) != 3:
+            return None
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        stand_ins = {
+            name: torch.empty_like(t, device="meta").requires_grad_(name in trainable)
+            for name, t in [*self.named_parameters(), *self.named_buffers()]
+        }
+        images = torch.empty(2, *self.input_size, device="meta")  # 2: batch norm needs more than one value
+        was_training = self.training
+        try:
+            self.train()
+            outputs = torch.func.functional_call(self, stand_ins, (), {"pixel_values": images})
+            total = sum(output.float().sum() for output in outputs.values())
+            names = sorted(trainable)
+            grads = torch.autograd.grad(total, [stand_ins[n] for n in names], allow_unused=True)
+        except Exception:  # noqa: BLE001 (any failure: unknown, so DDP keeps looking)
+            return None
+        finally:
+            self.train(was_training)
+        return [name for name, grad in zip(names, grads) if grad is None]
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.embeddings_only:

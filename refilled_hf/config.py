@@ -759,6 +759,15 @@ class RefilledConfig(TrainingArguments):
             "the lengths of stage1_epochs / stage2_epochs."
         ),
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=None,
+        **_help(
+            "DistributedDataParallel's find_unused_parameters (several processes): whether DDP looks, at every "
+            "step, for parameters that the loss does not use. Unset (the default): only where the student has "
+            "some, found once per stage before it trains (transformers' default looks at every step for any model "
+            "not its own); true or false: as given."
+        ),
+    )
     warmup_steps: float = field(
         default=0,
         **_help("Linear learning-rate warm-up at the start of each stage: steps (>= 1) or a fraction of it (< 1)."),

@@ -580,7 +580,7 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     own_names = backbone.pretrained_cfg.get("label_names")
     if backbone.num_classes != data.num_classes or (own_names is not None and list(own_names) != data.class_names):
         backbone.reset_classifier(data.num_classes)
-    student = StudentModel(backbone)
+    student = StudentModel(backbone, input_size=student_cfg["input_size"])
     teacher_classes = stated_teacher_classes(config, data)
     if teacher is not None:
         check_label_spaces(config, teacher, data)

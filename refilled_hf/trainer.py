@@ -336,6 +336,14 @@ class RefilledTrainer(Trainer):
         self.label_smoothing = args.label_smoothing_factor
         if self.label_smoothing:
             args = args.stage_view(label_smoothing_factor=0.0)
+        if args.ddp_find_unused_parameters is None and args.world_size > 1:
+            # transformers has DDP look for unused parameters at every step of any model not its
+            # own: a walk of the autograd graph per step, and PyTorch's warning when it finds none
+            # (every trainable parameter is used in every stage, for nearly all timm models). Look
+            # once, here, on the meta device; keep looking only where some are unused or it cannot tell.
+            unused = model.parameters_without_gradient()
+            args = args.stage_view(ddp_find_unused_parameters=unused != [])
+            logger.debug("DDP find_unused_parameters=%s for %s (unused: %s).", unused != [], stage, unused)
         #: torch.compile options, applied here in place to the student and the teacher (not by
         #: accelerate, whose whole-model wrapper is skipped for a model prepared in an earlier
         #: stage, and which would leave the teacher's forward and the stage-2 student eager)

@@ -8,6 +8,7 @@ import torch
 
 import refilled_hf
 from refilled_hf import embed, embed_and_logits
+from refilled_hf.backbone import StudentModel
 from refilled_hf.models import CIFAR100_MEAN, CIFAR100_STD, CifarWideResNet
 
 # name: (parameters with 100 classes, embedding width); the paper's counts are
@@ -159,3 +160,52 @@ def test_checkpoint_of_another_class_count_keeps_the_creation_arguments(tmp_path
     save_file(timm.create_model("test_resnet", num_classes=7).state_dict(), str(tmp_path / "w.safetensors"))
     model = load_timm_model("test_resnet", checkpoint=tmp_path / "w.safetensors", drop_rate=0.3)
     assert model.num_classes == 7 and model.drop_rate == 0.3
+
+
+def _without_gradient_by_backward(student: StudentModel) -> list[str]:
+    """Reference: a real forward and backward pass, on a copy, listing the trainable
+    parameters that got no gradient."""
+    import copy
+
+    student = copy.deepcopy(student).train()
+    outputs = student(pixel_values=torch.randn(2, *student.input_size))
+    sum(o.sum() for o in outputs.values()).backward()
+    return sorted(n for n, p in student.named_parameters() if p.requires_grad and p.grad is None)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("cifar_wrn_16_1", {}, {True: [], False: []}),
+        # two classifiers, (head, head_dist): stage 1 freezes both
+        ("deit_tiny_distilled_patch16_224", {"img_size": 32}, {True: [], False: []}),
+        # a parameter no forward pass uses
+        ("cifar_wrn_16_1", {"spare": True}, {True: ["model.spare"], False: ["model.spare"]}),
+    ],
+)
+def test_the_parameters_ddp_would_find_unused_are_the_ones_a_backward_pass_leaves_without_gradient(
+    name, kwargs, expected
+):
+    spare = kwargs.pop("spare", False)
+    model = timm.create_model(name, num_classes=5, **kwargs)
+    if spare:
+        model.spare = torch.nn.Parameter(torch.zeros(3))
+    student = StudentModel(model, input_size=(3, 32, 32)).eval()
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    for stage1 in (True, False):
+        student.set_embeddings_only(stage1)
+        heads = model.get_classifier()
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        assert all(p.requires_grad is not stage1 for head in heads for p in head.parameters())
+        rng = torch.get_rng_state()
+        found = student.parameters_without_gradient()
+        # stand-ins on the meta device: no random state, mode, weight or running statistic changed
+        assert torch.equal(rng, torch.get_rng_state()) and not student.training
+        assert found == expected[stage1] == _without_gradient_by_backward(student)
+    assert all(torch.equal(state[k], v) for k, v in student.state_dict().items())
+
+
+def test_parameters_without_gradient_is_unknown_where_the_pass_fails():
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=3)  # built for 224 px only
+    assert StudentModel(vit, input_size=(3, 32, 32)).parameters_without_gradient() is None
+    assert StudentModel(vit).parameters_without_gradient() == []  # its pretrained_cfg's 224 px
