@@ -11,7 +11,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 from .messages import error_text
@@ -23,6 +25,8 @@ __all__ = [
     "export_model",
     "push_folder",
     "replace_dir_atomically",
+    "save_safetensors",
+    "with_usual_permissions",
     "write_json_atomically",
 ]
 
@@ -40,6 +44,38 @@ def write_json_atomically(path: str | Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def usual_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process's umask."""
+    mask = os.umask(0o077)  # read by setting it (restrictive meanwhile), then put back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def with_usual_permissions(*paths: str | Path) -> None:
+    """Give the ``.safetensors`` files among ``paths`` (files, or the files in folders) the
+    permissions of any other new file.
+
+    safetensors (0.8) writes through a temporary file that it creates with mode ``0o600``
+    whatever the umask, then renames it (safetensors issue #782, open): its files, unlike the
+    ``config.json`` and model card beside them, could be read by their writer alone, so a
+    teammate, or a container running as another user, could not load an export, a
+    checkpoint or a shared teacher cache."""
+    mode = usual_file_mode()
+    for path in map(Path, paths):
+        for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+            with contextlib.suppress(FileNotFoundError):  # (another process's, renamed meanwhile)
+                os.chmod(file, mode)
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file`` with the permissions of any other new file
+    (:func:`with_usual_permissions`)."""
+    save_file(tensors, str(path), metadata=metadata)
+    with_usual_permissions(path)
 
 
 def replace_dir_atomically(staging: Path, target: Path) -> None:
@@ -96,6 +132,7 @@ def export_model(
         safe_serialization=True,
         data_config=data_config,
     )
+    with_usual_permissions(staging)
     config_path = staging / "config.json"
     config = json.loads(config_path.read_text())
     model_args = config.get("model_args")

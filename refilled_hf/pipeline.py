@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import set_seed
 
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
@@ -53,6 +53,7 @@ from .hub import (
     export_model,
     push_folder,
     replace_dir_atomically,
+    save_safetensors,
     write_json_atomically,
 )
 from .model_card import card_template, check_comparable, render_model_card
@@ -450,7 +451,7 @@ def _save_final(stage_dir: Path, student: StudentModel, metrics: dict[str, Any],
     staging = stage_dir / f".{FINAL_DIR}.staging"
     staging.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
-    save_file(state, str(staging / "model.safetensors"))
+    save_safetensors(state, staging / "model.safetensors")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     replace_dir_atomically(staging, stage_dir / FINAL_DIR)
 
@@ -959,7 +960,7 @@ def _teacher_centers(
     if trainer.is_world_process_zero():
         stage_dir.mkdir(parents=True, exist_ok=True)
         tmp = stage_dir / ".teacher_centers.tmp"
-        save_file({"centers": centers.detach().cpu().contiguous()}, str(tmp))
+        save_safetensors({"centers": centers.detach().cpu().contiguous()}, tmp)
         os.replace(tmp, cache)
     return centers
 

@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .backbone import FrozenTeacher
 from .data_device import DeviceImages, crop_and_flip
+from .hub import save_safetensors
 from .messages import error_text
 
 __all__ = ["CACHE_DTYPES", "TeacherCache", "TeacherCacheError", "cache_bytes", "cache_key", "load_or_build"]
@@ -221,7 +222,7 @@ def load_or_build(
             tensors = {"embeddings": embeddings.cpu().contiguous()}
             if logits is not None:
                 tensors["logits"] = logits.cpu().contiguous()
-            save_file(tensors, str(staging), metadata={"description": json.dumps(description, sort_keys=True)})
+            save_safetensors(tensors, staging, metadata={"description": json.dumps(description, sort_keys=True)})
             os.replace(staging, path)
         info = {"key": key, "path": str(path), "built": True, "seconds": time.perf_counter() - start}
         logger.info("Teacher cache built in %.1f s.", info["seconds"])

@@ -32,7 +32,7 @@ from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
 from .config import DEFAULT_VALIDATION_FRACTION, EVERY_COMMAND_FIELDS, RefilledConfig, option_name, options_text
 from .data_device import IndexedImages
 from .distributed import gather_for_mining
-from .hub import EXPORT_FILES, check_hub_access, export_model, push_folder
+from .hub import EXPORT_FILES, check_hub_access, export_model, push_folder, with_usual_permissions
 from .losses import (
     batch_class_centers,
     centers_from_sums,
@@ -433,6 +433,8 @@ class RefilledTrainer(Trainer):
         resuming reads."""
         if _internal_call:
             super().save_model(output_dir, _internal_call=True)
+            if self.args.should_save:
+                with_usual_permissions(output_dir if output_dir is not None else self.args.output_dir)
             return
         self.export_student(output_dir if output_dir is not None else os.path.join(self.args.output_dir, "model"))
 

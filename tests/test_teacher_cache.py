@@ -5,6 +5,8 @@ equals the run without it."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -118,9 +120,17 @@ def _run(recipe: dict) -> dict:
     return run_distillation(RefilledConfig(**recipe))
 
 
+@pytest.fixture
+def umask_022():
+    """The usual umask, so that a file readable by its writer alone stands out."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["refilled", "kd"])
-def test_a_seeded_run_with_the_cache_equals_the_run_without(data_dir, teacher_dir, tmp_path, method):
+def test_a_seeded_run_with_the_cache_equals_the_run_without(data_dir, teacher_dir, tmp_path, method, umask_022):
     teacher = teacher_dir
     if method == "kd":  # KD needs a teacher over the student's classes, and the cache then holds logits
         teacher = write_random_teacher(tmp_path / "kd-teacher", label_names=["yellow", "cyan", "magenta"])
@@ -148,6 +158,12 @@ def test_a_seeded_run_with_the_cache_equals_the_run_without(data_dir, teacher_di
             assert run["stage1"]["train_metrics"]["train_loss"] == pytest.approx(
                 plain["stage1"]["train_metrics"]["train_loss"], rel=1e-5
             )
+    # every file written (export, checkpoints, class centres, the cache) can be read by the others
+    # as any new file can: safetensors writes its own readable by their writer alone
+    files = [f for f in [*(tmp_path / "cached").rglob("*"), *(tmp_path / "cache").rglob("*")] if f.is_file()]
+    assert {f.suffix for f in files} >= {".safetensors", ".json", ".md", ".pt"}
+    modes = {str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+    assert modes == dict.fromkeys(modes, "0o644")
     for stage in ["stage1", "stage2"] if method == "refilled" else [method]:
         state = json.loads(max((tmp_path / "cached" / stage).glob("checkpoint-*/trainer_state.json")).read_text())
         reference = json.loads(max((tmp_path / "plain" / stage).glob("checkpoint-*/trainer_state.json")).read_text())
