@@ -209,3 +209,12 @@ def test_parameters_without_gradient_is_unknown_where_the_pass_fails():
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=3)  # built for 224 px only
     assert StudentModel(vit, input_size=(3, 32, 32)).parameters_without_gradient() is None
     assert StudentModel(vit).parameters_without_gradient() == []  # its pretrained_cfg's 224 px
+
+
+def test_parameters_without_gradient_of_a_compiled_student_are_found_without_compiling():
+    """Stage 2 probes a student that stage 1 compiled in place (--torch_compile)."""
+    model = timm.create_model("cifar_wrn_16_1", num_classes=5)
+    model.spare = torch.nn.Parameter(torch.zeros(3))
+    student = StudentModel(model, input_size=(3, 32, 32))
+    student.compile()
+    assert student.parameters_without_gradient() == ["model.spare"]
