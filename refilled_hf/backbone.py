@@ -100,6 +100,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read weights from ``.safetensors`` or, for legacy files, ``.pt/.pth/.bin`` with
     ``torch.load(weights_only=True)`` (never unpickles arbitrary objects)."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(
+            f"Checkpoint {str(path)!r} is a folder; a checkpoint is one weights file (.safetensors, .pth, .bin). An "
+            "exported model folder (config.json + model.safetensors) is a model of its own: pass it as "
+            f"'local-dir:{path}', with no checkpoint."
+        )
     if not path.is_file():
         raise ModelLoadError(f"Checkpoint file {str(path)!r} does not exist: check the path.")
     try:
@@ -134,7 +140,34 @@ def _close_model_names(name: str) -> list[str]:
     return difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
 
 
+def _foreign_model_error(spec: str, config: dict[str, Any]) -> ModelLoadError | None:
+    """The error for a folder whose ``config.json`` is a transformers model's (no timm
+    ``architecture``), or None."""
+    if config.get("architecture") or not (config.get("architectures") or config.get("model_type")):
+        return None
+    kind = ", ".join(config.get("architectures") or []) or config["model_type"]
+    return ModelLoadError(
+        f"{spec!r} holds a transformers model ({kind}), not a timm one: refilled-hf trains and distils timm models "
+        "(their forward_features / forward_head). Use the timm version of that model (many are on the Hub as "
+        "hf-hub:timm/<name>), or a timm model fine-tuned on the same data."
+    )
+
+
 def _unknown_model_error(name: str) -> ModelLoadError:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        foreign = _foreign_model_error(name, exported_config(f"local-dir:{name}") or {})
+        if foreign is not None:
+            return foreign
+        return ModelLoadError(
+            f"{name!r} is a folder, not a timm model name: pass it as 'local-dir:{name}' (a folder in timm's Hub "
+            "format, config.json + model.safetensors, such as refilled-hf's exports)."
+        )
+    if path.is_file():
+        return ModelLoadError(
+            f"{name!r} is a file, not a timm model name: give the model's timm name, and the file as its "
+            "checkpoint (--teacher_checkpoint / --student_checkpoint)."
+        )
     close = _close_model_names(name)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return ModelLoadError(
@@ -261,6 +294,9 @@ def _load_timm_model(
                 "Hub format (config.json + model.safetensors), e.g. one written by `refilled-hf train-teacher`."
             )
         architecture = config.get("architecture", "")
+        foreign = _foreign_model_error(spec, config)
+        if foreign is not None:
+            raise foreign
         if architecture and not timm.is_model(architecture):
             close = _close_model_names(architecture)
             raise ModelLoadError(

@@ -49,6 +49,33 @@ def test_unknown_teacher_model(data_dir, tmp_path):
              "Unknown timm model 'cifar_wrn_16_3'")  # fmt: skip
 
 
+def test_a_folder_or_file_given_as_a_model_name_is_told_how_to_pass_it(data_dir, tmp_path, teacher):
+    folder = teacher[len("local-dir:") :]
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=folder), ModelLoadError,
+             f"'{folder}' is a folder, not a timm model name: pass it as 'local-dir:{folder}'")  # fmt: skip
+    weights = f"{folder}/model.safetensors"
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="ce", student=weights), ModelLoadError,
+             "is a file, not a timm model name: give the model's timm name")  # fmt: skip
+
+
+def test_a_transformers_model_folder_is_refused_as_not_a_timm_model(data_dir, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, image_size=16,
+                       patch_size=8, num_labels=3)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    for spec in (f"local-dir:{tmp_path / 'vit'}", str(tmp_path / "vit")):  # (the prefix forgotten: said the same)
+        recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=spec)
+        rejected(recipe, ModelLoadError, r"holds a transformers model \(ViTForImageClassification\), not a timm one")
+
+
+def test_a_model_folder_given_as_a_checkpoint_is_told_to_be_a_local_dir_model(data_dir, tmp_path, teacher):
+    folder = teacher[len("local-dir:") :]
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_2",
+                         teacher_checkpoint=folder)  # fmt: skip
+    rejected(recipe, ModelLoadError, f"is a folder; a checkpoint is one weights file .* 'local-dir:{folder}'")
+
+
 def test_teacher_checkpoint_missing(data_dir, tmp_path):
     recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_1",
                          teacher_checkpoint=str(tmp_path / "missing.safetensors"))  # fmt: skip
