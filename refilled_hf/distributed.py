@@ -2,9 +2,9 @@
 
 Each process embeds its own share of the batch. :func:`gather_for_mining` concatenates
 the shares of every process in rank order, the student's with an autograd-aware
-all-gather (``torch.distributed.nn.functional.all_gather``, whose backward sums each
-share's gradient from every process back to its owner), the teacher's embeddings and
-the labels with a plain one. Every process then mines and computes the same loss on the
+all-gather (:class:`_GatherWithGradient`, whose backward sums each share's gradient from
+every process back to its owner), the teacher's embeddings and the labels with a plain
+one. Every process then mines and computes the same loss on the
 same global batch. Backward gives each process ``world_size`` times its share of the
 gradient (every process back-propagates the same loss), and DDP divides the summed
 parameter gradients by ``world_size``: the update equals that of one process on the
@@ -29,6 +29,26 @@ def _gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
+class _GatherWithGradient(torch.autograd.Function):
+    """All-gather whose backward returns to each process the sum, over every process, of
+    the gradient of its own rows. Written here because torch's
+    ``torch.distributed.nn.functional.all_gather`` is deprecated (a FutureWarning at every
+    stage) in favour of a private module (``torch.distributed._functional_collectives``)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return _gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # an all-reduce of the whole gradient, of which this process keeps its rows: what a
+        # reduce-scatter does, on every backend (gloo has none), for a few hundred KB a step
+        rows = grad.shape[0] // dist.get_world_size()
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
 def gather_for_mining(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,6 +57,4 @@ def gather_for_mining(
     (Accelerate's even batches). Outside a multi-process run, the inputs unchanged."""
     if not is_distributed():
         return student, teacher, labels
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(student.contiguous()), 0), _gather(teacher.detach()), _gather(labels)
+    return _GatherWithGradient.apply(student), _gather(teacher.detach()), _gather(labels)
