@@ -316,6 +316,12 @@ class RefilledTrainer(Trainer):
             raise ValueError(f"class_names names {len(class_names)} classes, but num_classes={num_classes}.")
         if stage != "ce" and teacher is None:
             raise ValueError(f"Stage {stage!r} needs a teacher.")
+        if kwargs.get("train_dataset") is not None and not hasattr(kwargs["train_dataset"], "__len__"):
+            raise ValueError(
+                "train_dataset has no length (an iterable or streamed data set): RefilledTrainer lays its "
+                "learning-rate schedule out in epochs of the training data, which needs their number of images. Pass "
+                "a map-style data set (datasets.load_dataset without streaming=True; no .to_iterable_dataset())."
+            )
         if stage == "stage1" and centers_dataset is None:
             raise ValueError("Stage 1 needs `centers_dataset` (the training split) for its NCM evaluation.")
         _check_label_spaces(stage, num_classes, model, teacher)

@@ -332,6 +332,18 @@ def test_the_trainer_accepts_the_label_spaces_each_stage_trains_on(tmp_path):
     RefilledTrainer(model=same, args=args, stage="kd", num_classes=10, teacher=teacher)
 
 
+def test_the_trainer_refuses_a_training_set_without_a_length_when_built(tmp_path):
+    """Its schedules are laid out in epochs; it failed inside the first train() call (TypeError)."""
+    from datasets import Dataset
+
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no")
+    rows = Dataset.from_dict({"pixel_values": [[[[0.0]]]] * 4, "labels": [0, 1, 0, 1]})
+    student = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=2))
+    with pytest.raises(ValueError, match=r"train_dataset has no length .* streaming=True"):
+        RefilledTrainer(model=student, args=args, stage="ce", num_classes=2, train_dataset=rows.to_iterable_dataset())
+    RefilledTrainer(model=student, args=args, stage="ce", num_classes=2, train_dataset=rows)  # map-style: accepted
+
+
 def test_compute_metrics_sees_every_image_and_a_dict_of_sets_is_evaluated_set_by_set(tmp_path):
     args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
                           per_device_eval_batch_size=4)  # fmt: skip
