@@ -822,15 +822,17 @@ def test_an_explicit_checkpoint_path_is_honoured_and_exact(unfinished_ce_run, tm
 @pytest.mark.slow
 def test_a_resume_may_change_what_only_chose_the_device_path_or_its_loader_workers(unfinished_ce_run, tmp_path):
     """On the device path every loader runs in the main process, so its workers compute
-    nothing, nor does the budget or --data_path once the path is the same: a resume on
-    another machine may change them, and ends as the uninterrupted run."""
+    nothing, nor does the budget or --data_path once the path is the same, nor how DDP
+    finds and buckets gradients: a resume on another machine may change them, and ends as
+    the uninterrupted run."""
     recipe, reference = unfinished_ce_run
     assert reference["data"]["data_path"] == "device"
     recipe, out = _copy_unfinished(recipe, tmp_path)
-    manifest = json.loads((out / "run.json").read_text())  # as earlier releases recorded it, with both
-    manifest["identity"].update(dataloader_num_workers=0, device_data_budget_gb=4.0)
+    manifest = json.loads((out / "run.json").read_text())  # as earlier releases recorded it, with them
+    manifest["identity"].update(dataloader_num_workers=0, device_data_budget_gb=4.0, ddp_find_unused_parameters=True)
     (out / "run.json").write_text(json.dumps(manifest))
-    changed = {"dataloader_num_workers": 2, "device_data_budget_gb": 1.0, "data_path": "device"}
+    changed = {"dataloader_num_workers": 2, "device_data_budget_gb": 1.0, "data_path": "device",
+               "ddp_find_unused_parameters": False, "ddp_bucket_cap_mb": 10}  # fmt: skip
     results = run({**recipe, **changed, "resume_from_checkpoint": str(checkpoints(out / "ce")[0])})
     assert results["final"]["test_top1"] == reference["final"]["test_top1"]
     assert results["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
