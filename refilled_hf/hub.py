@@ -48,8 +48,12 @@ def write_json_atomically(path: str | Path, data: Any) -> None:
 
 def usual_file_mode() -> int:
     """The mode ``open()`` gives a new file: ``0o666`` less the process's umask."""
-    mask = os.umask(0o077)  # read by setting it (restrictive meanwhile), then put back
-    os.umask(mask)
+    try:  # Linux 4.7+ states it; reading it there leaves the umask of other threads alone
+        status = Path("/proc/self/status").read_text()
+        mask = next(int(line.split()[1], 8) for line in status.splitlines() if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o077)  # elsewhere: read by setting it (restrictive meanwhile), then put back
+        os.umask(mask)
     return 0o666 & ~mask
 
 

@@ -527,3 +527,32 @@ def test_stage_one_neither_saves_nor_pushes_its_untrained_head(hub, tmp_path):
 
         RefilledTrainer(model=StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=3)), args=trainer.args,
                         stage="ce", num_classes=3, class_names=["a", "b"])  # fmt: skip
+
+
+@pytest.mark.parametrize("proc_readable", [True, False])
+def test_safetensors_files_get_the_mode_the_umask_gives_any_new_file(tmp_path, monkeypatch, proc_readable):
+    """safetensors creates its files 0o600 whatever the umask; refilled-hf's are readable
+    as a plain open() would make them, whether /proc states the umask or not."""
+    import os
+    import stat
+
+    from refilled_hf import hub
+
+    if not proc_readable:
+        real_read_text = Path.read_text
+
+        def no_proc(self, *args, **kwargs):
+            if str(self).startswith("/proc/"):
+                raise OSError("no /proc here")
+            return real_read_text(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", no_proc)
+    old = os.umask(0o027)
+    try:
+        hub.save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+        (tmp_path / "plain.txt").write_text("x")
+        assert os.umask(0o027) == 0o027  # the umask is as it was
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"w.safetensors": 0o640, "plain.txt": 0o640}
