@@ -298,6 +298,28 @@ NUMERIC_RANGES: dict[str, tuple[float, float, bool, bool]] = {
 LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE")
 
 
+#: the variables through which a launcher (torchrun, accelerate's multi-GPU launcher, mpirun)
+#: tells each process how many processes there are
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def lone_process_launch_warning() -> str | None:
+    """What to say when ``accelerate launch --num_processes N`` (N > 1, without
+    ``--multi_gpu``) started this process alone: its simple launcher starts several processes
+    only through mpirun (``--mpirun_hostfile``), and otherwise runs one, setting
+    ``MASTER_ADDR`` (only when asked for several) but no world size. None otherwise."""
+    env = os.environ
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and not any(v in env for v in WORLD_SIZE_VARIABLES):
+        return (
+            "accelerate launch started this process alone, although MASTER_ADDR is set, as `accelerate launch "
+            "--num_processes N` without --multi_gpu leaves it: it starts several processes only through mpirun "
+            "(--mpirun_hostfile). This run trains as one process. For N processes, launch with `accelerate launch "
+            "--multi_gpu --num_processes N` (on a machine without a GPU they train as one CPU group) or `torchrun "
+            "--nproc_per_node N -m refilled_hf.cli ...`."
+        )
+    return None
+
+
 def _has_accelerator() -> bool:
     """Whether torch sees an accelerator (CUDA, XPU, MPS, ...) to train on."""
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from transformers import set_seed
 
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
-from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, options_text
+from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, lone_process_launch_warning, options_text
 from .data import (
     CIFAR_STYLE_MAX_SIZE,
     SPLITS,
@@ -541,6 +541,9 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     method = config.method
     if not config.should_log:  # a replica: --log_level_replica (transformers' default: warnings) for ours too
         logging.getLogger("refilled_hf").setLevel(config.get_process_log_level())
+    alone = lone_process_launch_warning() if config.world_size == 1 else None
+    if alone:
+        logger.warning(alone)
     if method != "ce" and not config.teacher:
         raise ConfigError(f"method={method!r} needs a teacher: set `--teacher` (see --help).")
     if config.push_to_hub:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -183,6 +186,28 @@ def test_options_that_cannot_work_here_are_refused_up_front(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--fp16 needs a CUDA GPU"):
             RefilledConfig(output_dir=str(tmp_path), fp16=True)
+
+
+@pytest.mark.parametrize("launch", [["--cpu", "--num_processes", "2"], ["--num_processes", "2"], ["--cpu"]])
+def test_a_launch_asked_for_several_processes_that_started_one_is_named(launch, tmp_path):
+    """`accelerate launch --num_processes 2` without --multi_gpu starts one process (several
+    only through mpirun); the run trained alone with nothing said. The launched process
+    reports what refilled-hf would warn, under the installed accelerate's own launcher."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "from refilled_hf.config import lone_process_launch_warning\nprint(lone_process_launch_warning())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout.strip().splitlines()
+    if "--num_processes" in launch:
+        assert len(said) == 1 and said[0].startswith("accelerate launch started this process alone"), said
+        assert "--multi_gpu --num_processes N" in said[0] and "torchrun --nproc_per_node N" in said[0]
+    else:
+        assert said == ["None"]
 
 
 def test_what_the_launcher_sets_is_what_the_run_records_or_is_refused(tmp_path, monkeypatch):
