@@ -230,3 +230,38 @@ def test_the_cli_tears_the_process_group_down_before_exit(monkeypatch, capsys):
     dist.init_process_group("gloo", rank=0, world_size=1)
     assert main(["distill", "--no_such_field", "1"]) == 2 and not dist.is_initialized()  # a refused command too
     capsys.readouterr()
+
+
+UNUSED_SCRIPT = """
+import sys, timm, torch, torch.distributed as dist
+from refilled_hf import RefilledConfig, RefilledTrainer
+
+g = torch.Generator().manual_seed(0)
+images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(16)]
+found = {}
+for spare in (False, True):
+    torch.manual_seed(0)
+    student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+    if spare:  # a parameter no forward pass uses: DDP must look for it at every step, or fail at the second
+        student.spare = torch.nn.Parameter(torch.zeros(2))
+    args = RefilledConfig(output_dir=f"{sys.argv[2]}/{spare}", use_cpu=True, eval_strategy="no", save_strategy="no",
+                          per_device_train_batch_size=4, max_steps=3, report_to=[], stage2_epochs=1)
+    trainer = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, train_dataset=images)
+    trainer.train()
+    found[spare] = (trainer.model_wrapped.find_unused_parameters, trainer.state.global_step)
+if trainer.args.process_index == 0:
+    torch.save(found, sys.argv[1])
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_looks_for_unused_parameters_exactly_where_the_student_has_some(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(UNUSED_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    cmd = [sys.executable, *launcher, str(script), str(tmp_path / "found.pt"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "found.pt") == {False: (False, 3), True: (True, 3)}
