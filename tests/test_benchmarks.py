@@ -127,3 +127,15 @@ def test_step_time_benchmark_builds_each_stages_trainer_arguments(monkeypatch, t
         assert stage == {"stage1-tuple": "stage1", "stage1-triplet": "stage1"}.get(method, method)
         assert args.num_train_epochs == 1 and args.learning_rate == 0.05
         assert args.stage1_variant == ("triplet" if method == "stage1-triplet" else "tuple")
+
+
+def test_ddp_unused_benchmark_times_both_settings_in_two_processes(tmp_path):
+    _script("ddp_unused.py", "--rounds", "1", "--steps", "3", "--out", str(tmp_path))
+    record = json.loads((tmp_path / "ddp_unused_cpu.json").read_text())
+    assert [(r["model"], r["batch_per_process"]) for r in record["rows"]] == [
+        ("host_probe", 16), ("cifar_wrn_16_1", 8), ("cifar_wrn_16_1", 64), ("cifar_wrn_16_2", 64)
+    ]  # fmt: skip
+    for row in record["rows"]:
+        assert row["steps_timed_each"] == 1 and row["step_ms_searching"] > 0 and row["step_ms_not_searching"] > 0
+        assert row["unused_found"] == []  # every parameter of these models is used in both stages
+    assert "| host_probe | 16 |" in (tmp_path / "ddp_unused_cpu.md").read_text()
