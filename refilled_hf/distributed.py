@@ -4,11 +4,11 @@ Each process embeds its own share of the batch. :func:`gather_for_mining` concat
 the shares of every process in rank order, the student's with an autograd-aware
 all-gather (:class:`_GatherWithGradient`, whose backward sums each share's gradient from
 every process back to its owner), the teacher's embeddings and the labels with a plain
-one. Every process then mines and computes the same loss on the
-same global batch. Backward gives each process ``world_size`` times its share of the
-gradient (every process back-propagates the same loss), and DDP divides the summed
-parameter gradients by ``world_size``: the update equals that of one process on the
-whole batch (``tests/test_distributed.py`` checks it to 1e-5).
+one. Every process then mines and computes the same loss on the same global batch.
+Backward gives each process ``world_size`` times its share of the gradient (every process
+back-propagates the same loss), and DDP divides the summed parameter gradients by
+``world_size``: the update equals that of one process on the whole batch
+(``tests/test_distributed.py`` checks it to 1e-5).
 """
 
 from __future__ import annotations
