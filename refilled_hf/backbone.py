@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .messages import error_text
+from .messages import error_text, unreadable_file_text
 
 __all__ = [
     "FrozenTeacher",
@@ -108,6 +108,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         )
     if not path.is_file():
         raise ModelLoadError(f"Checkpoint file {str(path)!r} does not exist: check the path.")
+    unreadable = unreadable_file_text(path)
+    if unreadable:
+        raise ModelLoadError(f"Checkpoint {unreadable}.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -138,6 +141,15 @@ def _classifier_outputs(state: dict[str, torch.Tensor], model: nn.Module) -> int
 def _close_model_names(name: str) -> list[str]:
     """Registered timm model names close to ``name`` (for a "did you mean")."""
     return difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+
+
+def _check_readable(spec: str, folder: Path) -> None:
+    """Refuse a model folder whose config or weights this user cannot read (they would be
+    reported as missing or damaged)."""
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
+        unreadable = unreadable_file_text(folder / name)
+        if unreadable:
+            raise ModelLoadError(f"{spec!r}: {unreadable}.")
 
 
 def _foreign_model_error(spec: str, config: dict[str, Any]) -> ModelLoadError | None:
@@ -184,6 +196,7 @@ def exported_config(spec: str | None) -> dict[str, Any] | None:
         path = Path(spec[len("local-dir:") :]) / "config.json"
         if not path.is_file():
             return None
+        _check_readable(spec, path.parent)
         try:
             config = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as err:

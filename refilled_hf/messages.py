@@ -3,7 +3,11 @@ Hub client's messages run over several lines, and every refusal is one line."""
 
 from __future__ import annotations
 
-__all__ = ["byte_size", "error_text"]
+import os
+import stat
+from pathlib import Path
+
+__all__ = ["byte_size", "error_text", "unreadable_file_text"]
 
 
 def error_text(err: BaseException, limit: int = 200, redact: str | None = None) -> str:
@@ -28,3 +32,30 @@ def byte_size(count: int) -> str:
             break
         value /= 1024
     return f"{value:.0f} {unit}" if unit == "B" or value >= 10 else f"{value:.1f} {unit}"
+
+
+def unreadable_file_text(path: str | Path) -> str | None:
+    """Why this user cannot read the existing file ``path`` (its mode and owner, and the fix),
+    or None when it can (or does not exist).
+
+    Readers report such a file as missing or damaged: safetensors says "No such file or
+    directory". safetensors 0.8 (and with it transformers' and timm's savers) writes its
+    files readable by their owner alone, so a teammate's model or a shared cache often is."""
+    path = Path(path)
+    try:
+        if not path.is_file() or os.access(path, os.R_OK):
+            return None
+        info = path.stat()
+    except OSError:
+        return None
+    try:
+        import pwd
+
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except (ImportError, KeyError):
+        owner = f"uid {info.st_uid}"
+    return (
+        f"{path} exists but this user cannot read it (mode {stat.filemode(info.st_mode)}, owner {owner}; safetensors "
+        "0.8 writes its files readable by their owner alone): ask its owner to make it readable (chmod a+r), or copy "
+        "it as its owner"
+    )

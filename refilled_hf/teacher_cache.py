@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from .backbone import FrozenTeacher
 from .data_device import DeviceImages, crop_and_flip
 from .hub import save_safetensors
-from .messages import error_text
+from .messages import error_text, unreadable_file_text
 
 __all__ = ["CACHE_DTYPES", "TeacherCache", "TeacherCacheError", "cache_bytes", "cache_key", "load_or_build"]
 
@@ -195,6 +195,9 @@ def load_or_build(
     path = Path(folder) / f"{key}.safetensors"
     start = time.perf_counter()
     if path.is_file():
+        unreadable = unreadable_file_text(path)
+        if unreadable:
+            raise TeacherCacheError(f"The teacher cache {unreadable}; or turn the cache off (--teacher_cache none).")
         try:
             tensors = load_file(str(path), device=str(images.device))
             embeddings, logits = tensors["embeddings"], tensors.get("logits")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,23 @@ def test_a_damaged_cache_is_refused_with_the_fix(tmp_path):
     path = tmp_path / f"{info['key']}.safetensors"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(TeacherCacheError, match="damaged.*Delete that file"):
+        load_or_build(tmp_path, teacher, "w", store, **kwargs)
+
+
+def test_a_cache_this_user_cannot_read_is_named_not_called_damaged(tmp_path, monkeypatch):
+    """A teammate's cache in a shared folder: deleting it, as a damaged one should be, is not
+    this user's to do."""
+    from refilled_hf import messages
+
+    store, teacher = _store(), _teacher()
+    kwargs = {"precision": "fp32", "dtype": "float32", "with_logits": False, "batch_size": 5}
+    _, info = load_or_build(tmp_path, teacher, "w", store, **kwargs)
+    path = tmp_path / f"{info['key']}.safetensors"
+    access = os.access  # (the tests run as root, whom no mode stops)
+    monkeypatch.setattr(messages.os, "access", lambda p, mode: access(p, mode) and Path(p) != path)
+    with pytest.raises(
+        TeacherCacheError, match=r"exists but this user cannot read it .*chmod a\+r.*--teacher_cache none"
+    ):
         load_or_build(tmp_path, teacher, "w", store, **kwargs)
 
 

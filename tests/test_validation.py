@@ -76,6 +76,26 @@ def test_a_model_folder_given_as_a_checkpoint_is_told_to_be_a_local_dir_model(da
     rejected(recipe, ModelLoadError, f"is a folder; a checkpoint is one weights file .* 'local-dir:{folder}'")
 
 
+def test_a_model_or_checkpoint_this_user_cannot_read_is_named_with_its_mode_owner_and_fix(
+    data_dir, tmp_path, teacher, monkeypatch
+):
+    """safetensors reports a file it may not open as missing; exported weights are often
+    readable by their owner alone (safetensors 0.8 writes them so)."""
+    import os
+
+    from refilled_hf import messages
+
+    weights = Path(teacher[len("local-dir:") :]) / "model.safetensors"
+    access = os.access  # (the tests run as root, whom no mode stops: this user is told it may not read them)
+    monkeypatch.setattr(messages.os, "access", lambda p, mode: access(p, mode) and Path(p) != weights)
+    fix = r"exists but this user cannot read it \(mode -rw\S+, owner \S+; .*\): ask its owner .*\(chmod a\+r\)"
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=teacher), ModelLoadError,
+             f"model.safetensors {fix}")  # fmt: skip
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_2",
+                         teacher_checkpoint=str(weights))  # fmt: skip
+    rejected(recipe, ModelLoadError, f"Checkpoint .*model.safetensors {fix}")
+
+
 def test_teacher_checkpoint_missing(data_dir, tmp_path):
     recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_1",
                          teacher_checkpoint=str(tmp_path / "missing.safetensors"))  # fmt: skip
