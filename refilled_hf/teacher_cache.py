@@ -173,6 +173,15 @@ def build(
     return embeddings, logits
 
 
+def _writable(folder: Path) -> bool:
+    """Whether this user can create files in ``folder`` (or create it, in the nearest folder
+    above it that exists)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
+    return False
+
+
 def load_or_build(
     folder: str | Path,
     teacher: FrozenTeacher,
@@ -188,7 +197,8 @@ def load_or_build(
 ) -> tuple[TeacherCache, dict[str, Any]]:
     """The cache for this teacher, data and augmentation: read from ``folder`` when an
     earlier run wrote it, else built (and written when ``write``). Returns the cache and
-    ``{"key", "path", "built", "seconds", "bytes"}``."""
+    ``{"key", "path", "built", "seconds", "bytes"}`` (and, when built, ``"written"``: False where
+    the folder cannot be written, the cache then kept in memory for this run only)."""
     key, description = cache_key(
         teacher, teacher_fingerprint, images, precision=precision, dtype=dtype, with_logits=with_logits
     )
@@ -212,9 +222,15 @@ def load_or_build(
         info = {"key": key, "path": str(path), "built": False, "seconds": time.perf_counter() - start}
         logger.info("Teacher cache read from %s (%.1f s).", path, info["seconds"])
     else:
+        if write and not _writable(path.parent):
+            logger.warning(
+                "The teacher cache folder %s cannot be written by this user: the cache is built for this run only, "
+                "and not kept for later runs (point --teacher_cache at a folder you can write to).", path.parent,
+            )  # fmt: skip
+            write = False
         logger.info(
-            "Building the teacher cache: %d images x %d augmentation variants (written to %s).",
-            len(images), variant_count(images), path,
+            "Building the teacher cache: %d images x %d augmentation variants (%s).",
+            len(images), variant_count(images), f"written to {path}" if write else "kept in memory only",
         )  # fmt: skip
         embeddings, logits = build(
             teacher, images, with_logits=with_logits, dtype=dtype, batch_size=batch_size, autocast=autocast
@@ -227,7 +243,7 @@ def load_or_build(
                 tensors["logits"] = logits.cpu().contiguous()
             save_safetensors(tensors, staging, metadata={"description": json.dumps(description, sort_keys=True)})
             os.replace(staging, path)
-        info = {"key": key, "path": str(path), "built": True, "seconds": time.perf_counter() - start}
+        info = {"key": key, "path": str(path), "built": True, "written": write, "seconds": time.perf_counter() - start}
         logger.info("Teacher cache built in %.1f s.", info["seconds"])
     cache = TeacherCache(images, embeddings, logits)
     info["bytes"] = cache.embeddings.numel() * cache.embeddings.element_size() + (

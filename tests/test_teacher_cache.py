@@ -134,6 +134,25 @@ def test_a_cache_this_user_cannot_read_is_named_not_called_damaged(tmp_path, mon
         load_or_build(tmp_path, teacher, "w", store, **kwargs)
 
 
+def test_a_cache_folder_this_user_cannot_write_serves_the_run_and_says_it_is_not_kept(tmp_path, monkeypatch, caplog):
+    """A shared folder, readable but not writable: the cache used to be built (the long part)
+    and its write then failed the run."""
+    from refilled_hf import teacher_cache
+
+    store, teacher = _store(), _teacher()
+    kwargs = {"precision": "fp32", "dtype": "float32", "with_logits": False, "batch_size": 5}
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    access = os.access  # (the tests run as root, whom no mode stops)
+    monkeypatch.setattr(teacher_cache.os, "access", lambda p, mode: access(p, mode) and Path(p) != shared)
+    with caplog.at_level("WARNING", logger="refilled_hf.teacher_cache"):
+        cache, info = load_or_build(shared / "sub", teacher, "w", store, **kwargs)
+    assert info["built"] and info["written"] is False and not (shared / "sub").exists()
+    assert "cannot be written by this user: the cache is built for this run only" in caplog.text
+    reference, _ = load_or_build(tmp_path / "own", teacher, "w", store, **kwargs)
+    assert torch.equal(cache.embeddings, reference.embeddings)
+
+
 def _run(recipe: dict) -> dict:
     return run_distillation(RefilledConfig(**recipe))
 
