@@ -233,7 +233,7 @@ def test_the_cli_tears_the_process_group_down_before_exit(monkeypatch, capsys):
 
 
 UNUSED_SCRIPT = """
-import sys, timm, torch, torch.distributed as dist
+import gc, sys, timm, torch, torch.distributed as dist
 from refilled_hf import RefilledConfig, RefilledTrainer
 
 g = torch.Generator().manual_seed(0)
@@ -251,6 +251,9 @@ for spare in (False, True):
     found[spare] = (trainer.model_wrapped.find_unused_parameters, trainer.state.global_step)
 if trainer.args.process_index == 0:
     torch.save(found, sys.argv[1])
+# the DDP wrappers go before gloo does (see MINING_SCRIPT: a rank exiting with one alive can abort)
+del trainer, student
+gc.collect()
 dist.barrier()
 dist.destroy_process_group()
 """
