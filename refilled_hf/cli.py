@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,27 @@ POSITIONAL_USAGE = {
 }
 
 
+#: the words that unset an optional field on the command line, where YAML has null
+NONE_WORDS = ("none", "null")
+
+#: refilled-hf's own fields whose default is None (unset): `none` sets them back to it
+UNSETTABLE_FIELDS = frozenset(
+    f.name
+    for f in fields(RefilledConfig)
+    if f.default is None and f.name not in {t.name for t in fields(TrainingArguments)}
+)
+
+
+def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert``, except that a none word gives None."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in NONE_WORDS else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its errors
+    return parse
+
+
 def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) -> tuple[Any, ...]:
     """Parse ``--config recipe.yaml`` (defaults) and command-line overrides."""
     parser = HfArgumentParser(dataclass_types, prog=prog)
@@ -235,6 +257,11 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
             )
         elif command == "train-teacher":
             parser.epilog = "The distillation options (`refilled-hf distill --help`) are refused here."
+        unset = "`none` unsets an optional field (default: None) that a recipe sets, e.g. `--shots_per_class none`."
+        parser.epilog = f"{parser.epilog} {unset}" if parser.epilog else unset
+        for action in parser._actions:  # `--shots_per_class none` unsets what a recipe sets (YAML has null)
+            if action.dest in UNSETTABLE_FIELDS and action.type is not None:
+                action.type = _or_none(action.type)
     usage = POSITIONAL_USAGE.get(prog.split()[-1])
     if usage:  # the words parse_command turns into flags, shown as a user types them
         parser.usage = f"{prog} {usage}"

@@ -138,7 +138,8 @@ def stated_teacher_classes(config: RefilledConfig, data: ClassificationData) -> 
         except DataError as err:
             raise ConfigError(
                 f"--teacher_classes {config.teacher_classes!r}: {err} It names the teacher's classes in this data set "
-                "(recorded in the model card); leave it unset if the teacher was trained on other data."
+                "(recorded in the model card); leave it unset (`--teacher_classes none` over a recipe) if the teacher "
+                "was trained on other data."
             ) from None
     record = weights_training_record(config.teacher, config.teacher_checkpoint)
     if record is None or not record.get("source_class_ids") or not record.get("class_names"):

@@ -30,6 +30,24 @@ def test_recipe_then_command_line_overrides(tmp_path):
     assert config.weight_decay == 5e-4 and config.per_device_train_batch_size == 128  # task defaults
 
 
+def test_none_on_the_command_line_unsets_an_optional_field_a_recipe_sets(tmp_path):
+    """The cross-task recipe names the teacher's classes; a user whose teacher knows others
+    was told to leave --teacher_classes unset, which the command line could not do."""
+    recipe = write_recipe(tmp_path / "r.yaml", teacher="resnet18", teacher_classes="cifar100-first-half",
+                          shots_per_class=50, distill_weight=10.0, classes="50-99", image_size=48)  # fmt: skip
+    argv = ["--config", recipe, "--teacher_classes", "none", "--shots_per_class", "NONE", "--distill_weight", "null",
+            "--classes", "None", "--image_size", "none"]  # fmt: skip
+    (config,) = parse_config((RefilledConfig,), argv, "t")
+    assert (config.teacher_classes, config.shots_per_class, config.distill_weight, config.classes) == (None,) * 4
+    assert config.image_size is None and config.teacher == "resnet18"
+    (config,) = parse_config((RefilledConfig,), ["--config", recipe], "t")  # the recipe's values otherwise
+    assert (config.teacher_classes, config.shots_per_class, config.distill_weight) == ("cifar100-first-half", 50, 10)
+    with pytest.raises(SystemExit):  # a field that is never unset keeps its type's error
+        parse_config((RefilledConfig,), ["--teacher", "x", "--stage1_epochs", "none"], "t")
+    with pytest.raises(SystemExit):
+        parse_config((RefilledConfig,), ["--teacher", "x", "--shots_per_class", "many"], "t")
+
+
 def test_unknown_recipe_key_is_rejected_with_a_suggestion(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", teacher="resnet18", distil_weight=3.0)
     with pytest.raises(CliError, match="distil_weight.*did you mean 'distill_weight'"):
