@@ -432,7 +432,7 @@ class StudentModel(nn.Module):
             for name, t in [*self.named_parameters(), *self.named_buffers()]
         }
         images = torch.empty(2, *self.input_size, device="meta")  # 2: batch norm needs more than one value
-        was_training = self.training
+        modes = {module: module.training for module in self.modules()}  # each its own, restored as it was
         try:
             self.train()
             with torch.compiler.set_stance("force_eager"):  # a compiled student: no compile for this pass
@@ -443,7 +443,8 @@ class StudentModel(nn.Module):
         except Exception:  # noqa: BLE001 (any failure: unknown, so DDP keeps looking)
             return None
         finally:
-            self.train(was_training)
+            for module, training in modes.items():
+                module.training = training
         return [name for name, grad in zip(names, grads) if grad is None]
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -191,6 +191,9 @@ def test_the_parameters_ddp_would_find_unused_are_the_ones_a_backward_pass_leave
     if spare:
         model.spare = torch.nn.Parameter(torch.zeros(3))
     student = StudentModel(model, input_size=(3, 32, 32)).eval()
+    some_norm = next(m for m in student.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)))
+    some_norm.train()  # a module the user left in another mode than its model: kept so
+    modes = [m.training for m in student.modules()]
     state = {k: v.clone() for k, v in student.state_dict().items()}
     for stage1 in (True, False):
         student.set_embeddings_only(stage1)
@@ -200,7 +203,7 @@ def test_the_parameters_ddp_would_find_unused_are_the_ones_a_backward_pass_leave
         rng = torch.get_rng_state()
         found = student.parameters_without_gradient()
         # stand-ins on the meta device: no random state, mode, weight or running statistic changed
-        assert torch.equal(rng, torch.get_rng_state()) and not student.training
+        assert torch.equal(rng, torch.get_rng_state()) and [m.training for m in student.modules()] == modes
         assert found == expected[stage1] == _without_gradient_by_backward(student)
     assert all(torch.equal(state[k], v) for k, v in student.state_dict().items())
 
