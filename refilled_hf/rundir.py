@@ -119,6 +119,20 @@ def disk_full_error(err: BaseException, out: Path, guess: bool = True) -> DiskFu
     )
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` where it exists, else the nearest folder above it that does."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def can_write_in(folder: Path) -> bool:
+    """Whether this user can create files in ``folder``, or create it (in the nearest folder
+    above it that exists)."""
+    probe = nearest_existing(folder)
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
 def tensor_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over a state dict's names, dtypes, shapes and bytes."""
     digest = hashlib.sha256()
@@ -206,12 +220,10 @@ class RunDirectory:
         out = self.out
         if out.exists() and not out.is_dir():
             raise RunDirError(f"--output_dir {out} is a file, not a folder: choose another --output_dir.")
-        probe = out
-        while not probe.exists():
-            probe = probe.parent
+        probe = nearest_existing(out)
         if not probe.is_dir():
             raise RunDirError(f"--output_dir {out}: {probe} is a file, not a folder; choose another --output_dir.")
-        if not os.access(probe, os.W_OK | os.X_OK):
+        if not can_write_in(out):
             raise RunDirError(f"--output_dir {out}: {probe} is not writable; choose a folder you can write to.")
 
     def manifest(self) -> dict[str, Any] | None:

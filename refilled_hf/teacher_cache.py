@@ -43,6 +43,7 @@ from .backbone import FrozenTeacher
 from .data_device import DeviceImages, crop_and_flip
 from .hub import save_safetensors
 from .messages import error_text, unreadable_file_text
+from .rundir import can_write_in
 
 __all__ = ["CACHE_DTYPES", "TeacherCache", "TeacherCacheError", "cache_bytes", "cache_key", "load_or_build"]
 
@@ -173,15 +174,6 @@ def build(
     return embeddings, logits
 
 
-def _writable(folder: Path) -> bool:
-    """Whether this user can create files in ``folder`` (or create it, in the nearest folder
-    above it that exists)."""
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
-    return False
-
-
 def load_or_build(
     folder: str | Path,
     teacher: FrozenTeacher,
@@ -222,7 +214,7 @@ def load_or_build(
         info = {"key": key, "path": str(path), "built": False, "seconds": time.perf_counter() - start}
         logger.info("Teacher cache read from %s (%.1f s).", path, info["seconds"])
     else:
-        if write and not _writable(path.parent):
+        if write and not can_write_in(path.parent):
             logger.warning(
                 "The teacher cache folder %s cannot be written by this user: the cache is built for this run only, "
                 "and not kept for later runs (point --teacher_cache at a folder you can write to).", path.parent,

@@ -85,3 +85,12 @@ def logged_losses(run_dir: Path, stage: str) -> list[float]:
     """The training losses a stage logged, from its newest checkpoint's trainer state."""
     state = json.loads(max((run_dir / stage).glob("checkpoint-*/trainer_state.json")).read_text())
     return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def deny_access(monkeypatch, path: Path) -> None:
+    """Make ``os.access`` answer that this user may not read, write or enter ``path`` (the
+    tests run as root, whom no file mode stops)."""
+    import os
+
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != Path(path))

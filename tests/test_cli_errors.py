@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import CLASS_NAMES, tiny_recipe, write_random_teacher
+from helpers import CLASS_NAMES, deny_access, tiny_recipe, write_random_teacher
 
 from refilled_hf.cli import main
 
@@ -85,6 +85,15 @@ def test_output_dir_that_is_a_file(capsys, data_dir, tmp_path):
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--output_dir", str(target / "run")],
             f"{target} is a file, not a folder")  # fmt: skip
     assert target.read_text() == "mine"
+
+
+def test_output_dir_in_a_folder_this_user_cannot_write(capsys, data_dir, tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    deny_access(monkeypatch, shared)
+    refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--output_dir", str(shared / "run")],
+            f"{shared} is not writable; choose a folder you can write to")  # fmt: skip
+    assert list(shared.iterdir()) == []
 
 
 def test_damaged_run_manifest_on_resume(capsys, data_dir, tmp_path):

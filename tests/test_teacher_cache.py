@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from helpers import tiny_recipe, write_random_teacher
+from helpers import deny_access, tiny_recipe, write_random_teacher
 
 import refilled_hf  # noqa: F401  (registers cifar_wrn_*)
 from refilled_hf.backbone import FrozenTeacher
@@ -120,14 +119,10 @@ def test_a_damaged_cache_is_refused_with_the_fix(tmp_path):
 def test_a_cache_this_user_cannot_read_is_named_not_called_damaged(tmp_path, monkeypatch):
     """A teammate's cache in a shared folder: deleting it, as a damaged one should be, is not
     this user's to do."""
-    from refilled_hf import messages
-
     store, teacher = _store(), _teacher()
     kwargs = {"precision": "fp32", "dtype": "float32", "with_logits": False, "batch_size": 5}
     _, info = load_or_build(tmp_path, teacher, "w", store, **kwargs)
-    path = tmp_path / f"{info['key']}.safetensors"
-    access = os.access  # (the tests run as root, whom no mode stops)
-    monkeypatch.setattr(messages.os, "access", lambda p, mode: access(p, mode) and Path(p) != path)
+    deny_access(monkeypatch, tmp_path / f"{info['key']}.safetensors")
     with pytest.raises(
         TeacherCacheError, match=r"exists but this user cannot read it .*chmod a\+r.*--teacher_cache none"
     ):
@@ -137,14 +132,11 @@ def test_a_cache_this_user_cannot_read_is_named_not_called_damaged(tmp_path, mon
 def test_a_cache_folder_this_user_cannot_write_serves_the_run_and_says_it_is_not_kept(tmp_path, monkeypatch, caplog):
     """A shared folder, readable but not writable: the cache used to be built (the long part)
     and its write then failed the run."""
-    from refilled_hf import teacher_cache
-
     store, teacher = _store(), _teacher()
     kwargs = {"precision": "fp32", "dtype": "float32", "with_logits": False, "batch_size": 5}
     shared = tmp_path / "shared"
     shared.mkdir()
-    access = os.access  # (the tests run as root, whom no mode stops)
-    monkeypatch.setattr(teacher_cache.os, "access", lambda p, mode: access(p, mode) and Path(p) != shared)
+    deny_access(monkeypatch, shared)
     with caplog.at_level("WARNING", logger="refilled_hf.teacher_cache"):
         cache, info = load_or_build(shared / "sub", teacher, "w", store, **kwargs)
     assert info["built"] and info["written"] is False and not (shared / "sub").exists()

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_teacher
+from helpers import CLASS_NAMES, deny_access, tiny_recipe, write_image_dataset, write_random_teacher
 from safetensors.torch import save_file
 
 from refilled_hf.backbone import ModelLoadError, load_timm_model
@@ -81,13 +81,8 @@ def test_a_model_or_checkpoint_this_user_cannot_read_is_named_with_its_mode_owne
 ):
     """safetensors reports a file it may not open as missing; exported weights are often
     readable by their owner alone (safetensors 0.8 writes them so)."""
-    import os
-
-    from refilled_hf import messages
-
     weights = Path(teacher[len("local-dir:") :]) / "model.safetensors"
-    access = os.access  # (the tests run as root, whom no mode stops: this user is told it may not read them)
-    monkeypatch.setattr(messages.os, "access", lambda p, mode: access(p, mode) and Path(p) != weights)
+    deny_access(monkeypatch, weights)
     fix = r"exists but this user cannot read it \(mode -rw\S+, owner \S+; .*\): ask its owner .*\(chmod a\+r\)"
     rejected(tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=teacher), ModelLoadError,
              f"model.safetensors {fix}")  # fmt: skip
