@@ -26,6 +26,7 @@ from .config import (
     FIELD_USERS,
     INFORMATIONAL_FIELDS,
     INHERITED_FIELDS,
+    NONE_WORDS,
     ConfigError,
     RefilledConfig,
     expand_home,
@@ -216,15 +217,10 @@ POSITIONAL_USAGE = {
 }
 
 
-#: the words that unset an optional field on the command line, where YAML has null
-NONE_WORDS = ("none", "null")
-
-#: refilled-hf's own fields whose default is None (unset): `none` sets them back to it
-UNSETTABLE_FIELDS = frozenset(
-    f.name
-    for f in fields(RefilledConfig)
-    if f.default is None and f.name not in {t.name for t in fields(TrainingArguments)}
-)
+#: refilled-hf's own fields whose default is None (unset): a none word sets them back to it
+UNSETTABLE_FIELDS = frozenset(f.name for f in fields(RefilledConfig) if f.default is None) - {
+    f.name for f in fields(TrainingArguments)
+}
 
 
 def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -294,6 +294,9 @@ NUMERIC_RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 
 
+#: the words that stand for None where only text can be given (the command line, a recipe's string)
+NONE_WORDS = ("none", "null")
+
 #: what ``accelerate launch`` passes through the environment (see RefilledConfig._adopt_launcher_settings)
 LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE")
 
@@ -865,7 +868,7 @@ class RefilledConfig(TrainingArguments):
         # only spell None as text)
         for name in ("test_split", "validation_split", "teacher_cache", "distill_weight_search", "compare_runs"):
             value = getattr(self, name)
-            if value is not None and str(value).strip().lower() in ("", "none", "null"):
+            if value is not None and str(value).strip().lower() in ("", *NONE_WORDS):
                 setattr(self, name, None)
         for name in PATH_FIELDS:
             setattr(self, name, expand_home(getattr(self, name)))

@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 MANIFEST = "run.json"
 LOCK = ".refilled-hf.lock"
 
+#: how DDP finds and buckets the gradients it averages, not what they are
+DDP_TUNING_FIELDS = ("ddp_find_unused_parameters", "ddp_bucket_cap_mb")
+
 #: Configuration fields that cannot change what a run computes: they may differ on resume.
 NON_IDENTITY_FIELDS = frozenset(
     {
@@ -58,8 +61,7 @@ NON_IDENTITY_FIELDS = frozenset(
         "card_license", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node", "skip_memory_metrics",
         "per_device_eval_batch_size", "dataloader_persistent_workers", "dataloader_pin_memory",
         "dataloader_prefetch_factor", "ddp_timeout", "local_rank",
-        # how DDP finds and buckets the gradients it averages, not what they are
-        "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
+        *DDP_TUNING_FIELDS,
         "teacher_cache", "teacher_cache_budget_gb",
         # compiling changes how the same computation runs, not what it computes
         "torch_compile", "torch_compile_backend", "torch_compile_mode", "channels_last",
@@ -70,9 +72,7 @@ NON_IDENTITY_FIELDS = frozenset(
 #: identity fields earlier releases recorded that compute nothing (the device path's loader
 #: workers, the budget that chose the path, DDP's search for unused parameters and its
 #: buckets): a run they recorded resumes without them
-RETIRED_IDENTITY_FIELDS = frozenset(
-    {"device_data_budget_gb", "dataloader_num_workers", "ddp_find_unused_parameters", "ddp_bucket_cap_mb"}
-)
+RETIRED_IDENTITY_FIELDS = frozenset({"device_data_budget_gb", "dataloader_num_workers", *DDP_TUNING_FIELDS})
 
 
 class RunDirError(ValueError):
