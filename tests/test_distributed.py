@@ -125,21 +125,23 @@ def test_processes_launched_without_an_accelerator_train_as_one_cpu_group(tmp_pa
     assert log.count("Exported the model to") == 1 and "parallel_mode != ParallelMode.DISTRIBUTED" not in log
 
 
-def one_and_two_processes(script_text: str, tmp_path: Path) -> tuple[dict, dict]:
+def run_script(script_text: str, tmp_path: Path, processes: int):
     """What ``script_text`` saves (its first argument: the file; its second: a folder of its own)
-    run in one process, then in two gloo processes under torchrun."""
+    run in ``processes`` CPU processes (gloo, under torchrun where more than one)."""
     script = tmp_path / "script.py"
     script.write_text(script_text)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    saved = []
-    for processes in (1, 2):
-        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
-        out = tmp_path / f"processes{processes}"
-        cmd = [sys.executable, *(launcher if processes > 1 else []), str(script), f"{out}.pt", str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        saved.append(torch.load(f"{out}.pt"))
-    return saved[0], saved[1]
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+    out = tmp_path / f"processes{processes}"
+    cmd = [sys.executable, *(launcher if processes > 1 else []), str(script), f"{out}.pt", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(f"{out}.pt")
+
+
+def one_and_two_processes(script_text: str, tmp_path: Path) -> tuple[dict, dict]:
+    """:func:`run_script` in one process, then in two."""
+    return run_script(script_text, tmp_path, 1), run_script(script_text, tmp_path, 2)
 
 
 MINING_SCRIPT = """
@@ -260,11 +262,4 @@ dist.destroy_process_group()
 
 
 def test_ddp_looks_for_unused_parameters_exactly_where_the_student_has_some(tmp_path):
-    script = tmp_path / "script.py"
-    script.write_text(UNUSED_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    cmd = [sys.executable, *launcher, str(script), str(tmp_path / "found.pt"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.load(tmp_path / "found.pt") == {False: (False, 3), True: (True, 3)}
+    assert run_script(UNUSED_SCRIPT, tmp_path, 2) == {False: (False, 3), True: (True, 3)}
