@@ -83,6 +83,62 @@ def test_features_only():
     assert [o.shape[-1] for o in outs] == [32, 16, 8]
 
 
+def test_forward_intermediates_are_the_groups_outputs_as_timms_models_give_them():
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_wrn_16_1", num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    # by hand: the stem, then each group in turn; the final BN-ReLU only after the last
+    groups, h = [], model.stem(x)
+    for stage in model.stages:
+        h = stage(h)
+        groups.append(h)
+    final = torch.relu(torch.nn.functional.batch_norm(
+        groups[-1], model.norm.running_mean, model.norm.running_var, model.norm.weight, model.norm.bias, eps=1e-5
+    ))  # fmt: skip
+
+    features, intermediates = model.forward_intermediates(x)
+    torch.testing.assert_close(features, final)
+    torch.testing.assert_close(features, model.forward_features(x))
+    assert len(intermediates) == 3
+    for got, want in zip(intermediates, groups):
+        torch.testing.assert_close(got, want)
+    taken = model.forward_intermediates(x, indices=[0, -1], norm=True, intermediates_only=True)
+    torch.testing.assert_close(taken[0], groups[0])
+    torch.testing.assert_close(taken[1], final)
+    features, (first,) = model.forward_intermediates(x, indices=[0], stop_early=True)
+    torch.testing.assert_close(features, groups[0])
+    torch.testing.assert_close(first, groups[0])
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+    # timm's getter wrapper prunes the groups after the last one taken
+    getter = timm.create_model("cifar_wrn_16_1", features_only=True, feature_cls="getter", out_indices=(0, 1))
+    getter.model.load_state_dict(model.state_dict(), strict=False)
+    getter.eval()
+    assert getter.feature_info.channels() == [16, 32] and len(getter.model.stages) == 2
+    for got, want in zip(getter(x), groups[:2]):
+        torch.testing.assert_close(got, want)
+
+
+def test_pruning_keeps_the_groups_asked_for_and_drops_what_no_longer_fits():
+    model = timm.create_model("cifar_wrn_16_2", num_classes=5)
+    assert model.prune_intermediate_layers([1]) == [1]
+    assert len(model.stages) == 2 and isinstance(model.norm, torch.nn.Identity)
+    assert model.num_features == 64
+    assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 64, 16, 16)
+    whole = timm.create_model("cifar_wrn_16_2", num_classes=5)
+    assert whole.prune_intermediate_layers(1, prune_head=False) == [2]
+    assert whole(torch.randn(1, 3, 32, 32)).shape == (1, 5) and whole.num_features == 128
+
+
+def test_the_final_norm_keeps_batchnorms_state_dict_keys():
+    """Exports of earlier releases (a plain BatchNorm2d then a ReLU) load unchanged."""
+    keys = timm.create_model("cifar_wrn_16_1").state_dict().keys()
+    assert [k for k in keys if k.startswith("norm.")] == [
+        "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked"
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "convnext_atto"])
 def test_embed_works_on_stock_timm_models(name):
     model = timm.create_model(name, pretrained=False, num_classes=3).eval()

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import create_classifier
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import BatchNormAct2d, create_classifier
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # what timm's own models use (not re-exported)
 
 __all__ = ["CifarWideResNet", "CIFAR100_MEAN", "CIFAR100_STD"]
 
@@ -104,7 +105,9 @@ class CifarWideResNet(nn.Module):
             in_chs = width
             self.feature_info.append(dict(num_chs=width, reduction=2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.BatchNorm2d(in_chs, **dd)
+        # the final BN-ReLU as one module (a BatchNorm2d subclass: the state dict keys are BatchNorm2d's),
+        # which prune_intermediate_layers can drop as timm's pre-activation ResNets drop theirs
+        self.norm = BatchNormAct2d(in_chs, act_layer=nn.ReLU, **dd)
         self.num_features = self.head_hidden_size = in_chs
         self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool, **dd)
         self._init_weights()
@@ -134,7 +137,7 @@ class CifarWideResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh one of ``num_classes`` outputs."""
-        weight = self.norm.weight
+        weight = self.stem.weight
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
@@ -142,16 +145,70 @@ class CifarWideResNet(nn.Module):
             self.num_features, num_classes, pool_type=global_pool, device=weight.device, dtype=weight.dtype
         )
 
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The outputs of the three groups (``feature_info``'s order), timm's interface.
+
+        Args:
+            x: input images ``[B, C, H, W]``.
+            indices: the last ``n`` groups if an int, all if None, else the groups listed
+                (negative from the end).
+            norm: apply the final BN-ReLU to the last group's output when taken.
+            stop_early: stop after the last group taken.
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return the intermediates alone.
+
+        Returns:
+            The intermediates, or ``(final features, intermediates)``; the final features are
+            ``forward_features``' unless ``stop_early`` stopped before the last group.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}.")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        intermediates = []
+        x = self.stem(x)
+        index = -1
+        for index, stage in enumerate(stages):
+            x = self._run_stage(stage, x)
+            if index in take_indices:
+                intermediates.append(self.norm(x) if norm and index == last else x)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if index == last else x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the groups after the last of ``indices`` (and the final BN-ReLU and head
+        where they no longer apply); returns the absolute indices kept."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # sized for the last group's output, and only applied to it
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map after the final BN-ReLU: ``[B, 64k, H/4, W/4]``."""
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
-
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return F.relu(self.norm(x))
+        return self.norm(self._run_stage(self.stages, self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global pooling then the classifier; ``pre_logits=True`` returns the pooled embedding."""
