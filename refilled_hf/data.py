@@ -1006,8 +1006,11 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         decoded: list[np.ndarray] | None = []
         digests = np.zeros(len(self), dtype=np.uint64)
         bad: list[tuple[int, str]] = []
+        files = False  # whether the images are files (a folder data set) rather than bytes in a table
         total, smallest, largest = 0, 1 << 30, 0
         for i, item in enumerate(column):
+            path = item.get("path") if isinstance(item, dict) and not item.get("bytes") else None
+            files = files or bool(path)
             try:
                 array = self._decode(item)
             except UnreadablePixelsError as err:
@@ -1016,7 +1019,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 bad.append((int(self.source_rows[i]), f"no file {item['path']}"))
                 continue
             except Exception as err:  # noqa: BLE001 - PIL raises many kinds on bad data
-                bad.append((int(self.source_rows[i]), type(err).__name__))
+                bad.append((int(self.source_rows[i]), _decode_failure(self._image_path(path) if path else None, err)))
                 continue
             smallest, largest = min(smallest, *array.shape[:2]), max(largest, *array.shape[:2])
             digests[i] = pixel_digest(array)
@@ -1030,7 +1033,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             raise DataError(
                 f"{len(bad)} image{'s' if len(bad) > 1 else ''} of split {self.split_name!r} cannot be decoded "
                 f"(missing, truncated or corrupt): "
-                f"{rows}. Fix or drop those rows."
+                f"{rows}. Fix or {'remove those files' if files else 'drop those rows'}."
                 + (
                     f" (Relative image paths are read from {self.image_root}, the data set's folder.)"
                     if self.image_root is not None and any(kind.startswith("no file") for _, kind in bad)
@@ -1048,6 +1051,14 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         image = Image.fromarray(array)
         pixels = self.transform(image) if self.transform is not None else T.functional.pil_to_tensor(image)
         return {"pixel_values": pixels, "labels": int(self.labels[index])}
+
+
+def _decode_failure(path: str | None, err: Exception) -> str:
+    """Why one image could not be decoded, naming its file where it is one: ``data/cats/3.jpg:
+    OSError: image file is truncated``."""
+    reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    reason = reason if len(reason) <= 90 else reason[:87] + "..."
+    return f"{path}: {reason}" if path else reason
 
 
 def build_transform(pretrained_cfg: dict[str, Any], train: bool) -> T.Compose:

@@ -395,6 +395,23 @@ def test_relative_image_paths_are_read_from_the_data_sets_folder(tmp_path, monke
         load_classification_data(".", validation_fraction=0.0)
 
 
+def test_an_image_file_that_cannot_be_decoded_is_named_with_the_reason(tmp_path):
+    """In a folder data set the file is what to fix; in a table, the row (its bytes hold the image)."""
+    from PIL import Image
+
+    for split, count in (("train", 3), ("test", 1)):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (9 * i, 0, 0)).save(tmp_path / split / name / f"{i}.jpg")
+    broken = tmp_path / "train" / "dog" / "1.jpg"
+    broken.write_bytes(broken.read_bytes()[:100])
+    with pytest.raises(DataError) as refused:
+        load_classification_data(str(tmp_path), validation_fraction=0.0)
+    message = str(refused.value)
+    assert f"row 4 ({broken}: OSError: " in message and message.endswith("Fix or remove those files.")
+
+
 def test_class_folders_inside_a_folder_of_each_split_are_a_layout(tmp_path):
     """train/images/<class>/: one folder holding the class folders in each split is not nested;
     a table beside them does not make it a table of image paths."""
