@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -180,6 +181,11 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
 
 #: Inherited fields that transformers keeps for scripts and never reads; refilled-hf does not read them either.
 INFORMATIONAL_FIELDS: tuple[str, ...] = ("do_train", "do_eval", "do_predict")
+
+#: Fields a run may set from the machine it runs on (bf16 without a GPU runs on the CPU, which
+#: transformers then does not pin memory for; a GPU gets non-blocking copies): recipes give them as
+#: the user gave them (RefilledConfig.to_recipe), run identities as they ran.
+MACHINE_DECIDED_FIELDS = ("use_cpu", "dataloader_pin_memory", "accelerator_config")
 
 #: Inherited fields that do what transformers documents (some with refilled-hf's own
 #: meaning, stated in their help: optim, max_steps, warmup_steps, label_smoothing_factor,
@@ -879,6 +885,10 @@ class RefilledConfig(TrainingArguments):
         self._adopt_launcher_settings()
         if self.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is visible: use --bf16 true (works on the CPU too).")
+        # What this machine decides below (and transformers then derives: no pinned memory on the CPU), as
+        # given: a recipe printed or carried by a model card says what the user chose, not what this machine
+        # made of it (a bf16 run on a laptop's CPU must not make its recipe run on the CPU of a GPU machine).
+        self._given = {name: getattr(self, name) for name in MACHINE_DECIDED_FIELDS}
         # bf16 on a machine without a GPU runs on the CPU rather than failing.
         if self.bf16 and not (torch.cuda.is_available() or self.use_cpu):
             self.use_cpu = True
@@ -1204,25 +1214,41 @@ class RefilledConfig(TrainingArguments):
             setattr(view, name, value)
         return view
 
-    def to_recipe(self, used_only: bool = False) -> dict[str, Any]:
+    def with_changes(self, **changes: Any) -> RefilledConfig:
+        """``dataclasses.replace`` (a validated copy with ``changes``) that keeps what the user
+        gave for :data:`MACHINE_DECIDED_FIELDS`, which the copy would take as given."""
+        copied = dataclasses.replace(self, **changes)
+        copied._given = {name: value for name, value in self._given.items() if name not in changes} | {
+            name: value for name, value in copied._given.items() if name in changes
+        }
+        return copied
+
+    def to_recipe(self, used_only: bool = False, as_run: bool = False) -> dict[str, Any]:
         """The run as a recipe that `--config` reads back: refilled-hf's own fields, then
         the `TrainingArguments` fields whose value differs from a default configuration
         (compared after ``__post_init__``, so derived values are not listed). Tokens are
         never included. ``used_only``: a field the run's method does not use (a
         train-teacher run's ``teacher``, which it trains as the ``student``) is given at
-        its default, so that ``refilled-hf distill --config`` reruns it without a warning."""
+        its default, so that ``refilled-hf distill --config`` reruns it without a warning.
+        :data:`MACHINE_DECIDED_FIELDS` are given as the user gave them, so that the recipe
+        runs as it says on another machine, or, ``as_run``, as this run set them (its identity)."""
         parent = {f.name for f in fields(TrainingArguments)}
         with _launcher_settings_ignored():  # the defaults, however this process was launched
             default = RefilledConfig()
         unused = self.fields_unused_by(self.method) if used_only else {}
+        given = {} if as_run else getattr(self, "_given", {})
         ours, theirs = {}, {}
         for f in fields(self):
             if "token" in f.name or not f.init:
                 continue
             value = getattr(default if f.name in unused else self, f.name)
+            if f.name in given:
+                value, default_value = given[f.name], default._given[f.name]
+            else:
+                default_value = getattr(default, f.name)
             if f.name not in parent:
                 ours[f.name] = value
-            elif f.name in RefilledConfig._TASK_DEFAULTS or value != getattr(default, f.name):
+            elif f.name in RefilledConfig._TASK_DEFAULTS or value != default_value:
                 theirs[f.name] = value.value if hasattr(value, "value") else value
         return json.loads(json.dumps({**ours, **theirs}, default=str))
 

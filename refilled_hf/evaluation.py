@@ -123,14 +123,14 @@ def _own_validation_carve(config: RefilledConfig, record: dict[str, Any], model_
     if validation_untouched and isinstance(own_split, str):  # a split of its own: no seed draws it
         logger.info("Evaluating the validation split %s was selected on (--validation_split %s, from its record).",
                     model_spec, own_split)  # fmt: skip
-        return dataclasses.replace(config, validation_fraction=0.0, validation_split=own_split)
+        return config.with_changes(validation_fraction=0.0, validation_split=own_split)
     fraction, seed = record.get("validation_fraction"), record.get("seed")
     if not untouched or not fraction or seed is None:
         return config
     if (fraction, seed) != (config.validation_fraction, config.seed):
         logger.info("Evaluating the validation split %s was selected on (--validation_fraction %g, data seed %d, "
                     "from its record).", model_spec, fraction, seed)  # fmt: skip
-    return dataclasses.replace(config, validation_fraction=fraction, data_seed=int(seed))
+    return config.with_changes(validation_fraction=fraction, data_seed=int(seed))
 
 
 def _checkpoint_run_image_size(checkpoint: Path) -> int | None:
@@ -203,7 +203,7 @@ def evaluate_model(
     run_size = _checkpoint_run_image_size(Path(checkpoint)) if checkpoint is not None else None
     if run_size and not config.image_size:  # its weights are for that size (a ViT's position embeddings too)
         logger.info("Evaluating at %d px, the --image_size of the run that wrote %s.", run_size, checkpoint)
-        config = dataclasses.replace(config, image_size=run_size)
+        config = config.with_changes(image_size=run_size)
     model = _trained_model(model_spec, checkpoint, config.image_size)
     if not model.num_classes:
         raise ConfigError(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -488,7 +487,7 @@ def _barrier(trainer: RefilledTrainer) -> None:
 
 def _run_identity(config: RefilledConfig, data: ClassificationData, student: StudentModel, teacher) -> dict[str, Any]:
     """What makes two runs the same run (see :mod:`refilled_hf.rundir`)."""
-    recipe = {k: v for k, v in config.to_recipe().items() if k not in NON_IDENTITY_FIELDS}
+    recipe = {k: v for k, v in config.to_recipe(as_run=True).items() if k not in NON_IDENTITY_FIELDS}
     recipe.pop("teacher_cache_dtype", None)
     # The data path the run took is recorded below; what chose it (--data_path auto or the path
     # forced, the memory budget) computes nothing, nor do loader workers on the device path,
@@ -1052,8 +1051,8 @@ def run_teacher_training(config: RefilledConfig, callbacks: list | None = None) 
         hints = [hint for names, hint in _TEACHER_TRAINING_HINTS if set(names) & set(unused)]
         refusal = f"train-teacher does not use {listed}: remove {'it' if len(unused) == 1 else 'them'}."
         raise ConfigError(" ".join([refusal, *hints]))
-    teacher_config = dataclasses.replace(
-        config, method="ce", student=config.teacher, student_checkpoint=config.teacher_checkpoint
+    teacher_config = config.with_changes(
+        method="ce", student=config.teacher, student_checkpoint=config.teacher_checkpoint
     )
     return _train(teacher_config, callbacks, command="train-teacher")
 

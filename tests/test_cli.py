@@ -233,6 +233,37 @@ def test_printed_recipe_reads_back_as_the_same_configuration(tmp_path):
     assert again.to_recipe() == recipe
 
 
+def test_what_this_machine_decided_stays_out_of_the_recipes_a_user_takes_elsewhere(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    """bf16 on a machine without a GPU runs on the CPU (and transformers then pins no memory): the
+    printed recipe and the model card's said `use_cpu: true`, which ran their copy on a GPU
+    machine's CPU. The run's identity still records how it ran."""
+    from refilled_hf.pipeline import run_teacher_training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = RefilledConfig(bf16=True, output_dir=str(tmp_path / "o"))
+    assert config.use_cpu and not config.dataloader_pin_memory  # how it runs here
+    recipe = config.to_recipe()
+    assert recipe["bf16"] is True and {"use_cpu", "dataloader_pin_memory"}.isdisjoint(recipe)
+    assert config.to_recipe(as_run=True)["use_cpu"] is True
+    assert config.with_changes(method="ce").to_recipe() == {**recipe, "method": "ce"}
+    assert config.with_changes(use_cpu=True).to_recipe()["use_cpu"] is True  # given now
+    assert RefilledConfig(bf16=True, use_cpu=True).to_recipe()["use_cpu"] is True  # given by the user
+
+    out = tmp_path / "teacher"
+    teacher = dict(dataset=str(data_dir), output_dir=str(out), teacher="cifar_wrn_16_1", image_size=16, classes="0-2",
+                   stage2_epochs=1, per_device_train_batch_size=16, disable_tqdm=True, bf16=True)  # fmt: skip
+    run_teacher_training(RefilledConfig(**teacher))
+    card = (out / "model" / "README.md").read_text()
+    assert "\nbf16: true\n" in card and "use_cpu" not in card and "dataloader_pin_memory" not in card
+    assert json.loads((out / "run.json").read_text())["identity"]["use_cpu"] is True
+    capsys.readouterr()
+    main(["train-teacher", "--config", write_recipe(tmp_path / "r.yaml", **teacher), "--overwrite_output", "true"])
+    printed = capsys.readouterr().out
+    assert "\nbf16: true\n" in printed and "use_cpu" not in printed
+
+
 def test_train_teacher_prints_the_fields_it_reads_and_they_read_back(tmp_path):
     """No student or distillation option in train-teacher's printed configuration (the student's
     default would name a model it does not train), and train-teacher takes it back unchanged."""
