@@ -552,19 +552,28 @@ def class_ranges(ids: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def _stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator, what: str):
-    """Split positions per class: ``round(fraction * n_c)`` (at least 1) go to the second part."""
-    first, second = [], []
+def _stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator, names: Sequence[str]):
+    """Split positions per class: ``round(fraction * n_c)`` (at least 1) go to the second part
+    (the validation split); ``names[c]`` names class ``c`` in the refusal of a class left
+    without a training image."""
+    first, second, short, smallest = [], [], [], 0
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         take = max(1, int(round(fraction * idx.size)))
         if take >= idx.size:
-            raise DataError(
-                f"{what}: class {int(c)} has {idx.size} training images, so a validation fraction of {fraction} "
-                "leaves it no training image; lower `--validation_fraction` or set it to 0."
-            )
+            short.append(f"{names[c]} ({idx.size})")
+            smallest = max(smallest, idx.size)
+            continue
         second.append(idx[:take])
         first.append(idx[take:])
+    if short:
+        raise DataError(
+            f"--validation_fraction {fraction:g} leaves no training image to {len(short)} class"
+            f"{'es' if len(short) > 1 else ''} (training images in brackets): {short_list(short, 5)}. Each class "
+            "gives at least one image to validation, so it needs at least 2; "
+            + ("lower --validation_fraction, " if smallest > 1 else "")
+            + "set it to 0 (no validation split), or validate on a split of the data set's own (--validation_split)."
+        )
     return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
 
@@ -763,7 +772,7 @@ def load_classification_data(
     local = remap[train_labels[positions]]
     val_positions = None
     if validation_fraction > 0:
-        keep, held = _stratified_split(local, validation_fraction, rng, "Validation split")
+        keep, held = _stratified_split(local, validation_fraction, rng, [names[i] for i in selected])
         positions, val_positions = positions[keep], positions[held]
         local = remap[train_labels[positions]]
     if shots_per_class is not None:

@@ -176,6 +176,19 @@ def test_only_the_splits_asked_for_are_built_and_decoded(data_dir):
         load_classification_data(str(data_dir), splits=("val",), **kwargs)
 
 
+def test_a_class_of_one_image_cannot_give_one_to_validation_whatever_the_fraction():
+    from refilled_hf.data import _stratified_split
+
+    labels = np.array([0, 0, 0, 0, 1, 0, 0])
+    with pytest.raises(DataError) as refused:
+        _stratified_split(labels, 0.1, np.random.default_rng(0), ["cat", "owl"])
+    message = str(refused.value)
+    assert "to 1 class (training images in brackets): ['owl (1)']" in message
+    assert "lower --validation_fraction" not in message and "set it to 0" in message
+    keep, held = _stratified_split(labels[:4], 0.25, np.random.default_rng(0), ["cat"])
+    assert len(held) == 1 and sorted([*keep, *held]) == [0, 1, 2, 3]
+
+
 def test_errors_name_the_problem(data_dir, tmp_path):
     with pytest.raises(DataError, match="shots_per_class=19.*lower it"):
         load_classification_data(str(data_dir), shots_per_class=19, validation_fraction=0.1)
