@@ -765,9 +765,12 @@ def load_classification_data(
     positions = np.flatnonzero(remap[train_labels] >= 0)
     missing = _classes_without_images(remap[train_labels[positions]], selected, names)
     if missing:
-        raise UnknownClassError(
-            f"Classes {short_list(missing)} have no image in split {train_split!r}; remove them from `--classes`."
-        )
+        if classes is not None:
+            fix = "remove them from `--classes`"
+        else:  # every class the data set names, of which some only in other splits
+            present = [c for c in selected if names[c] not in missing]
+            fix = f"select the others: `--classes {class_ranges(present)}`" if present else "check --train_split"
+        raise UnknownClassError(f"Classes {short_list(missing)} have no image in split {train_split!r}; {fix}.")
     rng = np.random.default_rng(seed)
     local = remap[train_labels[positions]]
     val_positions = None

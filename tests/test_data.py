@@ -408,6 +408,25 @@ def test_relative_image_paths_are_read_from_the_data_sets_folder(tmp_path, monke
         load_classification_data(".", validation_fraction=0.0)
 
 
+def test_a_class_only_the_test_split_has_is_refused_with_the_selection_of_the_others(tmp_path):
+    """The classes are every folder of every split; with no --classes given, the fix is the
+    selection of the others, not "remove them from --classes"."""
+    from PIL import Image
+
+    for split, names in (("train", ("cat", "dog", "owl")), ("test", ("cat", "dog", "owl", "zebra"))):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (9 * i, 0, 0)).save(tmp_path / split / name / f"{i}.png")
+    with pytest.raises(DataError, match=r"Classes \['zebra'\] have no image in split 'train'; select the others: "
+                                        r"`--classes 0-2`\.$"):  # fmt: skip
+        load_classification_data(str(tmp_path), validation_fraction=0.0)
+    with pytest.raises(DataError, match=r"\['zebra'\] .*; remove them from `--classes`\.$"):
+        load_classification_data(str(tmp_path), classes="cat,zebra", validation_fraction=0.0)
+    data = load_classification_data(str(tmp_path), classes="0-2", validation_fraction=0.0)
+    assert data.class_names == ["cat", "dog", "owl"] and len(data.test) == 6
+
+
 def test_an_image_file_that_cannot_be_decoded_is_named_with_the_reason(tmp_path):
     """In a folder data set the file is what to fix; in a table, the row (its bytes hold the image)."""
     from PIL import Image
