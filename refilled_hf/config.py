@@ -502,7 +502,8 @@ class RefilledConfig(TrainingArguments):
     test_split: str | None = field(
         default="test",
         **_help(
-            "Split evaluated once at the end (evaluate: with --split test); none: the data set has no test split, "
+            "Split evaluated once at the end (evaluate: with --split test, and then the only split read: a data set "
+            "of held-out images alone may name its one split, e.g. train); none: the data set has no test split, "
             "and no test accuracy is claimed."
         ),
     )

@@ -720,9 +720,18 @@ def load_classification_data(
     if not 0 <= validation_fraction < 1:
         raise DataError(f"`validation_fraction` must be in [0, 1), got {validation_fraction}.")
     raw = raw if raw is not None else load_raw_dataset(dataset, dataset_config)
+    # Only the test split asked for (evaluate): a data set without the training split, or whose one
+    # split is named as the training one (a folder of class folders is `train` to datasets), is
+    # evaluated on its own, the test split naming the classes; whether the model trained on those
+    # images is the caller's check (it knows the model's record), and no training rows are selected.
+    test_only = tuple(splits) == ("test",) and test_split is not None and test_split in raw
+    if test_only and (train_split not in raw or train_split == test_split):
+        train_split = test_split
+    else:
+        test_only = False
     if train_split not in raw:
         raise DataError(f"Split {train_split!r} not in {dataset!r} (splits: {list(raw)}); fix `--train_split`.")
-    if test_split == train_split:
+    if test_split == train_split and not test_only:
         raise DataError(
             f"--test_split {test_split!r} is the training split: the test accuracy would be measured on training "
             "images. Name another split, or pass `--test_split none`."
@@ -763,7 +772,10 @@ def load_classification_data(
     remap[selected] = np.arange(len(selected))
 
     positions = np.flatnonzero(remap[train_labels] >= 0)
-    missing = _classes_without_images(remap[train_labels[positions]], selected, names)
+    if test_only:  # no training rows; the test split's own check below says which classes it lacks
+        positions = positions[:0]
+        validation_fraction, shots_per_class = 0.0, None
+    missing = [] if test_only else _classes_without_images(remap[train_labels[positions]], selected, names)
     if missing:
         if classes is not None:
             fix = "remove them from `--classes`"

@@ -47,6 +47,11 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
                 "%s records no training data: refilled-hf cannot check that this validation split holds none of "
                 "its training images (--split test can be trusted).", model_spec,
             )  # fmt: skip
+        elif config.test_split == config.train_split:
+            logger.warning(
+                "--test_split %r is the data set's training split, and %s records no training data: refilled-hf "
+                "cannot check that the model was not trained on these images.", config.test_split, model_spec,
+            )  # fmt: skip
         return
     recorded = (record.get("row_digests") or {}).get("validation")
     if split == "validation" and data.row_digests.get("validation") != recorded:

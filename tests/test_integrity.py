@@ -985,6 +985,8 @@ def test_evaluate_refuses_a_validation_split_that_can_hold_training_images(data_
     assert evaluate_model(model, RefilledConfig(**{**config, "seed": 1}))["test_samples"] == 18
     with pytest.raises(ConfigError, match="is the split .* was trained on"):
         evaluate_model(model, RefilledConfig(**config, train_split="test", test_split="train"))
+    with pytest.raises(ConfigError, match="is the split .* was trained on"):  # the split named as both
+        evaluate_model(model, RefilledConfig(**config, test_split="train"))
     # trained on every training image: no validation split of that data is clean
     everything = f"local-dir:{_model_with_record(data_dir, tmp_path / 'all', validation_fraction=0.0, seed=0)}"
     with pytest.raises(ConfigError, match="trained without a validation split.*--split test"):

@@ -3,6 +3,7 @@ One test per case; each also checks that no stage was started."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 from refilled_hf.backbone import ModelLoadError, load_timm_model
 from refilled_hf.cli import CliError, parse_config
 from refilled_hf.config import ConfigError, RefilledConfig
-from refilled_hf.data import DataError
+from refilled_hf.data import DataError, load_classification_data
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import export_model
 from refilled_hf.pipeline import load_data, run_distillation
@@ -397,3 +398,27 @@ def test_evaluate_on_a_data_set_without_a_test_split(data_dir, tmp_path):
     # probe-teacher reads the training and validation splits only
     probe = probe_teacher(RefilledConfig(**{**config.to_recipe(), "teacher": other, "classes": "3-5"}))
     assert probe["validation_images"] == 9 and probe["train_images"] == 27 and probe["classes_probed"] == 3
+
+
+def test_evaluate_measures_a_data_set_of_held_out_images_alone(data_dir, tmp_path, caplog):
+    """evaluate reads only the split it measures: a data set of a test split alone, or of one
+    split that datasets names train (a folder of class folders), was refused for lacking a
+    training split or for naming it as the test split, with no way out."""
+    model = f"local-dir:{write_random_teacher(tmp_path / 'model', label_names=CLASS_NAMES[3:])}"
+    test_only = tmp_path / "test_only"
+    test_only.mkdir()
+    (test_only / "test.parquet").write_bytes((data_dir / "test.parquet").read_bytes())
+    config = dict(output_dir=str(tmp_path / "e"), use_cpu=True)
+    metrics = evaluate_model(model, RefilledConfig(**config, dataset=str(test_only)))
+    assert metrics["test_samples"] == 18 and metrics["data"]["split"] == "test"
+    assert [c["samples"] for c in metrics["test_per_class"].values()] == [6, 6, 6]
+
+    train_only = tmp_path / "train_only"
+    train_only.mkdir()
+    (train_only / "train.parquet").write_bytes((data_dir / "train.parquet").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="refilled_hf"):
+        metrics = evaluate_model(model, RefilledConfig(**config, dataset=str(train_only), test_split="train"))
+    assert metrics["test_samples"] == 36 and metrics["data"]["split"] == "train"  # every image: no carve
+    assert "cannot check that the model was not trained on these images" in caplog.text
+    with pytest.raises(DataError, match="'train' is the training split"):  # training runs still refuse it
+        load_classification_data(str(train_only), test_split="train")
