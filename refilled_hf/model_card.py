@@ -5,6 +5,7 @@ that it says how the model was trained and on which images its numbers were meas
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,30 @@ def _differences(this: dict[str, Any], other: dict[str, Any]) -> list[str]:
 def exported_student_alone(results: dict[str, Any]) -> bool:
     """Whether a REFILLED run exported its student-alone candidate, not REFILLED's pick."""
     return bool((results.get("student_alone") or {}).get("exported"))
+
+
+def student_alone_margin(alone: dict[str, Any], candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How far the student-alone candidate beat the best REFILLED candidate on validation:
+    ``points`` (top-1 %), ``images`` of ``samples``, and ``standard_error``, that of a top-1
+    measured on that many images (in points: ``100 * sqrt(p (1 - p) / n)``, at least one
+    image). ``clear``: a margin of at least two standard errors, a rough line below which
+    the validation split cannot tell the two apart. None where no REFILLED candidate is usable
+    (all diverged) or the student alone has no validation top-1."""
+    usable = [c["validation_top1"] for c in candidates if c.get("validation_top1") is not None]
+    n, top1 = alone.get("validation_samples"), alone.get("validation_top1")
+    if not usable or not n or top1 is None:
+        return None
+    points = top1 - max(usable)
+    p = min(max(top1 / 100, 0.0), 1.0)
+    error = max(100 * math.sqrt(p * (1 - p) / n), 100 / n)
+    return {"points": points, "images": round(points * n / 100), "samples": int(n), "standard_error": error,
+            "clear": points >= 2 * error}  # fmt: skip
+
+
+def margin_text(margin: dict[str, Any]) -> str:
+    """``by 1 image of 50 (2.00 points)``."""
+    images = margin["images"]
+    return f"by {images} image{'s' if images != 1 else ''} of {margin['samples']} ({margin['points']:.2f} points)"
 
 
 def _validation_text(candidate: dict[str, Any]) -> str:
@@ -304,8 +329,10 @@ def _student_alone_note(results: dict[str, Any]) -> dict[str, Any] | None:
         return None
     scores = [_candidate_label(c) for c in (results.get("distill_weight_search") or {}).get("candidates", [])]
     top1 = _validation_text(alone)
+    margin = student_alone_margin(alone, (results.get("distill_weight_search") or {}).get("candidates", []))
     return {
         "exported": exported_student_alone(results),
+        "margin": margin and {**margin, "text": margin_text(margin), "error_text": f"{margin['standard_error']:.1f}"},
         "diverged": "diverged" in alone,
         "epochs": _epochs(alone["epochs"]),
         "validation": top1,
@@ -404,10 +431,17 @@ def render_model_card(
         ),
     }.get(method, f"A `{architecture}` image classifier distilled with {method.upper()} by refilled-hf.")
     if exported_student_alone(results):
-        summary += (
-            " It is the student-alone candidate of a REFILLED run: trained without the teacher, it beat every "
-            "REFILLED candidate on the validation split, so the teacher's knowledge did not help on this task."
-        )
+        margin = alone and alone["margin"]
+        summary += " It is the student-alone candidate of a REFILLED run: trained without the teacher, it beat every "
+        if margin is None or margin["clear"]:
+            summary += "REFILLED candidate on the validation split" + (f", {margin['text']}" if margin else "")
+            summary += ", so the teacher's knowledge did not help on this task."
+        else:
+            summary += (
+                f"REFILLED candidate on the validation split, {margin['text']}: less than two standard errors of a "
+                f"top-1 measured on {margin['samples']} images (one is about {margin['error_text']} points), so "
+                "this does not show that the teacher could not help."
+            )
     rows = [_row(results, None)] + [_row(b, results) for b in baselines or []]
     search = results.get("distill_weight_search")
     if search:  # (none when the student alone is exported: _as_student_alone drops it)

@@ -55,7 +55,7 @@ from .hub import (
     save_safetensors,
     write_json_atomically,
 )
-from .model_card import card_template, check_comparable, render_model_card
+from .model_card import card_template, check_comparable, margin_text, render_model_card, student_alone_margin
 from .preflight import (
     cache_needs_logits,
     check_forward,
@@ -882,12 +882,23 @@ def _export_student_alone(config, alone, candidates, trainer, student, data, cal
     """The student alone beat every REFILLED candidate on validation: it is the export
     (``results["final"]``), and the run says so loudly."""
     _load_final(Path(config.output_dir) / alone["stage_dir"], student)
+    margin = student_alone_margin(alone, candidates)
+    if margin is None or margin["clear"]:
+        verdict = (
+            "The teacher did not help on this task; compare its probe (refilled-hf probe-teacher) with what the "
+            "student reaches alone, or pass --student_alone_candidate false to export REFILLED's pick regardless."
+        )
+    else:
+        verdict = (
+            f"A margin this small does not show that the teacher could not help: one standard error of a top-1 "
+            f"measured on {margin['samples']} images is about {margin['standard_error']:.1f} points. A larger "
+            "validation split (--validation_fraction) tells the candidates apart; --student_alone_candidate false "
+            "exports REFILLED's pick regardless."
+        )
     logger.warning(
         "The student trained alone (cross-entropy, %g epochs, no teacher) beat every REFILLED candidate on the "
-        "validation split (%s): it is the exported model. The teacher did not help on this task; compare its "
-        "probe (refilled-hf probe-teacher) with what the student reaches alone, or pass "
-        "--student_alone_candidate false to export REFILLED's pick regardless.",
-        alone["epochs"], _candidates_text(candidates, alone),
+        "validation split%s (%s): it is the exported model. %s",
+        alone["epochs"], f" {margin_text(margin)}" if margin else "", _candidates_text(candidates, alone), verdict,
     )  # fmt: skip
     usable = [c for c in candidates if "diverged" not in c]
     best = candidates[pick_candidate(candidates)] if usable else None

@@ -17,7 +17,13 @@ from huggingface_hub import ModelCard
 from refilled_hf.backbone import ModelLoadError, load_timm_model
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.hub import TRAINING_DATA_KEY, HubPushError, export_model, push_folder
-from refilled_hf.model_card import card_for_repo, check_comparable, render_model_card, trainer_card
+from refilled_hf.model_card import (
+    card_for_repo,
+    check_comparable,
+    render_model_card,
+    student_alone_margin,
+    trainer_card,
+)
 from refilled_hf.pipeline import run_distillation
 
 
@@ -259,6 +265,53 @@ def test_card_for_a_local_teacher_and_data_has_no_hub_links():
     assert card.data.base_model is None and card.data.datasets is None
     assert "import refilled_hf" not in card.text
     assert "## How to use\n\nWith timm:" in card.text  # no blank lines left by the CIFAR-only paragraph
+
+
+def test_a_student_alone_exported_by_a_margin_within_noise_is_not_said_to_show_the_teacher_useless():
+    """Exported for 1 more image right of 50 on validation, the card said "so the teacher's
+    knowledge did not help on this task"; the margin is now set against the noise of the split."""
+    import math
+
+    def run(alone_top1: float, samples: int) -> dict:
+        results = _fake_results()
+        results["final"]["validation_top1"] = alone_top1
+        candidates = [{"distill_weight": 1.0, "stage_dir": "stage2-lambda1", "validation_top1": 14.0},
+                      {"distill_weight": 10.0, "stage_dir": "stage2-lambda10", "diverged": "loss nan"}]  # fmt: skip
+        results["distill_weight_search"] = {"selected": 1.0, "candidates": candidates}
+        results["student_alone"] = {
+            "epochs": 400.0,
+            "stage2_milestones": "200,280,360",
+            "stage_dir": "student-alone",
+            "validation_top1": alone_top1,
+            "validation_samples": samples,
+            "exported": True,
+        }
+        return results  # fmt: skip
+
+    recipe = RefilledConfig(output_dir="o").to_recipe()
+    small = run(16.0, 50)
+    margin = student_alone_margin(small["student_alone"], small["distill_weight_search"]["candidates"])
+    error = 100 * math.sqrt(0.16 * 0.84 / 50)  # one standard error of a top-1 of 16 % on 50 images
+    assert margin == {"points": 2.0, "images": 1, "samples": 50, "standard_error": pytest.approx(error),
+                      "clear": False}  # fmt: skip
+    card = render_model_card(small, recipe, architecture="cifar_wrn_16_1")
+    assert ("it beat every REFILLED candidate on the validation split, by 1 image of 50 (2.00 points): less than two "
+            "standard errors of a top-1 measured on 50 images (one is about 5.2 points), so this does not show that "
+            "the teacher could not help.") in card  # fmt: skip
+    assert "did not help" not in card
+
+    clear = run(34.0, 500)  # 100 images more right of 500: about 9 standard errors
+    margin = student_alone_margin(clear["student_alone"], clear["distill_weight_search"]["candidates"])
+    assert margin["images"] == 100 and margin["clear"]
+    card = render_model_card(clear, recipe, architecture="cifar_wrn_16_1")
+    assert (
+        "on the validation split, by 100 images of 500 (20.00 points), so the teacher's knowledge did not help "
+        "on this task."
+    ) in card
+    # a perfect score still has a noise floor of one image
+    perfect = student_alone_margin({"validation_top1": 100.0, "validation_samples": 50}, [{"validation_top1": 98.0}])
+    assert perfect["standard_error"] == 2.0 and not perfect["clear"]
+    assert student_alone_margin({"validation_top1": 50.0, "validation_samples": 9}, [{"diverged": "nan"}]) is None
 
 
 def test_card_has_no_runs_of_blank_lines_and_counts_one_epoch_in_the_singular():
