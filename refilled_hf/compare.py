@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import FIELD_USERS, ConfigError
-from .model_card import epochs_text, exported_student_alone
+from .model_card import epochs_text, exported_student_alone, same_images
 from .pipeline import EXPORT_DIR, RESULTS_FILE
 from .rundir import MANIFEST
 
@@ -115,8 +115,8 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
     :data:`SEED_AND_PLACEMENT_FIELDS` are one setting, named by the fields that tell the
     settings apart) with the mean and standard deviation of each number over a setting's
     runs, and, for every setting after the first, its test top-1 minus the first's on the
-    same images (the same data fingerprint: data set, classes, shots, validation carve and
-    data seed), where each of the two settings has exactly one run on them."""
+    same images (the same data fingerprint: classes, shots, validation carve, data seed and
+    the images' pixels), where each of the two settings has exactly one run on them."""
     runs = [load_finished_run(f) for f in folders]
     seen: dict[Path, Path] = {}
     for run in runs:
@@ -151,6 +151,7 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
                for key in ("test_top1", "validation_top1", "stage1_ncm_top1", "train_seconds")},
         })  # fmt: skip
     paired = []
+    recorded = {str(run.folder): run.results for run in runs}
     first = [row for row in rows if row["setting"] == order[0]]
     for name in order[1:]:
         members = [row for row in rows if row["setting"] == name]
@@ -158,8 +159,8 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
         for row in members:
             if row["data_fingerprint"] is None:  # (a results.json that records none cannot be paired)
                 continue
-            same = [r for r in first if r["data_fingerprint"] == row["data_fingerprint"]]
-            twins = [r for r in members if r["data_fingerprint"] == row["data_fingerprint"]]
+            same = [r for r in first if same_images(recorded[r["run"]], recorded[row["run"]])]
+            twins = [r for r in members if same_images(recorded[r["run"]], recorded[row["run"]])]
             if len(same) != 1 or len(twins) != 1:
                 continue
             if None in (row["test_top1"], same[0]["test_top1"]):

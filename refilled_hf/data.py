@@ -143,11 +143,39 @@ _IMAGE_EXTENSIONS = frozenset(e.lower() for e in ImageFolder.EXTENSIONS)
 _TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 
 
-@functools.lru_cache(maxsize=4)
 def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datasets.DatasetDict:
     """A `DatasetDict` from a Hub id, a local folder (parquet files named by split, the
     Hub layout, or anything `datasets.load_dataset` reads) or a single table (parquet,
-    CSV, JSON lines; taken as the ``train`` split). Cached per process: selections never modify it."""
+    CSV, JSON lines; taken as the ``train`` split). Cached per process (selections never
+    modify it) while a local data set's files are unchanged: a notebook that edits them and
+    runs again reads them again."""
+    return _cached_raw_dataset(name_or_path, config_name, _local_files_state(name_or_path))
+
+
+def _local_files_state(name_or_path: str) -> tuple[tuple[str, int, int], ...] | None:
+    """Each file of a local data set (path, size, modification time), hidden folders aside;
+    None for a Hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return ((str(path), stat.st_size, stat.st_mtime_ns),)
+    if not path.is_dir():
+        return None
+    state = []
+    for root, folders, files in os.walk(path):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        for name in sorted(files):
+            try:
+                stat = os.stat(os.path.join(root, name))
+            except OSError:  # gone meanwhile, or a broken link: the load says what it finds
+                continue
+            state.append((os.path.join(root, name), stat.st_size, stat.st_mtime_ns))
+    return tuple(state)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_raw_dataset(name_or_path: str, config_name: str | None, files_state) -> datasets.DatasetDict:
+    """:func:`load_raw_dataset`'s load, cached by the local files' state too."""
     path = Path(name_or_path)
     if path.is_file() and path.suffix not in _TABLE_BUILDERS:
         raise DataError(
@@ -183,6 +211,9 @@ def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> datas
             "split (train.parquet, test.parquet), a folder of images by split and class (train/<class>/*.png, "
             "test/<class>/...) or one parquet or CSV file."
         ) from err
+
+
+load_raw_dataset.cache_clear = _cached_raw_dataset.cache_clear  # (what tests and callers used to reset it)
 
 
 def _tabular_builder(source: str, image_folder: datasets.DatasetBuilder) -> datasets.DatasetBuilder | None:
@@ -592,8 +623,14 @@ class ClassificationData:
     image_column: str
     label_column: str
     info: dict[str, Any] = field(default_factory=dict)
-    #: identifies the exact rows, labels and classes (see refilled_hf.rundir)
+    #: identifies the exact images (by their pixels, wherever they lie), labels and classes (see
+    #: refilled_hf.rundir): set by :func:`decode_splits`, "" until then
     fingerprint: str = ""
+    #: the fingerprint earlier releases recorded (by the data set's path and its files' dates),
+    #: by which their runs and results are still matched
+    legacy_fingerprint: str = ""
+    #: the rows, labels, classes and columns selected (the fingerprint's part known before decoding)
+    selection: dict[str, Any] = field(default_factory=dict)
     #: the evaluation transform (also for the training images, e.g. for class centres)
     eval_transform: Any = None
     #: per split ("train", "validation"), a digest of its rows and their labels (None: no
@@ -710,7 +747,8 @@ def load_classification_data(
     ``validation_split`` (then ``validation_fraction`` must be 0) the validation images are
     that split's images of the selected classes, and nothing is carved.
     Only the ``splits`` named are built and decoded (the others are None); the
-    selection, its counts and its fingerprint are the same either way. ``decode=False``
+    selection and its counts are the same either way (the fingerprint, set once the images
+    are decoded, covers the pixels of the splits built). ``decode=False``
     leaves the decoding to the caller (each split's :meth:`~ImageClassificationDataset.preload`):
     the labels and class names are there at once, for checks that need nothing else.
     """
@@ -862,23 +900,30 @@ def load_classification_data(
         # only where a split lacks classes (its accuracy measures the others), as the model card says
         **{f"{split}_classes_without_images": missing for split, missing in unmeasured.items() if missing},
     }
-    data.fingerprint = data_fingerprint(
-        {
-            "dataset": dataset,
-            "config": dataset_config,
-            "splits": [train_split, test_split],
-            "source": [getattr(raw[s], "_fingerprint", None) for s in (train_split, test_split) if s is not None],
-            "columns": [image_col, label_col],
-            "class_names": data.class_names,
-            "train_rows": positions,
-            "validation_rows": val_positions if val_positions is not None else np.zeros(0, np.int64),
-            "test_rows": test_positions if test_positions is not None else np.zeros(0, np.int64),
-            "train_labels": train_labels,
-            # only where set, so that every carved selection keeps the fingerprint it had before the option
-            **({"validation_split": [validation_split, getattr(val_raw, "_fingerprint", None)],
-                "validation_labels": val_labels[val_positions]} if validation_split else {}),
-        }
-    )  # fmt: skip
+    selection = {
+        "splits": [train_split, test_split],
+        "columns": [image_col, label_col],
+        "class_names": data.class_names,
+        "train_rows": positions,
+        "validation_rows": val_positions if val_positions is not None else np.zeros(0, np.int64),
+        "test_rows": test_positions if test_positions is not None else np.zeros(0, np.int64),
+        "train_labels": train_labels,
+        # only where set, so that every carved selection keeps the fingerprint it had before the option
+        **({"validation_split": validation_split, "validation_labels": val_labels[val_positions]}
+           if validation_split else {}),
+    }  # fmt: skip
+    data.selection = selection
+    # What earlier releases recorded: the selection, the data set's name or path, and datasets'
+    # fingerprints of its files, which follow their modification dates (a copy made again differs).
+    legacy = {
+        **selection,
+        "dataset": dataset,
+        "config": dataset_config,
+        "source": [getattr(raw[s], "_fingerprint", None) for s in (train_split, test_split) if s is not None],
+    }
+    if validation_split:
+        legacy["validation_split"] = [validation_split, getattr(val_raw, "_fingerprint", None)]
+    data.legacy_fingerprint = data_fingerprint(legacy)  # fmt: skip
     data.source_rows = {"train": positions, "validation": val_positions, "test": test_positions}
     data.row_digests = {
         "train": row_digest(train_split, positions, train_labels[positions]),
@@ -901,6 +946,9 @@ def decode_splits(data: ClassificationData, log: bool = True) -> ClassificationD
     for split in (data.train, data.validation, data.test):
         if split is not None:
             split.preload()
+    pixels = {name: split.content_digest for name, split in zip(SPLITS, (data.train, data.validation, data.test))
+              if split is not None}  # fmt: skip
+    data.fingerprint = data_fingerprint({**data.selection, "pixels": pixels})
     images_in_training(data, log=log)
     return data
 
@@ -976,6 +1024,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         #: a 64-bit digest of each image's decoded pixels (and size), known once :meth:`preload` has run
         #: (:func:`pixel_digest`: comparable within this process only)
         self.pixel_digests: np.ndarray | None = None
+        #: SHA-256 of every image's size and pixels, in order: the same wherever and however the
+        #: images are stored (known once :meth:`preload` has run)
+        self.content_digest: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -1025,11 +1076,13 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def preload(self) -> ImageClassificationDataset:
         """Decode-check every image now; keep them decoded when they fit in memory."""
         if self._checked or not len(self):
+            self.content_digest = self.content_digest or hashlib.sha256().hexdigest()
             return self
         column = self._encoded_images()[self.image_column]
         decoded: list[np.ndarray] | None = []
         digests = np.zeros(len(self), dtype=np.uint64)
         bad: list[tuple[int, str]] = []
+        content = hashlib.sha256()  # (0.1 s for CIFAR-100's 50,000 images: a fiftieth of decoding them)
         files = False  # whether the images are files (a folder data set) rather than bytes in a table
         total, smallest, largest = 0, 1 << 30, 0
         for i, item in enumerate(column):
@@ -1047,6 +1100,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 continue
             smallest, largest = min(smallest, *array.shape[:2]), max(largest, *array.shape[:2])
             digests[i] = pixel_digest(array)
+            content.update(np.asarray(array.shape, dtype=np.int64).tobytes())
+            content.update(np.ascontiguousarray(array).data)
             if decoded is not None:
                 total += array.nbytes
                 decoded.append(array)
@@ -1068,6 +1123,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self._checked = True
         self.side_range = (smallest, largest)
         self.pixel_digests = digests
+        self.content_digest = content.hexdigest()
         return self
 
     def __getitem__(self, index: int) -> dict[str, Any]:

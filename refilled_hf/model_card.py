@@ -28,6 +28,9 @@ LOCAL_SPEC, LOCAL_PATH = "local-dir:<this folder>", "<this folder>"
 
 #: results.json keys that decide whether two runs' numbers are measured on the same images
 DATA_KEY = "data_fingerprint"
+#: results.json's fingerprint of the data as earlier releases computed it (by path and file dates):
+#: a run of theirs recorded it as its DATA_KEY
+LEGACY_DATA_KEY = "data_fingerprint_legacy"
 
 
 def card_template() -> Path:
@@ -85,6 +88,19 @@ def _epochs(value: float) -> str:
 # --------------------------------------------------------------------------- comparability
 
 
+def same_images(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs' results.json record the same images (selection, labels and pixels),
+    also where one was written by an earlier refilled-hf (its fingerprint is the other's
+    :data:`LEGACY_DATA_KEY`)."""
+    if a.get(DATA_KEY) is None or b.get(DATA_KEY) is None:
+        return False
+    if a[DATA_KEY] == b[DATA_KEY]:
+        return True
+    if LEGACY_DATA_KEY in a and LEGACY_DATA_KEY in b:  # both fingerprinted by their pixels, which differ
+        return False
+    return a[DATA_KEY] == b.get(LEGACY_DATA_KEY) or b[DATA_KEY] == a.get(LEGACY_DATA_KEY)  # one is older
+
+
 def check_comparable(results: dict[str, Any], baselines: list[dict[str, Any]]) -> None:
     """Refuse a ``--compare_runs`` baseline whose numbers are not measured on this run's
     images: the card's table promises the same training, validation and test images.
@@ -97,7 +113,7 @@ def check_comparable(results: dict[str, Any], baselines: list[dict[str, Any]]) -
                 "evaluated on (it was written by an earlier refilled-hf): rerun it with this version to put it in "
                 "this model's table."
             )
-        if other[DATA_KEY] != results[DATA_KEY]:
+        if not same_images(other, results):
             raise ConfigError(
                 f"compare_runs: the {method} run used other images than this one (data set, splits, classes, "
                 "shots_per_class, validation_fraction or seed differ); only runs on the same images belong in the "

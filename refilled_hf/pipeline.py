@@ -55,7 +55,14 @@ from .hub import (
     save_safetensors,
     write_json_atomically,
 )
-from .model_card import card_template, check_comparable, margin_text, render_model_card, student_alone_margin
+from .model_card import (
+    LEGACY_DATA_KEY,
+    card_template,
+    check_comparable,
+    margin_text,
+    render_model_card,
+    student_alone_margin,
+)
 from .preflight import (
     cache_needs_logits,
     check_forward,
@@ -609,16 +616,18 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         "world_size": config.world_size,
         "image_size": student_cfg["input_size"][-1],
         "data_fingerprint": data.fingerprint,
+        LEGACY_DATA_KEY: data.legacy_fingerprint,
         "schedule": config.final_stage_schedule(),
     }
     check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
+    legacy = {"data": data.legacy_fingerprint}  # what a run of an earlier refilled-hf recorded as its data
     # every process checks a resume (reading only), so that all refuse alike; the main one checks again
     if mode == "latest" and (out / RESULTS_FILE).is_file():
-        _check_finished_run(config, rundir, identity)
-        return _finished_run(config, rundir, identity)
+        _check_finished_run(config, rundir, identity, legacy)
+        return _finished_run(config, rundir, identity, legacy)
     if mode is not None and rundir.present():
-        rundir.check_resume(identity)
+        rundir.check_resume(identity, legacy)
     _log_plan(config)  # after the checks: a refused (or finished) run is told only why
     centers_data = eval_copy(data.train, data.eval_transform)
 
@@ -629,7 +638,7 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         if rundir.is_main:
             earlier = _prepare_output_dir(config, rundir)
             if mode is not None and rundir.present():
-                rundir.check_resume(identity)
+                rundir.check_resume(identity, legacy)
             if config.overwrite_output:
                 rundir.remove_earlier_run(earlier)
             rundir.write_manifest(identity, _export_options(config))
@@ -658,11 +667,14 @@ def _export_options(config: RefilledConfig) -> dict[str, Any]:
     return {name: recipe.get(name) for name in EXPORT_OPTIONS}
 
 
-def _check_finished_run(config: RefilledConfig, rundir: RunDirectory, identity: dict[str, Any]) -> None:
+def _check_finished_run(
+    config: RefilledConfig, rundir: RunDirectory, identity: dict[str, Any], legacy: dict[str, Any]
+) -> None:
     """Refuse to give a finished run's results as this run's unless it is this run (same
-    identity), its export was made with these export options, and its model is there."""
+    identity; ``legacy``: see :meth:`RunDirectory.identity_difference`), its export was made
+    with these export options, and its model is there."""
     out = rundir.out
-    rundir.check_resume(identity)
+    rundir.check_resume(identity, legacy)
     recorded = (rundir.manifest() or {}).get("export_options")
     wanted = _export_options(config)
     if recorded != wanted:
@@ -682,7 +694,9 @@ def _check_finished_run(config: RefilledConfig, rundir: RunDirectory, identity: 
         )
 
 
-def _finished_run(config: RefilledConfig, rundir: RunDirectory, identity: dict[str, Any]) -> dict[str, Any]:
+def _finished_run(
+    config: RefilledConfig, rundir: RunDirectory, identity: dict[str, Any], legacy: dict[str, Any]
+) -> dict[str, Any]:
     """``--resume_from_checkpoint true`` on a finished run (a job script run again after its run
     ended): its results, nothing trained again, if :func:`_check_finished_run` passes (every
     process checked it already, so all refuse alike); pushed if asked."""
@@ -692,7 +706,7 @@ def _finished_run(config: RefilledConfig, rundir: RunDirectory, identity: dict[s
     try:
         if rundir.is_main:
             _prepare_output_dir(config, rundir)  # again, under the lock
-            _check_finished_run(config, rundir, identity)
+            _check_finished_run(config, rundir, identity, legacy)
             logger.warning("%s holds this run, finished: nothing is trained again; these are its results.", out)
             if config.push_to_hub:
                 _push_export(config, out)

@@ -8,8 +8,10 @@ One place for the safety of ``output_dir``, which the pipeline calls before any 
 * **the run's identity** (``run.json``): its resolved configuration minus what cannot
   change a result (logging, saving cadence, the Hub), the world size, and fingerprints of
   the teacher's weights, the student's initial weights and the exact data (selected rows
-  and labels of each split). A resume, and every cached artefact it reuses (stage-1
-  results, the teacher's class centres), is allowed only for the same identity;
+  and labels of each split, and every image's pixels). A resume, and every cached artefact
+  it reuses (stage-1 results, the teacher's class centres), is allowed only for the same
+  identity; the data may have moved (another ``--dataset`` path) or been copied again
+  where its pixels are the same;
 * **ownership**: ``run.json`` lists what the run writes. ``--overwrite_output`` deletes
   exactly those entries of the earlier run, never anything else; an entry the run would
   write that exists without being listed (a user's ``model/`` folder, say) is refused;
@@ -67,6 +69,12 @@ NON_IDENTITY_FIELDS = frozenset(
         "torch_compile", "torch_compile_backend", "torch_compile_mode", "channels_last",
     }
 )  # fmt: skip
+
+
+#: identity fields that say where the data lies, not what it is: a run whose images are the same
+#: (its ``data`` fingerprint covers their pixels) continues from another path (a copy on a node's
+#: local disk, a folder moved)
+DATA_LOCATION_FIELDS = frozenset({"dataset"})
 
 
 #: identity fields earlier releases recorded that compute nothing (the device path's loader
@@ -146,6 +154,25 @@ def tensor_fingerprint(state: dict[str, torch.Tensor]) -> str:
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: what the identity's fingerprints stand for, in a refused resume's message
+_FINGERPRINT_MEANINGS = {
+    "data": "the images selected, their labels or their pixels",
+    "teacher_weights": "the teacher's weights",
+    "student_init": "the student's initial weights",
+}
+
+
+def _difference_text(key: str, old: Any, new: Any) -> str:
+    meaning = _FINGERPRINT_MEANINGS.get(key)
+    if meaning:  # digests: their starts tell them apart
+
+        def start(value: Any) -> str:
+            return "none" if value is None else f'"{str(value)[:12]}..."'
+
+        return f"{key} ({meaning}): {start(old)} -> {start(new)}"
+    return f"{key}: {_short(old)} -> {_short(new)}"
 
 
 def checkpoint_problem(path: Path, world_size: int = 1) -> str | None:
@@ -260,20 +287,36 @@ class RunDirectory:
         return manifest
 
     @staticmethod
-    def identity_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    def identity_difference(
+        old: dict[str, Any], new: dict[str, Any], legacy: dict[str, Any] | None = None
+    ) -> list[str]:
+        """The fields in which identity ``new`` differs from ``old`` (recorded), as ``field: old
+        -> new``. ``legacy``: the values an earlier refilled-hf computed for ``new`` where it
+        computed them otherwise (the data fingerprint by path and file dates), which ``old``
+        may hold. Where the images are the same (``data``, by their pixels), the path they
+        were read from (``dataset``) may differ."""
+        legacy = legacy or {}
+        same_pixels = old.get("data") == new.get("data")
+
+        def same(key: str) -> bool:
+            if old.get(key) == new.get(key) or (key in legacy and old.get(key) == legacy[key]):
+                return True
+            return key in DATA_LOCATION_FIELDS and same_pixels
+
         # a field an earlier refilled-hf recorded that this one no longer counts (here) is no difference
         keys = sorted(set(new) | (set(old) - RETIRED_IDENTITY_FIELDS))
-        return [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+        return [_difference_text(k, old.get(k), new.get(k)) for k in keys if not same(k)]
 
-    def check_resume(self, identity: dict[str, Any]) -> None:
-        """A resume must continue the same run: same configuration, teacher and data."""
+    def check_resume(self, identity: dict[str, Any], legacy: dict[str, Any] | None = None) -> None:
+        """A resume must continue the same run: same configuration, teacher and data
+        (``legacy``: see :meth:`identity_difference`)."""
         manifest = self.manifest()
         if manifest is None:
             raise RunDirError(
                 f"Cannot resume in {self.out}: it has no {MANIFEST}, so nothing shows which run it holds. Start over "
                 "in another --output_dir."
             )
-        changed = self.identity_difference(manifest["identity"], identity)
+        changed = self.identity_difference(manifest["identity"], identity, legacy)
         if changed:
             shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
             raise RunDirError(

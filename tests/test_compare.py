@@ -12,6 +12,7 @@ from helpers import tiny_recipe, write_random_teacher
 from refilled_hf.cli import main
 from refilled_hf.compare import compare_runs, format_comparison
 from refilled_hf.config import ConfigError, RefilledConfig
+from refilled_hf.model_card import check_comparable, same_images
 from refilled_hf.pipeline import run_distillation
 
 
@@ -60,6 +61,29 @@ def test_runs_pool_over_seeds_and_pair_on_the_same_images(tmp_path):
     assert "  A: method=ce\n  B: method=refilled\n" in text
     assert "Test top-1 of B minus A, run by run on the same images: +3.00, -0.50 (mean 1.25 ± 2.47)." in text
     assert f"A        3     {_reference_spread([60.0, 64.0, 59.0])[0]:.2f} ± 2.65" in text
+
+
+def test_a_run_of_an_earlier_release_pairs_by_the_fingerprint_it_recorded(tmp_path):
+    """Earlier releases fingerprinted the data by its path and file dates; this one by the
+    images' pixels, and records the earlier fingerprint beside it (data_fingerprint_legacy), by
+    which an earlier run pairs and counts as a baseline on the same images."""
+    old = _write_run(tmp_path / "ce-old", "ce", 0, 60.0, "by-path-0")
+    new = _write_run(tmp_path / "rf-new", "refilled", 0, 63.0, "by-pixels-0")
+    again = _write_run(tmp_path / "rf-again", "refilled", 1, 61.0, "by-pixels-0")  # the data copied again
+    for folder, legacy in ((new, "by-path-0"), (again, "by-path-copied")):
+        results = json.loads((folder / "results.json").read_text())
+        (folder / "results.json").write_text(json.dumps({**results, "data_fingerprint_legacy": legacy}))
+    (pair,) = compare_runs([old, new])["paired"]
+    assert [(d["run"], d["test_top1"]) for d in pair["differences"]] == [(str(new), 3.0)]
+    records = [json.loads((f / "results.json").read_text()) for f in (old, new, again)]
+    assert same_images(records[0], records[1]) and same_images(records[1], records[0])
+    assert same_images(records[1], records[2])  # the same pixels, whatever the files' dates
+    assert not same_images(records[0], records[2])  # an earlier run is matched by path and dates only
+    check_comparable(records[1], [records[0]])
+    moved = {**records[2], "data_fingerprint": "by-pixels-other"}
+    assert not same_images(moved, records[1]) and not same_images(moved, {**records[0], "data_fingerprint": None})
+    with pytest.raises(ConfigError, match="used other images than this one"):
+        check_comparable(moved, [records[1]])
 
 
 def test_settings_name_what_differs_and_ambiguous_pairs_are_left_out(tmp_path):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -168,7 +170,11 @@ def test_only_the_splits_asked_for_are_built_and_decoded(data_dir):
         kept = getattr(part, splits[0])
         assert kept.labels.tolist() == getattr(full, splits[0]).labels.tolist()
         assert kept._decoded is not None, "the split asked for is decoded up front"
-        assert (part.info, part.row_digests, part.fingerprint) == (full.info, full.row_digests, full.fingerprint)
+        assert (part.info, part.row_digests, part.legacy_fingerprint) == (full.info, full.row_digests,
+                                                                           full.legacy_fingerprint)  # fmt: skip
+        assert part.selection.keys() == full.selection.keys()
+        assert all(np.array_equal(part.selection[k], full.selection[k]) for k in full.selection)
+        assert part.fingerprint != full.fingerprint  # (it covers the pixels of the splits built)
     record = full.selection_record()
     assert record["class_names"] == CLASS_NAMES[:4] and record["source_class_ids"] == [0, 1, 2, 3]
     assert (record["seed"], record["validation_fraction"], record["train_images"]) == (1, 0.25, 20)
@@ -187,6 +193,24 @@ def test_a_class_of_one_image_cannot_give_one_to_validation_whatever_the_fractio
     assert "lower --validation_fraction" not in message and "set it to 0" in message
     keep, held = _stratified_split(labels[:4], 0.25, np.random.default_rng(0), ["cat"])
     assert len(held) == 1 and sorted([*keep, *held]) == [0, 1, 2, 3]
+
+
+def test_a_data_set_edited_in_place_is_read_again_in_the_same_process(data_dir, tmp_path):
+    """The per-process cache kept the first load of a path: a notebook that relabelled its
+    parquet file and ran again trained on the old labels."""
+    folder = tmp_path / "mine"
+    shutil.copytree(data_dir, folder)
+    first = load_raw_dataset(str(folder))
+    assert load_raw_dataset(str(folder)) is first  # unchanged: cached
+    table = pq.read_table(folder / "train.parquet")
+    labels = table.column("label").to_pylist()
+    relabelled = pa.array([(label + 1) % len(CLASS_NAMES) for label in labels], type=table.schema.field("label").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), table.schema.field("label"), relabelled),
+                   folder / "train.parquet")  # fmt: skip
+    again = load_raw_dataset(str(folder))
+    assert again["train"]["label"] == [(label + 1) % len(CLASS_NAMES) for label in labels]
+    single = folder / "train.parquet"
+    assert load_raw_dataset(str(single)) is load_raw_dataset(str(single))
 
 
 def test_errors_name_the_problem(data_dir, tmp_path):

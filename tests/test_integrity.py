@@ -6,6 +6,7 @@ label space, and a user's files are never deleted."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from helpers import CLASS_NAMES, tiny_recipe, write_image_dataset, write_random_teacher
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainingArguments
 
@@ -816,6 +819,51 @@ def test_resume_with_another_teacher_at_the_same_path_is_refused(data_dir, tmp_p
     write_random_teacher(teacher, seed=7)  # retrained in place
     with pytest.raises(RunDirError, match="teacher_weights"):
         run({**recipe, "resume_from_checkpoint": "true"})
+
+
+@pytest.mark.slow
+def test_a_resume_follows_the_images_not_their_path_or_file_dates(unfinished_ce_run, data_dir, tmp_path):
+    """The data set copied again (new file dates change datasets' own fingerprint, which the
+    run's identity held) to another path (a job's copy on its node's disk) resumes, and ends as
+    the uninterrupted run; one image's pixels changed, it is refused. A run an earlier release
+    recorded (its data fingerprint by path and file dates) still resumes where it started."""
+    import pyarrow as pa
+
+    recipe, reference = unfinished_ce_run
+    template = Path(recipe["output_dir"])
+    recipe, out = _copy_unfinished(recipe, tmp_path)
+    copied = tmp_path / "node-local"
+    shutil.copytree(data_dir, copied, copy_function=shutil.copyfile)  # new files, new dates
+    results = run({**recipe, "dataset": str(copied), "resume_from_checkpoint": "true"})
+    assert results["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert results["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
+    assert results["data_fingerprint"] == reference["data_fingerprint"]
+    assert results["data_fingerprint_legacy"] != reference["data_fingerprint_legacy"]
+    assert json.loads((out / "run.json").read_text())["identity"]["dataset"] == str(copied)
+
+    table = pq.read_table(copied / "train.parquet")
+    images = table.column("image").to_pylist()
+    row = table.column("label").to_pylist().index(4)  # a training image of a selected class (3-5)
+    pixels = np.array(Image.open(io.BytesIO(images[row]["bytes"])))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    images[row] = {"bytes": encoded.getvalue(), "path": None}
+    column = pa.array(images, type=table.schema.field("image").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), table.schema.field("image"), column),
+                   copied / "train.parquet")  # fmt: skip
+    again = tmp_path / "again"
+    shutil.copytree(template, again)
+    unfinish(again)
+    refused = {**recipe, "output_dir": str(again), "dataset": str(copied), "resume_from_checkpoint": "true"}
+    with pytest.raises(RunDirError, match=r"data \(the images selected, their labels or their pixels\)"):
+        run(refused)
+
+    manifest = json.loads((again / "run.json").read_text())  # as earlier releases recorded it
+    manifest["identity"]["data"] = reference["data_fingerprint_legacy"]
+    (again / "run.json").write_text(json.dumps(manifest))
+    results = run({**recipe, "output_dir": str(again), "resume_from_checkpoint": "true"})
+    assert results["final"]["test_top1"] == reference["final"]["test_top1"]
 
 
 @pytest.mark.slow
