@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, Trainer, default_data_collator
 from transformers.trainer_utils import PredictionOutput
 
 from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
@@ -212,6 +212,70 @@ def _stage_config(args: RefilledConfig, stage: str, train_dataset, eval_dataset)
     return view, bool(args.push_to_hub) and stage != "stage1", args.resume_mode() == "latest"
 
 
+def collate_images(features: list[Any]) -> dict[str, torch.Tensor]:
+    """A batch of a RefilledTrainer's data set: items ``{"pixel_values", "labels"}`` (or
+    ``label``) as transformers' default collator stacks them, or ``(image tensor, class id)``
+    pairs, as torchvision's data sets give them."""
+    if features and isinstance(features[0], (tuple, list)):
+        images, labels = zip(*(item[:2] for item in features))
+        return {"pixel_values": torch.stack([torch.as_tensor(image) for image in images]),
+                "labels": torch.as_tensor([int(label) for label in labels], dtype=torch.long)}  # fmt: skip
+    return default_data_collator(features)
+
+
+def _item_problem(item: Any) -> str | None:
+    """Why a data set's item is not one :func:`collate_images` batches into images and class
+    ids (None: it is)."""
+    if isinstance(item, (tuple, list)):
+        if len(item) < 2:
+            return f"a {type(item).__name__} of {len(item)}"
+        image, label = item[0], item[1]
+    elif isinstance(item, dict):
+        if "index" in item and "pixel_values" not in item:  # the device path's items (IndexedImages)
+            return None
+        if "pixel_values" not in item or not ({"labels", "label"} & set(item)):
+            return f"a dict with the keys {sorted(item)}"
+        image, label = item["pixel_values"], item.get("labels", item.get("label"))
+    else:
+        return f"a {type(item).__name__}"
+    kind = f"of type {type(image).__module__}.{type(image).__qualname__}"
+    try:  # (a list or array, as a data set without a torch format gives it, batches as a tensor)
+        pixels = None if hasattr(image, "getpixel") else torch.as_tensor(image)  # (not a PIL image's HWC bytes)
+    except (TypeError, ValueError, RuntimeError):
+        pixels = None
+    if pixels is None or pixels.ndim != 3:
+        shape = "" if pixels is None else f" of shape {tuple(pixels.shape)}"
+        return f"an image {kind}{shape}, not a (channels, height, width) tensor"
+    if not pixels.is_floating_point():
+        return f"an image of {pixels.dtype} pixels, not the floats a model's transform makes (ToTensor, Normalize)"
+    if pixels.shape[0] > 4 and pixels.shape[-1] <= 4:
+        return f"an image of shape {tuple(pixels.shape)}, channels last, not (channels, height, width)"
+    try:
+        int(label)
+    except (TypeError, ValueError):
+        return f"a label that is {type(label).__name__}, not a class id"
+    return None
+
+
+def _check_items(datasets_by_name: dict[str, Any]) -> None:
+    """Refuse, when the trainer is built, a data set whose items it cannot batch (checked on
+    the first item of each), naming the form it needs."""
+    for name, dataset in datasets_by_name.items():
+        sets = dataset.items() if isinstance(dataset, dict) else [(None, dataset)]
+        for key, one in sets:
+            if one is None or not hasattr(one, "__getitem__") or not hasattr(one, "__len__") or not len(one):
+                continue
+            problem = _item_problem(one[0])
+            if problem:
+                where = f"{name}[{key!r}]" if key is not None else name
+                raise ValueError(
+                    f"{where}'s items are {problem}. RefilledTrainer trains on items {{'pixel_values': image tensor "
+                    "(C, H, W), 'labels': class id}, or (image tensor, class id) pairs as torchvision's data sets "
+                    "give them: apply the model's transform to each image (see the README's Python example), or "
+                    "pass a data_collator that makes such batches."
+                )
+
+
 def _check_selection_set(args: RefilledConfig, stage: str, eval_dataset) -> None:
     """Refuse ``load_best_model_at_end`` without the one evaluation set it selects on: none
     (nothing to select on), or a dict of several (transformers would stop at the first
@@ -324,6 +388,10 @@ class RefilledTrainer(Trainer):
             )
         if stage == "stage1" and centers_dataset is None:
             raise ValueError("Stage 1 needs `centers_dataset` (the training split) for its NCM evaluation.")
+        if kwargs.get("data_collator") is None:  # (a collator of the user's makes the batches from its items)
+            kwargs["data_collator"] = collate_images
+            _check_items({"train_dataset": kwargs.get("train_dataset"), "eval_dataset": kwargs.get("eval_dataset"),
+                          "centers_dataset": centers_dataset})  # fmt: skip
         _check_label_spaces(stage, num_classes, model, teacher)
         _check_selection_set(args, stage, kwargs.get("eval_dataset"))
         model.set_embeddings_only(stage == "stage1")  # before the optimizer and DDP see the parameters

@@ -372,6 +372,45 @@ def test_the_trainer_refuses_a_training_set_without_a_length_when_built(tmp_path
     RefilledTrainer(model=student, args=args, stage="ce", num_classes=2, train_dataset=rows)  # map-style: accepted
 
 
+def test_the_trainer_takes_torchvision_style_pairs_and_refuses_items_it_cannot_batch_when_built(tmp_path):
+    """(image, label) pairs, as torchvision's data sets give them, failed inside train() with
+    transformers' collator's `TypeError: vars() argument must have __dict__ attribute`; items
+    without transformed images failed there too (KeyError: 'pixel_values')."""
+    from torch.utils.data import TensorDataset
+
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
+                          per_device_train_batch_size=4, per_device_eval_batch_size=3, stage2_epochs=1)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(10, 3, 16, 16, generator=g), torch.arange(10) % 3
+    pairs = TensorDataset(images, labels)
+    as_dicts = [{"pixel_values": images[i], "labels": int(labels[i])} for i in range(10)]
+    torch.manual_seed(0)
+    student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+    trainer = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, train_dataset=pairs)
+    trainer.train()
+    by_pairs, by_dicts = trainer.evaluate(pairs), trainer.evaluate(as_dicts)
+    assert by_pairs["eval_samples"] == 10 and by_pairs["eval_top1"] == by_dicts["eval_top1"]
+    assert by_pairs["eval_loss"] == pytest.approx(by_dicts["eval_loss"])
+
+    def refused(match: str, **datasets):
+        with pytest.raises(ValueError, match=match):
+            RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, **datasets)
+
+    from PIL import Image
+
+    untransformed = [(Image.new("RGB", (16, 16)), 0)] * 4
+    refused(r"train_dataset's items are an image of type PIL\.Image\.Image, not a \(channels, height, width\) "
+            r"tensor\. .*apply the model's transform", train_dataset=untransformed)  # fmt: skip
+    refused(r"an image of torch\.uint8 pixels", train_dataset=[(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)])
+    refused(r"an image of shape \(8, 8, 3\), channels last", train_dataset=[(torch.zeros(8, 8, 3), 0)])
+    refused(r"eval_dataset\['b'\]'s items are a dict with the keys \['image', 'label'\]",
+            train_dataset=pairs, eval_dataset={"a": pairs, "b": [{"image": images[0], "label": 0}]})  # fmt: skip
+    refused(r"a label that is str, not a class id", train_dataset=[(images[0], "cat")])
+    # a collator of the user's makes the batches from whatever its data set holds
+    RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, train_dataset=untransformed,
+                    data_collator=lambda items: items)  # fmt: skip
+
+
 def test_compute_metrics_sees_every_image_and_a_dict_of_sets_is_evaluated_set_by_set(tmp_path):
     args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
                           per_device_eval_batch_size=4)  # fmt: skip
