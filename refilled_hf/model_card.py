@@ -507,6 +507,7 @@ def render_model_card(
         teacher_correct_only=recipe.get("distill_images") == "teacher_correct",
         lambda_search=search,
         student_alone=alone,
+        kd_columns=", ".join(map(str, results["kd_teacher_columns"])) if results.get("kd_teacher_columns") else None,
         train_images=data.get("train_images"),
         validation_images=data.get("validation_images"),
         validation_source=_validation_source(recipe),

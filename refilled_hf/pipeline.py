@@ -592,8 +592,7 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         backbone.reset_classifier(data.num_classes)
     student = StudentModel(backbone, input_size=student_cfg["input_size"])
     teacher_classes = stated_teacher_classes(config, data)
-    if teacher is not None:
-        check_label_spaces(config, teacher, data)
+    kd_columns = check_label_spaces(config, teacher, data) if teacher is not None else None
     check_mining(config, data)
     warn_few_steps(config, len(data.train))
     check_memory(
@@ -618,9 +617,13 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         "data_fingerprint": data.fingerprint,
         LEGACY_DATA_KEY: data.legacy_fingerprint,
         "schedule": config.final_stage_schedule(),
+        # kd: the teacher's output of each student class, where they are not the same outputs
+        **({"kd_teacher_columns": kd_columns} if kd_columns is not None else {}),
     }
     check_comparable(results, baselines)
     identity = _run_identity(config, data, student, teacher)
+    if kd_columns is not None:  # (absent otherwise: what runs recorded before KD could use a part of a teacher)
+        identity["kd_teacher_columns"] = kd_columns
     legacy = {"data": data.legacy_fingerprint}  # what a run of an earlier refilled-hf recorded as its data
     # every process checks a resume (reading only), so that all refuse alike; the main one checks again
     if mode == "latest" and (out / RESULTS_FILE).is_file():
@@ -773,6 +776,7 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
         trainer = _make_trainer(
             config, method, stage_dirs[0], student, data, callbacks,
             **({"teacher": teacher, "teacher_cache": cache} if teacher else {}),
+            **({"teacher_columns": results["kd_teacher_columns"]} if "kd_teacher_columns" in results else {}),
         )  # fmt: skip
         _fit(trainer, points[stage_dirs[0]])
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})

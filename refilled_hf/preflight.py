@@ -87,42 +87,68 @@ def teacher_label_names(config: RefilledConfig, teacher: FrozenTeacher) -> list[
     return list(names) if names else None
 
 
-def check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: ClassificationData) -> None:
-    """KD needs the teacher's classifier to cover exactly the student's classes."""
+def check_label_spaces(config: RefilledConfig, teacher: FrozenTeacher, data: ClassificationData) -> list[int] | None:
+    """KD needs the teacher's classifier to predict each of the student's classes. Returns
+    the teacher's output (column) of each student class, in the student's order, where they
+    are not simply the same outputs: a teacher of more classes (the student's among them) or
+    of the same classes in another order; None where they are. The classes are matched by the
+    teacher's label names, else by ``--teacher_classes`` (its classes in this data set)."""
     if config.method != "kd":
-        return
+        return None
     teacher_classes = teacher.model.num_classes
-    names = teacher_label_names(config, teacher)
-    same_names = names is None or list(names) == data.class_names
-    same_selection = config.teacher_classes is None or (
-        parse_class_selection(config.teacher_classes, data.dataset_class_names) == list(data.source_class_ids)
-    )
-    if teacher_classes == data.num_classes and names is not None and not same_names and same_selection \
-            and sorted(names) == sorted(data.class_names):  # fmt: skip
-        order = ",".join(str(data.source_class_ids[data.class_names.index(name)]) for name in names)
-        raise ConfigError(
-            f"method='kd': the teacher predicts the student's classes in another order ({short_list(list(names))}; "
-            f"the student's: {short_list(data.class_names)}). Pass --classes {order} (the teacher's order), so that "
-            "the student's outputs line up with the teacher's."
-        )
     if not teacher_classes:
         raise ConfigError(
             f"method='kd' needs the teacher's logits, but the teacher {config.teacher!r} has no classifier "
             "(num_classes=0: an embedding model). Use --method refilled (or rkd): they only use the teacher's "
             "embedding."
         )
-    if teacher_classes != data.num_classes or not same_names or not same_selection:
-        raise ConfigError(
-            f"method='kd' needs teacher and student on the same label space, but the teacher predicts "
-            f"{teacher_classes} classes{f' {names[:5]}' if names else ''} and the student {data.num_classes} "
-            f"({data.class_names[:5]}). Use --method refilled (or rkd): they only use the teacher's embedding."
-        )
-    if names is None and config.teacher_classes is None:
+    names = teacher_label_names(config, teacher)
+    selected = None
+    if config.teacher_classes is not None:
+        selected = [data.dataset_class_names[i]
+                    for i in parse_class_selection(config.teacher_classes, data.dataset_class_names)]  # fmt: skip
+    known = names if names is not None else selected
+    if known is None:
+        if teacher_classes != data.num_classes:
+            raise ConfigError(
+                f"method='kd': the teacher predicts {teacher_classes} classes and the student {data.num_classes}, and "
+                "nothing says which of the teacher's outputs are the student's classes (it records no class names). "
+                "Pass --teacher_classes <its classes in this data set>, or use --method refilled (or rkd): they only "
+                "use the teacher's embedding."
+            )
         logger.warning(
             "kd: the teacher records no class names, so only its number of classes (%d) could be checked against the "
             "student's: KD is right only if its outputs are the student's classes, in the same order. Pass "
             "--teacher_classes <its classes> to check that.", teacher_classes,
         )  # fmt: skip
+        return None
+    if len(known) != teacher_classes:
+        raise ConfigError(
+            f"method='kd': the teacher names {len(known)} classes but predicts {teacher_classes}: its record does not "
+            "describe its classifier. Use --method refilled (or rkd): they only use the teacher's embedding."
+        )
+    missing = [name for name in data.class_names if name not in known]
+    if missing:
+        raise ConfigError(
+            f"method='kd' needs the teacher to predict each of the student's classes, but the teacher's "
+            f"{teacher_classes} classes ({short_list(list(known), 5)}) lack {len(missing)} of the student's "
+            f"{data.num_classes}: {short_list(missing, 5)}. KD needs a label space that covers the student's; use "
+            "--method refilled (or rkd): they only use the teacher's embedding."
+        )
+    if names is not None and selected is not None and selected != list(names):
+        raise ConfigError(
+            f"--teacher_classes {config.teacher_classes!r} names {short_list(selected)}, but the teacher predicts "
+            f"{short_list(list(names))}: leave --teacher_classes unset (`--teacher_classes none`), or name its "
+            "classes in its order."
+        )
+    columns = [list(known).index(name) for name in data.class_names]
+    if columns == list(range(teacher_classes)):
+        return None
+    logger.info(
+        "kd: the student's %d classes are the teacher's outputs %s (of its %d), whose softmax over those the student "
+        "matches.", data.num_classes, class_ranges(columns) if columns == sorted(columns) else columns, teacher_classes,
+    )  # fmt: skip
+    return columns
 
 
 def stated_teacher_classes(config: RefilledConfig, data: ClassificationData) -> str | None:

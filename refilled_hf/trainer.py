@@ -299,10 +299,12 @@ def _head_classes(model: torch.nn.Module) -> int | None:
     return int(classes) if isinstance(classes, int) else None
 
 
-def _check_label_spaces(stage: str, num_classes: int, model: StudentModel, teacher: FrozenTeacher | None) -> None:
+def _check_label_spaces(stage: str, num_classes: int, model: StudentModel, teacher: FrozenTeacher | None,
+                        teacher_columns: Sequence[int] | None = None) -> None:  # fmt: skip
     """Refuse, before any step, the label spaces a stage cannot train on: a student head
     that does not predict the ``num_classes`` classes of the labels (stage 1 leaves the head
-    alone), and KD between a teacher and a student that predict different classes."""
+    alone), and KD between a teacher and a student that predict different classes, unless
+    ``teacher_columns`` says which teacher output is each student class."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
     student_classes = _head_classes(model.model)
@@ -313,11 +315,22 @@ def _check_label_spaces(stage: str, num_classes: int, model: StudentModel, teach
             f"reset_classifier({num_classes}) on it."
         )
     teacher_classes = _head_classes(teacher.model) if teacher is not None else None
-    if stage == "kd" and teacher_classes is not None and teacher_classes != num_classes:
+    if teacher_columns is not None:
+        if stage != "kd":
+            raise ValueError(f"teacher_columns are the teacher's logits KD matches: stage {stage!r} uses none.")
+        columns = list(teacher_columns)
+        bad = [c for c in columns if not (isinstance(c, int) and 0 <= c < (teacher_classes or 0))]
+        if len(columns) != num_classes or bad or len(set(columns)) != len(columns):
+            raise ValueError(
+                f"teacher_columns must name {num_classes} distinct outputs of the teacher's {teacher_classes} (one per "
+                f"student class, in the student's order), got {columns}."
+            )
+    elif stage == "kd" and teacher_classes is not None and teacher_classes != num_classes:
         raise ValueError(
             f"Stage 'kd' needs teacher and student on one label space, but the teacher predicts "
-            f"{teacher_classes} classes and the student {num_classes}: use stage1 + stage2 (REFILLED) "
-            "or 'rkd' across tasks."
+            f"{teacher_classes} classes and the student {num_classes}: pass teacher_columns (the teacher's output "
+            "of each student class) where the teacher's classes include the student's, or use stage1 + stage2 "
+            "(REFILLED) or 'rkd' across tasks."
         )
 
 
@@ -347,6 +360,10 @@ class RefilledTrainer(Trainer):
         num_classes: the student's number of classes.
         class_names: the names of those classes, which :meth:`save_model` and
             :meth:`push_to_hub` record (default: the class ids).
+        teacher_columns: ``kd`` with a teacher of more classes than the student (the
+            student's among them), or of the same in another order: the teacher's output of
+            each student class, in the student's order. KD then matches the teacher's softmax
+            over those outputs.
         kwargs: passed to :class:`transformers.Trainer` (datasets, callbacks, ...).
     """
 
@@ -362,6 +379,7 @@ class RefilledTrainer(Trainer):
         centers_dataset=None,
         teacher_cache: TeacherCache | None = None,
         class_names: Sequence[str] | None = None,
+        teacher_columns: Sequence[int] | None = None,
         **kwargs: Any,
     ):
         if stage not in STAGES:
@@ -392,7 +410,7 @@ class RefilledTrainer(Trainer):
             kwargs["data_collator"] = collate_images
             _check_items({"train_dataset": kwargs.get("train_dataset"), "eval_dataset": kwargs.get("eval_dataset"),
                           "centers_dataset": centers_dataset})  # fmt: skip
-        _check_label_spaces(stage, num_classes, model, teacher)
+        _check_label_spaces(stage, num_classes, model, teacher, teacher_columns)
         _check_selection_set(args, stage, kwargs.get("eval_dataset"))
         model.set_embeddings_only(stage == "stage1")  # before the optimizer and DDP see the parameters
         #: the Hub repo, privacy and token that push_to_hub() uses, and whether train() ends with it
@@ -443,6 +461,9 @@ class RefilledTrainer(Trainer):
         self.args.dataloader_pin_memory = self.args.dataloader_pin_memory and self.args.device.type == "cuda"
         self.stage = stage
         self.num_classes = num_classes
+        #: kd: the teacher's output of each student class (None: the same outputs)
+        self.teacher_columns = list(teacher_columns) if teacher_columns is not None else None
+        self._teacher_columns_index: torch.Tensor | None = None
         #: the class names a saved or pushed student records (default: its class ids)
         self.class_names = [str(c) for c in class_names] if class_names is not None else None
         self.hub_settings = hub
@@ -608,6 +629,15 @@ class RefilledTrainer(Trainer):
         self._train_batches = len(loader)  # the scheduler lays out its epochs with it
         return loader
 
+    def _student_classes_of(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits of the student's classes, in the student's order (KD then
+        matches their softmax: the teacher's distribution renormalized over those classes)."""
+        if self.teacher_columns is None:
+            return teacher_logits
+        if self._teacher_columns_index is None or self._teacher_columns_index.device != teacher_logits.device:
+            self._teacher_columns_index = torch.tensor(self.teacher_columns, device=teacher_logits.device)
+        return teacher_logits.index_select(1, self._teacher_columns_index)
+
     def compute_loss(
         self,
         model: torch.nn.Module,
@@ -672,7 +702,7 @@ class RefilledTrainer(Trainer):
                 # classes present in the batch, counted on the device (no host sync per step)
                 parts["local_classes"] = local_class_mask(labels, self.num_classes).sum()
             elif self.stage == "kd":
-                distill = args.kd_weight * kd_loss(logits, teacher_logits, tau=args.kd_tau)
+                distill = args.kd_weight * kd_loss(logits, self._student_classes_of(teacher_logits), tau=args.kd_tau)
             elif self.stage == "rkd":
                 distill = rkd_loss(
                     outputs["embeddings"],

@@ -360,6 +360,35 @@ def test_the_trainer_accepts_the_label_spaces_each_stage_trains_on(tmp_path):
     RefilledTrainer(model=same, args=args, stage="kd", num_classes=10, teacher=teacher)
 
 
+def test_kd_from_a_teacher_of_more_classes_matches_its_softmax_over_the_students_classes(tmp_path):
+    """teacher_columns: the teacher's output of each student class; the KD term is Hinton's
+    KD against the teacher's logits of those outputs, in the student's order."""
+    from reference_losses import kd_reference
+
+    args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="no",
+                          kd_tau=3.0, kd_weight=0.7, ce_weight=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(timm.create_model("cifar_wrn_16_1", num_classes=10))
+    student = StudentModel(timm.create_model("cifar_wrn_16_1", num_classes=3))
+    columns = [7, 2, 5]
+    trainer = RefilledTrainer(model=student, args=args, stage="kd", num_classes=3, teacher=teacher,
+                              teacher_columns=columns)  # fmt: skip
+    batch = {"pixel_values": torch.randn(6, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 0, 1, 2])}
+    student.eval()  # (no dropout: the reference runs the same forward)
+    loss = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        teacher_logits = teacher.model.eval()(batch["pixel_values"])
+        student_logits = student.model(batch["pixel_values"])
+    expected = 0.7 * kd_reference(student_logits, teacher_logits[:, columns], 3.0)
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=1e-6)
+
+    for bad in ([7, 2], [7, 2, 2], [7, 2, 10]):
+        with pytest.raises(ValueError, match="teacher_columns must name 3 distinct outputs of the teacher's 10"):
+            RefilledTrainer(model=student, args=args, stage="kd", num_classes=3, teacher=teacher, teacher_columns=bad)
+    with pytest.raises(ValueError, match="stage 'rkd' uses none"):
+        RefilledTrainer(model=student, args=args, stage="rkd", num_classes=3, teacher=teacher, teacher_columns=columns)
+
+
 def test_the_trainer_refuses_a_training_set_without_a_length_when_built(tmp_path):
     """Its schedules are laid out in epochs; it failed inside the first train() call (TypeError)."""
     from datasets import Dataset

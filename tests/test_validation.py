@@ -3,6 +3,7 @@ One test per case; each also checks that no stage was started."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -204,8 +205,13 @@ def test_teacher_classes_that_are_not_classes_of_the_data(selection, message, da
 
 
 def test_kd_across_label_spaces(data_dir, teacher, tmp_path):
-    rejected(tiny_recipe(data_dir, tmp_path / "o", method="kd", teacher=teacher), ConfigError,
-             "same label space.*--method refilled")  # fmt: skip
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="kd", teacher=teacher, teacher_classes=None), ConfigError,
+             r"needs the teacher to predict each of the student's classes, but the teacher's 4 classes .* lack 3 of "
+             r"the student's 3: \['yellow', 'cyan', 'magenta'\]\. .*--method refilled")  # fmt: skip
+    named = f"local-dir:{write_random_teacher(tmp_path / 'named', label_names=CLASS_NAMES[2:6])}"
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="kd", teacher=named), ConfigError,
+             r"--teacher_classes '0-2' names \['red', 'green', 'blue'\], but the teacher predicts \['blue', 'yellow', "
+             r"'cyan', 'magenta'\]: leave --teacher_classes unset")  # fmt: skip
 
 
 def test_kd_from_a_teacher_without_classifier_says_it_has_no_logits(data_dir, tmp_path):
@@ -221,25 +227,24 @@ def test_evaluating_a_model_without_classifier_points_to_probe_teacher(data_dir,
         evaluate_model(f"local-dir:{headless}", config)
 
 
-def test_kd_with_the_classes_in_another_order_names_the_teachers_order(data_dir, tmp_path):
+def test_kd_matches_a_teacher_of_the_same_classes_in_another_order_or_of_more_classes(data_dir, tmp_path):
+    """KD pairs each student class with the teacher's output of that name: a teacher of the
+    same classes in another order (refused before, with the --classes to pass), and one of
+    more classes (refused before, as another label space), train with KD on those outputs."""
     names = [CLASS_NAMES[5], CLASS_NAMES[3], CLASS_NAMES[4]]
     permuted = f"local-dir:{write_random_teacher(tmp_path / 't', label_names=names)}"
-    rejected(tiny_recipe(data_dir, tmp_path / "o", method="kd", teacher=permuted, teacher_classes=None), ConfigError,
-             r"the teacher predicts the student's classes in another order .* Pass --classes 5,3,4 ")  # fmt: skip
-    results = run_distillation(
-        RefilledConfig(
-            **tiny_recipe(
-                data_dir,
-                tmp_path / "ok",
-                method="kd",
-                teacher=permuted,
-                teacher_classes=None,
-                classes="5,3,4",
-                max_steps=1,
-            )
-        )
-    )
-    assert results["class_names"] == names
+    common = dict(method="kd", teacher_classes=None, max_steps=1)
+    results = run_distillation(RefilledConfig(**tiny_recipe(data_dir, tmp_path / "o", teacher=permuted, **common)))
+    assert results["class_names"] == CLASS_NAMES[3:6] and results["kd_teacher_columns"] == [1, 2, 0]
+    card = (tmp_path / "o" / "model" / "README.md").read_text()
+    assert "KD matched its softmax over its outputs for the student's classes (1, 2, 0, in the student's order)" in card
+    in_order = run_distillation(RefilledConfig(**tiny_recipe(data_dir, tmp_path / "ok", teacher=permuted,
+                                                             classes="5,3,4", **common)))  # fmt: skip
+    assert in_order["class_names"] == names and "kd_teacher_columns" not in in_order
+    wide = f"local-dir:{write_random_teacher(tmp_path / 'w', label_names=CLASS_NAMES)}"  # all six classes
+    results = run_distillation(RefilledConfig(**tiny_recipe(data_dir, tmp_path / "wide", teacher=wide, **common)))
+    assert results["kd_teacher_columns"] == [3, 4, 5]
+    assert json.loads((tmp_path / "wide" / "run.json").read_text())["identity"]["kd_teacher_columns"] == [3, 4, 5]
 
 
 @pytest.mark.parametrize("field", ["tau1", "tau2", "kd_tau", "margin", "distill_weight", "stage1_weight"])
