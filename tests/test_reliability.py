@@ -60,8 +60,9 @@ def test_a_batch_with_nothing_to_mine_changes_nothing(tmp_path):
     args = RefilledConfig(teacher="x", output_dir=str(tmp_path), use_cpu=True, weight_decay=0.0,
                           eval_strategy="no", save_strategy="no")  # fmt: skip
     batch = {"pixel_values": torch.randn(8, 3, 32, 32), "labels": torch.zeros(8, dtype=torch.long)}  # one class
+    images = [{"pixel_values": image, "labels": 0} for image in batch["pixel_values"]]
     trainer = RefilledTrainer(model=student, args=args, stage="stage1", num_classes=3, teacher=teacher,
-                              centers_dataset=[batch])  # fmt: skip
+                              centers_dataset=images)  # fmt: skip
     optimizer = trainer.create_optimizer()
     before = {k: v.clone() for k, v in student.state_dict().items() if "running" not in k and "num_batches" not in k}
     student.train()
