@@ -259,7 +259,8 @@ def _item_problem(item: Any) -> str | None:
 
 def _check_items(datasets_by_name: dict[str, Any]) -> None:
     """Refuse, when the trainer is built, a data set whose items it cannot batch (checked on
-    the first item of each), naming the form it needs."""
+    the first item of each), naming the form it needs. (A random transform of that item
+    draws from the global random streams: transformers' Trainer seeds them afterwards.)"""
     for name, dataset in datasets_by_name.items():
         sets = dataset.items() if isinstance(dataset, dict) else [(None, dataset)]
         for key, one in sets:
