@@ -530,8 +530,9 @@ class RefilledConfig(TrainingArguments):
     teacher_classes: str | None = field(
         default=None,
         **_help(
-            "The teacher's classes in the same data set (stated in the model card; checked for kd). Unset: read "
-            "from the teacher's own training-data record where it has one, which a value given must agree with."
+            "The teacher's classes in the same data set, in its output order (stated in the model card; for kd, "
+            "they tell which of its outputs are the student's classes where it names none). Unset: read from the "
+            "teacher's own training-data record where it has one, which a value given must agree with."
         ),
     )
     shots_per_class: int | None = field(

@@ -245,6 +245,16 @@ def test_kd_matches_a_teacher_of_the_same_classes_in_another_order_or_of_more_cl
     results = run_distillation(RefilledConfig(**tiny_recipe(data_dir, tmp_path / "wide", teacher=wide, **common)))
     assert results["kd_teacher_columns"] == [3, 4, 5]
     assert json.loads((tmp_path / "wide" / "run.json").read_text())["identity"]["kd_teacher_columns"] == [3, 4, 5]
+    # a checkpoint that names no classes: --teacher_classes says which outputs are which, or the run is refused
+    loose = tmp_path / "loose.safetensors"
+    save_file(timm.create_model("cifar_wrn_16_1", num_classes=6).state_dict(), str(loose))
+    nameless = dict(common, teacher="cifar_wrn_16_1", teacher_checkpoint=str(loose))
+    named_by_ids = {**nameless, "teacher_classes": "5,4,3,2,1,0"}
+    results = run_distillation(RefilledConfig(**tiny_recipe(data_dir, tmp_path / "nameless", **named_by_ids)))
+    assert results["kd_teacher_columns"] == [2, 1, 0]
+    rejected(tiny_recipe(data_dir, tmp_path / "unknown", **nameless), ConfigError,
+             r"the teacher predicts 6 classes and the student 3, and nothing says which of the teacher's outputs are "
+             r"the student's classes .* Pass --teacher_classes")  # fmt: skip
 
 
 @pytest.mark.parametrize("field", ["tau1", "tau2", "kd_tau", "margin", "distill_weight", "stage1_weight"])
