@@ -631,6 +631,8 @@ class ClassificationData:
     legacy_fingerprint: str = ""
     #: the rows, labels, classes and columns selected (the fingerprint's part known before decoding)
     selection: dict[str, Any] = field(default_factory=dict)
+    #: per split decoded, the digest of its images' pixels in order (ImageClassificationDataset.content_digest)
+    content_digests: dict[str, str] = field(default_factory=dict)
     #: the evaluation transform (also for the training images, e.g. for class centres)
     eval_transform: Any = None
     #: per split ("train", "validation"), a digest of its rows and their labels (None: no
@@ -679,7 +681,10 @@ class ClassificationData:
             **{key: self.info.get(key) for key in ("validation_fraction", "shots_per_class", "seed")},
             **{f"{key}_images": self.info.get(f"{key}_images") for key in ("train", "validation")},
             "row_digests": dict(self.row_digests),
-        }
+            # the training images' pixels, in order: a copy of the data set elsewhere is told from another
+            # data set whose rows and labels happen to be laid out alike (see evaluation.check_evaluation_split)
+            **({"train_content_digest": self.content_digests["train"]} if "train" in self.content_digests else {}),
+        }  # fmt: skip
 
     def with_transforms(self, train_transform, eval_transform) -> ClassificationData:
         self.eval_transform = eval_transform
@@ -948,9 +953,17 @@ def decode_splits(data: ClassificationData, log: bool = True) -> ClassificationD
             split.preload()
     pixels = {name: split.content_digest for name, split in zip(SPLITS, (data.train, data.validation, data.test))
               if split is not None}  # fmt: skip
+    data.content_digests = pixels
     data.fingerprint = data_fingerprint({**data.selection, "pixels": pixels})
     images_in_training(data, log=log)
     return data
+
+
+def add_to_content_digest(content: Any, array: np.ndarray) -> None:
+    """Add one decoded image (its size and pixels) to ``content``, a hashlib digest of a
+    sequence of images (:attr:`ImageClassificationDataset.content_digest`)."""
+    content.update(np.asarray(array.shape, dtype=np.int64).tobytes())
+    content.update(np.ascontiguousarray(array).data)
 
 
 def pixel_digest(array: np.ndarray) -> int:
@@ -1100,8 +1113,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 continue
             smallest, largest = min(smallest, *array.shape[:2]), max(largest, *array.shape[:2])
             digests[i] = pixel_digest(array)
-            content.update(np.asarray(array.shape, dtype=np.int64).tobytes())
-            content.update(np.ascontiguousarray(array).data)
+            add_to_content_digest(content, array)
             if decoded is not None:
                 total += array.nbytes
                 decoded.append(array)
@@ -1125,6 +1137,14 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self.pixel_digests = digests
         self.content_digest = content.hexdigest()
         return self
+
+    def rows_content_digest(self, rows: np.ndarray) -> str:
+        """The content digest (as :attr:`content_digest` is of the whole split) of the images
+        at ``rows`` of the source split, in that order; every row must be one of this split's."""
+        content = hashlib.sha256()
+        for index in np.searchsorted(self.source_rows, rows):
+            add_to_content_digest(content, self._decoded[index] if self._decoded is not None else self._image(index))
+        return content.hexdigest()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         array = self._decoded[index] if self._decoded is not None else self._image(index)

@@ -18,13 +18,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .backbone import ModelLoadError, load_timm_model
 from .config import DEFAULT_VALIDATION_FRACTION, ConfigError, RefilledConfig
 from .data import UnknownClassError, load_raw_dataset, short_list
 from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
 from .preflight import check_forward
-from .provenance import run_folder, same_dataset, training_data_record
+from .provenance import run_folder, same_dataset, teacher_training_rows, training_data_record
 from .rundir import MANIFEST
 
 __all__ = ["check_evaluation_split", "evaluate_model"]
@@ -35,11 +37,15 @@ EVALUATION_SPLITS = ("test", "validation")
 
 
 def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig, data, split: str,
-                           model_spec: str) -> None:  # fmt: skip
+                           model_spec: str) -> np.ndarray | None:  # fmt: skip
     """Refuse a split that can hold images ``model_spec`` was trained on.
 
     ``validation`` must be the model's own validation split (same row digest);
-    ``test`` must not be the split the model trained on, in the same data set.
+    ``test`` must not be the split the model trained on, in the same data set or a copy of
+    it elsewhere (its training rows, drawn again from its record, reproduce its digest).
+    Returns those rows where only the images' pixels can tell a copy from another data set
+    whose rows and labels are laid out alike: :func:`check_not_trained_on` decides, once
+    they are decoded.
     """
     if record is None:
         if split == "validation":
@@ -80,15 +86,19 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
             fix = (f"measure it on split {config.validation_split!r}, images it was neither trained nor selected "
                    f"on, with --split test --test_split {config.validation_split}; or {fix}")  # fmt: skip
         raise ConfigError(f"--split validation: {why}, {risk}; {fix}.")
-    if (
-        split == "test"
-        and config.test_split == record.get("train_split")
-        and same_dataset(config.dataset, record.get("dataset"))
-    ):
-        raise ConfigError(
-            f"--test_split {config.test_split!r} is the split {model_spec} was trained on: its accuracy there "
-            "is not a test accuracy. Name the data set's test split."
-        )
+    if split == "test" and config.test_split == record.get("train_split"):
+        # the same data set, or possibly a copy of it elsewhere (another path, a Hub id and a local
+        # folder): the model's training rows drawn again from its record reproduce its digest
+        if same_dataset(config.dataset, record.get("dataset")):
+            raise ConfigError(_trained_on_text(config, model_spec))
+        taught = teacher_training_rows(record, data, config.test_split)
+        if taught is not None and not record.get("train_content_digest"):
+            raise ConfigError(_trained_on_text(config, model_spec, (
+                f" (its training rows and labels in {record.get('dataset')!r} are these: a copy of it, as far as its "
+                "record, written by an earlier release without the images' pixels, can tell)"
+            )))  # fmt: skip
+        if taught is not None:
+            return taught
     if (
         split == "test"
         and config.test_split is not None
@@ -100,6 +110,23 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
             "its accuracy there is optimistic, not a test accuracy. Name the data set's test split, or evaluate it "
             "as what it is with --split validation."
         )
+
+
+def _trained_on_text(config: RefilledConfig, model_spec: str, where: str = "") -> str:
+    return (
+        f"--test_split {config.test_split!r} is the split {model_spec} was trained on{where}: its accuracy there is "
+        "not a test accuracy. Name the data set's test split."
+    )
+
+
+def check_not_trained_on(dataset, rows: np.ndarray | None, record: dict[str, Any], config: RefilledConfig,
+                         model_spec: str) -> None:  # fmt: skip
+    """Refuse ``dataset`` (decoded) where the images at ``rows`` (from
+    :func:`check_evaluation_split`) are, pixel for pixel, the ones the model trained on."""
+    if rows is None or not np.isin(rows, dataset.source_rows).all():
+        return
+    if dataset.rows_content_digest(rows) == record.get("train_content_digest"):
+        raise ConfigError(_trained_on_text(config, model_spec, f" (a copy of its data set {record.get('dataset')!r})"))
 
 
 def _check_test_split_exists(config: RefilledConfig) -> None:
@@ -259,10 +286,12 @@ def evaluate_model(
         )
     if not names:
         logger.warning("The model records no label names: only the number of classes could be checked.")
-    check_evaluation_split(record, config, data, split, model_spec)
+    suspect_rows = check_evaluation_split(record, config, data, split, model_spec)
     check_forward(model, None, data_pretrained_cfg(model.pretrained_cfg, config.image_size)["input_size"],
                   student_name="model")  # fmt: skip
-    data = prepare_data(config, data, model.pretrained_cfg)  # decodes the split's images: after every check
+    getattr(data, split).preload()  # decodes the split's images: after every check but the pixels'
+    check_not_trained_on(getattr(data, split), suspect_rows, record, config, model_spec)
+    data = prepare_data(config, data, model.pretrained_cfg)
     dataset = getattr(data, split)
     trainer = inference_trainer(model, config, data.num_classes)
     trainer.per_class_metrics = True

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import timm
@@ -1103,6 +1104,32 @@ def test_evaluate_refuses_a_validation_split_that_can_hold_training_images(data_
         evaluate_model(model, RefilledConfig(**config, train_split="test", test_split="train"))
     with pytest.raises(ConfigError, match="is the split .* was trained on"):  # the split named as both
         evaluate_model(model, RefilledConfig(**config, test_split="train"))
+    # a copy of the data set elsewhere holds the same training images: its rows, drawn again, reproduce the
+    # record's digest, and (where the record has them, as every export now) the pixels tell a copy from
+    # another data set laid out alike
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    on_copy = RefilledConfig(**{**config, "dataset": str(copy), "test_split": "train"})
+    with pytest.raises(ConfigError, match=r"was trained on \(its training rows and labels in .* are these: a copy of "
+                                          r"it, as far as its record, written by an earlier release"):  # fmt: skip
+        evaluate_model(model, on_copy)  # (this record was made without decoding: no pixels)
+    decoded = load_classification_data(str(data_dir), classes="3-5", validation_fraction=0.25, seed=0)
+    exported = export_model(timm.create_model("cifar_wrn_16_1", num_classes=3), tmp_path / "exported",
+                            label_names=CLASS_NAMES[3:6], training_data=decoded.selection_record())  # fmt: skip
+    with pytest.raises(ConfigError, match=r"is the split .* was trained on \(a copy of its data set .*\): its"):
+        evaluate_model(f"local-dir:{exported}", on_copy)
+    table = pq.read_table(copy / "train.parquet")  # one training image of the model changed: another data set
+    images = table.column("image").to_pylist()
+    row = int(decoded.source_rows["train"][0])
+    pixels = np.array(Image.open(io.BytesIO(images[row]["bytes"])))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    images[row] = {"bytes": encoded.getvalue(), "path": None}
+    column = pa.array(images, type=table.schema.field("image").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), table.schema.field("image"), column),
+                   copy / "train.parquet")  # fmt: skip
+    assert evaluate_model(f"local-dir:{exported}", on_copy)["test_samples"] == 36  # the same layout, held out
     # trained on every training image: no validation split of that data is clean
     everything = f"local-dir:{_model_with_record(data_dir, tmp_path / 'all', validation_fraction=0.0, seed=0)}"
     with pytest.raises(ConfigError, match="trained without a validation split.*--split test"):
