@@ -57,6 +57,20 @@ def unfinish(out: Path) -> None:
     shutil.rmtree(out / "model")
 
 
+def change_one_pixel(parquet: Path, row: int) -> None:
+    """Invert the first pixel of the image at ``row`` of a parquet split, in place."""
+    table = pq.read_table(parquet)
+    images = table.column("image").to_pylist()
+    pixels = np.array(Image.open(io.BytesIO(images[row]["bytes"])))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    images[row] = {"bytes": encoded.getvalue(), "path": None}
+    column = pa.array(images, type=table.schema.field("image").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), table.schema.field("image"), column),
+                   parquet)  # fmt: skip
+
+
 def checkpoints(stage_dir: Path) -> list[Path]:
     return sorted(stage_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
@@ -896,7 +910,6 @@ def test_a_resume_follows_the_images_not_their_path_or_file_dates(unfinished_ce_
     run's identity held) to another path (a job's copy on its node's disk) resumes, and ends as
     the uninterrupted run; one image's pixels changed, it is refused. A run an earlier release
     recorded (its data fingerprint by path and file dates) still resumes where it started."""
-    import pyarrow as pa
 
     recipe, reference = unfinished_ce_run
     template = Path(recipe["output_dir"])
@@ -910,17 +923,8 @@ def test_a_resume_follows_the_images_not_their_path_or_file_dates(unfinished_ce_
     assert results["data_fingerprint_legacy"] != reference["data_fingerprint_legacy"]
     assert json.loads((out / "run.json").read_text())["identity"]["dataset"] == str(copied)
 
-    table = pq.read_table(copied / "train.parquet")
-    images = table.column("image").to_pylist()
-    row = table.column("label").to_pylist().index(4)  # a training image of a selected class (3-5)
-    pixels = np.array(Image.open(io.BytesIO(images[row]["bytes"])))
-    pixels[0, 0] = 255 - pixels[0, 0]
-    encoded = io.BytesIO()
-    Image.fromarray(pixels).save(encoded, format="PNG")
-    images[row] = {"bytes": encoded.getvalue(), "path": None}
-    column = pa.array(images, type=table.schema.field("image").type)
-    pq.write_table(table.set_column(table.schema.get_field_index("image"), table.schema.field("image"), column),
-                   copied / "train.parquet")  # fmt: skip
+    labels = pq.read_table(copied / "train.parquet").column("label").to_pylist()
+    change_one_pixel(copied / "train.parquet", labels.index(4))  # a training image of a selected class (3-5)
     again = tmp_path / "again"
     shutil.copytree(template, again)
     unfinish(again)
@@ -1118,17 +1122,7 @@ def test_evaluate_refuses_a_validation_split_that_can_hold_training_images(data_
                             label_names=CLASS_NAMES[3:6], training_data=decoded.selection_record())  # fmt: skip
     with pytest.raises(ConfigError, match=r"is the split .* was trained on \(a copy of its data set .*\): its"):
         evaluate_model(f"local-dir:{exported}", on_copy)
-    table = pq.read_table(copy / "train.parquet")  # one training image of the model changed: another data set
-    images = table.column("image").to_pylist()
-    row = int(decoded.source_rows["train"][0])
-    pixels = np.array(Image.open(io.BytesIO(images[row]["bytes"])))
-    pixels[0, 0] = 255 - pixels[0, 0]
-    encoded = io.BytesIO()
-    Image.fromarray(pixels).save(encoded, format="PNG")
-    images[row] = {"bytes": encoded.getvalue(), "path": None}
-    column = pa.array(images, type=table.schema.field("image").type)
-    pq.write_table(table.set_column(table.schema.get_field_index("image"), table.schema.field("image"), column),
-                   copy / "train.parquet")  # fmt: skip
+    change_one_pixel(copy / "train.parquet", int(decoded.source_rows["train"][0]))  # another data set, laid out alike
     assert evaluate_model(f"local-dir:{exported}", on_copy)["test_samples"] == 36  # the same layout, held out
     # trained on every training image: no validation split of that data is clean
     everything = f"local-dir:{_model_with_record(data_dir, tmp_path / 'all', validation_fraction=0.0, seed=0)}"
