@@ -810,6 +810,11 @@ def load_classification_data(
     train_labels, names = read_labels(train_raw, label_col, train_split)
     if classes is None and not isinstance(train_raw.features[label_col], datasets.ClassLabel):
         classes = [int(c) for c in np.unique(train_labels)]  # plain labels: the classes present
+    if test_only and classes is not None and not isinstance(classes, str):
+        # a held-out set's classes are those it holds: one of the model's (named) that it lacks has no
+        # image here, and is measured as such (the split's check below warns), not refused as unknown
+        wanted = [c[len("name:"):] for c in classes if isinstance(c, str) and c.startswith("name:")]
+        names = [*names, *(name for name in wanted if name not in names)]
     selected = parse_class_selection(classes, names)
     remap = np.full(len(names), -1, dtype=np.int64)
     remap[selected] = np.arange(len(selected))

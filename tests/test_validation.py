@@ -437,3 +437,18 @@ def test_evaluate_measures_a_data_set_of_held_out_images_alone(data_dir, tmp_pat
     assert "cannot check that the model was not trained on these images" in caplog.text
     with pytest.raises(DataError, match="'train' is the training split"):  # training runs still refuse it
         load_classification_data(str(train_only), test_split="train")
+
+    # a folder of held-out images of two of the model's three classes: the third is measured as a class
+    # without images (it was refused as a class unknown to the data set, whose classes are its folders)
+    from PIL import Image
+
+    for name in CLASS_NAMES[3:5]:
+        (tmp_path / "two" / "test" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(tmp_path / "two" / "test" / name / f"{i}.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="refilled_hf"):
+        metrics = evaluate_model(model, RefilledConfig(**config, dataset=str(tmp_path / "two")))
+    assert {name: c["samples"] for name, c in metrics["test_per_class"].items()} == {"yellow": 2, "cyan": 2,
+                                                                                    "magenta": 0}  # fmt: skip
+    assert metrics["test_samples"] == 4 and "has no image of 1 of the 3 selected classes" in caplog.text
