@@ -813,7 +813,7 @@ def load_classification_data(
     if test_only and classes is not None and not isinstance(classes, str):
         # a held-out set's classes are those it holds: one of the model's (named) that it lacks has no
         # image here, and is measured as such (the split's check below warns), not refused as unknown
-        wanted = [c[len("name:"):] for c in classes if isinstance(c, str) and c.startswith("name:")]
+        wanted = [c[len("name:") :] for c in classes if isinstance(c, str) and c.startswith("name:")]
         names = [*names, *(name for name in wanted if name not in names)]
     selected = parse_class_selection(classes, names)
     remap = np.full(len(names), -1, dtype=np.int64)
