@@ -587,13 +587,13 @@ def _stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Genera
     """Split positions per class: ``round(fraction * n_c)`` (at least 1) go to the second part
     (the validation split); ``names[c]`` names class ``c`` in the refusal of a class left
     without a training image."""
-    first, second, short, smallest = [], [], [], 0
+    first, second, short, most_short = [], [], [], 0
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         take = max(1, int(round(fraction * idx.size)))
         if take >= idx.size:
             short.append(f"{names[c]} ({idx.size})")
-            smallest = max(smallest, idx.size)
+            most_short = max(most_short, idx.size)
             continue
         second.append(idx[:take])
         first.append(idx[take:])
@@ -602,7 +602,7 @@ def _stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Genera
             f"--validation_fraction {fraction:g} leaves no training image to {len(short)} class"
             f"{'es' if len(short) > 1 else ''} (training images in brackets): {short_list(short, 5)}. Each class "
             "gives at least one image to validation, so it needs at least 2; "
-            + ("lower --validation_fraction, " if smallest > 1 else "")
+            + ("lower --validation_fraction, " if most_short > 1 else "")
             + "set it to 0 (no validation split), or validate on a split of the data set's own (--validation_split)."
         )
     return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
@@ -1091,6 +1091,10 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def _image(self, index: int) -> np.ndarray:
         return self._decode(self._encoded_images()[int(index)][self.image_column])
 
+    def _array(self, index: int) -> np.ndarray:
+        """Image ``index``, decoded: kept by :meth:`preload`, or decoded now."""
+        return self._decoded[index] if self._decoded is not None else self._image(index)
+
     def preload(self) -> ImageClassificationDataset:
         """Decode-check every image now; keep them decoded when they fit in memory."""
         if self._checked or not len(self):
@@ -1114,7 +1118,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 bad.append((int(self.source_rows[i]), f"no file {item['path']}"))
                 continue
             except Exception as err:  # noqa: BLE001 - PIL raises many kinds on bad data
-                bad.append((int(self.source_rows[i]), _decode_failure(self._image_path(path) if path else None, err)))
+                reason = error_text(err, limit=80)  # (named by its file in a folder data set)
+                bad.append((int(self.source_rows[i]), f"{self._image_path(path)}: {reason}" if path else reason))
                 continue
             smallest, largest = min(smallest, *array.shape[:2]), max(largest, *array.shape[:2])
             digests[i] = pixel_digest(array)
@@ -1148,22 +1153,13 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         at ``rows`` of the source split, in that order; every row must be one of this split's."""
         content = hashlib.sha256()
         for index in np.searchsorted(self.source_rows, rows):
-            add_to_content_digest(content, self._decoded[index] if self._decoded is not None else self._image(index))
+            add_to_content_digest(content, self._array(index))
         return content.hexdigest()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        array = self._decoded[index] if self._decoded is not None else self._image(index)
-        image = Image.fromarray(array)
+        image = Image.fromarray(self._array(index))
         pixels = self.transform(image) if self.transform is not None else T.functional.pil_to_tensor(image)
         return {"pixel_values": pixels, "labels": int(self.labels[index])}
-
-
-def _decode_failure(path: str | None, err: Exception) -> str:
-    """Why one image could not be decoded, naming its file where it is one: ``data/cats/3.jpg:
-    OSError: image file is truncated``."""
-    reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-    reason = reason if len(reason) <= 90 else reason[:87] + "..."
-    return f"{path}: {reason}" if path else reason
 
 
 def build_transform(pretrained_cfg: dict[str, Any], train: bool) -> T.Compose:
