@@ -7,6 +7,7 @@ REFILLED works on the pooled pre-logits embedding of a timm model:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ __all__ = [
     "exported_config",
     "load_timm_model",
     "read_state_dict",
+    "setup_fingerprint",
     "use_channels_last",
 ]
 
@@ -390,6 +392,20 @@ def _some(keys: list[str], limit: int = 4) -> str:
 # --------------------------------------------------------------------------- models
 
 
+def setup_fingerprint(model: nn.Module, spec: str, **inputs: Any) -> str:
+    """SHA-256 of what ``model`` (loaded from ``spec``) computes with besides its weights: its
+    class, the arguments a ``local-dir:`` folder's config.json builds it with (``model_args``),
+    and ``inputs`` (how its inputs are prepared). Two folders that hold the same weights and the
+    same setup hold the same model, wherever they lie."""
+    config = exported_config(spec) if spec.startswith("local-dir:") else None
+    record = {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_args": (config or {}).get("model_args"),
+        **inputs,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class StudentModel(nn.Module):
     """The student as the Trainer sees it: a timm model whose forward returns its pooled
     embedding and logits, so that DDP and autocast wrap one call.
@@ -496,6 +512,16 @@ class FrozenTeacher(nn.Module):
         if not steps:
             return "the student's batches as they are (same normalization and input size)"
         return "each student batch " + " and ".join(steps)
+
+    def input_setup(self) -> dict[str, Any]:
+        """How each student batch is adapted for the teacher, in numbers (for fingerprints)."""
+        return {
+            "renormalize": self.renormalize,
+            "scale": self.scale.flatten().tolist(),
+            "shift": self.shift.flatten().tolist(),
+            "input_size": self.input_size,
+            "interpolation": self.interpolation,
+        }
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)

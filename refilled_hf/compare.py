@@ -29,7 +29,7 @@ SEED_AND_PLACEMENT_FIELDS = (
     "teacher_cache",
 )  # fmt: skip
 #: identity fields that record the teacher, left out (with the teacher options) for a run without one
-TEACHER_RECORD_FIELDS = ("teacher_weights",)
+TEACHER_RECORD_FIELDS = ("teacher_weights", "teacher_setup")
 
 
 @dataclass

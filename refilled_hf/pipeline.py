@@ -30,11 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import timm.data
 import torch
 from safetensors.torch import load_file
 from transformers import set_seed
 
-from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model
+from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model, setup_fingerprint
 from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, lone_process_launch_warning, options_text
 from .data import (
     CIFAR_STYLE_MAX_SIZE,
@@ -492,8 +493,11 @@ def _barrier(trainer: RefilledTrainer) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def _run_identity(config: RefilledConfig, data: ClassificationData, student: StudentModel, teacher) -> dict[str, Any]:
-    """What makes two runs the same run (see :mod:`refilled_hf.rundir`)."""
+def _run_identity(
+    config: RefilledConfig, data: ClassificationData, student: StudentModel, student_cfg: dict[str, Any], teacher
+) -> dict[str, Any]:
+    """What makes two runs the same run (see :mod:`refilled_hf.rundir`); ``student_cfg``: the
+    student's pretrained_cfg at the run's input size."""
     recipe = {k: v for k, v in config.to_recipe(as_run=True).items() if k not in NON_IDENTITY_FIELDS}
     recipe.pop("teacher_cache_dtype", None)
     # The data path the run took is recorded below; what chose it (--data_path auto or the path
@@ -509,6 +513,13 @@ def _run_identity(config: RefilledConfig, data: ClassificationData, student: Stu
         "world_size": config.world_size,
         "student_init": tensor_fingerprint(student.model.state_dict()),
         "teacher_weights": tensor_fingerprint(teacher.model.state_dict()) if teacher is not None else None,
+        # what the models compute with besides their weights: a model folder may move (MODEL_LOCATION_FIELDS)
+        "student_setup": setup_fingerprint(
+            student.model, config.student, **timm.data.resolve_data_config(pretrained_cfg=dict(student_cfg))
+        ),
+        "teacher_setup": (
+            setup_fingerprint(teacher.model, config.teacher, **teacher.input_setup()) if teacher is not None else None
+        ),
         "data": data.fingerprint,
         "data_path": data.info.get("data_path"),
     }
@@ -621,7 +632,7 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         **({"kd_teacher_columns": kd_columns} if kd_columns is not None else {}),
     }
     check_comparable(results, baselines)
-    identity = _run_identity(config, data, student, teacher)
+    identity = _run_identity(config, data, student, student_cfg, teacher)
     if kd_columns is not None:  # (absent otherwise: what runs recorded before KD could use a part of a teacher)
         identity["kd_teacher_columns"] = kd_columns
     legacy = {"data": data.legacy_fingerprint}  # what a run of an earlier refilled-hf recorded as its data

@@ -7,11 +7,12 @@ One place for the safety of ``output_dir``, which the pipeline calls before any 
   with its process (a SIGKILL leaves nothing stale);
 * **the run's identity** (``run.json``): its resolved configuration minus what cannot
   change a result (logging, saving cadence, the Hub), the world size, and fingerprints of
-  the teacher's weights, the student's initial weights and the exact data (selected rows
-  and labels of each split, and every image's pixels). A resume, and every cached artefact
-  it reuses (stage-1 results, the teacher's class centres), is allowed only for the same
-  identity; the data may have moved (another ``--dataset`` path) or been copied again
-  where its pixels are the same;
+  the teacher's weights, the student's initial weights, each model's setup (class, build
+  arguments, input preparation) and the exact data (selected rows and labels of each split,
+  and every image's pixels). A resume, and every cached artefact it reuses (stage-1
+  results, the teacher's class centres), is allowed only for the same identity; the data
+  may have moved (another ``--dataset`` path) or been copied again where its pixels are the
+  same, and a model folder or checkpoint file where its weights and setup are the same;
 * **ownership**: ``run.json`` lists what the run writes. ``--overwrite_output`` deletes
   exactly those entries of the earlier run, never anything else; an entry the run would
   write that exists without being listed (a user's ``model/`` folder, say) is refused;
@@ -75,6 +76,22 @@ NON_IDENTITY_FIELDS = frozenset(
 #: (its ``data`` fingerprint covers their pixels) continues from another path (a copy on a node's
 #: local disk, a folder moved)
 DATA_LOCATION_FIELDS = frozenset({"dataset"})
+
+#: identity fields that say where a model was read from (a folder, a checkpoint file), each with
+#: the fingerprints that say what the model is (its weights; its architecture, build arguments and
+#: input preparation): a run whose model is the same continues from another folder or file (a
+#: copy on a node's local disk, a folder moved). A registered timm name or an ``hf-hub:`` id
+#: names the model rather than a place: it stays part of the identity.
+MODEL_LOCATION_FIELDS = {
+    "teacher": ("teacher_weights", "teacher_setup"),
+    "teacher_checkpoint": ("teacher_weights", "teacher_setup"),
+    "student": ("student_init", "student_setup"),
+    "student_checkpoint": ("student_init", "student_setup"),
+}
+
+#: identity fields this release added: a run an earlier one recorded (without them) resumes, its
+#: identity checked on the fields it has (it cannot change folders: nothing shows the model moved)
+ADDED_IDENTITY_FIELDS = frozenset({"teacher_setup", "student_setup"})
 
 
 #: identity fields earlier releases recorded that compute nothing (the device path's loader
@@ -161,6 +178,8 @@ _FINGERPRINT_MEANINGS = {
     "data": "the images selected, their labels or their pixels",
     "teacher_weights": "the teacher's weights",
     "student_init": "the student's initial weights",
+    "teacher_setup": "the teacher's architecture, build arguments and input preparation",
+    "student_setup": "the student's architecture, build arguments and input preparation",
 }
 
 
@@ -172,6 +191,16 @@ def _difference_text(key: str, old: Any, new: Any) -> str:
             return "none" if value is None else f'"{str(value)[:12]}..."'
 
         return f"{key} ({meaning}): {start(old)} -> {start(new)}"
+    if isinstance(old, str) and isinstance(new, str) and max(len(old), len(new)) > 60:
+        # two long texts (paths) shown from a little before where they part: their starts may be alike
+        part = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        start = max(0, min(part - 20, max(len(old), len(new)) - 57))
+
+        def cut(text: str) -> str:
+            shown = text[start : start + 57]
+            return json.dumps(("..." if start else "") + shown + ("..." if start + 57 < len(text) else ""))
+
+        return f"{key}: {cut(old)} -> {cut(new)}"
     return f"{key}: {_short(old)} -> {_short(new)}"
 
 
@@ -294,13 +323,25 @@ class RunDirectory:
         -> new``. ``legacy``: the values an earlier refilled-hf computed for ``new`` where it
         computed them otherwise (the data fingerprint by path and file dates), which ``old``
         may hold. Where the images are the same (``data``, by their pixels), the path they
-        were read from (``dataset``) may differ."""
+        were read from (``dataset``) may differ; where a model is the same (its weights and
+        setup), the folder or file it was read from (:data:`MODEL_LOCATION_FIELDS`)."""
         legacy = legacy or {}
         same_pixels = old.get("data") == new.get("data")
+
+        def same_model(key: str) -> bool:
+            fingerprints = MODEL_LOCATION_FIELDS[key]
+            if any(old.get(f) is None or old.get(f) != new.get(f) for f in fingerprints):
+                return False
+            places = (old.get(key), new.get(key))
+            return key.endswith("_checkpoint") or all(str(p).startswith("local-dir:") for p in places)
 
         def same(key: str) -> bool:
             if old.get(key) == new.get(key) or (key in legacy and old.get(key) == legacy[key]):
                 return True
+            if key in ADDED_IDENTITY_FIELDS and key not in old:
+                return True
+            if key in MODEL_LOCATION_FIELDS:
+                return same_model(key)
             return key in DATA_LOCATION_FIELDS and same_pixels
 
         # a field an earlier refilled-hf recorded that this one no longer counts (here) is no difference

@@ -89,13 +89,7 @@ def cache_key(
     description = {
         "format": CACHE_FORMAT,
         "teacher_weights": teacher_fingerprint,
-        "teacher_adapt": {
-            "renormalize": teacher.renormalize,
-            "scale": teacher.scale.flatten().tolist(),
-            "shift": teacher.shift.flatten().tolist(),
-            "input_size": teacher.input_size,
-            "interpolation": teacher.interpolation,
-        },
+        "teacher_adapt": teacher.input_setup(),
         "images": pixels,
         "shape": list(images.images.shape),
         "padding": images.padding,

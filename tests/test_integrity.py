@@ -892,16 +892,77 @@ def test_resume_with_another_configuration_or_data_is_refused(change, value, unf
     assert not (out / "results.json").exists()
 
 
+def test_a_model_may_move_only_where_its_weights_and_setup_are_recorded_and_the_same():
+    base = {"teacher": "local-dir:/data/jobs/1234/teacher", "teacher_checkpoint": None, "teacher_weights": "w" * 64,
+            "teacher_setup": "s" * 64, "student": "resnet18", "student_init": "i" * 64, "student_setup": "u" * 64,
+            "student_checkpoint": "/old/student.safetensors"}  # fmt: skip
+    moved = {**base, "teacher": "local-dir:/scratch/node-7/teacher", "student_checkpoint": "/new/student.safetensors"}
+    assert RunDirectory.identity_difference(base, moved) == []
+    for change in ({"teacher_setup": "x" * 64}, {"teacher_weights": "x" * 64}):
+        changed = [d.split(" ")[0].rstrip(":") for d in RunDirectory.identity_difference(base, {**moved, **change})]
+        assert changed == ["teacher", *change]  # another teacher: its folder is named too
+    assert "student:" in " ".join(RunDirectory.identity_difference(base, {**base, "student": "resnet18d"}))
+    hub = RunDirectory.identity_difference({**base, "teacher": "hf-hub:a/b"}, {**base, "teacher": "hf-hub:a/c"})
+    assert hub == ['teacher: "hf-hub:a/b" -> "hf-hub:a/c"']
+    earlier = {k: v for k, v in base.items() if not k.endswith("_setup")}  # an earlier release's record
+    assert RunDirectory.identity_difference(earlier, base) == []
+    assert [d.split(":")[0] for d in RunDirectory.identity_difference(earlier, moved)] == [
+        "student_checkpoint", "teacher"]  # fmt: skip
+
+
+def test_a_refused_resume_shows_two_long_paths_from_where_they_part():
+    old, new = "/home/someone/experiments/cifar100/run-a/data", "/home/someone/experiments/cifar100/run-a/data-copy"
+    changed = RunDirectory.identity_difference(
+        {"data": "a", "dataset": "/p" * 40 + old}, {"data": "b", "dataset": "/p" * 40 + new}
+    )
+    text = changed[1]
+    shown_old, shown_new = text.split(" -> ")
+    assert shown_old.endswith('run-a/data"') and shown_new.endswith('run-a/data-copy"') and len(text) < 160
+
+
 @pytest.mark.slow
-def test_resume_with_another_teacher_at_the_same_path_is_refused(data_dir, tmp_path):
+def test_a_resume_follows_the_teachers_weights_and_setup_not_its_folder(data_dir, tmp_path):
+    """A teacher folder moved (a job's copy on its node's disk) resumes, and ends as the
+    uninterrupted run; retrained in place, or its config changed (what the teacher computes
+    with: here the mean its inputs are normalized to), it is refused. A run an earlier release
+    recorded (without the teacher's setup) still resumes where it started."""
     teacher = write_random_teacher(tmp_path / "teacher")
-    out = tmp_path / "run"
-    recipe = tiny_recipe(data_dir, out, method="rkd", teacher=f"local-dir:{teacher}", stage2_epochs=1)
-    run(recipe)
-    unfinish(out)
-    write_random_teacher(teacher, seed=7)  # retrained in place
+    recipe = tiny_recipe(data_dir, tmp_path / "reference", method="rkd", teacher=f"local-dir:{teacher}",
+                         stage2_epochs=2)  # fmt: skip
+    reference = run(recipe)
+
+    def unfinished(name: str) -> dict:
+        shutil.copytree(tmp_path / "reference", tmp_path / name)
+        unfinish(tmp_path / name)
+        return {**recipe, "output_dir": str(tmp_path / name), "resume_from_checkpoint": "true"}
+
+    moved = tmp_path / "node-local" / "teacher"
+    shutil.copytree(teacher, moved, copy_function=shutil.copyfile)
+    shutil.rmtree(teacher)
+    results = run({**unfinished("moved"), "teacher": f"local-dir:{moved}"})
+    assert results["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert results["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
+    assert results["teacher"] == f"local-dir:{moved}"
+    assert json.loads((tmp_path / "moved" / "run.json").read_text())["identity"]["teacher"] == f"local-dir:{moved}"
+
+    config = json.loads((moved / "config.json").read_text())
+    config["pretrained_cfg"]["mean"] = [0.5, 0.5, 0.5]
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunDirError, match="teacher_setup"):
+        run({**unfinished("edited"), "teacher": f"local-dir:{moved}"})
+    write_random_teacher(moved, seed=7)  # retrained in place
     with pytest.raises(RunDirError, match="teacher_weights"):
-        run({**recipe, "resume_from_checkpoint": "true"})
+        run({**unfinished("retrained"), "teacher": f"local-dir:{moved}"})
+
+    write_random_teacher(teacher)  # back where the run started (the same weights), as an earlier release recorded it
+    earlier = unfinished("earlier")
+    manifest = json.loads((tmp_path / "earlier" / "run.json").read_text())
+    del manifest["identity"]["teacher_setup"], manifest["identity"]["student_setup"]
+    (tmp_path / "earlier" / "run.json").write_text(json.dumps(manifest))
+    copy = shutil.copytree(teacher, tmp_path / "copy")
+    with pytest.raises(RunDirError, match=r"\(teacher: "):  # its record cannot show the copy is the same teacher
+        run({**earlier, "teacher": f"local-dir:{copy}"})
+    assert run(earlier)["final"]["test_top1"] == reference["final"]["test_top1"]
 
 
 @pytest.mark.slow
