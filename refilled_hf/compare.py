@@ -17,7 +17,7 @@ from typing import Any
 from .config import FIELD_USERS, ConfigError
 from .model_card import epochs_text, exported_student_alone, same_images
 from .pipeline import EXPORT_DIR, RESULTS_FILE
-from .rundir import MANIFEST
+from .rundir import MANIFEST, MODEL_LOCATION_FIELDS
 
 __all__ = ["FinishedRun", "compare_runs", "format_comparison", "load_finished_run"]
 
@@ -85,7 +85,23 @@ def _setting(run: FinishedRun) -> dict[str, Any]:
     unused = {name for name, users in FIELD_USERS.items() if run.results["method"] not in users}
     if "teacher" in unused:
         unused.update(TEACHER_RECORD_FIELDS)
+    unused.update(_teacher_places(run.identity))
     return {k: v for k, v in run.identity.items() if k not in SEED_AND_PLACEMENT_FIELDS and k not in unused}
+
+
+def _teacher_places(identity: dict[str, Any]) -> set[str]:
+    """The fields that only say where the teacher was read from (a folder, a checkpoint file),
+    where its weights and setup are recorded, which say what it is: runs whose jobs each
+    copied the teacher to their node's disk are one setting. (A student's place stays: its
+    recorded initial weights change with the seed.)"""
+    fingerprints = MODEL_LOCATION_FIELDS["teacher"]
+    if any(identity.get(f) is None for f in fingerprints):
+        return set()
+    return {
+        key
+        for key in ("teacher", "teacher_checkpoint")
+        if key.endswith("_checkpoint") or str(identity.get(key)).startswith("local-dir:")
+    }
 
 
 def _setting_names(settings: list[dict[str, Any]]) -> tuple[list[str], list[str]]:

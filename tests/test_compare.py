@@ -162,3 +162,20 @@ def test_usage_shows_the_runs_as_typed(capsys):
     with pytest.raises(SystemExit):
         main(["push", "--help"])
     assert capsys.readouterr().out.startswith("usage: refilled-hf push FOLDER --repo_id REPO_ID")
+
+
+def test_runs_with_the_same_teacher_read_from_other_folders_are_one_setting(tmp_path):
+    """Jobs that each copy the teacher to their node's disk: the same weights and setup, as
+    their records show, pool over seeds; another teacher stays another setting, and a run
+    an earlier release recorded (no setup) keeps its folder in its setting."""
+    setup = {"teacher_setup": "s" * 64}
+    runs = [_write_run(tmp_path / f"rf{s}", "refilled", s, 60.0 + s, f"images{s}", teacher=f"local-dir:/tmp/job{s}/t",
+                       **setup) for s in range(3)]  # fmt: skip
+    other = _write_run(tmp_path / "other", "refilled", 0, 50.0, "images0", teacher="local-dir:/tmp/job0/t",
+                       teacher_weights="e" * 64, **setup)  # fmt: skip
+    comparison = compare_runs([*runs, other])
+    assert [(g["setting"], g["runs"]) for g in comparison["settings"]] == [
+        ("teacher_weights=ffffffffffff", 3), ("teacher_weights=eeeeeeeeeeee", 1)]  # fmt: skip
+    earlier = [_write_run(tmp_path / f"old{s}", "refilled", s, 60.0, "i", teacher=f"local-dir:/tmp/job{s}/t")
+               for s in range(2)]  # fmt: skip
+    assert len(compare_runs(earlier)["settings"]) == 2
