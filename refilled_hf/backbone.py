@@ -29,6 +29,7 @@ __all__ = [
     "embed_and_logits",
     "exported_config",
     "load_timm_model",
+    "offline_hint",
     "read_state_dict",
     "setup_fingerprint",
     "use_channels_last",
@@ -335,7 +336,7 @@ def _load_timm_model(
         except Exception as err:  # noqa: BLE001 - network, auth and format errors alike
             raise ModelLoadError(
                 f"Could not load {spec!r} from the Hugging Face Hub ({error_text(err)}). Check the "
-                "repo id and your network, or download it and use 'local-dir:<folder>'."
+                f"repo id and your network, or download it and use 'local-dir:<folder>'.{offline_hint(err)}"
             ) from err
     if not timm.is_model(spec):
         raise _unknown_model_error(spec)
@@ -372,6 +373,23 @@ def _load_timm_model(
 #: prefixes that wrappers put before a model's own parameter names: refilled-hf's
 #: StudentModel (its Trainer checkpoints), DDP's ``module.``, and both
 WRAPPER_PREFIXES = ("module.model.", "model.", "module.")
+
+
+def offline_hint(err: BaseException) -> str:
+    """For a Hub model that could not be fetched (no network: huggingface_hub retries each
+    request for about 25 s first), how to read the Hub cache at once; '' otherwise."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    chain, seen = err, set()
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, LocalEntryNotFoundError) and not constants.HF_HUB_OFFLINE:
+            return (
+                " Without network, HF_HUB_OFFLINE=1 reads what the Hub cache holds at once, without waiting on retries."
+            )
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    return ""
 
 
 def _without_wrapper_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .backbone import FrozenTeacher, ModelLoadError, exported_config, load_timm_model
+from .backbone import FrozenTeacher, ModelLoadError, exported_config, load_timm_model, offline_hint
 from .config import ConfigError, RefilledConfig
 from .data import ClassificationData, DataError, class_ranges, parse_class_selection, short_list
 from .data_device import DeviceImages, IndexedImages
@@ -69,7 +69,7 @@ def load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenT
     except Exception as err:  # noqa: BLE001 - e.g. timm's pretrained download offline
         raise ModelLoadError(
             f"Could not load the teacher {config.teacher!r} ({error_text(err, limit=300)}). Give weights "
-            "with --teacher_checkpoint, or use a 'local-dir:' folder."
+            f"with --teacher_checkpoint, or use a 'local-dir:' folder.{offline_hint(err)}"
         ) from err
     teacher = FrozenTeacher(model, student_cfg, input_size=config.teacher_input_size)
     logger.info("Teacher input: %s.", teacher.adaptation_text())

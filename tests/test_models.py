@@ -277,3 +277,25 @@ def test_parameters_without_gradient_of_a_compiled_student_are_found_without_com
     student = StudentModel(model, input_size=(3, 32, 32))
     student.compile()
     assert student.parameters_without_gradient() == ["model.spare"]
+
+
+def test_a_hub_model_that_cannot_be_fetched_says_how_to_read_the_cache_without_retries(monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from refilled_hf.backbone import ModelLoadError, load_timm_model
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    for offline_mode, hinted in ((False, True), (True, False)):  # (set, it already reads the cache at once)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_mode)
+        with pytest.raises(ModelLoadError, match="Could not load 'hf-hub:timm/resnet18.a1_in1k'") as raised:
+            load_timm_model("hf-hub:timm/resnet18.a1_in1k")
+        assert ("HF_HUB_OFFLINE=1 reads what the Hub cache holds at once" in str(raised.value)) is hinted
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad config")))
+    with pytest.raises(ModelLoadError) as raised:
+        load_timm_model("hf-hub:timm/resnet18.a1_in1k")
+    assert "HF_HUB_OFFLINE" not in str(raised.value)
