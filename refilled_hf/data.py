@@ -519,8 +519,14 @@ def parse_class_selection(spec: str | Sequence[int | str] | None, class_names: S
     if bad:
         raise DataError(f"Classes {short_list(bad)} are out of range: the data set has classes 0..{num - 1}.")
     if len(set(ids)) != len(ids):
-        twice = sorted({i for i in ids if ids.count(i) > 1}) if len(ids) < 10000 else []
-        raise DataError(f"The class selection lists classes twice: {short_list(twice)}.")
+        counts = collections.Counter(ids)
+        twice = [f"{i} ({class_names[i]})" if str(class_names[i]) != str(i) else str(i)
+                 for i in sorted(i for i, n in counts.items() if n > 1)]  # fmt: skip
+        shown = ", ".join(twice[:8]) + (f", ... ({len(twice) - 8} more)" if len(twice) > 8 else "")
+        raise DataError(
+            f"The class selection lists classes twice: {shown} (an id, a range and a name may select the same "
+            "class). List each class once."
+        )
     return ids
 
 

@@ -40,6 +40,10 @@ def test_parse_class_selection():
     assert parse_class_selection("cifar100-second-half", names) == list(range(50, 100))
     assert parse_class_selection("cifar100-shift-10", names) == list(range(10, 60))
     assert set(CLASS_PRESETS) >= {f"cifar100-shift-{k}" for k in (10, 20, 30, 40)}
+    with pytest.raises(DataError, match=r"twice: 0 \(c0\), 2 \(c2\) \(an id, a range and a name"):
+        parse_class_selection("0-4,c0,2", names)
+    with pytest.raises(DataError, match=r"twice: 1 \(an id"):
+        parse_class_selection("0-2,1", [str(i) for i in range(5)])  # names that are their ids: said once
 
 
 def test_class_names_that_are_numbers_other_than_their_ids_are_never_read_as_the_wrong_class():
