@@ -277,7 +277,8 @@ def evaluate_model(
     if model.num_classes != data.num_classes:
         raise ConfigError(
             f"The model predicts {model.num_classes} classes but the selection has {data.num_classes}: "
-            "pass the --classes the model was trained on."
+            "pass the --classes the model was trained on (leave --classes unset where the model names its classes). "
+            f"For some of its classes alone, read their top-1 and image counts in the output's {split}_per_class."
         )
     if names and list(names) != data.class_names:
         raise ConfigError(

@@ -1099,6 +1099,8 @@ def test_evaluate_refuses_other_classes_or_another_order(data_dir, tmp_path):
     for classes in ("0-2", "5,4,3"):
         with pytest.raises(ConfigError, match="trained on the classes .*'yellow', 'cyan', 'magenta'.*same order"):
             evaluate_model(f"local-dir:{model}", RefilledConfig(**config, classes=classes))
+    with pytest.raises(ConfigError, match="predicts 3 classes but the selection has 2.*in the output's test_per_class"):
+        evaluate_model(f"local-dir:{model}", RefilledConfig(**config, classes="3,4"))
     metrics = evaluate_model(f"local-dir:{model}", RefilledConfig(**config, classes="3-5"))
     assert metrics["test_samples"] == 18
 
