@@ -79,29 +79,40 @@ def _value_text(value: Any) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
-def _setting(run: FinishedRun) -> dict[str, Any]:
+def _setting(run: FinishedRun, places: dict[str, Any]) -> dict[str, Any]:
     """What a run computes: its identity without the seed and data placement, and without
-    the options its method does not use (a ce run's teacher, a kd run's tau1...)."""
+    the options its method does not use (a ce run's teacher, a kd run's tau1...); ``places``
+    (:func:`_places`) replace the paths it read its data and teacher from."""
     unused = {name for name, users in FIELD_USERS.items() if run.results["method"] not in users}
     if "teacher" in unused:
         unused.update(TEACHER_RECORD_FIELDS)
-    unused.update(_teacher_places(run.identity))
-    return {k: v for k, v in run.identity.items() if k not in SEED_AND_PLACEMENT_FIELDS and k not in unused}
-
-
-def _teacher_places(identity: dict[str, Any]) -> set[str]:
-    """The fields that only say where the teacher was read from (a folder, a checkpoint file),
-    where its weights and setup are recorded, which say what it is: runs whose jobs each
-    copied the teacher to their node's disk are one setting. (A student's place stays: its
-    recorded initial weights change with the seed.)"""
-    fingerprints = MODEL_LOCATION_FIELDS["teacher"]
-    if any(identity.get(f) is None for f in fingerprints):
-        return set()
     return {
-        key
-        for key in ("teacher", "teacher_checkpoint")
-        if key.endswith("_checkpoint") or str(identity.get(key)).startswith("local-dir:")
+        k: places.get(k, v) for k, v in run.identity.items() if k not in SEED_AND_PLACEMENT_FIELDS and k not in unused
     }
+
+
+def _places(runs: list[FinishedRun]) -> list[dict[str, Any]]:
+    """For each run, the fields that say where its data and teacher were read from, each given
+    the value of the first run that read the same thing: the same data set (its recorded
+    source fingerprint: every image of the selected classes, whatever seed drew them) or the
+    same teacher (its recorded weights and setup, read from a folder or checkpoint file). Jobs
+    that each copy the data and teacher to their node's disk are then one setting, named by
+    the first's paths. (A student's place stays: its recorded initial weights change with the
+    seed.)"""
+    first: dict[tuple[Any, ...], Any] = {}
+    places = []
+    for run in runs:
+        identity, own = run.identity, {}
+        source = run.results.get("data_source_fingerprint")
+        if source and "dataset" in identity:
+            own["dataset"] = first.setdefault(("dataset", source), identity["dataset"])
+        teacher = tuple(identity.get(f) for f in MODEL_LOCATION_FIELDS["teacher"])
+        if None not in teacher:
+            for key in ("teacher", "teacher_checkpoint"):
+                if key.endswith("_checkpoint") or str(identity.get(key)).startswith("local-dir:"):
+                    own[key] = first.setdefault((key, *teacher), identity.get(key))
+        places.append(own)
+    return places
 
 
 def _setting_names(settings: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -140,7 +151,7 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
         if resolved in seen:
             raise ConfigError(f"{run.folder} is given twice (as {seen[resolved]}): pass each run once.")
         seen[resolved] = run.folder
-    names, varying = _setting_names([_setting(run) for run in runs])
+    names, varying = _setting_names([_setting(run, places) for run, places in zip(runs, _places(runs))])
     rows = []
     for run, name in zip(runs, names):
         final, stage1 = run.results["final"], run.results.get("stage1") or {}

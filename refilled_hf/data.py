@@ -639,6 +639,9 @@ class ClassificationData:
     selection: dict[str, Any] = field(default_factory=dict)
     #: per split decoded, the digest of its images' pixels in order (ImageClassificationDataset.content_digest)
     content_digests: dict[str, str] = field(default_factory=dict)
+    #: the data set the task draws from, whatever seed drew it (:func:`source_fingerprint`): set by
+    #: :func:`decode_splits`; None where a seed chose some images only, or before decoding
+    source_fingerprint: str | None = None
     #: the evaluation transform (also for the training images, e.g. for class centres)
     eval_transform: Any = None
     #: per split ("train", "validation"), a digest of its rows and their labels (None: no
@@ -966,8 +969,36 @@ def decode_splits(data: ClassificationData, log: bool = True) -> ClassificationD
               if split is not None}  # fmt: skip
     data.content_digests = pixels
     data.fingerprint = data_fingerprint({**data.selection, "pixels": pixels})
+    data.source_fingerprint = source_fingerprint(data)
     images_in_training(data, log=log)
     return data
+
+
+def source_fingerprint(data: ClassificationData) -> str | None:
+    """SHA-256 of the images ``data``'s task draws from, the same whatever seed drew them: every
+    image of the selected classes in each split read (its pixel digest and class, in the
+    files' order), whichever of them the validation carve took. Two runs with equal ones
+    read the same data set, wherever its files lay (``compare`` takes them for one setting).
+    None where a seed chose some of those images only (``shots_per_class``), or a split is
+    not decoded yet."""
+    splits = ((data.train_split, data.train), (data.validation_source, data.validation), (data.test_split, data.test))
+    if data.info.get("shots_per_class") is not None or any(
+        s is not None and s.pixel_digests is None for _, s in splits
+    ):
+        return None
+    drawn: dict[str, list[ImageClassificationDataset]] = {}
+    for source, split in splits:
+        if split is not None:
+            drawn.setdefault(source, []).append(split)
+    digest = hashlib.sha256(json.dumps(data.class_names).encode())
+    for source in sorted(drawn):
+        rows = np.concatenate([np.asarray(s.source_rows, np.int64) for s in drawn[source]])
+        labels = np.concatenate([np.asarray(s.labels, np.int64) for s in drawn[source]])
+        pixels = np.concatenate([s.pixel_digests.view(np.int64) for s in drawn[source]])
+        order = np.argsort(rows, kind="stable")
+        digest.update(f"|{source}|".encode())
+        digest.update(np.ascontiguousarray(np.stack([labels[order], pixels[order]], axis=1)).tobytes())
+    return digest.hexdigest()
 
 
 def add_to_content_digest(content: Any, array: np.ndarray) -> None:
@@ -978,10 +1009,13 @@ def add_to_content_digest(content: Any, array: np.ndarray) -> None:
 
 
 def pixel_digest(array: np.ndarray) -> int:
-    """A 64-bit digest of an image's size and pixels, equal for the same image stored twice.
-    Python's own hash (SipHash: 0.8 us for a 32-px image, a sixth of blake2b's); it differs
-    between processes, so digests are compared within one process only."""
-    return hash((array.shape, array.tobytes())) & 0xFFFFFFFFFFFFFFFF
+    """A 64-bit digest of an image's size and pixels, equal for the same image stored twice,
+    in every process: BLAKE2b (about 4 us for a 32-px image; Python's own hash is faster but
+    differs between processes, and runs compare their images' digests across processes:
+    :meth:`ClassificationData.source_fingerprint`)."""
+    image = hashlib.blake2b(digest_size=8)
+    add_to_content_digest(image, array)
+    return int.from_bytes(image.digest(), "little")
 
 
 #: the share of test images identical to training images above which a run warns (below: logged)
@@ -1046,7 +1080,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         #: (smallest, largest) image side in pixels, known once :meth:`preload` has run
         self.side_range: tuple[int, int] | None = None
         #: a 64-bit digest of each image's decoded pixels (and size), known once :meth:`preload` has run
-        #: (:func:`pixel_digest`: comparable within this process only)
+        #: (:func:`pixel_digest`: the same in every process)
         self.pixel_digests: np.ndarray | None = None
         #: SHA-256 of every image's size and pixels, in order: the same wherever and however the
         #: images are stored (known once :meth:`preload` has run)
@@ -1105,6 +1139,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         """Decode-check every image now; keep them decoded when they fit in memory."""
         if self._checked or not len(self):
             self.content_digest = self.content_digest or hashlib.sha256().hexdigest()
+            if self.pixel_digests is None:
+                self.pixel_digests = np.zeros(0, dtype=np.uint64)
             return self
         column = self._encoded_images()[self.image_column]
         decoded: list[np.ndarray] | None = []

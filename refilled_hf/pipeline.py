@@ -627,6 +627,8 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         "image_size": student_cfg["input_size"][-1],
         "data_fingerprint": data.fingerprint,
         LEGACY_DATA_KEY: data.legacy_fingerprint,
+        # the data set the images come from, whatever seed drew them (compare: copies at two paths are one)
+        "data_source_fingerprint": data.source_fingerprint,
         "schedule": config.final_stage_schedule(),
         # kd: the teacher's output of each student class, where they are not the same outputs
         **({"kd_teacher_columns": kd_columns} if kd_columns is not None else {}),

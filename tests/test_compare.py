@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,14 @@ def test_compare_command_on_real_runs(data_dir, tmp_path, capsys):
     assert main(["compare", *(f for f, _ in folders), "--json", "true"]) == 0
     parsed = json.loads(capsys.readouterr().out)
     assert [r["test_top1"] for r in parsed["runs"]] == [ce, refilled]
+    # another seed on a copy of the data elsewhere (a job's copy on its node's disk): the same ce setting
+    copy = shutil.copytree(data_dir, tmp_path / "node-local", copy_function=shutil.copyfile)
+    again = run_distillation(RefilledConfig(**tiny_recipe(copy, tmp_path / "ce-seed1", method="ce", seed=1,
+                                                          stage2_epochs=1)))  # fmt: skip
+    assert again["data_source_fingerprint"] == folders[0][1]["data_source_fingerprint"] is not None
+    assert again["data_fingerprint"] != folders[0][1]["data_fingerprint"]  # another seed's validation carve
+    comparison = compare_runs([folders[0][0], str(tmp_path / "ce-seed1"), folders[1][0]])
+    assert [(g["setting"], g["runs"]) for g in comparison["settings"]] == [("method=ce", 2), ("method=refilled", 1)]
 
 
 def test_usage_shows_the_runs_as_typed(capsys):
@@ -166,8 +175,9 @@ def test_usage_shows_the_runs_as_typed(capsys):
 
 def test_runs_with_the_same_teacher_read_from_other_folders_are_one_setting(tmp_path):
     """Jobs that each copy the teacher to their node's disk: the same weights and setup, as
-    their records show, pool over seeds; another teacher stays another setting, and a run
-    an earlier release recorded (no setup) keeps its folder in its setting."""
+    their records show, pool over seeds; another teacher (here copied to the first's path)
+    stays another setting, and a run an earlier release recorded (no setup) keeps its folder
+    in its setting."""
     setup = {"teacher_setup": "s" * 64}
     runs = [_write_run(tmp_path / f"rf{s}", "refilled", s, 60.0 + s, f"images{s}", teacher=f"local-dir:/tmp/job{s}/t",
                        **setup) for s in range(3)]  # fmt: skip
@@ -179,3 +189,22 @@ def test_runs_with_the_same_teacher_read_from_other_folders_are_one_setting(tmp_
     earlier = [_write_run(tmp_path / f"old{s}", "refilled", s, 60.0, "i", teacher=f"local-dir:/tmp/job{s}/t")
                for s in range(2)]  # fmt: skip
     assert len(compare_runs(earlier)["settings"]) == 2
+
+
+def test_runs_on_copies_of_one_data_set_are_one_setting_named_by_the_first_path(tmp_path):
+    """The data source fingerprint (every image of the selected classes, whatever seed drew
+    them) tells copies of one data set at other paths from another data set; a run that
+    records none (a few-shot run, an earlier release) keeps its path in its setting."""
+
+    def at(name: str, seed: int, path: str, source: str | None) -> Path:
+        folder = _write_run(tmp_path / name, "ce", seed, 60.0 + seed, f"images{seed}{source}", dataset=path)
+        results = json.loads((folder / "results.json").read_text())
+        (folder / "results.json").write_text(json.dumps({**results, "data_source_fingerprint": source}))
+        return folder
+
+    runs = [at(f"copy{s}", s, f"/scratch/job{s}/cifar100", "cifar") for s in range(3)]
+    runs += [at("noisy", 0, "/scratch/job9/cifar100", "noisy"), at("old", 0, "/scratch/job8/cifar100", None)]
+    comparison = compare_runs(runs)
+    assert [(g["setting"], g["runs"]) for g in comparison["settings"]] == [
+        ('dataset=/scratch/job0/cifar100', 3), ('dataset=/scratch/job9/cifar100', 1),
+        ('dataset=/scratch/job8/cifar100', 1)]  # fmt: skip

@@ -1000,6 +1000,24 @@ def test_a_resume_follows_the_images_not_their_path_or_file_dates(unfinished_ce_
     assert results["final"]["test_top1"] == reference["final"]["test_top1"]
 
 
+def test_the_data_source_fingerprint_is_the_data_set_whatever_seed_drew_it(data_dir, tmp_path):
+    """Equal for every seed's validation carve and for a copy at another path; other classes,
+    one changed pixel or a seed's few-shot draw (None) are not the same source."""
+
+    def source(path: Path, classes: str = "3-5", **options) -> str | None:
+        options = {"validation_fraction": 0.25, **options}
+        return load_classification_data(str(path), classes=classes, **options).source_fingerprint
+
+    copied = shutil.copytree(data_dir, tmp_path / "copy", copy_function=shutil.copyfile)
+    first = source(data_dir, seed=0)
+    assert first is not None and source(data_dir, seed=1) == first == source(copied, seed=3)
+    assert source(data_dir, seed=0, validation_fraction=0.5) == first
+    assert source(data_dir, "3-4") != first and source(data_dir, shots_per_class=2) is None
+    labels = pq.read_table(copied / "test.parquet").column("label").to_pylist()
+    change_one_pixel(copied / "test.parquet", labels.index(4))
+    assert source(copied, seed=0) != first
+
+
 @pytest.mark.slow
 def test_a_checkpoint_without_optimizer_state_is_not_resumed_silently(unfinished_ce_run, tmp_path):
     recipe, _ = unfinished_ce_run
