@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     from .backbone import ModelLoadError
     from .data import DataError
     from .hub import HubPushError
-    from .pipeline import RunError
+    from .pipeline import RunError, RunInterrupted
     from .rundir import DiskFullError, RunDirError
 
     try:
@@ -594,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "compare":
             return cmd_compare(rest)
         return cmd_losses_demo(rest)
+    except RunInterrupted as err:  # a cluster's notice before a kill: 128 + the signal, as a kill would
+        print(f"refilled-hf {command}: {err}", file=sys.stderr)
+        return 128 + err.signal_number
     except (CliError, ConfigError, DataError, HubPushError, ModelLoadError, RunError, RunDirError) as err:
         print(f"refilled-hf {command}: error: {err}", file=sys.stderr)
         return 2

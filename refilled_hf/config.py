@@ -169,7 +169,10 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "hub_always_push": "stages never push; the run pushes its exported model once, at the end",
     "hub_revision": "the run pushes its exported model to the main branch",
     "ignore_data_skip": "a resumed run must continue exactly where it stopped",
-    "enable_jit_checkpoint": "checkpoints are written at --save_strategy; resume with --resume_from_checkpoint",
+    "enable_jit_checkpoint": (
+        "a SIGTERM while a stage trains already saves a checkpoint of the step and stops the run (transformers' "
+        "may save before a step's update and lets the run go on); resume with --resume_from_checkpoint true"
+    ),
     "parallelism_config": "refilled-hf trains with data parallelism (DDP) only",
     "fsdp": "refilled-hf trains with data parallelism (DDP) only",
     "fsdp_config": "refilled-hf trains with data parallelism (DDP) only",

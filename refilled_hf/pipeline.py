@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 import weakref
@@ -64,6 +65,7 @@ from .model_card import (
     render_model_card,
     student_alone_margin,
 )
+from .preemption import StopOnSignal
 from .preflight import (
     cache_needs_logits,
     check_forward,
@@ -105,6 +107,15 @@ class RunError(ValueError):
 
 class DivergedError(RunError):
     """A stage whose loss or weights went non-finite."""
+
+
+class RunInterrupted(RunError):
+    """A stage stopped by a signal (a cluster's notice before a kill), after a checkpoint:
+    the run resumes from it. ``signal_number``: the signal's number (the exit status is 128 + it)."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
 
 
 #: errors refilled-hf raises with a message of its own
@@ -424,11 +435,35 @@ def _fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
         # the Trainer restores the RNG states saved there.
         set_seed(trainer.args.seed)
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    notice = StopOnSignal()  # a SIGTERM while it trains: a checkpoint of the step, then a stop
+    trainer.add_callback(notice)
+    try:
+        with notice.installed():
+            train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        trainer.remove_callback(notice)
+    if notice.received is not None:
+        _stop_for_notice(trainer, notice)
     trainer.train_seconds = time.perf_counter() - start
     trainer.train_metrics = train_output.metrics
     _check_finite(trainer)
     return trainer
+
+
+def _stop_for_notice(trainer: RefilledTrainer, notice: StopOnSignal) -> None:
+    """The run stops where a signal stopped a stage (nothing exported), saying where it can resume."""
+    name = signal.Signals(notice.received).name
+    stage_dir = Path(trainer.args.output_dir)
+    if notice.stopped_at is not None:
+        where = (f"at step {notice.stopped_at} of {trainer.state.max_steps}, after a checkpoint of that step "
+                 f"({stage_dir / f'checkpoint-{notice.stopped_at}'})")  # fmt: skip
+    else:
+        where = "as its training ended, before a step could be checkpointed (it resumes from its last checkpoint)"
+    raise RunInterrupted(
+        f"{name} received: {trainer.stage} stopped {where}. Nothing was exported. Run the same command with "
+        "--resume_from_checkpoint true to continue.",
+        notice.received,
+    )
 
 
 def _check_finite(trainer: RefilledTrainer) -> None:

@@ -263,3 +263,60 @@ dist.destroy_process_group()
 
 def test_ddp_looks_for_unused_parameters_exactly_where_the_student_has_some(tmp_path):
     assert run_script(UNUSED_SCRIPT, tmp_path, 2) == {False: (False, 3), True: (True, 3)}
+
+
+_SIGNAL_RANK_0 = """
+import os, signal, sys
+import torch.distributed as dist
+import yaml
+from transformers import TrainerCallback
+from refilled_hf.config import RefilledConfig
+from refilled_hf.pipeline import RunInterrupted, run_distillation
+
+class SignalRankZero(TrainerCallback):  # a notice that reaches one process only
+    def on_step_end(self, args, state, control, **kwargs):
+        if os.environ["RANK"] == "0" and args.output_dir.endswith("stage1") and state.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+recipe = {**yaml.safe_load(open(sys.argv[1])), "output_dir": sys.argv[2]}
+try:
+    run_distillation(RefilledConfig(**recipe), callbacks=[SignalRankZero()])
+    code = 0
+except RunInterrupted as err:
+    print(f"rank {os.environ['RANK']}: {err}", flush=True)
+    code = 128 + err.signal_number
+if dist.is_initialized():
+    dist.destroy_process_group()
+sys.exit(code)
+"""
+
+
+def test_a_sigterm_to_one_process_stops_every_process_at_the_same_checkpointed_step(tmp_path):
+    """The notice reaches rank 0 at step 1; the processes agree at the next logging step (2),
+    both stop there after one checkpoint, and the resumed run ends as the uninterrupted one."""
+    data = write_image_dataset(tmp_path / "data")
+    teacher = write_random_teacher(tmp_path / "teacher", name="cifar_wrn_16_2")
+    recipe = tiny_recipe(data, tmp_path / "unused", method="refilled", teacher=f"local-dir:{teacher}",
+                         per_device_train_batch_size=6, logging_steps=2, save_total_limit=5)  # fmt: skip
+    recipe.pop("output_dir")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    script = tmp_path / "signal_rank_zero.py"
+    script.write_text(_SIGNAL_RANK_0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    proc = subprocess.run([*launcher, str(script), str(path), str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: SIGTERM received: stage1 stopped at step 2 of" in log, log[-3000:]
+    stage1 = tmp_path / "run" / "stage1"
+    assert sorted(p.name for p in stage1.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (stage1 / "checkpoint-2" / "rng_state_1.pth").is_file() and not (tmp_path / "run" / "results.json").exists()
+
+    distill(path, tmp_path / "run", 2, True, "--resume_from_checkpoint", "true")
+    distill(path, tmp_path / "reference", 2)
+    resumed, reference = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("run", "reference"))
+    assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert resumed["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)

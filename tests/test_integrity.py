@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,10 +41,10 @@ from refilled_hf.config import (
 from refilled_hf.data import DataError, load_classification_data
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import export_model
-from refilled_hf.pipeline import RunError, run_distillation
+from refilled_hf.pipeline import RunError, RunInterrupted, run_distillation
 from refilled_hf.probe import _carve_fix, probe_teacher
 from refilled_hf.provenance import teacher_training_rows, training_data_record
-from refilled_hf.rundir import RunDirectory, RunDirError
+from refilled_hf.rundir import RunDirectory, RunDirError, checkpoint_problem
 from refilled_hf.trainer import RefilledTrainer
 
 
@@ -1072,6 +1073,60 @@ class CrashAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if Path(args.output_dir).name == self.stage_dir_name and state.global_step == self.step:
             raise KeyboardInterrupt("simulated kill")
+
+
+class SignalAt(TrainerCallback):
+    """Sends this process a SIGTERM (a cluster's notice before a kill) once, when a stage
+    reaches a step."""
+
+    def __init__(self, stage_dir_name: str, step: int):
+        self.stage_dir_name, self.step, self.sent = stage_dir_name, step, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if Path(args.output_dir).name == self.stage_dir_name and state.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_a_sigterm_checkpoints_the_step_stops_the_run_and_the_resume_is_exact(data_dir, teacher_dir, tmp_path):
+    """The notice comes mid-epoch in stage 1: a checkpoint of that step, a stop that exports
+    nothing and says where to resume, the handler given back; the resumed run ends as the
+    uninterrupted one."""
+    recipe = tiny_recipe(data_dir, tmp_path / "reference", method="refilled", teacher=f"local-dir:{teacher_dir}",
+                         stage1_epochs=3, stage2_epochs=2, save_total_limit=5)  # fmt: skip
+    reference = run(recipe)
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted, match=r"SIGTERM received: stage1 stopped at step 4 of \d+, after a checkpoint"):
+        run({**recipe, "output_dir": str(out)}, callbacks=[SignalAt("stage1", 4)])
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert (
+        checkpoints(out / "stage1")[-1].name == "checkpoint-4"
+        and checkpoint_problem(checkpoints(out / "stage1")[-1]) is None
+    )
+    assert not (out / "results.json").exists() and not (out / "model").exists() and not (out / "stage2").exists()
+    resumed = run({**recipe, "output_dir": str(out), "resume_from_checkpoint": "true"})
+    assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert resumed["stage1"]["test_ncm_top1"] == reference["stage1"]["test_ncm_top1"]
+    assert resumed["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
+    a, b = (
+        load_file(str(out / "model" / "model.safetensors")),
+        load_file(str(tmp_path / "reference" / "model" / "model.safetensors")),
+    )
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_an_interrupted_run_exits_with_128_plus_the_signal(monkeypatch, capsys):
+    from refilled_hf import cli
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted("SIGTERM received: stage1 stopped at step 4 of 9", signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    assert cli.main(["distill", "--output_dir", "x"]) == 143
+    assert "SIGTERM received: stage1 stopped" in capsys.readouterr().err
 
 
 @pytest.mark.slow

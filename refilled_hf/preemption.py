@@ -1,0 +1,98 @@
+"""A SIGTERM while a stage trains: a checkpoint of the step, then a stop that says so.
+
+Clusters warn a job before they kill it: SLURM's preemption, ``scancel`` and ``--signal=TERM@<s>``,
+Kubernetes, and torchrun (``accelerate launch``), which passes the signal on to its workers,
+all send SIGTERM, then SIGKILL after a grace period. By default Python dies at once, and a
+resume redoes every step since the stage's last checkpoint. While a stage trains,
+:class:`StopOnSignal` turns the first SIGTERM into a checkpoint at the end of the current
+step (its weights, optimizer, scheduler and RNG states, as every checkpoint: the resume is
+exact) and a stop; the run then exits with 128 + the signal's number, exporting nothing. A
+second SIGTERM stops at once, as before.
+
+Several processes stop at the same step: they agree at each logging step (a one-number
+``all_reduce``, where transformers gathers the loss anyway), so no process waits on a
+collective the others have left. transformers' own ``enable_jit_checkpoint`` is not used: it
+may save before the optimizer applies a step's gradients, does not coordinate processes, and
+its trainer returns as if training had finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+__all__ = ["StopOnSignal"]
+
+logger = logging.getLogger(__name__)
+
+#: the signals taken as a notice before a kill
+NOTICE_SIGNALS = (signal.SIGTERM,)
+
+
+class StopOnSignal(TrainerCallback):
+    """Checkpoint and stop a stage at the end of the step during which a SIGTERM came (see
+    the module). ``received``: the signal's number, or None; ``stopped_at``: the step the
+    stage stopped (and was checkpointed) at, or None where training ended first."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @contextmanager
+    def installed(self) -> Iterator[StopOnSignal]:
+        """Take the notice signals while the block runs (from the main thread only: Python
+        handles signals there; elsewhere nothing changes), then give them back."""
+        if threading.current_thread() is threading.main_thread():
+            for number in NOTICE_SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        try:
+            yield self
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.received is not None:  # a second notice: stop now, as without this handler
+            self._restore()
+            os.kill(os.getpid(), number)
+            return
+        self.received = number
+        logger.warning(
+            "%s received: the stage stops after a checkpoint at the end of this step (a second %s stops at once).",
+            signal.Signals(number).name, signal.Signals(number).name,
+        )  # fmt: skip
+
+    def _agreed(self, args: Any, state: Any) -> bool:
+        """Whether every process stops now: at once for one process; for several, at each
+        logging step, where any of them received a notice."""
+        if args.world_size <= 1 or not dist.is_initialized():
+            return self.received is not None
+        every = args.logging_steps if args.logging_steps >= 1 else args.logging_steps * max(state.max_steps, 1)
+        if state.global_step % max(1, int(every)) and state.global_step != state.max_steps:
+            return False
+        flag = torch.tensor([0 if self.received is None else 1], device=args.device, dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._agreed(args, state):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+            if self.received is None:  # another process received it
+                self.received = int(NOTICE_SIGNALS[0])
+        return control
