@@ -1064,6 +1064,15 @@ def test_a_resume_may_change_what_only_chose_the_device_path_or_its_loader_worke
     assert results["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
 
 
+def assert_same_run_end(resumed: dict, reference: dict, out: Path, reference_out: Path) -> None:
+    """A resumed run ends as the uninterrupted one: its test top-1, validation loss and exported weights."""
+    assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert resumed["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
+    exported = load_file(str(out / "model" / "model.safetensors"))
+    for key, value in load_file(str(reference_out / "model" / "model.safetensors")).items():
+        torch.testing.assert_close(exported[key], value, rtol=1e-4, atol=1e-5)
+
+
 class CrashAt(TrainerCallback):
     """Raises once a stage reaches a step: an interruption before any checkpoint of it."""
 
@@ -1107,15 +1116,8 @@ def test_a_sigterm_checkpoints_the_step_stops_the_run_and_the_resume_is_exact(da
     )
     assert not (out / "results.json").exists() and not (out / "model").exists() and not (out / "stage2").exists()
     resumed = run({**recipe, "output_dir": str(out), "resume_from_checkpoint": "true"})
-    assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
     assert resumed["stage1"]["test_ncm_top1"] == reference["stage1"]["test_ncm_top1"]
-    assert resumed["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
-    a, b = (
-        load_file(str(out / "model" / "model.safetensors")),
-        load_file(str(tmp_path / "reference" / "model" / "model.safetensors")),
-    )
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert_same_run_end(resumed, reference, out, tmp_path / "reference")
 
 
 def test_an_interrupted_run_exits_with_128_plus_the_signal(monkeypatch, capsys):
@@ -1139,14 +1141,7 @@ def test_an_interruption_in_stage2_before_its_first_checkpoint_resumes_exactly(d
         run({**recipe, "output_dir": str(out)}, callbacks=[CrashAt("stage2", 1)])
     assert not checkpoints(out / "stage2")
     resumed = run({**recipe, "output_dir": str(out), "resume_from_checkpoint": "true"})
-    assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
-    assert resumed["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
-    a, b = (
-        load_file(str(out / "model" / "model.safetensors")),
-        load_file(str(tmp_path / "reference" / "model" / "model.safetensors")),
-    )
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert_same_run_end(resumed, reference, out, tmp_path / "reference")
 
 
 def test_two_runs_into_one_folder_at_once_are_refused(data_dir, tmp_path):
