@@ -1,13 +1,14 @@
-"""A SIGTERM while a stage trains: a checkpoint of the step, then a stop that says so.
+"""A SIGTERM (or SIGUSR1) while a stage trains: a checkpoint of the step, then a stop that says so.
 
 Clusters warn a job before they kill it: SLURM's preemption, ``scancel`` and ``--signal=TERM@<s>``,
 Kubernetes, and torchrun (``accelerate launch``), which passes the signal on to its workers,
-all send SIGTERM, then SIGKILL after a grace period. By default Python dies at once, and a
+all send SIGTERM, then SIGKILL after a grace period; jobs that requeue themselves often ask
+SLURM for SIGUSR1 instead (``--signal=USR1@<s>``). By default Python dies at once, and a
 resume redoes every step since the stage's last checkpoint. While a stage trains,
 :class:`StopOnSignal` turns the first SIGTERM into a checkpoint at the end of the current
 step (its weights, optimizer, scheduler and RNG states, as every checkpoint: the resume is
 exact) and a stop; the run then exits with 128 + the signal's number, exporting nothing. A
-second SIGTERM stops at once, as before.
+second notice stops at once, as before.
 
 Several processes stop at the same step: they agree at each logging step (a one-number
 ``all_reduce``, where transformers gathers the loss anyway), so no process waits on a
@@ -34,8 +35,9 @@ __all__ = ["StopOnSignal"]
 
 logger = logging.getLogger(__name__)
 
-#: the signals taken as a notice before a kill
-NOTICE_SIGNALS = (signal.SIGTERM,)
+#: the signals taken as a notice before a kill: SIGTERM, and SIGUSR1, which SLURM jobs that requeue
+#: themselves ask for (``#SBATCH --signal=USR1@90``) and whose default action also kills at once
+NOTICE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopOnSignal(TrainerCallback):
@@ -76,23 +78,24 @@ class StopOnSignal(TrainerCallback):
             signal.Signals(number).name, signal.Signals(number).name,
         )  # fmt: skip
 
-    def _agreed(self, args: Any, state: Any) -> bool:
-        """Whether every process stops now: at once for one process; for several, at each
-        logging step, where any of them received a notice."""
+    def _agreed(self, args: Any, state: Any) -> int | None:
+        """The notice every process stops for now (a signal number), or None: at once for one
+        process; for several, at each logging step, where any of them received one (the
+        highest number, where they received different ones)."""
         if args.world_size <= 1 or not dist.is_initialized():
-            return self.received is not None
+            return self.received
         every = args.logging_steps if args.logging_steps >= 1 else args.logging_steps * max(state.max_steps, 1)
         if state.global_step % max(1, int(every)) and state.global_step != state.max_steps:
-            return False
-        flag = torch.tensor([0 if self.received is None else 1], device=args.device, dtype=torch.int32)
+            return None
+        flag = torch.tensor([self.received or 0], device=args.device, dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item()) or None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self._agreed(args, state):
+        notice = self._agreed(args, state)
+        if notice is not None:
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
-            if self.received is None:  # another process received it
-                self.received = int(NOTICE_SIGNALS[0])
+            self.received = notice
         return control

@@ -42,6 +42,7 @@ from refilled_hf.data import DataError, load_classification_data
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import export_model
 from refilled_hf.pipeline import RunError, RunInterrupted, run_distillation
+from refilled_hf.preemption import StopOnSignal
 from refilled_hf.probe import _carve_fix, probe_teacher
 from refilled_hf.provenance import teacher_training_rows, training_data_record
 from refilled_hf.rundir import RunDirectory, RunDirError, checkpoint_problem
@@ -1390,3 +1391,13 @@ def test_evaluate_reads_a_stage_checkpoint_and_refuses_one_of_stage_1(data_dir, 
     with pytest.raises(ModelLoadError, match=message) as err:
         evaluate_model("cifar_wrn_16_2", config, checkpoint=str(last))
     assert len(str(err.value)) < 500
+
+
+def test_sigterm_and_sigusr1_are_taken_as_notices_only_while_installed():
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        before = signal.getsignal(number)
+        notice = StopOnSignal()
+        with notice.installed():
+            os.kill(os.getpid(), number)
+            assert notice.received == number
+        assert signal.getsignal(number) is before and notice.stopped_at is None
