@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .messages import error_text, unreadable_file_text
+from .messages import error_chain, error_text, unreadable_file_text
 
 __all__ = [
     "FrozenTeacher",
@@ -381,15 +381,9 @@ def offline_hint(err: BaseException) -> str:
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    chain, seen = err, set()
-    while chain is not None and id(chain) not in seen:
-        if isinstance(chain, LocalEntryNotFoundError) and not constants.HF_HUB_OFFLINE:
-            return (
-                " Without network, HF_HUB_OFFLINE=1 reads what the Hub cache holds at once, without waiting on retries."
-            )
-        seen.add(id(chain))
-        chain = chain.__cause__ or chain.__context__
-    return ""
+    if constants.HF_HUB_OFFLINE or not any(isinstance(e, LocalEntryNotFoundError) for e in error_chain(err)):
+        return ""
+    return " Without network, HF_HUB_OFFLINE=1 reads what the Hub cache holds at once, without waiting on retries."
 
 
 def _without_wrapper_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["byte_size", "error_text", "unreadable_file_text"]
+__all__ = ["byte_size", "error_chain", "error_text", "unreadable_file_text"]
 
 
 def error_text(err: BaseException, limit: int = 200, redact: str | None = None) -> str:
@@ -21,6 +21,16 @@ def error_text(err: BaseException, limit: int = 200, redact: str | None = None) 
     text = " ".join(lines[0].split()) if lines else ""
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it was raised from or while handling (``__cause__``, else
+    ``__context__``), outermost first, each once."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
 
 
 def byte_size(count: int) -> str:

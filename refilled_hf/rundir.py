@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .hub import write_json_atomically
+from .messages import error_chain
 
 __all__ = [
     "DiskFullError",
@@ -118,10 +119,7 @@ def disk_full_error(err: BaseException, out: Path, guess: bool = True) -> DiskFu
     ``ENOSPC``/``EDQUOT`` errno, safetensors' "No space left on device"), or, where ``guess``,
     any error while the output folder's disk has under :data:`DISK_FULL_BYTES` free. None
     otherwise."""
-    chain: list[BaseException] = []
-    while err is not None and err not in chain:
-        chain.append(err)
-        err = err.__cause__ or err.__context__
+    chain = error_chain(err)
     said = any(
         getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
         or "No space left on device" in str(e)
