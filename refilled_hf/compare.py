@@ -17,7 +17,7 @@ from typing import Any
 from .config import FIELD_USERS, ConfigError
 from .model_card import epochs_text, exported_student_alone, same_images
 from .pipeline import EXPORT_DIR, RESULTS_FILE
-from .rundir import MANIFEST, MODEL_LOCATION_FIELDS
+from .rundir import MANIFEST, MODEL_LOCATION_FIELDS, names_a_place
 
 __all__ = ["FinishedRun", "compare_runs", "format_comparison", "load_finished_run"]
 
@@ -109,7 +109,7 @@ def _places(runs: list[FinishedRun]) -> list[dict[str, Any]]:
         teacher = tuple(identity.get(f) for f in MODEL_LOCATION_FIELDS["teacher"])
         if None not in teacher:
             for key in ("teacher", "teacher_checkpoint"):
-                if key.endswith("_checkpoint") or str(identity.get(key)).startswith("local-dir:"):
+                if names_a_place(key, identity.get(key)):
                     own[key] = first.setdefault((key, *teacher), identity.get(key))
         places.append(own)
     return places

@@ -44,6 +44,7 @@ __all__ = [
     "MANIFEST",
     "RunDirError",
     "RunDirectory",
+    "names_a_place",
     "tensor_fingerprint",
 ]
 
@@ -89,6 +90,14 @@ MODEL_LOCATION_FIELDS = {
     "student": ("student_init", "student_setup"),
     "student_checkpoint": ("student_init", "student_setup"),
 }
+
+
+def names_a_place(key: str, value: Any) -> bool:
+    """Whether identity field ``key`` (one of :data:`MODEL_LOCATION_FIELDS`) with ``value`` says
+    where a model was read from (a checkpoint file, a ``local-dir:`` folder), rather than which
+    model it is (a registered timm name, an ``hf-hub:`` id)."""
+    return key.endswith("_checkpoint") or str(value).startswith("local-dir:")
+
 
 #: identity fields this release added: a run an earlier one recorded (without them) resumes, its
 #: identity checked on the fields it has (it cannot change folders: nothing shows the model moved)
@@ -330,8 +339,7 @@ class RunDirectory:
             fingerprints = MODEL_LOCATION_FIELDS[key]
             if any(old.get(f) is None or old.get(f) != new.get(f) for f in fingerprints):
                 return False
-            places = (old.get(key), new.get(key))
-            return key.endswith("_checkpoint") or all(str(p).startswith("local-dir:") for p in places)
+            return names_a_place(key, old.get(key)) and names_a_place(key, new.get(key))
 
         def same(key: str) -> bool:
             if old.get(key) == new.get(key) or (key in legacy and old.get(key) == legacy[key]):
