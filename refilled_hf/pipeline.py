@@ -440,6 +440,8 @@ def _fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
     try:
         with notice.installed():
             train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt:  # Ctrl-C: stop now, saying what a resume continues from
+        _stop_for_interrupt(trainer)
     finally:
         trainer.remove_callback(notice)
     if notice.received is not None:
@@ -464,6 +466,24 @@ def _stop_for_notice(trainer: RefilledTrainer, notice: StopOnSignal) -> None:
         "--resume_from_checkpoint true to continue.",
         notice.received,
     )
+
+
+def _stop_for_interrupt(trainer: RefilledTrainer) -> None:
+    """A Ctrl-C (SIGINT) while a stage trains stops at once, as the user asked, naming the
+    checkpoint a resume continues from: the stage's newest complete one, where there is one."""
+    stage_dir = Path(trainer.args.output_dir)
+    found = last_complete_checkpoint(stage_dir)
+    if found is not None:
+        state = json.loads((found / "trainer_state.json").read_text())
+        resume = f"continues from its newest checkpoint, {found} (step {state.get('global_step')})"
+    else:
+        resume = f"starts {trainer.stage} again (it had written no checkpoint yet)"
+    raise RunInterrupted(
+        f"interrupted (SIGINT): {trainer.stage} stopped at step {trainer.state.global_step} of "
+        f"{trainer.state.max_steps}. Nothing was exported. The same command with --resume_from_checkpoint true "
+        f"{resume}.",
+        signal.SIGINT,
+    ) from None
 
 
 def _check_finite(trainer: RefilledTrainer) -> None:

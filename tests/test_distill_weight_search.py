@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_pipeline import Interrupt
 
 from refilled_hf.config import ConfigError, RefilledConfig
-from refilled_hf.pipeline import RunError, pick_candidate, run_distillation
+from refilled_hf.pipeline import RunError, RunInterrupted, pick_candidate, run_distillation
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, 
     # the student-alone candidate off: it has tests/test_student_alone.py
     recipe = tiny_recipe(data_dir, tmp_path / "search", distill_weight=None, distill_weight_search="20, 0.5",
                          student_alone_candidate=False, **base)  # fmt: skip
-    with pytest.raises(KeyboardInterrupt):  # in the second candidate, after its first checkpoint
+    with pytest.raises(RunInterrupted):  # in the second candidate, after its first checkpoint
         run_distillation(RefilledConfig(**recipe), callbacks=[Interrupt("stage2-lambda0.5", 4)])
     first_final = tmp_path / "search" / "stage2-lambda20" / "final" / "model.safetensors"
     mtime = first_final.stat().st_mtime_ns

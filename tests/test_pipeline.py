@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,13 @@ from refilled_hf.backbone import FrozenTeacher
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.evaluation import evaluate_model
 from refilled_hf.hub import TRAINING_DATA_KEY
-from refilled_hf.pipeline import RunError, _scaled_paper_milestones, run_distillation, run_teacher_training
+from refilled_hf.pipeline import (
+    RunError,
+    RunInterrupted,
+    _scaled_paper_milestones,
+    run_distillation,
+    run_teacher_training,
+)
 from refilled_hf.rundir import RunDirError
 
 pytestmark = pytest.mark.slow
@@ -187,7 +194,7 @@ def test_a_run_into_the_folder_of_its_own_teacher_or_baseline_is_refused_and_del
 
 
 class Interrupt(TrainerCallback):
-    """Raise at a given global step of a given stage, as a crash would."""
+    """A Ctrl-C (KeyboardInterrupt) at a given global step of a given stage."""
 
     def __init__(self, stage: str, step: int):
         self.stage, self.step = stage, step
@@ -203,8 +210,11 @@ def test_resume_after_interruption(stage, data_dir, teacher_dir, tmp_path):
     base = dict(method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=3, stage2_epochs=3)
     reference = run(tiny_recipe(data_dir, tmp_path / "reference", **base))
     recipe = tiny_recipe(data_dir, tmp_path / "run", **base)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted, match=rf"interrupted \(SIGINT\): {stage} stopped at step 5 of 9\. Nothing was "
+                       rf"exported\. The same command with --resume_from_checkpoint true continues from its newest "
+                       rf"checkpoint, .*{stage}/checkpoint-3 \(step 3\)\.") as stopped:  # fmt: skip
         run(recipe, callbacks=[Interrupt(stage, 5)])
+    assert stopped.value.signal_number == signal.SIGINT  # the command line exits 130, as for any Ctrl-C
     assert not (tmp_path / "run" / "results.json").exists()
     with pytest.raises(RunError, match="unfinished run"):
         run(recipe)

@@ -20,7 +20,7 @@ from test_pipeline import Interrupt
 
 from refilled_hf import pipeline
 from refilled_hf.config import RefilledConfig
-from refilled_hf.pipeline import DivergedError, run_distillation, training_seconds
+from refilled_hf.pipeline import DivergedError, RunInterrupted, run_distillation, training_seconds
 from refilled_hf.trainer import RefilledTrainer
 
 pytestmark = pytest.mark.slow
@@ -126,7 +126,7 @@ def test_an_interrupted_candidate_resumes_to_the_same_run(data_dir, teacher_dir,
     validation_bias["ce"] = 50.0  # the resumed candidate is the export: its weights are compared
     reference = run_distillation(RefilledConfig(**_recipe(data_dir, teacher_dir, tmp_path / "reference")))
     recipe = _recipe(data_dir, teacher_dir, tmp_path / "run")
-    with pytest.raises(KeyboardInterrupt):  # 27 images, batch 12: 3 steps per epoch; inside its second epoch
+    with pytest.raises(RunInterrupted):  # 27 images, batch 12: 3 steps per epoch; inside its second epoch
         run_distillation(RefilledConfig(**recipe), callbacks=[Interrupt("student-alone", 5)])
     lambda_final = tmp_path / "run" / "stage2-lambda10" / "final" / "model.safetensors"
     mtime = lambda_final.stat().st_mtime_ns
