@@ -23,6 +23,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .config import (
+    DEFAULT_DATASET,
     FIELD_USERS,
     INFORMATIONAL_FIELDS,
     INHERITED_FIELDS,
@@ -253,6 +254,13 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
             )
         elif command == "train-teacher":
             parser.epilog = "The distillation options (`refilled-hf distill --help`) are refused here."
+        if command == "evaluate":  # a model's own data set, as its own classes, unless told otherwise
+            parser.set_defaults(dataset=None)
+            action = next(a for a in parser._actions if a.dest == "dataset")
+            action.help = (
+                f"{action.help} Default: the data set the model records it was trained on (a refilled-hf export's "
+                f"config.json; with its columns and splits), else {DEFAULT_DATASET}."
+            )
         unset = "`none` unsets an optional field (default: None) that a recipe sets, e.g. `--shots_per_class none`."
         parser.epilog = f"{parser.epilog} {unset}" if parser.epilog else unset
         for action in parser._actions:  # `--shots_per_class none` unsets what a recipe sets (YAML has null)

@@ -391,6 +391,8 @@ def parse_milestones(value: Any) -> list[float]:
 #: the fields that name local files or folders (a ``local-dir:`` model, a data set folder, ...):
 #: a leading ``~`` in them is the user's home, as in a shell (transformers does the same for
 #: ``output_dir``); YAML recipes and ``local-dir:~/...`` on a command line reach us unexpanded
+#: ``--dataset``'s default (``evaluate``'s where the model records no data set of its own)
+DEFAULT_DATASET = "uoft-cs/cifar100"
 PATH_FIELDS = ("student", "student_checkpoint", "teacher", "teacher_checkpoint", "dataset", "teacher_cache")
 
 
@@ -490,7 +492,7 @@ class RefilledConfig(TrainingArguments):
 
     # ---- data
     dataset: str = field(
-        default="uoft-cs/cifar100",
+        default=DEFAULT_DATASET,
         **_help(
             "Data set: a Hub id, a folder of parquet (or CSV) files named by split, whose image column holds bytes "
             "or paths (relative ones from that folder), a folder of images by split and class "

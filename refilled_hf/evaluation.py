@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .backbone import ModelLoadError, load_timm_model
-from .config import DEFAULT_VALIDATION_FRACTION, ConfigError, RefilledConfig
+from .config import DEFAULT_DATASET, DEFAULT_VALIDATION_FRACTION, ConfigError, RefilledConfig, options_text
 from .data import UnknownClassError, load_raw_dataset, short_list
 from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
@@ -143,6 +144,43 @@ def _check_test_split_exists(config: RefilledConfig) -> None:
         )
 
 
+#: the fields that say how a data set is read, adopted from a model's record with its data set
+_READING_FIELDS = ("dataset_config", "image_column", "label_column", "train_split", "test_split")
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    """``name`` or ``owner/name``, as the Hub names data sets (a path that is not here may look
+    alike: its load then fails, saying which data set it tried)."""
+    return bool(re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", value))
+
+
+def _recorded_dataset(config: RefilledConfig, record: dict[str, Any] | None, model_spec: str) -> RefilledConfig:
+    """``config`` with ``--dataset`` left unset (None) filled in: the data set ``model_spec``
+    records it was trained on (with how that one is read: its configuration, columns and
+    splits, where the user left them at their defaults), where it can be read here; else,
+    for a model that records none, :data:`DEFAULT_DATASET`. A recorded local
+    path that is not here is refused, naming it, rather than measured on another data set."""
+    recorded = (record or {}).get("dataset")
+    if not isinstance(recorded, str) or not recorded:
+        logger.info("--dataset is unset and %s records no training data: evaluating on %s.", model_spec,
+                    DEFAULT_DATASET)  # fmt: skip
+        return config.with_changes(dataset=DEFAULT_DATASET)
+    if not Path(recorded).expanduser().exists() and not _looks_like_hub_id(recorded):
+        raise ConfigError(
+            f"--dataset is unset and {model_spec} was trained on the data set at {recorded!r}, which is not here "
+            "(a relative path is read from where its run started): pass --dataset <your copy of it>."
+        )
+    defaults = {f.name: f.default for f in dataclasses.fields(RefilledConfig)}
+    adopted = {
+        name: record[name]
+        for name in _READING_FIELDS
+        if record.get(name) is not None and getattr(config, name) == defaults[name] and record[name] != defaults[name]
+    }
+    logger.info("--dataset is unset: evaluating on %s, the data set %s was trained on (its record)%s.", recorded,
+                model_spec, f", with {options_text(adopted)}" if adopted else "")  # fmt: skip
+    return config.with_changes(dataset=recorded, **adopted)
+
+
 def _own_validation_carve(config: RefilledConfig, record: dict[str, Any], model_spec: str) -> RefilledConfig:
     """``config`` with the validation split the model was selected on, where the user left
     the validation fields (and, for a carve, the data seed) at their defaults (any other
@@ -247,6 +285,8 @@ def evaluate_model(
     record = training_data_record(model_spec) if checkpoint is None else checkpoint_record
     # a run's checkpoint has no label names of its own: its run's record has the classes
     names = model_cfg.get("label_names") if checkpoint is None else (record or {}).get("class_names")
+    if config.dataset is None:  # the command line's --dataset unset: the model's own data set
+        config = _recorded_dataset(config, record, model_spec)
     if split == "validation" and record is not None:
         config = _own_validation_carve(config, record, model_spec)
     # (a checkpoint's registry cfg says nothing of the size it was trained at: its run's record does)

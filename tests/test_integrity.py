@@ -1227,6 +1227,40 @@ def test_evaluate_defaults_to_the_models_own_classes_and_validation_split(data_d
         evaluate_model(f"local-dir:{strangers}", RefilledConfig(**config))
 
 
+def test_evaluate_without_a_dataset_reads_the_one_the_model_records(data_dir, tmp_path, caplog, monkeypatch):
+    from refilled_hf.cli import parse_command
+    from refilled_hf.config import DEFAULT_DATASET
+    from refilled_hf.evaluation import _recorded_dataset
+
+    model = _model_with_record(data_dir, tmp_path / "m", validation_fraction=0.25, seed=0)
+    config = dict(output_dir=str(tmp_path / "e"), use_cpu=True, image_size=16)
+    given = evaluate_model(f"local-dir:{model}", RefilledConfig(dataset=str(data_dir), **config))
+    with caplog.at_level("INFO", logger="refilled_hf.evaluation"):
+        unset = evaluate_model(f"local-dir:{model}", RefilledConfig(dataset=None, **config))
+    assert unset == given and unset["data"]["dataset"] == str(data_dir)
+    assert f"--dataset is unset: evaluating on {data_dir}, the data set local-dir:{model} was trained on" in caplog.text
+    # the command line leaves it unset unless a flag or the recipe sets it
+    assert parse_command("evaluate", ["--model", "m"])[1].dataset is None
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"dataset: {data_dir}\n")
+    assert parse_command("evaluate", ["--model", "m", "--config", str(recipe)])[1].dataset == str(data_dir)
+    assert parse_command("distill", [])[0].dataset == DEFAULT_DATASET  # the training commands keep theirs
+    # a recorded path that is not here is refused, not replaced by another data set
+    moved = json.loads((model / "config.json").read_text())
+    moved["refilled_hf_training_data"]["dataset"] = str(tmp_path / "gone" / "data")
+    (model / "config.json").write_text(json.dumps(moved))
+    with pytest.raises(ConfigError, match=r"--dataset is unset and .* was trained on the data set at '.*gone/data', "
+                                          r"which is not here .*pass --dataset <your copy of it>"):  # fmt: skip
+        evaluate_model(f"local-dir:{model}", RefilledConfig(dataset=None, **config))
+    # a Hub id, or no record: read as such (the Hub's default where nothing is recorded)
+    hub = {"dataset": "someone/flowers", "image_column": "picture", "test_split": "test"}
+    read = _recorded_dataset(RefilledConfig(dataset=None, **config), hub, "m")
+    assert (read.dataset, read.image_column, read.test_split) == ("someone/flowers", "picture", "test")
+    assert _recorded_dataset(RefilledConfig(dataset=None, **config), None, "m").dataset == DEFAULT_DATASET
+    kept = _recorded_dataset(RefilledConfig(dataset=None, image_column="img", **config), hub, "m")
+    assert kept.image_column == "img"  # what the user set stays
+
+
 def test_evaluate_refuses_a_validation_split_that_can_hold_training_images(data_dir, tmp_path, caplog):
     model = f"local-dir:{_model_with_record(data_dir, tmp_path / 'm', validation_fraction=0.25, seed=0)}"
     config = dict(dataset=str(data_dir), output_dir=str(tmp_path / "e"), use_cpu=True, image_size=16, seed=0,
