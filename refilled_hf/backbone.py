@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .messages import error_chain, error_text, unreadable_file_text
+from .messages import error_text, offline_hint, unreadable_file_text
 
 __all__ = [
     "FrozenTeacher",
@@ -29,7 +29,6 @@ __all__ = [
     "embed_and_logits",
     "exported_config",
     "load_timm_model",
-    "offline_hint",
     "read_state_dict",
     "setup_fingerprint",
     "use_channels_last",
@@ -373,17 +372,6 @@ def _load_timm_model(
 #: prefixes that wrappers put before a model's own parameter names: refilled-hf's
 #: StudentModel (its Trainer checkpoints), DDP's ``module.``, and both
 WRAPPER_PREFIXES = ("module.model.", "model.", "module.")
-
-
-def offline_hint(err: BaseException) -> str:
-    """For a Hub model that could not be fetched (no network: huggingface_hub retries each
-    request for about 25 s first), how to read the Hub cache at once; '' otherwise."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if constants.HF_HUB_OFFLINE or not any(isinstance(e, LocalEntryNotFoundError) for e in error_chain(err)):
-        return ""
-    return " Without network, HF_HUB_OFFLINE=1 reads what the Hub cache holds at once, without waiting on retries."
 
 
 def _without_wrapper_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import ExifTags, Image, ImageOps
 from torchvision import transforms as T
 
-from .messages import error_text
+from .messages import error_text, offline_hint
 
 __all__ = [
     "CLASS_PRESETS",
@@ -209,7 +209,7 @@ def _cached_raw_dataset(name_or_path: str, config_name: str | None, files_state)
             f"Data set {name_or_path!r} could not be loaded ({error_text(err, limit=300)}). Pass a "
             "Hub id (e.g. uoft-cs/cifar100; needs network access), a folder of parquet (or CSV) files named by "
             "split (train.parquet, test.parquet), a folder of images by split and class (train/<class>/*.png, "
-            "test/<class>/...) or one parquet or CSV file."
+            f"test/<class>/...) or one parquet or CSV file.{offline_hint(err)}"
         ) from err
 
 

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["byte_size", "error_chain", "error_text", "unreadable_file_text"]
+__all__ = ["byte_size", "error_chain", "error_text", "offline_hint", "unreadable_file_text"]
 
 
 def error_text(err: BaseException, limit: int = 200, redact: str | None = None) -> str:
@@ -31,6 +31,20 @@ def error_chain(err: BaseException) -> list[BaseException]:
         chain.append(err)
         err = err.__cause__ or err.__context__
     return chain
+
+
+def offline_hint(err: BaseException) -> str:
+    """For a Hub model or data set that could not be fetched (no network: huggingface_hub
+    retries each request for about 25 s first), how to read the Hub cache at once; ''
+    otherwise (another error, or offline mode already on)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    # huggingface_hub raises LocalEntryNotFoundError; datasets turns it into a ConnectionError
+    unreachable = (LocalEntryNotFoundError, ConnectionError)
+    if constants.HF_HUB_OFFLINE or not any(isinstance(e, unreachable) for e in error_chain(err)):
+        return ""
+    return " Without network, HF_HUB_OFFLINE=1 reads what the Hub cache holds at once, without waiting on retries."
 
 
 def byte_size(count: int) -> str:

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from .backbone import FrozenTeacher, ModelLoadError, exported_config, load_timm_model, offline_hint
+from .backbone import FrozenTeacher, ModelLoadError, exported_config, load_timm_model
 from .config import ConfigError, RefilledConfig
 from .data import ClassificationData, DataError, class_ranges, parse_class_selection, short_list
 from .data_device import DeviceImages, IndexedImages
-from .messages import error_text
+from .messages import error_text, offline_hint
 from .provenance import same_dataset, weights_training_record
 from .teacher_cache import cache_bytes
 

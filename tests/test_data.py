@@ -575,3 +575,28 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
     Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=100)
     with Image.open(tmp_path / "plain.jpg") as image:
         assert rgb_array(image).shape == (4, 6, 3)
+
+
+def test_a_hub_data_set_that_cannot_be_fetched_says_how_to_read_the_cache_without_retries(monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):  # what datasets raises without network
+        try:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+        except LocalEntryNotFoundError as err:
+            raise ConnectionError("Couldn't reach 'someone/flowers' on the Hub (LocalEntryNotFoundError)") from err
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    for offline_mode, hinted in ((False, True), (True, False)):  # (set, it already reads the cache at once)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_mode)
+        load_raw_dataset.cache_clear()
+        with pytest.raises(DataError, match="Data set 'someone/flowers' could not be loaded") as raised:
+            load_raw_dataset("someone/flowers")
+        assert ("HF_HUB_OFFLINE=1 reads what the Hub cache holds at once" in str(raised.value)) is hinted
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad config")))
+    load_raw_dataset.cache_clear()
+    with pytest.raises(DataError) as raised:
+        load_raw_dataset("someone/flowers")
+    assert "HF_HUB_OFFLINE" not in str(raised.value)
