@@ -452,6 +452,12 @@ def _fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
     return trainer
 
 
+def _stage_name(trainer: RefilledTrainer) -> str:
+    """The stage and, where its folder says more (a lambda candidate, the student alone), the folder."""
+    folder = Path(trainer.args.output_dir).name
+    return trainer.stage if folder == trainer.stage else f"{trainer.stage} ({folder})"
+
+
 def _stop_for_notice(trainer: RefilledTrainer, notice: StopOnSignal) -> None:
     """The run stops where a signal stopped a stage (nothing exported), saying where it can resume."""
     name = signal.Signals(notice.received).name
@@ -462,7 +468,7 @@ def _stop_for_notice(trainer: RefilledTrainer, notice: StopOnSignal) -> None:
     else:
         where = "as its training ended, before a step could be checkpointed (it resumes from its last checkpoint)"
     raise RunInterrupted(
-        f"{name} received: {trainer.stage} stopped {where}. Nothing was exported. Run the same command with "
+        f"{name} received: {_stage_name(trainer)} stopped {where}. Nothing was exported. Run the same command with "
         "--resume_from_checkpoint true to continue.",
         notice.received,
     )
@@ -477,9 +483,9 @@ def _stop_for_interrupt(trainer: RefilledTrainer) -> None:
         state = json.loads((found / "trainer_state.json").read_text())
         resume = f"continues from its newest checkpoint, {found} (step {state.get('global_step')})"
     else:
-        resume = f"starts {trainer.stage} again (it had written no checkpoint yet)"
+        resume = f"starts {_stage_name(trainer)} again (it had written no checkpoint yet)"
     raise RunInterrupted(
-        f"interrupted (SIGINT): {trainer.stage} stopped at step {trainer.state.global_step} of "
+        f"interrupted (SIGINT): {_stage_name(trainer)} stopped at step {trainer.state.global_step} of "
         f"{trainer.state.max_steps}. Nothing was exported. The same command with --resume_from_checkpoint true "
         f"{resume}.",
         signal.SIGINT,

@@ -47,7 +47,9 @@ def test_search_matches_separate_runs_picks_on_validation_and_resumes(data_dir, 
     # the student-alone candidate off: it has tests/test_student_alone.py
     recipe = tiny_recipe(data_dir, tmp_path / "search", distill_weight=None, distill_weight_search="20, 0.5",
                          student_alone_candidate=False, **base)  # fmt: skip
-    with pytest.raises(RunInterrupted):  # in the second candidate, after its first checkpoint
+    # in the second candidate, after its first checkpoint (3 steps per epoch), which the message names
+    stopped = r"stage2 \(stage2-lambda0\.5\) stopped at step 4 of 9\. .* newest checkpoint, .*lambda0\.5/checkpoint-3 "
+    with pytest.raises(RunInterrupted, match=stopped):
         run_distillation(RefilledConfig(**recipe), callbacks=[Interrupt("stage2-lambda0.5", 4)])
     first_final = tmp_path / "search" / "stage2-lambda20" / "final" / "model.safetensors"
     mtime = first_final.stat().st_mtime_ns
