@@ -110,12 +110,13 @@ class DivergedError(RunError):
 
 
 class RunInterrupted(RunError):
-    """A stage stopped by a signal (a cluster's notice before a kill), after a checkpoint:
-    the run resumes from it. ``signal_number``: the signal's number (the exit status is 128 + it)."""
+    """A stage stopped by a signal: a cluster's notice before a kill (after a checkpoint of
+    the step) or a Ctrl-C. ``stopped``: where it stopped; ``resume``: how the run continues;
+    ``signal_number``: the signal's number (the exit status is 128 + it)."""
 
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
-        self.signal_number = signal_number
+    def __init__(self, stopped: str, resume: str, signal_number: int):
+        super().__init__(f"{stopped}. Nothing was exported. {resume}.")
+        self.stopped, self.resume, self.signal_number = stopped, resume, signal_number
 
 
 #: errors refilled-hf raises with a message of its own
@@ -468,8 +469,8 @@ def _stop_for_notice(trainer: RefilledTrainer, notice: StopOnSignal) -> None:
     else:
         where = "as its training ended, before a step could be checkpointed (it resumes from its last checkpoint)"
     raise RunInterrupted(
-        f"{name} received: {_stage_name(trainer)} stopped {where}. Nothing was exported. Run the same command with "
-        "--resume_from_checkpoint true to continue.",
+        f"{name} received: {_stage_name(trainer)} stopped {where}",
+        "Run the same command with --resume_from_checkpoint true to continue",
         notice.received,
     )
 
@@ -486,8 +487,8 @@ def _stop_for_interrupt(trainer: RefilledTrainer) -> None:
         resume = f"starts {_stage_name(trainer)} again (it had written no checkpoint yet)"
     raise RunInterrupted(
         f"interrupted (SIGINT): {_stage_name(trainer)} stopped at step {trainer.state.global_step} of "
-        f"{trainer.state.max_steps}. Nothing was exported. The same command with --resume_from_checkpoint true "
-        f"{resume}.",
+        f"{trainer.state.max_steps}",
+        f"The same command with --resume_from_checkpoint true {resume}",
         signal.SIGINT,
     ) from None
 

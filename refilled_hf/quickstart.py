@@ -160,7 +160,7 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
     returns ``{run: results}`` and prints every run and the mean and spread over seeds."""
     import statistics
 
-    from .pipeline import run_distillation, run_teacher_training
+    from .pipeline import RunInterrupted, run_distillation, run_teacher_training
 
     seeds = tuple(dict.fromkeys(seeds))
     if not seeds:
@@ -198,7 +198,14 @@ def run_quickstart(output_dir: str = "quickstart_outputs", *, shots_per_class: i
         print(f"\n=== quickstart: {run} (recipe {recipes_dir / f'{run}.yaml'}) ===", flush=True)
         start = time.perf_counter()
         runner = run_teacher_training if name == "teacher" else run_distillation
-        runs[run] = runner(_config(recipe))
+        try:
+            runs[run] = runner(_config(recipe))
+        except RunInterrupted as err:  # the quickstart takes no --resume_from_checkpoint: it starts again
+            raise RunInterrupted(
+                f"{err.stopped}, in the quickstart's {run} run",
+                "`refilled-hf quickstart --overwrite true` (with the same options) starts the quickstart again",
+                err.signal_number,
+            ) from None
         timings[run] = time.perf_counter() - start
 
     print("\nDigits, teacher WRN-16-2 trained on 0-4; students WRN-16-1 on 5-9 "

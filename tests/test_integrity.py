@@ -1125,7 +1125,7 @@ def test_an_interrupted_run_exits_with_128_plus_the_signal(monkeypatch, capsys):
     from refilled_hf import cli
 
     def interrupted(*args, **kwargs):
-        raise RunInterrupted("SIGTERM received: stage1 stopped at step 4 of 9", signal.SIGTERM)
+        raise RunInterrupted("SIGTERM received: stage1 stopped at step 4 of 9", "Run ...", signal.SIGTERM)
 
     monkeypatch.setattr(cli, "cmd_train", interrupted)
     assert cli.main(["distill", "--output_dir", "x"]) == 143

@@ -109,3 +109,26 @@ def test_the_quickstart_refuses_what_would_fail_after_the_teacher_trained(shots,
     with pytest.raises(ConfigError, match=message):
         run_quickstart(str(tmp_path / "qs"), shots_per_class=shots)
     assert not (tmp_path / "qs").exists()
+
+
+def test_an_interrupted_quickstart_says_how_to_start_it_again(monkeypatch, tmp_path, capsys):
+    """The quickstart takes no --resume_from_checkpoint: a stop inside one of its runs points
+    to --overwrite true, and the command line exits as for the signal."""
+    import signal
+
+    from refilled_hf import cli, pipeline
+
+    def stopped(config):
+        resume = "The same command with --resume_from_checkpoint true continues"
+        raise pipeline.RunInterrupted("interrupted (SIGINT): stage1 stopped at step 3 of 9", resume, signal.SIGINT)
+
+    monkeypatch.setattr(pipeline, "run_teacher_training", lambda config: {"final": {"test_top1": 90.0}})
+    monkeypatch.setattr(pipeline, "run_distillation", stopped)
+    with pytest.raises(pipeline.RunInterrupted) as raised:
+        run_quickstart(str(tmp_path / "qs"), seeds=(0,))
+    assert str(raised.value) == (
+        "interrupted (SIGINT): stage1 stopped at step 3 of 9, in the quickstart's ce run. Nothing was exported. "
+        "`refilled-hf quickstart --overwrite true` (with the same options) starts the quickstart again."
+    )
+    assert cli.main(["quickstart", "--output_dir", str(tmp_path / "again"), "--seeds", "0"]) == 130
+    assert "--resume_from_checkpoint" not in capsys.readouterr().err
