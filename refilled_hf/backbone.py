@@ -350,11 +350,15 @@ def _load_timm_model(
     model = probe if num_classes in (None, probe.num_classes) else timm.create_model(spec, num_classes=num_classes,
                                                                                      **kwargs)  # fmt: skip
     try:
-        model.load_state_dict(state, strict=True)
+        if "img_size" in kwargs:  # built for another input size than its weights': timm adapts them, as from the Hub
+            model = _load_resized(spec, state, model.num_classes, kwargs)
+        else:
+            model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape
+                          and not ("img_size" in kwargs and _resampled_for_size(k)))  # fmt: skip
         detail = [f"{len(keys)} {what} ({_some(keys)})" for what, keys in
                   (("missing keys", missing), ("unexpected keys", unexpected), ("keys of another shape", reshaped))
                   if keys]  # fmt: skip
@@ -366,6 +370,26 @@ def _load_timm_model(
             "the model name (and its variant) the checkpoint was trained with"
             + (f", and the input size it was built for here ({size} px): the size it was trained at." if size else ".")
         ) from None
+    return model
+
+
+def _resampled_for_size(key: str) -> bool:
+    """Whether timm's checkpoint filters resample this weight to a model's input size (its
+    shape then differs from the checkpoint's by design)."""
+    return any(part in key for part in ("pos_embed", "relative_position", "attn_mask"))
+
+
+def _load_resized(spec: str, state: dict[str, torch.Tensor], num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """A registered model of fixed input size built for ``kwargs["img_size"]``, its weights
+    ``state`` passed through the architecture's own checkpoint filter, as timm loads
+    pretrained weights: a ViT's position embeddings are resampled to the new grid (a Swin's
+    relative position tables, ...). Strict: anything else that differs is an error."""
+    overlay = {"state_dict": state, "num_classes": num_classes}  # the same classes: the classifier is kept
+    model = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes,
+                              **kwargs)  # fmt: skip
+    model.pretrained_cfg.pop("state_dict", None)  # the weights are the model's now, not its configuration's
+    if isinstance(getattr(model, "default_cfg", None), dict):
+        model.default_cfg.pop("state_dict", None)
     return model
 
 

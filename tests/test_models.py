@@ -187,9 +187,18 @@ def test_a_model_of_fixed_input_size_is_built_for_the_size_it_will_run_at(tmp_pa
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     again = load_timm_model("test_vit3", checkpoint=tmp_path / "w.safetensors", image_size=32)
     torch.testing.assert_close(again.eval()(x), model.eval()(x))
-    with pytest.raises(ModelLoadError, match=r"keys of another shape \(pos_embed\).* the input size it was built "
-                                             r"for here \(64 px\): the size it was trained at\."):  # fmt: skip
-        load_timm_model("test_vit3", checkpoint=tmp_path / "w.safetensors", image_size=64)
+    # at another size, its position embeddings are resampled, as timm does for a folder's or the Hub's weights
+    at64 = load_timm_model("test_vit3", checkpoint=tmp_path / "w.safetensors", image_size=64).eval()
+    assert at64.pos_embed.shape[1] == 1 + (64 // 16) ** 2 and "state_dict" not in at64.pretrained_cfg
+    torch.testing.assert_close(at64.head.weight, model.head.weight)  # the classifier is the checkpoint's
+    grid = model.pos_embed[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(at64.pos_embed[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 16, -1))
+    state = {k: v for k, v in model.state_dict().items() if k != "norm.weight"}  # another mismatch stays an error
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"does not match the architecture 'test_vit3': 1 missing keys "
+                                             r"\(norm\.weight\)\. Check"):  # fmt: skip
+        load_timm_model("test_vit3", checkpoint=tmp_path / "partial.safetensors", image_size=64)
     export_model(model, tmp_path / "at32", label_names=["a", "b", "c"])
     torch.testing.assert_close(load_timm_model(f"local-dir:{tmp_path / 'at32'}", image_size=32).eval()(x), model(x))
     export_model(load_timm_model("test_vit3", num_classes=3), tmp_path / "at160", label_names=["a", "b", "c"])
