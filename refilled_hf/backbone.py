@@ -140,6 +140,14 @@ def _classifier_outputs(state: dict[str, torch.Tensor], model: nn.Module) -> int
     return int(weight.shape[0]) if weight is not None else None
 
 
+def _headless(state: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    """Whether a checkpoint lacks the classifier that ``model`` has (one classifier, named by its pretrained_cfg)."""
+    name = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    if not isinstance(name, str) or f"{name}.weight" not in model.state_dict():
+        return False
+    return not any(key == name or key.startswith(f"{name}.") for key in state)
+
+
 def _close_model_names(name: str) -> list[str]:
     """Registered timm model names close to ``name`` (for a "did you mean")."""
     return difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
@@ -347,14 +355,16 @@ def _load_timm_model(
     state = _without_wrapper_prefix(state, set(probe.state_dict()))
     if num_classes is None:
         num_classes = _classifier_outputs(state, probe)
-    model = probe if num_classes in (None, probe.num_classes) else timm.create_model(spec, num_classes=num_classes,
-                                                                                     **kwargs)  # fmt: skip
+    if num_classes is None and _headless(state, probe):  # a backbone's weights (self-supervised, an embedding model)
+        logger.info("%s holds no classifier weights: %s is built without a classifier (its embedding).",
+                    checkpoint, spec)  # fmt: skip
+        num_classes = 0
+    num_classes = probe.num_classes if num_classes is None else num_classes
     try:
-        if "img_size" in kwargs:  # built for another input size than its weights': timm adapts them, as from the Hub
-            model = _load_resized(spec, state, model.num_classes, kwargs)
-        else:
-            model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+        return _load_filtered(spec, state, num_classes, kwargs)
+    except Exception as err:  # noqa: BLE001 - a strict load's RuntimeError, or a filter that met another format
+        model = probe if num_classes == probe.num_classes else timm.create_model(spec, num_classes=num_classes,
+                                                                                 **kwargs)  # fmt: skip
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape
@@ -363,14 +373,13 @@ def _load_timm_model(
                   (("missing keys", missing), ("unexpected keys", unexpected), ("keys of another shape", reshaped))
                   if keys]  # fmt: skip
         if not detail:
-            detail = [" ".join(str(err).split())[:300]]
+            detail = [error_text(err, limit=300)]
         size = kwargs.get("img_size")
         raise ModelLoadError(
             f"Checkpoint {str(checkpoint)!r} does not match the architecture {spec!r}: {'; '.join(detail)}. Check "
             "the model name (and its variant) the checkpoint was trained with"
             + (f", and the input size it was built for here ({size} px): the size it was trained at." if size else ".")
         ) from None
-    return model
 
 
 def _resampled_for_size(key: str) -> bool:
@@ -379,12 +388,16 @@ def _resampled_for_size(key: str) -> bool:
     return any(part in key for part in ("pos_embed", "relative_position", "attn_mask"))
 
 
-def _load_resized(spec: str, state: dict[str, torch.Tensor], num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
-    """A registered model of fixed input size built for ``kwargs["img_size"]``, its weights
-    ``state`` passed through the architecture's own checkpoint filter, as timm loads
-    pretrained weights: a ViT's position embeddings are resampled to the new grid (a Swin's
-    relative position tables, ...). Strict: anything else that differs is an error."""
-    overlay = {"state_dict": state, "num_classes": num_classes}  # the same classes: the classifier is kept
+def _load_filtered(spec: str, state: dict[str, torch.Tensor], num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The registered model ``spec`` (built with ``kwargs``) with the weights ``state``,
+    loaded as timm loads pretrained weights: through the architecture's own checkpoint
+    filter, which adapts what its layout allows (a ViT built for another ``img_size``: its
+    position embeddings resampled to the new grid; a Swin's relative position tables; the
+    original-format checkpoints timm converts, such as DINOv2's with its ``mask_token``),
+    then strictly: anything else that differs is an error. timm-format weights pass the
+    filters unchanged."""
+    # the same classes as the weights: the classifier is kept as it is (no label offset)
+    overlay = {"state_dict": state, "num_classes": num_classes, "label_offset": 0}
     model = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes,
                               **kwargs)  # fmt: skip
     model.pretrained_cfg.pop("state_dict", None)  # the weights are the model's now, not its configuration's

@@ -480,7 +480,12 @@ class RefilledConfig(TrainingArguments):
         ),
     )
     teacher_checkpoint: str | None = field(
-        default=None, **_help("Weights for a teacher given by name (safetensors, or .pt/.pth read weights_only).")
+        default=None,
+        **_help(
+            "Weights for a teacher given by name (safetensors, or .pt/.pth read weights_only), read through timm's "
+            "checkpoint filter for its architecture (original formats timm converts load too; without classifier "
+            "weights, the teacher has none)."
+        ),
     )
     teacher_input_size: int | None = field(
         default=None,

@@ -227,6 +227,26 @@ def test_checkpoint_of_another_class_count_keeps_the_creation_arguments(tmp_path
     assert model.num_classes == 7 and model.drop_rate == 0.3
 
 
+def test_a_backbone_checkpoint_in_a_format_timm_converts_loads_as_an_embedding_model(tmp_path):
+    """A self-supervised backbone's weights (DINOv2's original files: no classifier, a
+    ``mask_token`` timm drops) load through timm's checkpoint filter, built without a
+    classifier; a checkpoint of another architecture is still refused, naming the keys."""
+    from safetensors.torch import save_file
+
+    from refilled_hf.backbone import ModelLoadError, load_timm_model
+
+    backbone = timm.create_model("test_vit3", num_classes=0).eval()
+    state = {**backbone.state_dict(), "mask_token": torch.zeros(1, backbone.embed_dim)}
+    save_file(state, str(tmp_path / "dinov2_format.safetensors"))
+    loaded = load_timm_model("test_vit3", checkpoint=tmp_path / "dinov2_format.safetensors").eval()
+    x = torch.randn(2, 3, 160, 160)
+    assert loaded.num_classes == 0 and "mask_token" not in loaded.state_dict()
+    torch.testing.assert_close(loaded(x), backbone(x))
+    save_file(timm.create_model("test_resnet").state_dict(), str(tmp_path / "resnet.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"does not match the architecture 'test_vit3': \d+ missing keys \("):
+        load_timm_model("test_vit3", checkpoint=tmp_path / "resnet.safetensors")
+
+
 def _without_gradient_by_backward(student: StudentModel) -> list[str]:
     """Reference: a real forward and backward pass, on a copy, listing the trainable
     parameters that got no gradient."""
