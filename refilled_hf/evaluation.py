@@ -258,7 +258,9 @@ def evaluate_model(
     model_spec: str, config: RefilledConfig, *, checkpoint: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy of a trained model on ``split`` (``test`` or ``validation``)
-    of ``config``'s data set and class selection (by default the model's own classes),
+    of ``config``'s data set and class selection (by default the model's own classes; with
+    ``config.dataset`` None, as ``refilled-hf evaluate`` leaves it without ``--dataset``, the
+    data set the model records it was trained on),
     counting each image once, the top-1 of each class (``{split}_per_class``: class name ->
     top-1 % and images), and ``data``: which images those are. Only that split is
     decoded. For ``validation``, a model that records its training data is evaluated on
