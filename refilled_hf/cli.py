@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "compare":
             return cmd_compare(rest)
         return cmd_losses_demo(rest)
-    except RunInterrupted as err:  # a cluster's notice before a kill: 128 + the signal, as a kill would
+    except RunInterrupted as err:  # a notice before a kill, or a Ctrl-C: 128 + the signal, as a kill would exit
         print(f"refilled-hf {command}: {err}", file=sys.stderr)
         return 128 + err.signal_number
     except (CliError, ConfigError, DataError, HubPushError, ModelLoadError, RunError, RunDirError) as err:
