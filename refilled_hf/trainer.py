@@ -969,7 +969,7 @@ class RefilledTrainer(Trainer):
         result = self._score_split(dataset, metric_key_prefix, predicting=False)
         metrics = result.metrics
         metrics["epoch"] = self.state.epoch if self.state.epoch is not None else 0.0
-        self.log(metrics)
+        self.log(_as_logged(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         metrics.update(result.per_class)  # returned, not logged: one number per class
         return metrics
@@ -990,3 +990,12 @@ class RefilledTrainer(Trainer):
             label_ids=result.labels.numpy() if result.labels is not None else None,
             metrics=metrics,
         )
+
+
+def _as_logged(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` as the loggers get them: a validation split's (``validation_*``, what
+    ``refilled-hf distill`` measures once a stage has trained) as ``eval_*``, which
+    TensorBoard, W&B and the other trackers file under ``eval/``, beside the evaluations
+    during training (any other prefix but ``test_`` lands under ``train/``)."""
+    prefix = "validation_"
+    return {f"eval_{key[len(prefix) :]}" if key.startswith(prefix) else key: value for key, value in metrics.items()}

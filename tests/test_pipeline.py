@@ -549,3 +549,31 @@ def test_a_student_given_as_a_folder_or_a_checkpoint_starts_from_its_weights(dat
                 assert first[key].shape[0] == 3 and torch.equal(first[key], value) == kept, (name, key)
             else:
                 assert torch.equal(first[key], value), (name, key)
+
+
+class RecordLogs(TrainerCallback):
+    """What the trackers (TensorBoard, W&B, ...) are given, stage by stage."""
+
+    def __init__(self):
+        self.logs: list[tuple[str, dict]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append((Path(args.output_dir).name, dict(logs or {})))
+
+
+def test_trackers_file_the_final_validation_under_eval_and_the_test_under_test(data_dir, teacher_dir, tmp_path):
+    """transformers' trackers put every key but eval_* and test_* under train/: the
+    validation measured after a stage trained went there as train/validation_top1."""
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    recorder = RecordLogs()
+    recipe = tiny_recipe(data_dir, tmp_path / "run", method="refilled", teacher=f"local-dir:{teacher_dir}")
+    results = run(recipe, callbacks=[recorder])
+    tracked = [(stage, rewrite_logs(logs)) for stage, logs in recorder.logs]
+    filed_under_train = {key for _, logs in tracked for key in logs if key.startswith("train/")}
+    assert not {key for key in filed_under_train if "validation" in key or "test" in key}, filed_under_train
+    last = {stage: logs for stage, logs in tracked if "eval/samples" in logs}  # each stage's last evaluation
+    assert last["stage1"]["eval/ncm_top1"] == results["stage1"]["validation_ncm_top1"]
+    assert last["stage2"]["eval/top1"] == results["final"]["validation_top1"]
+    assert any(logs.get("test/top1") == results["final"]["test_top1"] for _, logs in tracked)
+    assert "validation_top1" in results["final"]  # what a run reports keeps its name
