@@ -165,6 +165,8 @@ def stage_args(config: RefilledConfig, stage: str, output_dir: str | os.PathLike
     epochs = config.stage1_epochs if first else config.stage2_epochs
     view = config.stage_view(
         output_dir=str(output_dir),
+        # each stage (and lambda candidate) is a run of its own for the trackers: W&B, MLflow, trackio name it
+        run_name=f"{config.run_name or config.output_dir}-{Path(output_dir).name}",
         num_train_epochs=epochs,
         learning_rate=config.stage1_learning_rate if first else config.stage2_learning_rate,
         resume_from_checkpoint=None,
@@ -518,7 +520,13 @@ class RefilledTrainer(Trainer):
                 resume_from_checkpoint = str(found)
         if self.push_after_training:  # every process: all are refused alike, none waits for the others
             check_hub_access(self.hub_settings["repo_id"], self.hub_settings["token"])
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        wandb = _finish_earlier_stage_wandb_run(self)
+        before = wandb.run if wandb is not None else None
+        try:
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if wandb is not None and wandb.run is not None and wandb.run is not before:
+                _STAGE_WANDB_RUNS.add(wandb.run.id)  # this stage's: the next stage finishes it
         if self.push_after_training:
             self.push_to_hub()
         return output
@@ -999,3 +1007,24 @@ def _as_logged(metrics: dict[str, Any]) -> dict[str, Any]:
     during training (any other prefix but ``test_`` lands under ``train/``)."""
     prefix = "validation_"
     return {f"eval_{key[len(prefix) :]}" if key.startswith(prefix) else key: value for key, value in metrics.items()}
+
+
+#: the W&B runs a stage's trainer started (ids). transformers' WandbCallback starts a run
+#: where none is active and leaves it open, so the next stage of the same process would log
+#: into it, its steps starting from 0 again over the earlier stage's curves.
+_STAGE_WANDB_RUNS: set[str] = set()
+
+
+def _finish_earlier_stage_wandb_run(trainer: Trainer) -> Any | None:
+    """Where ``trainer`` reports to W&B: finish the run an earlier stage started (a run the
+    user started is left alone), so that this stage starts one of its own; returns the
+    ``wandb`` module (None without W&B)."""
+    from transformers.integrations import WandbCallback
+
+    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, WandbCallback)]
+    wandb = next((c._wandb for c in callbacks if getattr(c, "_wandb", None) is not None), None)
+    if wandb is not None and wandb.run is not None and wandb.run.id in _STAGE_WANDB_RUNS:
+        wandb.finish()
+        for callback in callbacks:  # (one passed to several trainers) starts the new run at train begin
+            callback._initialized = False
+    return wandb

@@ -577,3 +577,74 @@ def test_trackers_file_the_final_validation_under_eval_and_the_test_under_test(d
     assert last["stage2"]["eval/top1"] == results["final"]["validation_top1"]
     assert any(logs.get("test/top1") == results["final"]["test_top1"] for _, logs in tracked)
     assert "validation_top1" in results["final"]  # what a run reports keeps its name
+
+
+def _fake_wandb(monkeypatch):
+    """A stand-in for the ``wandb`` module, as far as transformers' WandbCallback uses it:
+    it records the runs started and what each was given."""
+    import importlib.machinery
+    import itertools
+    import sys
+    import types
+
+    ids = itertools.count()
+
+    class Run:
+        def __init__(self, name):
+            self.id, self.name, self.url, self.summary, self.logged = f"run{next(ids)}", name, "", {}, []
+
+        def _label(self, **kwargs):
+            pass
+
+    class Config(dict):
+        def update(self, values, allow_val_change=False):
+            super().update(values)
+
+    module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    module.run, module.runs, module.config, module.summary = None, [], Config(), {}
+
+    def init(project=None, name=None, **kwargs):
+        module.run = Run(name)
+        module.runs.append(module.run)
+        return module.run
+
+    def log(values):
+        if module.run is None:
+            raise RuntimeError("wandb.log() before wandb.init()")
+        module.run.logged.append(dict(values))
+
+    module.init, module.log, module.finish = init, log, lambda: setattr(module, "run", None)
+    module.define_metric = module.termwarn = lambda *args, **kwargs: None
+    config_util = types.ModuleType("wandb.sdk.lib.config_util")
+    config_util.ConfigError = type("ConfigError", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    for name in ("wandb.sdk", "wandb.sdk.lib"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "wandb.sdk.lib.config_util", config_util)
+    return module
+
+
+def test_each_stage_reports_to_a_wandb_run_of_its_own(data_dir, teacher_dir, tmp_path, monkeypatch):
+    """transformers' WandbCallback leaves its run open, so stage 2 (and each candidate)
+    logged into stage 1's run, its steps from 0 again over stage 1's curves. Each stage now
+    has a run of its own, named after the run and the stage; a run the user started is
+    used as it is."""
+    wandb = _fake_wandb(monkeypatch)
+    out = tmp_path / "run"
+    recipe = tiny_recipe(data_dir, out, method="refilled", teacher=f"local-dir:{teacher_dir}", report_to=["wandb"],
+                         distill_weight=None, distill_weight_search="1,10", logging_steps=1)  # fmt: skip
+    results = run(recipe)
+    stages = ["stage1", "stage2-lambda1", "stage2-lambda10", "student-alone"]
+    assert [r.name for r in wandb.runs] == [f"{out}-{stage}" for stage in stages]
+    for stage_run in wandb.runs:
+        steps = [entry["train/global_step"] for entry in stage_run.logged]
+        assert steps == sorted(steps) and steps[0] <= 1, (stage_run.name, steps)  # each run's steps from the start
+    stage1 = {key: value for entry in wandb.runs[0].logged for key, value in entry.items()}
+    assert stage1["test/ncm_top1"] == results["stage1"]["test_ncm_top1"] and "train/relationship" in stage1
+    assert not any("train/ce" in entry for entry in wandb.runs[0].logged)  # stage 2's components are in their runs
+    assert any("train/ce" in entry for entry in wandb.runs[1].logged)
+
+    mine = wandb.init(name="my sweep")  # started by the user: every stage logs into it, and it stays open
+    run({**recipe, "output_dir": str(tmp_path / "again")})
+    assert wandb.runs[4:] == [mine] and wandb.run is mine and len(mine.logged) > len(wandb.runs[0].logged)
