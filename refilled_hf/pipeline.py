@@ -88,6 +88,7 @@ from .rundir import (
     tensor_fingerprint,
 )
 from .teacher_cache import TeacherCache, TeacherCacheError, load_or_build
+from .trackers import KeepStageRunsOpen, end_stage_runs
 from .trainer import RefilledTrainer, stage_args
 
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training", "training_seconds"]
@@ -732,6 +733,7 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
             raise
         raise full from err
     finally:
+        end_stage_runs()  # the last stage's tracker run, which its final metrics reached
         rundir.release()
 
 
@@ -920,10 +922,19 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
             config.stage_view(distill_weight=chosen["distill_weight"]), "stage2", stage2_dirs[pick], student, data,
             callbacks, teacher=teacher, teacher_cache=cache,
         )  # fmt: skip
+        _final_evaluation_run(trainer, config)
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=chosen["train_seconds"], train_metrics=chosen["train_metrics"])
     results["final"] = final
     return trainer
+
+
+def _final_evaluation_run(trainer: RefilledTrainer, config: RefilledConfig) -> None:
+    """A trainer that evaluates the exported candidate after others trained (its own is
+    gone) reports to a tracker run of its own, ``<run>-final``, not to the last candidate's."""
+    end_stage_runs(trainer.callback_handler.callbacks)
+    trainer.args.run_name = f"{config.run_name or config.output_dir}-final"
+    trainer.add_callback(KeepStageRunsOpen(trainer.callback_handler))
 
 
 def _search_record(selected: float | None, candidates: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1001,6 +1012,7 @@ def _export_student_alone(config, alone, candidates, trainer, student, data, cal
     if trainer is None or trainer.stage != "ce":  # a trainer for the evaluation
         trainer = _make_trainer(_student_alone_view(config), "ce", Path(config.output_dir) / alone["stage_dir"],
                                 student, data, callbacks)  # fmt: skip
+        _final_evaluation_run(trainer, config)
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=alone["train_seconds"], train_metrics=alone["train_metrics"])
     results["final"] = final

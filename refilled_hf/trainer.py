@@ -50,6 +50,7 @@ from .model_card import trainer_card
 from .preflight import steps_per_epoch
 from .rundir import checkpoint_problem, last_complete_checkpoint
 from .teacher_cache import TeacherCache
+from .trackers import KeepStageRunsOpen, end_stage_runs
 
 __all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers", "set_evaluation_cadence", "stage_args"]
 
@@ -520,13 +521,13 @@ class RefilledTrainer(Trainer):
                 resume_from_checkpoint = str(found)
         if self.push_after_training:  # every process: all are refused alike, none waits for the others
             check_hub_access(self.hub_settings["repo_id"], self.hub_settings["token"])
-        wandb = _finish_earlier_stage_wandb_run(self)
-        before = wandb.run if wandb is not None else None
+        end_stage_runs(self.callback_handler.callbacks)  # an earlier stage's tracker runs: this stage starts its own
+        keeper = KeepStageRunsOpen(self.callback_handler)
+        self.add_callback(keeper)  # after the trackers' callbacks: it sees the runs they start
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            if wandb is not None and wandb.run is not None and wandb.run is not before:
-                _STAGE_WANDB_RUNS.add(wandb.run.id)  # this stage's: the next stage finishes it
+            self.remove_callback(keeper)
         if self.push_after_training:
             self.push_to_hub()
         return output
@@ -1007,24 +1008,3 @@ def _as_logged(metrics: dict[str, Any]) -> dict[str, Any]:
     during training (any other prefix but ``test_`` lands under ``train/``)."""
     prefix = "validation_"
     return {f"eval_{key[len(prefix) :]}" if key.startswith(prefix) else key: value for key, value in metrics.items()}
-
-
-#: the W&B runs a stage's trainer started (ids). transformers' WandbCallback starts a run
-#: where none is active and leaves it open, so the next stage of the same process would log
-#: into it, its steps starting from 0 again over the earlier stage's curves.
-_STAGE_WANDB_RUNS: set[str] = set()
-
-
-def _finish_earlier_stage_wandb_run(trainer: Trainer) -> Any | None:
-    """Where ``trainer`` reports to W&B: finish the run an earlier stage started (a run the
-    user started is left alone), so that this stage starts one of its own; returns the
-    ``wandb`` module (None without W&B)."""
-    from transformers.integrations import WandbCallback
-
-    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, WandbCallback)]
-    wandb = next((c._wandb for c in callbacks if getattr(c, "_wandb", None) is not None), None)
-    if wandb is not None and wandb.run is not None and wandb.run.id in _STAGE_WANDB_RUNS:
-        wandb.finish()
-        for callback in callbacks:  # (one passed to several trainers) starts the new run at train begin
-            callback._initialized = False
-    return wandb

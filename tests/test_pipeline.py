@@ -625,26 +625,76 @@ def _fake_wandb(monkeypatch):
     return module
 
 
-def test_each_stage_reports_to_a_wandb_run_of_its_own(data_dir, teacher_dir, tmp_path, monkeypatch):
-    """transformers' WandbCallback leaves its run open, so stage 2 (and each candidate)
-    logged into stage 1's run, its steps from 0 again over stage 1's curves. Each stage now
-    has a run of its own, named after the run and the stage; a run the user started is
-    used as it is."""
-    wandb = _fake_wandb(monkeypatch)
+def _fake_mlflow(monkeypatch):
+    """A stand-in for ``mlflow``, as far as transformers' MLflowCallback uses it; like MLflow,
+    a metric logged without an active run starts one."""
+    import importlib.machinery
+    import itertools
+    import sys
+    import types
+
+    ids = itertools.count()
+
+    class Run:
+        def __init__(self, name):
+            self.info = types.SimpleNamespace(run_id=f"run{next(ids)}")
+            self.name, self.logged, self.ended = name, [], False
+
+    module = types.ModuleType("mlflow")
+    module.__spec__, module.__version__ = importlib.machinery.ModuleSpec("mlflow", None), "3.0.0"
+    validation = types.SimpleNamespace(MAX_PARAM_VAL_LENGTH=6000, MAX_PARAMS_TAGS_PER_BATCH=100)
+    module.utils = types.SimpleNamespace(validation=validation)
+    module.runs, module.active = [], None
+
+    def start_run(run_name=None, nested=False):
+        module.active = Run(run_name)
+        module.runs.append(module.active)
+        return module.active
+
+    def end_run():
+        module.active.ended, module.active = True, None
+
+    def log_metrics(metrics, step=None, synchronous=None):
+        (module.active or start_run())
+        module.active.logged.append({**metrics, "step": step})
+
+    module.start_run, module.end_run, module.log_metrics, module.active_run = (start_run, end_run, log_metrics,
+                                                                               lambda: module.active)  # fmt: skip
+    module.log_params = module.set_tags = module.set_tracking_uri = module.set_experiment = lambda *a, **k: None
+    module.is_tracking_uri_set, module.get_tracking_uri = (lambda: True), (lambda: "memory")
+    monkeypatch.setitem(sys.modules, "mlflow", module)
+    return module
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_each_stage_reports_to_a_tracker_run_of_its_own(tracker, data_dir, teacher_dir, tmp_path, monkeypatch):
+    """W&B: transformers' callback left its run open, so stage 2 and each candidate logged
+    into stage 1's run, their steps from 0 again over its curves. MLflow: the callback ended
+    its run when training ended, so the stage's final validation and test started a stray
+    run, into which every later stage logged. Each stage now has a run of its own, named
+    after the run and the stage, with its final metrics; the exported candidate evaluated
+    after others trained, a run ``-final``; a run the user started is used as it is."""
+    fake = (_fake_wandb if tracker == "wandb" else _fake_mlflow)(monkeypatch)
     out = tmp_path / "run"
-    recipe = tiny_recipe(data_dir, out, method="refilled", teacher=f"local-dir:{teacher_dir}", report_to=["wandb"],
+    recipe = tiny_recipe(data_dir, out, method="refilled", teacher=f"local-dir:{teacher_dir}", report_to=[tracker],
                          distill_weight=None, distill_weight_search="1,10", logging_steps=1)  # fmt: skip
     results = run(recipe)
-    stages = ["stage1", "stage2-lambda1", "stage2-lambda10", "student-alone"]
-    assert [r.name for r in wandb.runs] == [f"{out}-{stage}" for stage in stages]
-    for stage_run in wandb.runs:
-        steps = [entry["train/global_step"] for entry in stage_run.logged]
+    alone_exported = results["student_alone"]["exported"]
+    stages = ["stage1", "stage2-lambda1", "stage2-lambda10", "student-alone"] + ([] if alone_exported else ["final"])
+    assert [r.name for r in fake.runs] == [f"{out}-{stage}" for stage in stages]
+    step, test = ("train/global_step", "test/top1") if tracker == "wandb" else ("step", "test_top1")
+    for stage_run in fake.runs:
+        steps = [entry[step] for entry in stage_run.logged]
         assert steps == sorted(steps) and steps[0] <= 1, (stage_run.name, steps)  # each run's steps from the start
-    stage1 = {key: value for entry in wandb.runs[0].logged for key, value in entry.items()}
-    assert stage1["test/ncm_top1"] == results["stage1"]["test_ncm_top1"] and "train/relationship" in stage1
-    assert not any("train/ce" in entry for entry in wandb.runs[0].logged)  # stage 2's components are in their runs
-    assert any("train/ce" in entry for entry in wandb.runs[1].logged)
+    logged = [{key: value for entry in r.logged for key, value in entry.items()} for r in fake.runs]
+    stage1_test = "test/ncm_top1" if tracker == "wandb" else "test_ncm_top1"
+    assert logged[0][stage1_test] == results["stage1"]["test_ncm_top1"]
+    assert [test in metrics for metrics in logged] == [False] * (len(stages) - 1) + [True]  # the export's, once
+    assert logged[-1][test] == results["final"]["test_top1"]
+    if tracker == "mlflow":
+        assert all(r.ended for r in fake.runs)  # the last one too, when the run ended
 
-    mine = wandb.init(name="my sweep")  # started by the user: every stage logs into it, and it stays open
-    run({**recipe, "output_dir": str(tmp_path / "again")})
-    assert wandb.runs[4:] == [mine] and wandb.run is mine and len(mine.logged) > len(wandb.runs[0].logged)
+    mine = fake.init(name="my sweep") if tracker == "wandb" else fake.start_run(run_name="my sweep")
+    run({**recipe, "output_dir": str(tmp_path / "again")})  # started by the user: every stage logs into it
+    assert fake.runs[len(stages) :] == [mine] and len(mine.logged) > len(fake.runs[0].logged)
+    assert (fake.run if tracker == "wandb" else fake.active) is mine  # and it stays open
