@@ -37,7 +37,8 @@ def _tracker_callbacks(callbacks: list[Any], kind: str) -> list[Any]:
 
 def _active(kind: str, module: Any) -> str | None:
     """The id of ``module``'s active run (None where there is none, or it says no id)."""
-    run = module.run if kind == "wandb" else module.active_run()
+    active_run = getattr(module, "active_run", None)
+    run = getattr(module, "run", None) if kind == "wandb" else active_run() if callable(active_run) else None
     if run is None:
         return None
     return getattr(run, "id", None) if kind == "wandb" else getattr(getattr(run, "info", None), "run_id", None)
