@@ -609,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refilled-hf {command}: error: {err}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as err:  # e.g. transformers' own checks of TrainingArguments
+        if _raised_by_a_tracker(err):
+            return _tracker_failed(command, err)
         print(f"refilled-hf {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -631,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback on request
         if os.environ.get("REFILLED_HF_TRACEBACK"):
             raise
+        if _raised_by_a_tracker(err):
+            return _tracker_failed(command, err)
         print(
             f"refilled-hf {command}: internal error: {_one_line(err)} (set REFILLED_HF_TRACEBACK=1 for the "
             "traceback, and please report it with the output of `refilled-hf --version`).",
@@ -649,6 +653,30 @@ def _close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _tracker_failed(command: str, err: BaseException) -> int:
+    """The tracker's setup failed (a store, a login, a server), not refilled-hf: say so, and how to go on."""
+    print(
+        f"refilled-hf {command}: error: the experiment tracker (--report_to) failed: {_one_line(err)}. Fix its "
+        "setup as its message says, or pass --report_to none; --resume_from_checkpoint true then continues the run "
+        "from its last checkpoint.",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _raised_by_a_tracker(err: BaseException) -> bool:
+    """Whether ``err`` came through one of transformers' tracker callbacks (W&B, MLflow, ...)."""
+    import transformers.integrations
+
+    package = Path(transformers.integrations.__file__).resolve().parent
+    frame = err.__traceback__
+    while frame is not None:
+        if Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(package):
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _one_line(err: BaseException) -> str:

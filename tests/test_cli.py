@@ -161,6 +161,26 @@ def test_failures_during_a_command_end_in_one_line_and_a_nonzero_exit(error, cod
     assert "Traceback" not in err and len(err.splitlines()) == 1 and re.search(message, err), err
 
 
+def test_a_tracker_that_fails_is_named_as_such_not_as_a_bug(monkeypatch, capsys):
+    """An error raised through transformers' tracker callbacks (a store MLflow refuses, a W&B
+    login; here W&B's own check that it is installed) is the tracker's setup, not a bug to
+    report: it says so, and how to go on."""
+    from transformers.integrations import WandbCallback, integration_utils
+
+    from refilled_hf import cli
+
+    def train(argv, command):  # the callback's own check: a raise from inside transformers' integrations
+        WandbCallback()
+
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: False)
+    monkeypatch.setattr(cli, "cmd_train", train)
+    monkeypatch.delenv("REFILLED_HF_TRACEBACK", raising=False)
+    assert main(["distill"]) == 1
+    err = capsys.readouterr().err.strip()
+    said = "refilled-hf distill: error: the experiment tracker (--report_to) failed: RuntimeError: WandbCallback"
+    assert err.startswith(said) and "--report_to none" in err and "internal" not in err
+
+
 @pytest.mark.slow
 def test_distill_then_evaluate_from_the_command_line(tmp_path):
     data = write_image_dataset(tmp_path / "data")
