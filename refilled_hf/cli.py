@@ -603,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(rest)
         return cmd_losses_demo(rest)
     except RunInterrupted as err:  # a notice before a kill, or a Ctrl-C: 128 + the signal, as a kill would exit
-        print(f"refilled-hf {command}: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every process stopped alike: said once
+            print(f"refilled-hf {command}: {err}", file=sys.stderr)
         return 128 + err.signal_number
     except (CliError, ConfigError, DataError, HubPushError, ModelLoadError, RunError, RunDirError) as err:
         print(f"refilled-hf {command}: error: {err}", file=sys.stderr)

@@ -1130,6 +1130,9 @@ def test_an_interrupted_run_exits_with_128_plus_the_signal(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_train", interrupted)
     assert cli.main(["distill", "--output_dir", "x"]) == 143
     assert "SIGTERM received: stage1 stopped" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # every process of a launch stops alike: the main one says so, once
+    assert cli.main(["distill", "--output_dir", "x"]) == 143
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow
