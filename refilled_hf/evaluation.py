@@ -288,7 +288,7 @@ def evaluate_model(
     # a run's checkpoint has no label names of its own: its run's record has the classes
     names = model_cfg.get("label_names") if checkpoint is None else (record or {}).get("class_names")
     if config.dataset is None:  # the command line's --dataset unset: the model's own data set
-        config = _recorded_dataset(config, record, model_spec)
+        config = _recorded_dataset(config, record, str(checkpoint) if checkpoint is not None else model_spec)
     if split == "validation" and record is not None:
         config = _own_validation_carve(config, record, model_spec)
     # (a checkpoint's registry cfg says nothing of the size it was trained at: its run's record does)
