@@ -922,6 +922,7 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
             config.stage_view(distill_weight=chosen["distill_weight"]), "stage2", stage2_dirs[pick], student, data,
             callbacks, teacher=teacher, teacher_cache=cache,
         )  # fmt: skip
+    if Path(trainer.args.output_dir) != stage2_dirs[pick] or alone is not None:  # not the pick's own trainer
         _final_evaluation_run(trainer, config)
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=chosen["train_seconds"], train_metrics=chosen["train_metrics"])

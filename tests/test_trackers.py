@@ -167,3 +167,23 @@ def test_each_stage_reports_to_a_tracker_run_of_its_own(tracker, data_dir, teach
     run({**recipe, "output_dir": str(tmp_path / "again")})  # started by the user: every stage logs into it
     assert fake.runs[len(stages) :] == [mine] and len(mine.logged) > len(fake.runs[0].logged)
     assert (fake.run if tracker == "wandb" else fake.active) is mine  # and it stays open
+
+
+def test_the_exported_lambda_measured_after_another_trained_has_a_run_of_its_own(data_dir, teacher_dir, tmp_path,
+                                                                                 monkeypatch):  # fmt: skip
+    """Without the student-alone candidate, the pick is measured by the last candidate's
+    trainer: where the pick is another lambda, its test went into that candidate's run."""
+    wandb = _fake_wandb(monkeypatch)
+    for search in ("1,10", "10,1"):  # the pick is the first candidate in one order or the other
+        out = tmp_path / search.replace(",", "-")
+        results = run(tiny_recipe(data_dir, out, method="refilled", teacher=f"local-dir:{teacher_dir}",
+                                  report_to=["wandb"], distill_weight=None, distill_weight_search=search,
+                                  student_alone_candidate=False))  # fmt: skip
+        runs = [r for r in wandb.runs if r.name.startswith(f"{out}-")]
+        pick_last = f"{results['distill_weight']:g}" == search.split(",")[-1]
+        lambdas = [f"stage2-lambda{value}" for value in search.split(",")]
+        assert [r.name for r in runs] == [f"{out}-{stage}" for stage in ["stage1", *lambdas]] + (
+            [] if pick_last else [f"{out}-final"]
+        )
+        tests = [entry["test/top1"] for r in runs for entry in r.logged if "test/top1" in entry]
+        assert tests == [results["final"]["test_top1"]] and "test/top1" in runs[-1].logged[-1]
