@@ -388,11 +388,12 @@ def parse_milestones(value: Any) -> list[float]:
     return sorted(values)
 
 
+#: ``--dataset``'s default (``evaluate``'s where the model records no data set of its own)
+DEFAULT_DATASET = "uoft-cs/cifar100"
+
 #: the fields that name local files or folders (a ``local-dir:`` model, a data set folder, ...):
 #: a leading ``~`` in them is the user's home, as in a shell (transformers does the same for
 #: ``output_dir``); YAML recipes and ``local-dir:~/...`` on a command line reach us unexpanded
-#: ``--dataset``'s default (``evaluate``'s where the model records no data set of its own)
-DEFAULT_DATASET = "uoft-cs/cifar100"
 PATH_FIELDS = ("student", "student_checkpoint", "teacher", "teacher_checkpoint", "dataset", "teacher_cache")
 
 
