@@ -133,17 +133,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _classifier_name(model: nn.Module) -> str | None:
+    """The module name of ``model``'s one classifier, as its pretrained_cfg names it (None
+    where it names none, or several)."""
+    name = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    return name if isinstance(name, str) else None
+
+
 def _classifier_outputs(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:
     """Number of classes of a checkpoint, read from the weight of the model's classifier."""
-    name = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    weight = state.get(f"{name}.weight") if isinstance(name, str) else None
+    name = _classifier_name(model)
+    weight = state.get(f"{name}.weight") if name is not None else None
     return int(weight.shape[0]) if weight is not None else None
 
 
 def _headless(state: dict[str, torch.Tensor], model: nn.Module) -> bool:
     """Whether a checkpoint lacks the classifier that ``model`` has (one classifier, named by its pretrained_cfg)."""
-    name = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    if not isinstance(name, str) or f"{name}.weight" not in model.state_dict():
+    name = _classifier_name(model)
+    if name is None or f"{name}.weight" not in model.state_dict():
         return False
     return not any(key == name or key.startswith(f"{name}.") for key in state)
 

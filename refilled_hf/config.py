@@ -432,6 +432,12 @@ def _transformers_defaults() -> dict[str, Any]:
     return out
 
 
+def field_defaults() -> dict[str, Any]:
+    """Each :class:`RefilledConfig` field's declared default (``dataclasses.MISSING`` where a
+    factory makes it): what a value is compared with to tell whether the user set it."""
+    return {f.name: f.default for f in fields(RefilledConfig)}
+
+
 def _reporting_integrations() -> list[str]:
     from transformers.integrations import get_available_reporting_integrations
 
@@ -1133,7 +1139,7 @@ class RefilledConfig(TrainingArguments):
         does not use: a method of ``distill`` or one of :data:`CONFIG_COMMANDS`."""
         if user not in (*METHODS, *CONFIG_COMMANDS):
             raise ValueError(f"unknown user {user!r}: a method ({', '.join(METHODS)}) or {', '.join(CONFIG_COMMANDS)}")
-        defaults = {f.name: f.default for f in fields(RefilledConfig) if f.name in FIELD_USERS}
+        defaults = field_defaults()
         return {
             name: getattr(self, name)
             for name, users in FIELD_USERS.items()

@@ -12,7 +12,6 @@ Evaluation uses that record twice:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -22,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from .backbone import ModelLoadError, load_timm_model
-from .config import DEFAULT_DATASET, DEFAULT_VALIDATION_FRACTION, ConfigError, RefilledConfig, options_text
+from .config import (
+    DEFAULT_DATASET,
+    DEFAULT_VALIDATION_FRACTION,
+    ConfigError,
+    RefilledConfig,
+    field_defaults,
+    options_text,
+)
 from .data import UnknownClassError, load_raw_dataset, short_list
 from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
@@ -170,7 +176,7 @@ def _recorded_dataset(config: RefilledConfig, record: dict[str, Any] | None, mod
             f"--dataset is unset and {model_spec} was trained on the data set at {recorded!r}, which is not here "
             "(a relative path is read from where its run started): pass --dataset <your copy of it>."
         )
-    defaults = {f.name: f.default for f in dataclasses.fields(RefilledConfig)}
+    defaults = field_defaults()
     adopted = {
         name: record[name]
         for name in _READING_FIELDS
@@ -186,7 +192,7 @@ def _own_validation_carve(config: RefilledConfig, record: dict[str, Any], model_
     the validation fields (and, for a carve, the data seed) at their defaults (any other
     values are checked, and refused if they name another split): its ``--validation_split``,
     or the validation fraction and data seed of its carve."""
-    defaults = {f.name: f.default for f in dataclasses.fields(RefilledConfig)}
+    defaults = field_defaults()
     validation_untouched = config.validation_fraction == DEFAULT_VALIDATION_FRACTION and config.validation_split is None
     untouched = validation_untouched and config.data_seed is None and config.seed == defaults["seed"]
     own_split = record.get("validation_split")

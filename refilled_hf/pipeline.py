@@ -89,7 +89,7 @@ from .rundir import (
 )
 from .teacher_cache import TeacherCache, TeacherCacheError, load_or_build
 from .trackers import KeepStageRunsOpen, end_stage_runs
-from .trainer import RefilledTrainer, stage_args
+from .trainer import RefilledTrainer, stage_args, tracker_run_name
 
 __all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training", "training_seconds"]
 
@@ -481,9 +481,8 @@ def _stop_for_interrupt(trainer: RefilledTrainer) -> None:
     checkpoint a resume continues from: the stage's newest complete one, where there is one."""
     stage_dir = Path(trainer.args.output_dir)
     found = last_complete_checkpoint(stage_dir)
-    if found is not None:
-        state = json.loads((found / "trainer_state.json").read_text())
-        resume = f"continues from its newest checkpoint, {found} (step {state.get('global_step')})"
+    if found is not None:  # (checkpoint-<step>: the step its name says, as the Trainer names it)
+        resume = f"continues from its newest checkpoint, {found} (step {found.name.removeprefix('checkpoint-')})"
     else:
         resume = f"starts {_stage_name(trainer)} again (it had written no checkpoint yet)"
     raise RunInterrupted(
@@ -934,7 +933,7 @@ def _final_evaluation_run(trainer: RefilledTrainer, config: RefilledConfig) -> N
     """A trainer that evaluates the exported candidate after others trained (its own is
     gone) reports to a tracker run of its own, ``<run>-final``, not to the last candidate's."""
     end_stage_runs(trainer.callback_handler.callbacks)
-    trainer.args.run_name = f"{config.run_name or config.output_dir}-final"
+    trainer.args.run_name = tracker_run_name(config, "final")
     trainer.add_callback(KeepStageRunsOpen(trainer.callback_handler))
 
 

@@ -13,7 +13,6 @@ processes; prediction returns the scores it ranks, image by image.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -29,7 +28,14 @@ from transformers import EvalPrediction, Trainer, default_data_collator
 from transformers.trainer_utils import PredictionOutput
 
 from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
-from .config import DEFAULT_VALIDATION_FRACTION, EVERY_COMMAND_FIELDS, RefilledConfig, option_name, options_text
+from .config import (
+    DEFAULT_VALIDATION_FRACTION,
+    EVERY_COMMAND_FIELDS,
+    RefilledConfig,
+    field_defaults,
+    option_name,
+    options_text,
+)
 from .data_device import IndexedImages
 from .distributed import gather_for_mining
 from .hub import EXPORT_FILES, check_hub_access, export_model, push_folder, with_usual_permissions
@@ -142,7 +148,7 @@ PIPELINE_FIELDS = tuple(name for name in EVERY_COMMAND_FIELDS if name != "channe
 
 def _warn_pipeline_fields(args: RefilledConfig) -> None:
     """Name the fields a config used directly sets for nothing (they are distill's)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(RefilledConfig) if f.name in PIPELINE_FIELDS}
+    defaults = field_defaults()
     # (as the config resolved it when left unset)
     defaults["validation_fraction"] = DEFAULT_VALIDATION_FRACTION if args.validation_split is None else 0.0
     unread = {name: getattr(args, name) for name in PIPELINE_FIELDS if getattr(args, name) != defaults[name]}
@@ -167,7 +173,7 @@ def stage_args(config: RefilledConfig, stage: str, output_dir: str | os.PathLike
     view = config.stage_view(
         output_dir=str(output_dir),
         # each stage (and lambda candidate) is a run of its own for the trackers: W&B, MLflow, trackio name it
-        run_name=f"{config.run_name or config.output_dir}-{Path(output_dir).name}",
+        run_name=tracker_run_name(config, Path(output_dir).name),
         num_train_epochs=epochs,
         learning_rate=config.stage1_learning_rate if first else config.stage2_learning_rate,
         resume_from_checkpoint=None,
@@ -183,6 +189,12 @@ def stage_args(config: RefilledConfig, stage: str, output_dir: str | os.PathLike
     if images is not None:
         set_evaluation_cadence(view, epochs, images)
     return view
+
+
+def tracker_run_name(config: RefilledConfig, part: str) -> str:
+    """The name the trackers (W&B, MLflow, trackio) give one part of a run (a stage's folder,
+    ``final``): ``<--run_name, else output_dir>-<part>``."""
+    return f"{config.run_name or config.output_dir}-{part}"
 
 
 def _stage_config(args: RefilledConfig, stage: str, train_dataset, eval_dataset) -> tuple[RefilledConfig, bool, bool]:
