@@ -14,7 +14,6 @@ import contextlib
 import difflib
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -30,9 +29,17 @@ import pyarrow as pa
 import timm
 import torch
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image
 from torchvision import transforms as T
 
+from .image_decoding import (  # noqa: F401  (UnreadablePixelsError, rgb_array: imported from here too)
+    UnreadablePixelsError,
+    add_to_content_digest,
+    decode_in_order,
+    decode_source,
+    pixel_digest,
+    rgb_array,
+)
 from .messages import error_text, offline_hint
 
 __all__ = [
@@ -75,6 +82,8 @@ CIFAR_STYLE_MAX_SIZE = 64
 
 # Below this many decoded bytes, images are decoded once and kept in memory.
 _PRELOAD_BYTES = 2 << 30
+# Images decoded before their mean size foretells whether a split fits _PRELOAD_BYTES.
+_FORESEE_AFTER = 256
 
 
 class DataError(ValueError):
@@ -87,39 +96,6 @@ class EmptySplitError(DataError):
 
 class UnknownClassError(DataError):
     """A selected class the data set does not have, or has no training image of."""
-
-
-class UnreadablePixelsError(ValueError):
-    """An image whose pixel values have no one 8-bit reading (floating-point pixels)."""
-
-
-#: Pillow's modes of one 16-bit channel (a 16-bit PNG or TIFF; "I" is how Pillow opens some)
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def rgb_array(image: Image.Image) -> np.ndarray:
-    """The image as an ``(H, W, 3)`` uint8 array, upright: turned as its EXIF orientation says
-    (a phone's photo), as ``datasets`` decodes it and transformers' ``load_image`` reads it.
-    One 16-bit channel is scaled to 8 bits over its full range (``round(v / 257)``) and
-    repeated in R, G and B: Pillow's ``convert("RGB")`` clips it at 255, which turns every
-    pixel above 255 (nearly all of a 16-bit image) white. Floating-point pixels (mode ``F``)
-    are refused: their range is unknown."""
-    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    if image.mode in SIXTEEN_BIT_MODES:
-        values = np.asarray(image)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise UnreadablePixelsError(
-                f"32-bit integer pixels (Pillow mode {image.mode}) outside 0..65535; convert the images to 8 bits."
-            )
-        gray = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if image.mode == "F":
-        raise UnreadablePixelsError(
-            "floating-point pixels (Pillow mode F), whose range is unknown; convert the images to 8-bit "
-            "(or 16-bit) ones, with the scaling that suits them."
-        )
-    return np.asarray(image.convert("RGB"))
 
 
 # --------------------------------------------------------------------------- loading
@@ -1001,23 +977,6 @@ def source_fingerprint(data: ClassificationData) -> str | None:
     return digest.hexdigest()
 
 
-def add_to_content_digest(content: Any, array: np.ndarray) -> None:
-    """Add one decoded image (its size and pixels) to ``content``, a hashlib digest of a
-    sequence of images (:attr:`ImageClassificationDataset.content_digest`)."""
-    content.update(np.asarray(array.shape, dtype=np.int64).tobytes())
-    content.update(np.ascontiguousarray(array).data)
-
-
-def pixel_digest(array: np.ndarray) -> int:
-    """A 64-bit digest of an image's size and pixels, equal for the same image stored twice,
-    in every process: BLAKE2b (about 4 us for a 32-px image; Python's own hash is faster but
-    differs between processes, and runs compare their images' digests across processes:
-    :meth:`ClassificationData.source_fingerprint`)."""
-    image = hashlib.blake2b(digest_size=8)
-    add_to_content_digest(image, array)
-    return int.from_bytes(image.digest(), "little")
-
-
 #: the share of test images identical to training images above which a run warns (below: logged)
 LEAK_WARNING_SHARE = 0.01
 
@@ -1112,12 +1071,18 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 ) from None
         return self._encoded
 
+    def _source(self, item: dict[str, Any] | None) -> tuple[bytes | str | None, str | None]:
+        """Where an image column's item holds its image: ``(its bytes, None)``, or ``(the path
+        it is read from, the path as the data set names it)``; ``(None, None)`` for none."""
+        if not item:
+            return None, None
+        if item.get("bytes"):
+            return item["bytes"], None
+        path = item.get("path")
+        return (self._image_path(path), path) if path else (None, None)
+
     def _decode(self, item: dict[str, Any] | None) -> np.ndarray:
-        if item is None or not (item.get("bytes") or item.get("path")):
-            raise ValueError("no image")
-        source = io.BytesIO(item["bytes"]) if item.get("bytes") else self._image_path(item["path"])
-        with Image.open(source) as image:
-            return rgb_array(image)
+        return decode_source(self._source(item)[0])
 
     def _image_path(self, path: str) -> str:
         """A relative image path from the data set's folder (where its parquet or CSV files
@@ -1147,36 +1112,42 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         digests = np.zeros(len(self), dtype=np.uint64)
         bad: list[tuple[int, str]] = []
         content = hashlib.sha256()  # (0.1 s for CIFAR-100's 50,000 images: a fiftieth of decoding them)
-        files = False  # whether the images are files (a folder data set) rather than bytes in a table
+        named_files: list[str] = []  # a path, where the images are files (a folder data set), not bytes in a table
+
+        def sources():
+            for item in column:
+                source, path = self._source(item)
+                if path and not named_files:
+                    named_files.append(path)
+                yield source, path
+
         total, smallest, largest = 0, 1 << 30, 0
-        for i, item in enumerate(column):
-            path = item.get("path") if isinstance(item, dict) and not item.get("bytes") else None
-            files = files or bool(path)
-            try:
-                array = self._decode(item)
-            except UnreadablePixelsError as err:
-                raise DataError(f"Split {self.split_name!r}, row {int(self.source_rows[i])}: {err}") from None
-            except FileNotFoundError:
-                bad.append((int(self.source_rows[i]), f"no file {item['path']}"))
-                continue
-            except Exception as err:  # noqa: BLE001 - PIL raises many kinds on bad data
-                reason = error_text(err, limit=80)  # (named by its file in a folder data set)
-                bad.append((int(self.source_rows[i]), f"{self._image_path(path)}: {reason}" if path else reason))
-                continue
-            smallest, largest = min(smallest, *array.shape[:2]), max(largest, *array.shape[:2])
-            digests[i] = pixel_digest(array)
-            add_to_content_digest(content, array)
-            if decoded is not None:
-                total += array.nbytes
-                decoded.append(array)
-                if total > _PRELOAD_BYTES:
-                    decoded = None  # too large to keep: decode per item
+        what = f"images of split {self.split_name!r}"
+        with contextlib.closing(decode_in_order(sources(), len(self), what=what)) as images:
+            for i, image in enumerate(images):
+                if image.problem == "unreadable":
+                    raise DataError(f"Split {self.split_name!r}, row {int(self.source_rows[i])}: {image.text}")
+                if image.problem:
+                    bad.append((int(self.source_rows[i]), image.text))
+                    continue
+                array = image.array
+                smallest, largest = min(smallest, *array.shape[:2]), max(largest, *array.shape[:2])
+                digests[i] = image.digest
+                add_to_content_digest(content, array)
+                if decoded is not None:
+                    total += array.nbytes
+                    decoded.append(array)
+                    # too large to keep (decoded per item then): known at the end, or foreseen from the first
+                    # images, which spares keeping (and page-faulting) gigabytes to drop them (0.9 ms per photo)
+                    seen = len(decoded)
+                    if total > _PRELOAD_BYTES or (seen >= _FORESEE_AFTER and total / seen * len(self) > _PRELOAD_BYTES):
+                        decoded = None
         if bad:
             rows = short_list([f"row {r} ({kind})" for r, kind in bad], 5)
             raise DataError(
                 f"{len(bad)} image{'s' if len(bad) > 1 else ''} of split {self.split_name!r} cannot be decoded "
                 f"(missing, truncated or corrupt): "
-                f"{rows}. Fix or {'remove those files' if files else 'drop those rows'}."
+                f"{rows}. Fix or {'remove those files' if named_files else 'drop those rows'}."
                 + (
                     f" (Relative image paths are read from {self.image_root}, the data set's folder.)"
                     if self.image_root is not None and any(kind.startswith("no file") for _, kind in bad)

@@ -289,6 +289,10 @@ def test_images_too_large_to_keep_are_decoded_per_item_and_take_the_worker_path(
     from refilled_hf.data_device import choose_and_place
 
     kept = load_classification_data(str(data_dir), classes="0-2", test_split=None)
+    # the first images' mean size foretells a split's: one that fits is kept, to its last image
+    monkeypatch.setattr(data_module, "_FORESEE_AFTER", 2)
+    monkeypatch.setattr(data_module, "_PRELOAD_BYTES", sum(a.nbytes for a in kept.train._decoded))
+    assert load_classification_data(str(data_dir), classes="0-2", test_split=None).train._decoded is not None
     monkeypatch.setattr(data_module, "_PRELOAD_BYTES", 100)  # smaller than two 16-px images
     per_item = load_classification_data(str(data_dir), classes="0-2", test_split=None)
     assert kept.train._decoded is not None and per_item.train._decoded is None

@@ -1,0 +1,259 @@
+"""A split's images decoded to upright ``uint8`` RGB arrays, with the digests that identify
+them, in order; in several processes where decoding them one by one would take long.
+
+Every run decode-checks each image of its splits before training (a broken file is refused
+before any long work starts, and the pixels fingerprint the data). CIFAR-sized images decode
+in about 0.06 ms, but a photo of ImageNet's size (500 x 375 px, a 90 kB JPEG) takes about 2 ms
+with its digests, at every launch and resume, while the GPUs wait. When the first images say
+that decoding the rest one by one would take longer than :data:`PARALLEL_AFTER_SECONDS`, the
+rest are decoded by a pool of forked processes (:func:`decode_workers`: the cores this process
+may use, shared with the other training processes on the machine; Linux only), and the results
+come back in the split's order, identical to a decoding in one process. The main process still
+receives and hashes every image (the split's content digest is one SHA-256 over all its pixels,
+in order): about 0.9 ms of its CPU per such photo, which bounds the gain at about 2.5x however
+many cores there are (``benchmarks/decoding.py``).
+
+Hand-written rather than a DataLoader: the decode-check must see every image once, in order,
+and name each broken one, which a loader's collation and worker errors do not give.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import itertools
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+from .messages import error_text
+
+__all__ = [
+    "Decoded",
+    "SIXTEEN_BIT_MODES",
+    "UnreadablePixelsError",
+    "add_to_content_digest",
+    "decode_in_order",
+    "decode_workers",
+    "pixel_digest",
+    "rgb_array",
+]
+
+logger = logging.getLogger(__name__)
+
+#: images decoded in this process first, to time them
+PROBE_IMAGES = 64
+#: the rest go to a pool of processes when decoding them here would take longer than this
+PARALLEL_AFTER_SECONDS = 5.0
+#: at most this many decoding processes: the main process, which receives and hashes every image,
+#: keeps up with about 3 of them (benchmarks/decoding.py); more would only take cores from training
+MAX_DECODE_WORKERS = 8
+#: images per task sent to a worker
+CHUNK_IMAGES = 32
+
+
+class UnreadablePixelsError(ValueError):
+    """An image whose pixel values have no one 8-bit reading (floating-point pixels)."""
+
+
+#: Pillow's modes of one 16-bit channel (a 16-bit PNG or TIFF; "I" is how Pillow opens some)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """The image as an ``(H, W, 3)`` uint8 array, upright: turned as its EXIF orientation says
+    (a phone's photo), as ``datasets`` decodes it and transformers' ``load_image`` reads it.
+    One 16-bit channel is scaled to 8 bits over its full range (``round(v / 257)``) and
+    repeated in R, G and B: Pillow's ``convert("RGB")`` clips it at 255, which turns every
+    pixel above 255 (nearly all of a 16-bit image) white. Floating-point pixels (mode ``F``)
+    are refused: their range is unknown."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnreadablePixelsError(
+                f"32-bit integer pixels (Pillow mode {image.mode}) outside 0..65535; convert the images to 8 bits."
+            )
+        gray = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise UnreadablePixelsError(
+            "floating-point pixels (Pillow mode F), whose range is unknown; convert the images to 8-bit "
+            "(or 16-bit) ones, with the scaling that suits them."
+        )
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_source(source: bytes | str | None) -> np.ndarray:
+    """The image in ``source`` (its encoded bytes, or its file's path) as :func:`rgb_array` gives it."""
+    if not source:
+        raise ValueError("no image")
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        return rgb_array(image)
+
+
+def add_to_content_digest(content: Any, array: np.ndarray) -> None:
+    """Add one decoded image (its size and pixels) to ``content``, a hashlib digest of a
+    sequence of images (:attr:`ImageClassificationDataset.content_digest`)."""
+    content.update(np.asarray(array.shape, dtype=np.int64).tobytes())
+    content.update(np.ascontiguousarray(array).data)
+
+
+def pixel_digest(array: np.ndarray) -> int:
+    """A 64-bit digest of an image's size and pixels, equal for the same image stored twice,
+    in every process: BLAKE2b (about 4 us for a 32-px image; Python's own hash is faster but
+    differs between processes, and runs compare their images' digests across processes:
+    :meth:`ClassificationData.source_fingerprint`)."""
+    image = hashlib.blake2b(digest_size=8)
+    add_to_content_digest(image, array)
+    return int.from_bytes(image.digest(), "little")
+
+
+class Decoded(NamedTuple):
+    """One image decoded (``array`` and its :func:`pixel_digest`), or why it could not be:
+    ``problem`` is ``"unreadable"`` (pixels with no 8-bit reading: ``text`` says why),
+    ``"missing"`` (no such file) or ``"broken"`` (missing data, truncated, corrupt), and
+    ``text`` the reason as a refusal names it."""
+
+    array: np.ndarray | None
+    digest: int = 0
+    problem: str | None = None
+    text: str = ""
+
+
+def decode_checked(source: bytes | str | None, path: str | None = None) -> Decoded:
+    """Decode one image, never raising for a bad one. ``path``: the image's path as its data
+    set names it (None for encoded bytes), which a refusal of a missing file quotes."""
+    try:
+        array = decode_source(source)
+    except UnreadablePixelsError as err:
+        return Decoded(None, problem="unreadable", text=str(err))
+    except FileNotFoundError:
+        return Decoded(None, problem="missing", text=f"no file {path}")
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds on bad data
+        # (named by its file in a folder data set; Pillow names bytes by their buffer's address, which says nothing)
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", error_text(err, limit=80))
+        return Decoded(None, problem="broken", text=f"{source}: {reason}" if path else reason)
+    return Decoded(array, pixel_digest(array))
+
+
+def _fork_context() -> multiprocessing.context.BaseContext | None:
+    """The ``fork`` start method, on Linux: a worker starts at once, with nothing to import
+    (as DataLoader workers do there). Elsewhere (macOS, Windows) a worker would import the
+    library anew and, from a script without a ``__main__`` guard, run the script again:
+    decoding stays in one process there."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return multiprocessing.get_context("fork")
+    except ValueError:
+        return None
+
+
+def decode_workers() -> int:
+    """Decoding processes for this process: the cores it may use (its CPU affinity, which
+    cluster schedulers set), shared with the other processes of the launch on this machine
+    (``LOCAL_WORLD_SIZE``, as torchrun and Accelerate set it), at most :data:`MAX_DECODE_WORKERS`;
+    1 (no pool) where processes cannot be forked (:func:`_fork_context`)."""
+    if _fork_context() is None:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        local = 1
+    return max(1, min(cores // local, MAX_DECODE_WORKERS))
+
+
+def decode_in_order(
+    sources: Iterable[tuple[bytes | str | None, str | None]],
+    count: int,
+    *,
+    what: str = "images",
+    workers: int | None = None,
+    probe: int | None = None,
+    parallel_after_seconds: float | None = None,
+) -> Iterator[Decoded]:
+    """Each of ``count`` images (``(source, path)`` pairs, see :func:`decode_checked`)
+    decoded, in order. The first ``probe`` (default :data:`PROBE_IMAGES`) are decoded here;
+    where the rest would take longer than ``parallel_after_seconds`` (default
+    :data:`PARALLEL_AFTER_SECONDS`) here, they are decoded by ``workers`` processes (default
+    :func:`decode_workers`). Close the iterator (or exhaust it) to stop the pool."""
+    sources = iter(sources)
+    workers = decode_workers() if workers is None else workers
+    probe = PROBE_IMAGES if probe is None else probe
+    parallel_after_seconds = PARALLEL_AFTER_SECONDS if parallel_after_seconds is None else parallel_after_seconds
+    start, done = time.perf_counter(), 0
+    for source, path in itertools.islice(sources, probe):
+        yield decode_checked(source, path)
+        done += 1
+    left = count - done
+    if left > 0 and workers > 1:
+        serial = (time.perf_counter() - start) / max(done, 1) * left
+        if serial > parallel_after_seconds:
+            logger.info(
+                "Decoding and checking the other %d %s in %d processes (about %.0f s in one).",
+                left, what, workers, serial,
+            )  # fmt: skip
+            yield from _decode_in_pool(sources, workers)
+            return
+    for source, path in sources:
+        yield decode_checked(source, path)
+
+
+def _quiet_worker() -> None:
+    """A decoding worker leaves signals to the main process: a Ctrl-C at the terminal (sent to
+    the whole process group) stops the main process, which then stops the pool, and a SIGTERM
+    ends the worker as it would any process (not the handler the main process had set)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _decode_chunk(chunk: list[tuple[bytes | str | None, str | None]]) -> list[Decoded]:
+    return [decode_checked(source, path) for source, path in chunk]
+
+
+def _decode_in_pool(sources: Iterator[tuple[bytes | str | None, str | None]], workers: int) -> Iterator[Decoded]:
+    """The rest of ``sources`` decoded by ``workers`` processes, in order, with at most two
+    tasks per worker waiting (so memory stays bounded however slowly the results are taken).
+    A pool that breaks (a worker killed) leaves the images it had not returned to this process."""
+    chunks = iter(lambda: list(itertools.islice(sources, CHUNK_IMAGES)), [])
+    pool = ProcessPoolExecutor(workers, mp_context=_fork_context(), initializer=_quiet_worker)
+    pending: collections.deque[list] = collections.deque()  # [chunk, its future], in order, none yielded yet
+
+    def send(chunk: list) -> None:
+        pending.append([chunk, None])  # (kept, should the pool refuse it)
+        pending[-1][1] = pool.submit(_decode_chunk, chunk)
+
+    try:
+        for chunk in itertools.islice(chunks, 2 * workers):
+            send(chunk)
+        while pending:
+            results = pending[0][1].result()
+            pending.popleft()
+            yield from results  # (before the next task is sent: a pool that breaks then has not lost them)
+            following = next(chunks, None)
+            if following is not None:
+                send(following)
+    except BrokenProcessPool:
+        logger.warning("A decoding process ended unexpectedly: the other images are decoded in this one.")
+        for chunk in itertools.chain([c for c, _ in pending], chunks):
+            yield from _decode_chunk(chunk)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
