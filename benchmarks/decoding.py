@@ -101,11 +101,27 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--small_images", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--parallel_after_seconds",
+        type=float,
+        default=None,
+        help="The pool's threshold (default: the library's); 0 starts it for any split.",
+    )
+    parser.add_argument(
+        "--probe_images",
+        type=int,
+        default=None,
+        help="Images timed in one process before the pool may start (default: the library's).",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args()
 
     import refilled_hf.image_decoding as decoding
 
+    if args.parallel_after_seconds is not None:
+        decoding.PARALLEL_AFTER_SECONDS = args.parallel_after_seconds
+    if args.probe_images is not None:
+        decoding.PROBE_IMAGES = args.probe_images
     workers = decoding.decode_workers()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     device = f"CPU ({platform.processor() or platform.machine()}, {cores} cores)"

@@ -129,6 +129,17 @@ def test_step_time_benchmark_builds_each_stages_trainer_arguments(monkeypatch, t
         assert args.stage1_variant == ("triplet" if method == "stage1-triplet" else "tuple")
 
 
+def test_decoding_benchmark_times_one_process_against_the_pool_on_the_same_pixels(tmp_path):
+    _script("decoding.py", "--images", "24", "--width", "50", "--height", "40", "--small_images", "24", "--rounds", "1",
+            "--parallel_after_seconds", "0", "--probe_images", "1", "--out", str(tmp_path))  # fmt: skip
+    record = json.loads((tmp_path / "decoding_cpu.json").read_text())
+    assert [r["count"] for r in record["rows"]] == [24, 24]
+    for row in record["rows"]:  # (the script checks that every way gave the same content digest)
+        assert row["pool_ran"] is (row["workers"] > 1)
+        assert row["before_seconds"] > 0 and row["serial_seconds"] > 0 and row["pool_seconds"] > 0
+    assert "| 24 JPEGs 50x40" in (tmp_path / "decoding_cpu.md").read_text()
+
+
 def test_ddp_unused_benchmark_times_both_settings_in_two_processes(tmp_path):
     _script("ddp_unused.py", "--rounds", "1", "--steps", "3", "--out", str(tmp_path))
     record = json.loads((tmp_path / "ddp_unused_cpu.json").read_text())
