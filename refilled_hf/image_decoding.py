@@ -20,6 +20,8 @@ and name each broken one, which a loader's collation and worker errors do not gi
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import hashlib
 import io
 import itertools
@@ -62,6 +64,8 @@ PARALLEL_AFTER_SECONDS = 5.0
 MAX_DECODE_WORKERS = 8
 #: images per task sent to a worker
 CHUNK_IMAGES = 32
+#: prctl's option that signals a process when its parent ends (linux/prctl.h)
+_PR_SET_PDEATHSIG = 1
 
 
 class UnreadablePixelsError(ValueError):
@@ -217,12 +221,19 @@ def decode_in_order(
         yield decode_checked(source, path)
 
 
-def _quiet_worker() -> None:
-    """A decoding worker leaves signals to the main process: a Ctrl-C at the terminal (sent to
-    the whole process group) stops the main process, which then stops the pool, and a SIGTERM
-    ends the worker as it would any process (not the handler the main process had set)."""
+def _start_worker(parent: int) -> None:
+    """A decoding worker leaves signals to the main process (``parent``): a Ctrl-C at the
+    terminal (sent to the whole process group) stops the main process, which then stops the
+    pool, and a SIGTERM ends the worker as it would any process (not the handler the main
+    process had set). It ends with the main process: killed alone (``kill``, the kernel's
+    out-of-memory killer), the main process would otherwise leave its workers waiting forever
+    on a queue that their own inherited copy of it keeps open."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(OSError, AttributeError):  # (Linux's prctl; the pool runs on Linux only)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # (gone before the line above took effect)
+        os._exit(1)
 
 
 def _decode_chunk(chunk: list[tuple[bytes | str | None, str | None]]) -> list[Decoded]:
@@ -234,7 +245,7 @@ def _decode_in_pool(sources: Iterator[tuple[bytes | str | None, str | None]], wo
     tasks per worker waiting (so memory stays bounded however slowly the results are taken).
     A pool that breaks (a worker killed) leaves the images it had not returned to this process."""
     chunks = iter(lambda: list(itertools.islice(sources, CHUNK_IMAGES)), [])
-    pool = ProcessPoolExecutor(workers, mp_context=_fork_context(), initializer=_quiet_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=_fork_context(), initializer=_start_worker, initargs=(os.getpid(),))
     pending: collections.deque[list] = collections.deque()  # [chunk, its future], in order, none yielded yet
 
     def send(chunk: list) -> None:

@@ -7,6 +7,10 @@ import io
 import logging
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -167,3 +171,41 @@ def test_a_split_decoded_by_the_pool_is_the_split_decoded_in_one_process(tmp_pat
         refusals.append(str(raised.value))
     assert refusals[0] == refusals[1] and "3.jpg: UnidentifiedImageError" in refusals[0]
     assert "remove those files" in refusals[0]
+
+
+_KILLED_MID_POOL = """
+import io, multiprocessing, os, signal
+import numpy as np
+from PIL import Image
+import refilled_hf.image_decoding as decoding
+
+buffer = io.BytesIO()
+Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+sources = [(buffer.getvalue(), None)] * 5000
+images = decoding.decode_in_order(sources, len(sources), workers=2, probe=1, parallel_after_seconds=0)
+next(images), next(images)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # (a zombie has ended)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool runs on Linux only")
+def test_workers_end_with_a_main_process_killed_mid_pool():
+    """A kill of the main process alone (the out-of-memory killer, `kill -9`) must not leave its
+    decoding workers waiting forever."""
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_POOL], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    workers = [int(pid) for pid in done.stdout.split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in workers)
