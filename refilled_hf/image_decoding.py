@@ -62,8 +62,10 @@ PARALLEL_AFTER_SECONDS = 5.0
 #: at most this many decoding processes: the main process, which receives and hashes every image,
 #: keeps up with about 3 of them (benchmarks/decoding.py); more would only take cores from training
 MAX_DECODE_WORKERS = 8
-#: images per task sent to a worker
+#: images per task sent to a worker: at most this many, and about CHUNK_BYTES of decoded pixels
+#: (with two tasks per worker in flight, the pool holds about 2 x workers x CHUNK_BYTES)
 CHUNK_IMAGES = 32
+CHUNK_BYTES = 8 << 20
 #: prctl's option that signals a process when its parent ends (linux/prctl.h)
 _PR_SET_PDEATHSIG = 1
 
@@ -203,9 +205,11 @@ def decode_in_order(
     workers = decode_workers() if workers is None else workers
     probe = PROBE_IMAGES if probe is None else probe
     parallel_after_seconds = PARALLEL_AFTER_SECONDS if parallel_after_seconds is None else parallel_after_seconds
-    start, done = time.perf_counter(), 0
+    start, done, pixels = time.perf_counter(), 0, 0
     for source, path in itertools.islice(sources, probe):
-        yield decode_checked(source, path)
+        image = decode_checked(source, path)
+        pixels += image.array.nbytes if image.array is not None else 0
+        yield image
         done += 1
     left = count - done
     if left > 0 and workers > 1:
@@ -215,7 +219,9 @@ def decode_in_order(
                 "Decoding and checking the other %d %s in %d processes (about %.0f s in one).",
                 left, what, workers, serial,
             )  # fmt: skip
-            yield from _decode_in_pool(sources, workers)
+            # tasks of about CHUNK_BYTES of pixels (one 12-megapixel photo is 36 MB decoded)
+            chunk = max(1, min(CHUNK_IMAGES, round(CHUNK_BYTES / max(pixels / max(done, 1), 1))))
+            yield from _decode_in_pool(sources, workers, chunk)
             return
     for source, path in sources:
         yield decode_checked(source, path)
@@ -240,11 +246,13 @@ def _decode_chunk(chunk: list[tuple[bytes | str | None, str | None]]) -> list[De
     return [decode_checked(source, path) for source, path in chunk]
 
 
-def _decode_in_pool(sources: Iterator[tuple[bytes | str | None, str | None]], workers: int) -> Iterator[Decoded]:
-    """The rest of ``sources`` decoded by ``workers`` processes, in order, with at most two
-    tasks per worker waiting (so memory stays bounded however slowly the results are taken).
-    A pool that breaks (a worker killed) leaves the images it had not returned to this process."""
-    chunks = iter(lambda: list(itertools.islice(sources, CHUNK_IMAGES)), [])
+def _decode_in_pool(sources: Iterator[tuple[bytes | str | None, str | None]], workers: int,
+                    chunk_images: int) -> Iterator[Decoded]:  # fmt: skip
+    """The rest of ``sources`` decoded by ``workers`` processes, ``chunk_images`` per task, in
+    order, with at most two tasks per worker under way or waiting to be taken (so memory stays
+    bounded however slowly the results are taken). A pool that breaks (a worker killed) leaves
+    the images it had not returned to this process."""
+    chunks = iter(lambda: list(itertools.islice(sources, chunk_images)), [])
     pool = ProcessPoolExecutor(workers, mp_context=_fork_context(), initializer=_start_worker, initargs=(os.getpid(),))
     pending: collections.deque[list] = collections.deque()  # [chunk, its future], in order, none yielded yet
 

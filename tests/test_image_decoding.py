@@ -82,6 +82,25 @@ def test_images_quick_to_decode_stay_in_this_process(tmp_path, caplog):
     assert [int(d.array[0, 0, 0]) for d in decoded] == list(range(200))
 
 
+def test_a_task_holds_about_chunk_bytes_of_pixels(monkeypatch):
+    """Large photos go to the workers a few at a time, so that the pool's tasks in flight stay
+    within memory (a 12-megapixel photo is 36 MB decoded)."""
+    sizes = []
+    pool = decoding._decode_in_pool
+
+    def spied(sources, workers, chunk_images):
+        sizes.append(chunk_images)
+        return pool(sources, workers, chunk_images)
+
+    monkeypatch.setattr(decoding, "_decode_in_pool", spied)
+    sources = [(_png(np.full((16, 16, 3), i, np.uint8)), None) for i in range(40)]  # 768 bytes decoded each
+    for chunk_bytes in (1600, 1 << 30):
+        monkeypatch.setattr(decoding, "CHUNK_BYTES", chunk_bytes)
+        decoded = list(decoding.decode_in_order(sources, len(sources), workers=2, probe=2, parallel_after_seconds=0))
+        assert [int(d.array[0, 0, 0]) for d in decoded] == list(range(40))
+    assert sizes == [2, decoding.CHUNK_IMAGES]
+
+
 def test_stopping_early_stops_the_pool(tmp_path):
     sources = [(_png(np.full((4, 4, 3), i % 256, np.uint8)), None) for i in range(300)]
     images = decoding.decode_in_order(sources, len(sources), workers=2, probe=1, parallel_after_seconds=0)
