@@ -10,8 +10,9 @@ rest are decoded by a pool of forked processes (:func:`decode_workers`: the core
 may use, shared with the other training processes on the machine; Linux only), and the results
 come back in the split's order, identical to a decoding in one process. The main process still
 receives and hashes every image (the split's content digest is one SHA-256 over all its pixels,
-in order): about 0.9 ms of its CPU per such photo, which bounds the gain at about 2.5x however
-many cores there are (``benchmarks/decoding.py``).
+in order): about 0.8 ms of its CPU per such photo, against about 2.3 ms for the whole
+decode-check in one process, which bounds the gain near 3x however many cores there are
+(``benchmarks/decoding.py``).
 
 Hand-written rather than a DataLoader: the decode-check must see every image once, in order,
 and name each broken one, which a loader's collation and worker errors do not give.
