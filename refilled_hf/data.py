@@ -32,14 +32,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 from torchvision import transforms as T
 
-from .image_decoding import (  # noqa: F401  (UnreadablePixelsError, rgb_array: imported from here too)
-    UnreadablePixelsError,
-    add_to_content_digest,
-    decode_in_order,
-    decode_source,
-    pixel_digest,
-    rgb_array,
-)
+from .image_decoding import add_to_content_digest, decode_in_order, decode_source
 from .messages import error_text, offline_hint
 
 __all__ = [

@@ -565,7 +565,7 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
     transformers' load_image turn it upright: training on it sideways would not match them."""
     from PIL import ExifTags, Image
 
-    from refilled_hf.data import rgb_array
+    from refilled_hf.image_decoding import rgb_array
 
     stored = np.zeros((4, 6, 3), np.uint8)  # 4 high, 6 wide, a white left column
     stored[:, 0] = 255
