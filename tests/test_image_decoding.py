@@ -56,6 +56,7 @@ def _same(one: list[decoding.Decoded], other: list[decoding.Decoded]) -> None:
 
 def test_the_pool_decodes_exactly_what_one_process_decodes_in_the_same_order(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(decoding, "CHUNK_IMAGES", 3)  # many tasks in flight, returned out of order
+    others = set(multiprocessing.active_children())  # (any an earlier test left running)
     sources = _sources(tmp_path)
     alone = list(decoding.decode_in_order(sources, len(sources), workers=1, parallel_after_seconds=0))
     with caplog.at_level(logging.INFO, logger="refilled_hf.image_decoding"):
@@ -70,7 +71,7 @@ def test_the_pool_decodes_exactly_what_one_process_decodes_in_the_same_order(tmp
     assert "floating-point pixels (Pillow mode F)" in kinds[7][1]
     assert alone[1].array.shape == (40, 30, 3) and alone[2].array.shape == (7, 7, 3)
     assert alone[0].digest == decoding.pixel_digest(alone[0].array)
-    assert not multiprocessing.active_children()  # the pool is gone once the results are
+    assert set(multiprocessing.active_children()) <= others  # the pool is gone once the results are
 
 
 def test_images_quick_to_decode_stay_in_this_process(tmp_path, caplog):
@@ -103,10 +104,11 @@ def test_a_task_holds_about_chunk_bytes_of_pixels(monkeypatch):
 
 def test_stopping_early_stops_the_pool(tmp_path):
     sources = [(_png(np.full((4, 4, 3), i % 256, np.uint8)), None) for i in range(300)]
+    others = set(multiprocessing.active_children())
     images = decoding.decode_in_order(sources, len(sources), workers=2, probe=1, parallel_after_seconds=0)
     assert [int(next(images).array[0, 0, 0]) for _ in range(5)] == [0, 1, 2, 3, 4]
     images.close()  # (a refused image ends the caller's loop so)
-    assert not multiprocessing.active_children()
+    assert set(multiprocessing.active_children()) <= others
 
 
 _TEST_PROCESS, _DECODE_CHUNK = os.getpid(), decoding._decode_chunk
