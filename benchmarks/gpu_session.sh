@@ -11,7 +11,7 @@
 #
 # Extra arguments go to every throughput.py call. Environment: OUT (default /tmp/gpu-out),
 # DATA (default .device/data/cifar10), SMALL=0 skips the 60 + 60-epoch small run, and
-# T_RUN T_MINING T_HOST T_MICRO T_224 T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE T_DECODE set each step's time limit in seconds
+# T_RUN T_MINING T_HOST T_MICRO T_224 T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE T_DECODE T_LOADER set each step's time limit in seconds
 # (together more than one 600 s command: the last steps run only when the first finish early).
 # T_C100 > 0 first runs issue 10's converging CIFAR-100 comparison (`cifar100.py --budget gpu`, needs
 # .device/data/cifar100; about 3 minutes per seed) for that many seconds, and T_B512ACC > 0 issue 11's
@@ -98,4 +98,7 @@ step "${T_CACHE:-40}" teacher_cache $BF16 --only_teacher_cache --cache_shots 20 
 # 9. the decode-check of a data set of photos at start-up on a many-core machine: one process against the
 #    pool of decoding processes (CPU work; this machine's 16 cores against the development machine's 2)
 micro "${T_DECODE:-90}" decoding decoding.py --rounds 1
+# 10. the worker path's loading at 224 px by DataLoader workers (0: the default before 2026-12-06; 8: the
+#     default now on this machine), against accelerator steps of 0, 50 and 200 ms (host work; 16 cores)
+micro "${T_LOADER:-120}" loader_workers loader_workers.py --workers 0 1 4 8 --step_ms 0 50 200
 echo "== $(date +%T) done" | tee -a "$LOG"

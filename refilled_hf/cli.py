@@ -218,9 +218,10 @@ POSITIONAL_USAGE = {
 }
 
 
-#: refilled-hf's own fields whose default is None (unset): a none word sets them back to it
+#: fields whose default is refilled-hf's None (unset; --dataloader_num_workers: this machine's
+#: default): a none word sets them back to it
 UNSETTABLE_FIELDS = frozenset(f.name for f in fields(RefilledConfig) if f.default is None) - {
-    f.name for f in fields(TrainingArguments)
+    f.name for f in fields(TrainingArguments) if f.default is None
 }
 
 

@@ -24,6 +24,7 @@ import transformers
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
+from .image_decoding import default_loader_workers
 from .losses import RELATIONSHIP_VARIANTS
 
 __all__ = ["FIELD_USERS", "INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError", "option_name"]
@@ -186,9 +187,10 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
 INFORMATIONAL_FIELDS: tuple[str, ...] = ("do_train", "do_eval", "do_predict")
 
 #: Fields a run may set from the machine it runs on (bf16 without a GPU runs on the CPU, which
-#: transformers then does not pin memory for; a GPU gets non-blocking copies): recipes give them as
-#: the user gave them (RefilledConfig.to_recipe), run identities as they ran.
-MACHINE_DECIDED_FIELDS = ("use_cpu", "dataloader_pin_memory", "accelerator_config")
+#: transformers then does not pin memory for; a GPU gets non-blocking copies; the loader workers
+#: follow the cores and the accelerator, unless set): recipes give them as the user gave them
+#: (RefilledConfig.to_recipe), run identities as they ran.
+MACHINE_DECIDED_FIELDS = ("use_cpu", "dataloader_pin_memory", "accelerator_config", "dataloader_num_workers")
 
 #: Inherited fields that do what transformers documents (some with refilled-hf's own
 #: meaning, stated in their help: optim, max_steps, warmup_steps, label_smoothing_factor,
@@ -779,7 +781,17 @@ class RefilledConfig(TrainingArguments):
         default="none", **_help("Trackers to report to: none (default), all, or installed ones like tensorboard.")
     )
     remove_unused_columns: bool = field(default=False, **_help("Keep every column (images are not tokens)."))
-    dataloader_num_workers: int = field(default=0, **_help("Data-loading worker processes."))
+    dataloader_num_workers: int | None = field(
+        default=None,
+        **_help(
+            "DataLoader worker processes of the worker path (the device path loads in the training process). "
+            "Default: on an accelerator, the cores this process may use (its CPU affinity, shared with the "
+            "launch's other processes on the machine) less one, at most 8; 0 on the CPU (loading in the training "
+            "process was faster there) and where processes are not forked (not Linux). Each worker draws the "
+            "augmentations of its batches from a generator of its own: set it to repeat a run's draws on "
+            "another machine."
+        ),
+    )
     optim: str = field(
         default="sgd",
         **_help(
@@ -916,6 +928,8 @@ class RefilledConfig(TrainingArguments):
         # process 0 of 1, and all of them wrote the same --output_dir.
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             self.use_cpu = True
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = default_loader_workers(on_accelerator=not self.use_cpu and _has_accelerator())
         if self.accelerator_config is None and self.dataloader_pin_memory and torch.cuda.is_available():
             # pinned batches copied to the GPU without blocking: a blocking copy makes the host wait for the
             # GPU to finish the previous step before it may queue the next one
@@ -1232,6 +1246,11 @@ class RefilledConfig(TrainingArguments):
         for name, value in changes.items():
             setattr(view, name, value)
         return view
+
+    def left_to_machine(self, name: str) -> bool:
+        """Whether the user left ``name`` (one of :data:`MACHINE_DECIDED_FIELDS` whose default
+        is None: ``dataloader_num_workers``, ``accelerator_config``) for this machine to decide."""
+        return getattr(self, "_given", {}).get(name) is None
 
     def with_changes(self, **changes: Any) -> RefilledConfig:
         """``dataclasses.replace`` (a validated copy with ``changes``) that keeps what the user

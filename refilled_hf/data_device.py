@@ -193,8 +193,8 @@ def choose_and_place(data, pretrained_cfg: dict[str, Any], *, mode: str, flip: b
         elif mode == "auto" and torch.device(device).type == "cpu":
             # measured (benchmarks/imagenet_transforms.py): on a CPU, Pillow's SIMD code in the
             # workers beats the batched float64 resampling; on an accelerator the device path wins
-            reason = (f"on a CPU, timm's PIL transforms for {size}-px inputs run faster in DataLoader workers "
-                      "(--data_path device forces the device path)")  # fmt: skip
+            reason = (f"on a CPU, timm's PIL transforms for {size}-px inputs run faster than the device path's "
+                      "batched ones (--data_path device forces the device path)")  # fmt: skip
     if reason is None and any(getattr(split, "_decoded", None) is None for split in splits.values()):
         reason = "the decoded images are too large to keep in memory"
     if reason is None:

@@ -182,7 +182,14 @@ def prepare_data(config: RefilledConfig, data: ClassificationData, pretrained_cf
     except ValueError as err:
         raise ConfigError(str(err)) from None
     data.info["data_path"] = path
-    logger.info("Data path: %s (%s).", path, reason)
+    loading = ""
+    if path == "workers":
+        workers = config.dataloader_num_workers
+        who = {0: "the training process reads and transforms", 1: "1 DataLoader worker reads and transforms"}.get(
+            workers, f"{workers} DataLoader workers read and transform"
+        )
+        loading = f"; {who} the batches (--dataloader_num_workers {workers})"
+    logger.info("Data path: %s (%s)%s.", path, reason, loading)
     return data
 
 
@@ -696,6 +703,8 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         **({"kd_teacher_columns": kd_columns} if kd_columns is not None else {}),
     }
     check_comparable(results, baselines)
+    if mode is not None and rundir.present():
+        _resume_loader_workers(config, rundir, data)
     identity = _run_identity(config, data, student, student_cfg, teacher)
     if kd_columns is not None:  # (absent otherwise: what runs recorded before KD could use a part of a teacher)
         identity["kd_teacher_columns"] = kd_columns
@@ -734,6 +743,23 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     finally:
         end_stage_runs()  # the last stage's tracker run, which its final metrics reached
         rundir.release()
+
+
+def _resume_loader_workers(config: RefilledConfig, rundir: RunDirectory, data: ClassificationData) -> None:
+    """A resume on the worker path with ``--dataloader_num_workers`` unset continues with the
+    worker count its run recorded: each worker draws the augmentations of its batches from a
+    generator of its own, so the count is part of the run, while the default follows this
+    machine's cores (a resume on another machine, or with another CPU affinity)."""
+    if data.info.get("data_path") != "workers" or not config.left_to_machine("dataloader_num_workers"):
+        return
+    recorded = ((rundir.manifest() or {}).get("identity") or {}).get("dataloader_num_workers")
+    if type(recorded) is int and recorded >= 0 and recorded != config.dataloader_num_workers:
+        logger.info(
+            "Resuming with the %d DataLoader workers the run started with (this machine's default: %d; "
+            "--dataloader_num_workers sets the count, and a resume refuses another one).",
+            recorded, config.dataloader_num_workers,
+        )  # fmt: skip
+        config.dataloader_num_workers = recorded
 
 
 #: Options outside a run's identity that shape its export: the card's baselines and license, and

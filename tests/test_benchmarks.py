@@ -140,6 +140,17 @@ def test_decoding_benchmark_times_one_process_against_the_pool_on_the_same_pixel
     assert "| 24 JPEGs 50x40" in (tmp_path / "decoding_cpu.md").read_text()
 
 
+def test_loader_workers_benchmark_times_the_run_s_own_loader_by_worker_count(tmp_path):
+    _script("loader_workers.py", "--images", "16", "--width", "60", "--height", "45", "--image_size", "72", "--batch",
+            "4", "--batches", "2", "--workers", "0", "1", "--step_ms", "0", "30", "--out", str(tmp_path))  # fmt: skip
+    record = json.loads((tmp_path / "loader_workers_cpu.json").read_text())
+    assert [(r["step_ms"], r["workers"]) for r in record["rows"]] == [(0, 0), (0, 1), (30, 0), (30, 1)]
+    for row in record["rows"]:
+        assert row["images_per_second"] > 0 and (row["busy"] == 0) is (row["step_ms"] == 0) and row["busy"] <= 1
+    assert record["default_workers_on_accelerator"] >= 1
+    assert "| 30 | 1 |" in (tmp_path / "loader_workers_cpu.md").read_text()
+
+
 def test_ddp_unused_benchmark_times_both_settings_in_two_processes(tmp_path):
     _script("ddp_unused.py", "--rounds", "1", "--steps", "3", "--out", str(tmp_path))
     record = json.loads((tmp_path / "ddp_unused_cpu.json").read_text())

@@ -284,6 +284,34 @@ def test_what_this_machine_decided_stays_out_of_the_recipes_a_user_takes_elsewhe
     assert "\nbf16: true\n" in printed and "use_cpu" not in printed
 
 
+def test_loader_workers_left_unset_follow_the_machine_and_recipes_leave_them_to_the_next_one(monkeypatch, tmp_path):
+    """--dataloader_num_workers unset: the machine's default (config.default_loader_workers, told
+    whether the run has an accelerator); recipes say null (each machine decides again), the run's
+    identity says what ran. A count the user sets is kept, also in recipes."""
+    import refilled_hf.config as config_module
+
+    asked = []
+    monkeypatch.setattr(config_module, "_has_accelerator", lambda: True)
+    monkeypatch.setattr(
+        config_module, "default_loader_workers", lambda on_accelerator: asked.append(on_accelerator) or 5
+    )
+    config = RefilledConfig(output_dir=str(tmp_path / "o"))
+    assert config.dataloader_num_workers == 5 and asked == [True] and config.left_to_machine("dataloader_num_workers")
+    assert config.to_recipe()["dataloader_num_workers"] is None
+    assert config.to_recipe(as_run=True)["dataloader_num_workers"] == 5
+    assert config.with_changes(seed=1).to_recipe()["dataloader_num_workers"] is None
+    (again,) = parse_config((RefilledConfig,), ["--config", write_recipe(tmp_path / "r.yaml", **config.to_recipe())],
+                            "t")  # fmt: skip
+    assert again.dataloader_num_workers == 5 and again.to_recipe() == config.to_recipe()
+    (unset,) = parse_config((RefilledConfig,), ["--config", write_recipe(tmp_path / "w.yaml", dataloader_num_workers=2),
+                                                "--dataloader_num_workers", "none"], "t")  # fmt: skip
+    assert unset.dataloader_num_workers == 5 and unset.left_to_machine("dataloader_num_workers")
+    assert RefilledConfig(use_cpu=True).dataloader_num_workers == 5 and asked[-1] is False  # training on the CPU
+    mine = RefilledConfig(dataloader_num_workers=0)
+    assert mine.dataloader_num_workers == 0 and mine.to_recipe()["dataloader_num_workers"] == 0
+    assert not mine.left_to_machine("dataloader_num_workers")
+
+
 def test_train_teacher_prints_the_fields_it_reads_and_they_read_back(tmp_path):
     """No student or distillation option in train-teacher's printed configuration (the student's
     default would name a model it does not train), and train-teacher takes it back unchanged."""

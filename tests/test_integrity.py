@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -1063,6 +1064,32 @@ def test_a_resume_may_change_what_only_chose_the_device_path_or_its_loader_worke
     results = run({**recipe, **changed, "resume_from_checkpoint": str(checkpoints(out / "ce")[0])})
     assert results["final"]["test_top1"] == reference["final"]["test_top1"]
     assert results["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_resume_on_the_worker_path_keeps_its_run_s_loader_workers_unless_set(data_dir, tmp_path, monkeypatch, caplog):
+    """Each loader worker draws the augmentations of its batches from a generator of its own: on
+    the worker path the count is part of the run. Left unset it follows the machine's cores, so a
+    resume elsewhere (here: a default of 1 worker, where the run started with 2) continues with the
+    run's count and ends as the uninterrupted run; a count set to another is refused."""
+    import refilled_hf.config as config_module
+
+    monkeypatch.setattr(config_module, "default_loader_workers", lambda on_accelerator: 2)
+    recipe = tiny_recipe(data_dir, tmp_path / "reference", method="ce", stage2_epochs=3, stage2_milestones="2",
+                         data_path="workers")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="refilled_hf"):
+        reference = run(recipe)
+    assert "2 DataLoader workers read and transform the batches (--dataloader_num_workers 2)" in caplog.text
+    assert json.loads((tmp_path / "reference" / "run.json").read_text())["identity"]["dataloader_num_workers"] == 2
+    recipe, out = _copy_unfinished(recipe, tmp_path)
+    monkeypatch.setattr(config_module, "default_loader_workers", lambda on_accelerator: 1)  # another machine
+    with pytest.raises(RunDirError, match="dataloader_num_workers"):
+        run({**recipe, "dataloader_num_workers": 1, "resume_from_checkpoint": "true"})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="refilled_hf"):
+        resumed = run({**recipe, "resume_from_checkpoint": str(checkpoints(out / "ce")[0])})
+    assert "Resuming with the 2 DataLoader workers the run started with (this machine's default: 1" in caplog.text
+    assert_same_run_end(resumed, reference, out, tmp_path / "reference")
 
 
 def assert_same_run_end(resumed: dict, reference: dict, out: Path, reference_out: Path) -> None:
