@@ -278,8 +278,24 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
         parser.set_defaults(**read_recipe(config_path, dataclass_types))
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
-        raise CliError(f"Unknown arguments: {rest}. See `{prog} --help`.")
+        hints = _close_options(parser, rest)
+        raise CliError(f"Unknown arguments: {rest}.{hints} See `{prog} --help`.")
     return tuple(p for p in parsed if isinstance(p, dataclass_types))  # drop the --config namespace
+
+
+def _close_options(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """`` --stage1_milestones: did you mean --stage2_milestones?`` for each unknown flag in
+    ``unknown`` that is close to one of the parser's, or nothing."""
+    known = sorted({o.replace("-", "_") for a in parser._actions for o in a.option_strings if o.startswith("--")})
+    hints = []
+    for word in unknown:
+        flag = word.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        close = difflib.get_close_matches(flag.replace("-", "_"), known, n=2, cutoff=0.8)
+        if close:
+            hints.append(f"{flag}: did you mean {' or '.join(c.replace('__', '--', 1) for c in close)}?")
+    return "".join(f" {hint}" for hint in hints)
 
 
 #: the sections of a training command's ``--help``, in order, and which fields each holds
@@ -439,10 +455,23 @@ def parse_command(command: str, argv: list[str]) -> tuple[Any, ...]:
     return parse_config(types, argv, f"refilled-hf {command}")
 
 
+def _follow_disable_tqdm(disabled: bool | None) -> None:
+    """``--disable_tqdm true`` turns off every progress bar of the command, not only the
+    Trainer's: datasets' (reading a data set's files, generating its splits) and
+    huggingface_hub's (fetching a model) too, which a job's log would otherwise collect."""
+    if disabled:
+        import datasets
+        from huggingface_hub.utils import disable_progress_bars
+
+        datasets.disable_progress_bars()
+        disable_progress_bars()
+
+
 def cmd_train(argv: list[str], command: str) -> int:
     from .pipeline import run_distillation, run_teacher_training
 
     (config,) = parse_command(command, argv)
+    _follow_disable_tqdm(config.disable_tqdm)
     _print_config(config, command)
     results = (run_teacher_training if command == "train-teacher" else run_distillation)(config)
     if config.process_index == 0:
@@ -455,6 +484,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     from .evaluation import evaluate_model
 
     eval_args, config = parse_command("evaluate", argv)
+    _follow_disable_tqdm(config.disable_tqdm)
     metrics = evaluate_model(eval_args.model, config, checkpoint=eval_args.checkpoint, split=eval_args.split)
     if config.process_index == 0:
         print_json(metrics)
@@ -465,6 +495,7 @@ def cmd_probe(argv: list[str]) -> int:
     from .probe import probe_teacher
 
     (config,) = parse_command("probe-teacher", argv)
+    _follow_disable_tqdm(config.disable_tqdm)
     result = probe_teacher(config)
     if config.process_index == 0:
         print(
@@ -515,9 +546,10 @@ def cmd_compare(argv: list[str]) -> int:
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    from .quickstart import run_quickstart
+    from .quickstart import QUICKSTART_RECIPES, run_quickstart
 
     (args,) = parse_command("quickstart", argv)
+    _follow_disable_tqdm(QUICKSTART_RECIPES["teacher"]["disable_tqdm"])  # as its runs' recipes say
     run_quickstart(args.output_dir, shots_per_class=args.shots_per_class, seeds=tuple(args.seeds),
                    overwrite=args.overwrite)  # fmt: skip
     return 0

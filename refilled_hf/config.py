@@ -243,6 +243,11 @@ def inherited_field_help(name: str) -> str | None:
         return (
             "Not known to this refilled-hf release (a newer transformers option): refused unless left at its default."
         )
+    if name == "disable_tqdm":  # the command line turns off the bars of datasets and huggingface_hub too
+        return (
+            "Disable the progress bars: the Trainer's and, on the command line, those of datasets (loading a data "
+            "set) and huggingface_hub (fetching a model). Default: true when log_level is warning or lower."
+        )
     if name == "train_sampling_strategy":  # transformers' help lists the length-based samplers too
         return "Training batch order: 'random' (default) or 'sequential' (the length-based samplers are refused)."
     if name in INFORMATIONAL_FIELDS:

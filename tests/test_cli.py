@@ -55,10 +55,37 @@ def test_unknown_recipe_key_is_rejected_with_a_suggestion(tmp_path):
 
 
 def test_unknown_flag_and_bad_values(tmp_path):
-    with pytest.raises(CliError, match="Unknown arguments"):
+    with pytest.raises(CliError, match="Unknown arguments") as refused:
         parse_config((RefilledConfig,), ["--teacher", "x", "--no_such_flag", "1"], "t")
+    assert "did you mean" not in str(refused.value)
+    with pytest.raises(CliError, match=r"--stage1_milestones: did you mean --stage2_milestones\? See"):
+        parse_config((RefilledConfig,), ["--stage1_milestones", "3"], "t")
+    with pytest.raises(CliError, match=r"--distil-weight: did you mean --distill_weight\?"):
+        parse_config((RefilledConfig,), ["--distil-weight=3"], "t")
     with pytest.raises(ConfigError, match="Unknown method 'fitnet'"):
         parse_config((RefilledConfig,), ["--teacher", "x", "--method", "fitnet"], "t")
+
+
+def test_disable_tqdm_turns_off_the_progress_bars_of_datasets_too(tmp_path, capsys):
+    """A job's log collected datasets' bars (reading the files, generating each split) although
+    the run said --disable_tqdm true."""
+    import datasets
+    from huggingface_hub.utils import enable_progress_bars
+
+    fresh = write_image_dataset(tmp_path / "data", per_class_train=4, per_class_test=2)  # (nothing cached yet)
+    argv = ["train-teacher", "--teacher", "cifar_wrn_16_1", "--dataset", str(fresh), "--classes", "0-1", "--image_size",
+            "16", "--stage2_epochs", "1", "--validation_fraction", "0", "--use_cpu", "true"]  # fmt: skip
+    try:
+        assert main([*argv, "--output_dir", str(tmp_path / "quiet"), "--disable_tqdm", "true"]) == 0
+        quiet = capsys.readouterr().err
+    finally:  # (the rest of the suite as it was)
+        datasets.enable_progress_bars()
+        enable_progress_bars()
+    assert "Generating train split" not in quiet and "it/s]" not in quiet
+    fresh = write_image_dataset(tmp_path / "data2", per_class_train=4, per_class_test=2)
+    argv[argv.index(str(tmp_path / "data"))] = str(fresh)
+    assert main([*argv, "--output_dir", str(tmp_path / "bars"), "--disable_tqdm", "false"]) == 0
+    assert "Generating train split" in capsys.readouterr().err  # (what the quiet run would have shown)
 
 
 def test_resolved_config_hides_tokens():
