@@ -947,12 +947,19 @@ def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, 
             config.stage_view(distill_weight=chosen["distill_weight"]), "stage2", stage2_dirs[pick], student, data,
             callbacks, teacher=teacher, teacher_cache=cache,
         )  # fmt: skip
+        _as_trained(trainer)
     if Path(trainer.args.output_dir) != stage2_dirs[pick] or alone is not None:  # not the pick's own trainer
         _final_evaluation_run(trainer, config)
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=chosen["train_seconds"], train_metrics=chosen["train_metrics"])
     results["final"] = final
     return trainer
+
+
+def _as_trained(trainer: RefilledTrainer) -> None:
+    """A trainer made to evaluate a candidate that another trainer trained logs its metrics at
+    the end of the stage's epochs, as the candidate's own would have, not at epoch 0."""
+    trainer.state.epoch = float(trainer.args.num_train_epochs)
 
 
 def _final_evaluation_run(trainer: RefilledTrainer, config: RefilledConfig) -> None:
@@ -1038,6 +1045,7 @@ def _export_student_alone(config, alone, candidates, trainer, student, data, cal
     if trainer is None or trainer.stage != "ce":  # a trainer for the evaluation
         trainer = _make_trainer(_student_alone_view(config), "ce", Path(config.output_dir) / alone["stage_dir"],
                                 student, data, callbacks)  # fmt: skip
+        _as_trained(trainer)
         _final_evaluation_run(trainer, config)
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=alone["train_seconds"], train_metrics=alone["train_metrics"])

@@ -187,3 +187,19 @@ def test_the_exported_lambda_measured_after_another_trained_has_a_run_of_its_own
         )
         tests = [entry["test/top1"] for r in runs for entry in r.logged if "test/top1" in entry]
         assert tests == [results["final"]["test_top1"]] and "test/top1" in runs[-1].logged[-1]
+
+
+def test_the_pick_measured_by_a_trainer_made_for_it_logs_at_its_last_epoch(data_dir, teacher_dir, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    """A lambda picked over the student alone (trained last) is measured by a trainer made for
+    the evaluation: its validation and test reached the -final run at epoch 0."""
+    import refilled_hf.pipeline as pipeline
+
+    wandb = _fake_wandb(monkeypatch)
+    monkeypatch.setattr(pipeline, "pick_candidate", lambda candidates, **kwargs: 0)  # lambda 1, whatever measured
+    out = tmp_path / "run"
+    results = run(tiny_recipe(data_dir, out, method="refilled", teacher=f"local-dir:{teacher_dir}",
+                              report_to=["wandb"], distill_weight=None, distill_weight_search="1,10"))  # fmt: skip
+    assert results["distill_weight"] == 1 and not results["student_alone"]["exported"]
+    (final,) = [r for r in wandb.runs if r.name == f"{out}-final"]
+    assert [entry["train/epoch"] for entry in final.logged] == [2, 2] and "test/top1" in final.logged[-1]
