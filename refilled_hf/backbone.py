@@ -546,6 +546,12 @@ class FrozenTeacher(nn.Module):
         self.student_size = int(student_size) if student_size else None
         self.interpolation = "bicubic" if teacher_cfg.get("interpolation") == "bicubic" else "bilinear"
 
+    @property
+    def architecture(self) -> str:
+        """The teacher's timm architecture (``resnet18``), as its ``pretrained_cfg`` names it."""
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return str(cfg.get("architecture") or type(self.model).__name__)
+
     def adaptation_text(self) -> str:
         """How each student batch is adapted for the teacher, in words (for the run's log)."""
         steps = []

@@ -357,12 +357,22 @@ def _student_alone_note(results: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _teacher_architecture(teacher: str | None, architecture: str | None) -> str | None:
+    """The teacher's architecture where its name does not say it: a ``local-dir:`` folder, a
+    Hub repo, a name with a pretrained tag (``resnet50.a1_in1k``); None where the name is the
+    architecture, or the run recorded none (an earlier refilled-hf)."""
+    if not teacher or not architecture or teacher == architecture:
+        return None
+    return architecture
+
+
 def _as_student_alone(results: dict[str, Any], recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The results and recipe of the exported student-alone candidate, as a cross-entropy
     run of its own length and milestones (the card's recipe block stays the whole run's)."""
     alone = results["student_alone"]
     milestones = alone["stage2_milestones"]
     shown = {**results, "method": "ce", "stage1": None, "teacher": None, "teacher_classes": None, "teacher_input": None,
+             "teacher_architecture": None,
              "schedule": {**(results.get("schedule") or {}), "milestones": milestones}}  # fmt: skip
     for key in ("distill_weight", "distill_weight_search"):
         shown.pop(key, None)
@@ -496,6 +506,7 @@ def render_model_card(
         result_rows=rows,
         method=method,
         teacher=f"`{teacher}`" if teacher else None,
+        teacher_architecture=_teacher_architecture(teacher, results.get("teacher_architecture")),
         teacher_classes=results.get("teacher_classes"),
         teacher_input=results.get("teacher_input"),
         image_size=results.get("image_size"),

@@ -690,6 +690,8 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         "classes": config.classes,
         "teacher_classes": teacher_classes,
         "teacher_input": teacher.adaptation_text() if teacher is not None else None,
+        # what the teacher is where its name says where it was read from (local-dir:, a checkpoint file)
+        "teacher_architecture": teacher.architecture if teacher is not None else None,
         "class_names": data.class_names,
         "data": data.info,
         "world_size": config.world_size,

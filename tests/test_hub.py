@@ -150,7 +150,13 @@ def test_model_card_metadata_and_content():
     assert "stage 1 matches" in text and "200 epochs" in text and "lambda 10 x the" in text
     assert "200 epochs, lr 0.1,\n  x0.2 at epochs 100,140,180.\n" in text
     assert "Optimizer: SGD with Nesterov momentum 0.9, coupled weight decay 0.0005; global batch 128" in text
-    assert "Teacher: `hf-hub:someone/teacher-net`, trained on classes `0-49`" in text
+    assert "Teacher: `hf-hub:someone/teacher-net`, trained on classes `0-49`" in text  # (its architecture unrecorded)
+    named = render_model_card({**_fake_results(), "teacher_architecture": "resnet50"}, recipe,
+                              architecture="cifar_wrn_16_1")  # fmt: skip
+    assert "Teacher: `hf-hub:someone/teacher-net` (a `resnet50`), trained on classes `0-49`" in named
+    plain = RefilledConfig(teacher="resnet50", teacher_checkpoint="w.safetensors", output_dir="o").to_recipe()
+    own_name = {**_fake_results(), "teacher": "resnet50", "teacher_architecture": "resnet50"}
+    assert "Teacher: `resnet50`, trained" in render_model_card(own_name, plain, architecture="cifar_wrn_16_1")
     assert "tau2: 2.0" in text and "distill_weight: null" in text  # the recipe, defaults included
     assert "ye2020refilled" in text
     assert "hf_SECRET" not in text and "hub_token" not in text

@@ -312,6 +312,8 @@ def test_train_teacher_exports_a_local_dir_model(data_dir, tmp_path):
     student_card = (tmp_path / "student" / "model" / "README.md").read_text()
     assert "\n# refilled-hf student\n" in student_card and "- Student: `cifar_wrn_16_1`" in student_card
     assert "- Teacher: `local-dir:" in student_card and "To distill it" not in student_card
+    # what a folder's name does not say, for readers of the card on the Hub
+    assert student["teacher_architecture"] == "cifar_wrn_16_1" and "/model` (a `cifar_wrn_16_1`)," in student_card
     card = (tmp_path / "teacher" / "model" / "README.md").read_text()
     # a teacher's card: named and described as one, with how to distill it; no student, no teacher of its own
     assert results["command"] == "train-teacher"
