@@ -1257,6 +1257,13 @@ class RefilledConfig(TrainingArguments):
         is None: ``dataloader_num_workers``, ``accelerator_config``) for this machine to decide."""
         return getattr(self, "_given", {}).get(name) is None
 
+    def with_machine_value(self, name: str, value: Any) -> RefilledConfig:
+        """A copy (:meth:`with_changes`) whose :data:`MACHINE_DECIDED_FIELDS` field ``name`` is
+        ``value`` as this machine decided it: recipes still give it as the user gave it."""
+        copied = self.with_changes(**{name: value})
+        copied._given[name] = self._given.get(name)
+        return copied
+
     def with_changes(self, **changes: Any) -> RefilledConfig:
         """``dataclasses.replace`` (a validated copy with ``changes``) that keeps what the user
         gave for :data:`MACHINE_DECIDED_FIELDS`, which the copy would take as given."""

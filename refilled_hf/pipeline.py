@@ -706,7 +706,7 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     }
     check_comparable(results, baselines)
     if mode is not None and rundir.present():
-        _resume_loader_workers(config, rundir, data)
+        config = _resume_loader_workers(config, rundir, data)
     identity = _run_identity(config, data, student, student_cfg, teacher)
     if kd_columns is not None:  # (absent otherwise: what runs recorded before KD could use a part of a teacher)
         identity["kd_teacher_columns"] = kd_columns
@@ -747,21 +747,22 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         rundir.release()
 
 
-def _resume_loader_workers(config: RefilledConfig, rundir: RunDirectory, data: ClassificationData) -> None:
-    """A resume on the worker path with ``--dataloader_num_workers`` unset continues with the
-    worker count its run recorded: each worker draws the augmentations of its batches from a
-    generator of its own, so the count is part of the run, while the default follows this
-    machine's cores (a resume on another machine, or with another CPU affinity)."""
+def _resume_loader_workers(config: RefilledConfig, rundir: RunDirectory, data: ClassificationData) -> RefilledConfig:
+    """``config``, or, for a resume on the worker path with ``--dataloader_num_workers`` unset, a
+    copy with the worker count its run recorded: each worker draws the augmentations of its
+    batches from a generator of its own, so the count is part of the run, while the default
+    follows this machine's cores (a resume on another machine, or with another CPU affinity)."""
     if data.info.get("data_path") != "workers" or not config.left_to_machine("dataloader_num_workers"):
-        return
+        return config
     recorded = ((rundir.manifest() or {}).get("identity") or {}).get("dataloader_num_workers")
-    if type(recorded) is int and recorded >= 0 and recorded != config.dataloader_num_workers:
-        logger.info(
-            "Resuming with the %d DataLoader workers the run started with (this machine's default: %d; "
-            "--dataloader_num_workers sets the count, and a resume refuses another one).",
-            recorded, config.dataloader_num_workers,
-        )  # fmt: skip
-        config.dataloader_num_workers = recorded
+    if type(recorded) is not int or recorded < 0 or recorded == config.dataloader_num_workers:
+        return config
+    logger.info(
+        "Resuming with the %d DataLoader workers the run started with (this machine's default: %d; "
+        "--dataloader_num_workers sets the count, and a resume refuses another one).",
+        recorded, config.dataloader_num_workers,
+    )  # fmt: skip
+    return config.with_machine_value("dataloader_num_workers", recorded)
 
 
 #: Options outside a run's identity that shape its export: the card's baselines and license, and

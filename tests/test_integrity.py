@@ -1090,6 +1090,7 @@ def test_a_resume_on_the_worker_path_keeps_its_run_s_loader_workers_unless_set(d
         resumed = run({**recipe, "resume_from_checkpoint": str(checkpoints(out / "ce")[0])})
     assert "Resuming with the 2 DataLoader workers the run started with (this machine's default: 1" in caplog.text
     assert_same_run_end(resumed, reference, out, tmp_path / "reference")
+    assert "\ndataloader_num_workers: null\n" in (out / "model" / "README.md").read_text()  # each machine's own
 
 
 def assert_same_run_end(resumed: dict, reference: dict, out: Path, reference_out: Path) -> None:
