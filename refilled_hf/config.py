@@ -792,9 +792,9 @@ class RefilledConfig(TrainingArguments):
             "DataLoader worker processes of the worker path (the device path loads in the training process). "
             "Default: on an accelerator, the cores this process may use (its CPU affinity, shared with the "
             "launch's other processes on the machine) less one, at most 8; 0 on the CPU (loading in the training "
-            "process was faster there) and where processes are not forked (not Linux). Each worker draws the "
-            "augmentations of its batches from a generator of its own: set it to repeat a run's draws on "
-            "another machine."
+            "process was faster there) and where processes are not forked (not Linux). The augmentation does "
+            "not depend on it: each image's draws are seeded by the run's seed, the stage, the epoch and the "
+            "image."
         ),
     )
     optim: str = field(
@@ -1251,18 +1251,6 @@ class RefilledConfig(TrainingArguments):
         for name, value in changes.items():
             setattr(view, name, value)
         return view
-
-    def left_to_machine(self, name: str) -> bool:
-        """Whether the user left ``name`` (one of :data:`MACHINE_DECIDED_FIELDS` whose default
-        is None: ``dataloader_num_workers``, ``accelerator_config``) for this machine to decide."""
-        return getattr(self, "_given", {}).get(name) is None
-
-    def with_machine_value(self, name: str, value: Any) -> RefilledConfig:
-        """A copy (:meth:`with_changes`) whose :data:`MACHINE_DECIDED_FIELDS` field ``name`` is
-        ``value`` as this machine decided it: recipes still give it as the user gave it."""
-        copied = self.with_changes(**{name: value})
-        copied._given[name] = self._given.get(name)
-        return copied
 
     def with_changes(self, **changes: Any) -> RefilledConfig:
         """``dataclasses.replace`` (a validated copy with ``changes``) that keeps what the user

@@ -32,6 +32,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 from torchvision import transforms as T
 
+from .augmentation_seeds import SeededAugmentation
 from .image_decoding import add_to_content_digest, decode_in_order, decode_source
 from .messages import error_text, offline_hint
 
@@ -1037,6 +1038,14 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         #: SHA-256 of every image's size and pixels, in order: the same wherever and however the
         #: images are stored (known once :meth:`preload` has run)
         self.content_digest: str | None = None
+        #: ``transform`` with its draws seeded per image (:meth:`seed_augmentation`), or None
+        self.augmentation: SeededAugmentation | None = None
+
+    def seed_augmentation(self, seed: int, stream: str) -> SeededAugmentation:
+        """Seed the training transform's draws per image from ``seed``, ``stream`` (the stage)
+        and the epoch (the returned object's ``set_epoch``): see :mod:`refilled_hf.augmentation_seeds`."""
+        self.augmentation = SeededAugmentation(self.transform, seed, stream)
+        return self.augmentation
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -1158,7 +1167,12 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = Image.fromarray(self._array(index))
-        pixels = self.transform(image) if self.transform is not None else T.functional.pil_to_tensor(image)
+        if self.transform is None:
+            pixels = T.functional.pil_to_tensor(image)
+        elif self.augmentation is not None and self.augmentation.transform is self.transform:  # (not a copy's other)
+            pixels = self.augmentation(image, index)
+        else:
+            pixels = self.transform(image)
         return {"pixel_values": pixels, "labels": int(self.labels[index])}
 
 

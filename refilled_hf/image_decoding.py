@@ -23,8 +23,6 @@ worker count from here too (:func:`default_loader_workers`).
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
 import hashlib
 import io
 import itertools
@@ -44,6 +42,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from .messages import error_text
+from .worker_processes import end_with_parent
 
 __all__ = [
     "Decoded",
@@ -74,8 +73,6 @@ MAX_LOADER_WORKERS = 8
 #: (with two tasks per worker in flight, the pool holds about 2 x workers x CHUNK_BYTES)
 CHUNK_IMAGES = 32
 CHUNK_BYTES = 8 << 20
-#: prctl's option that signals a process when its parent ends (linux/prctl.h)
-_PR_SET_PDEATHSIG = 1
 
 
 class UnreadablePixelsError(ValueError):
@@ -262,10 +259,7 @@ def _start_worker(parent: int) -> None:
     on a queue that their own inherited copy of it keeps open."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    with contextlib.suppress(OSError, AttributeError):  # (Linux's prctl; the pool runs on Linux only)
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # (gone before the line above took effect)
-        os._exit(1)
+    end_with_parent(parent)
 
 
 def _decode_chunk(chunk: list[tuple[bytes | str | None, str | None]]) -> list[Decoded]:

@@ -570,11 +570,11 @@ def _run_identity(
     recipe = {k: v for k, v in config.to_recipe(as_run=True).items() if k not in NON_IDENTITY_FIELDS}
     recipe.pop("teacher_cache_dtype", None)
     # The data path the run took is recorded below; what chose it (--data_path auto or the path
-    # forced, the memory budget) computes nothing, nor do loader workers on the device path,
-    # where every loader runs in the main process: a resume may change them (another machine).
+    # forced, the memory budget) computes nothing, nor do loader workers (on the device path
+    # every loader runs in the main process; on the worker path each image's augmentation is
+    # seeded by itself, refilled_hf.augmentation_seeds): a resume may change them (another machine).
     recipe.pop("device_data_budget_gb", None)
-    if data.info.get("data_path") == "device":
-        recipe.pop("dataloader_num_workers", None)
+    recipe.pop("dataloader_num_workers", None)
     return {
         **recipe,
         # a float16 cache rounds the teacher's outputs: runs with and without it differ
@@ -705,8 +705,6 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         **({"kd_teacher_columns": kd_columns} if kd_columns is not None else {}),
     }
     check_comparable(results, baselines)
-    if mode is not None and rundir.present():
-        config = _resume_loader_workers(config, rundir, data)
     identity = _run_identity(config, data, student, student_cfg, teacher)
     if kd_columns is not None:  # (absent otherwise: what runs recorded before KD could use a part of a teacher)
         identity["kd_teacher_columns"] = kd_columns
@@ -745,24 +743,6 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     finally:
         end_stage_runs()  # the last stage's tracker run, which its final metrics reached
         rundir.release()
-
-
-def _resume_loader_workers(config: RefilledConfig, rundir: RunDirectory, data: ClassificationData) -> RefilledConfig:
-    """``config``, or, for a resume on the worker path with ``--dataloader_num_workers`` unset, a
-    copy with the worker count its run recorded: each worker draws the augmentations of its
-    batches from a generator of its own, so the count is part of the run, while the default
-    follows this machine's cores (a resume on another machine, or with another CPU affinity)."""
-    if data.info.get("data_path") != "workers" or not config.left_to_machine("dataloader_num_workers"):
-        return config
-    recorded = ((rundir.manifest() or {}).get("identity") or {}).get("dataloader_num_workers")
-    if type(recorded) is not int or recorded < 0 or recorded == config.dataloader_num_workers:
-        return config
-    logger.info(
-        "Resuming with the %d DataLoader workers the run started with (this machine's default: %d; "
-        "--dataloader_num_workers sets the count, and a resume refuses another one).",
-        recorded, config.dataloader_num_workers,
-    )  # fmt: skip
-    return config.with_machine_value("dataloader_num_workers", recorded)
 
 
 #: Options outside a run's identity that shape its export: the card's baselines and license, and

@@ -104,9 +104,9 @@ def names_a_place(key: str, value: Any) -> bool:
 ADDED_IDENTITY_FIELDS = frozenset({"teacher_setup", "student_setup"})
 
 
-#: identity fields earlier releases recorded that compute nothing (the device path's loader
-#: workers, the budget that chose the path, DDP's search for unused parameters and its
-#: buckets): a run they recorded resumes without them
+#: identity fields earlier releases recorded that compute nothing (the loader workers, the
+#: budget that chose the path, DDP's search for unused parameters and its buckets): a run
+#: they recorded resumes without them
 RETIRED_IDENTITY_FIELDS = frozenset({"device_data_budget_gb", "dataloader_num_workers", *DDP_TUNING_FIELDS})
 
 

@@ -24,9 +24,10 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers import EvalPrediction, Trainer, default_data_collator
+from transformers import EvalPrediction, Trainer, TrainerCallback, default_data_collator
 from transformers.trainer_utils import PredictionOutput
 
+from .augmentation_seeds import SeededAugmentation
 from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
 from .config import (
     DEFAULT_VALIDATION_FRACTION,
@@ -57,6 +58,7 @@ from .preflight import steps_per_epoch
 from .rundir import checkpoint_problem, last_complete_checkpoint
 from .teacher_cache import TeacherCache
 from .trackers import KeepStageRunsOpen, end_stage_runs
+from .worker_processes import loader_worker_init
 
 __all__ = ["STAGES", "RefilledTrainer", "batch_pixels", "compute_class_centers", "set_evaluation_cadence", "stage_args"]
 
@@ -350,6 +352,18 @@ def _check_label_spaces(stage: str, num_classes: int, model: StudentModel, teach
         )
 
 
+class _EpochOfAugmentation(TrainerCallback):
+    """Tells the per-image seeding of the worker path's augmentation (:mod:`refilled_hf.augmentation_seeds`)
+    which epoch starts, before its loader's workers start: a resume mid-epoch gets the epoch it
+    stopped in (``state.epoch`` is ``epoch + steps done / steps per epoch``)."""
+
+    def __init__(self, augmentation: SeededAugmentation):
+        self.augmentation = augmentation
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.augmentation.set_epoch(math.floor((state.epoch or 0.0) + 1e-9))
+
+
 class RefilledTrainer(Trainer):
     """Trainer for one stage of REFILLED or one baseline.
 
@@ -536,10 +550,16 @@ class RefilledTrainer(Trainer):
         end_stage_runs(self.callback_handler.callbacks)  # an earlier stage's tracker runs: this stage starts its own
         keeper = KeepStageRunsOpen(self.callback_handler)
         self.add_callback(keeper)  # after the trackers' callbacks: it sees the runs they start
+        epochs = None
+        if hasattr(self.train_dataset, "seed_augmentation"):  # the worker path's images (refilled_hf.data)
+            epochs = _EpochOfAugmentation(self.train_dataset.seed_augmentation(self.args.seed, self.stage))
+            self.add_callback(epochs)
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self.remove_callback(keeper)
+            if epochs is not None:
+                self.remove_callback(epochs)
         if self.push_after_training:
             self.push_to_hub()
         return output
@@ -636,6 +656,7 @@ class RefilledTrainer(Trainer):
             drop_last=False,
             collate_fn=self.data_collator,
             num_workers=workers,
+            worker_init_fn=loader_worker_init() if workers else None,
             pin_memory=args.dataloader_pin_memory,
             prefetch_factor=args.dataloader_prefetch_factor if workers else None,
             multiprocessing_context=args.dataloader_multiprocessing_context if workers else None,
@@ -648,6 +669,9 @@ class RefilledTrainer(Trainer):
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         loader = super().get_train_dataloader()
+        if loader.num_workers:  # (read as each epoch starts its workers, from the loader accelerate wraps)
+            base = getattr(loader, "base_dataloader", loader)
+            base.worker_init_fn = loader_worker_init(base.worker_init_fn)
         self._train_batches = len(loader)  # the scheduler lays out its epochs with it
         return loader
 

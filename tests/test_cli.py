@@ -323,7 +323,7 @@ def test_loader_workers_left_unset_follow_the_machine_and_recipes_leave_them_to_
         config_module, "default_loader_workers", lambda on_accelerator: asked.append(on_accelerator) or 5
     )
     config = RefilledConfig(output_dir=str(tmp_path / "o"))
-    assert config.dataloader_num_workers == 5 and asked == [True] and config.left_to_machine("dataloader_num_workers")
+    assert config.dataloader_num_workers == 5 and asked == [True]
     assert config.to_recipe()["dataloader_num_workers"] is None
     assert config.to_recipe(as_run=True)["dataloader_num_workers"] == 5
     assert config.with_changes(seed=1).to_recipe()["dataloader_num_workers"] is None
@@ -332,11 +332,10 @@ def test_loader_workers_left_unset_follow_the_machine_and_recipes_leave_them_to_
     assert again.dataloader_num_workers == 5 and again.to_recipe() == config.to_recipe()
     (unset,) = parse_config((RefilledConfig,), ["--config", write_recipe(tmp_path / "w.yaml", dataloader_num_workers=2),
                                                 "--dataloader_num_workers", "none"], "t")  # fmt: skip
-    assert unset.dataloader_num_workers == 5 and unset.left_to_machine("dataloader_num_workers")
+    assert unset.dataloader_num_workers == 5 and unset.to_recipe()["dataloader_num_workers"] is None
     assert RefilledConfig(use_cpu=True).dataloader_num_workers == 5 and asked[-1] is False  # training on the CPU
     mine = RefilledConfig(dataloader_num_workers=0)
     assert mine.dataloader_num_workers == 0 and mine.to_recipe()["dataloader_num_workers"] == 0
-    assert not mine.left_to_machine("dataloader_num_workers")
 
 
 def test_train_teacher_prints_the_fields_it_reads_and_they_read_back(tmp_path):

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1067,28 +1068,32 @@ def test_a_resume_may_change_what_only_chose_the_device_path_or_its_loader_worke
 
 
 @pytest.mark.slow
-def test_a_resume_on_the_worker_path_keeps_its_run_s_loader_workers_unless_set(data_dir, tmp_path, monkeypatch, caplog):
-    """Each loader worker draws the augmentations of its batches from a generator of its own: on
-    the worker path the count is part of the run. Left unset it follows the machine's cores, so a
-    resume elsewhere (here: a default of 1 worker, where the run started with 2) continues with the
-    run's count and ends as the uninterrupted run; a count set to another is refused."""
+def test_the_worker_path_trains_the_same_with_any_loader_workers_and_resumes_exactly_mid_epoch(
+    data_dir, tmp_path, monkeypatch, caplog
+):
+    """Each image's augmentation is seeded by the run's seed, the stage, the epoch and the image
+    (refilled_hf.augmentation_seeds): 0 and 2 loader workers train the same run, and a SIGTERM's
+    checkpoint mid-epoch resumes exactly, also with another worker count (here the default of
+    another machine). Before, the draws came from each process's generators: another count
+    trained another run, and a mid-epoch resume was off even without workers (the loader reads
+    a batch ahead, so the generators a checkpoint saved had drawn the next batch already)."""
     import refilled_hf.config as config_module
 
-    monkeypatch.setattr(config_module, "default_loader_workers", lambda on_accelerator: 2)
     recipe = tiny_recipe(data_dir, tmp_path / "reference", method="ce", stage2_epochs=3, stage2_milestones="2",
-                         data_path="workers")  # fmt: skip
+                         data_path="workers", save_total_limit=5)  # fmt: skip
+    monkeypatch.setattr(config_module, "default_loader_workers", lambda on_accelerator: 2)
     with caplog.at_level(logging.INFO, logger="refilled_hf"):
         reference = run(recipe)
     assert "2 DataLoader workers read and transform the batches (--dataloader_num_workers 2)" in caplog.text
-    assert json.loads((tmp_path / "reference" / "run.json").read_text())["identity"]["dataloader_num_workers"] == 2
-    recipe, out = _copy_unfinished(recipe, tmp_path)
+    alone = run({**recipe, "output_dir": str(tmp_path / "no-workers"), "dataloader_num_workers": 0})
+    assert_same_run_end(alone, reference, tmp_path / "no-workers", tmp_path / "reference")
+    out = tmp_path / "run"
+    notice = SignalAt("ce", 4, every_process=True)  # mid-epoch 2 (3 steps per epoch), to the workers too, as SLURM
+    with pytest.raises(RunInterrupted, match="stopped at step 4 of 9, after a checkpoint"):
+        run({**recipe, "output_dir": str(out)}, callbacks=[notice])  # (workers that died of it: RuntimeError)
+    assert notice.workers_signalled == 2
     monkeypatch.setattr(config_module, "default_loader_workers", lambda on_accelerator: 1)  # another machine
-    with pytest.raises(RunDirError, match="dataloader_num_workers"):
-        run({**recipe, "dataloader_num_workers": 1, "resume_from_checkpoint": "true"})
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="refilled_hf"):
-        resumed = run({**recipe, "resume_from_checkpoint": str(checkpoints(out / "ce")[0])})
-    assert "Resuming with the 2 DataLoader workers the run started with (this machine's default: 1" in caplog.text
+    resumed = run({**recipe, "output_dir": str(out), "resume_from_checkpoint": "true"})
     assert_same_run_end(resumed, reference, out, tmp_path / "reference")
     assert "\ndataloader_num_workers: null\n" in (out / "model" / "README.md").read_text()  # each machine's own
 
@@ -1115,14 +1120,24 @@ class CrashAt(TrainerCallback):
 
 class SignalAt(TrainerCallback):
     """Sends this process a SIGTERM (a cluster's notice before a kill) once, when a stage
-    reaches a step."""
+    reaches a step; ``every_process``: its DataLoader workers too, first (SLURM signals every
+    process of a job step)."""
 
-    def __init__(self, stage_dir_name: str, step: int):
+    def __init__(self, stage_dir_name: str, step: int, every_process: bool = False):
         self.stage_dir_name, self.step, self.sent = stage_dir_name, step, False
+        self.every_process, self.workers_signalled = every_process, 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if Path(args.output_dir).name == self.stage_dir_name and state.global_step == self.step and not self.sent:
             self.sent = True
+            if self.every_process:
+                import multiprocessing
+
+                workers = [str(w.pid) for w in multiprocessing.active_children()]  # (the loader's workers)
+                # from another process, as SLURM's: PyTorch ends a worker quietly on its parent's SIGTERM
+                subprocess.run(["kill", "-s", "TERM", *workers], check=True)
+                self.workers_signalled = len(workers)
+                time.sleep(0.5)  # (a worker that dies of it is reaped meanwhile)
             os.kill(os.getpid(), signal.SIGTERM)
 
 
