@@ -1098,6 +1098,23 @@ def test_the_worker_path_trains_the_same_with_any_loader_workers_and_resumes_exa
     assert "\ndataloader_num_workers: null\n" in (out / "model" / "README.md").read_text()  # each machine's own
 
 
+@pytest.mark.slow
+def test_refilled_on_the_worker_path_resumes_exactly_from_a_notice_mid_epoch_in_stage_2(data_dir, teacher_dir,
+                                                                                      tmp_path):  # fmt: skip
+    """Stage 2 after stage 1, each seeding its own draws (stream stage1, stage2): a notice to every
+    process mid-epoch in stage 2 with 2 loader workers, the resume with none."""
+    recipe = tiny_recipe(data_dir, tmp_path / "reference", method="refilled", teacher=f"local-dir:{teacher_dir}",
+                         stage1_epochs=2, stage2_epochs=3, save_total_limit=5, data_path="workers",
+                         dataloader_num_workers=2)  # fmt: skip
+    reference = run(recipe)
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted, match="stage2 stopped at step 4 of 9, after a checkpoint"):
+        run({**recipe, "output_dir": str(out)}, callbacks=[SignalAt("stage2", 4, every_process=True)])
+    resumed = run({**recipe, "output_dir": str(out), "resume_from_checkpoint": "true", "dataloader_num_workers": 0})
+    assert resumed["stage1"]["test_ncm_top1"] == reference["stage1"]["test_ncm_top1"]
+    assert_same_run_end(resumed, reference, out, tmp_path / "reference")
+
+
 def assert_same_run_end(resumed: dict, reference: dict, out: Path, reference_out: Path) -> None:
     """A resumed run ends as the uninterrupted one: its test top-1, validation loss and exported weights."""
     assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
