@@ -42,8 +42,8 @@ def training_loader(folder: Path, workers: int, image_size: int, batch: int, out
     import timm
 
     from refilled_hf import RefilledConfig, RefilledTrainer
-    from refilled_hf.image_decoding import default_loader_workers
     from refilled_hf.pipeline import load_data
+    from refilled_hf.worker_processes import default_loader_workers
 
     config = RefilledConfig(
         dataset=str(folder), student="resnet18", image_size=image_size, data_path="workers", test_split=None,

@@ -286,15 +286,19 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
 def _close_options(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     """`` --stage1_milestones: did you mean --stage2_milestones?`` for each unknown flag in
     ``unknown`` that is close to one of the parser's, or nothing."""
-    known = sorted({o.replace("-", "_") for a in parser._actions for o in a.option_strings if o.startswith("--")})
+
+    def spelled(option: str) -> str:  # --stage2-milestones and --stage2_milestones are one option
+        return "--" + option[2:].replace("-", "_")
+
+    known = sorted({spelled(o) for a in parser._actions for o in a.option_strings if o.startswith("--")})
     hints = []
     for word in unknown:
         flag = word.split("=", 1)[0]
         if not flag.startswith("--"):
             continue
-        close = difflib.get_close_matches(flag.replace("-", "_"), known, n=2, cutoff=0.8)
+        close = difflib.get_close_matches(spelled(flag), known, n=2, cutoff=0.8)
         if close:
-            hints.append(f"{flag}: did you mean {' or '.join(c.replace('__', '--', 1) for c in close)}?")
+            hints.append(f"{flag}: did you mean {' or '.join(close)}?")
     return "".join(f" {hint}" for hint in hints)
 
 

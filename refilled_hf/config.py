@@ -24,8 +24,8 @@ import transformers
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-from .image_decoding import default_loader_workers
 from .losses import RELATIONSHIP_VARIANTS
+from .worker_processes import default_loader_workers
 
 __all__ = ["FIELD_USERS", "INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError", "option_name"]
 

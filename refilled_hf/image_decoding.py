@@ -15,9 +15,7 @@ decode-check in one process, which bounds the gain near 3x however many cores th
 (``benchmarks/decoding.py``).
 
 Hand-written rather than a DataLoader: the decode-check must see every image once, in order,
-and name each broken one, which a loader's collation and worker errors do not give. The worker
-path's DataLoader, which reads and transforms the batches while training, takes its default
-worker count from here too (:func:`default_loader_workers`).
+and name each broken one, which a loader's collation and worker errors do not give.
 """
 
 from __future__ import annotations
@@ -27,11 +25,9 @@ import hashlib
 import io
 import itertools
 import logging
-import multiprocessing
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -42,17 +38,15 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from .messages import error_text
-from .worker_processes import end_with_parent
+from .worker_processes import cores_per_process, end_with_parent, fork_context
 
 __all__ = [
     "Decoded",
     "SIXTEEN_BIT_MODES",
     "UnreadablePixelsError",
     "add_to_content_digest",
-    "cores_per_process",
     "decode_in_order",
     "decode_workers",
-    "default_loader_workers",
     "pixel_digest",
     "rgb_array",
 ]
@@ -66,9 +60,6 @@ PARALLEL_AFTER_SECONDS = 5.0
 #: at most this many decoding processes: the main process, which receives and hashes every image,
 #: keeps up with about 3 of them (benchmarks/decoding.py); more would only take cores from training
 MAX_DECODE_WORKERS = 8
-#: at most this many DataLoader workers by default (default_loader_workers), as many as the
-#: throughput benchmarks gave the H200's worker path (benchmarks/results/throughput_cuda.md)
-MAX_LOADER_WORKERS = 8
 #: images per task sent to a worker: at most this many, and about CHUNK_BYTES of decoded pixels
 #: (with two tasks per worker in flight, the pool holds about 2 x workers x CHUNK_BYTES)
 CHUNK_IMAGES = 32
@@ -161,53 +152,13 @@ def decode_checked(source: bytes | str | None, path: str | None = None) -> Decod
     return Decoded(array, pixel_digest(array))
 
 
-def _fork_context() -> multiprocessing.context.BaseContext | None:
-    """The ``fork`` start method, on Linux: a worker starts at once, with nothing to import
-    (as DataLoader workers do there). Elsewhere (macOS, Windows) a worker would import the
-    library anew and, from a script without a ``__main__`` guard, run the script again:
-    decoding stays in one process there."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return multiprocessing.get_context("fork")
-    except ValueError:
-        return None
-
-
-def cores_per_process() -> int:
-    """The cores this process may use (its CPU affinity, which cluster schedulers set),
-    shared with the other processes of the launch on this machine (``LOCAL_WORLD_SIZE``, as
-    torchrun and Accelerate set it); at least 1."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-    except ValueError:
-        local = 1
-    return max(1, cores // local)
-
-
 def decode_workers() -> int:
-    """Decoding processes for this process: :func:`cores_per_process`, at most
-    :data:`MAX_DECODE_WORKERS`; 1 (no pool) where processes cannot be forked (:func:`_fork_context`)."""
-    if _fork_context() is None:
+    """Decoding processes for this process: :func:`~refilled_hf.worker_processes.cores_per_process`,
+    at most :data:`MAX_DECODE_WORKERS`; 1 (no pool) where processes are not forked
+    (:func:`~refilled_hf.worker_processes.fork_context`)."""
+    if fork_context() is None:
         return 1
     return min(cores_per_process(), MAX_DECODE_WORKERS)
-
-
-def default_loader_workers(on_accelerator: bool) -> int:
-    """DataLoader workers of the worker path when ``--dataloader_num_workers`` is unset. On an
-    accelerator, the host's work for a batch (decoding, timm's PIL transforms: several ms per
-    photo at 224 px) would otherwise run in the training process, between steps, while the
-    accelerator waits: :func:`cores_per_process` less the one the training process uses, at
-    most :data:`MAX_LOADER_WORKERS`. 0 (load in the training process) on the CPU, where workers
-    take cores from the training's own threads (on 2 cores, 2 workers made a 96-px run about
-    20 % slower than none), and where workers would not be forked (:func:`_fork_context`)."""
-    if not on_accelerator or _fork_context() is None:
-        return 0
-    return max(1, min(cores_per_process() - 1, MAX_LOADER_WORKERS))
 
 
 def decode_in_order(
@@ -273,7 +224,7 @@ def _decode_in_pool(sources: Iterator[tuple[bytes | str | None, str | None]], wo
     bounded however slowly the results are taken). A pool that breaks (a worker killed) leaves
     the images it had not returned to this process."""
     chunks = iter(lambda: list(itertools.islice(sources, chunk_images)), [])
-    pool = ProcessPoolExecutor(workers, mp_context=_fork_context(), initializer=_start_worker, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, mp_context=fork_context(), initializer=_start_worker, initargs=(os.getpid(),))
     pending: collections.deque[list] = collections.deque()  # [chunk, its future], in order, none yielded yet
 
     def send(chunk: list) -> None:

@@ -144,23 +144,8 @@ def test_workers_share_the_cores_with_the_other_processes_of_the_launch(monkeypa
     assert decoding.decode_workers() == decoding.MAX_DECODE_WORKERS
     # where processes are not forked (macOS, Windows), a worker would import the library anew and
     # run a user's script without a __main__ guard again: no pool there
-    monkeypatch.setattr(decoding.sys, "platform", "darwin")
+    monkeypatch.setattr(sys, "platform", "darwin")
     assert decoding.decode_workers() == 1
-
-
-def test_loader_workers_default_to_the_cores_of_this_process_but_one_on_an_accelerator_only(monkeypatch):
-    """On an accelerator the worker path's loading would otherwise run between its steps, in the
-    training process, which keeps one core; on the CPU, workers would take the training's cores."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert decoding.default_loader_workers(on_accelerator=True) == 8  # 15, at most MAX_LOADER_WORKERS
-    assert decoding.default_loader_workers(on_accelerator=False) == 0
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 GPUs' processes on this machine: 4 cores each
-    assert decoding.default_loader_workers(on_accelerator=True) == 3
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # 1 core each: still one worker, not none
-    assert decoding.default_loader_workers(on_accelerator=True) == 1
-    monkeypatch.setattr(decoding.sys, "platform", "darwin")  # not forked: a worker would re-import the script
-    assert decoding.default_loader_workers(on_accelerator=True) == 0
 
 
 def _photo_folder(root, broken: bool = False):
