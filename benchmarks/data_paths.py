@@ -17,7 +17,9 @@ flip, colour jitter), whose device path is ``DeviceResizedCrops`` (forced here: 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -41,6 +43,7 @@ def main() -> None:
     from refilled_hf.pipeline import run_distillation
 
     work = Path(tempfile.mkdtemp(prefix="data-paths-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the runs are scratch: leave nothing in /tmp
     runs = []
     for seed in args.seeds:
         for path in ("device", "workers"):

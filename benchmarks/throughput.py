@@ -31,11 +31,13 @@ On a GPU machine, pass ``--dataset`` (``../shared`` does not travel; see
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -471,6 +473,7 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the runs are scratch: leave nothing in /tmp
     from refilled_hf.data import load_classification_data
 
     if args.host_overhead:
