@@ -231,7 +231,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         out += ["Settings (what tells the runs apart, beside their seeds):"]
         out += [f"  {letter[g['setting']]}: {g['setting']}" for g in comparison["settings"]]
         out.append("")
-    else:
+    elif len(comparison["runs"]) > 1:
         out += ["The runs differ only by their seed (initial weights, images drawn) and data placement.", ""]
     out += _table(
         ["run", "setting", "method", "epochs", "test top-1 %", "validation top-1 %", "stage-1 NCM %", "seconds"],

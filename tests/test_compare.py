@@ -64,6 +64,12 @@ def test_runs_pool_over_seeds_and_pair_on_the_same_images(tmp_path):
     assert f"A        3     {_reference_spread([60.0, 64.0, 59.0])[0]:.2f} ± 2.65" in text
 
 
+def test_one_run_is_shown_without_a_claim_about_other_runs(tmp_path):
+    run = _write_run(tmp_path / "ce0", "ce", 0, 61.0, "images0")
+    text = format_comparison(compare_runs([run]))
+    assert text.startswith("run ") and "runs differ only" not in text and "61.00" in text
+
+
 def test_a_run_of_an_earlier_release_pairs_by_the_fingerprint_it_recorded(tmp_path):
     """Earlier releases fingerprinted the data by its path and file dates; this one by the
     images' pixels, and records the earlier fingerprint beside it (data_fingerprint_legacy), by
@@ -105,7 +111,7 @@ def test_settings_name_what_differs_and_ambiguous_pairs_are_left_out(tmp_path):
     assert compare_runs([one, other_lambda])["paired"][0]["differences"] == []
     alone = compare_runs([one])
     assert alone["settings"][0]["setting"] == "all" and alone["paired"] == []
-    assert "differ only by their seed" in format_comparison(alone)
+    assert "runs differ only" not in format_comparison(alone)  # one run: nothing to say about what other runs differ by
 
 
 def test_runs_on_the_same_images_without_a_test_split_say_so_instead_of_unpaired(tmp_path):
