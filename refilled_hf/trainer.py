@@ -352,6 +352,13 @@ def _check_label_spaces(stage: str, num_classes: int, model: StudentModel, teach
         )
 
 
+def _not_the_moved_best_checkpoint_warning(record: logging.LogRecord) -> bool:
+    """Drops transformers' "The best checkpoint ... does not exist anymore. Ignoring it" on a
+    resume: :meth:`RefilledTrainer._load_callback_state` finds the checkpoint in the stage's
+    own folder, or says what its absence means."""
+    return "recorded in the resumed state does not exist anymore" not in record.getMessage()
+
+
 class _EpochOfAugmentation(TrainerCallback):
     """Tells the per-image seeding of the worker path's augmentation (:mod:`refilled_hf.augmentation_seeds`)
     which epoch starts, before its loader's workers start: a resume mid-epoch gets the epoch it
@@ -554,15 +561,45 @@ class RefilledTrainer(Trainer):
         if hasattr(self.train_dataset, "seed_augmentation"):  # the worker path's images (refilled_hf.data)
             epochs = _EpochOfAugmentation(self.train_dataset.seed_augmentation(self.args.seed, self.stage))
             self.add_callback(epochs)
+        transformers_trainer_log = logging.getLogger(Trainer.__module__)
+        transformers_trainer_log.addFilter(_not_the_moved_best_checkpoint_warning)  # said by _load_callback_state
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
+            transformers_trainer_log.removeFilter(_not_the_moved_best_checkpoint_warning)
             self.remove_callback(keeper)
             if epochs is not None:
                 self.remove_callback(epochs)
         if self.push_after_training:
             self.push_to_hub()
         return output
+
+    def _load_callback_state(self) -> None:
+        """On a resume, after the Trainer has read the checkpoint's state: the best checkpoint
+        is this stage folder's checkpoint of the best step. The state records it by the path it
+        was saved under, which names another folder once the run folder has been moved or
+        copied (a job that copies its runs to its node's disk), or resumed from another working
+        directory with a relative ``--output_dir``: transformers then forgot the best (the
+        stage ended with its last weights unless a later evaluation beat it, under
+        ``--load_best_model_at_end``), or took another folder's checkpoint for it, and did not
+        keep this folder's from ``--save_total_limit``'s rotation."""
+        step, recorded = self.state.best_global_step, self.state.best_model_checkpoint
+        if step and self.args.load_best_model_at_end:
+            own = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+            if os.path.isdir(own):
+                self.state.best_model_checkpoint = own
+                if recorded is None or os.path.abspath(recorded) != os.path.abspath(own):
+                    logger.info("The best checkpoint so far (step %d) is %s (the checkpoint's state named another "
+                                "folder: the run was moved or copied, or resumed from another working directory).",
+                                step, own)  # fmt: skip
+            else:
+                self.state.best_model_checkpoint = None
+                logger.warning(
+                    "The best checkpoint so far (step %d, %s %s) is no longer in %s: unless a later evaluation beats "
+                    "it, this stage ends with its last weights, not the best.",
+                    step, self.args.metric_for_best_model, self.state.best_metric, self.args.output_dir,
+                )  # fmt: skip
+        super()._load_callback_state()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Your call: :meth:`export_student` to ``output_dir`` (default ``<stage folder>/model``),

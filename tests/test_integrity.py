@@ -548,6 +548,61 @@ def test_a_trainer_from_the_run_config_selects_the_best_checkpoint_on_its_stages
         assert len(logged) == 3 and trainer.state.best_metric == max(logged)
 
 
+class BestCheckpointOnResume(TrainerCallback):
+    """Records the best checkpoint the resumed state names when training goes on."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.seen.append(state.best_model_checkpoint)
+
+
+@pytest.mark.parametrize("how", ["moved", "copied", "best gone"])
+def test_a_resumed_stage_selects_the_best_checkpoint_of_its_own_folder(tmp_path, how, caplog):
+    """A checkpoint's state names the best checkpoint by the path it was saved under: in a run
+    folder moved (or resumed from another working directory) transformers forgot the best, and
+    --load_best_model_at_end ended with the last weights unless a later evaluation beat it; in
+    a copied one it took the other folder's checkpoint, and rotated this folder's away."""
+    g = torch.Generator().manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(24)]
+
+    def trainer(folder, **kwargs):
+        args = RefilledConfig(output_dir=str(folder), use_cpu=True, stage2_epochs=3, per_device_train_batch_size=8,
+                              load_best_model_at_end=True, save_total_limit=5, disable_tqdm=True, **kwargs)  # fmt: skip
+        return RefilledTrainer(model=timm.create_model("cifar_wrn_16_1", num_classes=3), args=args, stage="ce",
+                               num_classes=3, train_dataset=images, eval_dataset=images)  # fmt: skip
+
+    first = tmp_path / "first"
+    trainer(first).train()  # an epoch is 3 steps: checkpoints 3, 6 and 9
+    moved = tmp_path / "moved"
+    (moved / "ce").mkdir(parents=True)
+    resume_from = "checkpoint-6" if how == "best gone" else "checkpoint-3"
+    shutil.copytree(first / "ce" / resume_from, moved / "ce" / resume_from)
+    state_file = moved / "ce" / resume_from / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["best_model_checkpoint"] == str(first / "ce" / "checkpoint-3") or how == "best gone"
+    if how == "best gone":  # the best (step 3) was before the checkpoint resumed, and is not in this folder
+        state.update(best_global_step=3, best_metric=101.0, best_model_checkpoint=str(first / "ce" / "checkpoint-3"))
+        state_file.write_text(json.dumps(state))
+    if how != "copied":
+        shutil.rmtree(first)
+    watch = BestCheckpointOnResume()
+    resumed = trainer(moved, resume_from_checkpoint="true")
+    resumed.add_callback(watch)
+    with caplog.at_level(logging.INFO):
+        resumed.train()
+    if how == "best gone":
+        assert watch.seen[0] is None
+        assert "The best checkpoint so far (step 3, eval_top1 101.0) is no longer in" in caplog.text
+        assert resumed.state.best_model_checkpoint is None  # no evaluation beats 101 %: the last weights stay
+    else:
+        assert watch.seen[0] == str(moved / "ce" / "checkpoint-3")
+        assert f"The best checkpoint so far (step 3) is {moved / 'ce' / 'checkpoint-3'}" in caplog.text
+        assert resumed.state.best_model_checkpoint.startswith(str(moved / "ce"))
+    assert "does not exist anymore" not in caplog.text
+
+
 def test_a_config_selecting_the_best_checkpoint_can_be_copied_and_validated_again(tmp_path, data_dir):
     """transformers derives metric_for_best_model "loss" from --load_best_model_at_end; a copy
     validated again (train-teacher's, evaluate --split validation's) refused it as the user's:
