@@ -795,6 +795,12 @@ def load_classification_data(
         wanted = [c[len("name:") :] for c in classes if isinstance(c, str) and c.startswith("name:")]
         names = [*names, *(name for name in wanted if name not in names)]
     selected = parse_class_selection(classes, names)
+    if len(selected) < 2 and not test_only:
+        raise DataError(
+            f"The class selection has one class ({names[selected[0]]}): a classifier trained on it, or a probe of "
+            "it, tells nothing apart, and its accuracy would be 100 % whatever it learned. Select at least two "
+            "classes (`--classes`)."
+        )
     remap = np.full(len(names), -1, dtype=np.int64)
     remap[selected] = np.arange(len(selected))
 

@@ -276,9 +276,13 @@ def test_fewer_than_two_images_per_class(data_dir, teacher, tmp_path):
     rejected(recipe, ConfigError, r"fewer than 2 training images.*carve \(--validation_fraction 0.95\) leaves too few")
 
 
-def test_single_class(data_dir, teacher, tmp_path):
-    recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=teacher, classes="4")
-    rejected(recipe, ConfigError, "at least 2 student classes")
+@pytest.mark.parametrize("method", ["refilled", "ce", "kd"])
+def test_single_class(data_dir, teacher, tmp_path, method):
+    """A one-class classifier (ce reported 100 % test top-1 and exited 0) or probe is refused."""
+    recipe = tiny_recipe(data_dir, tmp_path / "o", method=method, teacher=teacher, classes="4")
+    if method == "kd":
+        recipe["teacher_classes"] = None
+    rejected(recipe, DataError, r"The class selection has one class \(cyan\): .* Select at least two classes")
 
 
 @pytest.mark.parametrize(
