@@ -649,6 +649,8 @@ class ClassificationData:
         images were drawn, and the digests of those rows."""
         return {
             "dataset": self.dataset_name,
+            # a local path (relative ones are read from where the run started) rather than a Hub id
+            "dataset_is_local": Path(self.dataset_name).expanduser().exists(),
             "dataset_config": self.dataset_config,
             "image_column": self.image_column,
             "label_column": self.label_column,

@@ -33,7 +33,7 @@ from .data import UnknownClassError, load_raw_dataset, short_list
 from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
 from .preflight import check_forward
-from .provenance import run_folder, same_dataset, teacher_training_rows, training_data_record
+from .provenance import redraw_training_rows, run_folder, same_dataset, teacher_training_rows, training_data_record
 from .rundir import MANIFEST
 
 __all__ = ["check_evaluation_split", "evaluate_model"]
@@ -171,11 +171,22 @@ def _recorded_dataset(config: RefilledConfig, record: dict[str, Any] | None, mod
         logger.info("--dataset is unset and %s records no training data: evaluating on %s.", model_spec,
                     DEFAULT_DATASET)  # fmt: skip
         return config.with_changes(dataset=DEFAULT_DATASET)
-    if not Path(recorded).expanduser().exists() and not _looks_like_hub_id(recorded):
+    path = Path(recorded).expanduser()
+    local = record.get("dataset_is_local")  # (None: a record of an earlier release, which did not say)
+    if not path.exists() and (local or (local is None and not _looks_like_hub_id(recorded))):
         raise ConfigError(
             f"--dataset is unset and {model_spec} was trained on the data set at {recorded!r}, which is not here "
             "(a relative path is read from where its run started): pass --dataset <your copy of it>."
         )
+    if local and not path.is_absolute() and record.get("row_digests"):
+        # a relative path names another folder from another working directory: its training rows tell
+        _, why = redraw_training_rows(record, recorded, record.get("dataset_config"))
+        if why:
+            raise ConfigError(
+                f"--dataset is unset and {model_spec} was trained on the data set at {recorded!r} (a relative path, "
+                f"read from where its run started), but {recorded!r} here ({path.resolve()}) is not that data set: "
+                f"the model's training rows do not draw again from it ({why}). Pass --dataset <your copy of it>."
+            )
     defaults = field_defaults()
     adopted = {
         name: record[name]

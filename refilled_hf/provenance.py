@@ -20,7 +20,14 @@ from .backbone import exported_config
 from .data import DataError, load_classification_data
 from .hub import TRAINING_DATA_KEY
 
-__all__ = ["run_folder", "same_dataset", "teacher_training_rows", "training_data_record", "weights_training_record"]
+__all__ = [
+    "redraw_training_rows",
+    "run_folder",
+    "same_dataset",
+    "teacher_training_rows",
+    "training_data_record",
+    "weights_training_record",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +66,54 @@ def same_dataset(a: str | None, b: str | None) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
+def redraw_training_rows(record: dict[str, Any], dataset_name: str, dataset_config: str | None = None,
+                         split: str | None = None) -> tuple[np.ndarray | None, str]:  # fmt: skip
+    """The rows of split ``split`` (default: the record's training split) of data set
+    ``dataset_name`` that a model trained on, drawn again from its ``record`` (the selection
+    is seeded, so it reproduces) and checked against the record's digest, which covers the
+    rows and their labels (no image is decoded): ``(rows, "")``, or ``(None, why)`` where
+    they do not reproduce (another data set, or one changed since)."""
+    try:
+        taught = load_classification_data(
+            dataset_name,
+            dataset_config=dataset_config,
+            classes=[int(i) for i in record["source_class_ids"]],
+            train_split=split or record["train_split"],
+            test_split=None,
+            image_column=record.get("image_column"),
+            label_column=record.get("label_column"),
+            shots_per_class=record.get("shots_per_class"),
+            validation_fraction=record.get("validation_fraction") or 0.0,
+            seed=int(record.get("seed") or 0),
+            splits=(),
+        )
+        if taught.row_digests["train"] == record["row_digests"]["train"]:
+            return taught.source_rows["train"], ""
+        return None, "other rows or labels"
+    except (DataError, KeyError, TypeError, ValueError) as err:
+        return None, str(err)
+
+
 def teacher_training_rows(record: dict[str, Any] | None, data, split: str | None = None) -> np.ndarray | None:
     """The rows of split ``split`` of ``data``'s data set (default: its training split) that
-    a teacher trained on, drawn again from its ``record`` (the selection is seeded, so it
-    reproduces) and checked against the record's digest, which covers the rows and their
-    labels: a teacher trained on a copy of this data set under another name (a Hub id and a
-    local folder) is recognised too.
+    a teacher trained on, drawn again from its ``record`` (:func:`redraw_training_rows`): a
+    teacher trained on a copy of this data set under another name (a Hub id and a local
+    folder) is recognised too.
     None where the teacher trained on other data, or (with a warning, where the record names
     this data set) where its selection does not reproduce."""
     split = split or data.train_split
     if record is None or record.get("train_split") != split:
         return None
+    rows, why = redraw_training_rows(record, data.dataset_name, data.dataset_config, split)
+    if rows is not None:
+        return rows
+    if same_dataset(record.get("dataset"), data.dataset_name):
+        logger.warning(
+            "The teacher was trained on split %r of this data set, but its training images could not be drawn "
+            "again from its record (%s): numbers that evaluate the teacher on this split may include images it "
+            "trained on.", split, why,
+        )  # fmt: skip
+    return None
     try:
         taught = load_classification_data(
             data.dataset_name,

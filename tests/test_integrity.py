@@ -1322,6 +1322,37 @@ def _model_with_record(data_dir, folder, **selection):
                         training_data=data.selection_record())  # fmt: skip
 
 
+def test_evaluate_reads_a_relative_recorded_dataset_only_where_it_is_that_data_set(data_dir, tmp_path, monkeypatch):
+    """A model trained on ``--dataset data`` (a relative path) records "data": evaluated from
+    another working directory, that name was tried on the Hub (a minute of retries offline)
+    where no such folder was there, and where one was (another project's "data"), evaluated on
+    it as "the data set the model was trained on"."""
+    started, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(data_dir, started / "data")
+    elsewhere.mkdir()
+    monkeypatch.chdir(started)
+    model = _model_with_record("data", started / "m", validation_fraction=0.25, seed=0)
+    record = json.loads((model / "config.json").read_text())["refilled_hf_training_data"]
+    assert record["dataset"] == "data" and record["dataset_is_local"] is True
+    config = dict(dataset=None, output_dir=str(tmp_path / "e"), use_cpu=True, image_size=16)
+    where_it_started = evaluate_model(f"local-dir:{model}", RefilledConfig(**config))
+    monkeypatch.chdir(elsewhere)
+    hub = []
+    monkeypatch.setattr("refilled_hf.data.datasets.load_dataset", lambda *a, **k: hub.append(a) or 1 / 0)
+    with pytest.raises(ConfigError, match=r"trained on the data set at 'data', which is not here .*--dataset"):
+        evaluate_model(f"local-dir:{model}", RefilledConfig(**config))
+    assert hub == []  # refused at once, not looked up on the Hub
+    monkeypatch.undo()
+    monkeypatch.chdir(elsewhere)
+    write_image_dataset(elsewhere / "data", seed=1)  # another data set of the same classes and layout
+    refusal = r"'data' here \(.*elsewhere/data\) is not that data set: the model's training rows do not draw again"
+    with pytest.raises(ConfigError, match=refusal):
+        evaluate_model(f"local-dir:{model}", RefilledConfig(**config))
+    shutil.rmtree(elsewhere / "data")
+    shutil.copytree(data_dir, elsewhere / "data")  # a copy of the one it trained on
+    assert evaluate_model(f"local-dir:{model}", RefilledConfig(**config)) == where_it_started
+
+
 def test_evaluate_defaults_to_the_models_own_classes_and_validation_split(data_dir, tmp_path, caplog):
     model = _model_with_record(data_dir, tmp_path / "m", validation_fraction=0.25, seed=0)
     config = dict(dataset=str(data_dir), output_dir=str(tmp_path / "e"), use_cpu=True, image_size=16)
