@@ -49,6 +49,8 @@ class StopOnSignal(TrainerCallback):
         self.received: int | None = None
         self.stopped_at: int | None = None
         self._previous: dict[int, Any] = {}
+        #: where the stage stops, as the notice's warning says it (set as training begins)
+        self._when = "at the end of this step"
 
     @contextmanager
     def installed(self) -> Iterator[StopOnSignal]:
@@ -74,9 +76,20 @@ class StopOnSignal(TrainerCallback):
             return
         self.received = number
         logger.warning(
-            "%s received: the stage stops after a checkpoint at the end of this step (a second %s stops at once).",
-            signal.Signals(number).name, signal.Signals(number).name,
+            "%s received: the stage stops after a checkpoint %s (a second %s stops at once).",
+            signal.Signals(number).name, self._when, signal.Signals(number).name,
         )  # fmt: skip
+
+    @staticmethod
+    def _agreement_steps(args: Any, state: Any) -> int:
+        """How often several processes agree on a notice: each logging step."""
+        every = args.logging_steps if args.logging_steps >= 1 else args.logging_steps * max(state.max_steps, 1)
+        return max(1, int(every))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.world_size > 1 and dist.is_initialized():
+            self._when = (f"at the next logging step, where its {args.world_size} processes agree (every "
+                          f"{self._agreement_steps(args, state)} steps, --logging_steps)")  # fmt: skip
 
     def _agreed(self, args: Any, state: Any) -> int | None:
         """The notice every process stops for now (a signal number), or None: at once for one
@@ -84,8 +97,7 @@ class StopOnSignal(TrainerCallback):
         highest number, where they received different ones)."""
         if args.world_size <= 1 or not dist.is_initialized():
             return self.received
-        every = args.logging_steps if args.logging_steps >= 1 else args.logging_steps * max(state.max_steps, 1)
-        if state.global_step % max(1, int(every)) and state.global_step != state.max_steps:
+        if state.global_step % self._agreement_steps(args, state) and state.global_step != state.max_steps:
             return None
         flag = torch.tensor([self.received or 0], device=args.device, dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -311,6 +311,9 @@ def test_a_sigterm_to_one_process_stops_every_process_at_the_same_checkpointed_s
     assert proc.returncode != 0, log[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: SIGTERM received: stage1 stopped at step 2 of" in log, log[-3000:]
+    # the notice's warning says when the processes stop (it said "at the end of this step")
+    assert ("SIGTERM received: the stage stops after a checkpoint at the next logging step, where its 2 processes "
+            "agree (every 2 steps, --logging_steps)") in log, log[-3000:]  # fmt: skip
     stage1 = tmp_path / "run" / "stage1"
     assert sorted(p.name for p in stage1.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (stage1 / "checkpoint-2" / "rng_state_1.pth").is_file() and not (tmp_path / "run" / "results.json").exists()
