@@ -114,29 +114,3 @@ def teacher_training_rows(record: dict[str, Any] | None, data, split: str | None
             "trained on.", split, why,
         )  # fmt: skip
     return None
-    try:
-        taught = load_classification_data(
-            data.dataset_name,
-            dataset_config=data.dataset_config,
-            classes=[int(i) for i in record["source_class_ids"]],
-            train_split=split,
-            test_split=None,
-            image_column=record.get("image_column"),
-            label_column=record.get("label_column"),
-            shots_per_class=record.get("shots_per_class"),
-            validation_fraction=record.get("validation_fraction") or 0.0,
-            seed=int(record.get("seed") or 0),
-            splits=(),
-        )
-        if taught.row_digests["train"] == record["row_digests"]["train"]:
-            return taught.source_rows["train"]
-        why = "other rows or labels"
-    except (DataError, KeyError, TypeError, ValueError) as err:
-        why = str(err)
-    if same_dataset(record.get("dataset"), data.dataset_name):
-        logger.warning(
-            "The teacher was trained on split %r of this data set, but its training images could not be drawn "
-            "again from its record (%s): numbers that evaluate the teacher on this split may include images it "
-            "trained on.", split, why,
-        )  # fmt: skip
-    return None
