@@ -38,6 +38,7 @@ import logging
 import platform
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -268,7 +269,7 @@ def _bare_rate(method: str, args, device: str, channels_last: bool) -> float:
     order = torch.randperm(len(data.train))[: args.batch]
     mean = torch.tensor(student.model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(student.model.pretrained_cfg["std"]).view(1, 3, 1, 1)
-    images = torch.stack([torch.from_numpy(data.train._decoded[i]).permute(2, 0, 1) for i in order.tolist()])
+    images = torch.stack([torch.tensor(data.train._decoded[i]).permute(2, 0, 1) for i in order.tolist()])
     x = ((images.float() / 255 - mean) / std).to(device)
     if args.image_size:  # the batch at the training size, already on the device
         x = F.interpolate(x, size=(args.image_size, args.image_size), mode="bilinear", antialias=False)
@@ -474,6 +475,9 @@ def main() -> None:
     args.device = device
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # the runs are scratch: leave nothing in /tmp
+    # gpu_session.sh's `timeout` ends a step with SIGTERM: exit through atexit (a stage that trains then
+    # takes the notice itself, and stops with an exception that does the same)
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     from refilled_hf.data import load_classification_data
 
     if args.host_overhead:
