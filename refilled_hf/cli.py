@@ -255,6 +255,7 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
             )
         elif command == "train-teacher":
             parser.epilog = "The distillation options (`refilled-hf distill --help`) are refused here."
+            parser.set_defaults(output_dir="outputs/teacher")  # (distill's default folder is its method's)
         if command == "evaluate":  # a model's own data set, as its own classes, unless told otherwise
             parser.set_defaults(dataset=None)
             action = next(a for a in parser._actions if a.dest == "dataset")

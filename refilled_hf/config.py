@@ -759,7 +759,13 @@ class RefilledConfig(TrainingArguments):
         "optim",
         "max_grad_norm",
     )
-    output_dir: str | None = field(default="outputs/refilled", **_help("Where checkpoints, metrics and the export go."))
+    output_dir: str | None = field(
+        default=None,
+        **_help(
+            "Where checkpoints, metrics and the export go. Default: outputs/<method> (outputs/refilled, "
+            "outputs/ce, ...); train-teacher: outputs/teacher."
+        ),  # fmt: skip
+    )
     per_device_train_batch_size: int = field(default=128, **_help("Batch size per device for training."))
     per_device_eval_batch_size: int = field(default=256, **_help("Batch size per device for evaluation."))
     weight_decay: float = field(default=5e-4, **_help("Weight decay (SGD, coupled)."))
@@ -912,6 +918,8 @@ class RefilledConfig(TrainingArguments):
             value = getattr(self, name)
             if value is not None and str(value).strip().lower() in ("", *NONE_WORDS):
                 setattr(self, name, None)
+        if self.output_dir is None:  # one folder per method, so that a baseline does not meet the REFILLED run
+            self.output_dir = f"outputs/{self.method}"
         for name in PATH_FIELDS:
             setattr(self, name, expand_home(getattr(self, name)))
         runs = [run.strip() for run in str(self.compare_runs or "").split(",")]
@@ -1158,7 +1166,7 @@ class RefilledConfig(TrainingArguments):
         does not use: a method of ``distill`` or one of :data:`CONFIG_COMMANDS`."""
         if user not in (*METHODS, *CONFIG_COMMANDS):
             raise ValueError(f"unknown user {user!r}: a method ({', '.join(METHODS)}) or {', '.join(CONFIG_COMMANDS)}")
-        defaults = field_defaults()
+        defaults = {**field_defaults(), "output_dir": f"outputs/{self.method}"}  # (unset: the method's folder)
         return {
             name: getattr(self, name)
             for name, users in FIELD_USERS.items()

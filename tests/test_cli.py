@@ -30,6 +30,25 @@ def test_recipe_then_command_line_overrides(tmp_path):
     assert config.weight_decay == 5e-4 and config.per_device_train_batch_size == 128  # task defaults
 
 
+def test_an_unset_output_dir_is_the_methods_own_folder(tmp_path, caplog):
+    """Every command wrote to outputs/refilled: the teacher train-teacher trained there, and a
+    baseline, left the REFILLED run that followed them refused ("holds another run")."""
+    from refilled_hf.cli import parse_command
+
+    folder = {method: parse_command("distill", ["--method", method])[0].output_dir for method in ("refilled", "ce")}
+    assert folder == {"refilled": "outputs/refilled", "ce": "outputs/ce"}
+    assert parse_command("train-teacher", [])[0].output_dir == "outputs/teacher"
+    recipe = write_recipe(tmp_path / "r.yaml", method="kd", output_dir="runs/kd")
+    assert parse_command("train-teacher", ["--config", recipe])[0].output_dir == "runs/kd"  # a recipe's is kept
+    assert parse_command("distill", ["--config", recipe])[0].output_dir == "runs/kd"
+    assert parse_command("distill", ["--method", "rkd", "--output_dir", "x"])[0].output_dir == "x"
+    evaluated = parse_command("evaluate", ["--model", "m"])[1]
+    assert "output_dir" not in evaluated.fields_unused_by("evaluate")  # not the user's: no warning
+    assert "output_dir" in parse_command("evaluate", ["--model", "m", "--output_dir", "x"])[1].fields_unused_by(
+        "evaluate"
+    )
+
+
 def test_none_on_the_command_line_unsets_an_optional_field_a_recipe_sets(tmp_path):
     """The cross-task recipe names the teacher's classes; a user whose teacher knows others
     was told to leave --teacher_classes unset, which the command line could not do."""
