@@ -152,6 +152,7 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
             raise ConfigError(f"{run.folder} is given twice (as {seen[resolved]}): pass each run once.")
         seen[resolved] = run.folder
     names, varying = _setting_names([_setting(run, places) for run, places in zip(runs, _places(runs))])
+    _refuse_repeats(runs, names)
     rows = []
     for run, name in zip(runs, names):
         final, stage1 = run.results["final"], run.results.get("stage1") or {}
@@ -166,6 +167,7 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
             "stage1_ncm_top1": None if exported_student_alone(run.results) else stage1.get("test_ncm_top1"),
             "train_seconds": run.results.get("train_seconds"),
             "data_fingerprint": run.results.get("data_fingerprint"),
+            "seed": run.identity.get("seed"),
         })  # fmt: skip
     order = list(dict.fromkeys(names))
     groups = []
@@ -182,13 +184,18 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
     first = [row for row in rows if row["setting"] == order[0]]
     for name in order[1:]:
         members = [row for row in rows if row["setting"] == name]
-        differences, untested = [], 0
+        differences, untested, ambiguous = [], 0, 0
         for row in members:
             if row["data_fingerprint"] is None:  # (a results.json that records none cannot be paired)
                 continue
             same = [r for r in first if same_images(recorded[r["run"]], recorded[row["run"]])]
             twins = [r for r in members if same_images(recorded[r["run"]], recorded[row["run"]])]
+            several = len(same) > 1 or len(twins) > 1
+            if several:  # several seeds on these images (a fixed --data_seed): paired by seed
+                same = [r for r in same if r["seed"] == row["seed"]]
+                twins = [r for r in twins if r["seed"] == row["seed"]]
             if len(same) != 1 or len(twins) != 1:
+                ambiguous += several
                 continue
             if None in (row["test_top1"], same[0]["test_top1"]):
                 untested += 1  # the same images, but one of the two ran without a test split
@@ -201,8 +208,28 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
             "differences": differences,
             "test_top1": _spread([d["test_top1"] for d in differences]),
             "pairs_without_test_top1": untested,
+            "runs_without_one_pair": ambiguous,
         })  # fmt: skip
     return {"runs": rows, "settings": groups, "paired": paired, "varying_fields": varying}
+
+
+def _refuse_repeats(runs: list[FinishedRun], names: list[str]) -> None:
+    """Refuse two runs of one setting with the same seed on the same images: a seeded run
+    trains the same again, so pooling both would count one run twice (a mean of 2 runs,
+    ± 0.00)."""
+    seen: dict[tuple[str, str, str], Path] = {}
+    for run, name in zip(runs, names):
+        images = run.results.get("data_fingerprint")
+        if images is None:
+            continue
+        key = (name, json.dumps(run.identity.get("seed")), json.dumps(images, sort_keys=True, default=str))
+        if key in seen:
+            raise ConfigError(
+                f"{run.folder} repeats {seen[key]}: the same setting, seed and images (a seeded run trains the same "
+                "again), and pooling both would count one run twice. Pass one of them; repeat a setting with other "
+                "--seed values."
+            )
+        seen[key] = run.folder
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -249,9 +276,15 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     for pair in comparison["paired"]:
         this, that = letter[pair["setting"]], letter[pair["against"]]
         if not pair["differences"]:
-            why = (f"the runs of {this} and {that} on the same images have no test top-1 to subtract (a run without "
-                   "a test split: --test_split none)") if pair["pairs_without_test_top1"] else (
-                   f"no run of {this} has one of {that} on the same images to pair with")  # fmt: skip
+            if pair["pairs_without_test_top1"]:
+                why = (f"the runs of {this} and {that} on the same images have no test top-1 to subtract (a run "
+                       "without a test split: --test_split none)")  # fmt: skip
+            elif pair.get("runs_without_one_pair"):
+                why = (f"the runs of {this} and {that} on the same images cannot be paired one to one (several of one "
+                       "setting on those images, and no one seed shared by exactly one of each): run both with the "
+                       "same --seed values")  # fmt: skip
+            else:
+                why = f"no run of {this} has one of {that} on the same images to pair with"
             out += ["", f"{this} - {that}: {why}."]
             continue
         each = ", ".join(f"{d['test_top1']:+.2f}" for d in pair["differences"])

@@ -100,9 +100,22 @@ def test_settings_name_what_differs_and_ambiguous_pairs_are_left_out(tmp_path):
     comparison = compare_runs([one, other_lambda, again])
     assert comparison["varying_fields"] == ["distill_weight"]
     assert [g["setting"] for g in comparison["settings"]] == ["distill_weight=10.0", "distill_weight=1.0"]
-    # two runs of the second setting on the first's images: which pair is meant cannot be told
-    assert comparison["paired"][0]["differences"] == []
-    assert "B - A: no run of B has one of A on the same images to pair with." in format_comparison(comparison)
+    # two runs of the second setting on the first's images (a fixed --data_seed): paired by seed, so the
+    # seed-0 runs pair and the seed-1 run has no twin
+    assert [(d["run"], d["against"], d["test_top1"]) for d in comparison["paired"][0]["differences"]] == [
+        (str(other_lambda), str(one), 1.0)
+    ]
+    # no seed shared one to one: which pair is meant cannot be told, and the comparison says so
+    third = _write_run(tmp_path / "d", "refilled", 2, 63.0, "same", distill_weight=1.0)
+    unpaired = compare_runs([one, again, third])
+    assert unpaired["paired"][0]["differences"] == [] and unpaired["paired"][0]["runs_without_one_pair"] == 2
+    assert ("B - A: the runs of B and A on the same images cannot be paired one to one (several of one setting on "
+            "those images, and no one seed shared by exactly one of each): run both with the same --seed values."
+            ) in format_comparison(unpaired)  # fmt: skip
+    # (it said: "no run of B has one of A on the same images to pair with")
+    assert "B - A: no run of B has one of A on the same images to pair with." in format_comparison(
+        compare_runs([one, _write_run(tmp_path / "e", "refilled", 0, 61.0, "other", distill_weight=1.0)])
+    )
     # runs whose results record no data fingerprint are never taken for runs on the same images
     for folder in (one, other_lambda):
         results = json.loads((folder / "results.json").read_text())
@@ -112,6 +125,18 @@ def test_settings_name_what_differs_and_ambiguous_pairs_are_left_out(tmp_path):
     alone = compare_runs([one])
     assert alone["settings"][0]["setting"] == "all" and alone["paired"] == []
     assert "runs differ only" not in format_comparison(alone)  # one run: nothing to say about what other runs differ by
+
+
+def test_a_run_repeated_with_the_same_seed_on_the_same_images_is_refused(tmp_path):
+    """A train-teacher run and a distill --method ce run of the same model, classes and seed
+    are one run twice: compare pooled them as a setting of 2 runs, 36.67 ± 0.00."""
+    first = _write_run(tmp_path / "ce", "ce", 0, 60.0, "same")
+    again = _write_run(tmp_path / "teacher", "ce", 0, 60.0, "same")
+    with pytest.raises(ConfigError, match=r"teacher repeats .*ce: the same setting, seed and images .* count one run "
+                                          r"twice\. Pass one of them"):  # fmt: skip
+        compare_runs([first, again])
+    other_seed = _write_run(tmp_path / "ce1", "ce", 1, 61.0, "same")  # a fixed --data_seed: the same images
+    assert compare_runs([first, other_seed])["settings"][0]["runs"] == 2
 
 
 def test_runs_on_the_same_images_without_a_test_split_say_so_instead_of_unpaired(tmp_path):
