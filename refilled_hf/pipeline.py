@@ -189,6 +189,9 @@ def prepare_data(config: RefilledConfig, data: ClassificationData, pretrained_cf
             workers, f"{workers} DataLoader workers read and transform"
         )
         loading = f"; {who} the batches (--dataloader_num_workers {workers})"
+    elif getattr(config, "_given", {}).get("dataloader_num_workers"):  # the user's count, of no use here
+        loading = (f"; the training process loads the batches: --dataloader_num_workers "
+                   f"{config.dataloader_num_workers} is for the worker path (--data_path workers)")  # fmt: skip
     logger.info("Data path: %s (%s)%s.", path, reason, loading)
     return data
 

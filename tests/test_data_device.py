@@ -201,6 +201,15 @@ def test_a_training_split_read_unaugmented_is_placed_and_reported_so(data_dir, c
     with caplog.at_level("INFO", logger="refilled_hf.pipeline"):
         data = load_data(config, config.classes, cfg, splits=("train", "validation"))
     assert data.train.augment and "augmented there (random crop and flip)" in caplog.text
+    assert "--dataloader_num_workers" not in caplog.text  # (left unset: the machine's count, nothing to say)
+    caplog.clear()
+    workers = RefilledConfig(**tiny_recipe(data_dir, "unused", dataloader_num_workers=2))
+    with caplog.at_level("INFO", logger="refilled_hf.pipeline"):
+        load_data(workers, workers.classes, cfg, splits=("train", "validation"))
+    assert (
+        "the training process loads the batches: --dataloader_num_workers 2 is for the worker path "
+        "(--data_path workers)"
+    ) in caplog.text  # a count the user set, which this path does not use
 
 
 def test_loaders_of_the_device_path_start_no_workers(data_dir, tmp_path):
