@@ -214,15 +214,16 @@ def compare_runs(folders: list[str | Path]) -> dict[str, Any]:
 
 
 def _refuse_repeats(runs: list[FinishedRun], names: list[str]) -> None:
-    """Refuse two runs of one setting with the same seed on the same images: a seeded run
-    trains the same again, so pooling both would count one run twice (a mean of 2 runs,
-    ± 0.00)."""
+    """Refuse two runs of one setting with the same seed (and initial weights) on the same
+    images: a seeded run trains the same again, so pooling both would count one run twice (a
+    mean of 2 runs, ± 0.00)."""
     seen: dict[tuple[str, str, str], Path] = {}
     for run, name in zip(runs, names):
         images = run.results.get("data_fingerprint")
         if images is None:
             continue
-        key = (name, json.dumps(run.identity.get("seed")), json.dumps(images, sort_keys=True, default=str))
+        key = (name, json.dumps([run.identity.get(k) for k in ("seed", "student_init")], default=str),
+               json.dumps(images, sort_keys=True, default=str))  # fmt: skip
         if key in seen:
             raise ConfigError(
                 f"{run.folder} repeats {seen[key]}: the same setting, seed and images (a seeded run trains the same "

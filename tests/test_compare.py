@@ -137,6 +137,8 @@ def test_a_run_repeated_with_the_same_seed_on_the_same_images_is_refused(tmp_pat
         compare_runs([first, again])
     other_seed = _write_run(tmp_path / "ce1", "ce", 1, 61.0, "same")  # a fixed --data_seed: the same images
     assert compare_runs([first, other_seed])["settings"][0]["runs"] == 2
+    other_start = _write_run(tmp_path / "ce2", "ce", 0, 62.0, "same", student_init="retrained")  # (its file changed)
+    assert compare_runs([first, other_start])["settings"][0]["runs"] == 2
 
 
 def test_runs_on_the_same_images_without_a_test_split_say_so_instead_of_unpaired(tmp_path):
