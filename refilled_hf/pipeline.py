@@ -458,7 +458,8 @@ def _fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
         trainer.remove_callback(notice)
     if notice.received is not None:
         _stop_for_notice(trainer, notice)
-    trainer.train_seconds = time.perf_counter() - start
+    # (a resumed stage: the calls before this one too, as its checkpoint recorded them)
+    trainer.train_seconds = trainer.earlier_training["seconds"] + time.perf_counter() - start
     trainer.train_metrics = train_output.metrics
     _check_finite(trainer)
     return trainer

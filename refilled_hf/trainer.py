@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, TrainerCallback, default_data_collator
-from transformers.trainer_utils import PredictionOutput
+from transformers.trainer_utils import PredictionOutput, TrainOutput
 
 from .augmentation_seeds import SeededAugmentation
 from .backbone import FrozenTeacher, StudentModel, embed, use_channels_last
@@ -352,6 +353,11 @@ def _check_label_spaces(stage: str, num_classes: int, model: StudentModel, teach
         )
 
 
+#: the key of a checkpoint's ``trainer_state.json`` (among transformers' ``stateful_callbacks``) that
+#: holds the stage's training so far: its seconds, loss sum and steps (see ``RefilledTrainer.train``)
+TRAINING_SO_FAR_KEY = "RefilledTrainingSoFar"
+
+
 def _not_the_moved_best_checkpoint_warning(record: logging.LogRecord) -> bool:
     """Drops transformers' "The best checkpoint ... does not exist anymore. Ignoring it" on a
     resume: :meth:`RefilledTrainer._load_callback_state` finds the checkpoint in the stage's
@@ -524,6 +530,8 @@ class RefilledTrainer(Trainer):
         self._components: dict[str, float | torch.Tensor] = defaultdict(float)
         self._component_batches = 0
         self._train_batches: int | None = None
+        #: the stage's training before this call of train(), as the checkpoint it resumed from records it
+        self.earlier_training = {"seconds": 0.0, "loss_sum": 0.0, "steps": 0}
         #: training steps whose loss was not finite (a device tensor; read once, at the end)
         self.nonfinite_losses: torch.Tensor | int = 0
 
@@ -561,6 +569,8 @@ class RefilledTrainer(Trainer):
         if hasattr(self.train_dataset, "seed_augmentation"):  # the worker path's images (refilled_hf.data)
             epochs = _EpochOfAugmentation(self.train_dataset.seed_augmentation(self.args.seed, self.stage))
             self.add_callback(epochs)
+        self.earlier_training = {"seconds": 0.0, "loss_sum": 0.0, "steps": 0}  # set by a resume
+        self._call_start = time.perf_counter()
         transformers_trainer_log = logging.getLogger(Trainer.__module__)
         transformers_trainer_log.addFilter(_not_the_moved_best_checkpoint_warning)  # said by _load_callback_state
         try:
@@ -570,9 +580,45 @@ class RefilledTrainer(Trainer):
             self.remove_callback(keeper)
             if epochs is not None:
                 self.remove_callback(epochs)
+        output = self._whole_stage_output(output)
         if self.push_after_training:
             self.push_to_hub()
         return output
+
+    # ------------------------------------------------------------------ a stage's training across resumes
+
+    def _training_so_far(self) -> dict[str, float]:
+        """The stage's training up to now, over every call of ``train()`` that resumed it: its
+        seconds, the sum of its steps' losses (this call's, logged or not yet, on top of the
+        earlier calls') and its steps."""
+        return {
+            "seconds": self.earlier_training["seconds"] + time.perf_counter() - self._call_start,
+            "loss_sum": self.earlier_training["loss_sum"] + self._total_loss_scalar + float(self._tr_loss.item()),
+            "steps": self.state.global_step,
+        }
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """transformers' checkpoint, whose ``trainer_state.json`` also carries the stage's
+        training so far (:data:`TRAINING_SO_FAR_KEY`), which a resume adds to its own."""
+        self.state.stateful_callbacks[TRAINING_SO_FAR_KEY] = {"args": {}, "attributes": self._training_so_far()}
+        super()._save_checkpoint(model, trial)
+
+    def _whole_stage_output(self, output: TrainOutput) -> TrainOutput:
+        """transformers reports a resumed ``train()`` call's own loss and speed (a call resumed
+        from the stage's last checkpoint: ``train_loss`` 0.0 and no samples); these are the
+        whole stage's, where the checkpoint recorded the calls before it."""
+        before = self.earlier_training["steps"]
+        if not before:
+            return output
+        metrics = dict(output.metrics)
+        steps = self.state.global_step
+        seconds = self.earlier_training["seconds"] + float(metrics.get("train_runtime", 0.0))
+        loss = (self.earlier_training["loss_sum"] + self._total_loss_scalar) / max(steps, 1)
+        samples = len(self.train_dataset) * self.args.num_train_epochs * steps / max(self.state.max_steps, 1)
+        metrics.update(train_runtime=round(seconds, 4), train_loss=loss,
+                       train_samples_per_second=round(samples / max(seconds, 1e-9), 3),
+                       train_steps_per_second=round(steps / max(seconds, 1e-9), 3))  # fmt: skip
+        return TrainOutput(output.global_step, loss, metrics)
 
     def _load_callback_state(self) -> None:
         """On a resume, after the Trainer has read the checkpoint's state: the best checkpoint
@@ -582,7 +628,13 @@ class RefilledTrainer(Trainer):
         directory with a relative ``--output_dir``: transformers then forgot the best (the
         stage ended with its last weights unless a later evaluation beat it, under
         ``--load_best_model_at_end``), or took another folder's checkpoint for it, and did not
-        keep this folder's from ``--save_total_limit``'s rotation."""
+        keep this folder's from ``--save_total_limit``'s rotation. Also reads the stage's
+        training so far, which the checkpoint carries (:meth:`_save_checkpoint`)."""
+        saved = (self.state.stateful_callbacks or {}).pop(TRAINING_SO_FAR_KEY, None)  # (no callback of transformers)
+        so_far = saved.get("attributes") if isinstance(saved, dict) else None
+        if isinstance(so_far, dict) and so_far.get("steps") == self.state.global_step:
+            self.earlier_training = {"seconds": float(so_far["seconds"]), "loss_sum": float(so_far["loss_sum"]),
+                                     "steps": int(so_far["steps"])}  # fmt: skip
         step, recorded = self.state.best_global_step, self.state.best_model_checkpoint
         if step and self.args.load_best_model_at_end:
             own = os.path.join(self.args.output_dir, f"checkpoint-{step}")

@@ -1234,6 +1234,32 @@ def test_a_sigterm_checkpoints_the_step_stops_the_run_and_the_resume_is_exact(da
     resumed = run({**recipe, "output_dir": str(out), "resume_from_checkpoint": "true"})
     assert resumed["stage1"]["test_ncm_top1"] == reference["stage1"]["test_ncm_top1"]
     assert_same_run_end(resumed, reference, out, tmp_path / "reference")
+    # the resumed stage's training record is the whole stage's: its loss over every step (it was the resumed
+    # call's own), its time and speed over both calls
+    whole, alone = resumed["stage1"]["train_metrics"], reference["stage1"]["train_metrics"]
+    assert whole["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-6)
+    assert whole["train_samples_per_second"] == pytest.approx(
+        alone["train_samples_per_second"] * alone["train_runtime"] / whole["train_runtime"], rel=0.05
+    )
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_stage_ends_reports_that_stages_training_not_a_call_that_trained_nothing(
+    data_dir, tmp_path
+):
+    """Killed after its stage's last checkpoint, before its results (the final evaluation, the export): the
+    resume trains no step, and its results said train_loss 0.0, no samples, and a fraction of a second."""
+    recipe = tiny_recipe(data_dir, tmp_path / "reference", method="ce", stage2_epochs=2)
+    reference = run(recipe)
+    shutil.rmtree(tmp_path / "reference" / "model")
+    (tmp_path / "reference" / "results.json").unlink()  # as a kill before the export leaves the folder
+    resumed = run({**recipe, "resume_from_checkpoint": "true"})
+    whole, alone = resumed["final"]["train_metrics"], reference["final"]["train_metrics"]
+    assert whole["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-6) and whole["train_loss"] > 0
+    # (the time of the call that trained, not the resumed call's fraction of a second)
+    assert whole["train_samples_per_second"] > 0 and whole["train_runtime"] > 0.5 * alone["train_runtime"]
+    assert resumed["final"]["train_seconds"] > 0.5 * reference["final"]["train_seconds"]
+    assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
 
 
 def test_an_interrupted_run_exits_with_128_plus_the_signal(monkeypatch, capsys):
