@@ -217,20 +217,19 @@ def _refuse_repeats(runs: list[FinishedRun], names: list[str]) -> None:
     """Refuse two runs of one setting with the same seed (and initial weights) on the same
     images: a seeded run trains the same again, so pooling both would count one run twice (a
     mean of 2 runs, ± 0.00)."""
-    seen: dict[tuple[str, str, str], Path] = {}
-    for run, name in zip(runs, names):
-        images = run.results.get("data_fingerprint")
-        if images is None:
-            continue
-        key = (name, json.dumps([run.identity.get(k) for k in ("seed", "student_init")], default=str),
-               json.dumps(images, sort_keys=True, default=str))  # fmt: skip
-        if key in seen:
-            raise ConfigError(
-                f"{run.folder} repeats {seen[key]}: the same setting, seed and images (a seeded run trains the same "
-                "again), and pooling both would count one run twice. Pass one of them; repeat a setting with other "
-                "--seed values."
-            )
-        seen[key] = run.folder
+
+    def start(run: FinishedRun) -> list[Any]:
+        return [run.identity.get(k) for k in ("seed", "student_init")]
+
+    for i, (run, name) in enumerate(zip(runs, names)):
+        for earlier, earlier_name in zip(runs[:i], names[:i]):
+            # (the same images as compare pairs them: also a run of an earlier release's fingerprint)
+            if earlier_name == name and start(earlier) == start(run) and same_images(earlier.results, run.results):
+                raise ConfigError(
+                    f"{run.folder} repeats {earlier.folder}: the same setting, seed and images (a seeded run trains "
+                    "the same again), and pooling both would count one run twice. Pass one of them; repeat a setting "
+                    "with other --seed values."
+                )
 
 
 def _num(value: float | None, digits: int = 2) -> str:
