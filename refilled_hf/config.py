@@ -918,8 +918,8 @@ class RefilledConfig(TrainingArguments):
             value = getattr(self, name)
             if value is not None and str(value).strip().lower() in ("", *NONE_WORDS):
                 setattr(self, name, None)
-        if self.output_dir is None:  # one folder per method, so that a baseline does not meet the REFILLED run
-            self.output_dir = f"outputs/{self.method}"
+        if self.output_dir is None:
+            self.output_dir = self.default_output_dir()
         for name in PATH_FIELDS:
             setattr(self, name, expand_home(getattr(self, name)))
         runs = [run.strip() for run in str(self.compare_runs or "").split(",")]
@@ -1161,12 +1161,18 @@ class RefilledConfig(TrainingArguments):
             )
         return values
 
+    def default_output_dir(self) -> str:
+        """``--output_dir`` left unset: one folder per method (``outputs/refilled``, ``outputs/ce``,
+        ...), so that a baseline does not meet the REFILLED run (train-teacher's command line
+        gives ``outputs/teacher``)."""
+        return f"outputs/{self.method}"
+
     def fields_unused_by(self, user: str) -> dict[str, Any]:
         """The fields of :data:`FIELD_USERS` set to other than their default that ``user``
         does not use: a method of ``distill`` or one of :data:`CONFIG_COMMANDS`."""
         if user not in (*METHODS, *CONFIG_COMMANDS):
             raise ValueError(f"unknown user {user!r}: a method ({', '.join(METHODS)}) or {', '.join(CONFIG_COMMANDS)}")
-        defaults = {**field_defaults(), "output_dir": f"outputs/{self.method}"}  # (unset: the method's folder)
+        defaults = {**field_defaults(), "output_dir": self.default_output_dir()}
         return {
             name: getattr(self, name)
             for name, users in FIELD_USERS.items()
