@@ -621,37 +621,41 @@ class RefilledTrainer(Trainer):
         return TrainOutput(output.global_step, loss, metrics)
 
     def _load_callback_state(self) -> None:
-        """On a resume, after the Trainer has read the checkpoint's state: the best checkpoint
-        is this stage folder's checkpoint of the best step. The state records it by the path it
-        was saved under, which names another folder once the run folder has been moved or
-        copied (a job that copies its runs to its node's disk), or resumed from another working
-        directory with a relative ``--output_dir``: transformers then forgot the best (the
-        stage ended with its last weights unless a later evaluation beat it, under
-        ``--load_best_model_at_end``), or took another folder's checkpoint for it, and did not
-        keep this folder's from ``--save_total_limit``'s rotation. Also reads the stage's
-        training so far, which the checkpoint carries (:meth:`_save_checkpoint`)."""
+        """On a resume, after the Trainer has read the checkpoint's state: the stage's training
+        so far, which the checkpoint carries (:meth:`_save_checkpoint`), and its best checkpoint
+        in this folder (:meth:`_find_best_checkpoint_here`); then transformers' callbacks."""
         saved = (self.state.stateful_callbacks or {}).pop(TRAINING_SO_FAR_KEY, None)  # (no callback of transformers)
         so_far = saved.get("attributes") if isinstance(saved, dict) else None
         if isinstance(so_far, dict) and so_far.get("steps") == self.state.global_step:
             self.earlier_training = {"seconds": float(so_far["seconds"]), "loss_sum": float(so_far["loss_sum"]),
                                      "steps": int(so_far["steps"])}  # fmt: skip
-        step, recorded = self.state.best_global_step, self.state.best_model_checkpoint
-        if step and self.args.load_best_model_at_end:
-            own = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-            if os.path.isdir(own):
-                self.state.best_model_checkpoint = own
-                if recorded is None or os.path.abspath(recorded) != os.path.abspath(own):
-                    logger.info("The best checkpoint so far (step %d) is %s (the checkpoint's state named another "
-                                "folder: the run was moved or copied, or resumed from another working directory).",
-                                step, own)  # fmt: skip
-            else:
-                self.state.best_model_checkpoint = None
-                logger.warning(
-                    "The best checkpoint so far (step %d, %s %s) is no longer in %s: unless a later evaluation beats "
-                    "it, this stage ends with its last weights, not the best.",
-                    step, self.args.metric_for_best_model, self.state.best_metric, self.args.output_dir,
-                )  # fmt: skip
+        if self.state.best_global_step and self.args.load_best_model_at_end:
+            self._find_best_checkpoint_here()
         super()._load_callback_state()
+
+    def _find_best_checkpoint_here(self) -> None:
+        """The best checkpoint is this stage folder's checkpoint of the best step. The state
+        records it by the path it was saved under, which names another folder once the run
+        folder has been moved or copied (a job that copies its runs to its node's disk), or
+        resumed from another working directory with a relative ``--output_dir``: transformers
+        then forgot the best (the stage ended with its last weights unless a later evaluation
+        beat it, under ``--load_best_model_at_end``), or took another folder's checkpoint for
+        it, and did not keep this folder's from ``--save_total_limit``'s rotation."""
+        step, recorded = self.state.best_global_step, self.state.best_model_checkpoint
+        own = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if os.path.isdir(own):
+            self.state.best_model_checkpoint = own
+            if recorded is None or os.path.abspath(recorded) != os.path.abspath(own):
+                logger.info("The best checkpoint so far (step %d) is %s (the checkpoint's state named another "
+                            "folder: the run was moved or copied, or resumed from another working directory).",
+                            step, own)  # fmt: skip
+        else:
+            self.state.best_model_checkpoint = None
+            logger.warning(
+                "The best checkpoint so far (step %d, %s %s) is no longer in %s: unless a later evaluation beats "
+                "it, this stage ends with its last weights, not the best.",
+                step, self.args.metric_for_best_model, self.state.best_metric, self.args.output_dir,
+            )  # fmt: skip
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Your call: :meth:`export_student` to ``output_dir`` (default ``<stage folder>/model``),
