@@ -650,6 +650,10 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     rundir.check_inputs(_local_inputs(config))
     _prepare_output_dir(config, rundir)
     mode = config.resume_mode()
+    finished = mode == "latest" and (out / RESULTS_FILE).is_file()
+    # a finished run whose model was removed: exported again from its stages, where they hold
+    # the weights it exported (nothing is trained again); otherwise refused by _check_finished_run
+    export_again = finished and _export_missing(out) and _export_restore_problem(config, stage_dirs) is None
     if mode == "latest" and not rundir.present() and config.process_index == 0:
         # (not refused: a job script re-run after preemption passes the flag from its first launch on)
         logger.warning(
@@ -714,11 +718,16 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         identity["kd_teacher_columns"] = kd_columns
     legacy = {"data": data.legacy_fingerprint}  # what a run of an earlier refilled-hf recorded as its data
     # every process checks a resume (reading only), so that all refuse alike; the main one checks again
-    if mode == "latest" and (out / RESULTS_FILE).is_file():
-        _check_finished_run(config, rundir, identity, legacy)
-        return _finished_run(config, rundir, identity, legacy)
+    if finished and not export_again:
+        _check_finished_run(config, rundir, identity, legacy, stage_dirs)
+        return _finished_run(config, rundir, identity, legacy, stage_dirs)
     if mode is not None and rundir.present():
         rundir.check_resume(identity, legacy)
+    if export_again and config.process_index == 0:
+        logger.warning(
+            "%s holds this run, finished, but its model (%s) is missing: it is exported again from the weights its "
+            "stages kept, after the final evaluation (nothing is trained again).", out, out / EXPORT_DIR,
+        )  # fmt: skip
     _log_plan(config)  # after the checks: a refused (or finished) run is told only why
     centers_data = eval_copy(data.train, data.eval_transform)
 
@@ -735,8 +744,9 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
             rundir.write_manifest(identity, _export_options(config))
         _wait_for_everyone()
         cache = _teacher_cache(config, teacher, data, identity["teacher_weights"], results)
+        recorded = _read_results(out) if export_again else None
         return _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks,
-                           results, out, cache)  # fmt: skip
+                           results, out, cache, recorded)  # fmt: skip
     except Exception as err:
         # refilled-hf's own errors say what went wrong (a diverged stage, a failed push): they are put
         # down to the disk only where they say so, not because the disk happens to be almost full
@@ -760,7 +770,11 @@ def _export_options(config: RefilledConfig) -> dict[str, Any]:
 
 
 def _check_finished_run(
-    config: RefilledConfig, rundir: RunDirectory, identity: dict[str, Any], legacy: dict[str, Any]
+    config: RefilledConfig,
+    rundir: RunDirectory,
+    identity: dict[str, Any],
+    legacy: dict[str, Any],
+    stage_dirs: list[Path],
 ) -> None:
     """Refuse to give a finished run's results as this run's unless it is this run (same
     identity; ``legacy``: see :meth:`RunDirectory.identity_difference`), its export was made
@@ -779,15 +793,50 @@ def _check_finished_run(
             f"{out} holds this run, finished, but {why}. Push its model as it is with `refilled-hf push`, or pass "
             "--overwrite_output true to train it again."
         )
-    if not (out / EXPORT_DIR / "config.json").is_file():
+    if _export_missing(out):
+        problem = _export_restore_problem(config, stage_dirs)
         raise RunError(
-            f"{out} holds this run, finished, but its model ({out / EXPORT_DIR}) is missing: pass "
-            "--overwrite_output true to train it again."
+            f"{out} holds this run, finished, but its model ({out / EXPORT_DIR}) is missing, and cannot be exported "
+            f"again without training: {problem}. Pass --overwrite_output true to train it again."
         )
 
 
+def _export_missing(out: Path) -> bool:
+    return not all((out / EXPORT_DIR / name).is_file() for name in ("config.json", "model.safetensors"))
+
+
+def _export_restore_problem(config: RefilledConfig, stage_dirs: list[Path]) -> str | None:
+    """Why the weights a finished run exported cannot be had again from its stage folders
+    without training, or None where they can: each stage kept its final weights (``final/``)
+    or a complete checkpoint of its last step (and, under ``--load_best_model_at_end``, the
+    best step's checkpoint, which the end of the stage loads)."""
+    for stage_dir in stage_dirs:
+        if (stage_dir / FINAL_DIR / "metrics.json").is_file():
+            continue
+        if stage_dir.name == "stage1" and config.stage1_epochs == 0:  # (the ablation trains no stage 1)
+            continue
+        found = last_complete_checkpoint(stage_dir)
+        if found is None:
+            return f"{stage_dir} holds no checkpoint"
+        state = json.loads((found / "trainer_state.json").read_text())
+        last = state.get("max_steps")
+        if state.get("global_step") != last:
+            return f"the last checkpoint of {stage_dir} ({found.name}) is not of the stage's last step ({last})"
+        problem = checkpoint_problem(found, config.world_size)
+        if problem:
+            return f"{found}: {problem}"
+        best = state.get("best_global_step")
+        if config.load_best_model_at_end and best and not (stage_dir / f"checkpoint-{best}").is_dir():
+            return f"the best checkpoint of {stage_dir} (step {best}, which the stage ended with) is gone"
+    return None
+
+
 def _finished_run(
-    config: RefilledConfig, rundir: RunDirectory, identity: dict[str, Any], legacy: dict[str, Any]
+    config: RefilledConfig,
+    rundir: RunDirectory,
+    identity: dict[str, Any],
+    legacy: dict[str, Any],
+    stage_dirs: list[Path],
 ) -> dict[str, Any]:
     """``--resume_from_checkpoint true`` on a finished run (a job script run again after its run
     ended): its results, nothing trained again, if :func:`_check_finished_run` passes (every
@@ -798,19 +847,39 @@ def _finished_run(
     try:
         if rundir.is_main:
             _prepare_output_dir(config, rundir)  # again, under the lock
-            _check_finished_run(config, rundir, identity, legacy)
+            _check_finished_run(config, rundir, identity, legacy, stage_dirs)
             logger.warning("%s holds this run, finished: nothing is trained again; these are its results.", out)
             if config.push_to_hub:
                 _push_export(config, out)
         _wait_for_everyone()
     finally:
         rundir.release()
+    return _read_results(out)
+
+
+def _read_results(out: Path) -> dict[str, Any]:
     try:
         return json.loads((out / RESULTS_FILE).read_text())
     except (OSError, ValueError) as err:
         raise RunError(
             f"{out / RESULTS_FILE} is damaged ({err}): pass --overwrite_output true to train again."
         ) from None
+
+
+def _confirmed_record(recorded: dict[str, Any], measured: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``recorded``, the finished run's results, where the weights about to be exported again
+    measure the same top-1/top-5 on the same images; refused otherwise (they are not the
+    weights it exported, and its card would describe other ones)."""
+    keys = sorted(k for k in measured["final"] if k.endswith(("_top1", "_top5", "_samples")))
+    differ = [f"{k} {recorded['final'].get(k)} -> {measured['final'][k]}" for k in keys
+              if recorded.get("final", {}).get(k) != measured["final"][k]]  # fmt: skip
+    if differ:
+        raise RunError(
+            f"{out} holds this run, finished, but the weights its stages kept do not measure what its results record "
+            f"({'; '.join(differ)}): they are not the weights it exported, so its model is not exported again. Pass "
+            "--overwrite_output true to train it again."
+        )
+    return recorded
 
 
 def _stage2_dirs(config: RefilledConfig, out: Path) -> list[Path]:
@@ -830,7 +899,7 @@ def _wait_for_everyone() -> None:
 
 
 def _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks, results, out,
-                cache=None):  # fmt: skip
+                cache=None, recorded=None):  # fmt: skip
     if method == "refilled":
         stage1_dir, *stage2_dirs = stage_dirs
         # the student-alone candidate starts from the weights stage 1 starts from
@@ -856,7 +925,7 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
             trainer = _search_distill_weight(
                 config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results, cache, initial
             )
-            return _finish(config, trainer, student, data, results, out)
+            return _finish(config, trainer, student, data, results, out, recorded)
         results["distill_weight"] = config.resolved_distill_weight()
         trainer = _stage2_trainer(config, stage2_dirs[0], student, data, callbacks, teacher, cache, centers_data,
                                   results)  # fmt: skip
@@ -871,7 +940,7 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
     final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
     results["final"] = final
-    return _finish(config, trainer, student, data, results, out)
+    return _finish(config, trainer, student, data, results, out, recorded)
 
 
 def _state_copy(student: StudentModel) -> dict[str, torch.Tensor]:
@@ -1134,8 +1203,14 @@ def training_seconds(results: dict[str, Any]) -> float:
     return (results.get("stage1") or {}).get("train_seconds", 0.0) + stage2
 
 
-def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, results: dict, out: Path) -> dict:
+def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, results: dict, out: Path,
+            recorded: dict | None = None) -> dict:  # fmt: skip
+    """Export the student with its model card and write ``results.json``. ``recorded``: the
+    results of this run, finished, whose model is exported again: they stay its results (their
+    timings are its training's, not this call's), once the weights measure what they record."""
     results["train_seconds"] = training_seconds(results)
+    if recorded is not None:
+        results = _confirmed_record(recorded, results, out)
     if trainer.is_world_process_zero():
         cfg = data_pretrained_cfg(student.model.pretrained_cfg, config.image_size)
         data_config = {"input_size": cfg["input_size"], "mean": cfg.get("mean"), "std": cfg.get("std")}

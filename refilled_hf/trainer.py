@@ -532,6 +532,7 @@ class RefilledTrainer(Trainer):
         self._train_batches: int | None = None
         #: the stage's training before this call of train(), as the checkpoint it resumed from records it
         self.earlier_training = {"seconds": 0.0, "loss_sum": 0.0, "steps": 0}
+        self._whole_stage_logged: dict | None = None  # the end-of-training log, made the whole stage's
         #: training steps whose loss was not finite (a device tensor; read once, at the end)
         self.nonfinite_losses: torch.Tensor | int = 0
 
@@ -570,6 +571,7 @@ class RefilledTrainer(Trainer):
             epochs = _EpochOfAugmentation(self.train_dataset.seed_augmentation(self.args.seed, self.stage))
             self.add_callback(epochs)
         self.earlier_training = {"seconds": 0.0, "loss_sum": 0.0, "steps": 0}  # set by a resume
+        self._whole_stage_logged = None
         self._call_start = time.perf_counter()
         transformers_trainer_log = logging.getLogger(Trainer.__module__)
         transformers_trainer_log.addFilter(_not_the_moved_best_checkpoint_warning)  # said by _load_callback_state
@@ -606,11 +608,16 @@ class RefilledTrainer(Trainer):
     def _whole_stage_output(self, output: TrainOutput) -> TrainOutput:
         """transformers reports a resumed ``train()`` call's own loss and speed (a call resumed
         from the stage's last checkpoint: ``train_loss`` 0.0 and no samples); these are the
-        whole stage's, where the checkpoint recorded the calls before it."""
-        before = self.earlier_training["steps"]
-        if not before:
+        whole stage's, where the checkpoint recorded the calls before it (as :meth:`log` gave
+        them to the console and the trackers, from the same dict where transformers passes it)."""
+        if not self.earlier_training["steps"]:
             return output
-        metrics = dict(output.metrics)
+        metrics = output.metrics if output.metrics is self._whole_stage_logged else self._whole_stage(output.metrics)
+        return TrainOutput(output.global_step, metrics["train_loss"], metrics)
+
+    def _whole_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``metrics``, a resumed call's end-of-training ones, as the whole stage's."""
+        metrics = dict(metrics)
         steps = self.state.global_step
         seconds = self.earlier_training["seconds"] + float(metrics.get("train_runtime", 0.0))
         loss = (self.earlier_training["loss_sum"] + self._total_loss_scalar) / max(steps, 1)
@@ -618,7 +625,7 @@ class RefilledTrainer(Trainer):
         metrics.update(train_runtime=round(seconds, 4), train_loss=loss,
                        train_samples_per_second=round(samples / max(seconds, 1e-9), 3),
                        train_steps_per_second=round(steps / max(seconds, 1e-9), 3))  # fmt: skip
-        return TrainOutput(output.global_step, loss, metrics)
+        return metrics
 
     def _load_callback_state(self) -> None:
         """On a resume, after the Trainer has read the checkpoint's state: the stage's training
@@ -882,6 +889,9 @@ class RefilledTrainer(Trainer):
                 logs[key] = round(value / self._component_batches, 6)
             self._components.clear()
             self._component_batches = 0
+        if "train_runtime" in logs and self.earlier_training["steps"]:  # the end of a resumed stage
+            logs.update(self._whole_stage(logs))  # (in place: transformers returns this dict too)
+            self._whole_stage_logged = logs
         super().log(logs, start_time)
 
     def _get_grad_norm(self, model, grad_norm=None):

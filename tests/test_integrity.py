@@ -1253,9 +1253,19 @@ def test_a_run_killed_after_a_stage_ends_reports_that_stages_training_not_a_call
     reference = run(recipe)
     shutil.rmtree(tmp_path / "reference" / "model")
     (tmp_path / "reference" / "results.json").unlink()  # as a kill before the export leaves the folder
-    resumed = run({**recipe, "resume_from_checkpoint": "true"})
+
+    class EndOfTraining(TrainerCallback):  # what the console and the trackers get
+        logged: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "train_runtime" in logs:
+                self.logged.append(dict(logs))
+
+    resumed = run({**recipe, "resume_from_checkpoint": "true"}, callbacks=[EndOfTraining()])
     whole, alone = resumed["final"]["train_metrics"], reference["final"]["train_metrics"]
     assert whole["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-6) and whole["train_loss"] > 0
+    assert [log["train_loss"] for log in EndOfTraining.logged] == [whole["train_loss"]]
+    assert EndOfTraining.logged[0]["train_runtime"] == whole["train_runtime"]
     # (the time of the call that trained, not the resumed call's fraction of a second)
     assert whole["train_samples_per_second"] > 0 and whole["train_runtime"] > 0.5 * alone["train_runtime"]
     assert resumed["final"]["train_seconds"] > 0.5 * reference["final"]["train_seconds"]
@@ -1612,3 +1622,40 @@ def test_sigterm_and_sigusr1_are_taken_as_notices_only_while_installed():
             os.kill(os.getpid(), number)
             assert notice.received == number
         assert signal.getsignal(number) is before and notice.stopped_at is None
+
+
+def test_a_finished_runs_model_is_exported_again_only_from_the_weights_it_exported(tmp_path):
+    """A stage that kept neither its final weights nor a checkpoint of its last step (and, under
+    --load_best_model_at_end, of its best step) cannot give the exported model back without training."""
+    from safetensors.torch import save_file
+
+    from refilled_hf.pipeline import _export_restore_problem
+
+    def checkpoint(stage_dir: Path, step: int, last: int, best: int | None = None) -> None:
+        folder = stage_dir / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            torch.save({}, folder / name)
+        state = {"global_step": step, "max_steps": last, "best_global_step": best}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    (stage1 / "final").mkdir(parents=True)
+    (stage1 / "final" / "metrics.json").write_text("{}")
+    config = RefilledConfig(output_dir=str(tmp_path), use_cpu=True)
+    assert _export_restore_problem(config, [stage1, stage2]) == f"{stage2} holds no checkpoint"
+    checkpoint(stage2, 4, last=6)
+    assert "(checkpoint-4) is not of the stage's last step (6)" in _export_restore_problem(config, [stage1, stage2])
+    checkpoint(stage2, 6, last=6, best=2)
+    assert _export_restore_problem(config, [stage1, stage2]) is None  # (the best is not what the stage ends with)
+    best = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, load_best_model_at_end=True)
+    assert "(step 2, which the stage ended with) is gone" in _export_restore_problem(best, [stage1, stage2])
+    (stage2 / "checkpoint-2").mkdir()
+    assert _export_restore_problem(best, [stage1, stage2]) is None
+    (stage2 / "checkpoint-6" / "optimizer.pt").unlink()
+    assert "checkpoint-6: it has no optimizer.pt" in _export_restore_problem(config, [stage1, stage2])
+    shutil.rmtree(stage1 / "final")  # stage 1 must have finished too, unless the run trains none
+    assert "stage1 holds no checkpoint" in _export_restore_problem(config, [stage1, stage2])
+    ablation = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, stage1_epochs=0)
+    assert "checkpoint-6: it has no optimizer.pt" in _export_restore_problem(ablation, [stage1, stage2])

@@ -168,8 +168,38 @@ def test_resuming_a_finished_run_returns_its_results_and_trains_nothing(data_dir
         run({**recipe, "resume_from_checkpoint": "true", "seed": 1})
     with pytest.raises(RunError, match="card_license: 'apache-2.0' -> 'mit'.*refilled-hf push"):
         run({**recipe, "resume_from_checkpoint": "true", "card_license": "mit"})
+
+    # its model removed: exported again from the stage's last checkpoint, nothing trained, the same
+    # results (its training's timings, not the call's), weights and card (the card's recipe adds the resume)
+    monkeypatch.undo()
+    from refilled_hf.trainer import RefilledTrainer
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a step was trained to export a finished run again")
+
+    monkeypatch.setattr(RefilledTrainer, "training_step", no_step)
     shutil.rmtree(folder / "model")
-    with pytest.raises(RunError, match="its model .* is missing"):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="refilled_hf.pipeline"):
+        assert run({**recipe, "resume_from_checkpoint": "true"}) == first
+    assert "its model (" in caplog.text and "is exported again from the weights its stages kept" in caplog.text
+    changed = {p for p in files if p.read_bytes() != files[p]}
+    assert changed == {folder / "model" / "README.md"}, changed
+    card_before = files[folder / "model" / "README.md"].decode().splitlines()
+    card_after = (folder / "model" / "README.md").read_text().splitlines()
+    assert [line for line in card_after if line not in card_before] == ["resume_from_checkpoint: 'true'"]
+    # weights that do not measure what the results record are not exported as the run's
+    record = json.loads((folder / "results.json").read_text())
+    record["final"]["test_top1"] += 1.0
+    (folder / "results.json").write_text(json.dumps(record))
+    shutil.rmtree(folder / "model")
+    with pytest.raises(RunError, match=r"do not measure what its results record \(test_top1 .* -> "):
+        run({**recipe, "resume_from_checkpoint": "true"})
+    assert not (folder / "model").exists()
+    for checkpoint in folder.glob("ce/checkpoint-*"):  # nothing left to export it again from
+        shutil.rmtree(checkpoint)
+    with pytest.raises(RunError, match=r"its model .* is missing, and cannot be exported again without training: "
+                                       r".*ce holds no checkpoint. Pass --overwrite_output true"):  # fmt: skip
         run({**recipe, "resume_from_checkpoint": "true"})
 
 
