@@ -69,7 +69,9 @@ def check_evaluation_split(record: dict[str, Any] | None, config: RefilledConfig
     recorded = (record.get("row_digests") or {}).get("validation")
     if split == "validation" and data.row_digests.get("validation") != recorded:
         if recorded is None:
-            why = (f"{model_spec} was trained without a validation split, on every image of its classes in split "
+            shots = record.get("shots_per_class")
+            which = f"{shots} images per class, drawn with seed {record.get('seed')}," if shots else "every image"
+            why = (f"{model_spec} was trained without a validation split, on {which} of its classes in split "
                    f"{record.get('train_split')!r} of {record.get('dataset')!r}")  # fmt: skip
             fix = "evaluate it with --split test"
         elif record.get("validation_split"):

@@ -1479,8 +1479,12 @@ def test_evaluate_refuses_a_validation_split_that_can_hold_training_images(data_
     assert evaluate_model(f"local-dir:{exported}", on_copy)["test_samples"] == 36  # the same layout, held out
     # trained on every training image: no validation split of that data is clean
     everything = f"local-dir:{_model_with_record(data_dir, tmp_path / 'all', validation_fraction=0.0, seed=0)}"
-    with pytest.raises(ConfigError, match="trained without a validation split.*--split test"):
+    with pytest.raises(ConfigError, match="trained without a validation split, on every image of its.*--split test"):
         evaluate_model(everything, RefilledConfig(**config), split="validation")
+    # (on a few images per class: the message says which, not "every image")
+    some = _model_with_record(data_dir, tmp_path / "some", validation_fraction=0.0, shots_per_class=4, seed=0)
+    with pytest.raises(ConfigError, match="validation split, on 4 images per class, drawn with seed 0, of its"):
+        evaluate_model(f"local-dir:{some}", RefilledConfig(**config), split="validation")
     # a model without a record (not exported by refilled-hf) is evaluated, with a warning
     bare = export_model(timm.create_model("cifar_wrn_16_1", num_classes=3), tmp_path / "b",
                         label_names=CLASS_NAMES[3:6])  # fmt: skip
