@@ -433,7 +433,7 @@ def search_records(records: list[dict], budget: dict) -> list[dict]:
     """The default (``--distill_weight`` unset) per seed: the lambda-1 run, or the lambda-10 run
     where its validation top-1 is higher. Its cost is stage 1 plus both stage 2s: images seen
     count them; train seconds add the lambda-10 run's stage-2 share of its epochs (an estimate)."""
-    from refilled_hf.pipeline import pick_candidate
+    from refilled_hf.candidates import pick_candidate
 
     by_key = {(r["setting"], r["shots"], r["seed"], r["method"]): r for r in records}
     s1, s2 = budget["stage1"], budget["stage2"]

@@ -20,12 +20,8 @@ import contextlib
 import copy
 import json
 import logging
-import math
-import os
 import shutil
-import signal
 import tempfile
-import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,10 +29,10 @@ from typing import Any
 
 import timm.data
 import torch
-from safetensors.torch import load_file
 from transformers import set_seed
 
 from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model, setup_fingerprint
+from .candidates import STUDENT_ALONE_DIR, search_distill_weight
 from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, lone_process_launch_warning, options_text
 from .data import (
     CIFAR_STYLE_MAX_SIZE,
@@ -48,24 +44,8 @@ from .data import (
     load_classification_data,
 )
 from .data_device import IndexedImages, choose_and_place
-from .hub import (
-    HubPushError,
-    check_hub_access,
-    export_model,
-    push_folder,
-    replace_dir_atomically,
-    save_safetensors,
-    write_json_atomically,
-)
-from .model_card import (
-    LEGACY_DATA_KEY,
-    card_template,
-    check_comparable,
-    margin_text,
-    render_model_card,
-    student_alone_margin,
-)
-from .preemption import StopOnSignal
+from .hub import HubPushError, check_hub_access, export_model, push_folder, write_json_atomically
+from .model_card import LEGACY_DATA_KEY, card_template, check_comparable, render_model_card
 from .preflight import (
     cache_needs_logits,
     check_forward,
@@ -87,37 +67,39 @@ from .rundir import (
     last_complete_checkpoint,
     tensor_fingerprint,
 )
+from .stages import (
+    FINAL_DIR,
+    DivergedError,
+    RunError,
+    RunInterrupted,
+    barrier,
+    fit,
+    load_final,
+    make_trainer,
+    save_final,
+    split_metrics,
+    stage2_trainer,
+    state_copy,
+)
 from .teacher_cache import TeacherCache, TeacherCacheError, load_or_build
-from .trackers import KeepStageRunsOpen, end_stage_runs
-from .trainer import RefilledTrainer, stage_args, tracker_run_name
+from .trackers import end_stage_runs
+from .trainer import RefilledTrainer
 
-__all__ = ["RunError", "load_data", "run_distillation", "run_teacher_training", "training_seconds"]
+__all__ = [
+    "DivergedError",
+    "RunError",
+    "RunInterrupted",
+    "load_data",
+    "run_distillation",
+    "run_teacher_training",
+    "training_seconds",
+]
 
 logger = logging.getLogger(__name__)
 
 
 RESULTS_FILE = "results.json"
 EXPORT_DIR = "model"
-FINAL_DIR = "final"
-STUDENT_ALONE_DIR = "student-alone"
-
-
-class RunError(ValueError):
-    """A run that cannot start or continue (the message says why and what to do)."""
-
-
-class DivergedError(RunError):
-    """A stage whose loss or weights went non-finite."""
-
-
-class RunInterrupted(RunError):
-    """A stage stopped by a signal: a cluster's notice before a kill (after a checkpoint of
-    the step) or a Ctrl-C. ``stopped``: where it stopped; ``resume``: how the run continues;
-    ``signal_number``: the signal's number (the exit status is 128 + it)."""
-
-    def __init__(self, stopped: str, resume: str, signal_number: int):
-        super().__init__(f"{stopped}. Nothing was exported. {resume}.")
-        self.stopped, self.resume, self.signal_number = stopped, resume, signal_number
 
 
 #: errors refilled-hf raises with a message of its own
@@ -413,157 +395,6 @@ def _log_plan(config: RefilledConfig) -> None:
             "exported instead if it beats every lambda on validation (--student_alone_candidate false skips it).",
             epochs, milestones or "none",
         )  # fmt: skip
-
-
-def _make_trainer(
-    config: RefilledConfig,
-    stage: str,
-    stage_dir: Path,
-    student: StudentModel,
-    data: ClassificationData,
-    callbacks: list | None = None,
-    **kwargs,
-) -> RefilledTrainer:
-    args = stage_args(config, stage, stage_dir, images=len(data.train), evaluates=data.validation is not None,
-                      load_best_model_at_end=config.load_best_model_at_end and config.has_validation)  # fmt: skip
-    return RefilledTrainer(
-        model=student,
-        args=args,
-        stage=stage,
-        num_classes=data.num_classes,
-        train_dataset=data.train,
-        eval_dataset=data.validation,
-        callbacks=callbacks,
-        **kwargs,
-    )
-
-
-def _fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
-    if checkpoint is None:
-        # A stage starts from the seed alone, whatever ran before it in this process: the
-        # teacher centres, computed or read from a resumed run's cache, draw from the
-        # global RNG (every DataLoader iteration does), which would make a stage 2 resumed
-        # before its first checkpoint differ from an uninterrupted one. From a checkpoint,
-        # the Trainer restores the RNG states saved there.
-        set_seed(trainer.args.seed)
-    start = time.perf_counter()
-    notice = StopOnSignal()  # a SIGTERM while it trains: a checkpoint of the step, then a stop
-    trainer.add_callback(notice)
-    try:
-        with notice.installed():
-            train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    except KeyboardInterrupt:  # Ctrl-C: stop now, saying what a resume continues from
-        _stop_for_interrupt(trainer)
-    finally:
-        trainer.remove_callback(notice)
-    if notice.received is not None:
-        _stop_for_notice(trainer, notice)
-    # (a resumed stage: the calls before this one too, as its checkpoint recorded them)
-    trainer.train_seconds = trainer.earlier_training["seconds"] + time.perf_counter() - start
-    trainer.train_metrics = train_output.metrics
-    _check_finite(trainer)
-    return trainer
-
-
-def _stage_name(trainer: RefilledTrainer) -> str:
-    """The stage and, where its folder says more (a lambda candidate, the student alone), the folder."""
-    folder = Path(trainer.args.output_dir).name
-    return trainer.stage if folder == trainer.stage else f"{trainer.stage} ({folder})"
-
-
-def _stop_for_notice(trainer: RefilledTrainer, notice: StopOnSignal) -> None:
-    """The run stops where a signal stopped a stage (nothing exported), saying where it can resume."""
-    name = signal.Signals(notice.received).name
-    stage_dir = Path(trainer.args.output_dir)
-    if notice.stopped_at is not None:
-        where = (f"at step {notice.stopped_at} of {trainer.state.max_steps}, after a checkpoint of that step "
-                 f"({stage_dir / f'checkpoint-{notice.stopped_at}'})")  # fmt: skip
-    else:
-        where = "as its training ended, before a step could be checkpointed (it resumes from its last checkpoint)"
-    raise RunInterrupted(
-        f"{name} received: {_stage_name(trainer)} stopped {where}",
-        "Run the same command with --resume_from_checkpoint true to continue",
-        notice.received,
-    )
-
-
-def _stop_for_interrupt(trainer: RefilledTrainer) -> None:
-    """A Ctrl-C (SIGINT) while a stage trains stops at once, as the user asked, naming the
-    checkpoint a resume continues from: the stage's newest complete one, where there is one."""
-    stage_dir = Path(trainer.args.output_dir)
-    found = last_complete_checkpoint(stage_dir)
-    if found is not None:  # (checkpoint-<step>: the step its name says, as the Trainer names it)
-        resume = f"continues from its newest checkpoint, {found} (step {found.name.removeprefix('checkpoint-')})"
-    else:
-        resume = f"starts {_stage_name(trainer)} again (it had written no checkpoint yet)"
-    raise RunInterrupted(
-        f"interrupted (SIGINT): {_stage_name(trainer)} stopped at step {trainer.state.global_step} of "
-        f"{trainer.state.max_steps}",
-        f"The same command with --resume_from_checkpoint true {resume}",
-        signal.SIGINT,
-    ) from None
-
-
-def _check_finite(trainer: RefilledTrainer) -> None:
-    """The last line of defence: a stage whose loss or weights went non-finite stops the
-    run before anything is exported or any accuracy is claimed."""
-    bad_steps = int(trainer.nonfinite_losses)
-    bad_weights = [
-        n for n, t in trainer._student().state_dict().items() if t.is_floating_point() and not t.isfinite().all()
-    ]
-    loss = trainer.train_metrics.get("train_loss")
-    if bad_steps or bad_weights or (isinstance(loss, float) and not math.isfinite(loss)):
-        what = f"{bad_steps} training steps had a non-finite loss" if bad_steps else "the training loss is not finite"
-        if bad_weights:
-            what += f"; {len(bad_weights)} weight tensors hold NaN/inf (e.g. {bad_weights[0]})"
-        raise DivergedError(
-            f"Training diverged in {trainer.stage} ({what}). Nothing was exported. Lower the learning rate "
-            "(--stage1_learning_rate / --stage2_learning_rate) or the loss weights (--distill_weight, "
-            "--stage1_weight), "
-            "or turn on gradient clipping (--max_grad_norm 1), and start over with --overwrite_output true."
-        )
-
-
-def _save_final(stage_dir: Path, student: StudentModel, metrics: dict[str, Any], is_main: bool) -> None:
-    """The stage's final student weights and metrics, in one atomically renamed folder."""
-    if not is_main:
-        return
-    staging = stage_dir / f".{FINAL_DIR}.staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
-    save_safetensors(state, staging / "model.safetensors")
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    replace_dir_atomically(staging, stage_dir / FINAL_DIR)
-
-
-def _load_final(stage_dir: Path, student: StudentModel) -> dict[str, Any]:
-    try:
-        student.model.load_state_dict(load_file(str(stage_dir / FINAL_DIR / "model.safetensors")))
-    except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
-        raise _damaged_final(stage_dir, err) from None
-    return _read_final_metrics(stage_dir)
-
-
-def _damaged_final(stage_dir: Path, err: Exception) -> RunError:
-    return RunError(
-        f"{stage_dir / FINAL_DIR} is damaged ({type(err).__name__}): this run cannot continue from it. Start over "
-        "with --overwrite_output true."
-    )
-
-
-def _split_metrics(trainer: RefilledTrainer, data: ClassificationData, prefix_map: dict[str, str]) -> dict[str, Any]:
-    """Evaluate the trainer's current model on validation and test."""
-    metrics: dict[str, Any] = {}
-    for split, prefix in prefix_map.items():
-        dataset = getattr(data, split)
-        if dataset is not None:
-            metrics.update(trainer.evaluate(dataset, metric_key_prefix=prefix))
-    metrics.pop("epoch", None)
-    return metrics
-
-
-def _barrier(trainer: RefilledTrainer) -> None:
-    trainer.accelerator.wait_for_everyone()
 
 
 def _run_identity(
@@ -903,274 +734,44 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
     if method == "refilled":
         stage1_dir, *stage2_dirs = stage_dirs
         # the student-alone candidate starts from the weights stage 1 starts from
-        initial = _state_copy(student) if config.student_alone_runs() else None
+        initial = state_copy(student) if config.student_alone_runs() else None
         if config.stage1_epochs == 0:
             logger.info("stage1_epochs=0: stage 2 starts from the student's initial weights (an ablation).")
         elif (stage1_dir / FINAL_DIR / "metrics.json").is_file() and config.resume_mode():
-            results["stage1"] = _load_final(stage1_dir, student)
+            results["stage1"] = load_final(stage1_dir, student)
             logger.info("Stage 1 already finished: continuing with stage 2.")
         else:
-            trainer = _make_trainer(
+            trainer = make_trainer(
                 config, "stage1", stage1_dir, student, data, callbacks, teacher=teacher,
                 centers_dataset=centers_data, teacher_cache=cache,
             )  # fmt: skip
-            _fit(trainer, points[stage1_dir])
-            stage1 = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
+            fit(trainer, points[stage1_dir])
+            stage1 = split_metrics(trainer, data, {"validation": "validation", "test": "test"})
             stage1.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
-            _save_final(stage1_dir, student, stage1, trainer.is_world_process_zero())
-            _barrier(trainer)
+            save_final(stage1_dir, student, stage1, trainer.is_world_process_zero())
+            barrier(trainer)
             results["stage1"] = stage1
         student.set_embeddings_only(False)
         if config.distill_weight_candidates() is not None:
-            trainer = _search_distill_weight(
+            trainer = search_distill_weight(
                 config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results, cache, initial
             )
             return _finish(config, trainer, student, data, results, out, recorded)
         results["distill_weight"] = config.resolved_distill_weight()
-        trainer = _stage2_trainer(config, stage2_dirs[0], student, data, callbacks, teacher, cache, centers_data,
-                                  results)  # fmt: skip
-        _fit(trainer, points[stage2_dirs[0]])
+        trainer = stage2_trainer(config, stage2_dirs[0], student, data, callbacks, teacher, cache, centers_data,
+                                 results)  # fmt: skip
+        fit(trainer, points[stage2_dirs[0]])
     else:
-        trainer = _make_trainer(
+        trainer = make_trainer(
             config, method, stage_dirs[0], student, data, callbacks,
             **({"teacher": teacher, "teacher_cache": cache} if teacher else {}),
             **({"teacher_columns": results["kd_teacher_columns"]} if "kd_teacher_columns" in results else {}),
         )  # fmt: skip
-        _fit(trainer, points[stage_dirs[0]])
-    final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
+        fit(trainer, points[stage_dirs[0]])
+    final = split_metrics(trainer, data, {"validation": "validation", "test": "test"})
     final.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
     results["final"] = final
     return _finish(config, trainer, student, data, results, out, recorded)
-
-
-def _state_copy(student: StudentModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in student.model.state_dict().items()}
-
-
-def _search_distill_weight(config, stage2_dirs, points, student, teacher, data, centers_data, callbacks, results,
-                           cache, initial=None) -> RefilledTrainer:  # fmt: skip
-    """``--distill_weight_search``: stage 2 once per lambda, each from the same starting
-    weights and seed in its own folder (finished candidates are kept on resume), then the
-    candidate with the best validation top-1 (ties: the first listed) is loaded into
-    ``student``. With ``initial`` (the weights stage 1 started from), the student trained
-    alone is one more candidate (:func:`_student_alone`), chosen only when strictly better.
-    Each candidate is evaluated on validation only; the returned trainer evaluates the pick,
-    whose test metrics become ``results["final"]``."""
-    start_state = _state_copy(student)
-    candidates, centers, trainer = [], None, None
-    values = config.distill_weight_candidates()
-    for value, stage_dir in zip(values, stage2_dirs):
-        final = stage_dir / FINAL_DIR / "metrics.json"
-        if final.is_file() and config.resume_mode():
-            metrics = _read_final_metrics(stage_dir)
-            logger.info("Stage 2 with lambda %g already finished: kept.", value)
-        else:
-            student.model.load_state_dict(start_state)
-            trainer = _stage2_trainer(config.stage_view(distill_weight=value), stage_dir, student, data, callbacks,
-                                      teacher, cache, centers_data, results, known_centers=centers)  # fmt: skip
-            centers = trainer.class_centers
-            try:
-                _fit(trainer, points[stage_dir])
-                metrics = _split_metrics(trainer, data, {"validation": "validation"})
-                metrics.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
-            except DivergedError as err:
-                logger.warning("Stage 2 with lambda %g diverged; it cannot be chosen. %s", value, err)
-                metrics = {"diverged": str(err)}
-            _save_final(stage_dir, student, metrics, trainer.is_world_process_zero())
-            _barrier(trainer)
-        candidates.append({"distill_weight": value, "stage_dir": stage_dir.name, **metrics})
-    alone = None
-    if initial is not None:
-        alone_trainer, alone = _student_alone(config, stage2_dirs[len(values)], points, student, data, callbacks,
-                                              initial)  # fmt: skip
-        trainer = alone_trainer or trainer
-    # listed last, the student alone wins only when strictly better than every usable lambda
-    pick = pick_candidate(candidates + ([alone] if alone is not None else []), last_is_student_alone=alone is not None)
-    if pick == len(candidates):
-        return _export_student_alone(config, alone, candidates, trainer, student, data, callbacks, results)
-    chosen = candidates[pick]
-    _load_final(stage2_dirs[pick], student)
-    logger.info(
-        "Chose lambda %g (validation top-1 %.2f) among %s.",
-        chosen["distill_weight"], chosen["validation_top1"], _candidates_text(candidates, alone),
-    )  # fmt: skip
-    results["distill_weight"] = chosen["distill_weight"]
-    results["distill_weight_search"] = _search_record(chosen["distill_weight"], candidates)
-    if alone is not None:
-        results["student_alone"] = {**alone, "exported": False}
-    if trainer is None or alone is not None:  # a stage-2 trainer for the evaluation (the last one may be another's)
-        trainer = _make_trainer(
-            config.stage_view(distill_weight=chosen["distill_weight"]), "stage2", stage2_dirs[pick], student, data,
-            callbacks, teacher=teacher, teacher_cache=cache,
-        )  # fmt: skip
-        _as_trained(trainer)
-    if Path(trainer.args.output_dir) != stage2_dirs[pick] or alone is not None:  # not the pick's own trainer
-        _final_evaluation_run(trainer, config)
-    final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
-    final.update(train_seconds=chosen["train_seconds"], train_metrics=chosen["train_metrics"])
-    results["final"] = final
-    return trainer
-
-
-def _as_trained(trainer: RefilledTrainer) -> None:
-    """A trainer made to evaluate a candidate that another trainer trained logs its metrics at
-    the end of the stage's epochs, as the candidate's own would have, not at epoch 0."""
-    trainer.state.epoch = float(trainer.args.num_train_epochs)
-
-
-def _final_evaluation_run(trainer: RefilledTrainer, config: RefilledConfig) -> None:
-    """A trainer that evaluates the exported candidate after others trained (its own is
-    gone) reports to a tracker run of its own, ``<run>-final``, not to the last candidate's."""
-    end_stage_runs(trainer.callback_handler.callbacks)
-    trainer.args.run_name = tracker_run_name(config, "final")
-    trainer.add_callback(KeepStageRunsOpen(trainer.callback_handler))
-
-
-def _search_record(selected: float | None, candidates: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"selected": selected, "selected_by": "validation_top1 (ties: the first listed)",
-            "candidates": candidates}  # fmt: skip
-
-
-def _candidates_text(candidates: list[dict[str, Any]], alone: dict[str, Any] | None) -> str:
-    """``lambda 1: 40.20, lambda 10: 38.00`` and, with the student-alone candidate,
-    ``, student alone: 41.00``."""
-
-    def top1(c: dict[str, Any]) -> str:
-        return "diverged" if "diverged" in c else f"{c['validation_top1']:.2f}"
-
-    text = ", ".join(f"lambda {c['distill_weight']:g}: {top1(c)}" for c in candidates)
-    return text + (f", student alone: {top1(alone)}" if alone is not None else "")
-
-
-def _student_alone(config, stage_dir, points, student, data, callbacks, initial) -> tuple[RefilledTrainer | None, dict]:
-    """The student-alone candidate: exactly the ``--method ce`` run with
-    :meth:`RefilledConfig.student_alone_schedule` (same initial weights, seed and data),
-    evaluated on validation only, its final weights kept in ``stage_dir/final``. Returns
-    its trainer (None when a resumed run had finished it) and its record."""
-    epochs, milestones = config.student_alone_schedule()
-    schedule = {"epochs": epochs, "stage2_milestones": milestones}
-    if (stage_dir / FINAL_DIR / "metrics.json").is_file() and config.resume_mode():
-        logger.info("The student-alone candidate already finished: kept.")
-        return None, {**schedule, "stage_dir": stage_dir.name, **_read_final_metrics(stage_dir)}
-    student.model.load_state_dict(initial)
-    trainer = _make_trainer(_student_alone_view(config), "ce", stage_dir, student, data, callbacks)
-    try:
-        _fit(trainer, points[stage_dir])
-        metrics = _split_metrics(trainer, data, {"validation": "validation"})
-        metrics.update(train_seconds=trainer.train_seconds, train_metrics=trainer.train_metrics)
-    except DivergedError as err:
-        logger.warning("The student-alone candidate diverged; it cannot be chosen. %s", err)
-        metrics = {"diverged": str(err)}
-    _save_final(stage_dir, student, metrics, trainer.is_world_process_zero())
-    _barrier(trainer)
-    return trainer, {**schedule, "stage_dir": stage_dir.name, **metrics}
-
-
-def _student_alone_view(config: RefilledConfig) -> RefilledConfig:
-    epochs, milestones = config.student_alone_schedule()
-    return config.stage_view(method="ce", stage2_epochs=epochs, stage2_milestones=milestones)
-
-
-def _export_student_alone(config, alone, candidates, trainer, student, data, callbacks, results) -> RefilledTrainer:
-    """The student alone beat every REFILLED candidate on validation: it is the export
-    (``results["final"]``), and the run says so loudly."""
-    _load_final(Path(config.output_dir) / alone["stage_dir"], student)
-    margin = student_alone_margin(alone, candidates)
-    if margin is None or margin["clear"]:
-        verdict = (
-            "The teacher did not help on this task; compare its probe (refilled-hf probe-teacher) with what the "
-            "student reaches alone, or pass --student_alone_candidate false to export REFILLED's pick regardless."
-        )
-    else:
-        verdict = (
-            f"A margin this small does not show that the teacher could not help: one standard error of a top-1 "
-            f"measured on {margin['samples']} images is about {margin['standard_error']:.1f} points. A larger "
-            "validation split (--validation_fraction) tells the candidates apart; --student_alone_candidate false "
-            "exports REFILLED's pick regardless."
-        )
-    logger.warning(
-        "The student trained alone (cross-entropy, %g epochs, no teacher) beat every REFILLED candidate on the "
-        "validation split%s (%s): it is the exported model. %s",
-        alone["epochs"], f" {margin_text(margin)}" if margin else "", _candidates_text(candidates, alone), verdict,
-    )  # fmt: skip
-    usable = [c for c in candidates if "diverged" not in c]
-    best = candidates[pick_candidate(candidates)] if usable else None
-    results["distill_weight"] = best["distill_weight"] if best else None
-    results["distill_weight_search"] = _search_record(results["distill_weight"], candidates)
-    results["student_alone"] = {**alone, "exported": True}
-    if trainer is None or trainer.stage != "ce":  # a trainer for the evaluation
-        trainer = _make_trainer(_student_alone_view(config), "ce", Path(config.output_dir) / alone["stage_dir"],
-                                student, data, callbacks)  # fmt: skip
-        _as_trained(trainer)
-        _final_evaluation_run(trainer, config)
-    final = _split_metrics(trainer, data, {"validation": "validation", "test": "test"})
-    final.update(train_seconds=alone["train_seconds"], train_metrics=alone["train_metrics"])
-    results["final"] = final
-    return trainer
-
-
-def _stage2_trainer(config, stage_dir, student, data, callbacks, teacher, cache, centers_data, results,
-                    known_centers: torch.Tensor | None = None) -> RefilledTrainer:  # fmt: skip
-    """Stage 2's trainer with its teacher centres in place (``--centers global``): read from
-    the stage's cache, computed (timed in ``results``), or ``known_centers`` of this run."""
-    trainer = _make_trainer(config, "stage2", stage_dir, student, data, callbacks, teacher=teacher, teacher_cache=cache)
-    if config.centers == "global":
-        start = time.perf_counter()
-        _teacher_centers(trainer, stage_dir, centers_data, known=known_centers)
-        results.setdefault("teacher_centers_seconds", time.perf_counter() - start)
-    return trainer
-
-
-def pick_candidate(candidates: list[dict[str, Any]], *, last_is_student_alone: bool = False) -> int:
-    """Index of the candidate with the best ``validation_top1``; ties go to the first
-    listed; diverged candidates (a ``diverged`` entry) cannot be chosen.
-    ``last_is_student_alone``: the last candidate is the student-alone one (the error
-    names it)."""
-    usable = [i for i, c in enumerate(candidates) if "diverged" not in c]
-    if not usable:
-        alone = ", and so did the student-alone candidate (cross-entropy alone)" if last_is_student_alone else ""
-        raise RunError(
-            f"Every --distill_weight_search candidate diverged{alone} (see the warnings). Nothing was exported. "
-            "Lower the learning rate (--stage2_learning_rate) or the lambdas, or clip gradients (--max_grad_norm 1)."
-        )
-    return max(usable, key=lambda i: (candidates[i]["validation_top1"], -i))
-
-
-def _read_final_metrics(stage_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((stage_dir / FINAL_DIR / "metrics.json").read_text())
-    except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
-        raise _damaged_final(stage_dir, err) from None
-
-
-def _teacher_centers(
-    trainer: RefilledTrainer, stage_dir: Path, centers_data, known: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Teacher centres of the student's classes, computed once over the training split
-    (summed over every process) and kept with the stage so a resumed stage 2 reuses them.
-    ``known``: centres this run already computed (another lambda candidate's)."""
-    cache = stage_dir / "teacher_centers.safetensors"
-    if known is not None:
-        trainer.class_centers = known.to(trainer.args.device)
-        return trainer.class_centers
-    if cache.is_file():
-        try:
-            centers = load_file(str(cache))["centers"]
-        except Exception as err:  # noqa: BLE001 - a damaged cache
-            raise RunError(
-                f"{cache} is damaged ({type(err).__name__}). Delete it (it is recomputed) and resume again."
-            ) from None
-        if centers.dim() != 2 or centers.shape[0] != trainer.num_classes or not centers.isfinite().all():
-            raise RunError(f"{cache} does not hold this run's class centres. Delete it (it is recomputed) and resume.")
-        trainer.class_centers = centers.to(trainer.args.device)
-        return trainer.class_centers
-    centers = trainer.compute_teacher_centers(centers_data)
-    if trainer.is_world_process_zero():
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        tmp = stage_dir / ".teacher_centers.tmp"
-        save_safetensors({"centers": centers.detach().cpu().contiguous()}, tmp)
-        os.replace(tmp, cache)
-    return centers
 
 
 def _baseline_results(config: RefilledConfig) -> list[dict[str, Any]]:
@@ -1243,7 +844,7 @@ def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, resul
         logger.info("Exported the model to %s (process %d)", out / EXPORT_DIR, trainer.args.process_index)
         if config.push_to_hub:
             _push_export(config, out)
-    _barrier(trainer)
+    barrier(trainer)
     return results
 
 

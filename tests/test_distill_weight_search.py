@@ -14,8 +14,9 @@ from helpers import tiny_recipe, write_random_teacher
 from safetensors.torch import load_file
 from test_pipeline import Interrupt
 
+from refilled_hf.candidates import pick_candidate
 from refilled_hf.config import ConfigError, RefilledConfig
-from refilled_hf.pipeline import RunError, RunInterrupted, pick_candidate, run_distillation
+from refilled_hf.pipeline import RunError, RunInterrupted, run_distillation
 
 pytestmark = pytest.mark.slow
 

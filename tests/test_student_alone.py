@@ -18,7 +18,7 @@ from helpers import tiny_recipe, write_random_teacher
 from safetensors.torch import load_file
 from test_pipeline import Interrupt
 
-from refilled_hf import pipeline
+from refilled_hf import candidates, pipeline
 from refilled_hf.config import RefilledConfig
 from refilled_hf.pipeline import DivergedError, RunInterrupted, run_distillation, training_seconds
 from refilled_hf.trainer import RefilledTrainer
@@ -168,7 +168,8 @@ def test_a_crash_after_every_candidate_finished_resumes_without_training(winner,
     assert [f.parent.parent.name for f in finals] == ["stage1", "stage2-lambda1", "stage2-lambda10", "student-alone"]
     mtimes = [f.stat().st_mtime_ns for f in finals]
     trained = []
-    monkeypatch.setattr(pipeline, "_fit", lambda trainer, checkpoint: trained.append(trainer.stage))
+    for module in (pipeline, candidates):  # (stage 1 and a single stage 2; the candidates)
+        monkeypatch.setattr(module, "fit", lambda trainer, checkpoint: trained.append(trainer.stage))
     resumed = run_distillation(RefilledConfig(**recipe, resume_from_checkpoint="true"))
     assert trained == [] and [f.stat().st_mtime_ns for f in finals] == mtimes  # nothing trained again
     assert resumed["student_alone"]["exported"] is (winner == "ce")
@@ -181,14 +182,14 @@ def test_a_crash_after_every_candidate_finished_resumes_without_training(winner,
 
 
 def test_a_diverged_student_alone_cannot_be_chosen(data_dir, teacher_dir, tmp_path, monkeypatch):
-    fit = pipeline._fit
+    fit = candidates.fit
 
     def diverge_alone(trainer, checkpoint):
         if trainer.stage == "ce":
             raise DivergedError("Training diverged in ce (loss nan at step 1).")
         return fit(trainer, checkpoint)
 
-    monkeypatch.setattr(pipeline, "_fit", diverge_alone)
+    monkeypatch.setattr(candidates, "fit", diverge_alone)
     results = run_distillation(RefilledConfig(**_recipe(data_dir, teacher_dir, tmp_path / "r")))
     alone = results["student_alone"]
     assert alone["diverged"].startswith("Training diverged in ce") and alone["exported"] is False

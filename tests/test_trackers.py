@@ -193,10 +193,10 @@ def test_the_pick_measured_by_a_trainer_made_for_it_logs_at_its_last_epoch(data_
                                                                            monkeypatch):  # fmt: skip
     """A lambda picked over the student alone (trained last) is measured by a trainer made for
     the evaluation: its validation and test reached the -final run at epoch 0."""
-    import refilled_hf.pipeline as pipeline
+    import refilled_hf.candidates as candidates
 
     wandb = _fake_wandb(monkeypatch)
-    monkeypatch.setattr(pipeline, "pick_candidate", lambda candidates, **kwargs: 0)  # lambda 1, whatever measured
+    monkeypatch.setattr(candidates, "pick_candidate", lambda candidates, **kwargs: 0)  # lambda 1, whatever measured
     out = tmp_path / "run"
     results = run(tiny_recipe(data_dir, out, method="refilled", teacher=f"local-dir:{teacher_dir}",
                               report_to=["wandb"], distill_weight=None, distill_weight_search="1,10"))  # fmt: skip
