@@ -633,7 +633,8 @@ def _check_finished_run(
 
 
 def _export_missing(out: Path) -> bool:
-    return not all((out / EXPORT_DIR / name).is_file() for name in ("config.json", "model.safetensors"))
+    """Whether the run's model folder lacks a file the export writes (its card included)."""
+    return not all((out / EXPORT_DIR / name).is_file() for name in ("config.json", "model.safetensors", "README.md"))
 
 
 def _export_restore_problem(config: RefilledConfig, stage_dirs: list[Path]) -> str | None:
