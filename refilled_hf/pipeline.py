@@ -574,7 +574,8 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
                 rundir.remove_earlier_run(earlier)
             rundir.write_manifest(identity, _export_options(config))
         _wait_for_everyone()
-        cache = _teacher_cache(config, teacher, data, identity["teacher_weights"], results)
+        # (exported again, the run trains no step: its teacher cache is neither read nor built again)
+        cache = None if export_again else _teacher_cache(config, teacher, data, identity["teacher_weights"], results)
         recorded = _read_results(out) if export_again else None
         return _run_stages(config, method, stage_dirs, points, student, teacher, data, centers_data, callbacks,
                            results, out, cache, recorded)  # fmt: skip

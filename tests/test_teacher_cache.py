@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -193,6 +194,11 @@ def test_a_seeded_run_with_the_cache_equals_the_run_without(data_dir, teacher_di
     assert {f.suffix for f in files} >= {".safetensors", ".json", ".md", ".pt"}
     modes = {str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
     assert modes == dict.fromkeys(modes, "0o644")
+    if method == "refilled":  # a finished run's model exported again trains nothing: no cache is built again
+        shutil.rmtree(tmp_path / "cache")
+        shutil.rmtree(tmp_path / "again" / "model")
+        assert _run({**cached_recipe, "output_dir": str(tmp_path / "again"), "resume_from_checkpoint": "true"}) == again
+        assert not (tmp_path / "cache").exists() and (tmp_path / "again" / "model" / "model.safetensors").is_file()
     for stage in ["stage1", "stage2"] if method == "refilled" else [method]:
         state = json.loads(max((tmp_path / "cached" / stage).glob("checkpoint-*/trainer_state.json")).read_text())
         reference = json.loads(max((tmp_path / "plain" / stage).glob("checkpoint-*/trainer_state.json")).read_text())
