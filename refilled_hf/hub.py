@@ -94,6 +94,20 @@ def replace_dir_atomically(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_unfinished_exports(folder: Path) -> list[Path]:
+    """Remove what an export to ``folder`` that was killed left beside it: its staging folder
+    (``.<name>.staging-<id>``, a whole model, one per attempt) or the earlier export it had renamed
+    away (``.<name>.old-<id>``). For a caller that holds ``folder``'s run lock (no export to it
+    runs at the same time). Returns what was removed."""
+    removed = []
+    for pattern in (f".{folder.name}.staging-*", f".{folder.name}.old-*"):
+        for path in folder.parent.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
 #: the files :func:`export_model` writes (with a model card); a folder holding others is not an export
 EXPORT_FILES = ("config.json", "model.safetensors", "README.md")
 

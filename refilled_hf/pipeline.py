@@ -44,7 +44,14 @@ from .data import (
     load_classification_data,
 )
 from .data_device import IndexedImages, choose_and_place
-from .hub import HubPushError, check_hub_access, export_model, push_folder, write_json_atomically
+from .hub import (
+    HubPushError,
+    check_hub_access,
+    export_model,
+    push_folder,
+    remove_unfinished_exports,
+    write_json_atomically,
+)
 from .model_card import LEGACY_DATA_KEY, card_template, check_comparable, render_model_card
 from .preflight import (
     cache_needs_logits,
@@ -833,6 +840,8 @@ def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, resul
             baselines=baselines,
             license=config.card_license,
         )
+        for path in remove_unfinished_exports(out / EXPORT_DIR):  # (this run's: the run folder is locked)
+            logger.info("Removed %s, left by an export of this run that was killed.", path)
         export_model(
             student.model,
             out / EXPORT_DIR,

@@ -189,8 +189,12 @@ def test_resuming_a_finished_run_returns_its_results_and_trains_nothing(data_dir
     card_after = (folder / "model" / "README.md").read_text().splitlines()
     assert [line for line in card_after if line not in card_before] == ["resume_from_checkpoint: 'true'"]
     (folder / "model" / "README.md").unlink()  # a model folder without its card is made again too
+    for left in (".model.staging-0a1b", ".model.old-2c3d"):  # and what killed exports left is removed
+        (folder / left).mkdir()
+        (folder / left / "model.safetensors").write_bytes(b"partial")
     assert run({**recipe, "resume_from_checkpoint": "true"}) == first
     assert (folder / "model" / "README.md").read_text().splitlines() == card_after
+    assert sorted(p.name for p in folder.iterdir()) == [".refilled-hf.lock", "ce", "model", "results.json", "run.json"]
     # weights that do not measure what the results record are not exported as the run's
     record = json.loads((folder / "results.json").read_text())
     record["final"]["test_top1"] += 1.0
