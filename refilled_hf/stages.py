@@ -59,6 +59,8 @@ def make_trainer(
     callbacks: list | None = None,
     **kwargs,
 ) -> RefilledTrainer:
+    """The trainer of ``stage`` (``stage1``, ``stage2``, or a baseline's method) in ``stage_dir``,
+    on ``data``'s training and validation splits; ``kwargs``: the teacher and what it needs."""
     args = stage_args(config, stage, stage_dir, images=len(data.train), evaluates=data.validation is not None,
                       load_best_model_at_end=config.load_best_model_at_end and config.has_validation)  # fmt: skip
     return RefilledTrainer(
@@ -74,6 +76,9 @@ def make_trainer(
 
 
 def fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
+    """Train the stage (from ``checkpoint``, a resume, or its start), setting ``train_seconds``
+    and ``train_metrics`` (the whole stage's); a signal stops the run (:class:`RunInterrupted`),
+    a non-finite loss or weight too (:class:`DivergedError`)."""
     if checkpoint is None:
         # A stage starts from the seed alone, whatever ran before it in this process: the
         # teacher centres, computed or read from a resumed run's cache, draw from the
@@ -172,6 +177,7 @@ def save_final(stage_dir: Path, student: StudentModel, metrics: dict[str, Any], 
 
 
 def load_final(stage_dir: Path, student: StudentModel) -> dict[str, Any]:
+    """Load a finished stage's final weights into ``student``; returns its metrics."""
     try:
         student.model.load_state_dict(load_file(str(stage_dir / FINAL_DIR / "model.safetensors")))
     except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
@@ -187,6 +193,7 @@ def _damaged_final(stage_dir: Path, err: Exception) -> RunError:
 
 
 def read_final_metrics(stage_dir: Path) -> dict[str, Any]:
+    """A finished stage's metrics (``final/metrics.json``)."""
     try:
         return json.loads((stage_dir / FINAL_DIR / "metrics.json").read_text())
     except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
@@ -205,10 +212,12 @@ def split_metrics(trainer: RefilledTrainer, data: ClassificationData, prefix_map
 
 
 def barrier(trainer: RefilledTrainer) -> None:
+    """Wait until every process has reached this point (what the main process wrote is there)."""
     trainer.accelerator.wait_for_everyone()
 
 
 def state_copy(student: StudentModel) -> dict[str, torch.Tensor]:
+    """A copy of the student's weights (a starting point several candidates share)."""
     return {k: v.detach().clone() for k, v in student.model.state_dict().items()}
 
 
