@@ -566,7 +566,8 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
             "%s holds this run, finished, but its model (%s) is missing: it is exported again from the weights its "
             "stages kept, after the final evaluation (nothing is trained again).", out, out / EXPORT_DIR,
         )  # fmt: skip
-    _log_plan(config)  # after the checks: a refused (or finished) run is told only why
+    if not export_again:  # (after the checks: a refused or finished run is told only why)
+        _log_plan(config)
     centers_data = eval_copy(data.train, data.eval_transform)
 
     # The folder: locked by the main process, re-checked under the lock, identity recorded.
