@@ -614,9 +614,10 @@ class ClassificationData:
     source_fingerprint: str | None = None
     #: the evaluation transform (also for the training images, e.g. for class centres)
     eval_transform: Any = None
-    #: per split ("train", "validation"), a digest of its rows and their labels (None: no
-    #: such split); an exported model records them, so that ``evaluate`` can tell whether
-    #: a validation split is the one the model was selected on (see :func:`row_digest`)
+    #: per split ("train", "validation", "test"), a digest of its rows and their labels (None:
+    #: no such split); an exported model records them, so that ``evaluate`` can tell whether
+    #: a validation split is the one the model was selected on, and a test split the one its
+    #: card measured (see :func:`row_digest`)
     row_digests: dict[str, str | None] = field(default_factory=dict)
     #: per split, the rows of the source split it uses (train: of ``train_split``; validation:
     #: of ``validation_source``; test: of ``test_split``; None: no such split), built whichever
@@ -665,6 +666,8 @@ class ClassificationData:
             # the training images' pixels, in order: a copy of the data set elsewhere is told from another
             # data set whose rows and labels happen to be laid out alike (see evaluation.check_evaluation_split)
             **({"train_content_digest": self.content_digests["train"]} if "train" in self.content_digests else {}),
+            # (the test images' pixels: evaluate tells whether a test split is the one the model's card measured)
+            **({"test_content_digest": self.content_digests["test"]} if "test" in self.content_digests else {}),
         }  # fmt: skip
 
     def with_transforms(self, train_transform, eval_transform) -> ClassificationData:
@@ -928,6 +931,9 @@ def load_classification_data(
             row_digest(data.validation_source, val_positions, val_labels[val_positions])
             if val_positions is not None
             else None
+        ),
+        "test": (
+            row_digest(test_split, test_positions, test_labels[test_positions]) if test_positions is not None else None
         ),
     }
     if decode:

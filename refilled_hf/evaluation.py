@@ -29,7 +29,7 @@ from .config import (
     field_defaults,
     options_text,
 )
-from .data import UnknownClassError, load_raw_dataset, short_list
+from .data import ClassificationData, UnknownClassError, load_raw_dataset, short_list
 from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
 from .preflight import check_forward
@@ -273,6 +273,33 @@ def _trained_model(model_spec: str, checkpoint: str | None, image_size: int | No
         ) from err
 
 
+def _warn_changed_test_split(record: dict[str, Any] | None, config: RefilledConfig, data: ClassificationData,
+                             model_spec: str) -> None:  # fmt: skip
+    """Warn where the test split of the data set the model records, at the path it records,
+    holds other rows, labels or pixels than when the model was trained (its card's test numbers
+    were measured on those): the files were changed or replaced since. ``data``'s test split
+    is decoded."""
+    record = record or {}
+    rows = (record.get("row_digests") or {}).get("test")  # (absent from earlier releases' records)
+    pixels = record.get("test_content_digest")
+    if (
+        (rows is None and pixels is None)
+        or config.test_split != record.get("test_split")
+        or config.dataset_config != record.get("dataset_config")
+        or data.class_names != record.get("class_names")
+        or not same_dataset(config.dataset, record.get("dataset"))
+    ):
+        return
+    now = {"rows or labels": data.row_digests.get("test"), "pixels": data.test.content_digest}
+    changed = [what for what, then in (("rows or labels", rows), ("pixels", pixels)) if then and then != now[what]]
+    if changed:
+        logger.warning(
+            "Split %r of %s holds other %s than when %s was trained (the files were changed or replaced since): "
+            "this top-1 is for other images than its model card's test numbers.",
+            config.test_split, config.dataset, " and ".join(changed), model_spec,
+        )  # fmt: skip
+
+
 def evaluate_model(
     model_spec: str, config: RefilledConfig, *, checkpoint: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
@@ -353,6 +380,8 @@ def evaluate_model(
                   student_name="model")  # fmt: skip
     getattr(data, split).preload()  # decodes the split's images: after every check but the pixels'
     check_not_trained_on(getattr(data, split), suspect_rows, record, config, model_spec)
+    if split == "test":
+        _warn_changed_test_split(record, config, data, model_spec)
     data = prepare_data(config, data, model.pretrained_cfg)
     dataset = getattr(data, split)
     trainer = inference_trainer(model, config, data.num_classes)

@@ -1663,3 +1663,41 @@ def test_a_finished_runs_model_is_exported_again_only_from_the_weights_it_export
     assert "stage1 holds no checkpoint" in _export_restore_problem(config, [stage1, stage2])
     ablation = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, stage1_epochs=0)
     assert "checkpoint-6: it has no optimizer.pt" in _export_restore_problem(ablation, [stage1, stage2])
+
+
+def test_evaluate_warns_where_the_recorded_test_split_changed_since_the_model_was_trained(data_dir, tmp_path, caplog):
+    """A model's card states its test top-1; `evaluate` of the same data set, split and classes
+    later gives another number where the files were changed (a pixel, a label) or replaced: it
+    says so, naming what changed, and not where they are as they were."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    decoded = load_classification_data(str(data), classes="3-5", validation_fraction=0.25, seed=0)
+    assert decoded.selection_record()["test_content_digest"] == decoded.content_digests["test"]
+    model = export_model(timm.create_model("cifar_wrn_16_1", num_classes=3), tmp_path / "model",
+                         label_names=CLASS_NAMES[3:6], training_data=decoded.selection_record())  # fmt: skip
+    config = RefilledConfig(dataset=None, use_cpu=True, per_device_eval_batch_size=16)  # (as evaluate leaves it)
+    changed = "holds other"
+    with caplog.at_level("WARNING", logger="refilled_hf.evaluation"):
+        evaluate_model(f"local-dir:{model}", config)  # (the data set of its record)
+    assert changed not in caplog.text
+    test_rows = decoded.source_rows["test"]
+    change_one_pixel(data / "test.parquet", int(test_rows[0]))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refilled_hf.evaluation"):
+        evaluate_model(f"local-dir:{model}", config)
+    assert f"Split 'test' of {data} holds other pixels than when local-dir:{model} was trained" in caplog.text
+    table = pq.read_table(data / "test.parquet")  # a label of a selected image moved to another selected class
+    labels = table.column("label").to_pylist()
+    labels[int(test_rows[0])] = 4 if labels[int(test_rows[0])] != 4 else 5
+    column = pa.array(labels, type=table.schema.field("label").type)
+    table = table.set_column(table.schema.get_field_index("label"), table.schema.field("label"), column)
+    pq.write_table(table, data / "test.parquet")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refilled_hf.evaluation"):
+        evaluate_model(f"local-dir:{model}", config)
+    assert "holds other rows or labels and pixels than when" in caplog.text
+    # another data set (a copy at another path) is the user's choice of images: nothing to say
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refilled_hf.evaluation"):
+        evaluate_model(f"local-dir:{model}", config.with_changes(dataset=str(data_dir)))
+    assert changed not in caplog.text
