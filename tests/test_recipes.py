@@ -88,7 +88,7 @@ def test_recipe_smoke_run(path, stand_in_teachers, tmp_path):
     recipe = yaml.safe_load(path.read_text())
     trains_teacher = "method" not in recipe and "teacher" in path.stem
     argv = ["--config", str(path), "--dataset", str(CIFAR100), "--output_dir", str(tmp_path / "out"),
-            "--max_steps", "1", "--shots_per_class", "2", "--validation_fraction", "0.01", "--test_split", "none",
+            "--max_steps", "1", "--shots_per_class", "2", "--validation_fraction", "0.002", "--test_split", "none",
             "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
     if not trains_teacher and recipe.get("method", "refilled") != "ce":
         which = "first-half" if recipe.get("teacher_classes") == "cifar100-first-half" else "all"
