@@ -709,15 +709,17 @@ def _read_results(out: Path) -> dict[str, Any]:
 
 def _confirmed_record(recorded: dict[str, Any], measured: dict[str, Any], out: Path) -> dict[str, Any]:
     """``recorded``, the finished run's results, where the weights about to be exported again
-    measure the same top-1/top-5 on the same images; refused otherwise (they are not the
-    weights it exported, and its card would describe other ones)."""
-    keys = sorted(k for k in measured["final"] if k.endswith(("_top1", "_top5", "_samples")))
-    differ = [f"{k} {recorded['final'].get(k)} -> {measured['final'][k]}" for k in keys
-              if recorded.get("final", {}).get(k) != measured["final"][k]]  # fmt: skip
-    if differ:
+    measure the same top-1/top-5 on the same images (those both record: an earlier release
+    may have recorded fewer); refused otherwise (they are not the weights it exported, and its
+    card would describe other ones)."""
+    then, now = recorded.get("final") or {}, measured["final"]
+    keys = sorted(k for k in now if k.endswith(("_top1", "_top5", "_samples")) and k in then)
+    differ = [f"{k} {then[k]} -> {now[k]}" for k in keys if then[k] != now[k]]
+    if differ or not any(k.endswith("_top1") for k in keys):
+        why = f"({'; '.join(differ)})" if differ else "(its results record no top-1 to compare)"
         raise RunError(
             f"{out} holds this run, finished, but the weights its stages kept do not measure what its results record "
-            f"({'; '.join(differ)}): they are not the weights it exported, so its model is not exported again. Pass "
+            f"{why}: they are not known to be the weights it exported, so its model is not exported again. Pass "
             "--overwrite_output true to train it again."
         )
     return recorded

@@ -1701,3 +1701,17 @@ def test_evaluate_warns_where_the_recorded_test_split_changed_since_the_model_wa
     with caplog.at_level("WARNING", logger="refilled_hf.evaluation"):
         evaluate_model(f"local-dir:{model}", config.with_changes(dataset=str(data_dir)))
     assert changed not in caplog.text
+
+
+def test_a_finished_runs_record_is_kept_only_where_the_weights_measure_what_it_records(tmp_path):
+    from refilled_hf.pipeline import _confirmed_record
+
+    measured = {"final": {"test_top1": 40.0, "test_top5": 90.0, "test_samples": 18, "test_loss": 1.2}}
+    same = {"final": {"test_top1": 40.0, "test_top5": 90.0, "test_samples": 18, "test_loss": 1.1}, "seconds": 3}
+    assert _confirmed_record(same, measured, tmp_path) is same  # (a loss may differ in its last digits)
+    earlier = {"final": {"test_top1": 40.0, "test_samples": 18}}  # an earlier release recorded no top-5
+    assert _confirmed_record(earlier, measured, tmp_path) is earlier
+    with pytest.raises(RunError, match=r"\(test_top1 41.0 -> 40.0\)"):
+        _confirmed_record({"final": {"test_top1": 41.0, "test_samples": 18}}, measured, tmp_path)
+    with pytest.raises(RunError, match="records no top-1 to compare"):
+        _confirmed_record({"final": {}}, measured, tmp_path)
