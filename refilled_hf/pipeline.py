@@ -716,11 +716,11 @@ def _confirmed_record(recorded: dict[str, Any], measured: dict[str, Any], out: P
     keys = sorted(k for k in now if k.endswith(("_top1", "_top5", "_samples")) and k in then)
     differ = [f"{k} {then[k]} -> {now[k]}" for k in keys if then[k] != now[k]]
     if differ or not any(k.endswith("_top1") for k in keys):
-        why = f"({'; '.join(differ)})" if differ else "(its results record no top-1 to compare)"
+        why = (f"the weights its stages kept do not measure what its results record ({'; '.join(differ)})" if differ
+               else "its results record no top-1 to compare the weights its stages kept with")  # fmt: skip
         raise RunError(
-            f"{out} holds this run, finished, but the weights its stages kept do not measure what its results record "
-            f"{why}: they are not known to be the weights it exported, so its model is not exported again. Pass "
-            "--overwrite_output true to train it again."
+            f"{out} holds this run, finished, but {why}: they are not known to be the weights it exported, so its "
+            "model is not exported again. Pass --overwrite_output true to train it again."
         )
     return recorded
 

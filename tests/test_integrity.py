@@ -1713,5 +1713,5 @@ def test_a_finished_runs_record_is_kept_only_where_the_weights_measure_what_it_r
     assert _confirmed_record(earlier, measured, tmp_path) is earlier
     with pytest.raises(RunError, match=r"\(test_top1 41.0 -> 40.0\)"):
         _confirmed_record({"final": {"test_top1": 41.0, "test_samples": 18}}, measured, tmp_path)
-    with pytest.raises(RunError, match="records no top-1 to compare"):
+    with pytest.raises(RunError, match="its results record no top-1 to compare the weights its stages kept with"):
         _confirmed_record({"final": {}}, measured, tmp_path)
