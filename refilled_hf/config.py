@@ -900,8 +900,9 @@ class RefilledConfig(TrainingArguments):
         default=None,
         **_help(
             "'true': continue this output_dir's run from its newest complete checkpoint (a folder without a run "
-            "starts one, with a warning); or the path of one of its checkpoints (under output_dir/stage1, stage2 or "
-            "<method>). Refused if the run's configuration changed."
+            "starts one, with a warning; a finished run gives its results, training nothing, and exports its model "
+            "again where model/ was removed); or the path of one of its checkpoints (under output_dir/stage1, stage2 "
+            "or <method>). Refused if the run's configuration changed."
         ),
     )
     # Replaced by the per-stage fields: None means "not given"; any value is refused (see validate()).
