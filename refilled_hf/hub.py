@@ -112,6 +112,14 @@ def remove_unfinished_exports(folder: Path) -> list[Path]:
 EXPORT_FILES = ("config.json", "model.safetensors", "README.md")
 
 
+def files_not_exported(folder: Path) -> list[str]:
+    """The entries of ``folder`` an export does not write (an export over it would delete
+    them); ``[folder.name]`` where it is not a folder; none where it does not exist."""
+    if folder.is_dir():
+        return sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES)
+    return [folder.name] if folder.exists() or folder.is_symlink() else []
+
+
 def export_model(
     model: nn.Module,
     folder: str | Path,

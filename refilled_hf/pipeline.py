@@ -42,12 +42,14 @@ from .data import (
     build_transform,
     decode_splits,
     load_classification_data,
+    short_list,
 )
 from .data_device import IndexedImages, choose_and_place
 from .hub import (
     HubPushError,
     check_hub_access,
     export_model,
+    files_not_exported,
     push_folder,
     remove_unfinished_exports,
     write_json_atomically,
@@ -492,6 +494,8 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     # a finished run whose model was removed: exported again from its stages, where they hold
     # the weights it exported (nothing is trained again); otherwise refused by _check_finished_run
     export_again = finished and _export_missing(out) and _export_restore_problem(config, stage_dirs) is None
+    if not finished or export_again:  # this run exports: refused now, not after training, where that loses files
+        _check_export_folder(out)
     if mode == "latest" and not rundir.present() and config.process_index == 0:
         # (not refused: a job script re-run after preemption passes the flag from its first launch on)
         logger.warning(
@@ -638,6 +642,17 @@ def _check_finished_run(
         raise RunError(
             f"{out} holds this run, finished, but its model ({out / EXPORT_DIR}) is missing, and cannot be exported "
             f"again without training: {problem}. Pass --overwrite_output true to train it again."
+        )
+
+
+def _check_export_folder(out: Path) -> None:
+    """Refuse a run whose export (or ``--overwrite_output``) would replace a model folder that
+    holds files it does not write (yours, put there since): they would be lost."""
+    foreign = files_not_exported(out / EXPORT_DIR)
+    if foreign:
+        raise RunError(
+            f"{out / EXPORT_DIR} holds files an export does not write ({short_list(foreign)}): this run replaces that "
+            "folder with its model, and they would be lost. Move them out of it, then run again."
         )
 
 

@@ -40,7 +40,7 @@ from .config import (
 )
 from .data_device import IndexedImages
 from .distributed import gather_for_mining
-from .hub import EXPORT_FILES, check_hub_access, export_model, push_folder, with_usual_permissions
+from .hub import check_hub_access, export_model, files_not_exported, push_folder, with_usual_permissions
 from .losses import (
     batch_class_centers,
     centers_from_sums,
@@ -686,10 +686,10 @@ class RefilledTrainer(Trainer):
                 "after stage 2 (or a baseline)."
             )
         folder = Path(folder)
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES) if folder.is_dir() else []
-        if foreign or (folder.exists() and not folder.is_dir()):
+        foreign = files_not_exported(folder)
+        if foreign:
             raise ValueError(
-                f"{folder} exists and holds files an export does not write ({', '.join(foreign) or folder.name}): "
+                f"{folder} exists and holds files an export does not write ({', '.join(foreign)}): "
                 "the student is saved only to a new folder or over an earlier export. Choose another folder."
             )
         if self.is_world_process_zero():

@@ -195,6 +195,14 @@ def test_resuming_a_finished_run_returns_its_results_and_trains_nothing(data_dir
     assert run({**recipe, "resume_from_checkpoint": "true"}) == first
     assert (folder / "model" / "README.md").read_text().splitlines() == card_after
     assert sorted(p.name for p in folder.iterdir()) == [".refilled-hf.lock", "ce", "model", "results.json", "run.json"]
+    # files of yours in model/ are never lost to an export: not to this one, nor to --overwrite_output's
+    (folder / "model" / "model.onnx").write_bytes(b"yours")
+    (folder / "model" / "README.md").unlink()
+    for again in ({"resume_from_checkpoint": "true"}, {"overwrite_output": True}):
+        with pytest.raises(RunError, match=r"model holds files an export does not write \(\['model.onnx'\]\).*Move"):
+            run({**recipe, **again})
+        assert (folder / "model" / "model.onnx").read_bytes() == b"yours"
+    (folder / "model" / "model.onnx").unlink()
     # weights that do not measure what the results record are not exported as the run's
     record = json.loads((folder / "results.json").read_text())
     record["final"]["test_top1"] += 1.0
