@@ -502,7 +502,9 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
             "--resume_from_checkpoint true: %s holds no run yet, so this one starts from the beginning (check "
             "--output_dir if you meant to continue a run).", out,
         )  # fmt: skip
-    points = _resume_points(mode, out, stage_dirs, config.world_size)
+    # (a finished run that is not exported again resumes nothing: its checkpoints may be unresumable, as
+    # --save_only_model writes them, and it still gives its results)
+    points = {} if finished and not export_again else _resume_points(mode, out, stage_dirs, config.world_size)
 
     # Everything that can fail on user input fails here, before any training.
     set_seed(config.seed)  # the student's initialization must not depend on what ran before

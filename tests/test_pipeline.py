@@ -218,6 +218,20 @@ def test_resuming_a_finished_run_returns_its_results_and_trains_nothing(data_dir
         run({**recipe, "resume_from_checkpoint": "true"})
 
 
+def test_a_finished_run_whose_checkpoints_cannot_be_resumed_still_gives_its_results(data_dir, tmp_path):
+    """--save_only_model checkpoints hold no optimizer: resuming a finished run of them (a job
+    script run again) was refused as a resume ("Pass an earlier checkpoint"), though it trains nothing."""
+    import shutil
+
+    recipe = tiny_recipe(data_dir, tmp_path / "ce", method="ce", stage2_epochs=1, save_only_model=True)
+    first = run(recipe)
+    assert run({**recipe, "resume_from_checkpoint": "true"}) == first
+    shutil.rmtree(tmp_path / "ce" / "model")  # its model cannot be had again from such a checkpoint
+    with pytest.raises(RunError, match=r"cannot be exported again without training: .*checkpoint-\d+: it has no "
+                                       r"optimizer.pt"):  # fmt: skip
+        run({**recipe, "resume_from_checkpoint": "true"})
+
+
 def test_a_run_into_the_folder_of_its_own_teacher_or_baseline_is_refused_and_deletes_nothing(data_dir, tmp_path):
     """--overwrite_output into the teacher's run folder used to delete the teacher, export the
     student in its place and record ``--teacher local-dir:<that folder>``: a lost file and a
