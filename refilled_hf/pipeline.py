@@ -480,7 +480,6 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         if not config.hub_model_id:
             raise ConfigError("--push_to_hub needs --hub_model_id <user>/<name>: the repo the model is pushed to.")
         check_hub_access(config.hub_model_id, config.hub_token)  # every process: all are refused alike
-    baselines = _baseline_results(config)  # fail now, not after training, on a missing comparison run
     try:
         card_template()  # the export writes the card: a broken install fails now, not after training
     except FileNotFoundError as err:
@@ -494,17 +493,20 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     # a finished run whose model was removed: exported again from its stages, where they hold
     # the weights it exported (nothing is trained again); otherwise refused by _check_finished_run
     export_again = finished and _export_missing(out) and _export_restore_problem(config, stage_dirs) is None
-    if not finished or export_again:  # this run exports: refused now, not after training, where that loses files
-        _check_export_folder(out)
+    # what only a run that exports needs (a finished run gives its results whatever became of its
+    # baselines' folders or its checkpoints), checked now, not after training
+    exports = not finished or export_again
+    if exports:
+        _check_export_folder(out)  # (an export over files of yours would lose them)
+    baselines = _baseline_results(config) if exports else []
     if mode == "latest" and not rundir.present() and config.process_index == 0:
         # (not refused: a job script re-run after preemption passes the flag from its first launch on)
         logger.warning(
             "--resume_from_checkpoint true: %s holds no run yet, so this one starts from the beginning (check "
             "--output_dir if you meant to continue a run).", out,
         )  # fmt: skip
-    # (a finished run that is not exported again resumes nothing: its checkpoints may be unresumable, as
-    # --save_only_model writes them, and it still gives its results)
-    points = {} if finished and not export_again else _resume_points(mode, out, stage_dirs, config.world_size)
+    # (its checkpoints may be unresumable, as --save_only_model writes them)
+    points = _resume_points(mode, out, stage_dirs, config.world_size) if exports else {}
 
     # Everything that can fail on user input fails here, before any training.
     set_seed(config.seed)  # the student's initialization must not depend on what ran before

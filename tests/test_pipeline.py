@@ -218,13 +218,18 @@ def test_resuming_a_finished_run_returns_its_results_and_trains_nothing(data_dir
         run({**recipe, "resume_from_checkpoint": "true"})
 
 
-def test_a_finished_run_whose_checkpoints_cannot_be_resumed_still_gives_its_results(data_dir, tmp_path):
+def test_a_finished_run_whose_checkpoints_or_baselines_are_gone_still_gives_its_results(data_dir, tmp_path):
     """--save_only_model checkpoints hold no optimizer: resuming a finished run of them (a job
-    script run again) was refused as a resume ("Pass an earlier checkpoint"), though it trains nothing."""
+    script run again) was refused as a resume ("Pass an earlier checkpoint"), though it trains nothing;
+    one whose --compare_runs baseline folder was since removed was refused for it."""
     import shutil
 
-    recipe = tiny_recipe(data_dir, tmp_path / "ce", method="ce", stage2_epochs=1, save_only_model=True)
+    baseline = run(tiny_recipe(data_dir, tmp_path / "baseline", method="ce", stage2_epochs=1))
+    recipe = tiny_recipe(data_dir, tmp_path / "ce", method="ce", stage2_epochs=1, save_only_model=True, seed=1,
+                         data_seed=0, compare_runs=str(tmp_path / "baseline"))  # fmt: skip
     first = run(recipe)
+    assert first["final"]["test_samples"] == baseline["final"]["test_samples"]
+    shutil.rmtree(tmp_path / "baseline")
     assert run({**recipe, "resume_from_checkpoint": "true"}) == first
     shutil.rmtree(tmp_path / "ce" / "model")  # its model cannot be had again from such a checkpoint
     with pytest.raises(RunError, match=r"cannot be exported again without training: .*checkpoint-\d+: it has no "
