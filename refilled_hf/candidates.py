@@ -11,11 +11,11 @@ from typing import Any
 from .config import RefilledConfig
 from .model_card import margin_text, student_alone_margin
 from .stages import (
-    FINAL_DIR,
     DivergedError,
     RunError,
     barrier,
     fit,
+    is_finished,
     load_final,
     make_trainer,
     read_final_metrics,
@@ -46,8 +46,7 @@ def search_distill_weight(config, stage2_dirs, points, student, teacher, data, c
     candidates, centers, trainer = [], None, None
     values = config.distill_weight_candidates()
     for value, stage_dir in zip(values, stage2_dirs):
-        final = stage_dir / FINAL_DIR / "metrics.json"
-        if final.is_file() and config.resume_mode():
+        if is_finished(stage_dir) and config.resume_mode():
             metrics = read_final_metrics(stage_dir)
             logger.info("Stage 2 with lambda %g already finished: kept.", value)
         else:
@@ -135,7 +134,7 @@ def _student_alone(config, stage_dir, points, student, data, callbacks, initial)
     its trainer (None when a resumed run had finished it) and its record."""
     epochs, milestones = config.student_alone_schedule()
     schedule = {"epochs": epochs, "stage2_milestones": milestones}
-    if (stage_dir / FINAL_DIR / "metrics.json").is_file() and config.resume_mode():
+    if is_finished(stage_dir) and config.resume_mode():
         logger.info("The student-alone candidate already finished: kept.")
         return None, {**schedule, "stage_dir": stage_dir.name, **read_final_metrics(stage_dir)}
     student.model.load_state_dict(initial)

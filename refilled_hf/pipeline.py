@@ -46,6 +46,7 @@ from .data import (
 )
 from .data_device import IndexedImages, choose_and_place
 from .hub import (
+    EXPORT_FILES,
     HubPushError,
     check_hub_access,
     export_model,
@@ -83,6 +84,7 @@ from .stages import (
     RunInterrupted,
     barrier,
     fit,
+    is_finished,
     load_final,
     make_trainer,
     save_final,
@@ -662,7 +664,7 @@ def _check_export_folder(out: Path) -> None:
 
 def _export_missing(out: Path) -> bool:
     """Whether the run's model folder lacks a file the export writes (its card included)."""
-    return not all((out / EXPORT_DIR / name).is_file() for name in ("config.json", "model.safetensors", "README.md"))
+    return not all((out / EXPORT_DIR / name).is_file() for name in EXPORT_FILES)
 
 
 def _export_restore_problem(config: RefilledConfig, stage_dirs: list[Path]) -> str | None:
@@ -671,7 +673,7 @@ def _export_restore_problem(config: RefilledConfig, stage_dirs: list[Path]) -> s
     or a complete checkpoint of its last step (and, under ``--load_best_model_at_end``, the
     best step's checkpoint, which the end of the stage loads)."""
     for stage_dir in stage_dirs:
-        if (stage_dir / FINAL_DIR / "metrics.json").is_file():
+        if is_finished(stage_dir):
             continue
         if stage_dir.name == "stage1" and config.stage1_epochs == 0:  # (the ablation trains no stage 1)
             continue
@@ -768,7 +770,7 @@ def _run_stages(config, method, stage_dirs, points, student, teacher, data, cent
         initial = state_copy(student) if config.student_alone_runs() else None
         if config.stage1_epochs == 0:
             logger.info("stage1_epochs=0: stage 2 starts from the student's initial weights (an ablation).")
-        elif (stage1_dir / FINAL_DIR / "metrics.json").is_file() and config.resume_mode():
+        elif is_finished(stage1_dir) and config.resume_mode():
             results["stage1"] = load_final(stage1_dir, student)
             logger.info("Stage 1 already finished: continuing with stage 2.")
         else:

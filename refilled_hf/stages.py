@@ -192,10 +192,21 @@ def _damaged_final(stage_dir: Path, err: Exception) -> RunError:
     )
 
 
+def final_metrics_path(stage_dir: Path) -> Path:
+    """``<stage>/final/metrics.json``: written with the stage's final weights (one renamed folder),
+    it is there once the stage has finished."""
+    return stage_dir / FINAL_DIR / "metrics.json"
+
+
+def is_finished(stage_dir: Path) -> bool:
+    """Whether the stage in ``stage_dir`` finished (its final weights and metrics are there)."""
+    return final_metrics_path(stage_dir).is_file()
+
+
 def read_final_metrics(stage_dir: Path) -> dict[str, Any]:
     """A finished stage's metrics (``final/metrics.json``)."""
     try:
-        return json.loads((stage_dir / FINAL_DIR / "metrics.json").read_text())
+        return json.loads(final_metrics_path(stage_dir).read_text())
     except Exception as err:  # noqa: BLE001 - any failure means a damaged folder
         raise _damaged_final(stage_dir, err) from None
 
