@@ -16,11 +16,27 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_for_mining", "is_distributed"]
+__all__ = ["gather_for_mining", "is_distributed", "share_rank0_buffers"]
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def share_rank0_buffers(module: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers of ``module`` (batch-norm statistics above all).
+
+    Training updates each process's statistics from its own batches, so they drift apart
+    (DDP broadcasts rank 0's only at the start of each training forward, and not at all
+    under ``--ddp_broadcast_buffers false``); rank 0's are the ones checkpoints and the
+    export hold. An evaluation that shares the images among the processes must measure
+    that model on every share. Training forwards use batch statistics, so this changes
+    no gradient. Every buffer, not only timm's ``distribute_bn``'s ``running_mean`` /
+    ``running_var``: ``num_batches_tracked`` (batch norm's average under
+    ``momentum=None``) and any other layer's state count too."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _gather(tensor: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from .config import (
     options_text,
 )
 from .data_device import IndexedImages
-from .distributed import gather_for_mining
+from .distributed import gather_for_mining, share_rank0_buffers
 from .hub import check_hub_access, export_model, files_not_exported, push_folder, with_usual_permissions
 from .losses import (
     batch_class_centers,
@@ -1008,6 +1008,7 @@ class RefilledTrainer(Trainer):
         dataloader = self.evaluation_dataloader(dataset)
         student = self._student()
         was_training = student.model.training  # the timm model's own mode (its wrapper may say another)
+        share_rank0_buffers(student.model)  # every share measured with the exported model's statistics
         student.eval()
         centers = None
         class_hits = class_samples = None  # per class, on the device: read once, at the end

@@ -17,6 +17,9 @@ import yaml
 from helpers import tiny_recipe, write_image_dataset, write_random_teacher
 from safetensors.torch import load_file
 
+from refilled_hf.config import RefilledConfig
+from refilled_hf.evaluation import evaluate_model
+
 pytestmark = pytest.mark.slow
 
 
@@ -105,6 +108,26 @@ def test_two_processes_match_one(tmp_path):
     refused = distill(path, tmp_path / "two", 2, True, "--resume_from_checkpoint", "true", "--seed", "3", ok=False)
     log = refused.stdout + refused.stderr
     assert log.count("error: Cannot resume: the run in") == 2 and "internal error" not in log
+
+
+def test_the_numbers_of_a_run_over_two_processes_are_its_exported_models(tmp_path):
+    # Each process updates its batch-norm statistics from its own batches, so they drift apart
+    # in training; the export holds rank 0's. Each process measured its share of the images with
+    # its own statistics: the run reported a top-1 and a loss of no model it wrote.
+    data = write_image_dataset(tmp_path / "data")
+    recipe = tiny_recipe(data, tmp_path / "unused", method="ce", per_device_train_batch_size=6,
+                         per_device_eval_batch_size=4, stage2_epochs=3)  # fmt: skip
+    recipe.pop("output_dir")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    distill(path, tmp_path / "two", 2)
+    reported = json.loads((tmp_path / "two" / "results.json").read_text())["final"]
+    config = RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "evaluated")})
+    for split in ("test", "validation"):
+        alone = evaluate_model(f"local-dir:{tmp_path / 'two' / 'model'}", config, split=split)
+        for metric in ("top1", "loss", "samples"):
+            key = f"{split}_{metric}"
+            assert alone[key] == pytest.approx(reported[key], rel=1e-5, abs=1e-5), key
 
 
 def test_processes_launched_without_an_accelerator_train_as_one_cpu_group(tmp_path):
