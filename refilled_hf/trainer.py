@@ -593,11 +593,26 @@ class RefilledTrainer(Trainer):
         """The stage's training up to now, over every call of ``train()`` that resumed it: its
         seconds, the sum of its steps' losses (this call's, logged or not yet, on top of the
         earlier calls') and its steps."""
+        since_log = float(self._mean_over_processes(self._tr_loss).item())  # every process's, as the logged
         return {
             "seconds": self.earlier_training["seconds"] + time.perf_counter() - self._call_start,
-            "loss_sum": self.earlier_training["loss_sum"] + self._total_loss_scalar + float(self._tr_loss.item()),
+            "loss_sum": self.earlier_training["loss_sum"] + self._total_loss_scalar + since_log,
             "steps": self.state.global_step,
         }
+
+    def _mean_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` averaged over the processes, as transformers averages the logged loss
+        (every process must call this at the same point: it is a collective)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.detach().clone(), reduction="mean")
+
+    def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> TrainOutput:
+        """transformers' end of training, whose ``train_loss`` adds the loss of the steps since
+        the last log: that of this process alone (every step's, under a ``--logging_steps``
+        longer than the stage), where the logged ones are every process's mean. Made that mean."""
+        self._tr_loss = self._mean_over_processes(self._tr_loss)
+        return super()._finalize_training(trial, num_train_samples, start_time)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """transformers' checkpoint, whose ``trainer_state.json`` also carries the stage's
@@ -883,10 +898,14 @@ class RefilledTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss component since the last training log."""
-        if "loss" in logs and self._component_batches:
-            for key, total in self._components.items():
-                value = total.item() if isinstance(total, torch.Tensor) else total
-                logs[key] = round(value / self._component_batches, 6)
+        if "loss" in logs and self._component_batches:  # the training log: every process makes it
+            keys = list(self._components)
+            totals = [float(self._components[k]) for k in keys]
+            if self.accelerator.num_processes > 1:  # every process's, as `loss` is
+                totals = self._mean_over_processes(torch.tensor(totals, dtype=torch.float64, device=self.args.device))
+                totals = totals.tolist()
+            for key, total in zip(keys, totals):
+                logs[key] = round(total / self._component_batches, 6)
             self._components.clear()
             self._component_batches = 0
         if "train_runtime" in logs and self.earlier_training["steps"]:  # the end of a resumed stage

@@ -130,6 +130,33 @@ def test_the_numbers_of_a_run_over_two_processes_are_its_exported_models(tmp_pat
             assert alone[key] == pytest.approx(reported[key], rel=1e-5, abs=1e-5), key
 
 
+def test_the_losses_of_a_run_over_two_processes_are_every_processs(tmp_path):
+    # transformers logs `loss` averaged over the processes, but the loss components (`ce`, ...)
+    # were rank 0's alone, and so was the end's `train_loss` for the steps after the last log
+    # (all of them under a --logging_steps longer than the stage).
+    data = write_image_dataset(tmp_path / "data")
+    recipe = tiny_recipe(data, tmp_path / "unused", method="ce", per_device_train_batch_size=6, stage2_epochs=3)
+    recipe.pop("output_dir")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    distill(path, tmp_path / "each", 2)  # logs every step
+    history = json.loads(max((tmp_path / "each" / "ce").glob("checkpoint-*/trainer_state.json")).read_text())
+    steps = [entry for entry in history["log_history"] if "loss" in entry]
+    assert len(steps) == history["global_step"] > 2
+    for entry in steps:  # ce alone: the loss is its cross-entropy
+        assert entry["ce"] == pytest.approx(entry["loss"], abs=1e-5), entry
+    distill(path, tmp_path / "once", 2, True, "--logging_steps", "1000")  # no log before the end
+    results = json.loads((tmp_path / "once" / "results.json").read_text())
+    mean = sum(entry["loss"] for entry in steps) / len(steps)
+    assert results["final"]["train_metrics"]["train_loss"] == pytest.approx(mean, abs=1e-5)
+    # and the training so far that each checkpoint records for a resume (every epoch, no log yet)
+    for checkpoint in (tmp_path / "once" / "ce").glob("checkpoint-*"):
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        so_far = state["stateful_callbacks"]["RefilledTrainingSoFar"]["attributes"]
+        logged = sum(entry["loss"] for entry in steps[: state["global_step"]])
+        assert so_far["steps"] == state["global_step"] and so_far["loss_sum"] == pytest.approx(logged, abs=1e-4)
+
+
 def test_processes_launched_without_an_accelerator_train_as_one_cpu_group(tmp_path):
     """torchrun on a machine without a GPU and without --use_cpu: each process used to train
     alone, as process 0 of 1, and the second failed on the first one's lock of --output_dir."""
