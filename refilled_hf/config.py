@@ -248,6 +248,12 @@ def inherited_field_help(name: str) -> str | None:
             "Disable the progress bars: the Trainer's and, on the command line, those of datasets (loading a data "
             "set) and huggingface_hub (fetching a model). Default: true when log_level is warning or lower."
         )
+    if name in ("bf16", "fp16"):  # transformers' help speaks of training alone
+        kind = {"bf16": "bfloat16", "fp16": "float16 (a CUDA GPU)"}[name]
+        return (
+            f"Mixed precision: {kind} autocast, for training and evaluation alike (`evaluate --{name} true` "
+            f"measures a model as a --{name} run did; its card's evaluate command passes it)."
+        )
     if name == "train_sampling_strategy":  # transformers' help lists the length-based samplers too
         return "Training batch order: 'random' (default) or 'sequential' (the length-based samplers are refused)."
     if name in INFORMATIONAL_FIELDS:

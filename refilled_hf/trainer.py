@@ -1031,20 +1031,24 @@ class RefilledTrainer(Trainer):
         student.eval()
         centers = None
         class_hits = class_samples = None  # per class, on the device: read once, at the end
+        # Under the training precision, as transformers evaluates: Accelerate autocasts the
+        # wrapper's forward, which the student's own model, called here, is not.
+        precision = self.accelerator.autocast
         if self.stage == "stage1":
-            centers = compute_class_centers(
-                lambda x: embed(student.model, x),
-                self.evaluation_dataloader(self.centers_dataset),
-                self.num_classes,
-                self.accelerator,
-                self.centers_dataset,
-            )
+            with precision():
+                centers = compute_class_centers(
+                    lambda x: embed(student.model, x),
+                    self.evaluation_dataloader(self.centers_dataset),
+                    self.num_classes,
+                    self.accelerator,
+                    self.centers_dataset,
+                )
         keep_scores = predicting or self.compute_metrics is not None
         totals = defaultdict(float)
         kept_scores: list[torch.Tensor] = []
         kept_labels: list[torch.Tensor] = []
         labelled = None
-        with torch.no_grad(), self.autocast_smart_context_manager():
+        with torch.no_grad(), precision():
             for batch in dataloader:
                 images, labels = batch_pixels(batch, dataset), batch.get("labels")
                 if labelled is None:

@@ -90,6 +90,29 @@ def test_bf16_training_on_cpu_has_finite_losses(data_dir, teacher_dir, tmp_path)
         assert losses and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.slow
+def test_a_bf16_run_measures_under_bf16_and_the_cards_evaluate_command_repeats_it(data_dir, tmp_path):
+    """Evaluation runs under the training precision, as the card's `evaluate ... --bf16 true`
+    says: it ran in float32 (the student's forward was called past Accelerate's autocast), and
+    `evaluate --bf16 true` did too, so the flag did nothing."""
+    from refilled_hf.evaluation import evaluate_model
+
+    recipe = tiny_recipe(data_dir, tmp_path / "bf16", method="ce", bf16=True, stage2_epochs=1)
+    results = run_distillation(RefilledConfig(**recipe))
+    assert "--bf16 true" in (tmp_path / "bf16" / "model" / "README.md").read_text()
+    model = f"local-dir:{tmp_path / 'bf16' / 'model'}"
+
+    def config(**precision):  # made just before its use: transformers sets Accelerate's state up as it is made
+        return RefilledConfig(dataset=recipe["dataset"], output_dir=str(tmp_path / "e"), use_cpu=True, **precision)
+
+    for split in ("test", "validation"):
+        reported = results["final"][f"{split}_loss"]
+        under_bf16 = evaluate_model(model, config(bf16=True), split=split)[f"{split}_loss"]
+        in_float32 = evaluate_model(model, config(), split=split)[f"{split}_loss"]
+        assert under_bf16 == pytest.approx(reported, rel=1e-7), split
+        assert in_float32 != pytest.approx(reported, rel=1e-5), split  # the precision did change the measure
+
+
 # ----------------------------------------------------------------- kill and resume
 
 
