@@ -17,11 +17,15 @@ they draw one set of parameters per call (one crop for the whole batch); per-ima
 parameters need the gather below, which is why it is written here.
 
 Random draws use the device's default generator, which the Trainer saves in every
-checkpoint and restores on resume, so a resumed run stays exact.
+checkpoint and restores on resume, so a resumed run stays exact. Every process seeds it
+alike, so each draws the parameters of the whole global batch and keeps its own rows
+(:func:`draw_share`): otherwise the k-th image of every process's batch got the same crop
+and flip. N processes then draw what one process draws for their global batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,9 +35,21 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .data import CIFAR_STYLE_MAX_SIZE
+from .distributed import processes_and_rank
 from .messages import byte_size
 
-__all__ = ["DeviceImages", "IndexedImages", "UInt8Store", "crop_and_flip"]
+__all__ = ["DeviceImages", "IndexedImages", "UInt8Store", "crop_and_flip", "draw_share"]
+
+
+def draw_share(draw: Callable[[int], torch.Tensor], count: int) -> torch.Tensor:
+    """This process's ``count`` rows of ``draw(count x processes)``, a random draw for the
+    global batch (every process's batch of ``count`` images, in rank order, as Accelerate
+    shards the sampler's batches). Every process draws alike from identically seeded
+    generators, which stay in step; a single process draws ``draw(count)``."""
+    processes, rank = processes_and_rank()
+    if processes == 1:
+        return draw(count)
+    return draw(count * processes)[rank * count : (rank + 1) * count]
 
 
 def crop_and_flip(
@@ -85,7 +101,7 @@ class UInt8Store:
         """``bool [count]``: a horizontal flip with probability 1/2 each where ``enabled``,
         none otherwise (the device's RNG)."""
         if enabled:
-            return torch.rand(count, device=self.device) < 0.5
+            return draw_share(lambda n: torch.rand(n, device=self.device), count) < 0.5
         return torch.zeros(count, dtype=torch.bool, device=self.device)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -122,8 +138,8 @@ class DeviceImages(UInt8Store):
     def draw(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Random crop offsets and flips for ``count`` images (the device's RNG)."""
         span = 2 * self.padding + 1
-        top = torch.randint(0, span, (count,), device=self.device)
-        left = torch.randint(0, span, (count,), device=self.device)
+        top = draw_share(lambda n: torch.randint(0, span, (n,), device=self.device), count)
+        left = draw_share(lambda n: torch.randint(0, span, (n,), device=self.device), count)
         return top, left, self.draw_flips(count, self.flip)
 
     def batch(self, index: torch.Tensor, augment: bool) -> torch.Tensor:

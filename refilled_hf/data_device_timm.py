@@ -32,7 +32,7 @@ import PIL
 import torch
 from torchvision import transforms as T
 
-from .data_device import UInt8Store
+from .data_device import UInt8Store, draw_share
 from .pil_ops import FILTERS, blend, luma, resample, resize_weights, rounded_mean
 
 __all__ = ["DeviceResizedCrops", "TimmTransformPlan", "plan_from_transforms", "sample_resized_crops"]
@@ -140,9 +140,13 @@ def sample_resized_crops(heights: torch.Tensor, widths: torch.Tensor, scale, rat
     height = heights.to(torch.float64)[:, None]
     width = widths.to(torch.float64)[:, None]
     area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(count, tries, device=device, dtype=torch.float64))
+
+    def uniform(*shape: int) -> torch.Tensor:  # this process's rows of the global batch's draw
+        return draw_share(lambda n: torch.rand(n, *shape, device=device, dtype=torch.float64), count)
+
+    target = area * (scale[0] + (scale[1] - scale[0]) * uniform(tries))
     low, high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(low + (high - low) * torch.rand(count, tries, device=device, dtype=torch.float64))
+    aspect = torch.exp(low + (high - low) * uniform(tries))
     box_w = torch.sqrt(target * aspect).round()
     box_h = torch.sqrt(target / aspect).round()
     fits = (box_w <= width) & (box_h <= height)
@@ -150,8 +154,8 @@ def sample_resized_crops(heights: torch.Tensor, widths: torch.Tensor, scale, rat
     found = fits.any(dim=1)
     box_w, box_h = box_w.gather(1, first)[:, 0], box_h.gather(1, first)[:, 0]
     height, width = height[:, 0], width[:, 0]
-    top = torch.floor(torch.rand(count, device=device, dtype=torch.float64) * (height - box_h + 1))
-    left = torch.floor(torch.rand(count, device=device, dtype=torch.float64) * (width - box_w + 1))
+    top = torch.floor(uniform() * (height - box_h + 1))
+    left = torch.floor(uniform() * (width - box_w + 1))
     # the fallback: the largest central box whose aspect ratio is within `ratio`
     in_ratio = width / height
     narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
@@ -268,8 +272,8 @@ class DeviceResizedCrops(UInt8Store):
         if self.plan.jitter is not None:
             low = torch.tensor([r[0] for r in self.plan.jitter], device=self.device)
             high = torch.tensor([r[1] for r in self.plan.jitter], device=self.device)
-            draws["factors"] = low + (high - low) * torch.rand(count, 3, device=self.device)
-            draws["order"] = torch.rand(count, 3, device=self.device).argsort(dim=1)
+            draws["factors"] = low + (high - low) * draw_share(lambda n: torch.rand(n, 3, device=self.device), count)
+            draws["order"] = draw_share(lambda n: torch.rand(n, 3, device=self.device), count).argsort(dim=1)
         return draws
 
     def augmented(self, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

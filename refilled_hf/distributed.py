@@ -16,11 +16,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_for_mining", "is_distributed", "share_rank0_buffers"]
+__all__ = ["gather_for_mining", "is_distributed", "processes_and_rank", "share_rank0_buffers"]
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def processes_and_rank() -> tuple[int, int]:
+    """``(number of processes, this process's rank)``; ``(1, 0)`` outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def share_rank0_buffers(module: torch.nn.Module) -> None:

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.data import build_transform
 from refilled_hf.data_device import DeviceImages, IndexedImages, crop_and_flip
-from refilled_hf.data_device_timm import DeviceResizedCrops
+from refilled_hf.data_device_timm import DeviceResizedCrops, plan_from_transforms
 from refilled_hf.pipeline import load_data, run_distillation
 
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -82,6 +82,39 @@ def test_offsets_and_flips_are_uniform():
     counts = torch.bincount(cells, minlength=162).numpy()
     assert counts.size == 162 and counts.min() > 0
     assert chisquare(counts).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("store_kind", ["cifar-style", "timm"])
+def test_each_process_draws_its_rows_of_the_global_batchs_draw(monkeypatch, store_kind):
+    """Every process seeds the device's generator alike, so the k-th image of every process's
+    batch drew the same crop, flip (and jitter): each now draws for the global batch and
+    keeps its own rows, and together they are what one process draws for that batch."""
+    import refilled_hf.data_device as data_device
+
+    if store_kind == "cifar-style":
+        store = DeviceImages.from_arrays([_image()], 32, MEAN, STD, padding=4, flip=True, device="cpu")
+
+        def draw(count: int) -> list[torch.Tensor]:
+            return list(store.draw(count))
+    else:
+        cfg = {"input_size": (3, 72, 72), "interpolation": "bicubic", "mean": MEAN, "std": STD, "crop_pct": 0.9}
+        plan, why = plan_from_transforms(build_transform(cfg, train=True), build_transform(cfg, train=False))
+        assert plan is not None and plan.jitter is not None, why
+        store = DeviceResizedCrops.from_arrays([_image(90)], plan, "cpu")
+
+        def draw(count: int) -> list[torch.Tensor]:
+            return list(store.draw(torch.tensor([[90, 80]] * count)).values())
+
+    torch.manual_seed(0)
+    whole = draw(32)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(data_device, "processes_and_rank", lambda rank=rank: (2, rank))
+        torch.manual_seed(0)
+        shares.append(draw(16))
+    for k, drawn in enumerate(whole):
+        assert torch.equal(torch.cat([shares[0][k], shares[1][k]]), drawn), k
+    assert not torch.equal(shares[0][0], shares[1][0])  # the processes' crops differ (they were the same)
 
 
 def test_the_worker_transform_draws_exactly_the_same_162_variants():

@@ -239,6 +239,36 @@ def test_global_mining_over_two_processes_equals_one_process_on_the_whole_batch(
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
 
 
+AUGMENTATION_SCRIPT = """
+import os, sys, numpy as np, torch, torch.distributed as dist
+from refilled_hf.data_device import DeviceImages
+
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    dist.init_process_group("gloo")
+image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+store = DeviceImages.from_arrays([image], 32, (0.5,) * 3, (0.25,) * 3, padding=4, flip=True, device="cpu")
+torch.manual_seed(0)  # as the Trainer seeds every process
+draws = torch.stack([d.long() for d in store.draw(32 // world)], 1)  # this process's batch of the global 32
+if world > 1:
+    parts = [torch.empty_like(draws) for _ in range(world)]
+    dist.all_gather(parts, draws)
+    draws = torch.cat(parts)
+if int(os.environ.get("RANK", "0")) == 0:
+    torch.save({"draws": draws}, sys.argv[1])
+if world > 1:
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def test_the_device_path_draws_over_two_processes_what_one_process_draws_for_the_global_batch(tmp_path):
+    # Each process drew from its identically seeded generator: the k-th image of both
+    # processes' batches got the same crop and flip, 16 distinct draws for 32 images.
+    one, two = one_and_two_processes(AUGMENTATION_SCRIPT, tmp_path)
+    assert torch.equal(two["draws"], one["draws"])
+
+
 PREDICT_SCRIPT = """
 import sys, timm, torch, torch.distributed as dist
 from refilled_hf import RefilledConfig, RefilledTrainer
