@@ -80,7 +80,8 @@ for _names, _users in (
     (("teacher_classes", "teacher_cache", "teacher_cache_dtype", "teacher_cache_budget_gb"), _WITH_TEACHER),
     (("shots_per_class",), (*_TRAINING, "probe-teacher")),
     (("horizontal_flip",), _TRAINING),
-    (("stage1_variant", "tau1", "margin", "stage1_weight", "mining_scope", "stage1_epochs", "stage1_learning_rate",
+    (("mining_scope",), ("refilled", "rkd")),
+    (("stage1_variant", "tau1", "margin", "stage1_weight", "stage1_epochs", "stage1_learning_rate",
       "stage1_min_lr_ratio", "tau2", "distill_weight", "distill_weight_search", "distill_weight_schedule",
       "distill_images", "centers", "confidence_weights", "student_alone_candidate"), ("refilled",)),
     (("kd_tau", "kd_weight"), ("kd",)),
@@ -628,9 +629,11 @@ class RefilledConfig(TrainingArguments):
     mining_scope: str = field(
         default="auto",
         **_help(
-            "Where stage 1 mines semi-hard tuples when several processes train: 'global' (over the whole batch "
-            "of all processes, gathered with exact gradients: the same method as one process with the global "
-            "batch), 'local' (each process in its own per-device batch), or 'auto' (global)."
+            "Which batch the batch-level choices see when several processes train: REFILLED stage 1's semi-hard "
+            "tuples, stage 2's local classes (and its per-batch centres under --centers batch, the range of "
+            "--confidence_weights), RKD's pairs and triples. 'global': the whole batch of all processes "
+            "(embeddings gathered with exact gradients): the same method as one process with the global batch; "
+            "'local': each process's own per-device batch; 'auto' (default): global."
         ),
     )
     stage1_epochs: float = field(default=200.0, **_help("Stage-1 epochs."))

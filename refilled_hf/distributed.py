@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_for_mining", "is_distributed", "processes_and_rank", "share_rank0_buffers"]
+__all__ = [
+    "gather_batch",
+    "gather_for_mining",
+    "is_distributed",
+    "own_rows",
+    "processes_and_rank",
+    "share_rank0_buffers",
+]
 
 
 def is_distributed() -> bool:
@@ -81,3 +88,19 @@ def gather_for_mining(
     if not is_distributed():
         return student, teacher, labels
     return _GatherWithGradient.apply(student), _gather(teacher.detach()), _gather(labels)
+
+
+def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor`` (rows of the global batch, without gradients), rank by
+    rank: what stage 2 needs of the whole batch (its labels for the local classes, the
+    teacher's outputs for per-batch centres or confidence weights). Every process must pass
+    the same number of rows. Outside a multi-process run, ``tensor`` unchanged."""
+    if not is_distributed():
+        return tensor
+    return _gather(tensor.detach())
+
+
+def own_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """This process's ``rows`` rows of a tensor over the global batch (:func:`gather_batch`)."""
+    _, rank = processes_and_rank()
+    return tensor[rank * rows : (rank + 1) * rows]

@@ -669,13 +669,16 @@ def _confidence_impl(teacher_logits):
 
 
 def local_teacher_correct(
-    teacher_embeddings: torch.Tensor, class_centers: torch.Tensor, labels: torch.Tensor
+    teacher_embeddings: torch.Tensor,
+    class_centers: torch.Tensor,
+    labels: torch.Tensor,
+    local_classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B]`` bool: where the teacher's local classifier of :func:`local_classifier_loss`
-    (the largest ``teacher_embeddings[i] @ class_centers[k]`` over the classes ``k``
-    present in ``labels``) picks ``labels[i]``. Its mean is the teacher's running top-1 on
-    the batch, within the batch's classes."""
-    local = local_class_mask(labels, class_centers.shape[0])
+    (the largest ``teacher_embeddings[i] @ class_centers[k]`` over the local classes ``k``:
+    ``local_classes``, by default those present in ``labels``) picks ``labels[i]``. Its
+    mean is the teacher's running top-1 on the batch, within the batch's classes."""
+    local = _local_classes(local_classes, labels, class_centers.shape[0])
     with torch.no_grad():
         scores = (teacher_embeddings.float() @ class_centers.float().T).masked_fill(~local, float("-inf"))
     return scores.argmax(dim=1) == labels
@@ -688,6 +691,18 @@ def local_class_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.zeros(num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
 
 
+def _local_classes(given: torch.Tensor | None, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``given`` (checked: a ``[num_classes]`` bool mask), else the classes of ``labels``."""
+    if given is None:
+        return local_class_mask(labels, num_classes)
+    if given.dtype != torch.bool or given.shape != (num_classes,):
+        raise ValueError(
+            f"`local_classes` must be a bool mask of {num_classes} classes (local_class_mask of the batch's "
+            f"labels), got {given.dtype} of shape {tuple(given.shape)}."
+        )
+    return given
+
+
 def local_classifier_loss(
     student_logits: torch.Tensor,
     teacher_embeddings: torch.Tensor,
@@ -697,10 +712,13 @@ def local_classifier_loss(
     tau: float = 2.0,
     weight: float = 100.0,
     instance_weights: torch.Tensor | None = None,
+    local_classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """REFILLED stage 2's distillation term (the cross-entropy is added by the caller).
 
-    The local classes ``C_B`` are the classes present in ``labels``, ascending. Teacher
+    The local classes ``C_B`` are the classes present in the batch: those of ``labels``,
+    or ``local_classes`` where the batch is larger than these rows (the global batch of
+    several processes, each passing its own rows; it must hold every class of ``labels``). Teacher
     logits are ``teacher_embeddings @ class_centers[C_B].T`` (raw teacher features),
     student logits ``student_logits[:, C_B]``; the loss is ``weight * mean_i w_i
     KL(softmax(t_i / tau) || softmax(s_i / tau))`` (no ``tau**2`` factor, as the authors).
@@ -718,6 +736,8 @@ def local_classifier_loss(
             :func:`teacher_confidence_weights`, or :func:`local_teacher_correct` as 0/1
             weights to distil only the images the teacher's local classifier gets right
             (the mean still runs over all ``B`` images).
+        local_classes: optional ``[C]`` bool mask of the local classes
+            (:func:`local_class_mask` of the whole batch's labels).
     """
     _check_matrix("student_logits", student_logits)
     _check_matrix("teacher_embeddings", teacher_embeddings)
@@ -739,16 +759,16 @@ def local_classifier_loss(
     _check_label_range(labels, class_centers.shape[0], "`class_centers`")
     if instance_weights is not None and (instance_weights.dim() != 1 or instance_weights.shape[0] != batch):
         raise ValueError(f"`instance_weights` must be a 1-D tensor of {batch} weights.")
+    local = _local_classes(local_classes, labels, class_centers.shape[0])
     return _local_classifier_impl(
-        student_logits, teacher_embeddings, class_centers, labels, tau, weight, instance_weights
+        student_logits, teacher_embeddings, class_centers, local, tau, weight, instance_weights
     )
 
 
 @_in_float32
-def _local_classifier_impl(student_logits, teacher_embeddings, centers, labels, tau, weight, inst_weights):
+def _local_classifier_impl(student_logits, teacher_embeddings, centers, local, tau, weight, inst_weights):
     # Masked (non-local) classes get -inf logits, so each softmax runs over the local
     # classes alone, and the KL sums over them alone.
-    local = local_class_mask(labels, centers.shape[0])
     with torch.no_grad():
         log_p_t = F.log_softmax((teacher_embeddings @ centers.T / tau).masked_fill(~local, float("-inf")), dim=1)
     log_p_s = F.log_softmax((student_logits / tau).masked_fill(~local, float("-inf")), dim=1)

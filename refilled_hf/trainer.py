@@ -39,7 +39,7 @@ from .config import (
     options_text,
 )
 from .data_device import IndexedImages
-from .distributed import gather_for_mining, share_rank0_buffers
+from .distributed import gather_batch, gather_for_mining, own_rows, share_rank0_buffers
 from .hub import check_hub_access, export_model, files_not_exported, push_folder, with_usual_permissions
 from .losses import (
     batch_class_centers,
@@ -844,30 +844,42 @@ class RefilledTrainer(Trainer):
             loss = args.ce_weight * ce
             parts["ce"] = ce
             if self.stage == "stage2":
+                # The batch's local classes (and per-batch centres, confidence weights' range) are
+                # the global batch's, as stage 1 mines: N processes train what one process does
+                # on their global batch. Each process's loss averages its own images.
+                global_scope = args.mining_scope != "local"
+                whole = gather_batch if global_scope else (lambda t: t)
+                batch_labels = whole(labels)
                 if args.centers == "global":
                     if self.class_centers is None:
                         raise RuntimeError("Stage 2 with global centres: call compute_teacher_centers() first.")
                     centers = self.class_centers
                 else:
-                    centers = batch_class_centers(teacher_emb, labels, self.num_classes)
-                weights = teacher_confidence_weights(teacher_logits) if args.confidence_weights else None
-                teacher_correct = local_teacher_correct(teacher_emb, centers, labels)
+                    centers = batch_class_centers(whole(teacher_emb), batch_labels, self.num_classes)
+                weights = None
+                if args.confidence_weights:  # min-max normalized over the batch
+                    weights = teacher_confidence_weights(whole(teacher_logits))
+                    weights = own_rows(weights, labels.shape[0]) if global_scope else weights
+                local = local_class_mask(batch_labels, self.num_classes)
+                teacher_correct = local_teacher_correct(teacher_emb, centers, labels, local_classes=local)
                 if args.distill_images == "teacher_correct":  # the others train on cross-entropy alone
                     weights = teacher_correct.float() if weights is None else weights * teacher_correct
                 weight = self.distill_weight()
-                distill = local_classifier_loss(
-                    logits, teacher_emb, centers, labels, tau=args.tau2, weight=weight, instance_weights=weights
-                )
+                distill = local_classifier_loss(logits, teacher_emb, centers, labels, tau=args.tau2, weight=weight,
+                                                instance_weights=weights, local_classes=local)  # fmt: skip
                 parts["lambda"] = weight
                 parts["teacher_local_top1"] = teacher_correct.float().mean() * 100
                 # classes present in the batch, counted on the device (no host sync per step)
-                parts["local_classes"] = local_class_mask(labels, self.num_classes).sum()
+                parts["local_classes"] = local.sum()
             elif self.stage == "kd":
                 distill = args.kd_weight * kd_loss(logits, self._student_classes_of(teacher_logits), tau=args.kd_tau)
             elif self.stage == "rkd":
+                student_emb, relations_teacher = outputs["embeddings"], teacher_emb
+                if args.mining_scope != "local":  # the relations of the global batch, as stage 1 mines
+                    student_emb, relations_teacher, _ = gather_for_mining(student_emb, teacher_emb, labels)
                 distill = rkd_loss(
-                    outputs["embeddings"],
-                    teacher_emb,
+                    student_emb,
+                    relations_teacher,
                     distance_weight=args.rkd_distance_weight,
                     angle_weight=args.rkd_angle_weight,
                 )

@@ -68,8 +68,9 @@ def relationship_reference(s, t, labels, variant: str, tau: float, margin: float
     return weight * torch.stack(terms).mean()
 
 
-def local_classifier_reference(student_logits, teacher_emb, centers, labels, tau, weight, inst=None, correct=False):
-    local = sorted(set(int(y) for y in labels))
+def local_classifier_reference(student_logits, teacher_emb, centers, labels, tau, weight, inst=None, correct=False,
+                               local=None):  # fmt: skip
+    local = sorted(set(int(y) for y in labels) if local is None else local)  # the batch's classes, or those given
     terms = []
     for i in range(len(labels)):
         t = torch.stack([teacher_emb[i].double() @ centers[k].double() for k in local]) / tau

@@ -269,6 +269,47 @@ def test_the_device_path_draws_over_two_processes_what_one_process_draws_for_the
     assert torch.equal(two["draws"], one["draws"])
 
 
+STAGE2_SCRIPT = """
+import gc, os, sys, timm, torch, torch.distributed as dist
+from refilled_hf import RefilledConfig, RefilledTrainer
+
+g = torch.Generator().manual_seed(0)
+images = torch.randn(16, 3, 16, 16, generator=g)
+labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 6, 7, 6, 7, 6, 7, 6, 7])  # the halves hold other classes
+torch.manual_seed(0)
+student = timm.create_model("cifar_wrn_16_1", num_classes=8)
+teacher = timm.create_model("cifar_wrn_16_1", num_classes=5)
+args = RefilledConfig(output_dir=sys.argv[2], use_cpu=True, eval_strategy="no", save_strategy="no", report_to=[],
+                      centers="batch", confidence_weights=True, distill_weight=10.0)
+trainer = RefilledTrainer(model=student, args=args, stage="STAGE", num_classes=8, teacher=teacher)
+world, rank = trainer.args.world_size, trainer.args.process_index
+model = trainer.model.eval()  # batch norm by running statistics: each image's output is its own in any split
+share = slice(rank * 16 // world, (rank + 1) * 16 // world)
+loss = trainer.compute_loss(model, {"pixel_values": images[share], "labels": labels[share]})
+loss.backward()
+grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+if world > 1:
+    dist.all_reduce(grads)  # DDP's average of the processes' gradients
+    grads /= world
+if rank == 0:
+    torch.save({"grads": grads, "world": world}, sys.argv[1])
+if dist.is_initialized():
+    del trainer, model, loss
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("stage", ["stage2", "rkd"])
+def test_stage2_and_rkd_over_two_processes_equal_one_process_on_the_whole_batch(tmp_path, stage):
+    # Each process took stage 2's local classes, per-batch centres (--centers batch) and the range
+    # of its confidence weights, or RKD's pairs and triples, from its own half of the batch.
+    one, two = one_and_two_processes(STAGE2_SCRIPT.replace("STAGE", stage), tmp_path)
+    assert (one["world"], two["world"]) == (1, 2)
+    torch.testing.assert_close(two["grads"], one["grads"], rtol=1e-4, atol=1e-6)
+
+
 PREDICT_SCRIPT = """
 import sys, timm, torch, torch.distributed as dist
 from refilled_hf import RefilledConfig, RefilledTrainer

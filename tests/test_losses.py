@@ -20,6 +20,7 @@ from refilled_hf.losses import (
     batch_class_centers,
     class_centers,
     kd_loss,
+    local_class_mask,
     local_classifier_loss,
     local_teacher_correct,
     ncm_predict,
@@ -364,6 +365,27 @@ def test_local_teacher_correct_matches_a_loop():
                 for i in range(20)]  # fmt: skip
     assert local_teacher_correct(teacher, centers, labels).tolist() == expected
     assert 0 < sum(expected) < 20
+
+
+def test_local_classes_of_a_larger_batch_are_used_for_these_rows():
+    """Over several processes each passes its rows with the global batch's local classes
+    (`local_classes`): the softmaxes run over those, not over the classes of its rows alone."""
+    g = torch.Generator().manual_seed(5)
+    logits, teacher = torch.randn(6, 8, generator=g, requires_grad=True), torch.randn(6, 4, generator=g)
+    centers = torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=1)
+    labels, batch_labels = torch.tensor([0, 1, 1, 0, 2, 0]), torch.tensor([0, 1, 1, 0, 2, 0, 5, 6, 5, 2])
+    local = local_class_mask(batch_labels, 8)
+    loss = local_classifier_loss(logits, teacher, centers, labels, tau=2.0, weight=3.0, local_classes=local)
+    ref = local_classifier_reference(logits, teacher, centers, labels.tolist(), 2.0, 3.0, local=[0, 1, 2, 5, 6])
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    alone = local_classifier_loss(logits, teacher, centers, labels, tau=2.0, weight=3.0)
+    assert not torch.allclose(alone, loss)  # the rows' own classes (0-2) give another loss
+    scores = (teacher @ centers.T)[:, [0, 1, 2, 5, 6]]
+    expected = torch.tensor([0, 1, 2, 5, 6])[scores.argmax(1)] == labels
+    assert torch.equal(local_teacher_correct(teacher, centers, labels, local_classes=local), expected)
+    for bad in (local.long(), local[:7]):
+        with pytest.raises(ValueError, match="local_classes"):
+            local_classifier_loss(logits, teacher, centers, labels, local_classes=bad)
 
 
 def test_local_classifier_loss_rejects_bad_input():
