@@ -1130,6 +1130,11 @@ class RefilledConfig(TrainingArguments):
                 "--validation_split (the test split never chooses)."
             )
 
+    @property
+    def precision(self) -> str:
+        """What the run trains and evaluates in: ``bf16``, ``fp16`` (autocast) or ``fp32``."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
     def final_stage_schedule(self) -> dict[str, Any]:
         """How the run's last stage trains, apart from its length: stage 2 of REFILLED, a
         baseline's only stage (which follows stage 2's schedule, the paper's convention).
@@ -1147,7 +1152,7 @@ class RefilledConfig(TrainingArguments):
             "max_grad_norm": self.max_grad_norm,
             "label_smoothing_factor": self.label_smoothing_factor,
             "horizontal_flip": self.horizontal_flip,
-            "precision": "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32",
+            "precision": self.precision,
             "load_best_model_at_end": bool(self.load_best_model_at_end),
         }
 

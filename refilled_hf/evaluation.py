@@ -300,6 +300,19 @@ def _warn_changed_test_split(record: dict[str, Any] | None, config: RefilledConf
         )  # fmt: skip
 
 
+def _warn_other_precision(record: dict[str, Any] | None, config: RefilledConfig, model_spec: str) -> None:
+    """Warn where the run that trained the model measured it in another precision than this
+    evaluation (its card's numbers then differ from these by rounding), naming the flag."""
+    measured = (record or {}).get("precision")  # (absent from earlier releases' records)
+    if measured and measured != config.precision:
+        flag = f"--{measured} true" if measured != "fp32" else f"--{config.precision} false"
+        logger.warning(
+            "%s was measured in %s by the run that trained it (its model card's numbers) and is evaluated in %s "
+            "here: the numbers differ slightly. Pass %s to repeat the card's measure.",
+            model_spec, measured, config.precision, flag,
+        )  # fmt: skip
+
+
 def evaluate_model(
     model_spec: str, config: RefilledConfig, *, checkpoint: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
@@ -382,6 +395,7 @@ def evaluate_model(
     check_not_trained_on(getattr(data, split), suspect_rows, record, config, model_spec)
     if split == "test":
         _warn_changed_test_split(record, config, data, model_spec)
+    _warn_other_precision(record, config, model_spec)
     data = prepare_data(config, data, model.pretrained_cfg)
     dataset = getattr(data, split)
     trainer = inference_trainer(model, config, data.num_classes)

@@ -872,7 +872,8 @@ def _finish(config, trainer: RefilledTrainer, student: StudentModel, data, resul
             label_names=data.class_names,
             data_config=data_config,
             extra_files={"README.md": card},
-            training_data=data.selection_record(),
+            # (and the precision its numbers were measured in, which `evaluate` tells apart)
+            training_data={**data.selection_record(), "precision": config.precision},
             license=config.card_license,
         )
         write_json_atomically(out / RESULTS_FILE, results)

@@ -91,7 +91,7 @@ def test_bf16_training_on_cpu_has_finite_losses(data_dir, teacher_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_bf16_run_measures_under_bf16_and_the_cards_evaluate_command_repeats_it(data_dir, tmp_path):
+def test_a_bf16_run_measures_under_bf16_and_the_cards_evaluate_command_repeats_it(data_dir, tmp_path, caplog):
     """Evaluation runs under the training precision, as the card's `evaluate ... --bf16 true`
     says: it ran in float32 (the student's forward was called past Accelerate's autocast), and
     `evaluate --bf16 true` did too, so the flag did nothing."""
@@ -107,10 +107,14 @@ def test_a_bf16_run_measures_under_bf16_and_the_cards_evaluate_command_repeats_i
 
     for split in ("test", "validation"):
         reported = results["final"][f"{split}_loss"]
+        caplog.clear()
         under_bf16 = evaluate_model(model, config(bf16=True), split=split)[f"{split}_loss"]
+        assert "evaluated in" not in caplog.text
         in_float32 = evaluate_model(model, config(), split=split)[f"{split}_loss"]
         assert under_bf16 == pytest.approx(reported, rel=1e-7), split
         assert in_float32 != pytest.approx(reported, rel=1e-5), split  # the precision did change the measure
+        # the export records its precision: evaluating in another says so, naming the flag
+        assert "was measured in bf16 by the run that trained it" in caplog.text and "Pass --bf16 true" in caplog.text
 
 
 # ----------------------------------------------------------------- kill and resume
