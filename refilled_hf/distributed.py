@@ -26,15 +26,16 @@ __all__ = [
 ]
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def processes_and_rank() -> tuple[int, int]:
     """``(number of processes, this process's rank)``; ``(1, 0)`` outside a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
+
+
+def is_distributed() -> bool:
+    """Whether several processes train together."""
+    return processes_and_rank()[0] > 1
 
 
 def share_rank0_buffers(module: torch.nn.Module) -> None:

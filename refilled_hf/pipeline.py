@@ -319,7 +319,7 @@ def _teacher_cache(config, teacher, data, teacher_weights: str, results: dict[st
         with state.main_process_first():
             cache, info = load_or_build(
                 config.teacher_cache, teacher, teacher_weights, data.train.images,
-                precision="bf16" if config.bf16 else "fp16" if config.fp16 else "fp32",
+                precision=config.precision,
                 dtype=config.teacher_cache_dtype, with_logits=cache_needs_logits(config),
                 batch_size=config.per_device_eval_batch_size, autocast=autocast, write=state.is_main_process,
             )  # fmt: skip

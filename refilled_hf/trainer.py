@@ -824,9 +824,11 @@ class RefilledTrainer(Trainer):
         outputs = model(pixel_values=images)
         args: RefilledConfig = self.args
         parts: dict[str, float | torch.Tensor] = {}
+        # batch-level choices over the global batch of all processes (a no-op in one process)
+        global_scope = args.mining_scope != "local"
         if self.stage == "stage1":
             student_emb, mined_teacher, mined_labels = outputs["embeddings"], teacher_emb, labels
-            if args.mining_scope != "local":  # the global batch of all processes (a no-op in one process)
+            if global_scope:
                 student_emb, mined_teacher, mined_labels = gather_for_mining(student_emb, teacher_emb, labels)
             loss, stats = relationship_loss_with_stats(
                 student_emb,
@@ -847,7 +849,6 @@ class RefilledTrainer(Trainer):
                 # The batch's local classes (and per-batch centres, confidence weights' range) are
                 # the global batch's, as stage 1 mines: N processes train what one process does
                 # on their global batch. Each process's loss averages its own images.
-                global_scope = args.mining_scope != "local"
                 whole = gather_batch if global_scope else (lambda t: t)
                 batch_labels = whole(labels)
                 if args.centers == "global":
@@ -875,7 +876,7 @@ class RefilledTrainer(Trainer):
                 distill = args.kd_weight * kd_loss(logits, self._student_classes_of(teacher_logits), tau=args.kd_tau)
             elif self.stage == "rkd":
                 student_emb, relations_teacher = outputs["embeddings"], teacher_emb
-                if args.mining_scope != "local":  # the relations of the global batch, as stage 1 mines
+                if global_scope:  # the relations of the global batch, as stage 1 mines
                     student_emb, relations_teacher, _ = gather_for_mining(student_emb, teacher_emb, labels)
                 distill = rkd_loss(
                     student_emb,
