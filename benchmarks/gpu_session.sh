@@ -11,7 +11,8 @@
 #
 # Extra arguments go to every throughput.py call. Environment: OUT (default /tmp/gpu-out),
 # DATA (default .device/data/cifar10), SMALL=0 skips the 60 + 60-epoch small run, and
-# T_RUN T_MINING T_HOST T_MICRO T_224 T_MAIN T_SYNC T_512 T_COMPILE T_CL T_CACHE T_DECODE T_LOADER set each step's time limit in seconds
+# T_RUN T_MINING T_HOST T_MICRO T_224 T_MAIN T_SYNC T_512 T_COMPILE T_COMPILE_RANDOM T_CL T_CACHE T_DECODE
+# T_LOADER set each step's time limit in seconds
 # (together more than one 600 s command: the last steps run only when the first finish early).
 # T_C100 > 0 first runs issue 10's converging CIFAR-100 comparison (`cifar100.py --budget gpu`, needs
 # .device/data/cifar100; about 3 minutes per seed) for that many seconds, and T_B512ACC > 0 issue 11's
@@ -91,6 +92,9 @@ step "${T_SYNC:-60}" syncs $BF16 --sync_rows --steps 30 --warmup 10 "$@"
 step "${T_512:-45}" b512 $BF16 --batch 512 --paths device --methods ce kd stage1 stage2 --steps 30 --warmup 8 "$@"
 # 6. issue 12 item 4: torch.compile modes (each row pays its own compile)
 step "${T_COMPILE:-200}" compile $BF16 --compile_modes default reduce-overhead --methods ce stage1 stage2 --steps 100 --warmup 20 "$@"
+# 6b. dropout under torch.compile: inductor's own masks (what --torch_compile does) against eager's random kernels
+#     (fallback_random, the eager run's masks): what the speed of CUDA graphs owes to inductor's own draws
+micro "${T_COMPILE_RANDOM:-60}" compile_random compile_random.py --mode reduce-overhead --steps 50
 # 7. issue 12 item 2: channels-last, pipeline and bare loop
 step "${T_CL:-50}" channels_last $BF16 --channels_last_rows --methods ce stage1 stage2 --steps 60 --warmup 10 "$@"
 # 8. issue 11 item 3: the teacher cache's build and its stage-1 saving

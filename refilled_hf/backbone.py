@@ -18,6 +18,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .messages import error_text, offline_hint, unreadable_file_text
 
@@ -450,6 +451,19 @@ def setup_fingerprint(model: nn.Module, spec: str, **inputs: Any) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class _SeededOpWatch(TorchDispatchMode):
+    """Notes whether an op that draws from a random generator ran (PyTorch tags every such
+    op ``nondeterministic_seeded``: dropout's bernoulli, rand, randperm, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen = self.seen or torch.Tag.nondeterministic_seeded in func.tags
+        return func(*args, **(kwargs or {}))
+
+
 class StudentModel(nn.Module):
     """The student as the Trainer sees it: a timm model whose forward returns its pooled
     embedding and logits, so that DDP and autocast wrap one call.
@@ -487,25 +501,52 @@ class StudentModel(nn.Module):
         if len(self.input_size) != 3:
             return None
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        stand_ins = {
-            name: torch.empty_like(t, device="meta").requires_grad_(name in trainable)
-            for name, t in [*self.named_parameters(), *self.named_buffers()]
-        }
-        images = torch.empty(2, *self.input_size, device="meta")  # 2: batch norm needs more than one value
-        modes = {module: module.training for module in self.modules()}  # each its own, restored as it was
+        stand_ins = self._meta_stand_ins(trainable)
         try:
-            self.train()
-            with torch.compiler.set_stance("force_eager"):  # a compiled student: no compile for this pass
-                outputs = torch.func.functional_call(self, stand_ins, (), {"pixel_values": images})
+            outputs = self._meta_training_forward(stand_ins)
             total = sum(output.float().sum() for output in outputs.values())
             names = sorted(trainable)
             grads = torch.autograd.grad(total, [stand_ins[n] for n in names], allow_unused=True)
         except Exception:  # noqa: BLE001 (any failure: unknown, so DDP keeps looking)
             return None
+        return [name for name, grad in zip(names, grads) if grad is None]
+
+    def draws_random_numbers_in_training(self) -> bool | None:
+        """Whether a forward pass of the whole model in training mode draws random numbers
+        (dropout, drop path: any op PyTorch tags as seeded), from one pass on the meta device
+        as :meth:`parameters_without_gradient` makes it; ``None`` when that cannot be told."""
+        if len(self.input_size) != 3:
+            return None
+        embeddings_only, self.embeddings_only = self.embeddings_only, False  # the head's dropout too
+        try:
+            with _SeededOpWatch() as watch:
+                self._meta_training_forward(self._meta_stand_ins(set()))
+        except Exception:  # noqa: BLE001 (any failure: unknown)
+            return None
+        finally:
+            self.embeddings_only = embeddings_only
+        return watch.seen
+
+    def _meta_stand_ins(self, trainable: set[str]) -> dict[str, torch.Tensor]:
+        """Meta-device stand-ins of the parameters and buffers, by name; those in ``trainable`` require gradients."""
+        return {
+            name: torch.empty_like(t, device="meta").requires_grad_(name in trainable)
+            for name, t in [*self.named_parameters(), *self.named_buffers()]
+        }
+
+    def _meta_training_forward(self, stand_ins: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The outputs of one forward pass in training mode on two meta images of
+        :attr:`input_size` (batch norm needs more than one value), with ``stand_ins`` for the
+        parameters and buffers; every module's mode is restored as it was."""
+        images = torch.empty(2, *self.input_size, device="meta")
+        modes = {module: module.training for module in self.modules()}
+        try:
+            self.train()
+            with torch.compiler.set_stance("force_eager"):  # a compiled student: no compile for this pass
+                return torch.func.functional_call(self, stand_ins, (), {"pixel_values": images})
         finally:
             for module, training in modes.items():
                 module.training = training
-        return [name for name, grad in zip(names, grads) if grad is None]
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.embeddings_only:

@@ -86,9 +86,9 @@ def _setting(run: FinishedRun, places: dict[str, Any]) -> dict[str, Any]:
     unused = {name for name, users in FIELD_USERS.items() if run.results["method"] not in users}
     if "teacher" in unused:
         unused.update(TEACHER_RECORD_FIELDS)
-    return {
-        k: places.get(k, v) for k, v in run.identity.items() if k not in SEED_AND_PLACEMENT_FIELDS and k not in unused
-    }
+    # runs of earlier releases recorded no random_draws: as eager, what a run drew unless compiled
+    identity = {"random_draws": "eager", **run.identity}
+    return {k: places.get(k, v) for k, v in identity.items() if k not in SEED_AND_PLACEMENT_FIELDS and k not in unused}
 
 
 def _places(runs: list[FinishedRun]) -> list[dict[str, Any]]:

@@ -864,7 +864,9 @@ class RefilledConfig(TrainingArguments):
             "and the losses stay eager (their shapes depend on the batch). Each stage starts with a compile "
             "(4-15 s on an H200, 30-107 s on a 2-core CPU). On a GPU use --torch_compile_mode reduce-overhead for "
             "long runs (CUDA graphs: 2.0-2.6x the eager images/s at batch 128 on an H200); the default mode did "
-            "not help there, nor on a CPU. See the README."
+            "not help there, nor on a CPU. Under inductor a student with dropout or drop path draws its masks from "
+            "inductor's generator: from the same seed another draw of the run than eager's, and a resume must "
+            "compile as the run started. See the README."
         ),
     )
     torch_compile_backend: str | None = field(

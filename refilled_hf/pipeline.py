@@ -437,7 +437,19 @@ def _run_identity(
         ),
         "data": data.fingerprint,
         "data_path": data.info.get("data_path"),
+        "random_draws": _random_draws(config, student),
     }
+
+
+def _random_draws(config: RefilledConfig, student: StudentModel) -> str:
+    """Who draws the random numbers the student uses in training (dropout, drop path):
+    ``inductor`` where ``--torch_compile`` compiles it with inductor, which draws them from
+    a generator of its own (its fallback to eager's draws is slow), so other masks than an
+    eager run's, from the same seed; ``eager`` otherwise, and for a student that draws none
+    (compiling then changes nothing the run computes). A resume may not change it: it
+    would continue with other draws than the run it resumes."""
+    inductor = config.torch_compile and (config.torch_compile_backend or "inductor") == "inductor"
+    return "inductor" if inductor and student.draws_random_numbers_in_training() is not False else "eager"
 
 
 def run_distillation(config: RefilledConfig, callbacks: list | None = None) -> dict[str, Any]:

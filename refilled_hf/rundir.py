@@ -99,9 +99,10 @@ def names_a_place(key: str, value: Any) -> bool:
     return key.endswith("_checkpoint") or str(value).startswith("local-dir:")
 
 
-#: identity fields this release added: a run an earlier one recorded (without them) resumes, its
-#: identity checked on the fields it has (it cannot change folders: nothing shows the model moved)
-ADDED_IDENTITY_FIELDS = frozenset({"teacher_setup", "student_setup"})
+#: identity fields later releases added: a run an earlier one recorded (without them) resumes, its
+#: identity checked on the fields it has (without the setups it cannot change folders: nothing
+#: shows the model moved; without ``random_draws`` it may change compiling, as it could then)
+ADDED_IDENTITY_FIELDS = frozenset({"teacher_setup", "student_setup", "random_draws"})
 
 
 #: identity fields earlier releases recorded that compute nothing (the loader workers, the
@@ -190,7 +191,18 @@ _FINGERPRINT_MEANINGS = {
 }
 
 
+#: what an identity field means, where its name and values do not say it, in a refused resume's message
+_FIELD_MEANINGS = {
+    "random_draws": (
+        "who draws the student's dropout masks: inductor (--torch_compile) draws other ones than eager PyTorch; "
+        "resume compiled as the run started"
+    ),
+}
+
+
 def _difference_text(key: str, old: Any, new: Any) -> str:
+    if key in _FIELD_MEANINGS:
+        return f"{key} ({_FIELD_MEANINGS[key]}): {_short(old)} -> {_short(new)}"
     meaning = _FINGERPRINT_MEANINGS.get(key)
     if meaning:  # digests: their starts tell them apart
 

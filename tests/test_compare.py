@@ -127,6 +127,21 @@ def test_settings_name_what_differs_and_ambiguous_pairs_are_left_out(tmp_path):
     assert "runs differ only" not in format_comparison(alone)  # one run: nothing to say about what other runs differ by
 
 
+def test_runs_whose_dropout_masks_inductor_drew_are_a_setting_of_their_own(tmp_path):
+    """Compiled by inductor, a student with dropout trains with other masks than eager from
+    the same seed (its identity's random_draws): another setting, named so. A run of an
+    earlier release records none, and counts as eager."""
+    earlier = _write_run(tmp_path / "a", "ce", 0, 60.0, "images0")
+    eager = _write_run(tmp_path / "b", "ce", 1, 62.0, "images1", random_draws="eager")
+    compiled = _write_run(tmp_path / "c", "ce", 0, 61.0, "images0", random_draws="inductor")
+    comparison = compare_runs([earlier, eager, compiled])
+    assert comparison["varying_fields"] == ["random_draws"]
+    assert [(g["setting"], g["runs"]) for g in comparison["settings"]] == [
+        ("random_draws=eager", 2), ("random_draws=inductor", 1)]  # fmt: skip
+    differences = comparison["paired"][0]["differences"]
+    assert [(d["run"], d["against"], d["test_top1"]) for d in differences] == [(str(compiled), str(earlier), 1.0)]
+
+
 def test_a_run_repeated_with_the_same_seed_on_the_same_images_is_refused(tmp_path):
     """A train-teacher run and a distill --method ce run of the same model, classes and seed
     are one run twice: compare pooled them as a setting of 2 runs, 36.67 ± 0.00."""

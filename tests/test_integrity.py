@@ -1123,6 +1123,37 @@ def test_a_resume_may_change_what_only_chose_the_device_path_or_its_loader_worke
 
 
 @pytest.mark.slow
+def test_a_resume_may_not_change_who_draws_the_students_dropout_masks(unfinished_ce_run, tmp_path):
+    """Inductor draws dropout masks from a generator of its own (other masks than eager
+    PyTorch's from the same seed): an eager run of a student with dropout resumed under
+    --torch_compile would continue as another run; refused before anything compiles. A
+    backend that draws eager's masks (aot_eager) resumes exactly."""
+    recipe, reference = unfinished_ce_run
+    recipe, out = _copy_unfinished(recipe, tmp_path)
+    assert json.loads((out / "run.json").read_text())["identity"]["random_draws"] == "eager"
+    with pytest.raises(RunDirError, match=r"random_draws \(who draws the student's dropout masks.*\): \"eager\" -> "
+                                          r"\"inductor\""):  # fmt: skip
+        run({**recipe, "torch_compile": True, "resume_from_checkpoint": "true"})
+    first = str(checkpoints(out / "ce")[0])
+    results = run({**recipe, "torch_compile_backend": "aot_eager", "resume_from_checkpoint": first})
+    assert results["final"]["test_top1"] == reference["final"]["test_top1"]
+    assert results["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)
+
+
+def test_only_inductor_compiling_a_student_with_dropout_draws_its_own_random_numbers(tmp_path):
+    from refilled_hf.pipeline import _random_draws
+
+    def draws(student: str, **options) -> str:
+        config = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, **options)
+        return _random_draws(config, StudentModel(timm.create_model(student, num_classes=3)))
+
+    assert draws("cifar_wrn_16_1", torch_compile=True) == "inductor"  # dropout 0.3
+    assert draws("cifar_wrn_16_1", torch_compile_mode="reduce-overhead") == "inductor"
+    assert draws("cifar_wrn_16_1") == draws("cifar_wrn_16_1", torch_compile_backend="aot_eager") == "eager"
+    assert draws("resnet18", torch_compile=True) == "eager"  # no dropout: compiling may change on resume
+
+
+@pytest.mark.slow
 def test_the_worker_path_trains_the_same_with_any_loader_workers_and_resumes_exactly_mid_epoch(
     data_dir, tmp_path, monkeypatch, caplog
 ):

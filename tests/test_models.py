@@ -308,6 +308,33 @@ def test_parameters_without_gradient_of_a_compiled_student_are_found_without_com
     assert student.parameters_without_gradient() == ["model.spare"]
 
 
+@pytest.mark.parametrize(
+    "name,kwargs,expected",
+    [
+        ("cifar_wrn_16_1", {}, True),  # dropout 0.3 in every block (functional)
+        ("cifar_wrn_16_1", {"drop_rate": 0.0}, False),
+        ("resnet18", {}, False),
+        ("resnet18", {"drop_rate": 0.2}, True),  # before the head only: stage 1 does not use it, stage 2 does
+        ("vit_tiny_patch16_224", {"drop_path_rate": 0.1, "img_size": 32}, True),  # drop path (bernoulli)
+    ],
+)
+def test_a_student_says_whether_its_training_pass_draws_random_numbers(name, kwargs, expected):
+    student = StudentModel(timm.create_model(name, num_classes=4, **kwargs), input_size=(3, 32, 32)).eval()
+    student.set_embeddings_only(True)
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert student.draws_random_numbers_in_training() is expected
+    # on the meta device: no random state, mode, weight or running statistic changed
+    assert torch.equal(rng, torch.get_rng_state()) and not student.training and student.embeddings_only
+    assert all(torch.equal(state[k], v) for k, v in student.state_dict().items())
+    # the answer is what a real training pass does with torch's generator
+    student.set_embeddings_only(False)
+    images = torch.randn(2, 3, 32, 32)
+    rng = torch.get_rng_state()
+    student.train()(images)
+    assert (not torch.equal(rng, torch.get_rng_state())) is expected
+
+
 def test_a_hub_model_that_cannot_be_fetched_says_how_to_read_the_cache_without_retries(monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError

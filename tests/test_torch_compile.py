@@ -1,6 +1,7 @@
 """--torch_compile: the student and the teacher run compiled in both stages, the run's
-numbers equal the eager run's, checkpoints and the export keep plain keys; bad options
-are refused before any work."""
+numbers equal the eager run's (under aot_eager, which draws eager's dropout masks; inductor
+draws its own, which a resume must keep: tests/test_integrity.py), checkpoints and the
+export keep plain keys; bad options are refused before any work."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_a_compiled_run_compiles_both_models_in_both_stages_and_equals_the_eager
     assert seen == {"stage1": (False, False), "stage2": (False, False)}
     torch._dynamo.reset()
     counters.clear()
-    # aot_eager traces forward and backward as inductor does, without a C++ compile (seconds on a CPU)
+    # aot_eager traces forward and backward as inductor does, without a C++ compile (seconds on a CPU), and
+    # draws the student's dropout masks with eager's kernels (inductor draws its own: another run)
     compiled = run_distillation(RefilledConfig(**{**base, "output_dir": str(tmp_path / "compiled"),
                                                  "torch_compile_backend": "aot_eager"}))  # fmt: skip
     assert seen == {"stage1": (True, True), "stage2": (True, True)}
