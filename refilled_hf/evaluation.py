@@ -32,7 +32,7 @@ from .config import (
 from .data import ClassificationData, UnknownClassError, load_raw_dataset, short_list
 from .messages import error_text
 from .pipeline import data_pretrained_cfg, inference_trainer, prepare_data, select_data, warn_unused_fields
-from .preflight import check_forward
+from .preflight import check_compile, check_forward
 from .provenance import redraw_training_rows, run_folder, same_dataset, teacher_training_rows, training_data_record
 from .rundir import MANIFEST
 
@@ -391,6 +391,7 @@ def evaluate_model(
     suspect_rows = check_evaluation_split(record, config, data, split, model_spec)
     check_forward(model, None, data_pretrained_cfg(model.pretrained_cfg, config.image_size)["input_size"],
                   student_name="model")  # fmt: skip
+    check_compile(config)
     getattr(data, split).preload()  # decodes the split's images: after every check but the pixels'
     check_not_trained_on(getattr(data, split), suspect_rows, record, config, model_spec)
     if split == "test":

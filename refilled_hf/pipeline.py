@@ -58,6 +58,7 @@ from .hub import (
 from .model_card import LEGACY_DATA_KEY, card_template, check_comparable, render_model_card
 from .preflight import (
     cache_needs_logits,
+    check_compile,
     check_forward,
     check_label_spaces,
     check_memory,
@@ -547,6 +548,7 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         config, [student_cfg["input_size"][-1]] + ([teacher.input_size] if teacher and teacher.input_size else [])
     )
     check_forward(student, teacher, student_cfg["input_size"])
+    check_compile(config)
     data = prepare_data(config, data, backbone.pretrained_cfg)  # decodes every image: the long part
     check_teacher_cache(config, teacher, data)
     results: dict[str, Any] = {

@@ -19,13 +19,14 @@ from .backbone import FrozenTeacher, ModelLoadError, exported_config, load_timm_
 from .config import ConfigError, RefilledConfig
 from .data import ClassificationData, DataError, class_ranges, parse_class_selection, short_list
 from .data_device import DeviceImages, IndexedImages
-from .messages import error_text, offline_hint
+from .messages import error_chain, error_text, offline_hint
 from .provenance import same_dataset, weights_training_record
 from .teacher_cache import cache_bytes
 
 __all__ = [
     "batch_without_pair_probability",
     "cache_needs_logits",
+    "check_compile",
     "check_forward",
     "check_label_spaces",
     "check_memory",
@@ -337,6 +338,31 @@ def _input_channels(model: torch.nn.Module) -> int | None:
     inner = getattr(model, "model", model)
     size = (getattr(inner, "pretrained_cfg", None) or {}).get("input_size")
     return int(size[0]) if size else None
+
+
+def _double_plus_one(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+def check_compile(config: RefilledConfig) -> None:
+    """Under ``--torch_compile``, a trivial function compiled by the run's backend and run on
+    its device, before any image is decoded: a machine that lacks what the backend builds
+    kernels with (inductor: a C++ compiler on a CPU; Triton on a GPU, and a C compiler for
+    its launchers) fails here, in one line that names the fix, not at the first training
+    step as an internal error. Inductor keeps the kernel in its on-disk cache: later runs
+    pay nothing for this."""
+    if not config.torch_compile:
+        return
+    backend = config.torch_compile_backend or "inductor"
+    try:
+        torch.compile(_double_plus_one, backend=backend, fullgraph=True)(torch.ones(4, device=config.device))
+    except Exception as err:  # noqa: BLE001 - whatever the toolchain lacks
+        raise ConfigError(
+            f"--torch_compile: torch.compile ({backend}) cannot build kernels on this machine "
+            f"({error_text(error_chain(err)[-1])}). "
+            "Install what it names (inductor needs a C++ compiler on a CPU, Triton and a C compiler on a GPU; CXX "
+            "and CC choose them), or run without --torch_compile."
+        ) from None
 
 
 def check_forward(student: torch.nn.Module | None, teacher: FrozenTeacher | None, input_size: Sequence[int], *,

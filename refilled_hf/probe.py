@@ -16,7 +16,7 @@ from .config import ConfigError, RefilledConfig
 from .data import short_list
 from .losses import ncm_predict
 from .pipeline import data_pretrained_cfg, eval_copy, inference_trainer, load_data, warn_unused_fields
-from .preflight import check_forward, load_teacher
+from .preflight import check_compile, check_forward, load_teacher
 from .provenance import teacher_training_rows, weights_training_record
 from .trainer import batch_pixels
 
@@ -50,6 +50,7 @@ def probe_teacher(config: RefilledConfig) -> dict[str, Any]:
     input_cfg = data_pretrained_cfg(student_cfg, config.image_size)
     teacher = load_teacher(config, input_cfg)
     check_forward(None, teacher, input_cfg["input_size"])
+    check_compile(config)
     data = load_data(config, config.classes, student_cfg, splits=("train", "validation"), augment_train=False)
     record = weights_training_record(config.teacher, config.teacher_checkpoint)
     taught = teacher_training_rows(record, data, data.validation_source)

@@ -73,6 +73,33 @@ def test_a_compiled_run_compiles_both_models_in_both_stages_and_equals_the_eager
         assert difference <= 1e-4 * torch.linalg.vector_norm(b.float()) + 1e-7, name
 
 
+def test_a_machine_that_cannot_build_kernels_is_refused_before_any_image_is_decoded(data_dir, tmp_path, monkeypatch):
+    """A missing compiler (inductor's C++ on a CPU, Triton's C compiler on a GPU) used to
+    surface at the first training step, after the data was decoded, as an internal error."""
+    import torch._dynamo
+
+    from refilled_hf import pipeline
+
+    name = "refilled_test_without_compiler"
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+
+        @torch._dynamo.register_backend(name=name)
+        def without_compiler(graph, example_inputs):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    decoded = []
+    prepare = pipeline.prepare_data
+    monkeypatch.setattr(pipeline, "prepare_data", lambda *a, **k: decoded.append(1) or prepare(*a, **k))
+    recipe = tiny_recipe(data_dir, tmp_path / "run", method="ce", torch_compile_backend=name)
+    refused = rf"torch.compile \({name}\) cannot build kernels on this machine \(RuntimeError: Failed to find C comp"
+    with pytest.raises(ConfigError, match=refused + ".*or run without --torch_compile"):
+        run_distillation(RefilledConfig(**recipe))
+    assert not decoded and not (tmp_path / "run" / "run.json").exists()
+    # a backend that builds: the run goes on
+    run_distillation(RefilledConfig(**{**recipe, "torch_compile_backend": "aot_eager", "max_steps": 1}))
+    assert decoded
+
+
 def test_compile_options_are_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="Unknown --torch_compile_backend 'inductr'.*inductor"):
         RefilledConfig(output_dir=str(tmp_path), use_cpu=True, torch_compile_backend="inductr")
