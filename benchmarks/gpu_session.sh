@@ -94,7 +94,7 @@ step "${T_512:-45}" b512 $BF16 --batch 512 --paths device --methods ce kd stage1
 step "${T_COMPILE:-200}" compile $BF16 --compile_modes default reduce-overhead --methods ce stage1 stage2 --steps 100 --warmup 20 "$@"
 # 6b. dropout under torch.compile: inductor's own masks (what --torch_compile does) against eager's random kernels
 #     (fallback_random, the eager run's masks): what the speed of CUDA graphs owes to inductor's own draws
-micro "${T_COMPILE_RANDOM:-60}" compile_random compile_random.py --mode reduce-overhead --steps 50
+micro "${T_COMPILE_RANDOM:-90}" compile_random compile_random.py --mode reduce-overhead --steps 50
 # 7. issue 12 item 2: channels-last, pipeline and bare loop
 step "${T_CL:-50}" channels_last $BF16 --channels_last_rows --methods ce stage1 stage2 --steps 60 --warmup 10 "$@"
 # 8. issue 11 item 3: the teacher cache's build and its stage-1 saving
