@@ -2,7 +2,8 @@
 models that can fail on user input fails here, with a message that names the fix
 (the teacher that cannot be loaded, label spaces kd cannot bridge, teacher classes the
 teacher was not trained on, batches that cannot mine, inputs that do not fit, a teacher
-cache that cannot apply, a model that cannot run at this input size)."""
+cache that cannot apply, a model that cannot run at this input size, a machine on which
+--torch_compile cannot build kernels)."""
 
 from __future__ import annotations
 
@@ -350,7 +351,7 @@ def check_compile(config: RefilledConfig) -> None:
     kernels with (inductor: a C++ compiler on a CPU; Triton on a GPU, and a C compiler for
     its launchers) fails here, in one line that names the fix, not at the first training
     step as an internal error. Inductor keeps the kernel in its on-disk cache: later runs
-    pay nothing for this."""
+    pay little for this."""
     if not config.torch_compile:
         return
     backend = config.torch_compile_backend or "inductor"
