@@ -1137,6 +1137,14 @@ class RefilledConfig(TrainingArguments):
         """What the run trains and evaluates in: ``bf16``, ``fp16`` (autocast) or ``fp32``."""
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
+    @property
+    def compile_backend(self) -> str | None:
+        """The torch.compile backend the run compiles its models with; None without
+        ``--torch_compile``. transformers resolves an unset backend when the config is built
+        (inductor, or the HPU or Neuron backend there); inductor where ``torch_compile`` was
+        turned on afterwards."""
+        return (self.torch_compile_backend or "inductor") if self.torch_compile else None
+
     def final_stage_schedule(self) -> dict[str, Any]:
         """How the run's last stage trains, apart from its length: stage 2 of REFILLED, a
         baseline's only stage (which follows stage 2's schedule, the paper's convention).

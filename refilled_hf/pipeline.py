@@ -449,7 +449,7 @@ def _random_draws(config: RefilledConfig, student: StudentModel) -> str:
     eager run's, from the same seed; ``eager`` otherwise, and for a student that draws none
     (compiling then changes nothing the run computes). A resume may not change it: it
     would continue with other draws than the run it resumes."""
-    inductor = config.torch_compile and (config.torch_compile_backend or "inductor") == "inductor"
+    inductor = config.compile_backend == "inductor"
     return "inductor" if inductor and student.draws_random_numbers_in_training() is not False else "eager"
 
 

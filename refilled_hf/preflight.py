@@ -352,9 +352,9 @@ def check_compile(config: RefilledConfig) -> None:
     its launchers) fails here, in one line that names the fix, not at the first training
     step as an internal error. Inductor keeps the kernel in its on-disk cache: later runs
     pay little for this."""
-    if not config.torch_compile:
+    backend = config.compile_backend
+    if backend is None:
         return
-    backend = config.torch_compile_backend or "inductor"
     try:
         torch.compile(_double_plus_one, backend=backend, fullgraph=True)(torch.ones(4, device=config.device))
     except Exception as err:  # noqa: BLE001 - whatever the toolchain lacks

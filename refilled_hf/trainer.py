@@ -483,9 +483,7 @@ class RefilledTrainer(Trainer):
         #: accelerate, whose whole-model wrapper is skipped for a model prepared in an earlier
         #: stage, and which would leave the teacher's forward and the stage-2 student eager)
         self.compile_options = (
-            {"backend": args.torch_compile_backend or "inductor", "mode": args.torch_compile_mode}
-            if args.torch_compile
-            else None
+            {"backend": args.compile_backend, "mode": args.torch_compile_mode} if args.torch_compile else None
         )
         #: CUDA graphs (inductor's reduce-overhead and max-autotune modes) replay into static
         #: buffers: each training step is marked, and the teacher's outputs, read after the
