@@ -567,7 +567,12 @@ class RefilledConfig(TrainingArguments):
         ),
     )
     shots_per_class: int | None = field(
-        default=None, **_help("Training images per class (seeded, stratified): the middle-shot setting.")
+        default=None,
+        **_help(
+            "Training images per class (seeded, stratified): the middle-shot setting. Drawn from the images "
+            "the validation carve leaves: the validation split keeps its --validation_fraction of every image "
+            "of the class, not of the shots."
+        ),
     )
     validation_fraction: float | None = field(
         default=None,
