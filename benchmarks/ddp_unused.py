@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from throughput import _processor_name
 
 import refilled_hf  # noqa: F401  (registers cifar_wrn_*)
 from refilled_hf.backbone import StudentModel
@@ -109,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = f"CPU ({platform.machine()}, {PROCESSES} gloo processes, 1 thread each)"
+    device = f"CPU ({_processor_name()}, {PROCESSES} gloo processes, 1 thread each)"
     record = {"device": device, "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps, "rows": rows}
     (out / "ddp_unused_cpu.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from throughput import _write_files
+from throughput import _processor_name, _write_files
 
 ROOT = Path(__file__).resolve().parent
 
@@ -124,7 +123,7 @@ def main() -> None:
         decoding.PROBE_IMAGES = args.probe_images
     workers = decoding.decode_workers()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    device = f"CPU ({platform.processor() or platform.machine()}, {cores} cores)"
+    device = f"CPU ({_processor_name()}, {cores} cores)"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         photos, small = Path(tmp) / "photos", Path(tmp) / "small"

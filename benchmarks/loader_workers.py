@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 from decoding import write_photos
-from throughput import _write_files
+from throughput import _processor_name, _write_files
 
 ROOT = Path(__file__).resolve().parent
 
@@ -92,7 +91,7 @@ def main() -> None:
     logging.getLogger("refilled_hf.trainer").setLevel(logging.ERROR)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    device = f"CPU ({platform.processor() or platform.machine()}, {cores} cores)"
+    device = f"CPU ({_processor_name()}, {cores} cores)"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"

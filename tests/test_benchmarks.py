@@ -114,6 +114,12 @@ def test_throughput_benchmark_times_every_method_against_the_bare_loop(tmp_path)
     for row in result["rows"]:
         assert row["bare_images_per_s"] > 0 and row["device_images_per_s"] > 0 and row["device_ratio"] > 0
     assert "| stage1 |" in (tmp_path / "throughput_cpu.md").read_text()
+    # the processor is named, where the kernel names it: two machines' results must not read alike
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.is_file() else []  # fmt: skip
+    if models:
+        assert result["device"].startswith(f"CPU ({models[0]}, ")
 
 
 def test_throughput_benchmark_refuses_too_few_steps_to_time(tmp_path):
