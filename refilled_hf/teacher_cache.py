@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -223,7 +224,10 @@ def load_or_build(
         )
         if write:
             path.parent.mkdir(parents=True, exist_ok=True)
-            staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            # a name no other builder can hold: process ids repeat across machines sharing the
+            # folder (each container's processes count from 1), and two builders sharing one
+            # staging file moved each other's file away (the second rename found none)
+            staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
             tensors = {"embeddings": embeddings.cpu().contiguous()}
             if logits is not None:
                 tensors["logits"] = logits.cpu().contiguous()

@@ -107,6 +107,32 @@ def test_written_once_then_read_and_keyed_by_what_it_depends_on(tmp_path):
     assert len(keys) == 7
 
 
+def test_builders_of_one_key_that_share_a_process_id_each_write_a_whole_file(tmp_path, monkeypatch):
+    """Two runs on machines that share the cache folder, whose processes have the same id
+    (containers count from 1), build the same key at once: a builder whose file the other
+    renamed into place failed with FileNotFoundError, after its whole build. Here the second
+    builds while the first writes (one process: one id)."""
+    from refilled_hf import teacher_cache
+
+    store, teacher = _store(), _teacher()
+    kwargs = {"precision": "fp32", "dtype": "float32", "with_logits": False, "batch_size": 5}
+    save, inner = teacher_cache.save_safetensors, []
+
+    def save_while_another_builds(tensors, path, metadata=None):
+        save(tensors, path, metadata=metadata)
+        if not inner:  # the other builder, between this one's write and its rename
+            inner.append(None)
+            inner[0] = load_or_build(tmp_path, teacher, "w", store, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "save_safetensors", save_while_another_builds)
+    cache, info = load_or_build(tmp_path, teacher, "w", store, **kwargs)
+    monkeypatch.setattr(teacher_cache, "save_safetensors", save)
+    assert info["built"] and inner[0][1]["built"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{info['key']}.safetensors"]  # no staging file left
+    read, again = load_or_build(tmp_path, teacher, "w", store, **kwargs)
+    assert not again["built"] and torch.equal(read.embeddings, cache.embeddings)
+
+
 def test_a_damaged_cache_is_refused_with_the_fix(tmp_path):
     store, teacher = _store(), _teacher()
     kwargs = {"precision": "fp32", "dtype": "float32", "with_logits": False, "batch_size": 5}
