@@ -33,6 +33,7 @@ __all__ = [
     "read_state_dict",
     "setup_fingerprint",
     "use_channels_last",
+    "weights_origin",
 ]
 
 
@@ -285,6 +286,22 @@ def load_timm_model(
         if resize:
             model = build(resize)
     return model
+
+
+def weights_origin(spec: str, checkpoint: str | Path | None, pretrained: bool) -> str | None:
+    """Where the weights :func:`load_timm_model` gave ``spec`` come from, in words for a
+    model card: ``the weights of `<file>` ``, ``timm's pretrained weights `<hub id>` ``,
+    ``random initialization``; None for a ``local-dir:`` or ``hf-hub:`` model (its name
+    says where its weights lie)."""
+    if spec.startswith(("local-dir:", "hf-hub:")):
+        return None
+    if checkpoint is not None:
+        return f"the weights of `{checkpoint}`"
+    if not pretrained:
+        return "random initialization"
+    cfg = timm.models.get_pretrained_cfg(spec)
+    where = (cfg.hf_hub_id or cfg.url) if cfg is not None else None
+    return f"timm's pretrained weights `{where}`" if where else "timm's pretrained weights"
 
 
 def _registered_or_exported_cfg(spec: str) -> dict[str, Any]:

@@ -372,7 +372,7 @@ def _as_student_alone(results: dict[str, Any], recipe: dict[str, Any]) -> tuple[
     alone = results["student_alone"]
     milestones = alone["stage2_milestones"]
     shown = {**results, "method": "ce", "stage1": None, "teacher": None, "teacher_classes": None, "teacher_input": None,
-             "teacher_architecture": None,
+             "teacher_architecture": None, "teacher_weights_origin": None,
              "schedule": {**(results.get("schedule") or {}), "milestones": milestones}}  # fmt: skip
     for key in ("distill_weight", "distill_weight_search"):
         shown.pop(key, None)
@@ -507,6 +507,8 @@ def render_model_card(
         method=method,
         teacher=f"`{teacher}`" if teacher else None,
         teacher_architecture=_teacher_architecture(teacher, results.get("teacher_architecture")),
+        teacher_weights=results.get("teacher_weights_origin"),
+        student_weights=results.get("student_weights_origin"),
         teacher_classes=results.get("teacher_classes"),
         teacher_input=results.get("teacher_input"),
         image_size=results.get("image_size"),

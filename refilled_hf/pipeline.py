@@ -31,7 +31,14 @@ import timm.data
 import torch
 from transformers import set_seed
 
-from .backbone import FrozenTeacher, ModelLoadError, StudentModel, load_timm_model, setup_fingerprint
+from .backbone import (
+    FrozenTeacher,
+    ModelLoadError,
+    StudentModel,
+    load_timm_model,
+    setup_fingerprint,
+    weights_origin,
+)
 from .candidates import STUDENT_ALONE_DIR, search_distill_weight
 from .config import FIELD_USERS, METHODS, ConfigError, RefilledConfig, lone_process_launch_warning, options_text
 from .data import (
@@ -562,6 +569,11 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
         "teacher_input": teacher.adaptation_text() if teacher is not None else None,
         # what the teacher is where its name says where it was read from (local-dir:, a checkpoint file)
         "teacher_architecture": teacher.architecture if teacher is not None else None,
+        # where each model's weights came from (a model card names them; None: its name says)
+        "teacher_weights_origin": (
+            weights_origin(config.teacher, config.teacher_checkpoint, pretrained=True) if teacher is not None else None
+        ),
+        "student_weights_origin": weights_origin(config.student, config.student_checkpoint, pretrained=False),
         "class_names": data.class_names,
         "data": data.info,
         "world_size": config.world_size,

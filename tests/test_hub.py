@@ -14,7 +14,7 @@ import torch
 from helpers import tiny_recipe, write_image_dataset, write_random_teacher
 from huggingface_hub import ModelCard
 
-from refilled_hf.backbone import ModelLoadError, load_timm_model
+from refilled_hf.backbone import ModelLoadError, load_timm_model, weights_origin
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.hub import TRAINING_DATA_KEY, HubPushError, export_model, push_folder
 from refilled_hf.model_card import (
@@ -263,6 +263,31 @@ def test_a_baseline_on_other_images_or_without_a_record_is_refused():
     del other["data_fingerprint"]
     with pytest.raises(ConfigError, match=r"earlier refilled-hf\): rerun it"):
         check_comparable(this, [other])
+
+
+def test_card_says_where_the_teacher_and_the_student_weights_came_from():
+    """A card named the teacher `resnet18` alone, whether its weights were timm's pretrained
+    ones or a file of the user's, and never said what the student started from."""
+    assert weights_origin("resnet18", None, pretrained=True) == "timm's pretrained weights `timm/resnet18.a1_in1k`"
+    tagged = weights_origin("resnet18.tv_in1k", None, pretrained=True)
+    assert tagged == "timm's pretrained weights `timm/resnet18.tv_in1k`"
+    assert weights_origin("resnet18", "runs/t/w.pth", pretrained=True) == "the weights of `runs/t/w.pth`"
+    assert weights_origin("cifar_wrn_16_1", None, pretrained=False) == "random initialization"
+    assert weights_origin("local-dir:/x/y", None, pretrained=True) is None  # the name says where they lie
+    assert weights_origin("hf-hub:me/net", None, pretrained=False) is None
+    recipe = RefilledConfig(teacher="resnet50", teacher_checkpoint="w.safetensors", output_dir="o").to_recipe()
+    results = {**_fake_results(), "teacher": "resnet50", "teacher_architecture": "resnet50",
+               "teacher_weights_origin": "the weights of `w.safetensors`",
+               "student_weights_origin": "random initialization"}  # fmt: skip
+    text = render_model_card(results, recipe, architecture="cifar_wrn_16_1")
+    assert "- Teacher: `resnet50` with the weights of `w.safetensors`, trained on classes `0-49`" in text
+    assert "- Student: `cifar_wrn_16_1` at 32 px, trained from random initialization; classes" in text
+    started = render_model_card({**results, "student_weights_origin": "the weights of `s.pth`"}, recipe,
+                                architecture="cifar_wrn_16_1")  # fmt: skip
+    assert "- Student: `cifar_wrn_16_1` at 32 px, trained from the weights of `s.pth`; classes" in started
+    # a run of an earlier release recorded neither: the card says nothing of them
+    earlier = render_model_card({**_fake_results(), "teacher": "resnet50"}, recipe, architecture="cifar_wrn_16_1")
+    assert "- Teacher: `resnet50`, trained on classes" in earlier and "trained from" not in earlier
 
 
 def test_card_for_a_local_teacher_and_data_has_no_hub_links():

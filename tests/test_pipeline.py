@@ -68,6 +68,9 @@ def test_every_method_end_to_end(method, data_dir, teacher_dir, tmp_path):
     assert results["class_names"] == STUDENT_CLASSES
     assert json.loads((out / "results.json").read_text())["final"] == results["final"]
     card = (out / "model" / "README.md").read_text()
+    # where the weights came from: the student's drawn at random, the teacher's a local-dir: folder's own
+    assert results["student_weights_origin"] == "random initialization" and results["teacher_weights_origin"] is None
+    assert "- Student: `cifar_wrn_16_1` at 16 px, trained from random initialization; classes" in card
     if method == "ce":  # no teacher: the card names none, and no teacher classes
         assert results["teacher"] is None and results["teacher_classes"] is None and "- Teacher: none.\n" in card
     else:
@@ -330,7 +333,7 @@ def test_teacher_with_other_input_size_and_normalization(data_dir, tmp_path, cap
     assert results["teacher_input"] == adapted
     card = (tmp_path / "run" / "model" / "README.md").read_text()  # and so does the card
     assert f"; its inputs: {adapted}.\n" in card
-    assert "- Student: `cifar_wrn_16_1` at 16 px; classes" in card
+    assert "- Student: `cifar_wrn_16_1` at 16 px, trained from random initialization; classes" in card
 
 
 def test_models_of_fixed_input_size_train_and_evaluate_at_the_run_s_sizes(data_dir, tmp_path):
