@@ -366,6 +366,16 @@ def _teacher_architecture(teacher: str | None, architecture: str | None) -> str 
     return architecture
 
 
+def _base_model(student: str | None, teacher: str | None) -> str | None:
+    """The Hub repo the card names as ``base_model``: the one whose weights the model started
+    from (a fine-tune of it, as the Hub reads ``base_model``), else the teacher it was distilled
+    from, where either is on the Hub."""
+    for spec in (student, teacher):
+        if spec and spec.startswith("hf-hub:"):
+            return spec[len("hf-hub:") :]
+    return None
+
+
 def _as_student_alone(results: dict[str, Any], recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The results and recipe of the exported student-alone candidate, as a cross-entropy
     run of its own length and milestones (the card's recipe block stays the whole run's)."""
@@ -391,8 +401,8 @@ def render_model_card(
     baselines: list[dict[str, Any]] | None = None,
     license: str = "apache-2.0",
 ) -> str:
-    """The exported model's README.md: YAML metadata (library, tags, data set, teacher as
-    ``base_model`` when it is on the Hub, license, model-index with this model's measured
+    """The exported model's README.md: YAML metadata (library, tags, data set, ``base_model``
+    (:func:`_base_model`), license, model-index with this model's measured
     test top-1 and top-5 accuracy), usage with timm and
     transformers, training details with the full recipe, the results table (with the
     baselines run in the same harness, each with its epochs and how its schedule differs)
@@ -441,7 +451,7 @@ def render_model_card(
         license=license,
         tags=tags,
         datasets=[dataset] if on_hub else None,
-        base_model=teacher[len("hf-hub:") :] if teacher and teacher.startswith("hf-hub:") else None,
+        base_model=_base_model(results.get("student"), teacher),
         model_name=name,
         eval_results=evals or None,  # no test split: no model-index at all, not an empty one
     )

@@ -285,6 +285,11 @@ def test_card_says_where_the_teacher_and_the_student_weights_came_from():
     started = render_model_card({**results, "student_weights_origin": "the weights of `s.pth`"}, recipe,
                                 architecture="cifar_wrn_16_1")  # fmt: skip
     assert "- Student: `cifar_wrn_16_1` at 32 px, trained from the weights of `s.pth`; classes" in started
+    # a student that started from a Hub model's weights is a fine-tune of it: that is its base_model
+    # (the Hub reads it so), not the teacher it was distilled from (someone/teacher-net, on the Hub too)
+    tuned = ModelCard(render_model_card({**_fake_results(), "student": "hf-hub:timm/resnet18.a1_in1k"}, recipe,
+                                        architecture="resnet18"))  # fmt: skip
+    assert tuned.data.base_model == "timm/resnet18.a1_in1k"
     # a run of an earlier release recorded neither: the card says nothing of them
     earlier = render_model_card({**_fake_results(), "teacher": "resnet50"}, recipe, architecture="cifar_wrn_16_1")
     assert "- Teacher: `resnet50`, trained on classes" in earlier and "trained from" not in earlier
