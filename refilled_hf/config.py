@@ -478,7 +478,8 @@ class RefilledConfig(TrainingArguments):
         default="cifar_wrn_16_1",
         **_help(
             "Student timm model: a registered name (e.g. cifar_wrn_16_1, resnet18; randomly initialized unless "
-            "student_checkpoint is given), or local-dir: / hf-hub: (starting from its weights). Its classifier is "
+            "student_checkpoint is given: a name with a pretrained tag, resnet18.a1_in1k, is refused without one), "
+            "or local-dir: / hf-hub: (starting from its weights: hf-hub:timm/resnet18.a1_in1k). Its classifier is "
             "replaced by a new one unless it is for the selected classes: as many, and (where the model names its "
             "classes) the same names in the same order."
         ),
@@ -497,7 +498,9 @@ class RefilledConfig(TrainingArguments):
         default=None,
         **_help(
             "Teacher timm model: 'local-dir:<folder>' (e.g. from `refilled-hf train-teacher`), 'hf-hub:<repo>', "
-            "or a registered name with --teacher_checkpoint (or timm's pretrained weights)."
+            "or a registered name with --teacher_checkpoint (or timm's pretrained weights). train-teacher: the model "
+            "it trains, randomly initialized unless --teacher_checkpoint is given (a name with a pretrained tag is "
+            "refused without one; hf-hub:<repo> starts from that model's weights)."
         ),
     )
     teacher_checkpoint: str | None = field(

@@ -70,6 +70,7 @@ from .preflight import (
     check_label_spaces,
     check_memory,
     check_mining,
+    check_student_start,
     check_teacher_cache,
     load_teacher,
     stated_teacher_classes,
@@ -509,6 +510,8 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     stage_dirs = [out / "stage1", *_stage2_dirs(config, out)] if method == "refilled" else [out / method]
     rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)
     rundir.check_inputs(_local_inputs(config))
+    if not (rundir.present() and config.resume_mode() == "latest"):  # (a run that started so goes on)
+        check_student_start(config, command)
     _prepare_output_dir(config, rundir)
     mode = config.resume_mode()
     finished = mode == "latest" and (out / RESULTS_FILE).is_file()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
+import timm
 import torch
 
 from .backbone import FrozenTeacher, ModelLoadError, exported_config, load_timm_model
@@ -32,6 +33,7 @@ __all__ = [
     "check_label_spaces",
     "check_memory",
     "check_mining",
+    "check_student_start",
     "check_teacher_cache",
     "load_teacher",
     "stated_teacher_classes",
@@ -49,6 +51,29 @@ def steps_per_epoch(config: RefilledConfig, images: int) -> int:
     batch = config.per_device_train_batch_size
     batches = images // batch if config.dataloader_drop_last else math.ceil(images / batch)
     return max(1, math.ceil(math.ceil(batches / config.world_size) / config.gradient_accumulation_steps))
+
+
+def check_student_start(config: RefilledConfig, command: str = "distill") -> None:
+    """Refuse a student (train-teacher: the model it trains) named with a pretrained tag
+    (``resnet18.a1_in1k``) and no checkpoint: a model given by name starts from random
+    initialization (``--help``), so the tag would select timm's configuration of those
+    weights but not the weights, which the user surely meant."""
+    spec, checkpoint = config.student, config.student_checkpoint
+    if not spec or checkpoint is not None or not timm.is_model(spec):
+        return
+    architecture, tag = timm.models.split_model_name_tag(spec)
+    if not tag:
+        return
+    flag, checkpoint_flag = ("--teacher", "--teacher_checkpoint") if command == "train-teacher" else (
+        "--student", "--student_checkpoint")  # fmt: skip
+    cfg = timm.models.get_pretrained_cfg(spec)
+    hub = f"{flag} hf-hub:{cfg.hf_hub_id}, " if cfg is not None and cfg.hf_hub_id else ""
+    raise ConfigError(
+        f"{flag} {spec} names timm's pretrained weights {tag!r}, which a model given by its name does not load: it "
+        f"would train from random initialization. Start from those weights with {hub or 'their file in '}"
+        f"{'or from a file with ' if hub else ''}{checkpoint_flag}, or from random initialization with "
+        f"{flag} {architecture}."
+    )
 
 
 def load_teacher(config: RefilledConfig, student_cfg: dict[str, Any]) -> FrozenTeacher:

@@ -238,6 +238,37 @@ def test_a_checkpoint_beside_a_model_that_brings_its_own_weights(capsys, data_di
             tmp_path / "out")  # fmt: skip
 
 
+def test_a_student_named_with_a_pretrained_tag_and_no_weights_is_refused(capsys, caplog, data_dir, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """`--student resnet18.a1_in1k` trained from random initialization with nothing said (a
+    name gives the model, not its weights); so did train-teacher's `--teacher`. A run that
+    started so (an earlier release) still resumes."""
+    config = recipe_file(tmp_path, data_dir, student="resnet18.a1_in1k")
+    refused(capsys, ["distill", "--config", config],
+            r"--student resnet18\.a1_in1k names timm's pretrained weights 'a1_in1k'.*random initialization.*"
+            r"--student hf-hub:timm/resnet18\.a1_in1k, or from a file with --student_checkpoint, or from random "
+            r"initialization with --student resnet18\.$", tmp_path / "out")  # fmt: skip
+    refused(capsys, ["train-teacher", "--dataset", str(data_dir), "--teacher", "resnet18.a1_in1k", "--output_dir",
+                     str(tmp_path / "teacher")], r"--teacher resnet18\.a1_in1k names.*--teacher_checkpoint",
+            tmp_path / "teacher")  # fmt: skip
+    # with weights of its own, the tag only chooses timm's configuration of the model: trained
+    weights = tmp_path / "w.safetensors"
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("resnet18", num_classes=3).state_dict(), str(weights))
+    assert main(["distill", "--config", config, "--student_checkpoint", str(weights)]) == 0
+    # a run that started from a tagged name before this check was added goes on
+    from refilled_hf import pipeline
+
+    monkeypatch.setattr(pipeline, "check_student_start", lambda *args: None)
+    assert main(["distill", "--config", config, "--output_dir", str(tmp_path / "earlier")]) == 0
+    monkeypatch.undo()
+    again = ["--output_dir", str(tmp_path / "earlier"), "--resume_from_checkpoint", "true"]
+    assert main(["distill", "--config", config, *again]) == 0
+    assert "holds this run, finished: nothing is trained again" in caplog.text
+
+
 def test_a_data_file_that_is_not_a_table(capsys, data_dir, tmp_path):
     (tmp_path / "data.txt").write_text("image,label\n")
     refused(capsys, ["distill", "--config", recipe_file(tmp_path, data_dir), "--dataset", str(tmp_path / "data.txt")],
