@@ -510,10 +510,10 @@ def _train(config: RefilledConfig, callbacks: list | None, command: str = "disti
     stage_dirs = [out / "stage1", *_stage2_dirs(config, out)] if method == "refilled" else [out / method]
     rundir = RunDirectory(out, [d.name for d in stage_dirs] + [EXPORT_DIR, RESULTS_FILE], config.process_index == 0)
     rundir.check_inputs(_local_inputs(config))
-    if not (rundir.present() and config.resume_mode() == "latest"):  # (a run that started so goes on)
+    mode = config.resume_mode()
+    if not (rundir.present() and mode is not None):  # (a run that started so, resumed, goes on)
         check_student_start(config, command)
     _prepare_output_dir(config, rundir)
-    mode = config.resume_mode()
     finished = mode == "latest" and (out / RESULTS_FILE).is_file()
     # a finished run whose model was removed: exported again from its stages, where they hold
     # the weights it exported (nothing is trained again); otherwise refused by _check_finished_run

@@ -67,12 +67,14 @@ def check_student_start(config: RefilledConfig, command: str = "distill") -> Non
     flag, checkpoint_flag = ("--teacher", "--teacher_checkpoint") if command == "train-teacher" else (
         "--student", "--student_checkpoint")  # fmt: skip
     cfg = timm.models.get_pretrained_cfg(spec)
-    hub = f"{flag} hf-hub:{cfg.hf_hub_id}, " if cfg is not None and cfg.hf_hub_id else ""
+    if cfg is not None and cfg.hf_hub_id:
+        weights = f"{flag} hf-hub:{cfg.hf_hub_id}, or from a file with {checkpoint_flag}"
+    else:
+        weights = f"their file in {checkpoint_flag}"
     raise ConfigError(
         f"{flag} {spec} names timm's pretrained weights {tag!r}, which a model given by its name does not load: it "
-        f"would train from random initialization. Start from those weights with {hub or 'their file in '}"
-        f"{'or from a file with ' if hub else ''}{checkpoint_flag}, or from random initialization with "
-        f"{flag} {architecture}."
+        f"would train from random initialization. Start from those weights with {weights}, or from random "
+        f"initialization with {flag} {architecture}."
     )
 
 
