@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from throughput import _processor_name, _write_files
+from throughput import _processor_name, _write_files, exit_through_cleanup_on_sigterm
 
 ROOT = Path(__file__).resolve().parent
 
@@ -114,6 +114,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args()
+    exit_through_cleanup_on_sigterm()
 
     import refilled_hf.image_decoding as decoding
 

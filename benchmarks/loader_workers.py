@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from decoding import write_photos
-from throughput import _processor_name, _write_files
+from throughput import _processor_name, _write_files, exit_through_cleanup_on_sigterm
 
 ROOT = Path(__file__).resolve().parent
 
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="batches timed per cell, after the first two")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args()
+    exit_through_cleanup_on_sigterm()
     logging.basicConfig(level=logging.WARNING)
     # (the trainer names the config fields it does not read: here, those load_data read)
     logging.getLogger("refilled_hf.trainer").setLevel(logging.ERROR)

@@ -136,6 +136,13 @@ class SyncCounter:
         return _Counter()
 
 
+def exit_through_cleanup_on_sigterm() -> None:
+    """End this script on SIGTERM by raising SystemExit: gpu_session.sh's `timeout` ends a step
+    with SIGTERM, whose default action skips `with` blocks and atexit, and so left the script's
+    scratch folders (hundreds of MB of images) in /tmp."""
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+
+
 def _processor_name() -> str:
     """The CPU's model as the kernel names it (Linux), else what `platform` knows: results
     measured on two machines of one architecture must not read alike."""
@@ -488,9 +495,7 @@ def main() -> None:
     args.device = device
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # the runs are scratch: leave nothing in /tmp
-    # gpu_session.sh's `timeout` ends a step with SIGTERM: exit through atexit (a stage that trains then
-    # takes the notice itself, and stops with an exception that does the same)
-    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    exit_through_cleanup_on_sigterm()  # (a stage that trains takes the notice itself, and stops likewise)
     from refilled_hf.data import load_classification_data
 
     if args.host_overhead:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +152,26 @@ def test_decoding_benchmark_times_one_process_against_the_pool_on_the_same_pixel
         assert row["pool_ran"] is (row["workers"] > 1)
         assert row["before_seconds"] > 0 and row["serial_seconds"] > 0 and row["pool_seconds"] > 0
     assert "| 24 JPEGs 50x40" in (tmp_path / "decoding_cpu.md").read_text()
+
+
+def test_a_benchmark_ended_by_sigterm_removes_its_scratch_images(tmp_path):
+    """gpu_session.sh's `timeout` ends a step with SIGTERM, whose default action skipped the
+    script's `with` block: decoding.py left its images in /tmp (439 MB each time)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen([sys.executable, str(BENCHMARKS / "decoding.py"), "--images", "4000", "--width", "100",
+                             "--height", "80", "--out", str(tmp_path)], cwd=ROOT, env={**os.environ,
+                            "TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not any(scratch.rglob("*.jpg")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "decoding.py ended before it wrote its images"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert list(scratch.iterdir()) == []
 
 
 def test_loader_workers_benchmark_times_the_run_s_own_loader_by_worker_count(tmp_path):
