@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Import names that differ from the distribution's name.
 DISTRIBUTION_OF = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn"}
 #: Dependencies CI's lowest run does not pin: torch (see .ci/lowest-versions.txt) and the dev tools.
-UNPINNED = {"torch", "torchvision", "pytest", "ruff"}
+UNPINNED = {"torch", "torchvision", "pytest", "pytest-xdist", "ruff"}
 
 
 def _name(requirement: str) -> str:
