@@ -26,6 +26,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import timm
 import torch
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
@@ -33,7 +34,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .augmentation_seeds import SeededAugmentation
-from .image_decoding import add_to_content_digest, decode_in_order, decode_source
+from .image_decoding import UnreadablePixelsError, add_to_content_digest, array_png, decode_in_order, decode_source
 from .messages import error_text, offline_hint
 
 __all__ = [
@@ -1021,6 +1022,35 @@ def images_in_training(data: ClassificationData, log: bool = True) -> None:
 # --------------------------------------------------------------------------- torch side
 
 
+def _is_list(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
+
+
+def _list_row_array(value: pa.ListScalar) -> np.ndarray:
+    """One row of nested lists as a numpy array of its leaf type (about 35 us for a CIFAR image;
+    ``datasets``' numpy formatting took about 1000x longer here); an object array where the lists
+    of one level have unequal lengths (not an image)."""
+    values, shape = value.values, [len(value.values)]
+    while _is_list(values.type):
+        lengths = pa.compute.list_value_length(values).to_numpy(zero_copy_only=False)
+        if not lengths.size or not (lengths == lengths[0]).all():
+            return np.array(None, dtype=object)
+        shape.append(int(lengths[0]))
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(shape)
+
+
+def _integer_array_leaf(arrow_type: pa.DataType) -> bool:
+    """Whether a column of this arrow type holds arrays of integers (lists of lists ... of them;
+    also as ``datasets``' ``Array2D`` and ``Array3D`` features store them)."""
+    if isinstance(arrow_type, pa.ExtensionType):
+        arrow_type = arrow_type.storage_type
+    depth = 0
+    while _is_list(arrow_type):
+        arrow_type, depth = arrow_type.value_type, depth + 1
+    return depth > 0 and pa.types.is_integer(arrow_type)
+
+
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """Items ``{"pixel_values": Tensor, "labels": int}`` from a `datasets.Dataset`.
 
@@ -1070,6 +1100,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             if getattr(split.features.get(self.image_column), "dtype", None) == "large_string":
                 # paths in a CSV as datasets 3.x reads it: arrow casts only `string` to an image
                 split = split.cast_column(self.image_column, datasets.Value("string"))
+            if _integer_array_leaf(split.data.schema.field(self.image_column).type):
+                self._encoded = self._arrays_as_png(split)
+                return self._encoded
             try:
                 self._encoded = split.cast_column(self.image_column, datasets.Image(decode=False))
             except Exception as err:  # noqa: BLE001 - a column that holds no images
@@ -1086,6 +1119,28 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                     )
                 ) from None
         return self._encoded
+
+    def _arrays_as_png(self, split: datasets.Dataset) -> datasets.Dataset:
+        """The image column of ``split``, whose rows are arrays of integer pixels (nested lists,
+        as ``Dataset.from_dict`` stores a numpy batch), as an ``Image`` column of PNG bytes holding
+        the same pixels (:func:`array_png`); a row that is no such image is refused, named."""
+        encoded: list[dict[str, Any]] = []
+        for batch in split.select_columns([self.image_column]).with_format("arrow").iter(batch_size=1024):
+            for chunk in batch.column(self.image_column).chunks:
+                if isinstance(chunk, pa.ExtensionArray):  # datasets' Array2D / Array3D features
+                    chunk = chunk.storage
+                for index in range(len(chunk)):
+                    value = chunk[index]
+                    try:
+                        png = array_png(_list_row_array(value)) if value.is_valid else None
+                    except UnreadablePixelsError as err:
+                        row = int(self.source_rows[len(encoded)])
+                        raise DataError(
+                            f"Split {self.split_name!r}, row {row}: column {self.image_column!r} holds {err}"
+                        ) from None
+                    encoded.append({"bytes": png, "path": None})
+        features = datasets.Features({self.image_column: datasets.Image(decode=False)})
+        return datasets.Dataset.from_dict({self.image_column: encoded}, features=features)
 
     def _source(self, item: dict[str, Any] | None) -> tuple[bytes | str | None, str | None]:
         """Where an image column's item holds its image: ``(its bytes, None)``, or ``(the path

@@ -41,10 +41,12 @@ from .messages import error_text
 from .worker_processes import cores_per_process, end_with_parent, fork_context
 
 __all__ = [
+    "ARRAY_CHANNELS",
     "Decoded",
     "SIXTEEN_BIT_MODES",
     "UnreadablePixelsError",
     "add_to_content_digest",
+    "array_png",
     "decode_in_order",
     "decode_workers",
     "pixel_digest",
@@ -97,6 +99,48 @@ def rgb_array(image: Image.Image) -> np.ndarray:
             "(or 16-bit) ones, with the scaling that suits them."
         )
     return np.asarray(image.convert("RGB"))
+
+
+#: the channel counts an image given as an ``(H, W, C)`` array may have (gray, RGB, RGBA)
+ARRAY_CHANNELS = (1, 3, 4)
+
+
+def array_png(values: Any) -> bytes:
+    """An image given as an array of integer pixels (``(H, W)``, or ``(H, W, C)`` with C in
+    :data:`ARRAY_CHANNELS`; values 0..255, of any integer type) as PNG bytes, which hold the
+    same pixels. Arrays of another shape or range raise :class:`UnreadablePixelsError`.
+
+    Hand-written rather than ``datasets``' cast of such a column to an ``Image`` feature: that
+    cast reads each row's nested lists as int64 and stores a gray image as 32-bit pixels, which
+    read back as a 16-bit image (near black: ``0..255`` scaled over ``0..65535``), and wraps a
+    colour image's values above 255 to 8 bits, silently."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu":
+        what = "rows of unequal lengths" if array.dtype == object else f"{array.dtype} values"
+        raise UnreadablePixelsError(
+            f"an array of {what}, not of integer pixels; store each image as a uint8 (height, width) or "
+            "(height, width, channels) array, or as an image file."
+        )
+    shape = array.shape
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in ARRAY_CHANNELS)) or not array.size:
+        channels_first = len(shape) == 3 and shape[0] in ARRAY_CHANNELS
+        raise UnreadablePixelsError(
+            f"an array of shape {shape}: an image is (height, width) or (height, width, channels) with "
+            f"{', '.join(map(str, ARRAY_CHANNELS[:-1]))} or {ARRAY_CHANNELS[-1]} channels"
+            + ("; this one has its channels first: store array.transpose(1, 2, 0)." if channels_first else ".")
+        )
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 255:
+        raise UnreadablePixelsError(
+            f"integer pixels from {low} to {high}, outside 0..255, whose bit depth nothing states; scale the "
+            "arrays to uint8 (0..255), or store the images as 16-bit PNG files (read over their full range)."
+        )
+    pixels = array.astype(np.uint8)
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)  # lossless; level 1 is the fastest
+    return buffer.getvalue()
 
 
 def decode_source(source: bytes | str | None) -> np.ndarray:

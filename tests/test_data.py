@@ -400,6 +400,62 @@ def test_images_stored_as_arrays_are_read_as_uint8_and_float_ones_refused(tmp_pa
         load_classification_data(str(floats), validation_fraction=0.0)
 
 
+def _array_splits(folder, images, labels, features=None):
+    folder.mkdir()
+    for split in ("train", "test"):
+        rows = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+        rows.to_parquet(str(folder / f"{split}.parquet"))
+    return str(folder)
+
+
+def test_integer_arrays_keep_their_pixels_gray_or_colour_and_any_other_range_or_shape_is_refused(tmp_path):
+    """datasets' own cast of array rows read a gray uint8 array as 32-bit pixels, scaled then as a
+    16-bit image (0..255 became 0..1: near black), and wrapped colour values above 255 to 8 bits."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 4
+    gray = rng.integers(0, 256, (24, 8, 8), dtype=np.uint8)
+    colour = rng.integers(0, 256, (24, 8, 8, 4), dtype=np.uint8)
+    array2d = datasets.Features({"image": datasets.Array2D((8, 8), "uint8"), "label": datasets.Value("int64")})
+    cases = {
+        "gray": (gray, None, np.repeat(gray[..., None], 3, axis=-1)),
+        "gray_int64": (gray.astype(np.int64), None, np.repeat(gray[..., None], 3, axis=-1)),
+        "gray_hw1": (gray[..., None], None, np.repeat(gray[..., None], 3, axis=-1)),
+        "gray_array2d": (gray, array2d, np.repeat(gray[..., None], 3, axis=-1)),
+        "rgb_int16": (colour[..., :3].astype(np.int16), None, colour[..., :3]),
+        "rgba": (colour, None, colour[..., :3]),
+    }
+    for name, (images, features, expected) in cases.items():
+        folder = _array_splits(tmp_path / name, images, labels, features)
+        # a class subset, its rows shuffled into a validation part and the rest: each keeps its own pixels
+        data = load_classification_data(folder, classes=[1, 2, 3], validation_fraction=0.5, seed=3)
+        for split in (data.train, data.validation, data.test):
+            split.preload()
+            assert len(split) and len(split._decoded) == len(split), name
+            for i, row in enumerate(split.source_rows):
+                assert np.array_equal(split._decoded[i], expected[row]), (name, split.split_name, int(row))
+    twelve_bit = gray.astype(np.int64) * 16
+    refused = {
+        "twelve_bit": (np.repeat(twelve_bit[..., None], 3, axis=3),
+                       r"integer pixels from \d+ to \d{4}, outside 0\.\.255.*scale the arrays to uint8"),
+        "negative": (gray.astype(np.int16) - 1, r"integer pixels from -1 to \d+, outside 0\.\.255"),
+        "channels_first": (colour[..., :3].transpose(0, 3, 1, 2),
+                           r"array of shape \(3, 8, 8\).*array\.transpose\(1, 2, 0\)"),
+        "five_channels": (np.concatenate([colour, colour[..., :1]], axis=3),
+                          r"array of shape \(8, 8, 5\): an image is"),
+    }  # fmt: skip
+    for name, (images, message) in refused.items():
+        folder = _array_splits(tmp_path / name, images, labels)
+        with pytest.raises(DataError, match=rf"Split 'train', row \d+: column 'image' holds (an? )?{message}"):
+            load_classification_data(folder, validation_fraction=0.0).train.preload()
+    ragged = tmp_path / "ragged"
+    ragged.mkdir()
+    rows = [[[1, 2], [3]], [[1, 2], [3, 4]]]
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict({"image": rows, "label": [0, 1]}).to_parquet(str(ragged / f"{split}.parquet"))
+    with pytest.raises(DataError, match=r"Split 'train', row 0: column 'image' holds an array of rows of unequal"):
+        load_classification_data(str(ragged), validation_fraction=0.0).train.preload()
+
+
 def test_a_column_of_label_lists_is_refused_as_multi_label(tmp_path):
     pixels = np.zeros((6, 8, 8, 3), dtype=np.uint8)
     for split in ("train", "test"):
