@@ -72,7 +72,8 @@ class UnreadablePixelsError(ValueError):
     """An image whose pixel values have no one 8-bit reading (floating-point pixels)."""
 
 
-#: Pillow's modes of one 16-bit channel (a 16-bit PNG or TIFF; "I" is how Pillow opens some)
+#: Pillow's modes of one 16-bit channel (a 16-bit PNG or TIFF; "I", 32 bits, is how Pillow 10.0
+#: opens a 16-bit PNG)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -82,7 +83,10 @@ def rgb_array(image: Image.Image) -> np.ndarray:
     One 16-bit channel is scaled to 8 bits over its full range (``round(v / 257)``) and
     repeated in R, G and B: Pillow's ``convert("RGB")`` clips it at 255, which turns every
     pixel above 255 (nearly all of a 16-bit image) white. Floating-point pixels (mode ``F``)
-    are refused: their range is unknown."""
+    are refused: their range is unknown. A 32-bit integer image (mode ``I``, not a PNG, which
+    holds at most 16 bits) whose values all lie in 0..255 holds 8-bit values, read as they are,
+    as ``convert("RGB")`` reads them: ``datasets`` stores a gray integer array so (a TIFF)."""
+    container = image.format  # (exif_transpose returns a copy that has none)
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES:
@@ -91,7 +95,10 @@ def rgb_array(image: Image.Image) -> np.ndarray:
             raise UnreadablePixelsError(
                 f"32-bit integer pixels (Pillow mode {image.mode}) outside 0..65535; convert the images to 8 bits."
             )
-        gray = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        if image.mode == "I" and container != "PNG" and (not values.size or values.max() <= 255):
+            gray = values.astype(np.uint8)
+        else:
+            gray = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "F":
         raise UnreadablePixelsError(

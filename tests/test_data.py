@@ -616,6 +616,38 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_and_float_ones_refused(tmp_
         load_classification_data(str(tmp_path), validation_fraction=0.0)
 
 
+def test_a_gray_integer_array_that_datasets_encoded_keeps_its_pixels_and_a_16_bit_png_its_scale(tmp_path):
+    """datasets' Image feature stores a gray int64 array as a 32-bit TIFF (Pillow mode I) of its
+    0..255 values; read as a 16-bit image they were near black. A 16-bit PNG (opened as mode I by
+    Pillow 10.0) is scaled over 16 bits even where its values all lie below 256."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (12, 8, 8))  # int64
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    for split in ("train", "test"):
+        with warnings.catch_warnings():  # (datasets: "Downcasting array dtype int64 to int32")
+            warnings.simplefilter("ignore", UserWarning)
+            rows = datasets.Dataset.from_dict({"image": list(gray), "label": np.arange(12) % 3}, features=features)
+        rows.to_parquet(str(tmp_path / f"{split}.parquet"))
+    stored = pq.read_table(tmp_path / "train.parquet").column("image")[0].as_py()["bytes"]
+    assert (Image.open(io.BytesIO(stored)).format, Image.open(io.BytesIO(stored)).mode) == ("TIFF", "I")
+    data = load_classification_data(str(tmp_path), validation_fraction=0.0)
+    for i, row in enumerate(data.train.source_rows):
+        assert np.array_equal(data.train._decoded[i], np.repeat(gray[row, ..., None], 3, axis=-1).astype(np.uint8))
+    dark = tmp_path / "dark"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (dark / split / name).mkdir(parents=True)
+            Image.fromarray(gray[:2].reshape(16, 8).astype(np.uint16)).save(dark / split / name / "0.png")
+    data = load_classification_data(str(dark), validation_fraction=0.0)
+    scaled = np.floor(gray[:2].reshape(16, 8) / 257 + 0.5).astype(np.uint8)
+    assert np.array_equal(data.train._decoded[0], np.repeat(scaled[..., None], 3, axis=-1))
+
+
 def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
     """A phone stores a portrait photo landscape with an EXIF orientation tag; datasets and
     transformers' load_image turn it upright: training on it sideways would not match them."""
