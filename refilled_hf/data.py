@@ -412,7 +412,7 @@ def read_labels(
     if bad.any():
         raise DataError(
             f"Split {split_name!r} has labels that are not class ids (negative, fractional or NaN) in {_bad_rows(bad)} "
-            f"(e.g. {short_list(sorted(set(raw[bad].tolist())), 3)}): {fix}."
+            f"(e.g. {short_list(sorted({_label_text(v) for v in raw[bad].tolist()}), 3)}): {fix}."
         )
     ids = raw.astype(np.int64)
     if names is None:
@@ -1017,6 +1017,11 @@ def images_in_training(data: ClassificationData, log: bool = True) -> None:
             "this run: their top-1 measures what the model memorized, not how it generalizes.", count, len(split),
             kind, 100 * share, split.split_name, rows,
         )  # fmt: skip
+
+
+def _label_text(value: float) -> int | float:
+    """A label as read (as float64, beside NaN), shown as the integer it is where it is one (-1, not -1.0)."""
+    return int(value) if np.isfinite(value) and value == int(value) else value
 
 
 # --------------------------------------------------------------------------- torch side

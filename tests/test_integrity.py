@@ -794,7 +794,11 @@ def _rewrite_labels(src: Path, dst: Path, labels: list) -> Path:
 @pytest.mark.parametrize(
     "bad,message",
     [
-        (-1, r"Split 'train' has labels that are not class ids \(negative, fractional or NaN\) in 1 row \(row 5\)"),
+        (
+            -1,
+            r"Split 'train' has labels that are not class ids \(negative, fractional or NaN\) in 1 row \(row 5\) "
+            r"\(e.g. \[-1\]\)",
+        ),
         (2.5, r"not class ids .* in 1 row \(row 5\) \(e.g. \[2.5\]\)"),
         (None, r"Split 'train' has no label in 'label' in 1 row \(row 5\)"),
         (6, r"Split 'train' has label ids beyond the 6 classes in 1 row \(row 5\)"),
