@@ -356,6 +356,16 @@ def _bad_rows(mask: np.ndarray) -> str:
     return f"1 row (row {rows[0]})" if rows.size == 1 else f"{rows.size} rows (rows {short_list(rows.tolist(), 5)})"
 
 
+def _label_text(value: float) -> int | float:
+    """A label as read (as float64, beside NaN), shown as the integer it is where it is one (-1, not -1.0)."""
+    return int(value) if np.isfinite(value) and value == int(value) else value
+
+
+def _is_list(arrow_type: pa.DataType) -> bool:
+    """Whether arrow values of this type are lists (of any of arrow's three list layouts)."""
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
+
+
 def read_labels(
     split: datasets.Dataset, label_column: str, split_name: str, names: list[str] | None = None,
     option: str = "--train_split",
@@ -388,7 +398,7 @@ def read_labels(
             )
         return ids, names
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-        several = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+        several = _is_list(kind)
         raise DataError(
             f"Label column {label_column!r} holds {kind}, not class ids or names: choose --label_column"
             + (
@@ -1019,16 +1029,7 @@ def images_in_training(data: ClassificationData, log: bool = True) -> None:
         )  # fmt: skip
 
 
-def _label_text(value: float) -> int | float:
-    """A label as read (as float64, beside NaN), shown as the integer it is where it is one (-1, not -1.0)."""
-    return int(value) if np.isfinite(value) and value == int(value) else value
-
-
 # --------------------------------------------------------------------------- torch side
-
-
-def _is_list(arrow_type: pa.DataType) -> bool:
-    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
 
 
 def _list_row_array(value: pa.ListScalar) -> np.ndarray:

@@ -91,11 +91,12 @@ def rgb_array(image: Image.Image) -> np.ndarray:
         image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image)
-        if values.size and (values.min() < 0 or values.max() > 65535):
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > 65535:
             raise UnreadablePixelsError(
                 f"32-bit integer pixels (Pillow mode {image.mode}) outside 0..65535; convert the images to 8 bits."
             )
-        if image.mode == "I" and container != "PNG" and (not values.size or values.max() <= 255):
+        if image.mode == "I" and container != "PNG" and high <= 255:
             gray = values.astype(np.uint8)
         else:
             gray = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)

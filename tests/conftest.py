@@ -4,7 +4,8 @@ from pathlib import Path
 
 # Under pytest-xdist (pyproject's addopts: one worker per core) each worker, and each process a
 # test starts, takes one thread: two workers at two threads each would contend for the cores.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Tests never touch the network: Hub look-ups fail at once instead of retrying.
@@ -14,7 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+torch.set_num_threads(1 if XDIST_WORKER else 2)
 
 
 import pytest  # noqa: E402
