@@ -110,36 +110,40 @@ def test_two_processes_match_one(tmp_path):
     assert log.count("error: Cannot resume: the run in") == 2 and "internal error" not in log
 
 
-def test_the_numbers_of_a_run_over_two_processes_are_its_exported_models(tmp_path):
-    # Each process updates its batch-norm statistics from its own batches, so they drift apart
-    # in training; the export holds rank 0's. Each process measured its share of the images with
-    # its own statistics: the run reported a top-1 and a loss of no model it wrote.
+def test_a_run_over_two_processes_reports_every_processs_numbers_of_the_models_it_exports(tmp_path):
+    """One 2-process ce run, launched by torchrun on a machine without a GPU and without
+    --use_cpu, checked for three past faults:
+    - its processes trained alone, each as process 0 of 1 (the second failed on the first
+      one's lock of --output_dir);
+    - each process updates its batch-norm statistics from its own batches, so they drift apart
+      in training, and the export holds rank 0's: each process measured its share of the
+      images with its own statistics, and the run reported a top-1 and a loss of no model it
+      wrote;
+    - transformers logs `loss` averaged over the processes, but the loss components (`ce`, ...)
+      were rank 0's alone, and so was the end's `train_loss` for the steps after the last log
+      (all of them under a --logging_steps longer than the stage)."""
     data = write_image_dataset(tmp_path / "data")
     recipe = tiny_recipe(data, tmp_path / "unused", method="ce", per_device_train_batch_size=6,
                          per_device_eval_batch_size=4, stage2_epochs=3)  # fmt: skip
-    recipe.pop("output_dir")
+    for key in ("output_dir", "use_cpu"):
+        recipe.pop(key)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    distill(path, tmp_path / "two", 2)
-    reported = json.loads((tmp_path / "two" / "results.json").read_text())["final"]
-    config = RefilledConfig(**{**recipe, "output_dir": str(tmp_path / "evaluated")})
+    run = distill(path, tmp_path / "each", 2, say_cpu=False)  # logs every step
+    results = json.loads((tmp_path / "each" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["schedule"]["global_batch"] == 12
+    log = run.stdout + run.stderr
+    assert log.count("Exported the model to") == 1 and "parallel_mode != ParallelMode.DISTRIBUTED" not in log
+
+    reported = results["final"]
+    assert reported["test_samples"] == 18
+    config = RefilledConfig(**{**recipe, "use_cpu": True, "output_dir": str(tmp_path / "evaluated")})
     for split in ("test", "validation"):
-        alone = evaluate_model(f"local-dir:{tmp_path / 'two' / 'model'}", config, split=split)
+        alone = evaluate_model(f"local-dir:{tmp_path / 'each' / 'model'}", config, split=split)
         for metric in ("top1", "loss", "samples"):
             key = f"{split}_{metric}"
             assert alone[key] == pytest.approx(reported[key], rel=1e-5, abs=1e-5), key
 
-
-def test_the_losses_of_a_run_over_two_processes_are_every_processs(tmp_path):
-    # transformers logs `loss` averaged over the processes, but the loss components (`ce`, ...)
-    # were rank 0's alone, and so was the end's `train_loss` for the steps after the last log
-    # (all of them under a --logging_steps longer than the stage).
-    data = write_image_dataset(tmp_path / "data")
-    recipe = tiny_recipe(data, tmp_path / "unused", method="ce", per_device_train_batch_size=6, stage2_epochs=3)
-    recipe.pop("output_dir")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    distill(path, tmp_path / "each", 2)  # logs every step
     history = json.loads(max((tmp_path / "each" / "ce").glob("checkpoint-*/trainer_state.json")).read_text())
     steps = [entry for entry in history["log_history"] if "loss" in entry]
     assert len(steps) == history["global_step"] > 2
@@ -157,81 +161,161 @@ def test_the_losses_of_a_run_over_two_processes_are_every_processs(tmp_path):
         assert so_far["steps"] == state["global_step"] and so_far["loss_sum"] == pytest.approx(logged, abs=1e-4)
 
 
-def test_processes_launched_without_an_accelerator_train_as_one_cpu_group(tmp_path):
-    """torchrun on a machine without a GPU and without --use_cpu: each process used to train
-    alone, as process 0 of 1, and the second failed on the first one's lock of --output_dir."""
-    recipe = tiny_recipe(write_image_dataset(tmp_path / "data"), tmp_path / "unused", method="ce", stage2_epochs=1)
-    for key in ("output_dir", "use_cpu"):
-        recipe.pop(key)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    run = distill(path, tmp_path / "two", 2, say_cpu=False)
-    results = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert (
-        results["world_size"] == 2 and results["schedule"]["global_batch"] == 2 * recipe["per_device_train_batch_size"]
-    )
-    assert results["final"]["test_samples"] == 18
-    log = run.stdout + run.stderr
-    assert log.count("Exported the model to") == 1 and "parallel_mode != ParallelMode.DISTRIBUTED" not in log
-
-
-def run_script(script_text: str, tmp_path: Path, processes: int):
-    """What ``script_text`` saves (its first argument: the file; its second: a folder of its own)
-    run in ``processes`` CPU processes (gloo, under torchrun where more than one)."""
-    script = tmp_path / "script.py"
-    script.write_text(script_text)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
-    out = tmp_path / f"processes{processes}"
-    cmd = [sys.executable, *(launcher if processes > 1 else []), str(script), f"{out}.pt", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(f"{out}.pt")
-
-
-def one_and_two_processes(script_text: str, tmp_path: Path) -> tuple[dict, dict]:
-    """:func:`run_script` in one process, then in two."""
-    return run_script(script_text, tmp_path, 1), run_script(script_text, tmp_path, 2)
-
-
-MINING_SCRIPT = """
-import gc, os, sys, torch, torch.distributed as dist
+# The equivalence scenarios below run in one launch per process count: each launch costs
+# seconds of imports (torch, timm, transformers) per process, far more than a scenario's
+# own work, and one launch per scenario and process count made them the suite's slowest
+# tests. Each scenario is a function of the script that returns what its test compares;
+# it seeds what it draws, so neither the other scenarios nor their order change it.
+SCENARIOS_SCRIPT = """
+import gc, os, sys, numpy as np, timm, torch, torch.distributed as dist
+from refilled_hf import RefilledConfig, RefilledTrainer
+from refilled_hf.data_device import DeviceImages
 from refilled_hf.distributed import gather_for_mining
 from refilled_hf.losses import relationship_loss_with_stats
 
-out = sys.argv[1]
+out, folder, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 world = int(os.environ.get("WORLD_SIZE", "1"))
 rank = int(os.environ.get("RANK", "0"))
 if world > 1:
-    dist.init_process_group("gloo")
-g = torch.Generator().manual_seed(0)
-x, teacher = torch.randn(32, 16, generator=g), torch.randn(32, 24, generator=g)
-labels = torch.arange(32) % 4
-model = torch.nn.Linear(16, 8)
-model.load_state_dict({"weight": torch.randn(8, 16, generator=g), "bias": torch.randn(8, generator=g)})
-net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-share = slice(rank * 32 // world, (rank + 1) * 32 // world)
-student, mined_teacher, mined_labels = gather_for_mining(net(x[share]), teacher[share], labels[share])
-loss, stats = relationship_loss_with_stats(student, mined_teacher, mined_labels)
-optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
-loss.backward()
-optimizer.step()
+    dist.init_process_group("gloo")  # the Trainers' accelerate state takes this group over
+
+
+def share(n):
+    # this process's contiguous share of a global batch of n
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def mining():
+    g = torch.Generator().manual_seed(0)
+    x, teacher = torch.randn(32, 16, generator=g), torch.randn(32, 24, generator=g)
+    labels = torch.arange(32) % 4
+    model = torch.nn.Linear(16, 8)
+    model.load_state_dict({"weight": torch.randn(8, 16, generator=g), "bias": torch.randn(8, generator=g)})
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    mined = gather_for_mining(net(x[share(32)]), teacher[share(32)], labels[share(32)])
+    loss, stats = relationship_loss_with_stats(*mined)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach(), "tuples": stats["tuples"], "triplets": int(stats["triplets"]),
+            "rows": mined[0].shape[0], **{k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def augmentation():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    store = DeviceImages.from_arrays([image], 32, (0.5,) * 3, (0.25,) * 3, padding=4, flip=True, device="cpu")
+    torch.manual_seed(0)  # as the Trainer seeds every process
+    draws = torch.stack([d.long() for d in store.draw(32 // world)], 1)  # this process's batch of the global 32
+    if world > 1:
+        parts = [torch.empty_like(draws) for _ in range(world)]
+        dist.all_gather(parts, draws)
+        draws = torch.cat(parts)
+    return {"draws": draws}
+
+
+def stage_gradients(stage):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 16, 16, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 6, 7, 6, 7, 6, 7, 6, 7])  # the halves hold other classes
+    torch.manual_seed(0)
+    student = timm.create_model("cifar_wrn_16_1", num_classes=8)
+    teacher = timm.create_model("cifar_wrn_16_1", num_classes=5)
+    args = RefilledConfig(output_dir=f"{folder}/{stage}", use_cpu=True, eval_strategy="no", save_strategy="no",
+                          report_to=[], centers="batch", confidence_weights=True, distill_weight=10.0)
+    trainer = RefilledTrainer(model=student, args=args, stage=stage, num_classes=8, teacher=teacher)
+    model = trainer.model.eval()  # batch norm by running statistics: each image's output is its own in any split
+    loss = trainer.compute_loss(model, {"pixel_values": images[share(16)], "labels": labels[share(16)]})
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    if world > 1:
+        dist.all_reduce(grads)  # DDP's average of the processes' gradients
+        grads /= world
+    return {"grads": grads, "world": trainer.args.world_size}
+
+
+def stage2():
+    return stage_gradients("stage2")
+
+
+def rkd():
+    return stage_gradients("rkd")
+
+
+def predict():
+    g = torch.Generator().manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(11)]
+    torch.manual_seed(0)
+    student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+    args = RefilledConfig(output_dir=f"{folder}/predict", use_cpu=True, eval_strategy="no", save_strategy="no",
+                          per_device_eval_batch_size=2, report_to=[])
+    trainer = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3)
+    output = trainer.predict(images)
+    return {"world": trainer.args.world_size, "predictions": torch.from_numpy(output.predictions),
+            "labels": torch.from_numpy(output.label_ids), "metrics": output.metrics}
+
+
+def unused():
+    g = torch.Generator().manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(16)]
+    found = {}
+    for spare in (False, True):
+        torch.manual_seed(0)
+        student = timm.create_model("cifar_wrn_16_1", num_classes=3)
+        if spare:  # a parameter no forward pass uses: DDP must look for it at every step, or fail at the second
+            student.spare = torch.nn.Parameter(torch.zeros(2))
+        args = RefilledConfig(output_dir=f"{folder}/unused-{spare}", use_cpu=True, eval_strategy="no",
+                              save_strategy="no", per_device_train_batch_size=4, max_steps=3, report_to=[],
+                              stage2_epochs=1)
+        trainer = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, train_dataset=images)
+        trainer.train()
+        found[spare] = (trainer.model_wrapped.find_unused_parameters, trainer.state.global_step)
+    return found
+
+
+results = {}
+for name in names:
+    results[name] = globals()[name]()
+    gc.collect()  # the scenario's DDP wrappers and Trainers go while gloo is up
 if rank == 0:
-    torch.save({"loss": loss.detach(), "tuples": stats["tuples"], "triplets": int(stats["triplets"]),
-                "rows": student.shape[0], **{k: v.detach().clone() for k, v in model.state_dict().items()}}, out)
-if world > 1:
-    # tear gloo down before exit, the DDP wrapper first: a rank exiting with either alive aborted
+    torch.save(results, out)
+if dist.is_initialized():
+    # tear gloo down before exit, every DDP wrapper first: a rank exiting with either alive aborted
     # after its work was done ('terminate called without an active exception', SIGABRT) in 1 run
-    # of 16 under load with the wrapper alive, and in none of 40 without it
-    del net, optimizer, loss, stats, student
-    gc.collect()
+    # of 16 under load with a wrapper alive, and in none of 40 without it
     dist.barrier()
     dist.destroy_process_group()
 """
 
+SCENARIOS = ("mining", "augmentation", "stage2", "rkd", "predict")
 
-def test_global_mining_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
-    a, b = one_and_two_processes(MINING_SCRIPT, tmp_path)
+
+def run_scenarios(tmp_path: Path, processes: int, names: tuple[str, ...]) -> dict:
+    """What each scenario of ``SCENARIOS_SCRIPT`` named in ``names`` returned on process 0, run in
+    ``processes`` CPU processes (gloo, under torchrun where more than one)."""
+    script = tmp_path / "scenarios.py"
+    script.write_text(SCENARIOS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("ACCELERATE_USE_CPU", None)
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+    out = tmp_path / f"processes{processes}"
+    cmd = [sys.executable, *(launcher if processes > 1 else []), str(script), f"{out}.pt", str(out), ",".join(names)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return torch.load(f"{out}.pt")
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> dict[str, tuple]:
+    """Each scenario's (one process, two processes) results; DDP's unused-parameter scenario
+    has two processes only (one process is not wrapped)."""
+    folder = tmp_path_factory.mktemp("scenarios")
+    one = run_scenarios(folder, 1, SCENARIOS)
+    two = run_scenarios(folder, 2, (*SCENARIOS, "unused"))
+    return {name: (one.get(name), two[name]) for name in two}
+
+
+def test_global_mining_over_two_processes_equals_one_process_on_the_whole_batch(scenarios):
+    a, b = scenarios["mining"]
     assert a["rows"] == b["rows"] == 32  # the two processes mined the whole batch
     assert a["tuples"] == b["tuples"] > 0 and a["triplets"] == b["triplets"]
     torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
@@ -239,105 +323,33 @@ def test_global_mining_over_two_processes_equals_one_process_on_the_whole_batch(
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
 
 
-AUGMENTATION_SCRIPT = """
-import os, sys, numpy as np, torch, torch.distributed as dist
-from refilled_hf.data_device import DeviceImages
-
-world = int(os.environ.get("WORLD_SIZE", "1"))
-if world > 1:
-    dist.init_process_group("gloo")
-image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-store = DeviceImages.from_arrays([image], 32, (0.5,) * 3, (0.25,) * 3, padding=4, flip=True, device="cpu")
-torch.manual_seed(0)  # as the Trainer seeds every process
-draws = torch.stack([d.long() for d in store.draw(32 // world)], 1)  # this process's batch of the global 32
-if world > 1:
-    parts = [torch.empty_like(draws) for _ in range(world)]
-    dist.all_gather(parts, draws)
-    draws = torch.cat(parts)
-if int(os.environ.get("RANK", "0")) == 0:
-    torch.save({"draws": draws}, sys.argv[1])
-if world > 1:
-    dist.barrier()
-    dist.destroy_process_group()
-"""
-
-
-def test_the_device_path_draws_over_two_processes_what_one_process_draws_for_the_global_batch(tmp_path):
+def test_the_device_path_draws_over_two_processes_what_one_process_draws_for_the_global_batch(scenarios):
     # Each process drew from its identically seeded generator: the k-th image of both
     # processes' batches got the same crop and flip, 16 distinct draws for 32 images.
-    one, two = one_and_two_processes(AUGMENTATION_SCRIPT, tmp_path)
+    one, two = scenarios["augmentation"]
     assert torch.equal(two["draws"], one["draws"])
 
 
-STAGE2_SCRIPT = """
-import gc, os, sys, timm, torch, torch.distributed as dist
-from refilled_hf import RefilledConfig, RefilledTrainer
-
-g = torch.Generator().manual_seed(0)
-images = torch.randn(16, 3, 16, 16, generator=g)
-labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 6, 7, 6, 7, 6, 7, 6, 7])  # the halves hold other classes
-torch.manual_seed(0)
-student = timm.create_model("cifar_wrn_16_1", num_classes=8)
-teacher = timm.create_model("cifar_wrn_16_1", num_classes=5)
-args = RefilledConfig(output_dir=sys.argv[2], use_cpu=True, eval_strategy="no", save_strategy="no", report_to=[],
-                      centers="batch", confidence_weights=True, distill_weight=10.0)
-trainer = RefilledTrainer(model=student, args=args, stage="STAGE", num_classes=8, teacher=teacher)
-world, rank = trainer.args.world_size, trainer.args.process_index
-model = trainer.model.eval()  # batch norm by running statistics: each image's output is its own in any split
-share = slice(rank * 16 // world, (rank + 1) * 16 // world)
-loss = trainer.compute_loss(model, {"pixel_values": images[share], "labels": labels[share]})
-loss.backward()
-grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-if world > 1:
-    dist.all_reduce(grads)  # DDP's average of the processes' gradients
-    grads /= world
-if rank == 0:
-    torch.save({"grads": grads, "world": world}, sys.argv[1])
-if dist.is_initialized():
-    del trainer, model, loss
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-"""
-
-
 @pytest.mark.parametrize("stage", ["stage2", "rkd"])
-def test_stage2_and_rkd_over_two_processes_equal_one_process_on_the_whole_batch(tmp_path, stage):
+def test_stage2_and_rkd_over_two_processes_equal_one_process_on_the_whole_batch(scenarios, stage):
     # Each process took stage 2's local classes, per-batch centres (--centers batch) and the range
     # of its confidence weights, or RKD's pairs and triples, from its own half of the batch.
-    one, two = one_and_two_processes(STAGE2_SCRIPT.replace("STAGE", stage), tmp_path)
+    one, two = scenarios[stage]
     assert (one["world"], two["world"]) == (1, 2)
     torch.testing.assert_close(two["grads"], one["grads"], rtol=1e-4, atol=1e-6)
 
 
-PREDICT_SCRIPT = """
-import sys, timm, torch, torch.distributed as dist
-from refilled_hf import RefilledConfig, RefilledTrainer
-
-g = torch.Generator().manual_seed(0)
-images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(11)]
-torch.manual_seed(0)
-student = timm.create_model("cifar_wrn_16_1", num_classes=3)
-args = RefilledConfig(output_dir=sys.argv[2], use_cpu=True, eval_strategy="no", save_strategy="no",
-                      per_device_eval_batch_size=2, report_to=[])
-trainer = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3)
-output = trainer.predict(images)
-if trainer.args.process_index == 0:
-    torch.save({"world": trainer.args.world_size, "predictions": torch.from_numpy(output.predictions),
-                "labels": torch.from_numpy(output.label_ids), "metrics": output.metrics}, sys.argv[1])
-if dist.is_initialized():
-    dist.barrier()
-    dist.destroy_process_group()
-"""
-
-
-def test_predict_over_two_processes_returns_every_image_once_in_the_data_sets_order(tmp_path):
-    a, b = one_and_two_processes(PREDICT_SCRIPT, tmp_path)
+def test_predict_over_two_processes_returns_every_image_once_in_the_data_sets_order(scenarios):
+    a, b = scenarios["predict"]
     assert (a["world"], b["world"]) == (1, 2)
     # 11 images in batches of 2 over 2 processes: the last batch is padded, and the padding dropped
     assert b["predictions"].shape == (11, 3) and b["labels"].tolist() == [i % 3 for i in range(11)]
     torch.testing.assert_close(b["predictions"], a["predictions"], rtol=0, atol=1e-5)
     assert b["metrics"]["test_samples"] == 11 and b["metrics"]["test_top1"] == pytest.approx(a["metrics"]["test_top1"])
+
+
+def test_ddp_looks_for_unused_parameters_exactly_where_the_student_has_some(scenarios):
+    assert scenarios["unused"][1] == {False: (False, 3), True: (True, 3)}
 
 
 def test_the_cli_tears_the_process_group_down_before_exit(monkeypatch, capsys):
@@ -353,37 +365,6 @@ def test_the_cli_tears_the_process_group_down_before_exit(monkeypatch, capsys):
     dist.init_process_group("gloo", rank=0, world_size=1)
     assert main(["distill", "--no_such_field", "1"]) == 2 and not dist.is_initialized()  # a refused command too
     capsys.readouterr()
-
-
-UNUSED_SCRIPT = """
-import gc, sys, timm, torch, torch.distributed as dist
-from refilled_hf import RefilledConfig, RefilledTrainer
-
-g = torch.Generator().manual_seed(0)
-images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(16)]
-found = {}
-for spare in (False, True):
-    torch.manual_seed(0)
-    student = timm.create_model("cifar_wrn_16_1", num_classes=3)
-    if spare:  # a parameter no forward pass uses: DDP must look for it at every step, or fail at the second
-        student.spare = torch.nn.Parameter(torch.zeros(2))
-    args = RefilledConfig(output_dir=f"{sys.argv[2]}/{spare}", use_cpu=True, eval_strategy="no", save_strategy="no",
-                          per_device_train_batch_size=4, max_steps=3, report_to=[], stage2_epochs=1)
-    trainer = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, train_dataset=images)
-    trainer.train()
-    found[spare] = (trainer.model_wrapped.find_unused_parameters, trainer.state.global_step)
-if trainer.args.process_index == 0:
-    torch.save(found, sys.argv[1])
-# the DDP wrappers go before gloo does (see MINING_SCRIPT: a rank exiting with one alive can abort)
-del trainer, student
-gc.collect()
-dist.barrier()
-dist.destroy_process_group()
-"""
-
-
-def test_ddp_looks_for_unused_parameters_exactly_where_the_student_has_some(tmp_path):
-    assert run_script(UNUSED_SCRIPT, tmp_path, 2) == {False: (False, 3), True: (True, 3)}
 
 
 _SIGNAL_RANK_0 = """
