@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from .backbone import StudentModel
 from .config import RefilledConfig
@@ -88,7 +88,9 @@ def fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
         set_seed(trainer.args.seed)
     start = time.perf_counter()
     notice = StopOnSignal()  # a SIGTERM while it trains: a checkpoint of the step, then a stop
+    banner = _StageBanner(_stage_name(trainer), checkpoint)
     trainer.add_callback(notice)
+    trainer.callback_handler.callbacks.insert(0, banner)  # before the progress bar starts
     try:
         with notice.installed():
             train_output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -96,6 +98,7 @@ def fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
         _stop_for_interrupt(trainer)
     finally:
         trainer.remove_callback(notice)
+        trainer.remove_callback(banner)
     if notice.received is not None:
         _stop_for_notice(trainer, notice)
     # (a resumed stage: the calls before this one too, as its checkpoint recorded them)
@@ -103,6 +106,26 @@ def fit(trainer: RefilledTrainer, checkpoint: str | None) -> RefilledTrainer:
     trainer.train_metrics = train_output.metrics
     _check_finite(trainer)
     return trainer
+
+
+class _StageBanner(TrainerCallback):
+    """Says in the log which stage starts, or continues from which checkpoint, and for how
+    many steps: a run trains up to four stages in a row (stage 1, each lambda candidate, the
+    student alone), whose progress bars and logged metrics do not name them."""
+
+    def __init__(self, name: str, checkpoint: str | None):
+        self.name, self.checkpoint = name, checkpoint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # the state is the checkpoint's by now (its step), and holds the stage's steps; its
+        # epochs are rounded up, the stage's own may be fractional
+        bound = "--max_steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+        length = f"{state.max_steps} steps ({bound})"
+        if self.checkpoint is None:
+            logger.info("%s: training %s in %s.", self.name, length, args.output_dir)
+        else:
+            logger.info("%s: continuing from %s, at step %d of %s.", self.name, self.checkpoint, state.global_step,
+                        length)  # fmt: skip
 
 
 def _stage_name(trainer: RefilledTrainer) -> str:

@@ -134,6 +134,7 @@ def test_a_run_over_two_processes_reports_every_processs_numbers_of_the_models_i
     assert results["world_size"] == 2 and results["schedule"]["global_batch"] == 12
     log = run.stdout + run.stderr
     assert log.count("Exported the model to") == 1 and "parallel_mode != ParallelMode.DISTRIBUTED" not in log
+    assert log.count("ce: training 9 steps (3 epochs) in ") == 1  # said by process 0 only
 
     reported = results["final"]
     assert reported["test_samples"] == 18

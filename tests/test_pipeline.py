@@ -272,10 +272,16 @@ class Interrupt(TrainerCallback):
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_resume_after_interruption(stage, data_dir, teacher_dir, tmp_path):
+def test_resume_after_interruption(stage, data_dir, teacher_dir, tmp_path, caplog):
     # 27 training images, batch 12: 3 steps per epoch, a checkpoint after each epoch.
     base = dict(method="refilled", teacher=f"local-dir:{teacher_dir}", stage1_epochs=3, stage2_epochs=3)
-    reference = run(tiny_recipe(data_dir, tmp_path / "reference", **base))
+    with caplog.at_level("INFO", logger="refilled_hf.stages"):
+        reference = run(tiny_recipe(data_dir, tmp_path / "reference", **base))
+    # the log names each stage as it starts (neither its progress bar nor its metrics do)
+    assert [r.getMessage() for r in caplog.records if r.name == "refilled_hf.stages"] == [
+        f"stage1: training 9 steps (3 epochs) in {tmp_path / 'reference' / 'stage1'}.",
+        f"stage2: training 9 steps (3 epochs) in {tmp_path / 'reference' / 'stage2'}.",
+    ]
     recipe = tiny_recipe(data_dir, tmp_path / "run", **base)
     with pytest.raises(RunInterrupted, match=rf"interrupted \(SIGINT\): {stage} stopped at step 5 of 9\. Nothing was "
                        rf"exported\. The same command with --resume_from_checkpoint true continues from its newest "
@@ -287,7 +293,13 @@ def test_resume_after_interruption(stage, data_dir, teacher_dir, tmp_path):
         run(recipe)
     stage1_final = tmp_path / "run" / "stage1" / "final" / "model.safetensors"
     mtime = stage1_final.stat().st_mtime_ns if stage == "stage2" else None
-    resumed = run({**recipe, "resume_from_checkpoint": "true"})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="refilled_hf.stages"):
+        resumed = run({**recipe, "resume_from_checkpoint": "true"})
+    said = [r.getMessage() for r in caplog.records if r.name == "refilled_hf.stages"]
+    checkpoint = tmp_path / "run" / stage / "checkpoint-3"
+    assert said[0] == f"{stage}: continuing from {checkpoint}, at step 3 of 9 steps (3 epochs)."
+    assert len(said) == (2 if stage == "stage1" else 1)  # then stage 2 starts; or stage 1 had finished
     if stage == "stage2":  # stage 1 was finished: it is not trained again
         assert stage1_final.stat().st_mtime_ns == mtime
     assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
