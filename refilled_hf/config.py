@@ -846,7 +846,7 @@ class RefilledConfig(TrainingArguments):
         default=-1,
         **_help(
             "If > 0, stop each stage after this many optimizer steps (smoke tests); the learning-rate schedules keep "
-            "the lengths of stage1_epochs / stage2_epochs."
+            "the lengths of stage1_epochs / stage2_epochs, and a stage that is shorter ends with its epochs."
         ),
     )
     ddp_find_unused_parameters: bool | None = field(

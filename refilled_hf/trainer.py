@@ -167,8 +167,9 @@ def stage_args(config: RefilledConfig, stage: str, output_dir: str | os.PathLike
     """The view of the run's ``config`` that ``stage``'s trainer runs with, for distill and for
     a config used directly alike: the stage's epochs and learning rate (``stage1_*``, or
     ``stage2_*``), its own ``output_dir``, ``--evaluations_per_stage``'s cadence over
-    ``images`` training images (None: unknown, every epoch), no evaluation where there is no
-    evaluation set, and the stage's selection metric. Checkpoints are never pushed (the run
+    ``images`` training images (None: unknown, every epoch), ``--max_steps`` only where it
+    stops the stage before its epochs do, no evaluation where there is no evaluation set, and
+    the stage's selection metric. Checkpoints are never pushed (the run
     pushes its export once), nor the token pickled into them; the stage itself resumes only
     from the checkpoint its train() is given."""
     first = stage == "stage1"
@@ -191,6 +192,10 @@ def stage_args(config: RefilledConfig, stage: str, output_dir: str | os.PathLike
         view.eval_strategy = "no"
     if images is not None:
         set_evaluation_cadence(view, epochs, images)
+        if view.max_steps >= math.ceil(epochs * steps_per_epoch(view, images)):
+            # --max_steps stops a stage early; at or beyond the stage's own length the stage's
+            # epochs end it (transformers would train on past them, with the schedule spent)
+            view.max_steps = -1
     return view
 
 

@@ -315,9 +315,17 @@ def test_warmup_and_max_steps_act_on_every_stage_without_moving_the_schedule(dat
     teacher = f"local-dir:{teacher_dir}"
     full = tiny_recipe(data_dir, tmp_path / "full", method="refilled", teacher=teacher, stage1_epochs=2,
                        stage2_epochs=2, warmup_steps=2)  # fmt: skip
-    run(full)
+    reference = run(full)
     capped = {**full, "output_dir": str(tmp_path / "capped"), "max_steps": 2}
     run(capped)
+    # a --max_steps beyond a stage's 6 steps stops nothing: the stage ends with its epochs, as the
+    # full run (transformers trained on for 7 steps, past the schedule, and the card said "2.333 of
+    # 2 planned epochs")
+    beyond = run({**full, "output_dir": str(tmp_path / "beyond"), "max_steps": 7})
+    assert beyond["final"]["train_metrics"]["epoch"] == beyond["stage1"]["train_metrics"]["epoch"] == 2
+    assert beyond["final"]["test_loss"] == pytest.approx(reference["final"]["test_loss"], rel=1e-6)
+    card = (tmp_path / "beyond" / "model" / "README.md").read_text()
+    assert "margin 0.2, 2 epochs," in card and "centres), 2 epochs," in card and "planned" not in card
     for stage in ("stage1", "stage2"):
         lrs = _learning_rates(tmp_path / "full" / stage)
         peak = 0.05
