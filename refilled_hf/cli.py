@@ -277,7 +277,18 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], prog: str) 
     config_path = _flag_value(argv, "--config")
     if config_path is not None:
         parser.set_defaults(**read_recipe(config_path, dataclass_types))
-    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    # Unknown words first: argparse names a missing required option before them, which hides
+    # the mistake (`push --model_dir X` said `--folder` is required, not that --model_dir is unknown).
+    required = [action for action in parser._actions if action.required]
+    for action in required:
+        action.required = False
+    try:
+        _, rest = parser.parse_known_args(argv)
+    finally:
+        for action in required:
+            action.required = True
+    if not rest:
+        *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         hints = _close_options(parser, rest)
         raise CliError(f"Unknown arguments: {rest}.{hints} See `{prog} --help`.")

@@ -12,7 +12,7 @@ import torch
 import yaml
 from helpers import tiny_recipe, write_image_dataset
 
-from refilled_hf.cli import CliError, main, parse_config, resolved_config
+from refilled_hf.cli import CliError, main, parse_command, parse_config, resolved_config
 from refilled_hf.config import ConfigError, RefilledConfig
 from refilled_hf.rundir import DiskFullError
 
@@ -83,6 +83,11 @@ def test_unknown_flag_and_bad_values(tmp_path):
         parse_config((RefilledConfig,), ["--distil-weight=3"], "t")
     with pytest.raises(ConfigError, match="Unknown method 'fitnet'"):
         parse_config((RefilledConfig,), ["--teacher", "x", "--method", "fitnet"], "t")
+    # an unknown word is named before a missing required one (argparse said only `--folder` is required)
+    with pytest.raises(CliError, match=r"Unknown arguments: \['--model_dir', 'out/model'\]"):
+        parse_command("push", ["--model_dir", "out/model", "--hub_model_id", "me/model"])
+    with pytest.raises(SystemExit):  # without one, argparse's own message, the usage line first
+        parse_command("push", ["--hub_model_id", "me/model"])
 
 
 def test_disable_tqdm_turns_off_the_progress_bars_of_datasets_too(tmp_path, capsys):
