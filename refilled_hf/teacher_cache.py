@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 from .backbone import FrozenTeacher
 from .data_device import DeviceImages, crop_and_flip
 from .hub import save_safetensors
-from .messages import error_text, unreadable_file_text
+from .messages import byte_size, error_text, unreadable_file_text
 from .rundir import can_write_in
 
 __all__ = ["CACHE_DTYPES", "TeacherCache", "TeacherCacheError", "cache_bytes", "cache_key", "load_or_build"]
@@ -169,6 +169,32 @@ def build(
     return embeddings, logits
 
 
+#: a cache's staging file this much older than now is a stopped build's: a write under way
+#: keeps moving its modification time
+STALE_STAGING_SECONDS = 3600
+
+
+def warn_about_stopped_builds(folder: Path) -> list[Path]:
+    """Name, in a warning, the staging files that cache builds stopped while writing (a kill,
+    a full disk) left in ``folder``, each as large as a cache; returns them. They are not
+    deleted: runs share the folder, and no run removes what it did not write."""
+    now, stale = time.time(), []
+    for candidate in sorted(folder.glob(".*.safetensors.*.tmp")):
+        try:
+            status = candidate.stat()
+        except OSError:  # renamed or removed meanwhile
+            continue
+        if now - status.st_mtime > STALE_STAGING_SECONDS:
+            stale.append((candidate, status.st_size))
+    if stale:
+        logger.warning(
+            "The teacher cache folder %s holds %d unfinished cache file(s) (%s) that builds stopped while writing "
+            "left: %s. Delete them unless a run is writing there now.",
+            folder, len(stale), byte_size(sum(size for _, size in stale)), ", ".join(p.name for p, _ in stale),
+        )  # fmt: skip
+    return [p for p, _ in stale]
+
+
 def load_or_build(
     folder: str | Path,
     teacher: FrozenTeacher,
@@ -191,6 +217,8 @@ def load_or_build(
     )
     path = Path(folder) / f"{key}.safetensors"
     start = time.perf_counter()
+    if path.parent.is_dir():
+        warn_about_stopped_builds(path.parent)
     if path.is_file():
         unreadable = unreadable_file_text(path)
         if unreadable:
@@ -231,8 +259,12 @@ def load_or_build(
             tensors = {"embeddings": embeddings.cpu().contiguous()}
             if logits is not None:
                 tensors["logits"] = logits.cpu().contiguous()
-            save_safetensors(tensors, staging, metadata={"description": json.dumps(description, sort_keys=True)})
-            os.replace(staging, path)
+            try:
+                save_safetensors(tensors, staging, metadata={"description": json.dumps(description, sort_keys=True)})
+                os.replace(staging, path)
+            except BaseException:  # a full disk, a Ctrl-C: this build's own staging file goes (a kill's stays)
+                staging.unlink(missing_ok=True)
+                raise
         info = {"key": key, "path": str(path), "built": True, "written": write, "seconds": time.perf_counter() - start}
         logger.info("Teacher cache built in %.1f s.", info["seconds"])
     cache = TeacherCache(images, embeddings, logits)

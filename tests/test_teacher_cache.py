@@ -133,6 +133,42 @@ def test_builders_of_one_key_that_share_a_process_id_each_write_a_whole_file(tmp
     assert not again["built"] and torch.equal(read.embeddings, cache.embeddings)
 
 
+def test_a_stopped_build_leaves_no_file_and_a_killed_ones_are_named_not_deleted(tmp_path, monkeypatch, caplog):
+    """A build stopped while writing its cache (each file as large as the cache: GBs) left its
+    staging file in the shared folder, and no later run said so."""
+    import errno
+
+    from refilled_hf import teacher_cache
+
+    store, teacher = _store(), _teacher()
+    kwargs = {"precision": "fp32", "dtype": "float32", "with_logits": False, "batch_size": 5}
+
+    def full_disk(tensors, path, metadata=None):
+        path.write_bytes(b"half a cache")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(teacher_cache, "save_safetensors", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        load_or_build(tmp_path, teacher, "w", store, **kwargs)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # its own staging file went with it
+
+    killed = tmp_path / ".0123abcd.safetensors.1a2b3c.tmp"  # a build killed hours ago
+    killed.write_bytes(b"x" * 3000)
+    hours_ago = killed.stat().st_mtime - 2 * teacher_cache.STALE_STAGING_SECONDS
+    os.utime(killed, (hours_ago, hours_ago))
+    writing = tmp_path / ".0123abcd.safetensors.4d5e6f.tmp"  # another run's build, writing now
+    writing.write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="refilled_hf.teacher_cache"):
+        _, info = load_or_build(tmp_path, teacher, "w", store, **kwargs)
+    assert info["built"] and killed.is_file() and writing.is_file()
+    said = [r.getMessage() for r in caplog.records if r.name == "refilled_hf.teacher_cache"]
+    assert said == [
+        f"The teacher cache folder {tmp_path} holds 1 unfinished cache file(s) (2.9 KiB) that builds stopped while "
+        f"writing left: {killed.name}. Delete them unless a run is writing there now."
+    ]
+
+
 def test_a_damaged_cache_is_refused_with_the_fix(tmp_path):
     store, teacher = _store(), _teacher()
     kwargs = {"precision": "fp32", "dtype": "float32", "with_logits": False, "batch_size": 5}
