@@ -302,6 +302,19 @@ def test_export_is_atomic(tmp_path, monkeypatch):
     assert timm.create_model(f"local-dir:{folder}", pretrained=True).num_classes == 2
 
 
+def test_a_json_write_that_fails_keeps_the_file_it_replaces_and_leaves_no_other(tmp_path):
+    from refilled_hf.hub import write_json_atomically
+
+    path = tmp_path / "results.json"
+    write_json_atomically(path, {"top1": 1.0})
+    circular: dict = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match="Circular"):
+        write_json_atomically(path, {"top1": 2.0, "bad": circular})
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # its half-written file went
+    assert json.loads(path.read_text()) == {"top1": 1.0}
+
+
 # ----------------------------------------------------------------- safe loading
 
 
