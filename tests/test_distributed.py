@@ -266,7 +266,7 @@ def unused():
             student.spare = torch.nn.Parameter(torch.zeros(2))
         args = RefilledConfig(output_dir=f"{folder}/unused-{spare}", use_cpu=True, eval_strategy="no",
                               save_strategy="no", per_device_train_batch_size=4, max_steps=3, report_to=[],
-                              stage2_epochs=1)
+                              stage2_epochs=2)  # 4 steps, --max_steps stops at 3
         trainer = RefilledTrainer(model=student, args=args, stage="ce", num_classes=3, train_dataset=images)
         trainer.train()
         found[spare] = (trainer.model_wrapped.find_unused_parameters, trainer.state.global_step)
