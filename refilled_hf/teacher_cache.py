@@ -175,9 +175,10 @@ STALE_STAGING_SECONDS = 3600
 
 
 def warn_about_stopped_builds(folder: Path) -> list[Path]:
-    """Name, in a warning, the staging files that cache builds stopped while writing (a kill,
-    a full disk) left in ``folder``, each as large as a cache; returns them. They are not
-    deleted: runs share the folder, and no run removes what it did not write."""
+    """Name, in a warning, the staging files that cache builds killed while writing left in
+    ``folder`` (a build that fails otherwise removes its own), each as large as a cache;
+    returns them. They are not deleted: runs share the folder, and no run removes what it did
+    not write."""
     now, stale = time.time(), []
     for candidate in sorted(folder.glob(".*.safetensors.*.tmp")):
         try:
