@@ -10,6 +10,7 @@ the student's validation images the teacher trained on.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 from .backbone import exported_config
 from .data import DataError, load_classification_data
 from .hub import TRAINING_DATA_KEY
+from .rundir import MANIFEST
 
 __all__ = [
     "redraw_training_rows",
@@ -40,8 +42,22 @@ def training_data_record(model_spec: str | None) -> dict[str, Any] | None:
 
 
 def run_folder(checkpoint: str | Path) -> Path | None:
-    """The refilled-hf run folder (the one with ``run.json``) a checkpoint file lies in."""
-    return next((folder for folder in Path(checkpoint).resolve().parents if (folder / "run.json").is_file()), None)
+    """The refilled-hf run folder (the one with ``run.json``) that wrote the checkpoint file:
+    the nearest above it whose ``run.json`` lists the entry holding the file among what its
+    run writes. A run may be written into a folder that holds other files, such as a teacher's
+    export (``--output_dir`` of the teacher's ``model/``): it does not own them, and its record
+    is not theirs."""
+    path = Path(checkpoint).resolve()
+    for folder in path.parents:
+        if not (folder / MANIFEST).is_file():
+            continue
+        try:
+            outputs = json.loads((folder / MANIFEST).read_text()).get("outputs")
+        except (OSError, ValueError, AttributeError):  # unreadable: nothing shows what it owns
+            outputs = None
+        if not isinstance(outputs, list) or path.relative_to(folder).parts[0] in outputs:
+            return folder
+    return None
 
 
 def weights_training_record(model_spec: str | None, checkpoint: str | Path | None = None) -> dict[str, Any] | None:

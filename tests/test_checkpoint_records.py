@@ -44,6 +44,26 @@ def test_a_run_checkpoint_carries_its_run_record(teacher_run, tmp_path):
     assert weights_training_record("cifar_wrn_16_1", loose) is None
 
 
+def test_a_run_written_into_a_teachers_export_folder_does_not_own_the_teachers_weights(teacher_run, data_dir,
+                                                                                        tmp_path):  # fmt: skip
+    """A distill run with --output_dir <teacher run>/model (allowed: it writes beside the
+    export, not over it) made its own record the one of the teacher's weights there: the
+    teacher's classes 2-4 became the student's 3-5, and KD's label-space check read those."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_run, teacher)
+    recipe = tiny_recipe(data_dir, teacher / "model", method="ce", stage2_epochs=1)
+    run_distillation(RefilledConfig(**{k: v for k, v in recipe.items() if k not in TEACHER_ONLY}))
+    weights = teacher / "model" / "model.safetensors"
+    assert (teacher / "model" / "run.json").is_file()  # the student's run, in the teacher's export folder
+    assert run_folder(weights) == teacher.resolve()  # the teacher's run wrote them
+    assert weights_training_record("cifar_wrn_16_1", weights)["class_names"] == CLASS_NAMES[2:5]
+    student = teacher / "model" / "model" / "model.safetensors"
+    assert run_folder(student) == (teacher / "model").resolve()
+    assert weights_training_record("cifar_wrn_16_1", student)["class_names"] == CLASS_NAMES[3:6]
+
+
 def test_kd_from_a_run_checkpoint_on_other_classes_is_refused(teacher_run, data_dir, tmp_path):
     """Three teacher classes (2-4) and three student classes (3-5): only the record tells
     the label spaces apart. KD would have mapped the teacher's class i onto the student's."""
