@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -17,6 +18,8 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 from .messages import error_text
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXPORT_FILES",
@@ -212,6 +215,33 @@ def check_hub_access(repo_id: str, token: str | None = None) -> None:
         ) from None
 
 
+def pushed_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The files of the export ``folder`` that a push uploads, and what it leaves out, said
+    why: hidden entries (a run's lock file, the staging folder of a killed export, an editor's
+    or a notebook's files) and, where a refilled-hf run was written into the folder (its
+    ``run.json`` lists what it wrote), that run's outputs: its checkpoints are not the model."""
+    from .rundir import MANIFEST  # (rundir imports this module)
+
+    hidden = sorted(  # each hidden entry, not what a hidden folder holds
+        p.relative_to(folder).as_posix() for p in folder.rglob(".*")
+        if not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1])
+    )  # fmt: skip
+    run_outputs: list[str] = []
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        outputs = json.loads((folder / MANIFEST).read_text()).get("outputs")
+        if isinstance(outputs, list):
+            run_outputs = sorted(name for name in map(str, outputs) if (folder / name).exists())
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.relative_to(folder).parts[0] not in run_outputs
+    )  # fmt: skip
+    left_out = [f"hidden entries ({', '.join(hidden)})"] if hidden else []
+    if run_outputs:
+        left_out.append(f"the outputs of the refilled-hf run written there ({', '.join(run_outputs)})")
+    return files, left_out
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None,
                 commit_message: str = "Upload model from refilled-hf") -> str:  # fmt: skip
     """Create ``repo_id`` if needed and upload ``folder`` to it in one commit; returns the
@@ -236,8 +266,11 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None
             "not pushed. Push the `model` folder a finished run wrote."
         )
     # one commit of the folder's files, the model card as it reads in this repo (the folder is not changed)
+    files, left_out = pushed_files(folder)
+    if left_out:
+        logger.info("Not pushed from %s: %s.", folder, "; ".join(left_out))
     operations = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in files:
         name = path.relative_to(folder).as_posix()
         content: str | bytes = str(path)
         if name == "README.md":

@@ -468,6 +468,35 @@ def test_push_command_sends_repo_folder_and_private_flag(hub, tmp_path, capsys):
     assert hub.calls[0][1] == "me/other" and hub.calls[0][2]["private"] is True
 
 
+def test_push_uploads_the_model_not_hidden_files_nor_a_run_written_beside_it(hub, tmp_path, caplog):
+    """Every file under the folder went to the Hub: a notebook's checkpoints, the lock file
+    and, where a run was written into the export folder, its checkpoints (optimizer states,
+    pickled training arguments) and records."""
+    import json
+
+    from refilled_hf.hub import push_folder
+
+    folder = export_model(timm.create_model("cifar_wrn_16_1", num_classes=2), tmp_path / "m", label_names=["a", "b"])
+    exported = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "extra").mkdir()
+    (folder / "extra" / "notes.txt").write_text("kept: the user's own file")
+    (folder / "extra" / ".ipynb_checkpoints").mkdir()
+    (folder / "extra" / ".ipynb_checkpoints" / "notes-checkpoint.txt").write_text("no")
+    (folder / ".refilled-hf.lock").write_text("123")
+    (folder / "stage2" / "checkpoint-3").mkdir(parents=True)
+    (folder / "stage2" / "checkpoint-3" / "optimizer.pt").write_bytes(b"state")
+    (folder / "results.json").write_text("{}")
+    (folder / "run.json").write_text(json.dumps({"identity": {}, "outputs": ["stage2", "model", "results.json",
+                                                                             "run.json"]}))  # fmt: skip
+    with caplog.at_level("INFO", logger="refilled_hf.hub"):
+        push_folder(folder, "me/model")
+    assert hub.calls[1][2]["files"] == {**exported, "extra/notes.txt": b"kept: the user's own file"}
+    assert caplog.records[-1].getMessage() == (
+        f"Not pushed from {folder}: hidden entries (.refilled-hf.lock, extra/.ipynb_checkpoints); the outputs of the "
+        "refilled-hf run written there (results.json, run.json, stage2)."
+    )
+
+
 def test_push_uploads_a_card_that_names_the_repo(hub, tmp_path):
     """A run without --hub_model_id renders its card for the folder (local-dir:<this folder>);
     pushed, the card on the Hub names the repo in its title, model-index and usage, and the
