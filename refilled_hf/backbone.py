@@ -184,12 +184,23 @@ def _foreign_model_error(spec: str, config: dict[str, Any]) -> ModelLoadError | 
     )
 
 
+def _run_export(folder: Path) -> Path | None:
+    """The exported model in ``folder`` where it is a run's ``output_dir`` (``model/`` with a
+    ``config.json``), else None."""
+    export = folder / "model"
+    return export if (export / "config.json").is_file() else None
+
+
 def _unknown_model_error(name: str) -> ModelLoadError:
     path = Path(name).expanduser()
     if path.is_dir():
         foreign = _foreign_model_error(name, exported_config(f"local-dir:{name}") or {})
         if foreign is not None:
             return foreign
+        export = _run_export(path)
+        if export is not None:  # a run's output_dir: its model is the export in it
+            text = f"{name!r} is a run folder, not a timm model name: its model is 'local-dir:{export}'."
+            return ModelLoadError(text)
         return ModelLoadError(
             f"{name!r} is a folder, not a timm model name: pass it as 'local-dir:{name}' (a folder in timm's Hub "
             "format, config.json + model.safetensors, such as refilled-hf's exports)."
@@ -337,9 +348,12 @@ def _load_timm_model(
     if spec.startswith("local-dir:"):
         config = exported_config(spec)
         if config is None:
+            folder = spec[len("local-dir:") :]
+            export = _run_export(Path(folder).expanduser())
+            hint = f" It is a run folder: its model is 'local-dir:{export}'." if export is not None else ""
             raise ModelLoadError(
-                f"{spec!r}: no config.json in {spec[len('local-dir:') :]!r}. A local-dir: model is a folder in timm's "
-                "Hub format (config.json + model.safetensors), e.g. one written by `refilled-hf train-teacher`."
+                f"{spec!r}: no config.json in {folder!r}. A local-dir: model is a folder in timm's Hub format "
+                f"(config.json + model.safetensors), e.g. one written by `refilled-hf train-teacher`.{hint}"
             )
         architecture = config.get("architecture", "")
         foreign = _foreign_model_error(spec, config)

@@ -58,6 +58,16 @@ def test_a_folder_or_file_given_as_a_model_name_is_told_how_to_pass_it(data_dir,
     weights = f"{folder}/model.safetensors"
     rejected(tiny_recipe(data_dir, tmp_path / "o", method="ce", student=weights), ModelLoadError,
              "is a file, not a timm model name: give the model's timm name")  # fmt: skip
+    # a run's output_dir, with or without local-dir:, is named with its export (it was told to pass
+    # the run folder itself as local-dir:, which then had no config.json)
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "model")
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=str(run)), ModelLoadError,
+             f"'{run}' is a run folder, not a timm model name: its model is 'local-dir:{run / 'model'}'")  # fmt: skip
+    rejected(tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher=f"local-dir:{run}"), ModelLoadError,
+             f"no config.json in .* It is a run folder: its model is 'local-dir:{run / 'model'}'")  # fmt: skip
 
 
 def test_a_transformers_model_folder_is_refused_as_not_a_timm_model(data_dir, tmp_path):
