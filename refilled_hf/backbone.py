@@ -105,10 +105,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``torch.load(weights_only=True)`` (never unpickles arbitrary objects)."""
     path = Path(path)
     if path.is_dir():
+        export = path if (path / "config.json").is_file() else _run_export(path) or path
+        weights = path / "model.safetensors"
+        if weights.is_file() and not (path / "config.json").is_file():  # a stage's checkpoint-N folder
+            fix = f"pass its weights file, {weights}"
+        else:
+            fix = (f"an exported model folder (config.json + model.safetensors) is a model of its own: pass it as "
+                   f"'local-dir:{export}', with no checkpoint")  # fmt: skip
         raise ModelLoadError(
-            f"Checkpoint {str(path)!r} is a folder; a checkpoint is one weights file (.safetensors, .pth, .bin). An "
-            "exported model folder (config.json + model.safetensors) is a model of its own: pass it as "
-            f"'local-dir:{path}', with no checkpoint."
+            f"Checkpoint {str(path)!r} is a folder; a checkpoint is one weights file (.safetensors, .pth, .bin): {fix}."
         )
     if not path.is_file():
         raise ModelLoadError(f"Checkpoint file {str(path)!r} does not exist: check the path.")
@@ -197,7 +202,7 @@ def _unknown_model_error(name: str) -> ModelLoadError:
         foreign = _foreign_model_error(name, exported_config(f"local-dir:{name}") or {})
         if foreign is not None:
             return foreign
-        export = _run_export(path)
+        export = None if (path / "config.json").is_file() else _run_export(path)
         if export is not None:  # a run's output_dir: its model is the export in it
             text = f"{name!r} is a run folder, not a timm model name: its model is 'local-dir:{export}'."
             return ModelLoadError(text)

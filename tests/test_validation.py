@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,19 @@ def test_a_model_folder_given_as_a_checkpoint_is_told_to_be_a_local_dir_model(da
     recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_2",
                          teacher_checkpoint=folder)  # fmt: skip
     rejected(recipe, ModelLoadError, f"is a folder; a checkpoint is one weights file .* 'local-dir:{folder}'")
+    # a run folder: its export; a stage's checkpoint-N folder: the weights file in it
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "model")
+    checkpoint = run / "stage2" / "checkpoint-9"
+    checkpoint.mkdir(parents=True)
+    shutil.copy(run / "model" / "model.safetensors", checkpoint)
+    for given, fix in ((run, f"pass it as 'local-dir:{run / 'model'}', with no checkpoint"),
+                       (checkpoint, f"pass its weights file, {checkpoint / 'model.safetensors'}")):  # fmt: skip
+        recipe = tiny_recipe(data_dir, tmp_path / "o", method="refilled", teacher="cifar_wrn_16_2",
+                             teacher_checkpoint=str(given))  # fmt: skip
+        rejected(recipe, ModelLoadError, re.escape(fix))
 
 
 def test_a_model_or_checkpoint_this_user_cannot_read_is_named_with_its_mode_owner_and_fix(
