@@ -8,16 +8,17 @@ refused, as is a folder given twice."""
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FIELD_USERS, ConfigError
+from .config import FIELD_USERS, ConfigError, RefilledConfig
 from .model_card import epochs_text, exported_student_alone, same_images
 from .pipeline import EXPORT_DIR, RESULTS_FILE
-from .rundir import MANIFEST, MODEL_LOCATION_FIELDS, names_a_place
+from .rundir import MANIFEST, MODEL_LOCATION_FIELDS, NON_IDENTITY_FIELDS, RETIRED_IDENTITY_FIELDS, names_a_place
 
 __all__ = ["FinishedRun", "compare_runs", "format_comparison", "load_finished_run"]
 
@@ -79,6 +80,13 @@ def _value_text(value: Any) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
+@functools.lru_cache(maxsize=1)
+def _recorded_defaults() -> dict[str, Any]:
+    """The default of each identity field a run records only where it is set otherwise."""
+    left_out = NON_IDENTITY_FIELDS | RETIRED_IDENTITY_FIELDS
+    return {k: v for k, v in RefilledConfig.recipe_defaults().items() if k not in left_out}
+
+
 def _setting(run: FinishedRun, places: dict[str, Any]) -> dict[str, Any]:
     """What a run computes: its identity without the seed and data placement, and without
     the options its method does not use (a ce run's teacher, a kd run's tau1...); ``places``
@@ -86,8 +94,12 @@ def _setting(run: FinishedRun, places: dict[str, Any]) -> dict[str, Any]:
     unused = {name for name, users in FIELD_USERS.items() if run.results["method"] not in users}
     if "teacher" in unused:
         unused.update(TEACHER_RECORD_FIELDS)
-    # runs of earlier releases recorded no random_draws: as eager, what a run drew unless compiled
-    identity = {"random_draws": "eager", **run.identity}
+    # A run records the TrainingArguments fields it left at their defaults by leaving them out:
+    # they are its defaults here, so that a run with --warmup_steps 2 is another setting than one
+    # without (both were named by the fields they share, pooled as one setting, or refused as a
+    # repeat). Runs of earlier releases recorded no random_draws: as eager, what a run drew
+    # unless compiled.
+    identity = {"random_draws": "eager", **_recorded_defaults(), **run.identity}
     return {k: places.get(k, v) for k, v in identity.items() if k not in SEED_AND_PLACEMENT_FIELDS and k not in unused}
 
 

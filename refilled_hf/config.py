@@ -1337,6 +1337,21 @@ class RefilledConfig(TrainingArguments):
                 theirs[f.name] = value.value if hasattr(value, "value") else value
         return json.loads(json.dumps({**ours, **theirs}, default=str))
 
+    @staticmethod
+    def recipe_defaults() -> dict[str, Any]:
+        """The `TrainingArguments` fields that :meth:`to_recipe` lists only where they differ
+        from a default configuration, each with that default as a recipe writes it: what a
+        run whose record lacks one of them ran with."""
+        parent = {f.name for f in fields(TrainingArguments)}
+        with _launcher_settings_ignored():
+            default = RefilledConfig()
+        values = {}
+        for f in fields(default):
+            if f.name in parent and f.init and "token" not in f.name and f.name not in RefilledConfig._TASK_DEFAULTS:
+                value = getattr(default, f.name)
+                values[f.name] = value.value if hasattr(value, "value") else value
+        return json.loads(json.dumps(values, default=str))
+
     def milestones(self) -> list[float]:
         """Stage-2 learning-rate milestones in epochs."""
         return parse_milestones(self.stage2_milestones)

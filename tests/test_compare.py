@@ -64,6 +64,20 @@ def test_runs_pool_over_seeds_and_pair_on_the_same_images(tmp_path):
     assert f"A        3     {_reference_spread([60.0, 64.0, 59.0])[0]:.2f} ± 2.65" in text
 
 
+def test_a_trainer_option_a_run_records_only_where_set_tells_its_setting_apart(tmp_path):
+    """A run records the TrainingArguments fields it left at their defaults by leaving them out;
+    compare took such a field for a method's own option (named only where settings that have it
+    differ), so runs with and without --warmup_steps 2 were one setting: pooled into one mean,
+    or, on the same seed and images, refused as a run repeated."""
+    plain = [_write_run(tmp_path / f"ce{s}", "ce", s, 60.0 + s, f"images{s}") for s in (0, 1)]
+    warm = _write_run(tmp_path / "warm0", "ce", 0, 70.0, "images0", warmup_steps=2)
+    comparison = compare_runs([*plain, warm])
+    assert [(g["setting"], g["runs"]) for g in comparison["settings"]] == [("warmup_steps=0", 2),
+                                                                           ("warmup_steps=2", 1)]  # fmt: skip
+    assert comparison["settings"][0]["test_top1"]["mean"] == pytest.approx(60.5)
+    assert [d["test_top1"] for d in comparison["paired"][0]["differences"]] == pytest.approx([10.0])
+
+
 def test_one_run_is_shown_without_a_claim_about_other_runs(tmp_path):
     run = _write_run(tmp_path / "ce0", "ce", 0, 61.0, "images0")
     text = format_comparison(compare_runs([run]))
