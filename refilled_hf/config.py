@@ -365,6 +365,17 @@ def _launcher_settings_ignored():
         os.environ.update(saved)
 
 
+def _default_configuration() -> RefilledConfig:
+    """A configuration of every default, however this process was launched."""
+    with _launcher_settings_ignored():
+        return RefilledConfig()
+
+
+def _recipe_value(value: Any) -> Any:
+    """A field's value as a recipe writes it (an option enum as its value)."""
+    return value.value if hasattr(value, "value") else value
+
+
 def _check_range(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"`{name}` must be a number, got {value!r}.")
@@ -1318,8 +1329,7 @@ class RefilledConfig(TrainingArguments):
         :data:`MACHINE_DECIDED_FIELDS` are given as the user gave them, so that the recipe
         runs as it says on another machine, or, ``as_run``, as this run set them (its identity)."""
         parent = {f.name for f in fields(TrainingArguments)}
-        with _launcher_settings_ignored():  # the defaults, however this process was launched
-            default = RefilledConfig()
+        default = _default_configuration()
         unused = self.fields_unused_by(self.method) if used_only else {}
         given = {} if as_run else getattr(self, "_given", {})
         ours, theirs = {}, {}
@@ -1334,7 +1344,7 @@ class RefilledConfig(TrainingArguments):
             if f.name not in parent:
                 ours[f.name] = value
             elif f.name in RefilledConfig._TASK_DEFAULTS or value != default_value:
-                theirs[f.name] = value.value if hasattr(value, "value") else value
+                theirs[f.name] = _recipe_value(value)
         return json.loads(json.dumps({**ours, **theirs}, default=str))
 
     @staticmethod
@@ -1343,13 +1353,12 @@ class RefilledConfig(TrainingArguments):
         from a default configuration, each with that default as a recipe writes it: what a
         run whose record lacks one of them ran with."""
         parent = {f.name for f in fields(TrainingArguments)}
-        with _launcher_settings_ignored():
-            default = RefilledConfig()
-        values = {}
-        for f in fields(default):
-            if f.name in parent and f.init and "token" not in f.name and f.name not in RefilledConfig._TASK_DEFAULTS:
-                value = getattr(default, f.name)
-                values[f.name] = value.value if hasattr(value, "value") else value
+        default = _default_configuration()
+        values = {
+            f.name: _recipe_value(getattr(default, f.name))
+            for f in fields(default)
+            if f.name in parent and f.init and "token" not in f.name and f.name not in RefilledConfig._TASK_DEFAULTS
+        }
         return json.loads(json.dumps(values, default=str))
 
     def milestones(self) -> list[float]:

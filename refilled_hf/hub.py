@@ -220,25 +220,22 @@ def pushed_files(folder: Path) -> tuple[list[Path], list[str]]:
     why: hidden entries (a run's lock file, the staging folder of a killed export, an editor's
     or a notebook's files) and, where a refilled-hf run was written into the folder (its
     ``run.json`` lists what it wrote), that run's outputs: its checkpoints are not the model."""
-    from .rundir import MANIFEST  # (rundir imports this module)
+    from .rundir import recorded_outputs  # (rundir imports this module)
 
-    hidden = sorted(  # each hidden entry, not what a hidden folder holds
-        p.relative_to(folder).as_posix() for p in folder.rglob(".*")
-        if not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1])
-    )  # fmt: skip
-    run_outputs: list[str] = []
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        outputs = json.loads((folder / MANIFEST).read_text()).get("outputs")
-        if isinstance(outputs, list):
-            run_outputs = sorted(name for name in map(str, outputs) if (folder / name).exists())
-    files = sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        and p.relative_to(folder).parts[0] not in run_outputs
-    )  # fmt: skip
+    written = set(recorded_outputs(folder) or [])
+    files, hidden, run_outputs = [], [], set()
+    for path in sorted(folder.rglob("*")):  # one walk: what goes, and what does not
+        parts = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in parts):
+            if not any(part.startswith(".") for part in parts[:-1]):  # each hidden entry, not what it holds
+                hidden.append("/".join(parts))
+        elif parts[0] in written:
+            run_outputs.add(parts[0])
+        elif path.is_file():
+            files.append(path)
     left_out = [f"hidden entries ({', '.join(hidden)})"] if hidden else []
     if run_outputs:
-        left_out.append(f"the outputs of the refilled-hf run written there ({', '.join(run_outputs)})")
+        left_out.append(f"the outputs of the refilled-hf run written there ({', '.join(sorted(run_outputs))})")
     return files, left_out
 
 

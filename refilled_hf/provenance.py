@@ -10,7 +10,6 @@ the student's validation images the teacher trained on.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 from .backbone import exported_config
 from .data import DataError, load_classification_data
 from .hub import TRAINING_DATA_KEY
-from .rundir import MANIFEST
+from .rundir import MANIFEST, recorded_outputs
 
 __all__ = [
     "redraw_training_rows",
@@ -51,11 +50,8 @@ def run_folder(checkpoint: str | Path) -> Path | None:
     for folder in path.parents:
         if not (folder / MANIFEST).is_file():
             continue
-        try:
-            outputs = json.loads((folder / MANIFEST).read_text()).get("outputs")
-        except (OSError, ValueError, AttributeError):  # unreadable: nothing shows what it owns
-            outputs = None
-        if not isinstance(outputs, list) or path.relative_to(folder).parts[0] in outputs:
+        outputs = recorded_outputs(folder)  # (None: nothing shows what it owns)
+        if outputs is None or path.relative_to(folder).parts[0] in outputs:
             return folder
     return None
 

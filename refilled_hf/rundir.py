@@ -159,6 +159,17 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
+def recorded_outputs(folder: Path) -> list[str] | None:
+    """The entries of ``folder`` that the refilled-hf run there recorded writing (its
+    ``run.json``'s ``outputs``); None where the folder holds no such record (no run, or a
+    ``run.json`` that cannot be read or lists none)."""
+    try:
+        outputs = json.loads((folder / MANIFEST).read_text()).get("outputs")
+    except (OSError, ValueError, AttributeError):  # none, unreadable, or not a JSON object
+        return None
+    return [str(name) for name in outputs] if isinstance(outputs, list) else None
+
+
 def can_write_in(folder: Path) -> bool:
     """Whether this user can create files in ``folder``, or create it (in the nearest folder
     above it that exists)."""
