@@ -170,15 +170,33 @@ def _stop_for_interrupt(trainer: RefilledTrainer) -> None:
 def _check_finite(trainer: RefilledTrainer) -> None:
     """The last line of defence: a stage whose loss or weights went non-finite stops the
     run before anything is exported or any accuracy is claimed."""
-    bad_steps = int(trainer.nonfinite_losses)
     bad_weights = [
         n for n, t in trainer._student().state_dict().items() if t.is_floating_point() and not t.isfinite().all()
     ]
     loss = trainer.train_metrics.get("train_loss")
-    if bad_steps or bad_weights or (isinstance(loss, float) and not math.isfinite(loss)):
-        what = f"{bad_steps} training steps had a non-finite loss" if bad_steps else "the training loss is not finite"
+    # Every process decides alike: each counts the non-finite losses of its own share of the
+    # batches (and its own buffers), so one process alone may see them; one that stopped while
+    # the others went on would leave them waiting at their next collective, or exporting (a
+    # lambda candidate diverged on one process only: the processes would pick different ones).
+    loss_not_finite = isinstance(loss, float) and not math.isfinite(loss)
+    counts = torch.tensor([float(trainer.nonfinite_losses), len(bad_weights), loss_not_finite],
+                          device=trainer.accelerator.device)  # fmt: skip
+    if trainer.accelerator.num_processes > 1:
+        counts = trainer.accelerator.reduce(counts, reduction="sum")
+    bad_steps, bad_tensors, bad_loss = (int(v) for v in counts.tolist())
+    if bad_steps or bad_tensors or bad_loss:
+        processes = trainer.accelerator.num_processes
+        found = []
+        if bad_steps:
+            over = f" (counted over its {processes} processes' batches)" if processes > 1 else ""
+            found.append(f"{bad_steps} training steps had a non-finite loss{over}")
+        elif bad_loss:
+            found.append("the training loss is not finite")
         if bad_weights:
-            what += f"; {len(bad_weights)} weight tensors hold NaN/inf (e.g. {bad_weights[0]})"
+            found.append(f"{len(bad_weights)} weight tensors hold NaN/inf (e.g. {bad_weights[0]})")
+        elif bad_tensors:
+            found.append(f"{bad_tensors} weight tensors of another process hold NaN/inf")
+        what = "; ".join(found)
         raise DivergedError(
             f"Training diverged in {trainer.stage} ({what}). Nothing was exported. Lower the learning rate "
             "(--stage1_learning_rate / --stage2_learning_rate) or the loss weights (--distill_weight, "

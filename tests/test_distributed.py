@@ -273,6 +273,24 @@ def unused():
     return found
 
 
+def diverged():
+    # one process alone counted a non-finite loss: every process must stop (not only that one)
+    from refilled_hf.stages import DivergedError, _check_finite
+
+    torch.manual_seed(0)
+    args = RefilledConfig(output_dir=f"{folder}/diverged", use_cpu=True, eval_strategy="no", save_strategy="no",
+                          report_to=[])
+    trainer = RefilledTrainer(model=timm.create_model("cifar_wrn_16_1", num_classes=3), args=args, stage="ce",
+                              num_classes=3)
+    trainer.nonfinite_losses = torch.tensor(1 if rank == world - 1 else 0)
+    trainer.train_metrics = {"train_loss": 0.5}
+    try:
+        _check_finite(trainer)
+    except DivergedError as err:
+        return {"stopped": str(err)}
+    return {"stopped": None}
+
+
 results = {}
 for name in names:
     results[name] = globals()[name]()
@@ -308,10 +326,11 @@ def run_scenarios(tmp_path: Path, processes: int, names: tuple[str, ...]) -> dic
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory) -> dict[str, tuple]:
     """Each scenario's (one process, two processes) results; DDP's unused-parameter scenario
-    has two processes only (one process is not wrapped)."""
+    (one process is not wrapped) and the divergence one (one process of several) have two
+    processes only."""
     folder = tmp_path_factory.mktemp("scenarios")
     one = run_scenarios(folder, 1, SCENARIOS)
-    two = run_scenarios(folder, 2, (*SCENARIOS, "unused"))
+    two = run_scenarios(folder, 2, (*SCENARIOS, "unused", "diverged"))
     return {name: (one.get(name), two[name]) for name in two}
 
 
@@ -351,6 +370,12 @@ def test_predict_over_two_processes_returns_every_image_once_in_the_data_sets_or
 
 def test_ddp_looks_for_unused_parameters_exactly_where_the_student_has_some(scenarios):
     assert scenarios["unused"][1] == {False: (False, 3), True: (True, 3)}
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process(scenarios):
+    # rank 1 alone counted it; rank 0 (whose answer comes back) must stop too, not go on to export
+    stopped = scenarios["diverged"][1]["stopped"]
+    assert stopped is not None and "1 training steps had a non-finite loss (counted over its 2 processes" in stopped
 
 
 def test_the_cli_tears_the_process_group_down_before_exit(monkeypatch, capsys):
