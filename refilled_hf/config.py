@@ -189,9 +189,12 @@ INFORMATIONAL_FIELDS: tuple[str, ...] = ("do_train", "do_eval", "do_predict")
 
 #: Fields a run may set from the machine it runs on (bf16 without a GPU runs on the CPU, which
 #: transformers then does not pin memory for; a GPU gets non-blocking copies; the loader workers
-#: follow the cores and the accelerator, unless set): recipes give them as the user gave them
-#: (RefilledConfig.to_recipe), run identities as they ran.
-MACHINE_DECIDED_FIELDS = ("use_cpu", "dataloader_pin_memory", "accelerator_config", "dataloader_num_workers")
+#: follow the cores and the accelerator, unless set; one process has no process group for a
+#: --ddp_backend): recipes give them as the user gave them (RefilledConfig.to_recipe), run
+#: identities as they ran.
+MACHINE_DECIDED_FIELDS = (
+    "use_cpu", "dataloader_pin_memory", "accelerator_config", "dataloader_num_workers", "ddp_backend",
+)  # fmt: skip
 
 #: Inherited fields that do what transformers documents (some with refilled-hf's own
 #: meaning, stated in their help: optim, max_steps, warmup_steps, label_smoothing_factor,
@@ -327,6 +330,20 @@ LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND",
 #: the variables through which a launcher (torchrun, accelerate's multi-GPU launcher, mpirun)
 #: tells each process how many processes there are
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (1 without one), as Accelerate reads it."""
+    for name in WORLD_SIZE_VARIABLES:
+        with contextlib.suppress(ValueError):
+            if int(os.environ.get(name, -1)) >= 0:
+                return int(os.environ[name])
+    return 1
+
+
+def _process_group_exists() -> bool:
+    """Whether a process group is up (a script that made its own before the configuration)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def lone_process_launch_warning() -> str | None:
@@ -869,6 +886,16 @@ class RefilledConfig(TrainingArguments):
             "not its own); true or false: as given."
         ),
     )
+    ddp_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "Backend of the process group when several processes train (nccl between GPUs, gloo between "
+            "CPUs; unset: Accelerate's choice). One process has no process group and trains as without it (a "
+            "multi-GPU recipe run on one GPU).",
+            # (the backends the installed transformers lists)
+            **{k: v for k, v in TrainingArguments.__dataclass_fields__["ddp_backend"].metadata.items() if k != "help"},
+        },
+    )
     warmup_steps: float = field(
         default=0,
         **_help("Linear learning-rate warm-up at the start of each stage: steps (>= 1) or a fraction of it (< 1)."),
@@ -972,6 +999,11 @@ class RefilledConfig(TrainingArguments):
         # process 0 of 1, and all of them wrote the same --output_dir.
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             self.use_cpu = True
+        if self.ddp_backend is not None and launched_processes() <= 1 and not _process_group_exists():
+            # the backend of a process group, and one process trains without one: a multi-GPU recipe run on one
+            # GPU trains as it would without the field (transformers asked Accelerate for the size of a group
+            # it never made: "Default process group has not been initialized")
+            self.ddp_backend = None
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = default_loader_workers(on_accelerator=not self.use_cpu and _has_accelerator())
         if self.accelerator_config is None and self.dataloader_pin_memory and torch.cuda.is_available():

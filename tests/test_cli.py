@@ -362,6 +362,26 @@ def test_loader_workers_left_unset_follow_the_machine_and_recipes_leave_them_to_
     assert mine.dataloader_num_workers == 0 and mine.to_recipe()["dataloader_num_workers"] == 0
 
 
+def test_a_multi_process_recipes_ddp_backend_trains_one_process_as_without_it(data_dir, tmp_path, monkeypatch):
+    """--ddp_backend names a process group's backend; one process has none, and transformers asked
+    Accelerate for the size of a group it never made ('Default process group has not been
+    initialized'): a multi-GPU recipe run on one machine failed. It now trains as without the field,
+    its recipe keeping it for the next multi-process run."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    config = RefilledConfig(ddp_backend="gloo", use_cpu=True, output_dir=str(tmp_path / "o"))
+    assert config.world_size == 1 and config.ddp_backend is None
+    assert config.to_recipe()["ddp_backend"] == "gloo" and "ddp_backend" not in config.to_recipe(as_run=True)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", dataset=str(data_dir), output_dir=str(out), method="ce",
+                          student="cifar_wrn_16_1", image_size=16, classes="3-5", stage2_epochs=1,
+                          per_device_train_batch_size=16, disable_tqdm=True, use_cpu=True,
+                          ddp_backend="gloo")  # fmt: skip
+    assert main(["distill", "--config", recipe]) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+    assert "\nddp_backend: gloo\n" in (out / "model" / "README.md").read_text()
+
+
 def test_train_teacher_prints_the_fields_it_reads_and_they_read_back(tmp_path):
     """No student or distillation option in train-teacher's printed configuration (the student's
     default would name a model it does not train), and train-teacher takes it back unchanged."""
