@@ -815,7 +815,13 @@ class RefilledConfig(TrainingArguments):
     per_device_eval_batch_size: int = field(default=256, **_help("Batch size per device for evaluation."))
     weight_decay: float = field(default=5e-4, **_help("Weight decay (SGD, coupled)."))
     eval_strategy: IntervalStrategy | str = field(default="epoch", **_help("When to evaluate on validation."))
-    save_strategy: SaveStrategy | str = field(default="epoch", **_help("When to write a checkpoint."))
+    save_strategy: SaveStrategy | str = field(
+        default="epoch",
+        **_help(
+            "When to write a checkpoint: every epoch, every --save_steps steps, no, or best: at each evaluation "
+            "that improves the stage's validation metric (stage 1: NCM top-1; after it: top-1)."
+        ),
+    )
     save_total_limit: int | None = field(default=2, **_help("Checkpoints kept per stage."))
     seed: int = field(
         default=42,

@@ -185,7 +185,7 @@ def stage_args(config: RefilledConfig, stage: str, output_dir: str | os.PathLike
         hub_token=None,
         load_best_model_at_end=load_best_model_at_end,
     )
-    if view.load_best_model_at_end:
+    if view.load_best_model_at_end or option_name(view.save_strategy) == "best":  # (best: saved where it improves)
         view.metric_for_best_model = "eval_ncm_top1" if first else "eval_top1"
         view.greater_is_better = True
     if not evaluates:

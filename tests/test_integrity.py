@@ -539,21 +539,32 @@ def test_predict_returns_each_images_logits_in_order_with_evaluates_metrics(tmp_
     assert scores.metrics == {"test_ncm_top1": pytest.approx(ncm_top1), "test_samples": 10}
 
 
-def test_a_trainer_from_the_run_config_selects_the_best_checkpoint_on_its_stages_metric(tmp_path):
+@pytest.mark.parametrize("selection", [{"load_best_model_at_end": True}, {"save_strategy": "best"}])
+def test_a_trainer_from_the_run_config_selects_the_best_checkpoint_on_its_stages_metric(tmp_path, selection):
+    """--save_strategy best saves where the stage's metric improves (it failed at the first
+    evaluation, transformers asking for a metric_for_best_model, which refilled-hf sets)."""
     g = torch.Generator().manual_seed(0)
     images = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(24)]
     args = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, stage1_epochs=3, stage2_epochs=3,
-                          per_device_train_batch_size=8, load_best_model_at_end=True, disable_tqdm=True)  # fmt: skip
+                          per_device_train_batch_size=8, disable_tqdm=True, save_total_limit=None,
+                          **selection)  # fmt: skip
     student, teacher = (timm.create_model("cifar_wrn_16_1", num_classes=n) for n in (3, 5))
-    common = dict(args=args, num_classes=3, teacher=teacher, train_dataset=images, eval_dataset=images)
-    stage1 = RefilledTrainer(model=student, stage="stage1", centers_dataset=images, **common)
+    common = dict(num_classes=3, teacher=teacher, train_dataset=images, eval_dataset=images)
+    stage1 = RefilledTrainer(model=student, args=dataclasses.replace(args, output_dir=str(tmp_path / "stage1")),
+                             stage="stage1", centers_dataset=images, **common)  # fmt: skip
     stage1.train()
-    stage2 = RefilledTrainer(model=student, stage="stage2", **common)
+    stage2 = RefilledTrainer(model=student, args=dataclasses.replace(args, output_dir=str(tmp_path / "stage2")),
+                             stage="stage2", **common)  # fmt: skip
     stage2.compute_teacher_centers(images)
     stage2.train()
     for trainer, metric in ((stage1, "eval_ncm_top1"), (stage2, "eval_top1")):
         logged = [entry[metric] for entry in trainer.state.log_history if metric in entry]
         assert len(logged) == 3 and trainer.state.best_metric == max(logged)
+        saved = sorted(int(c.name.split("-")[1]) for c in Path(trainer.args.output_dir).glob("checkpoint-*"))
+        if "save_strategy" in selection:  # a checkpoint at each evaluation that beat the ones before it (3 steps)
+            assert saved == [3 * (i + 1) for i, value in enumerate(logged) if value > max(logged[:i], default=-1.0)]
+        else:
+            assert saved == [3, 6, 9]
 
 
 class BestCheckpointOnResume(TrainerCallback):
