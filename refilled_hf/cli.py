@@ -219,10 +219,11 @@ POSITIONAL_USAGE = {
 
 
 #: fields whose default is refilled-hf's None (unset; --dataloader_num_workers: this machine's
-#: default): a none word sets them back to it
+#: default): a none word sets them back to it; and --save_total_limit, whose None (keep every
+#: checkpoint) a recipe gives as null
 UNSETTABLE_FIELDS = frozenset(f.name for f in fields(RefilledConfig) if f.default is None) - {
     f.name for f in fields(TrainingArguments) if f.default is None
-}
+} | {"save_total_limit"}
 
 
 def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -258,6 +258,12 @@ def inherited_field_help(name: str) -> str | None:
             f"Mixed precision: {kind} autocast, for training and evaluation alike (`evaluate --{name} true` "
             f"measures a model as a --{name} run did; its card's evaluate command passes it)."
         )
+    if name == "accelerator_config":  # some of its data-loader settings are refused
+        return (
+            "Accelerate's settings for the Trainer: a JSON file or a dict (non_blocking, gradient_accumulation_kwargs, "
+            "...). split_batches=true, even_batches=false, dispatch_batches=true and use_seedable_sampler=false are "
+            "refused: each changes which batches the processes train on (its error says how)."
+        )
     if name == "train_sampling_strategy":  # transformers' help lists the length-based samplers too
         return "Training batch order: 'random' (default) or 'sequential' (the length-based samplers are refused)."
     if name in INFORMATIONAL_FIELDS:
@@ -822,7 +828,13 @@ class RefilledConfig(TrainingArguments):
             "that improves the stage's validation metric (stage 1: NCM top-1; after it: top-1)."
         ),
     )
-    save_total_limit: int | None = field(default=2, **_help("Checkpoints kept per stage."))
+    save_total_limit: int | None = field(
+        default=2,
+        **_help(
+            "Checkpoints kept per stage: the newest ones, and the best where --load_best_model_at_end or "
+            "--save_strategy best selects one; none: every one."
+        ),
+    )
     seed: int = field(
         default=42,
         **_help(
@@ -1027,6 +1039,31 @@ class RefilledConfig(TrainingArguments):
         # evaluate --split validation) would refuse the derived values as the user's
         for name, value in selection.items():
             setattr(self, name, value)
+        self._check_data_loader_configuration()
+
+    def _check_data_loader_configuration(self) -> None:
+        """Refuse the ``--accelerator_config`` data-loader settings that change what a run trains
+        on behind refilled-hf's back (read once transformers has parsed the field: a dict, JSON
+        text or a JSON file)."""
+        given = self.accelerator_config
+        refused = {
+            "split_batches": (True, "makes --per_device_train_batch_size the global batch, split over the processes, "
+                              "while refilled-hf counts batches per process (its checks, warm-up, evaluation cadence "
+                              "and model card): pass --per_device_train_batch_size <global batch / processes> "
+                              "instead"),
+            "even_batches": (False, "gives the processes batches of different sizes at an epoch's end, while "
+                             "REFILLED's stages and RKD gather every process's batch into one (--mining_scope), "
+                             "which needs equal sizes: leave it true"),
+            "dispatch_batches": (True, "has process 0 load every process's batches, as transformers does for "
+                                 "iterable data sets; refilled-hf's are map-style, each process reading its own "
+                                 "share (what its multi-process runs are tested with): leave it unset"),
+            "use_seedable_sampler": (False, "draws each epoch's order from the global random state, so a run "
+                                     "resumed inside an epoch trains on other batches than the uninterrupted run: "
+                                     "leave it true"),
+        }  # fmt: skip
+        for name, (value, why) in refused.items():
+            if getattr(given, name, None) is value:
+                raise ConfigError(f"--accelerator_config {name}={str(value).lower()} {why}.")
 
     def _adopt_launcher_settings(self) -> None:
         """What ``accelerate launch`` (its flags or an Accelerate config file) asks through the

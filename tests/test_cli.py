@@ -63,6 +63,9 @@ def test_none_on_the_command_line_unsets_an_optional_field_a_recipe_sets(tmp_pat
     assert (config.teacher_classes, config.shots_per_class, config.distill_weight) == ("cifar100-first-half", 50, 10)
     with pytest.raises(SystemExit):  # a field that is never unset keeps its type's error
         parse_config((RefilledConfig,), ["--teacher", "x", "--stage1_epochs", "none"], "t")
+    # --save_total_limit's none keeps every checkpoint (YAML's null could, the command line could not)
+    assert parse_config((RefilledConfig,), ["--save_total_limit", "none"], "t")[0].save_total_limit is None
+    assert parse_config((RefilledConfig,), ["--save_total_limit", "3"], "t")[0].save_total_limit == 3
     with pytest.raises(SystemExit):
         parse_config((RefilledConfig,), ["--teacher", "x", "--shots_per_class", "many"], "t")
 

@@ -292,6 +292,34 @@ def test_options_that_contradict_each_other_are_refused_naming_the_fix(options, 
         RefilledConfig(output_dir=str(tmp_path), **options)
 
 
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"split_batches": True}, "split_batches=true makes --per_device_train_batch_size the global batch"),
+        ({"even_batches": False}, "even_batches=false gives the processes batches of different sizes"),
+        ({"dispatch_batches": True}, "dispatch_batches=true has process 0 load every process's batches"),
+        ({"use_seedable_sampler": False}, "use_seedable_sampler=false .* resumed inside an epoch trains on other"),
+    ],
+)
+def test_data_loader_settings_that_change_what_a_run_trains_on_are_refused(setting, message, tmp_path):
+    """A 2-process run with split_batches trained on global batches of 12 and its model card said
+    24; even_batches=false crashed in the gather of global mining; a run resumed inside an epoch
+    without the seedable sampler ended with another test loss than the uninterrupted run. Given
+    as a dict, JSON text or a JSON file alike; the other settings pass."""
+    with pytest.raises(ConfigError, match=message):
+        RefilledConfig(output_dir=str(tmp_path), accelerator_config=setting)
+    with pytest.raises(ConfigError, match=message):
+        RefilledConfig(output_dir=str(tmp_path), accelerator_config=json.dumps(setting))
+    path = tmp_path / "accelerator.json"
+    path.write_text(json.dumps(setting))
+    with pytest.raises(ConfigError, match=message):
+        RefilledConfig(output_dir=str(tmp_path), accelerator_config=str(path))
+    (name,) = setting
+    allowed = {name: None if name == "dispatch_batches" else not setting[name]}
+    config = RefilledConfig(output_dir=str(tmp_path), accelerator_config=allowed)
+    assert getattr(config.accelerator_config, name) is allowed[name]
+
+
 def _optimizer_state_keys(stage_dir: Path) -> set[str]:
     state = torch.load(checkpoints(stage_dir)[-1] / "optimizer.pt", weights_only=True)
     return {key for per_param in state["state"].values() for key in per_param}
