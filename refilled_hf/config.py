@@ -171,6 +171,10 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "hub_always_push": "stages never push; the run pushes its exported model once, at the end",
     "hub_revision": "the run pushes its exported model to the main branch",
     "ignore_data_skip": "a resumed run must continue exactly where it stopped",
+    "dataloader_in_order": (
+        "with worker processes, false takes batches in the order the workers finish them, so a seeded run would "
+        "not train the same again, nor a resumed one continue as it would have"
+    ),
     "enable_jit_checkpoint": (
         "a SIGTERM while a stage trains already saves a checkpoint of the step and stops the run (transformers' "
         "may save before a step's update and lets the run go on); resume with --resume_from_checkpoint true"
@@ -210,7 +214,7 @@ HONOURED_FIELDS: tuple[str, ...] = (
     "load_best_model_at_end", "restore_callback_states_from_checkpoint", "full_determinism", "seed", "data_seed",
     "use_cpu", "accelerator_config", "dataloader_drop_last", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
-    "dataloader_in_order", "remove_unused_columns", "train_sampling_strategy", "ddp_find_unused_parameters",
+    "remove_unused_columns", "train_sampling_strategy", "ddp_find_unused_parameters",
     "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend", "ddp_timeout",
     "skip_memory_metrics", "resume_from_checkpoint", "torch_compile", "torch_compile_backend", "torch_compile_mode",
     "local_rank", "output_dir", "per_device_train_batch_size",

@@ -130,7 +130,7 @@ UNSUPPORTED_VALUES = {
     "eval_do_concat_batches": False, "eval_use_gather_object": True, "eval_accumulation_steps": 2,
     "include_for_metrics": ["inputs"], "batch_eval_metrics": True, "metric_for_best_model": "loss",
     "greater_is_better": True, "hub_strategy": "end", "hub_always_push": True, "hub_revision": "dev",
-    "ignore_data_skip": True, "enable_jit_checkpoint": True, "fsdp": "full_shard",
+    "ignore_data_skip": True, "dataloader_in_order": False, "enable_jit_checkpoint": True, "fsdp": "full_shard",
     "fsdp_config": {"min_num_params": 1}, "deepspeed": "ds.json", "label_names": ["labels"],
     "length_column_name": "n", "debug": "underflow_overflow", "parallelism_config": {"dp_shard_size": 2},
 }  # fmt: skip
