@@ -262,6 +262,16 @@ def inherited_field_help(name: str) -> str | None:
             f"Mixed precision: {kind} autocast, for training and evaluation alike (`evaluate --{name} true` "
             f"measures a model as a --{name} run did; its card's evaluate command passes it)."
         )
+    if name == "optim_args":  # transformers' help names three optimizers; most others do not read it
+        return (
+            "Arguments of the --optim optimizer as key=value pairs separated by commas (rmsprop: "
+            "'momentum=0.5,alpha=0.9'). Refused where that optimizer does not read them (AdamW: --adam_beta1, "
+            "--adam_beta2, --adam_epsilon) and with the default sgd."
+        )
+    if name in ("adam_beta1", "adam_beta2", "adam_epsilon"):  # read by Adam-type optimizers only
+        what = {"adam_beta1": "first-moment decay (beta1)", "adam_beta2": "second-moment decay (beta2)",
+                "adam_epsilon": "epsilon"}[name]  # fmt: skip
+        return f"The {what} of Adam-type --optim optimizers; refused with one that does not read it (sgd, rmsprop)."
     if name == "accelerator_config":  # some of its data-loader settings are refused
         return (
             "Accelerate's settings for the Trainer: a JSON file or a dict (non_blocking, gradient_accumulation_kwargs, "
@@ -471,6 +481,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         value = [getattr(v, "value", v) for v in value]
     return None if value in (None, False, "", "no", "none", [], {}) else value
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    """An optimizer's arguments as a message shows them (the learning rate is the stage's)."""
+    shown = {k: v for k, v in kwargs.items() if k != "lr"}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "its defaults"
 
 
 @functools.lru_cache(maxsize=1)
@@ -1044,6 +1060,43 @@ class RefilledConfig(TrainingArguments):
         for name, value in selection.items():
             setattr(self, name, value)
         self._check_data_loader_configuration()
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        """Refuse, before any data is loaded, an ``--optim`` this machine cannot build (a package
+        missing) and the optimizer settings it would not read: transformers builds each optimizer
+        from the few fields it knows (AdamW from --adam_beta1/2/--adam_epsilon, RMSprop from
+        --optim_args, ...) and passes over the others in silence. What an optimizer reads is
+        found by building its arguments with and without the setting (transformers' own
+        ``get_optimizer_cls_and_kwargs``), so it follows the installed release."""
+        optim = option_name(self.optim)
+        if optim == "sgd":
+            return  # refilled-hf's own SGD: _check_inherited refuses the other optimizers' fields with it
+        if self.sgd_momentum != field_defaults()["sgd_momentum"]:
+            raise ConfigError(
+                f"--sgd_momentum applies to --optim sgd (refilled-hf's Nesterov SGD), not --optim {optim}: remove it."
+            )
+        from transformers import Trainer  # (a heavy import, only for another optimizer than the default)
+
+        probe = torch.nn.Linear(1, 1)
+        try:
+            built, chosen = Trainer.get_optimizer_cls_and_kwargs(self, probe)
+        except (ImportError, ValueError, TypeError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            where = (" (--optim_args takes key=value pairs separated by commas, e.g. 'momentum=0.5,alpha=0.9')"
+                     if self.optim_args and "unpack" in first else "")  # fmt: skip
+            raise ConfigError(f"--optim {optim} cannot be built here: {first}{where}.") from None
+        defaults = _transformers_defaults()
+        for name in self._changed_inherited(("optim_args", "adam_beta1", "adam_beta2", "adam_epsilon")):
+            without = copy.copy(self)
+            setattr(without, name, defaults[name])
+            if Trainer.get_optimizer_cls_and_kwargs(without, probe)[1] == chosen:
+                raise ConfigError(
+                    f"--{name} {getattr(self, name)} changes nothing in --optim {optim}: transformers builds "
+                    f"{getattr(built, '__name__', built)} the same without it ({_kwargs_text(chosen)}). Pass settings "
+                    f"{optim} reads (AdamW-type optimizers: --adam_beta1, --adam_beta2, --adam_epsilon; others: "
+                    "--optim_args with their own argument names), or remove it."
+                )
 
     def _check_data_loader_configuration(self) -> None:
         """Refuse the ``--accelerator_config`` data-loader settings that change what a run trains

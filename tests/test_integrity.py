@@ -6,6 +6,7 @@ label space, and a user's files are never deleted."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import json
 import logging
@@ -318,6 +319,40 @@ def test_data_loader_settings_that_change_what_a_run_trains_on_are_refused(setti
     allowed = {name: None if name == "dispatch_batches" else not setting[name]}
     config = RefilledConfig(output_dir=str(tmp_path), accelerator_config=allowed)
     assert getattr(config.accelerator_config, name) is allowed[name]
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(optim="adamw_torch", optim_args="beta1=0.8"), r"--optim_args beta1=0.8 changes nothing in --optim adamw"),
+        (dict(optim="rmsprop", adam_beta1=0.8), "--adam_beta1 0.8 changes nothing in --optim rmsprop"),
+        (dict(optim="rmsprop", optim_args="mom=0.5"), "--optim_args mom=0.5 changes nothing"),
+        (dict(optim="rmsprop", optim_args="momentum:0.5"), "cannot be built here.*key=value pairs"),
+        (dict(optim="adamw_torch", sgd_momentum=0.5), "--sgd_momentum applies to --optim sgd"),
+        (dict(optim="lion_32bit"), "--optim lion_32bit cannot be built here: .*bitsandbytes"),
+    ],
+)  # fmt: skip
+def test_optimizer_settings_the_optimizer_does_not_read_are_refused(options, message, tmp_path):
+    """transformers builds each optimizer from the few fields it knows and passes over the others in
+    silence: `--optim adamw_torch --optim_args beta1=0.8` trained with beta1 0.9. An optimizer of a
+    package that is not installed failed only once the data was loaded."""
+    if options["optim"] == "lion_32bit" and importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(ConfigError, match=message):
+        RefilledConfig(output_dir=str(tmp_path), use_cpu=True, **options)
+
+
+def test_optimizer_settings_the_optimizer_reads_reach_it(tmp_path):
+    from transformers import Trainer
+
+    probe = torch.nn.Linear(1, 1)
+    for options, expected in (
+        (dict(optim="rmsprop", optim_args="momentum=0.5"), {"momentum": 0.5}),
+        (dict(optim="adamw_torch", adam_beta1=0.8, adam_epsilon=1e-6), {"betas": (0.8, 0.999), "eps": 1e-6}),
+    ):
+        config = RefilledConfig(output_dir=str(tmp_path), use_cpu=True, **options)
+        kwargs = Trainer.get_optimizer_cls_and_kwargs(config, probe)[1]
+        assert {key: kwargs[key] for key in expected} == expected
 
 
 def _optimizer_state_keys(stage_dir: Path) -> set[str]:
