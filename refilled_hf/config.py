@@ -839,7 +839,15 @@ class RefilledConfig(TrainingArguments):
     )
     per_device_train_batch_size: int = field(default=128, **_help("Batch size per device for training."))
     per_device_eval_batch_size: int = field(default=256, **_help("Batch size per device for evaluation."))
-    weight_decay: float = field(default=5e-4, **_help("Weight decay (SGD, coupled)."))
+    weight_decay: float = field(
+        default=5e-4,
+        **_help(
+            "Weight decay: --optim sgd adds it to every parameter's gradient (coupled, the paper's); another "
+            "--optim applies it as transformers does (AdamW: decoupled), to every parameter but biases and the "
+            "weights of LayerNorms and of layers named norm (a BatchNorm named bn1, as in the CIFAR wide ResNets, "
+            "is decayed)."
+        ),
+    )
     eval_strategy: IntervalStrategy | str = field(default="epoch", **_help("When to evaluate on validation."))
     save_strategy: SaveStrategy | str = field(
         default="epoch",
