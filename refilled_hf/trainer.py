@@ -131,9 +131,12 @@ def set_evaluation_cadence(args: RefilledConfig, epochs: float, images: int) -> 
     every = math.ceil(epochs / args.evaluations_per_stage) if args.evaluations_per_stage else 1
     if every <= 1:
         return
-    steps = every * steps_per_epoch(args, images)
+    per_epoch = steps_per_epoch(args, images)
+    steps = every * per_epoch
     if option_name(args.eval_strategy) == "epoch":
         args.eval_strategy, args.eval_steps = "steps", steps
+        # --eval_delay counts what the strategy counts: the user's epochs, now steps
+        args.eval_delay = args.eval_delay * per_epoch
     if option_name(args.save_strategy) == "epoch":
         args.save_strategy, args.save_steps = "steps", steps
 

@@ -27,22 +27,29 @@ def test_cadence_in_steps():
     every = RefilledConfig(output_dir="o", evaluations_per_stage=0)
     set_evaluation_cadence(every, 400, images=95)
     assert str(every.eval_strategy.value) == "epoch"
-    steps = RefilledConfig(output_dir="o", eval_strategy="steps", eval_steps=7, save_strategy="steps", save_steps=7)
+    steps = RefilledConfig(output_dir="o", eval_strategy="steps", eval_steps=7, save_strategy="steps", save_steps=7,
+                           eval_delay=30)  # fmt: skip
     set_evaluation_cadence(steps, 400, images=95)
     assert steps.eval_steps == 7 and steps.save_steps == 7  # an explicit step cadence is the user's
+    assert steps.eval_delay == 30  # in steps, as given
+    delayed = RefilledConfig(output_dir="o", per_device_train_batch_size=10, eval_delay=15)
+    set_evaluation_cadence(delayed, 200, images=95)
+    assert delayed.eval_delay == 150  # 15 epochs, counted in steps as the cadence now is
 
 
 @pytest.mark.slow
-def test_a_stage_evaluates_and_saves_on_the_cadence_and_at_its_end(tmp_path):
+@pytest.mark.parametrize("eval_delay,evaluated", [(0, [2.0, 4.0]), (3, [4.0])])
+def test_a_stage_evaluates_and_saves_on_the_cadence_and_at_its_end(tmp_path, eval_delay, evaluated):
+    """--eval_delay 3 (epochs) evaluated at epoch 2 too: the cadence counts steps, and the delay
+    was read as 3 steps."""
     data = write_image_dataset(tmp_path / "data")
     recipe = tiny_recipe(data, tmp_path / "run", method="ce", stage2_epochs=4, evaluations_per_stage=2,
-                         save_total_limit=5)  # fmt: skip
+                         save_total_limit=5, eval_delay=eval_delay)  # fmt: skip
     results = run_distillation(RefilledConfig(**recipe))
     stage = Path(tmp_path / "run" / "ce")
     assert sorted(p.name for p in stage.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]  # 3 steps/epoch
     state = json.loads((stage / "checkpoint-12" / "trainer_state.json").read_text())
-    evaluated = [e["epoch"] for e in state["log_history"] if "eval_top1" in e]
-    assert evaluated == [2.0, 4.0]
+    assert [e["epoch"] for e in state["log_history"] if "eval_top1" in e] == evaluated
     assert results["final"]["test_samples"] == 18
 
 
