@@ -48,9 +48,11 @@ CHANGED = {
 }
 
 #: Inherited TrainingArguments fields only a training run reads, each changed (evaluate and
-#: probe-teacher must measure the same with them, and name them).
+#: probe-teacher must measure the same with them, and name them). --optim_args is in
+#: OTHER_OPTIMIZER: no optimizer installed here reads both it and AdamW's fields, and a setting
+#: the optimizer does not read is refused (test_integrity).
 TRAINING_ONLY = {
-    "max_steps": 3, "warmup_steps": 2, "optim": "adamw_torch", "optim_args": "amsgrad=True", "adam_beta1": 0.8,
+    "max_steps": 3, "warmup_steps": 2, "optim": "adamw_torch", "adam_beta1": 0.8,
     "adam_beta2": 0.99, "adam_epsilon": 1e-6, "weight_decay": 0.01, "gradient_accumulation_steps": 2,
     "max_grad_norm": 1.0, "label_smoothing_factor": 0.1, "torch_empty_cache_steps": 5,
     "per_device_train_batch_size": 4, "dataloader_drop_last": True, "train_sampling_strategy": "sequential",
@@ -60,12 +62,16 @@ TRAINING_ONLY = {
     "resume_from_checkpoint": "true", "push_to_hub": True, "hub_model_id": "me/never-pushed", "hub_private_repo": True,
     "output_dir": "never-written",
 }  # fmt: skip
+OTHER_OPTIMIZER = {
+    **{name: value for name, value in TRAINING_ONLY.items() if not name.startswith("adam_")},
+    "optim": "rmsprop", "optim_args": "momentum=0.5",
+}  # fmt: skip
 
 
 def test_every_field_only_training_reads_is_listed():
     training_only = {name for name, users in FIELD_USERS.items() if users == (*METHODS, "train-teacher")}
     inherited = {f.name for f in fields(TrainingArguments)}
-    assert training_only & inherited == set(TRAINING_ONLY)
+    assert training_only & inherited == set(TRAINING_ONLY) | set(OTHER_OPTIMIZER)
     assert "hub_token" not in FIELD_USERS  # a warning lists values: the token must never be one
 
 
@@ -110,16 +116,17 @@ def test_fields_a_method_does_not_use_change_nothing_and_are_named(method, data_
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
     # evaluate uses none of the training fields either, and says so
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
-        config = RefilledConfig(**{**base, **changed, **TRAINING_ONLY, "output_dir": str(tmp_path / "eval")})
-        metrics = evaluate_model(f"local-dir:{tmp_path / 'changed' / 'model'}", config)
-    assert metrics["test_top1"] == first["final"]["test_top1"]
-    assert metrics["test_loss"] == first["final"]["test_loss"]  # label smoothing never reaches evaluation
-    assert "evaluate does not use " in caplog.text and "--stage2_epochs " in caplog.text
-    for name, value in {**TRAINING_ONLY, "output_dir": tmp_path / "eval"}.items():
-        assert f"--{name} {value}," in caplog.text or f"--{name} {value}:" in caplog.text
-    assert not (tmp_path / "eval").exists()  # nothing trained, nothing written (it gained an empty evaluate/)
+    for training_only in (TRAINING_ONLY, OTHER_OPTIMIZER):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="refilled_hf.pipeline"):
+            config = RefilledConfig(**{**base, **changed, **training_only, "output_dir": str(tmp_path / "eval")})
+            metrics = evaluate_model(f"local-dir:{tmp_path / 'changed' / 'model'}", config)
+        assert metrics["test_top1"] == first["final"]["test_top1"]
+        assert metrics["test_loss"] == first["final"]["test_loss"]  # label smoothing never reaches evaluation
+        assert "evaluate does not use " in caplog.text and "--stage2_epochs " in caplog.text
+        for name, value in {**training_only, "output_dir": tmp_path / "eval"}.items():
+            assert f"--{name} {value}," in caplog.text or f"--{name} {value}:" in caplog.text
+        assert not (tmp_path / "eval").exists()  # nothing trained, nothing written (it gained an empty evaluate/)
 
 
 def test_a_method_warns_about_nothing_it_uses(data_dir, teacher_dir):
