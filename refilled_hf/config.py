@@ -21,10 +21,13 @@ from typing import Any, ClassVar
 
 import torch
 import transformers
+from accelerate.utils import get_int_from_env
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
+from .distributed import is_distributed
 from .losses import RELATIONSHIP_VARIANTS
+from .messages import error_text
 from .worker_processes import default_loader_workers
 
 __all__ = ["FIELD_USERS", "INHERITED_FIELDS", "METHODS", "RefilledConfig", "ConfigError", "option_name"]
@@ -350,20 +353,6 @@ LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND",
 #: the variables through which a launcher (torchrun, accelerate's multi-GPU launcher, mpirun)
 #: tells each process how many processes there are
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def launched_processes() -> int:
-    """How many processes the launcher started (1 without one), as Accelerate reads it."""
-    for name in WORLD_SIZE_VARIABLES:
-        with contextlib.suppress(ValueError):
-            if int(os.environ.get(name, -1)) >= 0:
-                return int(os.environ[name])
-    return 1
-
-
-def _process_group_exists() -> bool:
-    """Whether a process group is up (a script that made its own before the configuration)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def lone_process_launch_warning() -> str | None:
@@ -1045,7 +1034,12 @@ class RefilledConfig(TrainingArguments):
         # process 0 of 1, and all of them wrote the same --output_dir.
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             self.use_cpu = True
-        if self.ddp_backend is not None and launched_processes() <= 1 and not _process_group_exists():
+        # (the processes a launcher started, read as Accelerate reads them; or a group a script made itself)
+        if (
+            self.ddp_backend is not None
+            and get_int_from_env(list(WORLD_SIZE_VARIABLES), 1) <= 1
+            and not is_distributed()
+        ):
             # the backend of a process group, and one process trains without one: a multi-GPU recipe run on one
             # GPU trains as it would without the field (transformers asked Accelerate for the size of a group
             # it never made: "Default process group has not been initialized")
@@ -1090,10 +1084,10 @@ class RefilledConfig(TrainingArguments):
         try:
             built, chosen = Trainer.get_optimizer_cls_and_kwargs(self, probe)
         except (ImportError, ValueError, TypeError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            why = error_text(err)
             where = (" (--optim_args takes key=value pairs separated by commas, e.g. 'momentum=0.5,alpha=0.9')"
-                     if self.optim_args and "unpack" in first else "")  # fmt: skip
-            raise ConfigError(f"--optim {optim} cannot be built here: {first}{where}.") from None
+                     if self.optim_args and "unpack" in why else "")  # fmt: skip
+            raise ConfigError(f"--optim {optim} cannot be built here: {why}{where}.") from None
         defaults = _transformers_defaults()
         for name in self._changed_inherited(("optim_args", "adam_beta1", "adam_beta2", "adam_epsilon")):
             without = copy.copy(self)
