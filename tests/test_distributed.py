@@ -48,6 +48,11 @@ def distill(recipe: Path, out: Path, processes: int, say_cpu: bool = True, *extr
 
 
 def test_two_processes_match_one(tmp_path):
+    """A REFILLED run (lambda searched) over 2 processes measures and selects as over one; a
+    SIGTERM to one of its processes stops both at the same checkpointed step and the resumed
+    run ends as the uninterrupted one; a finished run is not trained again, and a resume with
+    other settings is refused by every process. (One test: each 2-process launch costs half a
+    minute of imports on 2 CPU cores, and the uninterrupted run is the resume's reference.)"""
     data = write_image_dataset(tmp_path / "data")
     teacher = write_random_teacher(tmp_path / "teacher", name="cifar_wrn_16_2")
     recipe = tiny_recipe(
@@ -58,7 +63,9 @@ def test_two_processes_match_one(tmp_path):
         per_device_train_batch_size=6,
         per_device_eval_batch_size=4,
         distill_weight=None,
-    )  # fmt: skip  (the default: lambda chosen on validation, 1 or 10)
+        logging_steps=2,
+        save_total_limit=5,
+    )  # fmt: skip  (distill_weight: the default, lambda chosen on validation, 1 or 10)
     recipe.pop("output_dir")
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -98,6 +105,31 @@ def test_two_processes_match_one(tmp_path):
     assert "find_unused_parameters=True was specified" not in log
     # no warning raised in refilled-hf's own code (torch's deprecated autograd all-gather warned)
     assert not re.search(r"refilled_hf/\S+\.py:\d+: \w*Warning", log), log
+
+    # a notice that reaches rank 0 at step 1: the processes agree at the next logging step (2), both
+    # stop there after one checkpoint, and the resumed run ends as the uninterrupted one
+    script = tmp_path / "signal_rank_zero.py"
+    script.write_text(_SIGNAL_RANK_0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    proc = subprocess.run([*launcher, str(script), str(path), str(tmp_path / "stopped")], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: SIGTERM received: stage1 stopped at step 2 of" in log, log[-3000:]
+    # the notice's warning says when the processes stop (it said "at the end of this step")
+    assert ("SIGTERM received: the stage stops after a checkpoint at the next logging step, where its 2 processes "
+            "agree (every 2 steps, --logging_steps)") in log, log[-3000:]  # fmt: skip
+    stage1 = tmp_path / "stopped" / "stage1"
+    assert sorted(p.name for p in stage1.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (stage1 / "checkpoint-2" / "rng_state_1.pth").is_file()
+    assert not (tmp_path / "stopped" / "results.json").exists()
+    distill(path, tmp_path / "stopped", 2, True, "--resume_from_checkpoint", "true")
+    resumed = json.loads((tmp_path / "stopped" / "results.json").read_text())
+    assert resumed["final"]["test_top1"] == results["two"]["final"]["test_top1"]
+    assert resumed["final"]["validation_loss"] == pytest.approx(results["two"]["final"]["validation_loss"], rel=1e-5)
+    assert resumed["distill_weight_search"]["selected"] == results["two"]["distill_weight_search"]["selected"]
 
     # run again once finished: its results, nothing trained; another run's settings: every process
     # refuses with the same message (the others used to fail on the closed process group)
@@ -417,37 +449,3 @@ if dist.is_initialized():
     dist.destroy_process_group()
 sys.exit(code)
 """
-
-
-def test_a_sigterm_to_one_process_stops_every_process_at_the_same_checkpointed_step(tmp_path):
-    """The notice reaches rank 0 at step 1; the processes agree at the next logging step (2),
-    both stop there after one checkpoint, and the resumed run ends as the uninterrupted one."""
-    data = write_image_dataset(tmp_path / "data")
-    teacher = write_random_teacher(tmp_path / "teacher", name="cifar_wrn_16_2")
-    recipe = tiny_recipe(data, tmp_path / "unused", method="refilled", teacher=f"local-dir:{teacher}",
-                         per_device_train_batch_size=6, logging_steps=2, save_total_limit=5)  # fmt: skip
-    recipe.pop("output_dir")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    script = tmp_path / "signal_rank_zero.py"
-    script.write_text(_SIGNAL_RANK_0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    proc = subprocess.run([*launcher, str(script), str(path), str(tmp_path / "run")], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0, log[-3000:]
-    for rank in (0, 1):
-        assert f"rank {rank}: SIGTERM received: stage1 stopped at step 2 of" in log, log[-3000:]
-    # the notice's warning says when the processes stop (it said "at the end of this step")
-    assert ("SIGTERM received: the stage stops after a checkpoint at the next logging step, where its 2 processes "
-            "agree (every 2 steps, --logging_steps)") in log, log[-3000:]  # fmt: skip
-    stage1 = tmp_path / "run" / "stage1"
-    assert sorted(p.name for p in stage1.glob("checkpoint-*")) == ["checkpoint-2"]
-    assert (stage1 / "checkpoint-2" / "rng_state_1.pth").is_file() and not (tmp_path / "run" / "results.json").exists()
-
-    distill(path, tmp_path / "run", 2, True, "--resume_from_checkpoint", "true")
-    distill(path, tmp_path / "reference", 2)
-    resumed, reference = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("run", "reference"))
-    assert resumed["final"]["test_top1"] == reference["final"]["test_top1"]
-    assert resumed["final"]["validation_loss"] == pytest.approx(reference["final"]["validation_loss"], rel=1e-5)

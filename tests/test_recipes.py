@@ -82,14 +82,16 @@ def stand_in_teachers(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("path", CIFAR100_RECIPES, ids=lambda p: p.stem)
 def test_recipe_smoke_run(path, stand_in_teachers, tmp_path):
     """Each CIFAR-100 recipe runs one optimizer step per stage on the local copy (a few
-    images per class, a stand-in teacher) and exports a model."""
+    images per class, a stand-in teacher) and exports a model. Its batches hold 16 images:
+    on these 200, any recipe's batch (64 to 512) is one step over (nearly) all of them, and
+    the suite's slowest tests were these larger batches' forward passes on 2 CPU cores."""
     from refilled_hf.pipeline import run_distillation, run_teacher_training
 
     recipe = yaml.safe_load(path.read_text())
     trains_teacher = "method" not in recipe and "teacher" in path.stem
     argv = ["--config", str(path), "--dataset", str(CIFAR100), "--output_dir", str(tmp_path / "out"),
             "--max_steps", "1", "--shots_per_class", "2", "--validation_fraction", "0.002", "--test_split", "none",
-            "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+            "--use_cpu", "true", "--disable_tqdm", "true", "--per_device_train_batch_size", "16"]  # fmt: skip
     if not trains_teacher and recipe.get("method", "refilled") != "ce":
         which = "first-half" if recipe.get("teacher_classes") == "cifar100-first-half" else "all"
         argv += ["--teacher", stand_in_teachers[which]]
