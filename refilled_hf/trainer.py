@@ -872,8 +872,12 @@ class RefilledTrainer(Trainer):
                 if args.distill_images == "teacher_correct":  # the others train on cross-entropy alone
                     weights = teacher_correct.float() if weights is None else weights * teacher_correct
                 weight = self.distill_weight()
-                distill = local_classifier_loss(logits, teacher_emb, centers, labels, tau=args.tau2, weight=weight,
-                                                instance_weights=weights, local_classes=local)  # fmt: skip
+                if weight > 0:
+                    distill = local_classifier_loss(logits, teacher_emb, centers, labels, tau=args.tau2,
+                                                    weight=weight, instance_weights=weights,
+                                                    local_classes=local)  # fmt: skip
+                else:  # a scheduled lambda's last step: cross-entropy alone
+                    distill = logits.new_zeros((), dtype=torch.float32)
                 parts["lambda"] = weight
                 parts["teacher_local_top1"] = teacher_correct.float().mean() * 100
                 # classes present in the batch, counted on the device (no host sync per step)
@@ -905,12 +909,16 @@ class RefilledTrainer(Trainer):
     def distill_weight(self) -> float:
         """Stage 2's lambda at the current optimizer step: ``--distill_weight`` scaled by
         ``--distill_weight_schedule`` over the stage's full length (``--stage2_epochs``,
-        laid out like the learning-rate schedule, so ``--max_steps`` never moves it)."""
+        laid out like the learning-rate schedule, so ``--max_steps`` never moves it): lambda at
+        the stage's first optimizer step, 0 at its last (the step ``global_step`` counts up to
+        ``steps - 1``: the learning-rate schedules' ``step / steps`` would leave the last step
+        lambda / steps, far from the cross-entropy alone that the option promises in a short
+        stage)."""
         schedule, weight = self.args.distill_weight_schedule, self.args.resolved_distill_weight()
         if schedule == "constant":
             return weight
-        total = max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
-        progress = min(self.state.global_step, total) / total
+        last = max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch())) - 1
+        progress = min(self.state.global_step, last) / last if last else 0.0
         if schedule == "linear":
             return weight * (1.0 - progress)
         return weight * 0.5 * (1.0 + math.cos(math.pi * progress))

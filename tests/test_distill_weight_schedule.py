@@ -42,19 +42,42 @@ def _stage2_trainer(tmp_path, schedule: str, **overrides) -> RefilledTrainer:
     ],
 )
 def test_lambda_follows_the_schedule_over_the_whole_stage(tmp_path, schedule, expected):
+    """The stage's 10 optimizer steps train with global_step 0 to 9: lambda at the first, 0 at
+    the last (the option's promise: stage 2 ends on cross-entropy alone)."""
     trainer = _stage2_trainer(tmp_path, schedule)
+    steps = (0, 3, 4.5, 9, 12)  # 12: past the end (max_steps beyond the stage) stays at the end value
     seen = []
-    for step in (0, 3, 5, 10, 12):  # 12: past the end (max_steps beyond the stage) stays at the end value
+    for step in steps:
         trainer.state.global_step = step
         seen.append(trainer.distill_weight())
-    assert seen == pytest.approx([expected(min(s, 10) / 10) for s in (0, 3, 5, 10, 12)])
+    assert seen == pytest.approx([expected(min(s, 9) / 9) for s in steps])
     if schedule != "constant":
-        assert seen[0] == LAMBDA and seen[2] == pytest.approx(LAMBDA / 2) and seen[3] == pytest.approx(0.0)
+        assert seen[0] == LAMBDA and seen[2] == pytest.approx(LAMBDA / 2) and seen[3] == seen[4] == 0.0
+
+
+def test_a_scheduled_lambda_is_0_on_the_stages_last_step_in_training(tmp_path):
+    """In a real stage 2 (2 epochs of 3 batches, accumulated in pairs: 4 optimizer steps) the
+    loss of the last step holds no distillation term (it used to be lambda / 4 there)."""
+    weights = []
+    trainer = _stage2_trainer(tmp_path, "linear", gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                              logging_steps=1)  # fmt: skip
+    trainer._train_batches = None
+    g = torch.Generator().manual_seed(0)
+    trainer.train_dataset = [{"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": i % 3} for i in range(12)]
+    compute = trainer.distill_weight
+    trainer.distill_weight = lambda: weights.append((trainer.state.global_step, compute())) or weights[-1][1]
+    trainer.train()
+    # each epoch: batches 1-2 make a step, batch 3 the epoch's last (its accumulation cut short)
+    assert [step for step, _ in weights] == [0, 0, 1, 2, 2, 3]
+    assert [w for _, w in weights] == pytest.approx([LAMBDA, LAMBDA, LAMBDA * 2 / 3, LAMBDA / 3, LAMBDA / 3, 0.0])
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["lambda"] for entry in logged] == pytest.approx([LAMBDA, LAMBDA * 2 / 3, LAMBDA / 3, 0.0])
+    assert logged[-1]["distill"] == 0.0 and logged[-1]["loss"] == pytest.approx(logged[-1]["ce"], rel=1e-6)
 
 
 def test_stage2_loss_uses_the_scheduled_lambda(tmp_path):
     trainer = _stage2_trainer(tmp_path, "linear")
-    trainer.state.global_step = 7  # lambda = 8 * 0.3
+    trainer.state.global_step = 6  # the 7th of 10 steps: lambda = 8 * (1 - 6 / 9)
     student = trainer.model
     student.eval()
     g = torch.Generator().manual_seed(1)
@@ -65,7 +88,7 @@ def test_stage2_loss_uses_the_scheduled_lambda(tmp_path):
         teacher_emb = trainer.teacher(batch["pixel_values"])[0]
     labels = batch["labels"].tolist()
     expected = F.cross_entropy(logits, batch["labels"]) + local_classifier_reference(
-        logits, teacher_emb, trainer.class_centers, labels, tau=2.0, weight=LAMBDA * 0.3
+        logits, teacher_emb, trainer.class_centers, labels, tau=2.0, weight=LAMBDA / 3
     )
     assert loss.item() == pytest.approx(float(expected), rel=1e-5)
     assert trainer._components == {}  # eval mode: nothing logged
