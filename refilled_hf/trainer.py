@@ -917,7 +917,7 @@ class RefilledTrainer(Trainer):
         schedule, weight = self.args.distill_weight_schedule, self.args.resolved_distill_weight()
         if schedule == "constant":
             return weight
-        last = max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch())) - 1
+        last = self.stage_steps() - 1
         progress = min(self.state.global_step, last) / last if last else 0.0
         if schedule == "linear":
             return weight * (1.0 - progress)
@@ -991,6 +991,11 @@ class RefilledTrainer(Trainer):
         batches = self._train_batches if self._train_batches is not None else len(self.get_train_dataloader())
         return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
 
+    def stage_steps(self) -> int:
+        """Optimizer steps in the stage's full length (its epochs, whatever ``--max_steps``
+        stops it at): what the learning-rate and lambda schedules are laid out over."""
+        return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
+
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """Stage 1: cosine from the peak to ``stage1_min_lr_ratio`` of it over
         ``stage1_epochs``. Other stages: multi-step decay by ``stage2_gamma`` at
@@ -999,8 +1004,7 @@ class RefilledTrainer(Trainer):
         ``--warmup_steps`` ramps the factor linearly from 0 over the first steps."""
         if self.lr_scheduler is None:
             optimizer = optimizer if optimizer is not None else self.optimizer
-            per_epoch = self.steps_per_epoch()
-            total = max(1, math.ceil(self.args.num_train_epochs * per_epoch))
+            per_epoch, total = self.steps_per_epoch(), self.stage_steps()
             warmup = self.args.warmup_steps
             warmup = int(warmup) if warmup >= 1 else math.ceil(warmup * total)
             if self.stage == "stage1":

@@ -65,7 +65,12 @@ def test_a_scheduled_lambda_is_0_on_the_stages_last_step_in_training(tmp_path):
     g = torch.Generator().manual_seed(0)
     trainer.train_dataset = [{"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": i % 3} for i in range(12)]
     compute = trainer.distill_weight
-    trainer.distill_weight = lambda: weights.append((trainer.state.global_step, compute())) or weights[-1][1]
+
+    def recorded() -> float:  # the lambda each compute_loss call gets, with the step it was asked at
+        weights.append((trainer.state.global_step, compute()))
+        return weights[-1][1]
+
+    trainer.distill_weight = recorded
     trainer.train()
     # each epoch: batches 1-2 make a step, batch 3 the epoch's last (its accumulation cut short)
     assert [step for step, _ in weights] == [0, 0, 1, 2, 2, 3]
